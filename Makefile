@@ -1,0 +1,54 @@
+# Every target bootstraps .venv and the native build first, so that a fresh
+# machine with only python3 needs nothing else. A second run reuses the venv
+# and ninja rebuilds only what changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+EDIT   := $(VENV)/.editable-installed
+PKGS   := torch numpy pybind11 ninja setuptools wheel pytest pytest-benchmark matplotlib tqdm scikit-learn
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: all venv build demo test test-fast bench scale gpu-check clean
+
+all: build
+
+$(DEPS): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PKGS)
+	touch $@
+
+venv: $(DEPS)
+
+$(EDIT): $(DEPS) setup.py
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The editable install registers the package once; later runs rebuild the
+# extension in place (ninja: only changed sources are recompiled).
+build: $(EDIT)
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m neuralmem_fast demo $(ARGS)
+
+test: build
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m neuralmem_fast bench $(if $(QUICK),--quick,) $(ARGS)
+
+scale: build
+	$(PY) -m neuralmem_fast scale $(ARGS)
+
+# On a GPU machine that already has torch, triton, ninja and pytest (and no
+# network): builds in place with the system python, runs the whole suite on
+# CUDA and the GPU benchmarks, and writes logs and the report to $(OUT_DIR).
+OUT_DIR ?= gpu-results
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT_DIR)
+
+clean:
+	rm -rf build neuralmem_fast/*.so *.egg-info

@@ -1,0 +1,435 @@
+"""Public functional memory ops, their references, and the autograd glue.
+
+Shapes (B memories, N slots, D slot width, H read heads, W write heads):
+  memory (B,N,D)  keys (B,H,D)  strengths (B,H)  weights (B,H,N)
+  erase/add (B,W,D)  write weights (B,W,N)  usage (B,N)
+
+cos(k, m) = k.m / (max(|k|, eps) * max(|m|, eps)): exactly F.normalize.
+
+Each op `X` has a reference `X_ref` of the same signature (pure PyTorch,
+autograd over primitives); the `torch` backend runs it. The native backends
+("cpu", "cuda": torch.ops.neuralmem.*; "triton": torch.ops.neuralmem_triton.*)
+run behind one autograd.Function per op whose backward calls our backward
+kernel. Inputs are validated once here, with errors that name the argument;
+kernels receive contiguous tensors of one dtype on one device.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import _ext  # noqa: F401  (loads and registers the native ops)
+from .backends import resolve
+
+DEFAULT_EPS = 1e-12
+DEFAULT_DECAY = 0.99
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------
+def _check(name, t, ndim, shape_hint, dtype=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_hint}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_hint} ({ndim} dims), got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of memory ({dtype}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the device of memory ({device}), got {t.device}")
+
+
+def _check_dims(name, t, expected, shape_hint):
+    got = tuple(t.shape)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if e is not None and g != e:
+            raise ValueError(f"{name} must have shape {shape_hint} = {_fmt(expected)}, got {got} (dim {i})")
+
+
+def _fmt(expected):
+    return "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+
+
+def _check_memory(memory):
+    _check("memory", memory, 3, "(B, N, D)")
+    B, N, D = memory.shape
+    if N < 1 or D < 1:
+        raise ValueError(f"memory must have at least one slot and one dimension, got shape {tuple(memory.shape)}")
+    return B, N, D
+
+
+def _check_keys(memory, keys, strengths, eps):
+    B, N, D = _check_memory(memory)
+    _check("keys", keys, 3, "(B, H, D)", memory.dtype, memory.device)
+    _check_dims("keys", keys, (B, None, D), "(B, H, D)")
+    H = keys.shape[1]
+    _check("strengths", strengths, 2, "(B, H)", memory.dtype, memory.device)
+    _check_dims("strengths", strengths, (B, H), "(B, H)")
+    if not (eps > 0):
+        raise ValueError(f"eps must be positive, got {eps}")
+    return B, N, D, H
+
+
+def _check_weights(name, memory, weights, heads_name):
+    B, N, D = _check_memory(memory)
+    _check(name, weights, 3, f"(B, {heads_name}, N)", memory.dtype, memory.device)
+    _check_dims(name, weights, (B, None, N), f"(B, {heads_name}, N)")
+    return B, N, D, weights.shape[1]
+
+
+def _check_write(memory, weights, erase, add):
+    B, N, D, W = _check_weights("weights", memory, weights, "W")
+    for name, t in (("erase", erase), ("add", add)):
+        _check(name, t, 3, "(B, W, D)", memory.dtype, memory.device)
+        _check_dims(name, t, (B, W, D), "(B, W, D)")
+    return B, N, D, W
+
+
+def _check_usage(usage, memory, decay):
+    B, N, _ = memory.shape
+    _check("usage", usage, 2, "(B, N)", memory.dtype, memory.device)
+    _check_dims("usage", usage, (B, N), "(B, N)")
+    if not (0.0 <= decay <= 1.0):
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+
+
+def _c(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _needs_grad(*ts):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _lib(backend):
+    if backend == "triton":
+        from . import triton_ops  # noqa: F401  (registers neuralmem_triton::*)
+
+        return torch.ops.neuralmem_triton
+    return torch.ops.neuralmem
+
+
+# --------------------------------------------------------------------------
+# references (pure PyTorch, the seed's formulas, batched)
+# --------------------------------------------------------------------------
+def _up(t):
+    """Half inputs are computed in float32 by the reference too."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def content_addressing_ref(memory, keys, strengths, eps=DEFAULT_EPS):
+    k = F.normalize(_up(keys), dim=-1, eps=eps)
+    m = F.normalize(_up(memory), dim=-1, eps=eps)
+    logits = _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
+    return torch.softmax(logits, dim=-1).to(memory.dtype)
+
+
+def memory_read_ref(memory, weights):
+    return torch.matmul(_up(weights), _up(memory)).to(memory.dtype)
+
+
+def content_read_ref(memory, keys, strengths, eps=DEFAULT_EPS):
+    return memory_read_ref(memory, content_addressing_ref(memory, keys, strengths, eps))
+
+
+def memory_write_ref(memory, weights, erase, add):
+    m, w, e, a = _up(memory), _up(weights), _up(erase), _up(add)
+    # (B,W,N,1) * (B,W,1,D): per-head erase/add matrices, as the seed's outer()
+    keep = torch.prod(1 - w.unsqueeze(-1) * e.unsqueeze(-2), dim=1)
+    added = torch.sum(w.unsqueeze(-1) * a.unsqueeze(-2), dim=1)
+    return (m * keep + added).to(memory.dtype)
+
+
+def usage_update_ref(usage, weights, decay=DEFAULT_DECAY):
+    return (decay * _up(usage) + _up(weights).sum(dim=1)).to(usage.dtype)
+
+
+# --------------------------------------------------------------------------
+# autograd.Functions over the native ops
+# --------------------------------------------------------------------------
+class _ContentAddressing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, keys, strengths, eps, backend):
+        weights = _lib(backend).content_addressing(memory, keys, strengths, eps)
+        ctx.save_for_backward(weights, memory, keys, strengths)
+        ctx.eps, ctx.backend = eps, backend
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        weights, memory, keys, strengths = ctx.saved_tensors
+        gm, gk, gs = _lib(ctx.backend).content_addressing_backward(
+            _c(grad_weights), weights, memory, keys, strengths, ctx.eps
+        )
+        return gm, gk, gs, None, None
+
+
+class _MemoryRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, weights, backend):
+        ctx.save_for_backward(memory, weights)
+        ctx.backend = backend
+        return _lib(backend).memory_read(memory, weights)
+
+    @staticmethod
+    def backward(ctx, grad_reads):
+        memory, weights = ctx.saved_tensors
+        gm, gw = _lib(ctx.backend).memory_read_backward(_c(grad_reads), memory, weights)
+        return gm, gw, None
+
+
+class _ContentRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, keys, strengths, eps, backend):
+        reads, lse = _lib(backend).content_read(memory, keys, strengths, eps)
+        ctx.save_for_backward(reads, lse, memory, keys, strengths)
+        ctx.eps, ctx.backend = eps, backend
+        ctx.mark_non_differentiable(lse)
+        return reads, lse
+
+    @staticmethod
+    def backward(ctx, grad_reads, _grad_lse):
+        reads, lse, memory, keys, strengths = ctx.saved_tensors
+        gm, gk, gs = _lib(ctx.backend).content_read_backward(
+            _c(grad_reads), reads, lse, memory, keys, strengths, ctx.eps
+        )
+        return gm, gk, gs, None, None
+
+
+class _MemoryWrite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, weights, erase, add, backend):
+        ctx.save_for_backward(memory, weights, erase, add)
+        ctx.backend = backend
+        return _lib(backend).memory_write(memory, weights, erase, add)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        memory, weights, erase, add = ctx.saved_tensors
+        gm, gw, ge, ga = _lib(ctx.backend).memory_write_backward(_c(grad_out), memory, weights, erase, add)
+        return gm, gw, ge, ga, None
+
+
+class _UsageUpdate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, usage, weights, decay, backend):
+        ctx.decay, ctx.W = decay, weights.shape[1]
+        return _lib(backend).usage_update(usage, weights, decay)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d/d usage = decay, d/d weights[:, w] = 1: a scale and a broadcast.
+        B, N = grad.shape
+        return grad * ctx.decay, grad.unsqueeze(1).expand(B, ctx.W, N), None, None
+
+
+# --------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------
+def content_addressing(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto"):
+    """Softmax content weights (B,H,N) of each head's key over the slots."""
+    _, N, _, _ = _check_keys(memory, keys, strengths, eps)
+    be = resolve(backend, "content_addressing", memory.device, N)
+    if be == "torch":
+        return content_addressing_ref(memory, keys, strengths, eps)
+    memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
+    if not _needs_grad(memory, keys, strengths):
+        return _lib(be).content_addressing(memory, keys, strengths, eps)
+    return _ContentAddressing.apply(memory, keys, strengths, eps, be)
+
+
+def memory_read(memory, weights, backend="auto"):
+    """Reads (B,H,D) = weights (B,H,N) @ memory (B,N,D)."""
+    _, N, _, _ = _check_weights("weights", memory, weights, "H")
+    be = resolve(backend, "memory_read", memory.device, N)
+    if be == "torch":
+        return memory_read_ref(memory, weights)
+    memory, weights = _c(memory), _c(weights)
+    if not _needs_grad(memory, weights):
+        return _lib(be).memory_read(memory, weights)
+    return _MemoryRead.apply(memory, weights, be)
+
+
+def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", return_lse=False):
+    """Fused addressing + read: reads (B,H,D) without materialising (B,H,N).
+
+    With return_lse=True also returns the per-(b,h) logsumexp of the logits.
+    """
+    _, N, _, _ = _check_keys(memory, keys, strengths, eps)
+    be = resolve(backend, "content_read", memory.device, N)
+    if be == "torch":
+        if return_lse:
+            k = F.normalize(_up(keys), dim=-1, eps=eps)
+            m = F.normalize(_up(memory), dim=-1, eps=eps)
+            logits = _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
+            return content_read_ref(memory, keys, strengths, eps), torch.logsumexp(logits, dim=-1)
+        return content_read_ref(memory, keys, strengths, eps)
+    memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
+    if not _needs_grad(memory, keys, strengths):
+        reads, lse = _lib(be).content_read(memory, keys, strengths, eps)
+    else:
+        reads, lse = _ContentRead.apply(memory, keys, strengths, eps, be)
+    return (reads, lse) if return_lse else reads
+
+
+def usage_update(usage, weights, decay=DEFAULT_DECAY, backend="auto"):
+    """decay * usage (B,N) + sum over write heads of weights (B,W,N)."""
+    _check("weights", weights, 3, "(B, W, N)")
+    B, W, N = weights.shape
+    _check("usage", usage, 2, "(B, N)", weights.dtype, weights.device)
+    _check_dims("usage", usage, (B, N), "(B, N)")
+    if not (0.0 <= decay <= 1.0):
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    be = resolve(backend, "usage_update", usage.device, N)
+    if be == "torch":
+        return usage_update_ref(usage, weights, decay)
+    usage, weights = _c(usage), _c(weights)
+    if not _needs_grad(usage, weights):
+        return _lib(be).usage_update(usage, weights, decay)
+    return _UsageUpdate.apply(usage, weights, decay, be)
+
+
+def memory_write(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, backend="auto"):
+    """Erase-add write for W heads: m * prod_w(1 - w e) + sum_w w a.
+
+    With `usage` given, returns (new_memory, new_usage) where new_usage =
+    decay * usage + sum_w weights.
+    """
+    _, N, _, _ = _check_write(memory, weights, erase, add)
+    if usage is not None:
+        _check_usage(usage, memory, decay)
+    be = resolve(backend, "memory_write", memory.device, N)
+    if be == "torch":
+        out = memory_write_ref(memory, weights, erase, add)
+    else:
+        memory, weights, erase, add = _c(memory), _c(weights), _c(erase), _c(add)
+        if not _needs_grad(memory, weights, erase, add):
+            out = _lib(be).memory_write(memory, weights, erase, add)
+        else:
+            out = _MemoryWrite.apply(memory, weights, erase, add, be)
+    if usage is None:
+        return out
+    return out, usage_update(usage, weights, decay, backend=be)
+
+
+@torch.no_grad()
+def memory_write_(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, backend="auto"):
+    """In-place erase-add write (no autograd). Updates `usage` in place too when given."""
+    _, N, _, _ = _check_write(memory, weights, erase, add)
+    if usage is not None:
+        _check_usage(usage, memory, decay)
+    if not memory.is_contiguous():
+        raise ValueError("memory must be contiguous for the in-place write (call .contiguous() first)")
+    be = resolve(backend, "memory_write_", memory.device, N)
+    if be == "torch":
+        memory.copy_(memory_write_ref(memory, weights, erase, add))
+    else:
+        _lib(be).memory_write_(memory, _c(weights), _c(erase), _c(add))
+    if usage is not None:
+        usage.copy_(usage_update(usage, weights, decay, backend=be))
+    return memory
+
+
+@torch.no_grad()
+def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,
+                   backend="auto"):
+    """In place: address the memory by content with W write keys, then erase-add.
+
+    The weights come from the memory before the write (as in the seed) and
+    are never materialised by the native kernels. With `usage`, it is updated
+    in place and the least-used slot after the update is returned, (B,) int64;
+    otherwise returns None.
+    """
+    B, N, D = _check_memory(memory)
+    _check("keys", keys, 3, "(B, W, D)", memory.dtype, memory.device)
+    _check_dims("keys", keys, (B, None, D), "(B, W, D)")
+    W = keys.shape[1]
+    _check("strengths", strengths, 2, "(B, W)", memory.dtype, memory.device)
+    _check_dims("strengths", strengths, (B, W), "(B, W)")
+    for name, t in (("erase", erase), ("add", add)):
+        _check(name, t, 3, "(B, W, D)", memory.dtype, memory.device)
+        _check_dims(name, t, (B, W, D), "(B, W, D)")
+    if usage is not None:
+        _check_usage(usage, memory, decay)
+        if not usage.is_contiguous():
+            raise ValueError("usage must be contiguous for the in-place write")
+    if not memory.is_contiguous():
+        raise ValueError("memory must be contiguous for the in-place write (call .contiguous() first)")
+    if not (eps > 0):
+        raise ValueError(f"eps must be positive, got {eps}")
+    be = resolve(backend, "content_write_", memory.device, N)
+    if be == "torch":
+        w = content_addressing_ref(memory, keys, strengths, eps)
+        memory.copy_(memory_write_ref(memory, w, erase, add))
+        if usage is None:
+            return None
+        usage.copy_(usage_update_ref(usage, w, decay))
+        return torch.argmin(usage, dim=1)
+    least = _lib(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
+    return least if usage is not None else None
+
+
+# --------------------------------------------------------------------------
+# fake kernels: shapes and dtypes for torch.compile / FakeTensor tracing
+# --------------------------------------------------------------------------
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_fakes(ns):
+    """Registers fake kernels for the ops of namespace `ns` (same schemas)."""
+    lib = f"{ns}::"
+
+    @torch.library.register_fake(lib + "content_addressing")
+    def _(memory, keys, strengths, eps):
+        return memory.new_empty((memory.shape[0], keys.shape[1], memory.shape[1]))
+
+    @torch.library.register_fake(lib + "content_addressing_backward")
+    def _(grad_weights, weights, memory, keys, strengths, eps):
+        return torch.empty_like(memory), torch.empty_like(keys), torch.empty_like(strengths)
+
+    @torch.library.register_fake(lib + "memory_read")
+    def _(memory, weights):
+        return memory.new_empty((memory.shape[0], weights.shape[1], memory.shape[2]))
+
+    @torch.library.register_fake(lib + "memory_read_backward")
+    def _(grad_reads, memory, weights):
+        return torch.empty_like(memory), torch.empty_like(weights)
+
+    @torch.library.register_fake(lib + "content_read")
+    def _(memory, keys, strengths, eps):
+        reads = memory.new_empty((memory.shape[0], keys.shape[1], memory.shape[2]))
+        lse = memory.new_empty((memory.shape[0], keys.shape[1]), dtype=_lse_dtype(memory.dtype))
+        return reads, lse
+
+    @torch.library.register_fake(lib + "content_read_backward")
+    def _(grad_reads, reads, lse, memory, keys, strengths, eps):
+        return torch.empty_like(memory), torch.empty_like(keys), torch.empty_like(strengths)
+
+    @torch.library.register_fake(lib + "memory_write")
+    def _(memory, weights, erase, add):
+        return torch.empty_like(memory)
+
+    @torch.library.register_fake(lib + "memory_write_backward")
+    def _(grad_out, memory, weights, erase, add):
+        return (torch.empty_like(memory), torch.empty_like(weights), torch.empty_like(erase),
+                torch.empty_like(add))
+
+    @torch.library.register_fake(lib + "memory_write_")
+    def _(memory, weights, erase, add):
+        return None
+
+    @torch.library.register_fake(lib + "usage_update")
+    def _(usage, weights, decay):
+        return torch.empty_like(usage)
+
+    @torch.library.register_fake(lib + "content_write_")
+    def _(memory, usage, keys, strengths, erase, add, eps, decay):
+        if usage is None:
+            return memory.new_empty((0,), dtype=torch.int64)
+        return memory.new_empty((memory.shape[0],), dtype=torch.int64)
+
+
+if _ext.has_extension():
+    register_fakes("neuralmem")

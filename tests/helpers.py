@@ -1,0 +1,60 @@
+"""Shared test helpers: devices, the tolerance table, readable comparisons."""
+import os
+
+import pytest
+import torch
+
+SEED_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "seed", "seed_tutorial.py")
+
+# One tolerance table for every comparison with the reference.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+    torch.float32: dict(atol=2e-5, rtol=2e-4),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+DTYPE_ID = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def assert_close(actual, expected, dtype=None, name="output", tol_scale=1.0):
+    """torch.testing.assert_close with the table's tolerance and a named message."""
+    tol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected,
+        atol=tol["atol"] * tol_scale, rtol=tol["rtol"] * tol_scale,
+        msg=lambda m: f"{name}: {m}",
+    )
+
+
+def shape_id(**dims):
+    """Readable ids: B3-N7-H4-D64-fp32."""
+    parts = []
+    for k, v in dims.items():
+        parts.append(DTYPE_ID[v] if isinstance(v, torch.dtype) else f"{k}{v}")
+    return "-".join(parts)
+
+
+def load_seed():
+    """The seed tutorial's module when its file is present (as in CI), else skip."""
+    import importlib.util
+    import sys
+
+    path = os.path.abspath(SEED_PATH)
+    if not os.path.exists(path):
+        pytest.skip("the seed tutorial file is not present")
+    if "seed_tutorial" in sys.modules:
+        return sys.modules["seed_tutorial"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    spec = importlib.util.spec_from_file_location("seed_tutorial", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["seed_tutorial"] = mod
+    spec.loader.exec_module(mod)
+    return mod
