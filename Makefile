@@ -22,14 +22,20 @@ $(DEPS): pyproject.toml Makefile
 
 venv: $(DEPS)
 
-$(EDIT): $(DEPS) setup.py
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@
+EXT    := $(VENV)/.extension-built
 
-# The editable install registers the package once; later runs rebuild the
-# extension in place (ninja: only changed sources are recompiled).
+# The first run installs the package in editable mode, which builds the
+# extension; later runs rebuild it in place only when a source changed
+# (ninja recompiles just the changed files once build/ holds the objects).
+$(EDIT): $(DEPS)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@ $(EXT)
+
 build: $(EDIT)
-	$(PY) setup.py -q build_ext --inplace
+	@if [ ! -e $(EXT) ] || [ -n "$$(find csrc setup.py -newer $(EXT) 2>/dev/null | head -n 1)" ]; then \
+		echo "rebuilding the extension in place"; \
+		$(PY) setup.py -q build_ext --inplace && touch $(EXT); \
+	fi
 
 demo: build
 	$(PY) -m neuralmem_fast demo $(ARGS)
