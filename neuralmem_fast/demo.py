@@ -121,7 +121,8 @@ def average_final_error(error_matrix):
 def forgetting(error_matrix):
     """Per task j: final error minus the lowest error it had after learning tasks j..T-2.
 
-    Positive means forgotten; None for the last task (nothing learned after it).
+    Positive means forgotten, negative that later tasks helped; None for the
+    last task (nothing is learned after it).
     """
     T = len(error_matrix)
     out = []

@@ -19,7 +19,13 @@ which is the B=1, W=1 case of the batched references in `neuralmem_fast.ops`
 seed's semantics of memory as non-differentiable state: a write stores
 detached tensors, so gradients reach the controller through reads only and the
 write heads (write_key, write_vector, erase_vector, write_strength) receive no
-gradient. That is the seed's design, kept as is.
+gradient. That is the seed's design, kept as is, and so is a consequence of
+its all-zero initial memory: every slot then has the same cosine (zero) to any
+key, the weights are uniform, each write adds the same vector to every row,
+and the rows stay identical from then on. The bank behaves as a single slot,
+which is what the demo's memory heatmap shows (constant columns). Breaking the
+symmetry (random initial memory, location-based allocation) would change the
+model, not fix a bug, and is left to the fast agent.
 
 Fixes of the seed's bugs (on by default; `seed_compat=True` restores the seed's
 behaviour where that makes sense):
