@@ -64,7 +64,7 @@ QUICK = dict(tasks=3, epochs=2, samples=12, test_samples=6, memory_size=16, memo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m neuralmem_fast demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m neuralmem_fast demo", description="The continual-learning demo: with and without replay, figure and metrics.json.")
     p.add_argument("--tasks", type=int, help=f"number of tasks (default {DEFAULTS['tasks']})")
     p.add_argument("--epochs", type=int, help=f"epochs per task (default {DEFAULTS['epochs']})")
     p.add_argument("--samples", type=int, help=f"training samples per task (default {DEFAULTS['samples']})")
@@ -74,14 +74,17 @@ def parse_args(argv=None):
     p.add_argument("--read-heads", type=int, help=f"read heads H (default {DEFAULTS['read_heads']})")
     p.add_argument("--hidden", type=int, help=f"controller LSTM width (default {DEFAULTS['hidden']})")
     p.add_argument("--adapt-steps", type=int,
-                   help=f"test-time adaptation steps after the last task, 0 to skip (default {DEFAULTS['adapt_steps']})")
-    p.add_argument("--adapt-shots", type=int, help=f"support samples for adaptation (default {DEFAULTS['adapt_shots']})")
+                   help="test-time adaptation steps after the last task, 0 to skip "
+                        f"(default {DEFAULTS['adapt_steps']})")
+    p.add_argument("--adapt-shots", type=int,
+                   help=f"support samples for adaptation (default {DEFAULTS['adapt_shots']})")
     p.add_argument("--adapt-lr", type=float, help=f"adaptation step size (default {DEFAULTS['adapt_lr']})")
     p.add_argument("--seed", type=int, default=0, help="seed of torch and numpy at the start of each run (default 0)")
     p.add_argument("--out", default="results", help="output folder (default results)")
     p.add_argument("--no-plot", action="store_true", help="write metrics.json only")
     p.add_argument("--quick", action="store_true", help="tiny configuration (seconds); explicit options still win")
-    p.add_argument("--agent", choices=sorted(AGENTS), default=None, help=f"agent implementation (default {DEFAULT_AGENT})")
+    p.add_argument("--agent", choices=sorted(AGENTS), default=None,
+                   help=f"agent implementation (default {DEFAULT_AGENT})")
     p.add_argument("--reference", action="store_true", help="use the faithful reference agent (--agent reference)")
     p.add_argument("--seed-compat", action="store_true",
                    help="the seed's behaviour: test sets are training prefixes, evaluation writes to memory")
