@@ -64,7 +64,9 @@ QUICK = dict(tasks=3, epochs=2, samples=12, test_samples=6, memory_size=16, memo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m neuralmem_fast demo", description="The continual-learning demo: with and without replay, figure and metrics.json.")
+    p = argparse.ArgumentParser(
+        prog="python -m neuralmem_fast demo",
+        description="The continual-learning demo: with and without replay, figure and metrics.json.")
     p.add_argument("--tasks", type=int, help=f"number of tasks (default {DEFAULTS['tasks']})")
     p.add_argument("--epochs", type=int, help=f"epochs per task (default {DEFAULTS['epochs']})")
     p.add_argument("--samples", type=int, help=f"training samples per task (default {DEFAULTS['samples']})")
