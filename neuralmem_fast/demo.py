@@ -1,0 +1,303 @@
+"""`python -m neuralmem_fast demo`: the seed's continual-learning demo, headless, with metrics.
+
+The agent learns the seed's tasks one after the other, twice from the same
+seed: with prioritized replay (from the second task on) and without. After
+each task it is evaluated on every task's test split, which gives a
+task-by-task error matrix per run; after the last task each task is also
+evaluated after a few steps of test-time (MAML inner-loop) adaptation.
+
+Writes under --out:
+  neural_memory_results.png  memory heatmap; error on every task after learning
+                             each task, with and without replay; both error
+                             matrices as heatmaps
+  metrics.json               error matrices, average final error, forgetting
+                             per task, adapted errors, losses, wall times
+
+Agents. `AGENTS` maps a name to a factory `(config, hidden_dim, input_dim,
+seed_compat) -> agent`, and `make_agent` is the one place that builds one;
+`--agent NAME` picks it and `--reference` is the faithful reference agent of
+`neuralmem_fast.reference`. An agent provides:
+  train_step(x, y, use_replay) -> float    one training step on one sample
+  evaluate(data, params=None) -> float     mean test MSE; must not change the agent
+  adapt(support, num_steps, lr) -> params  parameters for evaluate(params=...)
+  memory_bank.memory                       (N, D) tensor, drawn as the heatmap
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from . import reference
+
+# --------------------------------------------------------------------------
+# agents
+# --------------------------------------------------------------------------
+
+
+def reference_agent(config, hidden_dim, input_dim=64, seed_compat=False):
+    return reference.ContinualLearningAgent(input_dim, hidden_dim, config, seed_compat=seed_compat)
+
+
+AGENTS = {"reference": reference_agent}
+DEFAULT_AGENT = "reference"
+
+
+def make_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False):
+    """Builds the agent named `kind` (a key of AGENTS) for a memory config."""
+    if kind not in AGENTS:
+        raise ValueError(f"unknown agent {kind!r}; choose one of {sorted(AGENTS)}")
+    return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat)
+
+
+# --------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------
+# The seed's workload; --quick is a tiny configuration for smoke tests.
+DEFAULTS = dict(tasks=4, epochs=20, samples=50, test_samples=20, memory_size=128, memory_dim=64, read_heads=4,
+                hidden=128, adapt_steps=5, adapt_shots=10, adapt_lr=0.01)
+QUICK = dict(tasks=3, epochs=2, samples=12, test_samples=6, memory_size=16, memory_dim=8, read_heads=2,
+             hidden=16, adapt_steps=2, adapt_shots=4, adapt_lr=0.01)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m neuralmem_fast demo",
+        description="The continual-learning demo: with and without replay, figure and metrics.json.")
+    p.add_argument("--tasks", type=int, help=f"number of tasks (default {DEFAULTS['tasks']})")
+    p.add_argument("--epochs", type=int, help=f"epochs per task (default {DEFAULTS['epochs']})")
+    p.add_argument("--samples", type=int, help=f"training samples per task (default {DEFAULTS['samples']})")
+    p.add_argument("--test-samples", type=int, help=f"test samples per task (default {DEFAULTS['test_samples']})")
+    p.add_argument("--memory-size", type=int, help=f"memory slots N (default {DEFAULTS['memory_size']})")
+    p.add_argument("--memory-dim", type=int, help=f"slot width D (default {DEFAULTS['memory_dim']})")
+    p.add_argument("--read-heads", type=int, help=f"read heads H (default {DEFAULTS['read_heads']})")
+    p.add_argument("--hidden", type=int, help=f"controller LSTM width (default {DEFAULTS['hidden']})")
+    p.add_argument("--adapt-steps", type=int,
+                   help="test-time adaptation steps after the last task, 0 to skip "
+                        f"(default {DEFAULTS['adapt_steps']})")
+    p.add_argument("--adapt-shots", type=int,
+                   help=f"support samples for adaptation (default {DEFAULTS['adapt_shots']})")
+    p.add_argument("--adapt-lr", type=float, help=f"adaptation step size (default {DEFAULTS['adapt_lr']})")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and numpy at the start of each run (default 0)")
+    p.add_argument("--out", default="results", help="output folder (default results)")
+    p.add_argument("--no-plot", action="store_true", help="write metrics.json only")
+    p.add_argument("--quick", action="store_true", help="tiny configuration (seconds); explicit options still win")
+    p.add_argument("--agent", choices=sorted(AGENTS), default=None,
+                   help=f"agent implementation (default {DEFAULT_AGENT})")
+    p.add_argument("--reference", action="store_true", help="use the faithful reference agent (--agent reference)")
+    p.add_argument("--seed-compat", action="store_true",
+                   help="the seed's behaviour: test sets are training prefixes, evaluation writes to memory")
+    # One sample per step on tensors of a few thousand elements: intra-op
+    # threads only add synchronisation (and stall badly on a busy machine).
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, 0 for torch's choice (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.reference:
+        if args.agent not in (None, "reference"):
+            p.error("--reference and --agent disagree")
+        args.agent = "reference"
+    args.agent = args.agent or DEFAULT_AGENT
+    for key in ("tasks", "epochs", "samples", "test_samples", "memory_size", "memory_dim", "read_heads", "hidden"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.adapt_steps > 0 and not 1 <= args.adapt_shots <= args.samples:
+        p.error(f"--adapt-shots must be in [1, --samples={args.samples}], got {args.adapt_shots}")
+    return args
+
+
+# --------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------
+
+
+def average_final_error(error_matrix):
+    """Mean test error over all tasks after learning the last one."""
+    final = [e for e in error_matrix[-1] if e is not None]
+    return sum(final) / len(final)
+
+
+def forgetting(error_matrix):
+    """Per task j: final error minus the lowest error it had after learning tasks j..T-2.
+
+    Positive means forgotten, negative that later tasks helped; None for the
+    last task (nothing is learned after it).
+    """
+    T = len(error_matrix)
+    out = []
+    for j in range(T):
+        if j == T - 1:
+            out.append(None)
+            continue
+        best = min(error_matrix[t][j] for t in range(j, T - 1))
+        out.append(error_matrix[T - 1][j] - best)
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# --------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------
+
+
+def run_one(args, use_replay, progress=None, log=print):
+    """One agent, learned from scratch with seed args.seed; returns (metrics, agent)."""
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    config = reference.MemoryConfig(memory_size=args.memory_size, memory_dim=args.memory_dim,
+                                    num_read_heads=args.read_heads)
+    agent = make_agent(args.agent, config, args.hidden, input_dim=64, seed_compat=args.seed_compat)
+    on_step = None
+    if progress is not None:
+        def on_step(loss, _n=[0]):
+            _n[0] += 1
+            progress.update(1)
+            if _n[0] % 25 == 0:
+                progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    t0 = time.perf_counter()
+    run = reference.run_continual_learning(
+        agent, num_tasks=args.tasks, epochs=args.epochs, num_samples=args.samples, test_samples=args.test_samples,
+        use_replay=use_replay, seed_compat=args.seed_compat, adapt_steps=args.adapt_steps,
+        adapt_shots=args.adapt_shots, adapt_lr=args.adapt_lr, on_step=on_step, log=log)
+    wall = time.perf_counter() - t0
+    E = run["error_matrix"]
+    metrics = {
+        "use_replay": use_replay,
+        "error_matrix": E,
+        "error_after_learning": [E[t][t] for t in range(args.tasks)],
+        "average_final_error": average_final_error(E),
+        "forgetting": forgetting(E),
+        "average_forgetting": _mean(forgetting(E)),
+        "adapted_error": run["adapted_error"],
+        "average_adapted_error": _mean(run["adapted_error"] or []),
+        "train_loss": run["train_loss"],
+        "wall_time_s": wall,
+        "train_time_s": run["train_time_s"],
+        "eval_time_s": run["eval_time_s"],
+    }
+    return metrics, agent
+
+
+def run_demo(args):
+    """Both runs, the figure and metrics.json; returns the metrics dict."""
+    from tqdm.auto import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    steps = args.tasks * args.epochs * args.samples
+    runs, agents = {}, {}
+    t0 = time.perf_counter()
+    for name, replay in (("with_replay", True), ("without_replay", False)):
+        bar = None if args.no_progress else tqdm(total=steps, desc=name.replace("_", " "), unit="step")
+        log = (lambda s: tqdm.write(f"[{name}] {s}")) if bar is not None else (lambda s: print(f"[{name}] {s}"))
+        try:
+            runs[name], agents[name] = run_one(args, replay, bar, log)
+        finally:
+            if bar is not None:
+                bar.close()
+    total = time.perf_counter() - t0
+    metrics = {
+        "agent": args.agent,
+        "settings": {k: getattr(args, k) for k in (*DEFAULTS, "seed", "seed_compat", "quick")},
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+        # the seed's results dict, both curves filled
+        "results": {"tasks": list(range(1, args.tasks + 1)),
+                    "with_memory": runs["with_replay"]["error_after_learning"],
+                    "without_memory": runs["without_replay"]["error_after_learning"]},
+        "wall_time_s": total,
+    }
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if not args.no_plot:
+        plot(metrics, agents["with_replay"].memory_bank.memory, os.path.join(args.out, "neural_memory_results.png"))
+    return metrics
+
+
+def plot(metrics, memory, path):
+    """Memory heatmap, per-task error curves with/without replay, both error matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: writes the file, never opens a window
+    import matplotlib.pyplot as plt
+
+    runs = metrics["runs"]
+    T = len(metrics["results"]["tasks"])
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+
+    ax = axes[0, 0]
+    im = ax.imshow(memory.detach().cpu().float().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_title("Neural memory bank after the last task (with replay)", fontweight="bold")
+    ax.set_xlabel("Memory dimension")
+    ax.set_ylabel("Memory slot")
+    fig.colorbar(im, ax=ax)
+
+    ax = axes[0, 1]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    stages = np.arange(1, T + 1)
+    for name, style, label in (("with_replay", "-", "replay"), ("without_replay", "--", "no replay")):
+        E = runs[name]["error_matrix"]
+        for j in range(T):
+            xs = [t + 1 for t in range(j, T) if E[t][j] is not None]
+            ys = [E[t][j] for t in range(j, T) if E[t][j] is not None]
+            ax.plot(xs, ys, style, marker="o", color=colors[j % len(colors)], alpha=0.8,
+                    label=f"task {j + 1}, {label}")
+        mean_seen = [_mean(E[t][: t + 1]) for t in range(T)]
+        ax.plot(stages, mean_seen, style, color="black", linewidth=2.5, label=f"mean over seen tasks, {label}")
+    ax.set_title("Test error on every task after learning each task", fontweight="bold")
+    ax.set_xlabel("After learning task")
+    ax.set_ylabel("Test MSE")
+    ax.set_xticks(stages)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+    mats = {name: np.array([[np.nan if e is None else e for e in row] for row in runs[name]["error_matrix"]])
+            for name in ("with_replay", "without_replay")}
+    vmax = max(np.nanmax(m) for m in mats.values())
+    for ax, (name, m) in zip(axes[1], mats.items()):
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="magma_r", vmin=0.0, vmax=vmax)
+        r = runs[name]
+        ax.set_title(f"Error matrix, {name.replace('_', ' ')}\n"
+                     f"final mean {r['average_final_error']:.3f}, forgetting "
+                     f"{_fmt(r['average_forgetting'])}", fontweight="bold")
+        ax.set_xlabel("Evaluated on task")
+        ax.set_ylabel("After learning task")
+        ax.set_xticks(range(T), [str(j + 1) for j in range(T)])
+        ax.set_yticks(range(T), [str(t + 1) for t in range(T)])
+        if T <= 10:
+            for t in range(T):
+                for j in range(T):
+                    if not math.isnan(m[t, j]):
+                        ax.text(j, t, f"{m[t, j]:.3f}", ha="center", va="center", fontsize=8,
+                                color="white" if m[t, j] > 0.6 * vmax else "black")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = run_demo(args)
+    for name, r in metrics["runs"].items():
+        print(f"{name:15s} average final error {r['average_final_error']:.4f}  "
+              f"average forgetting {_fmt(r['average_forgetting'])}  "
+              f"after adaptation {_fmt(r['average_adapted_error'])}  ({r['wall_time_s']:.1f} s)")
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}"
+          + ("" if args.no_plot else f" and {os.path.join(args.out, 'neural_memory_results.png')}"))
+    return 0
