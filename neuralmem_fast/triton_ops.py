@@ -227,8 +227,8 @@ def _online(m_i, l_i, sc):
 
 
 @triton.jit
-def _combine_lse(pm_ptr, pl_ptr, b64, S, H, BH: tl.constexpr, ACC: tl.constexpr):
-    """logsumexp from S per-split partial (max, sum) of memory b64, in split order."""
+def _combine_stats(pm_ptr, pl_ptr, b64, S, H, BH: tl.constexpr, ACC: tl.constexpr):
+    """Global (max, sum of exp(logit - max)) from S per-split partials of memory b64, in split order."""
     mx = tl.full((BH,), float("-inf"), ACC)
     for s in range(S):
         mx = tl.maximum(mx, _load_heads(pm_ptr, b64 * S + s, H, BH, ACC))
@@ -236,7 +236,8 @@ def _combine_lse(pm_ptr, pl_ptr, b64, S, H, BH: tl.constexpr, ACC: tl.constexpr)
     for s in range(S):
         row = b64 * S + s
         tot += _load_heads(pl_ptr, row, H, BH, ACC) * tl.exp(_load_heads(pm_ptr, row, H, BH, ACC) - mx)
-    return mx + tl.log(tot)
+    # Padded heads have no partials; keep their lanes finite.
+    return mx, tl.where(tl.arange(0, BH) < H, tot, 1.0)
 
 
 @triton.jit
@@ -270,16 +271,22 @@ def _stats_range(base, q, beta, eps, s_ptr, b64, start, end, N, D, H,
 
 
 @triton.jit
-def _normalize_range(s_ptr, out_ptr, lse, b64, start, end, N, H, BN: tl.constexpr, BH: tl.constexpr,
+def _normalize_range(s_ptr, out_ptr, mx, tot, b64, start, end, N, H, BN: tl.constexpr, BH: tl.constexpr,
                      ACC: tl.constexpr):
-    """weights = exp(logits - lse) for slots [start, end); s_ptr may be out_ptr."""
+    """weights = exp(logits - max) / sum for slots [start, end); s_ptr may be out_ptr.
+
+    Not exp(logits - lse): at |logits| ~ 1e4 a float32 lse is only good to
+    ~5e-4, and the weights would no longer sum to 1.
+    """
+    inv = 1.0 / tot
     offs_h = tl.arange(0, BH)
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask = (offs_h[:, None] < H) & (offs_n[None, :] < end)
         off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
         sc = tl.load(s_ptr + off, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + off, tl.exp(sc - lse[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+        w = tl.exp(tl.where(mask, sc - mx[:, None], float("-inf"))) * inv[:, None]
+        tl.store(out_ptr + off, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -323,7 +330,7 @@ def _address_fwd_kernel(mem_ptr, key_ptr, beta_ptr, s_ptr, out_ptr, pm_ptr, pl_p
     if SINGLE:
         # The logits this program stored are read back by other threads of it.
         tl.debug_barrier()
-        _normalize_range(s_ptr, out_ptr, m_i + tl.log(l_i), b64, start, end, N, H, BN, BH, ACC)
+        _normalize_range(s_ptr, out_ptr, m_i, l_i, b64, start, end, N, H, BN, BH, ACC)
     else:
         _store_heads(pm_ptr, b64 * S + split, m_i, H, BH)
         _store_heads(pl_ptr, b64 * S + split, l_i, H, BH)
@@ -335,9 +342,9 @@ def _address_norm_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, N, H, S, SPLIT,
     pid = tl.program_id(0)
     b64 = (pid // S).to(tl.int64)
     split = pid % S
-    lse = _combine_lse(pm_ptr, pl_ptr, b64, S, H, BH, ACC)
+    mx, tot = _combine_stats(pm_ptr, pl_ptr, b64, S, H, BH, ACC)
     start = split * SPLIT
-    _normalize_range(s_ptr, out_ptr, lse, b64, start, tl.minimum(start + SPLIT, N), N, H, BN, BH, ACC)
+    _normalize_range(s_ptr, out_ptr, mx, tot, b64, start, tl.minimum(start + SPLIT, N), N, H, BN, BH, ACC)
 
 
 @triton.jit
@@ -395,6 +402,7 @@ def _read_fused_combine_kernel(pacc_ptr, pm_ptr, pl_ptr, out_ptr, lse_ptr, H, D,
         scale = tl.exp(_load_heads(pm_ptr, row, H, BH, ACC) - mx)
         tot += _load_heads(pl_ptr, row, H, BH, ACC) * scale
         acc += _load_hd(pacc_ptr, row, H, D, BH, BD, ACC) * scale[:, None]
+    tot = tl.where(tl.arange(0, BH) < H, tot, 1.0)
     _store_hd(out_ptr, b64, acc / tot[:, None], H, D, BH, BD)
     _store_heads(lse_ptr, b64, mx + tl.log(tot), H, BH)
 
@@ -463,7 +471,7 @@ def _content_bwd_kernel(g_ptr, w_ptr, lse_ptr, delta_ptr, mem_ptr, key_ptr, beta
         m = _rows(base, offs_n, nmask, D, BD, ACC)
         c, sc, inv_n, big = _cosine(m, q, beta, eps, USE_DOT)
         if READ:
-            w = tl.where(hn, tl.exp(sc - lse[:, None]), 0.0)
+            w = tl.exp(tl.where(hn, sc - lse[:, None], float("-inf")))
             dw = _rows_dot(g, m, USE_DOT)
         else:
             off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
@@ -691,11 +699,11 @@ def _content_write_kernel(mem_ptr, u_ptr, key_ptr, beta_ptr, e_ptr, a_ptr, pm_pt
     end = tl.minimum(start + SPLIT, N)
     base = mem_ptr + b64 * N * D
     if SINGLE:
-        m_i, l_i = _stats_range(base, q, beta, eps, pm_ptr, b64, start, end, N, D, W,
-                                False, BN, BD, BW, False, ACC)
-        lse = m_i + tl.log(l_i)
+        mx, tot = _stats_range(base, q, beta, eps, pm_ptr, b64, start, end, N, D, W,
+                               False, BN, BD, BW, False, ACC)
     else:
-        lse = _combine_lse(pm_ptr, pl_ptr, b64, S, W, BW, ACC)
+        mx, tot = _combine_stats(pm_ptr, pl_ptr, b64, S, W, BW, ACC)
+    inv = 1.0 / tot
     best_v = tl.full((1,), float("inf"), ACC)
     best_i = tl.zeros((1,), tl.int32)
     for n0 in range(start, end, BN):
@@ -703,7 +711,7 @@ def _content_write_kernel(mem_ptr, u_ptr, key_ptr, beta_ptr, e_ptr, a_ptr, pm_pt
         nmask = offs_n < end
         m = _rows(base, offs_n, nmask, D, BD, ACC)
         c, sc, inv_n, big = _cosine(m, q, beta, eps, False)
-        w = tl.where(wmask[:, None] & nmask[None, :], tl.exp(sc - lse[:, None]), 0.0)
+        w = tl.exp(tl.where(wmask[:, None] & nmask[None, :], sc - mx[:, None], float("-inf"))) * inv[:, None]
         keep = tl.reduce(1.0 - w[:, :, None] * e[:, None, :], 0, _mul)
         add = tl.sum(w[:, :, None] * a[:, None, :], axis=0)
         _store_rows(base, offs_n, nmask, m * keep + add, D, BD)
