@@ -35,6 +35,11 @@ Design (B memories, N slots, D slot width, H read / W write heads):
   running max starts at -inf, and every split owns at least one slot, so the
   max is finite after the first block and nothing divides by zero for any
   finite strength (the largest logit contributes exp(0) = 1 to its sum).
+  Weights that are written out are exp(s - max) / sum, as torch.softmax
+  does, not exp(s - lse): a float32 lse near |s| ~ 1e4 is only good to
+  ~5e-4. The content_read backward does recompute exp(s - lse) from the
+  saved lse, so at such strengths its float32 weights carry that error
+  (float64 and moderate strengths are unaffected).
 * Large N: the slots are split across programs (Flash-Decoding). content_read
   writes per-split partial (max, sum, acc) and a second tiny kernel combines
   them; with one split the first kernel writes the result itself. The split

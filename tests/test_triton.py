@@ -177,9 +177,11 @@ def test_memory_write_with_usage_and_in_place(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_ID.get)
-@pytest.mark.parametrize("decay", [0.99, 0.0, 1.0])
+@pytest.mark.parametrize("decay", [0.99, 1 / 3, 0.0, 1.0], ids=["0.99", "1/3", "0", "1"])
 def test_usage_update(decay, dtype):
-    usage = torch.rand(2, 37, dtype=dtype, device=DEV)
+    # Usage dominated by the decayed term: float64 must see decay to more
+    # than float32's 24 bits (1/3 in float32 is off by 3e-8).
+    usage = torch.rand(2, 37, dtype=dtype, device=DEV) * 1000
     weights = torch.rand(2, 3, 37, dtype=dtype, device=DEV)
     _compare(lambda u, w: nm.usage_update(u, w, decay, backend="triton"),
              lambda u, w: nm.usage_update_ref(u, w, decay), [usage, weights], "uw", dtype, "usage_update")
@@ -211,6 +213,21 @@ def test_content_write_(shape, dtype, with_usage):
         assert torch.equal(l1, torch.argmin(u1, dim=1)), (l1, u1)
     else:
         assert l1 is None
+
+
+@pytest.mark.parametrize("B,H", [(0, 2), (2, 0)], ids=["B0", "H0"])
+def test_empty_batch_or_heads(B, H):
+    memory, keys, strengths = _addr_inputs(max(B, 1), 7, max(H, 1), 3, torch.float64)
+    memory, keys, strengths = memory[:B], keys[:B, :H], strengths[:B, :H]
+    for op in ("content_read", "content_addressing"):
+        out = getattr(nm, op)(memory, keys, strengths, backend="triton")
+        assert out.shape == getattr(nm, op + "_ref")(memory, keys, strengths).shape
+    weights = torch.rand(B, H, 7, dtype=torch.float64, device=DEV)
+    assert nm.memory_read(memory, weights, backend="triton").shape == (B, H, 3)
+    erase, add = torch.rand(B, H, 3, dtype=torch.float64, device=DEV), torch.rand(B, H, 3, dtype=torch.float64,
+                                                                                  device=DEV)
+    assert_close(nm.memory_write(memory, weights, erase, add, backend="triton"),
+                 nm.memory_write_ref(memory, weights, erase, add), name="memory_write")
 
 
 def test_content_read_returns_lse():
@@ -332,6 +349,25 @@ def test_gradcheck_memory_read_and_write(split, fast):
                                         fast_mode=fast)
         assert torch.autograd.gradcheck(lambda *a: nm.memory_write(*a, backend="triton"),
                                         (memory, weights, erase, add), fast_mode=fast)
+
+
+@pytest.mark.parametrize("split", [None, 8], ids=["one-split", "split8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_ID.get)
+def test_half_precision(dtype, split):
+    """Half in, float32 accumulation, half out; the reference computes in float32 too."""
+    B, N, H, D = 2, 37, 3, 16
+    with triton_ops.override(block_n=4 if split else None, split_slots=split):
+        inputs = _addr_inputs(B, N, H, D, dtype, strength=3.0)
+        _compare(_triton(nm.content_read), nm.content_read_ref, inputs, "mks", dtype, "content_read", tol_scale=2)
+        _, lse = nm.content_read(*inputs, backend="triton", return_lse=True)
+        assert lse.dtype == torch.float32
+        _compare(_triton(nm.content_addressing), nm.content_addressing_ref, inputs, "mks", dtype,
+                 "content_addressing", tol_scale=2)
+        weights = torch.softmax(torch.randn(B, H, N, device=DEV), -1).to(dtype)
+        _compare(_triton(nm.memory_read), nm.memory_read_ref, [inputs[0], weights], "mw", dtype, "memory_read",
+                 tol_scale=2)
+        _compare(_triton(nm.memory_write), nm.memory_write_ref, _write_inputs(B, N, 2, D, dtype), "mwea", dtype,
+                 "memory_write", tol_scale=2)
 
 
 # --------------------------------------------------------------------------
