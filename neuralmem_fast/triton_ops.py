@@ -794,10 +794,11 @@ class _Plan:
     __slots__ = ("BN", "BD", "BH", "use_dot", "S", "split", "num_warps")
 
 
-def _plan(B, N, D, heads, dtype, device, dot_ok=False):
+def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
     """Block sizes for a (heads x slots x width) tile, and the slot splits.
 
-    The 3D broadcast tile is bounded by _TILE elements; tl.dot serves when
+    The 3D broadcast tile is bounded by `tile` elements (backward kernels,
+    which hold several such products at once, ask for half); tl.dot serves when
     BH >= 16 (then BN and BD are padded to >= 16 too). Splits: about four
     programs per SM in all (one split per memory under the interpreter,
     where programs run one after another), whole blocks per split.
@@ -806,7 +807,7 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False):
     p.BD = _next_pow2(D)
     p.BH = _next_pow2(heads)
     p.use_dot = dot_ok and p.BH >= 16 and dtype != torch.float64
-    tile = _TILE // 2 if dtype == torch.float64 else _TILE
+    tile = tile // 2 if dtype == torch.float64 else tile
     if p.use_dot:
         p.BD = max(p.BD, 16)
         bn = min(128, max(16, _prev_pow2(tile // p.BD)))
@@ -829,7 +830,7 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False):
         split = _cdiv(nblocks, s) * bn
     p.split = split
     p.S = _cdiv(N, split)
-    p.num_warps = 8 if p.BH * p.BN * p.BD > _TILE else 4
+    p.num_warps = 8 if p.BH * p.BN * p.BD > tile else 4
     return p
 
 
@@ -883,7 +884,7 @@ def _content_backward(read, g, w, lse, memory, keys, strengths, eps):
     if B == 0 or H == 0:
         return dm.zero_(), dk, db
     g, w, memory, keys, strengths = (t.contiguous() for t in (g, w, memory, keys, strengths))
-    p = _plan(B, N, D, H, memory.dtype, memory.device, dot_ok=True)
+    p = _plan(B, N, D, H, memory.dtype, memory.device, dot_ok=True, tile=_TILE // 2)
     acc = _acc_torch(memory.dtype)
     ACC = _acc(memory.dtype)
     eh, el = _hi_lo(eps)
@@ -1015,7 +1016,7 @@ def _memory_write_backward(grad_out, memory, weights, erase, add):
         return dm, dw, de, da
     if W == 0:
         return dm.copy_(grad_out), dw, de, da
-    p = _plan(B, N, D, W, memory.dtype, memory.device)
+    p = _plan(B, N, D, W, memory.dtype, memory.device, tile=_TILE // 2)
     ACC = _acc(memory.dtype)
     meta = dict(BN=p.BN, BD=p.BD, BW=p.BH, ACC=ACC)
     if p.S == 1:
