@@ -52,10 +52,13 @@ Design (B memories, N slots, D slot width, H read / W write heads):
   second kernel: deterministic, no float atomics.
 * memory_write backward uses exclusive prefix/suffix products over the write
   heads (``tl.cumprod`` over shifted factors), never a division by (1 - w e).
+
+``compile_only(arch)`` builds every kernel the ops launch into a cubin for a
+real GPU without one (Triton's bundled ptxas), so that code which only the
+interpreter accepts is caught in CI.
 """
 import contextlib
 import functools
-import os
 import struct
 
 import torch

@@ -106,6 +106,9 @@ def test_schemas_match_csrc():
         want = torch._C.parse_schema("neuralmem_triton::" + text)
         got = getattr(torch.ops.neuralmem_triton, name).default._schema
         assert str(got) == str(want), f"{name}: {got} != {want}"
+        if nm.has_extension():
+            built = str(getattr(torch.ops.neuralmem, name).default._schema)
+            assert str(got) == built.replace("neuralmem::", "neuralmem_triton::", 1), f"{name}: {got} != {built}"
 
 
 def test_backend_reports_triton():
