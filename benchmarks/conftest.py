@@ -115,6 +115,24 @@ def _sync_wrapper(fn, device):
     return timed
 
 
+MAX_ROUNDS = 2000
+MIN_ROUND_TIME = 20e-6  # below this a round loops the call, so timer overhead stays small
+
+
+def plan_rounds(call_time, min_rounds, max_time, max_rounds=MAX_ROUNDS):
+    """(rounds, iterations) that fill about max_time, from a measured time per call.
+
+    pytest-benchmark's own calibration picks rounds from one fast sample; on a
+    machine shared with other jobs a later slow spell then multiplies the run
+    time. Planning from the median of the warm-up calls, with a cap on rounds,
+    keeps a subset's duration predictable.
+    """
+    call_time = max(call_time, 1e-9)
+    iterations = 1 if call_time >= MIN_ROUND_TIME else int(-(-MIN_ROUND_TIME // call_time))
+    rounds = int(max_time // (call_time * iterations))
+    return max(min_rounds, min(max_rounds, rounds)), iterations
+
+
 def measure(benchmark, fn, *, group, provider, device, baseline=False, warmup=2, **info):
     """Warms `fn` up (compiles, caches, allocator) outside the timed loop, then times it.
 
@@ -122,10 +140,16 @@ def measure(benchmark, fn, *, group, provider, device, baseline=False, warmup=2,
     (a kernel not registered yet, torch.compile failing): the row is skipped
     with the reason rather than failing the whole report.
     """
+    import time
+
     timed = _sync_wrapper(fn, device)
+    times = []
     try:
+        timed()  # first call: compilation, allocation, lazy initialisation
         for _ in range(max(1, warmup)):
+            t0 = time.perf_counter()
             timed()
+            times.append(time.perf_counter() - t0)
     except (NotImplementedError, RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         pytest.skip(f"{provider} cannot run {group}: {type(exc).__name__}: {first[:200]}")
@@ -135,7 +159,11 @@ def measure(benchmark, fn, *, group, provider, device, baseline=False, warmup=2,
         extra["baseline"] = True
     extra.update({k: v for k, v in info.items() if v is not None})
     benchmark.extra_info.update(extra)
-    return benchmark(timed)
+    # --benchmark-min-rounds / --benchmark-max-time, as the fixture parsed them
+    min_rounds = int(getattr(benchmark, "_min_rounds", 5))
+    max_time = float(getattr(benchmark, "_max_time", 1.0))
+    rounds, iterations = plan_rounds(sorted(times)[len(times) // 2], min_rounds, max_time)
+    return benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=0)
 
 
 def mem_available_bytes():

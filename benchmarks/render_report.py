@@ -149,6 +149,21 @@ def machine_section(data):
     return "\n".join(lines)
 
 
+def busy_note(data):
+    """A warning when other work was loading the machine: its timings are then inflated and noisy."""
+    nm = (data.get("machine_info") or {}).get("neuralmem") or {}
+    cores = nm.get("cores") or 1
+    ls, le = nm.get("loadavg_start"), nm.get("loadavg_end")
+    # Our own run keeps about `threads` cores busy; load beyond that is someone else's.
+    threads = nm.get("torch_threads") or cores
+    busy = (ls and ls[0] > 0.5 * cores) or (le and le[1] > threads + 0.5 * cores)
+    if not busy:
+        return None
+    return (f"the machine was busy during this run (load average {ls} at the start, {le} at the end, on {cores} "
+            "cores): multi-threaded rows wait for descheduled threads, so timings are inflated and ratios "
+            "unreliable. Regenerate on an idle machine.")
+
+
 def group_table(rows, groups):
     base = baseline_of(rows)
     large = any((r.get("N") or 0) >= LARGE_N and r.get("bytes") for r in rows)
@@ -444,8 +459,9 @@ def render(data, out_dir, json_name="bench.json", plot_name="ops_vs_n.png", prov
     goals = all_goals(rows)
 
     md = ["# Throughput report", ""]
-    if provisional:
-        md += [f"> **Provisional:** {provisional}", ""]
+    for note in (provisional, busy_note(data)):
+        if note:
+            md += [f"> **Provisional:** {note}", ""]
     md += [f"Rendered from `{json_name}` (pytest-benchmark {data.get('version', '?')}) by "
            "`benchmarks/render_report.py`; regenerate with `make bench` (`QUICK=1` for the short subset). "
            "Every ratio compares rows of this one run: a speedup is the group's baseline median over the row's "

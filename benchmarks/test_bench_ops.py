@@ -35,7 +35,7 @@ from conftest import MAX_MEMORY_BYTES, bench_device_of, is_quick, measure, mem_a
 D, H, W = 64, 4, 1
 SIZES_N = (128, 4096, 65536, 1_000_000)
 SIZES_B = (1, 32)
-QUICK_N = (128, 4096)
+QUICK_SIZES = {1: (128, 4096), 32: (128,)}  # (B -> N) of the quick subset, besides the goal rows
 LARGE_N = 65536  # from here on rows report bytes and bandwidth against the floor
 SCALE_N = 10_000_000
 
@@ -124,10 +124,10 @@ def _fits(B, N):
 
 def ops_cases(device, quick):
     cases = []
-    sizes_n = QUICK_N if quick else SIZES_N
     for op, modes in OPS.items():
         for mode in modes:
             for B in SIZES_B:
+                sizes_n = QUICK_SIZES[B] if quick else SIZES_N
                 for N in sorted(set(sizes_n) | {n for (o, m, b, n) in GOAL_CASES if (o, m, b) == (op, mode, B)}):
                     if not _fits(B, N):
                         continue
@@ -362,7 +362,7 @@ def test_op(benchmark, op_case, bench_device, request):
         info["bytes"] = op_bytes(op, mode, B, N)
     slow = N >= 1_000_000 and prov in ("seed", "torch", "torch.compile")
     measure(benchmark, fn, group=group_name(op, mode, B, N, device), provider=prov, device=device,
-            baseline=(prov == "torch"), warmup=1 if slow else 2, **info)
+            baseline=(prov == "torch"), warmup=1 if slow else 3, **info)
 
 
 def test_floor(benchmark, floor_case, bench_device):

@@ -143,6 +143,14 @@ def test_plot_written(report):
     assert "![time against N](ops_vs_n.png)" in text
 
 
+def test_busy_machine_is_flagged(rr, report):
+    _, text = report
+    assert "Provisional" not in text  # load 0.1 on 2 cores: idle
+    busy = synthetic()
+    busy["machine_info"]["neuralmem"]["loadavg_start"] = [6.0, 4.0, 2.0]
+    assert "machine was busy" in rr.busy_note(busy)
+
+
 def test_missing_rows_are_not_measured(rr):
     rows = rr.load_rows({"benchmarks": []})
     for goal in rr.issue3_goals(rows):
