@@ -430,7 +430,8 @@ def plot_ops_vs_n(rows, path):
             fl = sorted((r.get("N"), r.median) for r in floors if r.get("B") == B
                         and r.get("device", "cpu") == sel[0].get("device", "cpu"))
             if fl:
-                ax.plot(*zip(*fl), ls, color="black", lw=2, alpha=0.6, label=f"floor memory.sum() B={B}")
+                ax.plot(*zip(*fl), ls, marker="s", ms=4, color="black", lw=2, alpha=0.6,
+                        label=f"floor memory.sum() B={B}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{op} {mode}", fontsize=10)

@@ -153,7 +153,9 @@ def pytest_generate_tests(metafunc):
         cases = floor_cases(quick)
         metafunc.parametrize("floor_case", cases, ids=[f"B{B}-N{N}" for B, N in cases])
     if "scale_case" in metafunc.fixturenames:
-        cases = [] if quick else [(prov,) for prov in native_backends(device)] + [("floor: memory.sum()",)]
+        # Only our kernels fit this size in reasonable time; without one there is nothing to compare.
+        nat = [] if quick else native_backends(device)
+        cases = [(prov,) for prov in nat] + ([("floor: memory.sum()",)] if nat else [])
         metafunc.parametrize("scale_case", cases, ids=[c[0] for c in cases])
 
 
