@@ -152,6 +152,9 @@ def pytest_generate_tests(metafunc):
     if "floor_case" in metafunc.fixturenames:
         cases = floor_cases(quick)
         metafunc.parametrize("floor_case", cases, ids=[f"B{B}-N{N}" for B, N in cases])
+    if "scale_bwd_case" in metafunc.fixturenames:
+        cases = [] if quick else native_backends(device)
+        metafunc.parametrize("scale_bwd_case", cases, ids=cases)
     if "scale_case" in metafunc.fixturenames:
         # Only our kernels fit this size in reasonable time; without one there is nothing to compare.
         nat = [] if quick else native_backends(device)
@@ -401,3 +404,61 @@ def test_step_scale(benchmark, scale_case, bench_device):
     measure(benchmark, fn, group=group_name("step", "fwd", 1, SCALE_N, bench_device), provider=prov,
             device=bench_device, baseline=(prov == first), op="step", mode="fwd", B=1, N=SCALE_N, D=D, H=H, W=W,
             dtype="float32", bytes=op_bytes("step", "fwd", 1, SCALE_N), warmup=1)
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_rss_during(fn):
+    """(result, peak resident bytes above the level before the call), from VmHWM after resetting it.
+
+    Writing 5 to /proc/self/clear_refs resets the high-water mark (Linux);
+    the CPU allocator returns large blocks to the system, so the mark is the
+    peak of what the call held. None where this is not available.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_bytes("VmRSS")
+    except OSError:
+        return fn(), None
+    out = fn()
+    return out, _rss_bytes("VmHWM") - before
+
+
+def test_content_read_scale_bwd(benchmark, scale_bwd_case, bench_device):
+    """Issue 9: content_read forward+backward at N=10^7: its time and its peak memory against the memory's size."""
+    prov = scale_bwd_case
+    nbytes = SCALE_N * D * 4
+    avail = mem_available_bytes()
+    if avail is not None and avail < 4 * nbytes:
+        pytest.skip(f"N={SCALE_N} needs about {4 * nbytes >> 30} GiB free, {avail >> 30} GiB available")
+    g = torch.Generator().manual_seed(0)
+    x = dict(memory=torch.randn(1, SCALE_N, D, generator=g).to(bench_device).requires_grad_(True),
+             keys=torch.randn(1, H, D, generator=g).to(bench_device).requires_grad_(True),
+             strengths=(torch.rand(1, H, generator=g) * 4 + 1).to(bench_device).requires_grad_(True))
+    try:
+        fn = _with_backward(_op_fn("content_read", "fwd+bwd", prov), x, GRAD_INPUTS["content_read"])
+    except (NotImplementedError, RuntimeError) as exc:
+        pytest.skip(f"{prov} cannot run content_read fwd+bwd: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    peak = None
+    if bench_device.type == "cpu":
+        grads, peak = peak_rss_during(fn)  # the grads stay alive until the mark is read, as a caller's would
+        del grads
+    else:
+        torch.cuda.reset_peak_memory_stats(bench_device)
+        base = torch.cuda.memory_allocated(bench_device)
+        grads = fn()
+        torch.cuda.synchronize(bench_device)
+        peak = torch.cuda.max_memory_allocated(bench_device) - base
+        del grads
+    first = native_backends(bench_device)[0]
+    measure(benchmark, fn, group=group_name("content_read", "fwd+bwd", 1, SCALE_N, bench_device), provider=prov,
+            device=bench_device, baseline=(prov == first), op="content_read", mode="fwd+bwd", B=1, N=SCALE_N, D=D,
+            H=H, dtype="float32", bytes=op_bytes("content_read", "fwd+bwd", 1, SCALE_N), memory_bytes=nbytes,
+            peak_bytes=None if peak is None else peak + nbytes, warmup=1)

@@ -56,6 +56,13 @@ def synthetic():
         _bench(g_bwd, "torch.compile", 1e-3, **op("step", "fwd+bwd", 32, 128)),  # a peer, never a candidate
         _bench(g_read_small, "torch", 1e-3, baseline=True, **op("content_read", "fwd", 1, 4096)),
         _bench(g_read_small, "cpu", 2e-4, **op("content_read", "fwd", 1, 4096)),
+        # issue 9: a step at N=10^7 against its floor, and content_read fwd+bwd with its peak memory
+        _bench("step fwd B1 N10000000 D64 H4 W1", "cpu", 1.0, baseline=True, bytes=20 * MB,
+               **op("step", "fwd", 1, 10_000_000)),
+        _bench("floor memory.sum() B1 N10000000 D64", "floor: memory.sum()", 0.2, baseline=True, floor=True,
+               bytes=10 * MB, **op("floor", "fwd", 1, 10_000_000)),              # 5x the floor: not met
+        _bench("content_read fwd+bwd B1 N10000000 D64 H4", "cpu", 2.0, baseline=True, bytes=30 * MB,
+               memory_bytes=10 * MB, peak_bytes=21 * MB, **op("content_read", "fwd+bwd", 1, 10_000_000)),
         # a replay suite that follows the convention, names of its own
         _bench("replay sample capacity1000000 batch256", "neuralmem_fast", 20e-6,
                source="benchmarks/test_bench_replay.py", baseline=True, capacity=1_000_000, batch=256),
@@ -110,6 +117,14 @@ def test_issue3_goals_are_computed_from_rows(report):
     assert bwd[4] == "2x faster" and bwd[5] == "not met", bwd
     # torch.compile is a peer: it never stands in for our kernels in a goal
     assert not any("torch.compile" in line and "#3" in line for line in text.splitlines())
+
+
+def test_issue9_goals(report):
+    _, text = report
+    step = _goal_line(text, "N=10^7, B=1, forward in place", "cpu")
+    assert step[4] == "5x the time" and step[5] == "not met", step
+    peak = _goal_line(text, "peak memory", "cpu")
+    assert peak[4] == "2.1x the memory" and peak[5] == "**met**", peak
 
 
 def test_replay_goals_found_generically(report):
