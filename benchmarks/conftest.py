@@ -15,6 +15,7 @@ to the repository root, or at NEURALMEM_SEED_PATH; its rows skip when absent.
 """
 import datetime
 import importlib.util
+import math
 import os
 import platform
 import sys
@@ -130,8 +131,8 @@ def plan_rounds(call_time, min_rounds, max_time, max_rounds=MAX_ROUNDS):
     keeps a subset's duration predictable.
     """
     call_time = max(call_time, 1e-9)
-    iterations = 1 if call_time >= MIN_ROUND_TIME else int(-(-MIN_ROUND_TIME // call_time))
-    rounds = int(max_time // (call_time * iterations))
+    iterations = 1 if call_time >= MIN_ROUND_TIME else math.ceil(MIN_ROUND_TIME / call_time - 1e-9)
+    rounds = int(round(max_time / (call_time * iterations)))
     return max(min_rounds, min(max_rounds, rounds)), iterations
 
 

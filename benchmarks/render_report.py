@@ -472,7 +472,7 @@ def plot_ops_vs_n(rows, path):
     fig.suptitle("Memory ops: time against N (D=64; B=1 solid, B=32 dashed; black: one pass over the memory)",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
 

@@ -10,7 +10,8 @@ Rows (providers) of each case:
 Cases: each op forward ("fwd": no input requires grad) and forward+backward
 ("fwd+bwd": every floating input requires grad; gradients via
 torch.autograd.grad, so nothing accumulates between rounds), N in {128, 4096,
-65536, 10^6}, B in {1, 32}, D=64, H=4 read heads, W=1 write head. "step" is
+65536, 10^6}, B in {1, 32} up to 256 MiB of memory (so B=32 stops at N=4096),
+D=64, H=4 read heads, W=1 write head. "step" is
 one memory step as the controller runs it: fwd = content_read of 4 heads then
 the in-place content_write_ with usage; fwd+bwd = content_read, the write
 head's addressing and the out-of-place memory_write, differentiated through.

@@ -171,3 +171,17 @@ def test_missing_rows_are_not_measured(rr):
     for goal in rr.issue3_goals(rows):
         ((prov, value, status),) = goal.evaluate()
         assert value is None and status.startswith("not measured")
+
+
+def test_round_planning_fills_max_time_and_is_capped():
+    spec = importlib.util.spec_from_file_location(
+        "bench_conftest_under_test", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "conftest.py"))
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    # slow call: the minimum rounds win over max_time
+    assert conf.plan_rounds(2.0, min_rounds=3, max_time=0.1) == (3, 1)
+    # 10 ms call, 0.5 s budget: 50 rounds of one call
+    assert conf.plan_rounds(0.01, min_rounds=3, max_time=0.5) == (50, 1)
+    # 5 us call: looped to reach 20 us per round, rounds capped
+    rounds, iterations = conf.plan_rounds(5e-6, min_rounds=3, max_time=1.0)
+    assert iterations == 4 and rounds == conf.MAX_ROUNDS
