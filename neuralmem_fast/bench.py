@@ -1,0 +1,109 @@
+"""`python -m neuralmem_fast bench`: run the benchmark suites, then render the report.
+
+    python -m neuralmem_fast bench [--quick] [--gpu] [--out DIR] [-k EXPR] [-- PYTEST_ARGS...]
+
+Runs pytest-benchmark on benchmarks/ (a source checkout is needed: the suites
+are not installed with the package), saves its JSON as DIR/bench.json and
+renders DIR/REPORT.md and DIR/ops_vs_n.png with benchmarks/render_report.py.
+
+--quick   small N plus the rows the issues set goals on, few rounds: minutes on a 2-core CPU
+--gpu     the CUDA device cases, timed with CUDA events (each timed call also synchronises)
+"""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
+
+
+class _CudaEventClock:
+    """A pytest-benchmark timer read from CUDA events on the current stream.
+
+    Each reading records an event and waits for it, so a reading is taken
+    only once all work queued before it has run; the value is the elapsed
+    time since the first event, in seconds.
+    """
+
+    def __init__(self):
+        self._origin = None
+
+    def __call__(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        ev.synchronize()
+        if self._origin is None:
+            self._origin = ev
+            return 0.0
+        return self._origin.elapsed_time(ev) / 1e3
+
+
+cuda_event_clock = _CudaEventClock()
+
+
+def _load_renderer():
+    path = os.path.join(BENCH_DIR, "render_report.py")
+    spec = importlib.util.spec_from_file_location("neuralmem_render_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pytest_command(args, json_path):
+    cmd = [sys.executable, "-m", "pytest", BENCH_DIR, "-q", "-ra", "-p", "no:cacheprovider",
+           "--benchmark-only", f"--benchmark-json={json_path}", "--benchmark-sort=name",
+           "--benchmark-columns=median,iqr,rounds"]
+    if args.quick:
+        # Enough rounds for a median and an IQR, few enough that the subset
+        # stays within minutes while slow peers (the seed at N=10^6) run.
+        cmd += ["--bench-quick", "--benchmark-min-rounds=3", "--benchmark-max-time=0.1"]
+    else:
+        cmd += ["--benchmark-min-rounds=5", "--benchmark-max-time=0.5"]
+    if args.gpu:
+        cmd += ["--bench-device=cuda", "--benchmark-timer=neuralmem_fast.bench.cuda_event_clock"]
+    if args.k:
+        cmd += ["-k", args.k]
+    return cmd + list(args.pytest_args)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m neuralmem_fast bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the short subset (small N plus the goal rows)")
+    ap.add_argument("--gpu", action="store_true", help="run the CUDA device cases, timed with CUDA events")
+    ap.add_argument("--out", default=BENCH_DIR, help="folder for bench.json, REPORT.md and the plot (default benchmarks/)")
+    ap.add_argument("-k", default=None, help="pytest -k expression selecting cases")
+    ap.add_argument("--provisional", default=None, help="a note printed at the top of the report")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = ap.parse_args(argv)
+
+    if not os.path.isdir(BENCH_DIR):
+        print("bench: benchmarks/ is not next to the package; run from a source checkout", file=sys.stderr)
+        return 2
+    if args.gpu and not torch.cuda.is_available():
+        print("bench: --gpu needs a CUDA device, and none is visible to torch", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.abspath(os.path.join(args.out, "bench.json"))
+    cmd = pytest_command(args, json_path)
+    env = dict(os.environ)
+    # The suites import the package from this checkout, built in place.
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    print("bench:", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    wall = time.perf_counter() - start
+    print(f"bench: pytest finished in {wall:.0f} s (exit status {rc})", flush=True)
+    if not os.path.exists(json_path):
+        print("bench: no JSON was written; nothing to render", file=sys.stderr)
+        return rc or 1
+    renderer = _load_renderer()
+    out = ["--out", args.out] + (["--provisional", args.provisional] if args.provisional else [])
+    renderer.main([json_path] + out)
+    # pytest exit status 5 means every case was deselected or skipped: the
+    # report says so, which is not a crash.
+    return 0 if rc in (0, 5) else rc
