@@ -274,17 +274,21 @@ def _run_point(spec):
     usage = torch.zeros(B, N, dtype=dtype, device=device)
 
     # The floor: one streaming pass over this very tensor.
-    # The floor: one streaming pass over this very tensor. Its best of five
+    # The floor: one streaming pass over this very tensor. Its best pass
     # is the floor (a lower bound by definition; on a shared machine the
     # median of a microsecond op mostly measures preemption).
-    floors = []
-    for i in range(6):
+    floors, spent = [], 0.0
+    for i in range(200):
         sync()
         t0 = time.perf_counter()
         memory.sum()
         sync()
         if i:
             floors.append(time.perf_counter() - t0)
+            spent += floors[-1]
+        # Small N: many passes, so that one of them runs unpreempted.
+        if len(floors) >= 5 and spent > 0.05:
+            break
     rec["floor_s"] = min(floors)
     rec["floor_median_s"] = statistics.median(floors)
 
@@ -317,6 +321,7 @@ def _run_point(spec):
             if spent > budget:
                 break
     rec["peak_bytes"] = acct.peak() - base
+    rec["loadavg_1min"] = _loadavg()
     rec["times_s"] = times
     rec["step_s"] = statistics.median(times)
     rec["step_min_s"] = min(times)
@@ -390,6 +395,14 @@ def _machine(device):
         info["gpu"] = props.name
         info["gpu_mem_gib"] = round(props.total_memory / GIB, 1)
     return info
+
+
+def _loadavg():
+    """The 1-minute load average: on a shared machine it says how much the timings can be trusted."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _meminfo(field):
@@ -538,7 +551,8 @@ def sweep(args, device, log=print):
                   time_budget_s=args.time_budget, mem_budget_gib=round(mem_budget, 3), repeat=args.repeat,
                   allocate=args.allocate, isolate=isolate, threads=args.threads,
                   memory_accounting=(CudaMemory.kind if device.type == "cuda" else HostMemory.kind),
-                  machine=_machine(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                  machine=_machine(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  loadavg_1min_at_start=_loadavg())
     log(f"scale sweep on {device} ({config['machine'].get('gpu') or config['machine'].get('cpu')}), "
         f"dtype {args.dtype}, D={args.dim} H={args.heads} W={args.write_heads}, B in {batches}, "
         f"N in {', '.join(_fmt_n(n) for n in ns)}")
@@ -585,7 +599,7 @@ def sweep(args, device, log=print):
         points.append(rec)
         if rec.get("error"):
             rec["status"] = "failed"
-            drop(track, N, "failed: " + rec["error"][:300])
+            drop(track, N, "failed: " + _short(rec["error"]))
             continue
         last.setdefault(track, []).append(rec)
         rec["status"] = "ok"
@@ -600,6 +614,12 @@ def sweep(args, device, log=print):
     # Tracks that were never dropped ran to the end of the sweep.
     return dict(config=config, points=points, dropped=dropped, floor=_floors(points),
                 goals=_goals(points, dropped, args.dtype))
+
+
+def _short(msg, limit=160):
+    """First line of an error, cut: PyTorch's dispatcher errors run to pages."""
+    line = msg.strip().splitlines()[0] if msg.strip() else msg
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _predict_peak(prev, N, mem_bytes):
@@ -712,7 +732,7 @@ def plot(result, path):
         fl = [f for f in result["floor"] if f["B"] == B]
         if fl:
             ax_t.plot([f["N"] for f in fl], [f["floor_s"] for f in fl], color="k", lw=2.5, ls="--",
-                      label="floor: one memory.sum() pass (best of 5)")
+                      label="floor: one memory.sum() pass (best pass)")
         ns = cfg["Ns"]
         ax_m.plot(ns, [B * n * cfg["D"] * esize / GIB for n in ns], color="k", lw=2.5, ls="--",
                   label="memory tensor")
