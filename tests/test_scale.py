@@ -75,6 +75,12 @@ def test_predicted_peak_is_affine_in_n():
     assert scale._predict_peak(prev, 100000, 1) == pytest.approx(10_000_000 + 100000 * 300)
     assert scale._predict_peak(prev[:1], 10000, 1) == pytest.approx(10 * prev[0]["peak_bytes"])
     assert scale._predict_peak([], 10 ** 6, 256e6) == 256e6
+    # A setup larger than the steps (the float32 reference read of half storage) sets the need.
+    big_setup = [dict(p, setup_peak_bytes=3 * p["peak_bytes"]) for p in prev]
+    assert scale._predict_peak(big_setup, 100000, 1) == pytest.approx(3 * (10_000_000 + 100000 * 300))
+    # A peak below the memory size is baseline noise, not evidence.
+    noisy = prev + [dict(N=20000, peak_bytes=-5, peak_reliable=False)]
+    assert scale._predict_peak(noisy, 100000, 1) == scale._predict_peak(prev, 100000, 1)
 
 
 @pytest.mark.parametrize("dtype,tol", [("bf16", 2e-2), ("fp16", 3e-3)])
