@@ -750,7 +750,9 @@ def plot(result, path):
         for (be, mode), pts in sorted(tracks.items()):
             pts.sort(key=lambda p: p["N"])
             n = [p["N"] for p in pts]
-            gone = [d for d in result["dropped"] if (d["provider"], d["B"], d["mode"]) == (be, B, mode)]
+            # A drop past the last N of the sweep cut nothing off: not worth a label.
+            gone = [d for d in result["dropped"]
+                    if (d["provider"], d["B"], d["mode"]) == (be, B, mode) and d["N"] in cfg["Ns"]]
             label = f"{be} {mode}" + (f" (dropped from {_fmt_n(gone[0]['N'])})" if gone else "")
             kw = dict(color=colors.get(be, "C7"), linestyle=styles.get(mode, "-"), marker="o", ms=4)
             ax_t.plot(n, [p["step_min_s"] for p in pts], label=label, **kw)
