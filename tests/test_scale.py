@@ -10,7 +10,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from neuralmem_fast import scale
 
