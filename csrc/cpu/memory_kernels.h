@@ -931,7 +931,10 @@ void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory
 
   at::parallel_for(0, B * C, grain_for(ch.size * D * (8 * W + 2)), [&](int64_t t0, int64_t t1) {
     Scratch<A> E(W * D), Ad(W * D), wv(W), gbuf(D), mbuf(D), dmbuf(D);
-    std::vector<Vec> f(W), S(W + 1), dwacc(W);
+    // Per-lane factors f_w, suffix products S_w and dw accumulators; plain
+    // arrays with unaligned access, since the heap need not honour the
+    // 64-byte alignment of a 512-bit Vectorized.
+    Scratch<A> f(W * V), S((W + 1) * V), dwacc(W * V);
     int64_t loaded = -1;
     const Vec one(A(1));
     for (int64_t t = t0; t < t1; ++t) {
@@ -952,27 +955,36 @@ void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory
         const A* gr = widen(g + (b * N + n) * D, gbuf.data(), D);
         const A* mr = widen(mem + (b * N + n) * D, mbuf.data(), D);
         A* dmr = std::is_same_v<T, A> ? reinterpret_cast<A*>(dm + (b * N + n) * D) : dmbuf.data();
-        for (int64_t k = 0; k < W; ++k) dwacc[k] = Vec(A(0));
+        std::fill(dwacc.data(), dwacc.data() + W * V, A(0));
         for (int64_t d = 0; d < D; d += V) {
           const int64_t m = std::min<int64_t>(V, D - d);
           const Vec gg = load_n(gr + d, m);
           const Vec x = load_n(mr + d, m);
-          for (int64_t k = 0; k < W; ++k) f[k] = at::vec::fmadd(Vec(-wv[k]), load_n(E.data() + k * D + d, m), one);
-          S[W] = one;
-          for (int64_t k = W - 1; k >= 0; --k) S[k] = f[k] * S[k + 1];
-          store_n(gg * S[0], dmr + d, m);
+          for (int64_t k = 0; k < W; ++k) {
+            at::vec::fmadd(Vec(-wv[k]), load_n(E.data() + k * D + d, m), one).store(f.data() + k * V);
+          }
+          Vec suffix = one;
+          suffix.store(S.data() + W * V);
+          for (int64_t k = W - 1; k >= 0; --k) {
+            suffix = Vec::loadu(f.data() + k * V) * suffix;
+            suffix.store(S.data() + k * V);
+          }
+          store_n(gg * suffix, dmr + d, m);
           const Vec tm = gg * x;
           Vec P = one;
           for (int64_t k = 0; k < W; ++k) {
-            const Vec te = tm * (P * S[k + 1]);
+            const Vec te = tm * (P * Vec::loadu(S.data() + (k + 1) * V));
             const Vec e = load_n(E.data() + k * D + d, m);
-            dwacc[k] = at::vec::fmadd(gg, load_n(Ad.data() + k * D + d, m), dwacc[k]) - te * e;
+            const Vec acc = at::vec::fmadd(gg, load_n(Ad.data() + k * D + d, m), Vec::loadu(dwacc.data() + k * V));
+            (acc - te * e).store(dwacc.data() + k * V);
             store_n(at::vec::fmadd(Vec(-wv[k]), te, load_n(dE + k * D + d, m)), dE + k * D + d, m);
             store_n(at::vec::fmadd(Vec(wv[k]), gg, load_n(dA + k * D + d, m)), dA + k * D + d, m);
-            P = P * f[k];
+            P = P * Vec::loadu(f.data() + k * V);
           }
         }
-        for (int64_t k = 0; k < W; ++k) dw[(b * W + k) * N + n] = static_cast<T>(hsum(dwacc[k]));
+        for (int64_t k = 0; k < W; ++k) {
+          dw[(b * W + k) * N + n] = static_cast<T>(hsum(Vec::loadu(dwacc.data() + k * V)));
+        }
         if constexpr (!std::is_same_v<T, A>) narrow(dmbuf.data(), dm + (b * N + n) * D, D);
       }
     }
