@@ -13,11 +13,17 @@ run behind one autograd.Function per op whose backward calls our backward
 kernel. Inputs are validated once here, with errors that name the argument;
 kernels receive contiguous tensors of one dtype on one device.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import _ext  # noqa: F401  (loads and registers the native ops)
-from .backends import resolve
+from .backends import resolve as _resolve_uncached
+
+# The choice depends only on its arguments and on what is installed, and a
+# small step calls it on every op: remember it.
+resolve = functools.lru_cache(maxsize=4096)(_resolve_uncached)
 
 DEFAULT_EPS = 1e-12
 DEFAULT_DECAY = 0.99
@@ -57,6 +63,24 @@ def _check_memory(memory):
     if N < 1 or D < 1:
         raise ValueError(f"memory must have at least one slot and one dimension, got shape {tuple(memory.shape)}")
     return B, N, D
+
+
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
+
+
+def _keys_ok(memory, keys, strengths, eps):
+    """The valid case in a handful of attribute reads (a small step is
+    overhead-bound); anything else goes through the full checks, which raise."""
+    try:
+        B, N, D = memory.shape
+        Bk, H, Dk = keys.shape
+        Bs, Hs = strengths.shape
+        dt, dev = memory.dtype, memory.device
+        return (B == Bk == Bs and D == Dk and H == Hs and N >= 1 and D >= 1 and eps > 0
+                and keys.dtype is dt and strengths.dtype is dt and dt in _FLOAT_SET
+                and keys.device == dev and strengths.device == dev)
+    except (AttributeError, ValueError, TypeError):
+        return False
 
 
 def _check_keys(memory, keys, strengths, eps):
@@ -256,7 +280,10 @@ def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", retur
 
     With return_lse=True also returns the per-(b,h) logsumexp of the logits.
     """
-    _, N, _, _ = _check_keys(memory, keys, strengths, eps)
+    if _keys_ok(memory, keys, strengths, eps):
+        N = memory.shape[1]
+    else:
+        _, N, _, _ = _check_keys(memory, keys, strengths, eps)
     be = resolve(backend, "content_read", memory.device, N)
     if be == "torch":
         if return_lse:
@@ -331,16 +358,25 @@ def memory_write_(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, 
     return memory
 
 
-@torch.no_grad()
-def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,
-                   backend="auto"):
-    """In place: address the memory by content with W write keys, then erase-add.
+def _write_vectors_ok(memory, keys, erase, add):
+    try:
+        shape, dt, dev = keys.shape, memory.dtype, memory.device
+        return (erase.shape == shape and add.shape == shape and erase.dtype is dt and add.dtype is dt
+                and erase.device == dev and add.device == dev)
+    except AttributeError:
+        return False
 
-    The weights come from the memory before the write (as in the seed) and
-    are never materialised by the native kernels. With `usage`, it is updated
-    in place and the least-used slot after the update is returned, (B,) int64;
-    otherwise returns None.
-    """
+
+def _usage_ok(usage, memory, decay):
+    try:
+        B, N, _ = memory.shape
+        return (usage.shape == (B, N) and usage.dtype is memory.dtype and usage.device == memory.device
+                and 0.0 <= decay <= 1.0 and usage.is_contiguous())
+    except AttributeError:
+        return False
+
+
+def _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay):
     B, N, D = _check_memory(memory)
     _check("keys", keys, 3, "(B, W, D)", memory.dtype, memory.device)
     _check_dims("keys", keys, (B, None, D), "(B, W, D)")
@@ -358,6 +394,22 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
         raise ValueError("memory must be contiguous for the in-place write (call .contiguous() first)")
     if not (eps > 0):
         raise ValueError(f"eps must be positive, got {eps}")
+
+
+@torch.no_grad()
+def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,
+                   backend="auto"):
+    """In place: address the memory by content with W write keys, then erase-add.
+
+    The weights come from the memory before the write (as in the seed) and
+    are never materialised by the native kernels. With `usage`, it is updated
+    in place and the least-used slot after the update is returned, (B,) int64;
+    otherwise returns None.
+    """
+    if not (_keys_ok(memory, keys, strengths, eps) and _write_vectors_ok(memory, keys, erase, add)
+            and (usage is None or _usage_ok(usage, memory, decay)) and memory.is_contiguous()):
+        _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay)
+    N = memory.shape[1]
     be = resolve(backend, "content_write_", memory.device, N)
     if be == "torch":
         w = content_addressing_ref(memory, keys, strengths, eps)

@@ -43,9 +43,10 @@ using acc_t = at::opmath_type<T>;
 // ---------------------------------------------------------------------------
 // work partitioning
 // ---------------------------------------------------------------------------
-// Below ~64K multiply-adds per task a second thread does not pay for its
-// wake-up; above 64 chunks per memory the partial records stop being free.
-constexpr int64_t kMinTaskWork = int64_t(1) << 16;
+// Below ~256K multiply-adds (tens of microseconds) per task a second thread
+// does not pay for its wake-up, least of all on a busy machine; above 64
+// chunks per memory the partial records stop being free.
+constexpr int64_t kMinTaskWork = int64_t(1) << 18;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kBlockElems = 4096;
 constexpr int64_t kMaxBlock = 256;
@@ -128,6 +129,40 @@ C10_ALWAYS_INLINE A hsum(const Vectorized<A>& v) {
   A s = 0;
   for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += tmp[i];
   return s;
+}
+
+// out[0..3] = the sums of a, b, c, d. A transposing reduction: about a
+// quarter of the shuffles of four separate horizontal sums.
+template <typename A>
+C10_ALWAYS_INLINE void hsum4(const Vectorized<A>& a, const Vectorized<A>& b, const Vectorized<A>& c,
+                             const Vectorized<A>& d, A* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 va = a, vb = b, vc = c, vd = d;
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(va, vb, 0x44), _mm512_shuffle_f32x4(va, vb, 0xEE));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(vc, vd, 0x44), _mm512_shuffle_f32x4(vc, vd, 0xEE));
+    // 128-bit block k now holds four partial sums of input k.
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+    const __m512 lanes = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), u);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(lanes));
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 t0 = _mm256_hadd_ps(a, b);
+    const __m256 t1 = _mm256_hadd_ps(c, d);
+    const __m256 u = _mm256_hadd_ps(t0, t1);
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    return;
+  }
+#endif
+  out[0] = hsum(a);
+  out[1] = hsum(b);
+  out[2] = hsum(c);
+  out[3] = hsum(d);
 }
 
 template <typename A>
@@ -229,24 +264,41 @@ C10_ALWAYS_INLINE void for_head_groups(int64_t H, const F& f) {
 }
 
 // out[k * ldo + j] = <vecs[k], row_j> for k < K, j < nj (rows of stride D);
-// with NORM also nrm2[j] = |row_j|^2.
+// with NORM also nrm2[j] = |row_j|^2. Each row element is loaded once for
+// all K dots; the horizontal sums go four at a time (four heads of a slot,
+// or the norms of four slots).
 template <int K, bool NORM, typename A>
 inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo, A* nrm2) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
+  Vec accn[4];
   for (int64_t j = 0; j < nj; ++j) {
     const A* r = rows + j * D;
     Vec acc[K];
     for (int k = 0; k < K; ++k) acc[k] = Vec(A(0));
-    Vec accn(A(0));
+    Vec an(A(0));
     for (int64_t d = 0; d < D; d += V) {
       const int64_t m = std::min<int64_t>(V, D - d);
       const Vec x = load_n(r + d, m);
-      if constexpr (NORM) accn = at::vec::fmadd(x, x, accn);
+      if constexpr (NORM) an = at::vec::fmadd(x, x, an);
       for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(x, load_n(vecs[k] + d, m), acc[k]);
     }
-    for (int k = 0; k < K; ++k) out[k * ldo + j] = hsum(acc[k]);
-    if constexpr (NORM) nrm2[j] = hsum(accn);
+    if constexpr (K == 4) {
+      A t[4];
+      hsum4(acc[0], acc[1], acc[2], acc[3], t);
+      for (int k = 0; k < 4; ++k) out[k * ldo + j] = t[k];
+    } else {
+      for (int k = 0; k < K; ++k) out[k * ldo + j] = hsum(acc[k]);
+    }
+    if constexpr (NORM) {
+      accn[j & 3] = an;
+      if ((j & 3) == 3) {
+        hsum4(accn[0], accn[1], accn[2], accn[3], nrm2 + j - 3);
+      }
+    }
+  }
+  if constexpr (NORM) {
+    for (int64_t j = nj & ~int64_t(3); j < nj; ++j) nrm2[j] = hsum(accn[j & 3]);
   }
 }
 
@@ -363,21 +415,31 @@ inline void normalize_keys(const T* k, int64_t H, int64_t D, A eps, A* q, A* kno
 // gradient through the norm).
 template <typename A>
 inline void row_scales(const A* nrm2, int64_t nj, A eps, A* inv, A* gate) {
-  for (int64_t j = 0; j < nj; ++j) {
-    const A nrm = std::sqrt(nrm2[j]);
-    const A iv = A(1) / std::max(nrm, eps);
-    inv[j] = iv;
-    if (gate != nullptr) gate[j] = nrm > eps ? iv * iv : A(0);
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec veps(eps), one(A(1)), zero(A(0));
+  for (int64_t j = 0; j < nj; j += V) {
+    const int64_t m = std::min<int64_t>(V, nj - j);
+    const Vec nrm = load_n(nrm2 + j, m).sqrt();
+    const Vec iv = one / at::vec::maximum(nrm, veps);
+    store_n(iv, inv + j, m);
+    if (gate != nullptr) store_n(Vec::blendv(zero, iv * iv, nrm > veps), gate + j, m);
   }
 }
 
 // Logits of a block in place: s[h*ld + j] = clamp(beta[h] * s[h*ld + j] * inv[j]).
 template <typename A>
 inline void scale_logits(A* s, int64_t H, int64_t nj, int64_t ld, const A* beta, const A* inv) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec lo(-std::numeric_limits<A>::max()), hi(std::numeric_limits<A>::max());
   for (int64_t h = 0; h < H; ++h) {
     A* sh = s + h * ld;
-    const A bh = beta[h];
-    for (int64_t j = 0; j < nj; ++j) sh[j] = clamp_finite(bh * (sh[j] * inv[j]));
+    const Vec bh(beta[h]);
+    for (int64_t j = 0; j < nj; j += V) {
+      const int64_t m = std::min<int64_t>(V, nj - j);
+      store_n(at::vec::clamp(bh * (load_n(sh + j, m) * load_n(inv + j, m)), lo, hi), sh + j, m);
+    }
   }
 }
 
