@@ -126,12 +126,15 @@ def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _lib(backend):
-    if backend == "triton":
-        from . import triton_ops  # noqa: F401  (registers neuralmem_triton::*)
+_NATIVE = torch.ops.neuralmem
 
-        return torch.ops.neuralmem_triton
-    return torch.ops.neuralmem
+
+def _lib(backend):
+    if backend != "triton":
+        return _NATIVE
+    from . import triton_ops  # noqa: F401  (registers neuralmem_triton::*)
+
+    return torch.ops.neuralmem_triton
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +399,6 @@ def _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay)
         raise ValueError(f"eps must be positive, got {eps}")
 
 
-@torch.no_grad()
 def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,
                    backend="auto"):
     """In place: address the memory by content with W write keys, then erase-add.
@@ -411,14 +413,21 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
         _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay)
     N = memory.shape[1]
     be = resolve(backend, "content_write_", memory.device, N)
-    if be == "torch":
-        w = content_addressing_ref(memory, keys, strengths, eps)
-        memory.copy_(memory_write_ref(memory, w, erase, add))
-        if usage is None:
-            return None
-        usage.copy_(usage_update_ref(usage, w, decay))
-        return torch.argmin(usage, dim=1)
-    least = _lib(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
+    # No autograd through an in-place write. A plain switch of grad mode:
+    # the @torch.no_grad() decorator costs microseconds per call here.
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        if be == "torch":
+            w = content_addressing_ref(memory, keys, strengths, eps)
+            memory.copy_(memory_write_ref(memory, w, erase, add))
+            if usage is None:
+                return None
+            usage.copy_(usage_update_ref(usage, w, decay))
+            return torch.argmin(usage, dim=1)
+        least = _lib(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
+    finally:
+        torch._C._set_grad_enabled(prev)
     return least if usage is not None else None
 
 
