@@ -295,7 +295,8 @@ def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", retur
             logits = _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
             return content_read_ref(memory, keys, strengths, eps), torch.logsumexp(logits, dim=-1)
         return content_read_ref(memory, keys, strengths, eps)
-    memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
+    if be != "cpu":  # the CPU kernels take strided inputs themselves
+        memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
     if not _needs_grad(memory, keys, strengths):
         reads, lse = _lib(be).content_read(memory, keys, strengths, eps)
     else:
@@ -425,7 +426,9 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
                 return None
             usage.copy_(usage_update_ref(usage, w, decay))
             return torch.argmin(usage, dim=1)
-        least = _lib(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
+        if be != "cpu":  # the CPU kernels take strided inputs themselves
+            keys, strengths, erase, add = _c(keys), _c(strengths), _c(erase), _c(add)
+        least = _lib(be).content_write_(memory, usage, keys, strengths, erase, add, eps, decay)
     finally:
         torch._C._set_grad_enabled(prev)
     return least if usage is not None else None
