@@ -263,6 +263,11 @@ C10_ALWAYS_INLINE void for_head_groups(int64_t H, const F& f) {
   }
 }
 
+template <typename A>
+constexpr int64_t kLineElems = 64 / sizeof(A);
+template <typename A>
+constexpr int64_t kPrefetchAhead = 4096 / sizeof(A);
+
 // out[k * ldo + j] = <vecs[k], row_j> for k < K, j < nj (rows of stride D);
 // with NORM also nrm2[j] = |row_j|^2. Each row element is loaded once for
 // all K dots; the horizontal sums go four at a time (four heads of a slot,
@@ -274,6 +279,9 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
   Vec accn[4];
   for (int64_t j = 0; j < nj; ++j) {
     const A* r = rows + j * D;
+    // The first touch of a row streams it from DRAM: ask for the rows ~4 KiB
+    // ahead now (a prefetch past the end of the tensor cannot fault).
+    for (int64_t d = 0; d < D; d += kLineElems<A>) __builtin_prefetch(r + kPrefetchAhead<A> + d);
     Vec acc[K];
     for (int k = 0; k < K; ++k) acc[k] = Vec(A(0));
     Vec an(A(0));
