@@ -13,11 +13,17 @@ run behind one autograd.Function per op whose backward calls our backward
 kernel. Inputs are validated once here, with errors that name the argument;
 kernels receive contiguous tensors of one dtype on one device.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import _ext  # noqa: F401  (loads and registers the native ops)
-from .backends import resolve
+from .backends import resolve as _resolve_uncached
+
+# The choice depends only on its arguments and on what is installed, and a
+# small step calls it on every op: remember it.
+resolve = functools.lru_cache(maxsize=4096)(_resolve_uncached)
 
 DEFAULT_EPS = 1e-12
 DEFAULT_DECAY = 0.99
@@ -57,6 +63,24 @@ def _check_memory(memory):
     if N < 1 or D < 1:
         raise ValueError(f"memory must have at least one slot and one dimension, got shape {tuple(memory.shape)}")
     return B, N, D
+
+
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
+
+
+def _keys_ok(memory, keys, strengths, eps):
+    """The valid case in a handful of attribute reads (a small step is
+    overhead-bound); anything else goes through the full checks, which raise."""
+    try:
+        B, N, D = memory.shape
+        Bk, H, Dk = keys.shape
+        Bs, Hs = strengths.shape
+        dt, dev = memory.dtype, memory.device
+        return (B == Bk == Bs and D == Dk and H == Hs and N >= 1 and D >= 1 and eps > 0
+                and keys.dtype is dt and strengths.dtype is dt and dt in _FLOAT_SET
+                and keys.device == dev and strengths.device == dev)
+    except (AttributeError, ValueError, TypeError):
+        return False
 
 
 def _check_keys(memory, keys, strengths, eps):
@@ -102,12 +126,15 @@ def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _lib(backend):
-    if backend == "triton":
-        from . import triton_ops  # noqa: F401  (registers neuralmem_triton::*)
+_NATIVE = torch.ops.neuralmem
 
-        return torch.ops.neuralmem_triton
-    return torch.ops.neuralmem
+
+def _lib(backend):
+    if backend != "triton":
+        return _NATIVE
+    from . import triton_ops  # noqa: F401  (registers neuralmem_triton::*)
+
+    return torch.ops.neuralmem_triton
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +283,10 @@ def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", retur
 
     With return_lse=True also returns the per-(b,h) logsumexp of the logits.
     """
-    _, N, _, _ = _check_keys(memory, keys, strengths, eps)
+    if _keys_ok(memory, keys, strengths, eps):
+        N = memory.shape[1]
+    else:
+        _, N, _, _ = _check_keys(memory, keys, strengths, eps)
     be = resolve(backend, "content_read", memory.device, N)
     if be == "torch":
         if return_lse:
@@ -265,7 +295,8 @@ def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", retur
             logits = _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
             return content_read_ref(memory, keys, strengths, eps), torch.logsumexp(logits, dim=-1)
         return content_read_ref(memory, keys, strengths, eps)
-    memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
+    if be != "cpu":  # the CPU kernels take strided inputs themselves
+        memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
     if not _needs_grad(memory, keys, strengths):
         reads, lse = _lib(be).content_read(memory, keys, strengths, eps)
     else:
@@ -331,16 +362,25 @@ def memory_write_(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, 
     return memory
 
 
-@torch.no_grad()
-def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,
-                   backend="auto"):
-    """In place: address the memory by content with W write keys, then erase-add.
+def _write_vectors_ok(memory, keys, erase, add):
+    try:
+        shape, dt, dev = keys.shape, memory.dtype, memory.device
+        return (erase.shape == shape and add.shape == shape and erase.dtype is dt and add.dtype is dt
+                and erase.device == dev and add.device == dev)
+    except AttributeError:
+        return False
 
-    The weights come from the memory before the write (as in the seed) and
-    are never materialised by the native kernels. With `usage`, it is updated
-    in place and the least-used slot after the update is returned, (B,) int64;
-    otherwise returns None.
-    """
+
+def _usage_ok(usage, memory, decay):
+    try:
+        B, N, _ = memory.shape
+        return (usage.shape == (B, N) and usage.dtype is memory.dtype and usage.device == memory.device
+                and 0.0 <= decay <= 1.0 and usage.is_contiguous())
+    except AttributeError:
+        return False
+
+
+def _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay):
     B, N, D = _check_memory(memory)
     _check("keys", keys, 3, "(B, W, D)", memory.dtype, memory.device)
     _check_dims("keys", keys, (B, None, D), "(B, W, D)")
@@ -358,15 +398,39 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
         raise ValueError("memory must be contiguous for the in-place write (call .contiguous() first)")
     if not (eps > 0):
         raise ValueError(f"eps must be positive, got {eps}")
+
+
+def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,
+                   backend="auto"):
+    """In place: address the memory by content with W write keys, then erase-add.
+
+    The weights come from the memory before the write (as in the seed) and
+    are never materialised by the native kernels. With `usage`, it is updated
+    in place and the least-used slot after the update is returned, (B,) int64;
+    otherwise returns None.
+    """
+    if not (_keys_ok(memory, keys, strengths, eps) and _write_vectors_ok(memory, keys, erase, add)
+            and (usage is None or _usage_ok(usage, memory, decay)) and memory.is_contiguous()):
+        _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay)
+    N = memory.shape[1]
     be = resolve(backend, "content_write_", memory.device, N)
-    if be == "torch":
-        w = content_addressing_ref(memory, keys, strengths, eps)
-        memory.copy_(memory_write_ref(memory, w, erase, add))
-        if usage is None:
-            return None
-        usage.copy_(usage_update_ref(usage, w, decay))
-        return torch.argmin(usage, dim=1)
-    least = _lib(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
+    # No autograd through an in-place write. A plain switch of grad mode:
+    # the @torch.no_grad() decorator costs microseconds per call here.
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        if be == "torch":
+            w = content_addressing_ref(memory, keys, strengths, eps)
+            memory.copy_(memory_write_ref(memory, w, erase, add))
+            if usage is None:
+                return None
+            usage.copy_(usage_update_ref(usage, w, decay))
+            return torch.argmin(usage, dim=1)
+        if be != "cpu":  # the CPU kernels take strided inputs themselves
+            keys, strengths, erase, add = _c(keys), _c(strengths), _c(erase), _c(add)
+        least = _lib(be).content_write_(memory, usage, keys, strengths, erase, add, eps, decay)
+    finally:
+        torch._C._set_grad_enabled(prev)
     return least if usage is not None else None
 
 

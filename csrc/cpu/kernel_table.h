@@ -1,0 +1,56 @@
+// The CPU kernels of the memory ops, compiled once per instruction set.
+//
+// memory_kernels.h holds the kernels as templates over the element type; it
+// is compiled three times (memory_kernels_{default,avx2,avx512}.cpp), each
+// time with at::vec::Vectorized bound to that instruction set, exactly as
+// ATen compiles its own CPU kernels per CPU_CAPABILITY. The host code in
+// memory_ops_cpu.cpp validates arguments, allocates outputs and calls the
+// table of the best instruction set this processor supports, so that one
+// wheel runs everywhere and still uses 512-bit vectors where they exist.
+//
+// Every entry receives contiguous tensors of one dtype (lse: float32 for
+// half inputs) with the shapes checked by the host code, and writes into
+// preallocated outputs. `out` of memory_write may alias `memory` (in place).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace neuralmem {
+namespace cpu {
+
+struct KernelTable {
+  const char* name;
+  void (*content_addressing)(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                             double eps, at::Tensor& weights);
+  void (*content_addressing_backward)(const at::Tensor& grad_weights, const at::Tensor& weights,
+                                      const at::Tensor& memory, const at::Tensor& keys,
+                                      const at::Tensor& strengths, double eps, at::Tensor& grad_memory,
+                                      at::Tensor& grad_keys, at::Tensor& grad_strengths);
+  void (*memory_read)(const at::Tensor& memory, const at::Tensor& weights, at::Tensor& reads);
+  void (*memory_read_backward)(const at::Tensor& grad_reads, const at::Tensor& memory, const at::Tensor& weights,
+                               at::Tensor& grad_memory, at::Tensor& grad_weights);
+  void (*content_read)(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths, double eps,
+                       at::Tensor& reads, at::Tensor& lse);
+  void (*content_read_backward)(const at::Tensor& grad_reads, const at::Tensor& reads, const at::Tensor& lse,
+                                const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                                double eps, at::Tensor& grad_memory, at::Tensor& grad_keys,
+                                at::Tensor& grad_strengths);
+  void (*memory_write)(const at::Tensor& memory, const at::Tensor& weights, const at::Tensor& erase,
+                       const at::Tensor& add, at::Tensor& out);
+  void (*memory_write_backward)(const at::Tensor& grad_out, const at::Tensor& memory, const at::Tensor& weights,
+                                const at::Tensor& erase, const at::Tensor& add, at::Tensor& grad_memory,
+                                at::Tensor& grad_weights, at::Tensor& grad_erase, at::Tensor& grad_add);
+  void (*usage_update)(const at::Tensor& usage, const at::Tensor& weights, double decay, at::Tensor& out);
+  // usage may be undefined; least (B,) int64 is written only when it is not.
+  void (*content_write)(at::Tensor& memory, at::Tensor& usage, const at::Tensor& keys,
+                        const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps,
+                        double decay, at::Tensor& least);
+};
+
+// Null when the compiler could not build that instruction set.
+const KernelTable* kernel_table_DEFAULT();
+const KernelTable* kernel_table_AVX2();
+const KernelTable* kernel_table_AVX512();
+
+}  // namespace cpu
+}  // namespace neuralmem

@@ -1,0 +1,1338 @@
+// CPU kernels of the memory ops, written once over at::vec::Vectorized and
+// compiled once per instruction set (see kernel_table.h). Include only from a
+// memory_kernels_*.cpp, after kernel_prelude.h and after defining
+// CPU_CAPABILITY.
+//
+// Design
+// - Work unit: (memory b, chunk of slots). Chunk sizes depend on the shape
+//   only, never on the thread count, so results are bitwise reproducible
+//   whatever at::parallel_for decides. Small problems form one chunk per
+//   memory and run inline on the calling thread: at N=128 a thread handoff
+//   costs more than the arithmetic.
+// - Reductions over slots (the online softmax of content_read, the key and
+//   strength gradients, the erase/add gradients) keep one partial record
+//   per chunk, combined afterwards in chunk order: deterministic, no atomics.
+// - Within a chunk, slots go in blocks of up to 256 rows (16 KiB of float):
+//   first every head's dot product with every row of the block (one load of
+//   a row element feeds all heads), then the softmax arithmetic vectorised
+//   over the block, then the weighted row sums with the D loop outermost so
+//   that each head's accumulator lives in a register while the rows of the
+//   block, still in L1, stream past.
+// - content_read is FlashAttention's single-query recipe with L2-normalised
+//   keys: the running (max, sum, acc) per head is rescaled only when a block
+//   raises the max; logits are clamped to the finite range so that any
+//   finite strength gives finite weights. Its backward recomputes the weights
+//   from the saved logsumexp, block by block: (B,H,N) never exists.
+// - Half and bfloat16 rows are widened to float once per block; everything
+//   accumulates in at::opmath_type (float for half, else the input type).
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including memory_kernels.h"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace neuralmem {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// ---------------------------------------------------------------------------
+// work partitioning
+// ---------------------------------------------------------------------------
+// Below ~256K multiply-adds (tens of microseconds) per task a second thread
+// does not pay for its wake-up, least of all on a busy machine; above 64
+// chunks per memory the partial records stop being free.
+constexpr int64_t kMinTaskWork = int64_t(1) << 18;
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kBlockElems = 4096;
+constexpr int64_t kMaxBlock = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Chunks {
+  int64_t size;   // slots per chunk
+  int64_t count;  // chunks per memory
+};
+
+// cost: multiply-adds per slot.
+inline Chunks make_chunks(int64_t n, int64_t cost) {
+  cost = std::max<int64_t>(cost, 1);
+  const int64_t min_slots = std::max<int64_t>(1, kMinTaskWork / cost);
+  int64_t size = std::max(min_slots, ceil_div(n, kMaxChunks));
+  size = std::max<int64_t>(1, std::min(size, n));
+  return {size, n > 0 ? ceil_div(n, size) : 0};
+}
+
+// Grain for at::parallel_for over tasks of `work` multiply-adds each.
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(work, 1));
+}
+
+inline int64_t block_slots(int64_t D) {
+  return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(D, 1), 1, kMaxBlock);
+}
+
+// A per-task buffer: on the stack when small, else on the heap.
+template <typename A>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    if (n > kInline) {
+      heap_.reset(new A[n]);
+      p_ = heap_.get();
+    } else {
+      p_ = inline_;
+    }
+  }
+  A* data() { return p_; }
+  A& operator[](int64_t i) { return p_[i]; }
+
+ private:
+  static constexpr int64_t kInline = 1024;
+  alignas(64) A inline_[kInline];
+  std::unique_ptr<A[]> heap_;
+  A* p_;
+};
+
+// ---------------------------------------------------------------------------
+// vector primitives (A: float or double)
+// ---------------------------------------------------------------------------
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> load_n(const A* p, int64_t n) {
+  // Partial loads zero the missing lanes, so a tail adds nothing to a dot.
+  return n >= Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, n);
+}
+
+template <typename A>
+C10_ALWAYS_INLINE void store_n(const Vectorized<A>& v, A* p, int64_t n) {
+  if (n >= Vectorized<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, static_cast<int>(n));
+  }
+}
+
+template <typename A>
+C10_ALWAYS_INLINE A hsum(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return at::vec::vec_reduce_all<float>(
+        [](const Vectorized<float>& a, const Vectorized<float>& b) { return a + b; }, v);
+  }
+#endif
+  __at_align__ A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A s = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+// out[0..3] = the sums of a, b, c, d. A transposing reduction: about a
+// quarter of the shuffles of four separate horizontal sums.
+template <typename A>
+C10_ALWAYS_INLINE void hsum4(const Vectorized<A>& a, const Vectorized<A>& b, const Vectorized<A>& c,
+                             const Vectorized<A>& d, A* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 va = a, vb = b, vc = c, vd = d;
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(va, vb, 0x44), _mm512_shuffle_f32x4(va, vb, 0xEE));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(vc, vd, 0x44), _mm512_shuffle_f32x4(vc, vd, 0xEE));
+    // 128-bit block k now holds four partial sums of input k.
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+    const __m512 lanes = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), u);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(lanes));
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 t0 = _mm256_hadd_ps(a, b);
+    const __m256 t1 = _mm256_hadd_ps(c, d);
+    const __m256 u = _mm256_hadd_ps(t0, t1);
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    return;
+  }
+#endif
+  out[0] = hsum(a);
+  out[1] = hsum(b);
+  out[2] = hsum(c);
+  out[3] = hsum(d);
+}
+
+template <typename A>
+inline A max_of(const A* x, int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  A m = -std::numeric_limits<A>::infinity();
+  int64_t j = 0;
+  if (n >= V) {
+    Vec acc = Vec::loadu(x);
+    for (j = V; j + V <= n; j += V) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+    __at_align__ A tmp[V];
+    acc.store(tmp);
+    for (int64_t i = 0; i < V; ++i) m = std::max(m, tmp[i]);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - shift) * scale; returns the sum of the new x.
+template <typename A>
+inline A exp_shift(A* x, int64_t n, A shift, A scale = A(1)) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec vs(shift), vc(scale);
+  Vec acc(A(0));
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t m = std::min<int64_t>(V, n - j);
+    Vec e = (load_n(x + j, m) - vs).exp() * vc;
+    // Padded lanes hold exp(-shift): keep them out of the sum.
+    if (m < V) e = Vec::set(Vec(A(0)), e, m);
+    store_n(e, x + j, m);
+    acc = acc + e;
+  }
+  return hsum(acc);
+}
+
+template <typename A>
+inline void scale_(A* x, int64_t n, A s) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t d = 0; d < n; d += V) {
+    const int64_t m = std::min<int64_t>(V, n - d);
+    store_n(load_n(x + d, m) * Vec(s), x + d, m);
+  }
+}
+
+template <typename A>
+inline A dot(const A* a, const A* b, int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  Vec acc(A(0));
+  for (int64_t d = 0; d < n; d += V) {
+    const int64_t m = std::min<int64_t>(V, n - d);
+    acc = at::vec::fmadd(load_n(a + d, m), load_n(b + d, m), acc);
+  }
+  return hsum(acc);
+}
+
+template <typename A>
+inline A clamp_finite(A x) {
+  constexpr A big = std::numeric_limits<A>::max();
+  return std::min(std::max(x, -big), big);
+}
+
+// Widen n elements to the accumulation type; a no-op pointer for float/double.
+template <typename T, typename A>
+inline const A* widen(const T* src, A* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename T, typename A>
+inline void narrow(const A* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (src != dst) std::memcpy(dst, src, sizeof(A) * n);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Calls f(std::integral_constant<int, G>, h0) for head groups of up to 4:
+// four heads plus the slot norm keep the dot-product accumulators in
+// registers on every instruction set.
+template <typename F>
+C10_ALWAYS_INLINE void for_head_groups(int64_t H, const F& f) {
+  for (int64_t h0 = 0; h0 < H; h0 += 4) {
+    switch (std::min<int64_t>(4, H - h0)) {
+      case 4: f(std::integral_constant<int, 4>{}, h0); break;
+      case 3: f(std::integral_constant<int, 3>{}, h0); break;
+      case 2: f(std::integral_constant<int, 2>{}, h0); break;
+      default: f(std::integral_constant<int, 1>{}, h0); break;
+    }
+  }
+}
+
+template <typename A>
+constexpr int64_t kLineElems = 64 / sizeof(A);
+template <typename A>
+constexpr int64_t kPrefetchAhead = 4096 / sizeof(A);
+
+// out[k * ldo + j] = <vecs[k], row_j> for k < K, j < nj (rows of stride D);
+// with NORM also nrm2[j] = |row_j|^2. Each row element is loaded once for
+// all K dots; the horizontal sums go four at a time (four heads of a slot,
+// or the norms of four slots).
+template <int K, bool NORM, typename A>
+inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo, A* nrm2) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  Vec accn[4];
+  for (int64_t j = 0; j < nj; ++j) {
+    const A* r = rows + j * D;
+    // The first touch of a row streams it from DRAM: ask for the rows ~4 KiB
+    // ahead now (a prefetch past the end of the tensor cannot fault).
+    for (int64_t d = 0; d < D; d += kLineElems<A>) __builtin_prefetch(r + kPrefetchAhead<A> + d);
+    Vec acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = Vec(A(0));
+    Vec an(A(0));
+    for (int64_t d = 0; d < D; d += V) {
+      const int64_t m = std::min<int64_t>(V, D - d);
+      const Vec x = load_n(r + d, m);
+      if constexpr (NORM) an = at::vec::fmadd(x, x, an);
+      for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(x, load_n(vecs[k] + d, m), acc[k]);
+    }
+    if constexpr (K == 4) {
+      A t[4];
+      hsum4(acc[0], acc[1], acc[2], acc[3], t);
+      for (int k = 0; k < 4; ++k) out[k * ldo + j] = t[k];
+    } else {
+      for (int k = 0; k < K; ++k) out[k * ldo + j] = hsum(acc[k]);
+    }
+    if constexpr (NORM) {
+      accn[j & 3] = an;
+      if ((j & 3) == 3) {
+        hsum4(accn[0], accn[1], accn[2], accn[3], nrm2 + j - 3);
+      }
+    }
+  }
+  if constexpr (NORM) {
+    for (int64_t j = nj & ~int64_t(3); j < nj; ++j) nrm2[j] = hsum(accn[j & 3]);
+  }
+}
+
+// Dots of every row of the block with n_vecs vectors (vecs[i] at base + i*D),
+// the first group also giving the squared row norms.
+template <typename A>
+inline void dots_block(const A* base, int64_t n_vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo,
+                       A* nrm2) {
+  for_head_groups(n_vecs, [&](auto G, int64_t h0) {
+    constexpr int K = decltype(G)::value;
+    const A* v[K];
+    for (int k = 0; k < K; ++k) v[k] = base + (h0 + k) * D;
+    if (h0 == 0) {
+      dots_rows<K, true>(v, rows, nj, D, out, ldo, nrm2);
+    } else {
+      dots_rows<K, false>(v, rows, nj, D, out + h0 * ldo, ldo, static_cast<A*>(nullptr));
+    }
+  });
+}
+
+// acc[k][:] += sum_j p[k * ldp + j] * row_j for k < K, j < nj.
+template <int K, typename A>
+inline void accumulate_rows(A* const* acc, const A* p, int64_t ldp, const A* rows, int64_t nj, int64_t D) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t d = 0; d < D; d += V) {
+    const int64_t m = std::min<int64_t>(V, D - d);
+    Vec a[K];
+    for (int k = 0; k < K; ++k) a[k] = load_n(acc[k] + d, m);
+    for (int64_t j = 0; j < nj; ++j) {
+      const Vec x = load_n(rows + j * D + d, m);
+      for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(Vec(p[k * ldp + j]), x, a[k]);
+    }
+    for (int k = 0; k < K; ++k) store_n(a[k], acc[k] + d, m);
+  }
+}
+
+template <typename A>
+inline void accumulate_block(A* acc, int64_t H, const A* p, int64_t ldp, const A* rows, int64_t nj, int64_t D) {
+  for_head_groups(H, [&](auto G, int64_t h0) {
+    constexpr int K = decltype(G)::value;
+    A* a[K];
+    for (int k = 0; k < K; ++k) a[k] = acc + (h0 + k) * D;
+    accumulate_rows<K>(a, p + h0 * ldp, ldp, rows, nj, D);
+  });
+}
+
+// out_j = init_j + sum_k ca[k*ld + j] U[k] + cb[k*ld + j] Q[k] for j < nj,
+// where init_j = -gamma[j] row_j (first group; 0 without gamma) or out_j.
+template <int K, bool HAS_A, bool HAS_B, typename A>
+inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool first, const A* gamma, const A* ca,
+                         const A* const* U, const A* cb, const A* const* Q, int64_t ld) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t d = 0; d < D; d += V) {
+    const int64_t m = std::min<int64_t>(V, D - d);
+    Vec u[K], q[K];
+    for (int k = 0; k < K; ++k) {
+      if constexpr (HAS_A) u[k] = load_n(U[k] + d, m);
+      if constexpr (HAS_B) q[k] = load_n(Q[k] + d, m);
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      Vec o;
+      if (!first) {
+        o = load_n(out + j * D + d, m);
+      } else if (gamma != nullptr) {
+        o = Vec(-gamma[j]) * load_n(rows + j * D + d, m);
+      } else {
+        o = Vec(A(0));
+      }
+      for (int k = 0; k < K; ++k) {
+        if constexpr (HAS_A) o = at::vec::fmadd(Vec(ca[k * ld + j]), u[k], o);
+        if constexpr (HAS_B) o = at::vec::fmadd(Vec(cb[k * ld + j]), q[k], o);
+      }
+      store_n(o, out + j * D + d, m);
+    }
+  }
+}
+
+template <bool HAS_A, bool HAS_B, typename A>
+inline void combine_block(A* out, const A* rows, int64_t nj, int64_t D, int64_t H, const A* gamma, const A* ca,
+                          const A* Ubase, const A* cb, const A* Qbase, int64_t ld) {
+  for_head_groups(H, [&](auto G, int64_t h0) {
+    constexpr int K = decltype(G)::value;
+    const A* u[K];
+    const A* q[K];
+    for (int k = 0; k < K; ++k) {
+      u[k] = HAS_A ? Ubase + (h0 + k) * D : nullptr;
+      q[k] = HAS_B ? Qbase + (h0 + k) * D : nullptr;
+    }
+    combine_rows<K, HAS_A, HAS_B>(out, rows, nj, D, h0 == 0, gamma, HAS_A ? ca + h0 * ld : nullptr, u,
+                                  HAS_B ? cb + h0 * ld : nullptr, q, ld);
+  });
+  if (H == 0) {
+    for (int64_t i = 0; i < nj * D; ++i) out[i] = gamma ? -gamma[i / D] * rows[i] : A(0);
+  }
+}
+
+// q[h] = k[h] / max(|k[h]|, eps) as F.normalize; knorm[h] = |k[h]| if asked.
+template <typename T, typename A>
+inline void normalize_keys(const T* k, int64_t H, int64_t D, A eps, A* q, A* knorm) {
+  for (int64_t h = 0; h < H; ++h) {
+    A* qh = q + h * D;
+    for (int64_t d = 0; d < D; ++d) qh[d] = static_cast<A>(k[h * D + d]);
+    const A nrm = std::sqrt(dot(qh, qh, D));
+    if (knorm != nullptr) knorm[h] = nrm;
+    const A inv = A(1) / std::max(nrm, eps);
+    scale_(qh, D, inv);
+  }
+}
+
+// From squared row norms: inv[j] = 1 / max(|m_j|, eps) and gate[j] = inv^2
+// where |m_j| > eps, else 0 (the clamped branch of F.normalize has no
+// gradient through the norm).
+template <typename A>
+inline void row_scales(const A* nrm2, int64_t nj, A eps, A* inv, A* gate) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec veps(eps), one(A(1)), zero(A(0));
+  for (int64_t j = 0; j < nj; j += V) {
+    const int64_t m = std::min<int64_t>(V, nj - j);
+    const Vec nrm = load_n(nrm2 + j, m).sqrt();
+    const Vec iv = one / at::vec::maximum(nrm, veps);
+    store_n(iv, inv + j, m);
+    if (gate != nullptr) store_n(Vec::blendv(zero, iv * iv, nrm > veps), gate + j, m);
+  }
+}
+
+// Logits of a block in place: s[h*ld + j] = clamp(beta[h] * s[h*ld + j] * inv[j]).
+template <typename A>
+inline void scale_logits(A* s, int64_t H, int64_t nj, int64_t ld, const A* beta, const A* inv) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec lo(-std::numeric_limits<A>::max()), hi(std::numeric_limits<A>::max());
+  for (int64_t h = 0; h < H; ++h) {
+    A* sh = s + h * ld;
+    const Vec bh(beta[h]);
+    for (int64_t j = 0; j < nj; j += V) {
+      const int64_t m = std::min<int64_t>(V, nj - j);
+      store_n(at::vec::clamp(bh * (load_n(sh + j, m) * load_n(inv + j, m)), lo, hi), sh + j, m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// content_addressing
+// ---------------------------------------------------------------------------
+template <typename T>
+void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
+                              double eps_d, at::Tensor& out_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  T* out = out_t.data_ptr<T>();
+  const A eps = static_cast<A>(eps_d);
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * (H + 1));
+  const int64_t C = ch.count;
+
+  // Logits land in the output itself for float/double, else in a float buffer.
+  std::vector<A> logit_buf(std::is_same_v<T, A> ? 0 : B * H * N);
+  A* logits = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) : logit_buf.data();
+  std::vector<A> part(B * C * H * 2);  // per (b, chunk, h): max, sum of exp
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (H + 1)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(H * D), beta(H), nrm2(BS), inv(BS), rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
+      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      A* lg = logits + b * H * N;
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+        scale_logits(lg + nb, H, nj, N, beta.data(), inv.data());
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const A* sh = lg + h * N + n0;
+        const A m = max_of(sh, n1 - n0);
+        A l = 0;
+        for (int64_t j = 0; j < n1 - n0; ++j) l += std::exp(sh[j] - m);
+        part[(t * H + h) * 2] = m;
+        part[(t * H + h) * 2 + 1] = l;
+      }
+    }
+  });
+
+  // Global max and normaliser per (b, h), combined in chunk order.
+  std::vector<A> stats(B * H * 2);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      A m = -std::numeric_limits<A>::infinity();
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, part[((b * C + c) * H + h) * 2]);
+      A l = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const A* p = &part[((b * C + c) * H + h) * 2];
+        l += p[1] * std::exp(p[0] - m);
+      }
+      stats[(b * H + h) * 2] = m;
+      stats[(b * H + h) * 2 + 1] = A(1) / l;
+    }
+  }
+
+  // w = exp(s - max) / sum, as torch.softmax: exact where exp(s - lse) is not.
+  at::parallel_for(0, B * C, grain_for(ch.size * H * 8), [&](int64_t t0, int64_t t1) {
+    Scratch<A> tmp(std::is_same_v<T, A> ? 1 : ch.size);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      for (int64_t h = 0; h < H; ++h) {
+        A* sh = logits + (b * H + h) * N + n0;
+        const A* st = &stats[(b * H + h) * 2];
+        if constexpr (std::is_same_v<T, A>) {
+          exp_shift(sh, n1 - n0, st[0], st[1]);
+        } else {
+          std::memcpy(tmp.data(), sh, sizeof(A) * (n1 - n0));
+          exp_shift(tmp.data(), n1 - n0, st[0], st[1]);
+          narrow(tmp.data(), out + (b * H + h) * N + n0, n1 - n0);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// backward of content addressing: shared by content_addressing_backward
+// (FUSED=false: weights and their gradient given) and content_read_backward
+// (FUSED=true: weights recomputed from lse, dw_n = g . m_n).
+//   ds_n = w_n (dw_n - delta), delta = sum_n w_n dw_n
+//   dbeta = sum_n ds_n c_n; dc_n = beta ds_n
+//   dm_n = [w_n g] + dc_n inv_n (q - c_n m_n inv_n)   (q/eps where |m_n| <= eps)
+//   dq = sum_n dc_n inv_n m_n; dk = (dq - (dq.q) q)/|k|  (dq/eps where |k| <= eps)
+// ---------------------------------------------------------------------------
+template <typename T, bool FUSED>
+void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor* reads_t, const at::Tensor* lse_t,
+                               const at::Tensor* grad_w_t, const at::Tensor* w_t, const at::Tensor& memory_t,
+                               const at::Tensor& keys_t, const at::Tensor& str_t, double eps_d, at::Tensor& dm_t,
+                               at::Tensor& dk_t, at::Tensor& ds_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  T* dm = dm_t.data_ptr<T>();
+  T* dk = dk_t.data_ptr<T>();
+  T* dstr = ds_t.data_ptr<T>();
+  const A eps = static_cast<A>(eps_d);
+  const int64_t BS = block_slots(D);
+  const int64_t nvec = FUSED ? 2 * H : H;  // dots per row: keys (and grad of reads)
+  const Chunks ch = make_chunks(N, D * (nvec + 1 + 3 * H));
+  const int64_t C = ch.count;
+
+  // delta[b, h]: dr . r (fused), or sum_n w dw over all N first (unfused).
+  std::vector<A> delta(B * H);
+  if constexpr (FUSED) {
+    const T* gr = grad_reads_t->const_data_ptr<T>();
+    const T* rd = reads_t->const_data_ptr<T>();
+    for (int64_t i = 0; i < B * H; ++i) {
+      A s = 0;
+      for (int64_t d = 0; d < D; ++d) s += static_cast<A>(gr[i * D + d]) * static_cast<A>(rd[i * D + d]);
+      delta[i] = s;
+    }
+  } else {
+    const T* gw = grad_w_t->const_data_ptr<T>();
+    const T* w = w_t->const_data_ptr<T>();
+    at::parallel_for(0, B * H, grain_for(N), [&](int64_t i0, int64_t i1) {
+      constexpr int64_t kPiece = 1024;
+      Scratch<A> a(kPiece), bb(kPiece);
+      for (int64_t i = i0; i < i1; ++i) {
+        A s = 0;
+        for (int64_t n = 0; n < N; n += kPiece) {
+          const int64_t m = std::min(kPiece, N - n);
+          s += dot(widen(w + i * N + n, a.data(), m), widen(gw + i * N + n, bb.data(), m), m);
+        }
+        delta[i] = s;
+      }
+    });
+  }
+
+  const int64_t rec = H * (D + 1);  // per (b, chunk): dq[H*D], dbeta[H]
+  std::vector<A> part(C > 1 ? B * C * rec : 0);
+  std::vector<A> finals(C > 1 ? 0 : B * rec);
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (nvec + 1 + 3 * H)), [&](int64_t t0, int64_t t1) {
+    // vecs: q (H*D) then, fused, g (H*D); dots: H*BS cos then H*BS dw.
+    Scratch<A> vecs(nvec * D), beta(H), dots((nvec)*BS), nrm2(BS), inv(BS), gate(BS), gam(BS);
+    Scratch<A> w(H * BS), bq(H * BS), lse(H), rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    Scratch<A> dmbuf(std::is_same_v<T, A> ? 1 : BS * D), wl(FUSED ? 1 : H * BS), gwl(FUSED ? 1 : H * BS);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      A* q = vecs.data();
+      normalize_keys(keys + b * H * D, H, D, eps, q, static_cast<A*>(nullptr));
+      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      if constexpr (FUSED) {
+        const T* gr = grad_reads_t->const_data_ptr<T>() + b * H * D;
+        for (int64_t i = 0; i < H * D; ++i) vecs[H * D + i] = static_cast<A>(gr[i]);
+        const A* l = lse_t->const_data_ptr<A>() + b * H;
+        for (int64_t h = 0; h < H; ++h) lse[h] = l[h];
+      }
+      A* r = C > 1 ? &part[t * rec] : &finals[b * rec];
+      A* dq = r;
+      A* dbeta = r + H * D;
+      std::fill(r, r + rec, A(0));
+      const A* dl = &delta[b * H];
+
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        dots_block(vecs.data(), nvec, rows, nj, D, dots.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), gate.data());
+        const A* wp;  // weights of the block, ld BS (fused) or N / BS (given)
+        const A* gwp;
+        int64_t ldw;
+        if constexpr (FUSED) {
+          for (int64_t h = 0; h < H; ++h) {
+            A* wh = w.data() + h * BS;
+            const A* ch_ = dots.data() + h * BS;
+            for (int64_t j = 0; j < nj; ++j) wh[j] = clamp_finite(beta[h] * (ch_[j] * inv[j]));
+            exp_shift(wh, nj, lse[h]);
+          }
+          wp = w.data();
+          gwp = dots.data() + H * BS;
+          ldw = BS;
+        } else {
+          const T* wsrc = w_t->const_data_ptr<T>() + b * H * N + nb;
+          const T* gsrc = grad_w_t->const_data_ptr<T>() + b * H * N + nb;
+          if constexpr (std::is_same_v<T, A>) {
+            wp = wsrc;
+            gwp = gsrc;
+            ldw = N;
+          } else {
+            for (int64_t h = 0; h < H; ++h) {
+              widen(wsrc + h * N, wl.data() + h * BS, nj);
+              widen(gsrc + h * N, gwl.data() + h * BS, nj);
+            }
+            wp = wl.data();
+            gwp = gwl.data();
+            ldw = BS;
+          }
+        }
+        for (int64_t j = 0; j < nj; ++j) gam[j] = 0;
+        for (int64_t h = 0; h < H; ++h) {
+          const A* cosh = dots.data() + h * BS;
+          const A bh = beta[h], dh = dl[h];
+          A* bqh = bq.data() + h * BS;
+          A db = 0;
+          for (int64_t j = 0; j < nj; ++j) {
+            const A cj = cosh[j] * inv[j];
+            const A dsj = wp[h * ldw + j] * (gwp[h * ldw + j] - dh);
+            db += dsj * cj;
+            const A dc = bh * dsj;
+            bqh[j] = dc * inv[j];
+            gam[j] += dc * cj;
+          }
+          dbeta[h] += db;
+        }
+        for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
+        A* dmrow = std::is_same_v<T, A> ? reinterpret_cast<A*>(dm + (b * N + nb) * D) : dmbuf.data();
+        if constexpr (FUSED) {
+          combine_block<true, true>(dmrow, rows, nj, D, H, gam.data(), wp, vecs.data() + H * D, bq.data(), q, BS);
+        } else {
+          combine_block<false, true>(dmrow, rows, nj, D, H, gam.data(), static_cast<const A*>(nullptr),
+                                     static_cast<const A*>(nullptr), bq.data(), q, BS);
+        }
+        if constexpr (!std::is_same_v<T, A>) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
+        accumulate_block(dq, H, bq.data(), BS, rows, nj, D);
+      }
+    }
+  });
+
+  // Combine chunks in order, then dk = projection of dq off q, scaled by 1/|k|.
+  at::parallel_for(0, B, grain_for(C * rec), [&](int64_t b0, int64_t b1) {
+    Scratch<A> kk(H * D), kn(H), dq(H * D);
+    for (int64_t b = b0; b < b1; ++b) {
+      const A* r;
+      if (C > 1) {
+        std::fill(dq.data(), dq.data() + H * D, A(0));
+        A* acc = dq.data();
+        std::vector<A> sum(rec, A(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const A* p = &part[(b * C + c) * rec];
+          for (int64_t i = 0; i < rec; ++i) sum[i] += p[i];
+        }
+        std::memcpy(acc, sum.data(), sizeof(A) * H * D);
+        for (int64_t h = 0; h < H; ++h) dstr[b * H + h] = static_cast<T>(sum[H * D + h]);
+        r = acc;
+      } else {
+        const A* f = &finals[b * rec];
+        for (int64_t h = 0; h < H; ++h) dstr[b * H + h] = static_cast<T>(f[H * D + h]);
+        r = f;
+      }
+      normalize_keys(keys + b * H * D, H, D, eps, kk.data(), kn.data());
+      for (int64_t h = 0; h < H; ++h) {
+        const A* dqh = r + h * D;
+        const A* qh = kk.data() + h * D;
+        T* out = dk + (b * H + h) * D;
+        if (kn[h] > eps) {
+          const A proj = dot(dqh, qh, D);
+          const A s = A(1) / kn[h];
+          for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>((dqh[d] - proj * qh[d]) * s);
+        } else {
+          const A s = A(1) / eps;
+          for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(dqh[d] * s);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// memory_read and its backward
+// ---------------------------------------------------------------------------
+template <typename T>
+void memory_read_typed(const at::Tensor& memory_t, const at::Tensor& w_t, at::Tensor& reads_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = w_t.size(1);
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* w = w_t.const_data_ptr<T>();
+  T* reads = reads_t.data_ptr<T>();
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * H);
+  const int64_t C = ch.count;
+  const int64_t rec = H * D;
+  std::vector<A> part(C > 1 ? B * C * rec : 0);
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * H), [&](int64_t t0, int64_t t1) {
+    Scratch<A> acc(rec), rowbuf(std::is_same_v<T, A> ? 1 : BS * D), wbuf(std::is_same_v<T, A> ? 1 : H * BS);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      A* a = C > 1 ? &part[t * rec] : acc.data();
+      std::fill(a, a + rec, A(0));
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        const T* wsrc = w + b * H * N + nb;
+        if constexpr (std::is_same_v<T, A>) {
+          accumulate_block(a, H, wsrc, N, rows, nj, D);
+        } else {
+          for (int64_t h = 0; h < H; ++h) widen(wsrc + h * N, wbuf.data() + h * BS, nj);
+          accumulate_block(a, H, wbuf.data(), BS, rows, nj, D);
+        }
+      }
+      if (C == 1) narrow(a, reads + b * rec, rec);
+    }
+  });
+  if (C > 1) {
+    at::parallel_for(0, B, grain_for(C * rec), [&](int64_t b0, int64_t b1) {
+      std::vector<A> sum(rec);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(sum.begin(), sum.end(), A(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const A* p = &part[(b * C + c) * rec];
+          for (int64_t i = 0; i < rec; ++i) sum[i] += p[i];
+        }
+        narrow(sum.data(), reads + b * rec, rec);
+      }
+    });
+  }
+}
+
+// dm_n = sum_h w[h,n] g_h; dw[h,n] = g_h . m_n. No reduction over slots.
+template <typename T>
+void memory_read_backward_typed(const at::Tensor& gr_t, const at::Tensor& memory_t, const at::Tensor& w_t,
+                                at::Tensor& dm_t, at::Tensor& dw_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = w_t.size(1);
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* w = w_t.const_data_ptr<T>();
+  const T* gr = gr_t.const_data_ptr<T>();
+  T* dm = dm_t.data_ptr<T>();
+  T* dw = dw_t.data_ptr<T>();
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, 2 * D * H);
+  const int64_t C = ch.count;
+
+  at::parallel_for(0, B * C, grain_for(ch.size * 2 * D * H), [&](int64_t t0, int64_t t1) {
+    Scratch<A> g(H * D), dots(H * BS), wbuf(H * BS), rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    Scratch<A> dmbuf(std::is_same_v<T, A> ? 1 : BS * D), unused(BS);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      for (int64_t i = 0; i < H * D; ++i) g[i] = static_cast<A>(gr[b * H * D + i]);
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        dots_block(g.data(), H, rows, nj, D, dots.data(), BS, unused.data());
+        for (int64_t h = 0; h < H; ++h) {
+          narrow(dots.data() + h * BS, dw + (b * H + h) * N + nb, nj);
+          widen(w + (b * H + h) * N + nb, wbuf.data() + h * BS, nj);
+          if constexpr (std::is_same_v<T, A>) {
+            std::memcpy(wbuf.data() + h * BS, w + (b * H + h) * N + nb, sizeof(A) * nj);
+          }
+        }
+        A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dm + (b * N + nb) * D) : dmbuf.data();
+        combine_block<true, false>(out, rows, nj, D, H, static_cast<const A*>(nullptr), wbuf.data(), g.data(),
+                                   static_cast<const A*>(nullptr), static_cast<const A*>(nullptr), BS);
+        if constexpr (!std::is_same_v<T, A>) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// content_read: one pass, online softmax, partial (max, sum, acc) per chunk
+// ---------------------------------------------------------------------------
+template <typename T>
+void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
+                        double eps_d, at::Tensor& reads_t, at::Tensor& lse_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  T* reads = reads_t.data_ptr<T>();
+  A* lse = lse_t.data_ptr<A>();
+  const A eps = static_cast<A>(eps_d);
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * (2 * H + 1));
+  const int64_t C = ch.count;
+  const int64_t rec = H * (D + 2);  // per (b, chunk): max[H], sum[H], acc[H*D]
+  std::vector<A> part(C > 1 ? B * C * rec : 0);
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (2 * H + 1)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(H * D), beta(H), s(H * BS), nrm2(BS), inv(BS), local(rec);
+    Scratch<A> rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
+      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      A* r = C > 1 ? &part[t * rec] : local.data();
+      A* mx = r;
+      A* sm = r + H;
+      A* acc = r + 2 * H;
+      for (int64_t h = 0; h < H; ++h) {
+        mx[h] = -std::numeric_limits<A>::infinity();
+        sm[h] = 0;
+      }
+      std::fill(acc, acc + H * D, A(0));
+
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        dots_block(q.data(), H, rows, nj, D, s.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+        scale_logits(s.data(), H, nj, BS, beta.data(), inv.data());
+        for (int64_t h = 0; h < H; ++h) {
+          A* sh = s.data() + h * BS;
+          const A bm = max_of(sh, nj);
+          if (bm > mx[h]) {
+            // Rescale the running sums only when the block raises the max.
+            if (sm[h] != A(0)) {
+              const A f = std::exp(mx[h] - bm);
+              sm[h] *= f;
+              scale_(acc + h * D, D, f);
+            }
+            mx[h] = bm;
+          }
+          sm[h] += exp_shift(sh, nj, mx[h]);
+        }
+        accumulate_block(acc, H, s.data(), BS, rows, nj, D);
+      }
+      if (C == 1) {
+        for (int64_t h = 0; h < H; ++h) {
+          scale_(acc + h * D, D, A(1) / sm[h]);
+          lse[b * H + h] = mx[h] + std::log(sm[h]);
+        }
+        narrow(acc, reads + b * H * D, H * D);
+      }
+    }
+  });
+
+  if (C > 1) {
+    at::parallel_for(0, B * H, grain_for(C * D), [&](int64_t i0, int64_t i1) {
+      Scratch<A> acc(D);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        A m = -std::numeric_limits<A>::infinity();
+        for (int64_t c = 0; c < C; ++c) m = std::max(m, part[(b * C + c) * rec + h]);
+        A l = 0;
+        std::fill(acc.data(), acc.data() + D, A(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const A* p = &part[(b * C + c) * rec];
+          const A f = std::exp(p[h] - m);
+          l += p[H + h] * f;
+          const A* pa = p + 2 * H + h * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += f * pa[d];
+        }
+        scale_(acc.data(), D, A(1) / l);
+        narrow(acc.data(), reads + i * D, D);
+        lse[i] = m + std::log(l);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// memory_write: o = m * prod_w (1 - w e_w) + sum_w w a_w
+// ---------------------------------------------------------------------------
+// One row; o may alias r. wv: the W weights of this slot.
+template <typename A>
+C10_ALWAYS_INLINE void write_row(const A* r, A* o, const A* wv, const A* E, const A* Ad, int64_t W, int64_t D) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec one(A(1));
+  for (int64_t d = 0; d < D; d += V) {
+    const int64_t m = std::min<int64_t>(V, D - d);
+    Vec keep = one;
+    Vec add(A(0));
+    for (int64_t w = 0; w < W; ++w) {
+      keep = keep * at::vec::fmadd(Vec(-wv[w]), load_n(E + w * D + d, m), one);
+      add = at::vec::fmadd(Vec(wv[w]), load_n(Ad + w * D + d, m), add);
+    }
+    store_n(at::vec::fmadd(load_n(r + d, m), keep, add), o + d, m);
+  }
+}
+
+template <typename T>
+void memory_write_typed(const at::Tensor& memory_t, const at::Tensor& w_t, const at::Tensor& e_t,
+                        const at::Tensor& a_t, at::Tensor& out_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = w_t.size(1);
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* w = w_t.const_data_ptr<T>();
+  const T* er = e_t.const_data_ptr<T>();
+  const T* ad = a_t.const_data_ptr<T>();
+  T* out = out_t.data_ptr<T>();
+  const Chunks ch = make_chunks(N, D * (2 * W + 1));
+  const int64_t C = ch.count;
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (2 * W + 1)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> E(W * D), Ad(W * D), wv(W), row(std::is_same_v<T, A> ? 1 : D);
+    int64_t loaded = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      if (b != loaded) {
+        for (int64_t i = 0; i < W * D; ++i) {
+          E[i] = static_cast<A>(er[b * W * D + i]);
+          Ad[i] = static_cast<A>(ad[b * W * D + i]);
+        }
+        loaded = b;
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t k = 0; k < W; ++k) wv[k] = static_cast<A>(w[(b * W + k) * N + n]);
+        const T* src = mem + (b * N + n) * D;
+        T* dst = out + (b * N + n) * D;
+        if constexpr (std::is_same_v<T, A>) {
+          write_row(src, dst, wv.data(), E.data(), Ad.data(), W, D);
+        } else {
+          widen(src, row.data(), D);
+          write_row(row.data(), row.data(), wv.data(), E.data(), Ad.data(), W, D);
+          narrow(row.data(), dst, D);
+        }
+      }
+    }
+  });
+}
+
+// With f_w = 1 - w_w e_w and excl_w = prod_{v != w} f_v (prefix times suffix,
+// never a division, so w e = 1 is fine):
+//   dm = g keep; da_w = sum_n w_w g; de_w = -sum_n w_w g m excl_w;
+//   dw_w = sum_d g a_w - g m e_w excl_w.
+template <typename T>
+void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory_t, const at::Tensor& w_t,
+                                 const at::Tensor& e_t, const at::Tensor& a_t, at::Tensor& dm_t, at::Tensor& dw_t,
+                                 at::Tensor& de_t, at::Tensor& da_t) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = w_t.size(1);
+  const T* g = g_t.const_data_ptr<T>();
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* w = w_t.const_data_ptr<T>();
+  const T* er = e_t.const_data_ptr<T>();
+  const T* ad = a_t.const_data_ptr<T>();
+  T* dm = dm_t.data_ptr<T>();
+  T* dw = dw_t.data_ptr<T>();
+  T* de = de_t.data_ptr<T>();
+  T* da = da_t.data_ptr<T>();
+  const Chunks ch = make_chunks(N, D * (8 * W + 2));
+  const int64_t C = ch.count;
+  const int64_t rec = 2 * W * D;  // per (b, chunk): de[W*D], da[W*D]
+  std::vector<A> part(B * C * rec);
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (8 * W + 2)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> E(W * D), Ad(W * D), wv(W), gbuf(D), mbuf(D), dmbuf(D);
+    // Per-lane factors f_w, suffix products S_w and dw accumulators; plain
+    // arrays with unaligned access, since the heap need not honour the
+    // 64-byte alignment of a 512-bit Vectorized.
+    Scratch<A> f(W * V), S((W + 1) * V), dwacc(W * V);
+    int64_t loaded = -1;
+    const Vec one(A(1));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      if (b != loaded) {
+        for (int64_t i = 0; i < W * D; ++i) {
+          E[i] = static_cast<A>(er[b * W * D + i]);
+          Ad[i] = static_cast<A>(ad[b * W * D + i]);
+        }
+        loaded = b;
+      }
+      A* dE = &part[t * rec];
+      A* dA = dE + W * D;
+      std::fill(dE, dE + rec, A(0));
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t k = 0; k < W; ++k) wv[k] = static_cast<A>(w[(b * W + k) * N + n]);
+        const A* gr = widen(g + (b * N + n) * D, gbuf.data(), D);
+        const A* mr = widen(mem + (b * N + n) * D, mbuf.data(), D);
+        A* dmr = std::is_same_v<T, A> ? reinterpret_cast<A*>(dm + (b * N + n) * D) : dmbuf.data();
+        std::fill(dwacc.data(), dwacc.data() + W * V, A(0));
+        for (int64_t d = 0; d < D; d += V) {
+          const int64_t m = std::min<int64_t>(V, D - d);
+          const Vec gg = load_n(gr + d, m);
+          const Vec x = load_n(mr + d, m);
+          for (int64_t k = 0; k < W; ++k) {
+            at::vec::fmadd(Vec(-wv[k]), load_n(E.data() + k * D + d, m), one).store(f.data() + k * V);
+          }
+          Vec suffix = one;
+          suffix.store(S.data() + W * V);
+          for (int64_t k = W - 1; k >= 0; --k) {
+            suffix = Vec::loadu(f.data() + k * V) * suffix;
+            suffix.store(S.data() + k * V);
+          }
+          store_n(gg * suffix, dmr + d, m);
+          const Vec tm = gg * x;
+          Vec P = one;
+          for (int64_t k = 0; k < W; ++k) {
+            const Vec te = tm * (P * Vec::loadu(S.data() + (k + 1) * V));
+            const Vec e = load_n(E.data() + k * D + d, m);
+            const Vec acc = at::vec::fmadd(gg, load_n(Ad.data() + k * D + d, m), Vec::loadu(dwacc.data() + k * V));
+            (acc - te * e).store(dwacc.data() + k * V);
+            store_n(at::vec::fmadd(Vec(-wv[k]), te, load_n(dE + k * D + d, m)), dE + k * D + d, m);
+            store_n(at::vec::fmadd(Vec(wv[k]), gg, load_n(dA + k * D + d, m)), dA + k * D + d, m);
+            P = P * Vec::loadu(f.data() + k * V);
+          }
+        }
+        for (int64_t k = 0; k < W; ++k) {
+          dw[(b * W + k) * N + n] = static_cast<T>(hsum(Vec::loadu(dwacc.data() + k * V)));
+        }
+        if constexpr (!std::is_same_v<T, A>) narrow(dmbuf.data(), dm + (b * N + n) * D, D);
+      }
+    }
+  });
+
+  at::parallel_for(0, B, grain_for(C * rec), [&](int64_t b0, int64_t b1) {
+    std::vector<A> sum(rec);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(sum.begin(), sum.end(), A(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const A* p = &part[(b * C + c) * rec];
+        for (int64_t i = 0; i < rec; ++i) sum[i] += p[i];
+      }
+      narrow(sum.data(), de + b * W * D, W * D);
+      narrow(sum.data() + W * D, da + b * W * D, W * D);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// usage_update: decay * usage + sum_w weights
+// ---------------------------------------------------------------------------
+template <typename T>
+void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double decay_d, at::Tensor& out_t) {
+  using A = acc_t<T>;
+  const int64_t B = usage_t.size(0), N = usage_t.size(1), W = w_t.size(1);
+  const T* u = usage_t.const_data_ptr<T>();
+  const T* w = w_t.const_data_ptr<T>();
+  T* out = out_t.data_ptr<T>();
+  const A decay = static_cast<A>(decay_d);
+  at::parallel_for(0, B * N, grain_for(W + 1) * 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / N, n = i % N;
+      A s = decay * static_cast<A>(u[i]);
+      for (int64_t k = 0; k < W; ++k) s += static_cast<A>(w[(b * W + k) * N + n]);
+      out[i] = static_cast<T>(s);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// content_write_: in-place write whose weights address the memory before it
+// ---------------------------------------------------------------------------
+// Pass 1 streams the memory once for each write head's softmax max and sum.
+// Pass 2 recomputes each row's weights from the row's old values (so the
+// (B,W,N) weights never exist), rewrites the row in place and updates the
+// usage, tracking the least-used slot of each chunk; chunks are combined in
+// order, so ties go to the lowest index, as torch.argmin.
+template <typename T>
+void content_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Tensor& keys_t,
+                         const at::Tensor& str_t, const at::Tensor& e_t, const at::Tensor& a_t, double eps_d,
+                         double decay_d, at::Tensor& least_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
+  T* mem = memory_t.data_ptr<T>();
+  T* usage = usage_t.defined() ? usage_t.data_ptr<T>() : nullptr;
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  const T* er = e_t.const_data_ptr<T>();
+  const T* ad = a_t.const_data_ptr<T>();
+  const A eps = static_cast<A>(eps_d);
+  const A decay = static_cast<A>(decay_d);
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * (3 * W + 2));
+  const int64_t C = ch.count;
+  std::vector<A> part(B * C * W * 2);
+
+  // pass 1: per (b, chunk, w) running max and sum of exp
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (W + 1)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      normalize_keys(keys + b * W * D, W, D, eps, q.data(), static_cast<A*>(nullptr));
+      for (int64_t k = 0; k < W; ++k) beta[k] = static_cast<A>(str[b * W + k]);
+      A* p = &part[t * W * 2];
+      for (int64_t k = 0; k < W; ++k) {
+        p[2 * k] = -std::numeric_limits<A>::infinity();
+        p[2 * k + 1] = 0;
+      }
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        dots_block(q.data(), W, rows, nj, D, s.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+        scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
+        for (int64_t k = 0; k < W; ++k) {
+          A* sk = s.data() + k * BS;
+          const A bm = max_of(sk, nj);
+          if (bm > p[2 * k]) {
+            p[2 * k + 1] *= std::exp(p[2 * k] - bm);
+            p[2 * k] = bm;
+          }
+          p[2 * k + 1] += exp_shift(sk, nj, p[2 * k]);
+        }
+      }
+    }
+  });
+
+  std::vector<A> stats(B * W * 2);  // max, 1/sum
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < W; ++k) {
+      A m = -std::numeric_limits<A>::infinity();
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, part[((b * C + c) * W + k) * 2]);
+      A l = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const A* p = &part[((b * C + c) * W + k) * 2];
+        l += p[1] * std::exp(p[0] - m);
+      }
+      stats[(b * W + k) * 2] = m;
+      stats[(b * W + k) * 2 + 1] = A(1) / l;
+    }
+  }
+
+  std::vector<A> best_val(B * C);
+  std::vector<int64_t> best_idx(B * C);
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (3 * W + 2)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), wv(W), E(W * D), Ad(W * D);
+    Scratch<A> rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      normalize_keys(keys + b * W * D, W, D, eps, q.data(), static_cast<A*>(nullptr));
+      for (int64_t k = 0; k < W; ++k) beta[k] = static_cast<A>(str[b * W + k]);
+      for (int64_t i = 0; i < W * D; ++i) {
+        E[i] = static_cast<A>(er[b * W * D + i]);
+        Ad[i] = static_cast<A>(ad[b * W * D + i]);
+      }
+      A bv = std::numeric_limits<A>::infinity();
+      int64_t bi = n0;
+      bool have = false;
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        T* blk = mem + (b * N + nb) * D;
+        A* rows = const_cast<A*>(widen(static_cast<const T*>(blk), rowbuf.data(), nj * D));
+        dots_block(q.data(), W, rows, nj, D, s.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+        scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
+        for (int64_t k = 0; k < W; ++k) {
+          const A* st = &stats[(b * W + k) * 2];
+          exp_shift(s.data() + k * BS, nj, st[0], st[1]);
+        }
+        for (int64_t j = 0; j < nj; ++j) {
+          A* r = rows + j * D;
+          A sw = 0;
+          for (int64_t k = 0; k < W; ++k) {
+            wv[k] = s[k * BS + j];
+            sw += wv[k];
+          }
+          write_row(r, r, wv.data(), E.data(), Ad.data(), W, D);
+          if (usage != nullptr) {
+            T* u = usage + b * N + nb + j;
+            *u = static_cast<T>(decay * static_cast<A>(*u) + sw);
+            const A uv = static_cast<A>(*u);
+            if (!have || uv < bv) {
+              bv = uv;
+              bi = nb + j;
+              have = true;
+            }
+          }
+        }
+        if constexpr (!std::is_same_v<T, A>) narrow(rows, blk, nj * D);
+      }
+      best_val[t] = bv;
+      best_idx[t] = bi;
+    }
+  });
+
+  if (usage != nullptr) {
+    int64_t* least = least_t.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      A bv = best_val[b * C];
+      int64_t bi = best_idx[b * C];
+      for (int64_t c = 1; c < C; ++c) {
+        if (best_val[b * C + c] < bv) {
+          bv = best_val[b * C + c];
+          bi = best_idx[b * C + c];
+        }
+      }
+      least[b] = bi;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// dtype dispatch and the table
+// ---------------------------------------------------------------------------
+#define NEURALMEM_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+inline void content_addressing_k(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                                 double eps, at::Tensor& weights) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_addressing", [&] {
+    content_addressing_typed<scalar_t>(memory, keys, strengths, eps, weights);
+  });
+}
+
+inline void content_addressing_backward_k(const at::Tensor& gw, const at::Tensor& w, const at::Tensor& memory,
+                                          const at::Tensor& keys, const at::Tensor& strengths, double eps,
+                                          at::Tensor& dm, at::Tensor& dk, at::Tensor& ds) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_addressing_backward", [&] {
+    addressing_backward_typed<scalar_t, false>(nullptr, nullptr, nullptr, &gw, &w, memory, keys, strengths, eps,
+                                               dm, dk, ds);
+  });
+}
+
+inline void memory_read_k(const at::Tensor& memory, const at::Tensor& weights, at::Tensor& reads) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "memory_read", [&] { memory_read_typed<scalar_t>(memory, weights, reads); });
+}
+
+inline void memory_read_backward_k(const at::Tensor& gr, const at::Tensor& memory, const at::Tensor& weights,
+                                   at::Tensor& dm, at::Tensor& dw) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "memory_read_backward", [&] {
+    memory_read_backward_typed<scalar_t>(gr, memory, weights, dm, dw);
+  });
+}
+
+inline void content_read_k(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                           double eps, at::Tensor& reads, at::Tensor& lse) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_read", [&] {
+    content_read_typed<scalar_t>(memory, keys, strengths, eps, reads, lse);
+  });
+}
+
+inline void content_read_backward_k(const at::Tensor& gr, const at::Tensor& reads, const at::Tensor& lse,
+                                    const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                                    double eps, at::Tensor& dm, at::Tensor& dk, at::Tensor& ds) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_read_backward", [&] {
+    addressing_backward_typed<scalar_t, true>(&gr, &reads, &lse, nullptr, nullptr, memory, keys, strengths, eps,
+                                              dm, dk, ds);
+  });
+}
+
+inline void memory_write_k(const at::Tensor& memory, const at::Tensor& weights, const at::Tensor& erase,
+                           const at::Tensor& add, at::Tensor& out) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "memory_write", [&] {
+    memory_write_typed<scalar_t>(memory, weights, erase, add, out);
+  });
+}
+
+inline void memory_write_backward_k(const at::Tensor& g, const at::Tensor& memory, const at::Tensor& weights,
+                                    const at::Tensor& erase, const at::Tensor& add, at::Tensor& dm, at::Tensor& dw,
+                                    at::Tensor& de, at::Tensor& da) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "memory_write_backward", [&] {
+    memory_write_backward_typed<scalar_t>(g, memory, weights, erase, add, dm, dw, de, da);
+  });
+}
+
+inline void usage_update_k(const at::Tensor& usage, const at::Tensor& weights, double decay, at::Tensor& out) {
+  NEURALMEM_DISPATCH(usage.scalar_type(), "usage_update", [&] {
+    usage_update_typed<scalar_t>(usage, weights, decay, out);
+  });
+}
+
+inline void content_write_k(at::Tensor& memory, at::Tensor& usage, const at::Tensor& keys,
+                            const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps,
+                            double decay, at::Tensor& least) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_write_", [&] {
+    content_write_typed<scalar_t>(memory, usage, keys, strengths, erase, add, eps, decay, least);
+  });
+}
+
+#undef NEURALMEM_DISPATCH
+
+constexpr KernelTable make_table(const char* name) {
+  return KernelTable{name,
+                     &content_addressing_k,
+                     &content_addressing_backward_k,
+                     &memory_read_k,
+                     &memory_read_backward_k,
+                     &content_read_k,
+                     &content_read_backward_k,
+                     &memory_write_k,
+                     &memory_write_backward_k,
+                     &usage_update_k,
+                     &content_write_k};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace neuralmem
