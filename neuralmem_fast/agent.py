@@ -24,18 +24,20 @@ that normalises it again) and runs nine forwards per step. Here:
   seed's order: current sample (read, write), push, then each replay sample
   in turn (read, write), one backward, clip to 1, Adam. With the seed's
   `ExperienceReplay` semantics it reproduces the seed agent's losses.
-* `ContinualLearningAgent(replay="batched")` runs the replay minibatch in ONE
-  forward. Batched semantics: the current sample is processed first exactly
-  as in the seed (it reads memory M0 and writes, giving M1); then the k replay
-  samples all read the same snapshot M1, and their k writes are applied
-  together as one k-head DNC write addressed against M1:
-  `M2 = M1 * prod_j(1 - w_j e_j) + sum_j w_j a_j`, usage decayed once and
-  increased by the sum of the k weightings. (The seed's sequential order would
-  instead let replay j read the writes of replays < j.) The per-sample replay
-  losses, weighted by the buffer's importance weights, enter the loss as in
-  the seed (0.3 * sum_j w_j loss_j), and they become the sampled items' new
-  priorities (the seed never updates priorities). New samples enter the
-  `PrioritizedReplayBuffer` at the largest priority seen, as in PER.
+* `ContinualLearningAgent(replay="batched")` runs the current sample and the
+  replay minibatch in ONE forward of 1+k rows. Batched semantics: the k
+  replay samples are drawn before the current sample enters the buffer (so a
+  sample is never replayed in the step it arrives); all 1+k rows read the
+  same memory M0 (the memory at the start of the step); their 1+k writes are
+  applied together as one (1+k)-head DNC write addressed against M0:
+  `M1 = M0 * prod_j(1 - w_j e_j) + sum_j w_j a_j`, usage decayed once and
+  increased by the sum of the weightings. (In the seed's order the current
+  sample writes first and replay j reads the writes of everything before it,
+  one forward each.) The loss is the seed's: current MSE + 0.3 * sum_j w_j
+  MSE_j with the buffer's importance weights w_j; the per-sample replay MSEs
+  become the sampled items' new priorities (the seed never updates
+  priorities). New samples enter the `PrioritizedReplayBuffer` at the largest
+  priority seen, as in PER.
 * `evaluate` leaves memory and usage unchanged: sequential mode restores a
   snapshot after the seed's item-by-item evaluation; batched mode evaluates all
   items in one forward against the current memory without writing.
@@ -177,22 +179,24 @@ class FastMemoryController(nn.Module):
         single = x.dim() == 1
         xb = x.unsqueeze(0) if single else x
         Hd = self.hidden_dim
-        # LSTM cell from (h0, c0); the seed always starts from zeros.
+        # LSTM cell from (h0, c0); the seed always starts from zeros. chunk/split
+        # give one backward node (a cat) where slices would give one each.
         gates = F.linear(xb, self.weight_ih, self.bias_ih) + self.bias_hh
         if hidden is not None:
             h0, c0 = (t.reshape(-1, Hd) for t in hidden)
             gates = gates + F.linear(h0, self.weight_hh)
-        sig = torch.sigmoid(gates)
-        c = sig[:, :Hd] * torch.tanh(gates[:, 2 * Hd:3 * Hd])
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(i) * torch.tanh(g)
         if hidden is not None:
-            c = c + sig[:, Hd:2 * Hd] * c0
-        h = sig[:, 3 * Hd:] * torch.tanh(c)
+            c = c + torch.sigmoid(f) * c0
+        h = torch.sigmoid(o) * torch.tanh(c)
 
         heads = F.linear(h, self.heads.weight, self.heads.bias)
         H, D = self.H, self.D
         M = heads.shape[0]
-        read_k = heads[:, :self._o_wk].reshape(M, H, D)
-        read_s = F.softplus(heads[:, self._o_s:self._o_s + H])
+        read_k, write_k, read_s, write_s, write_v, erase_v = heads.split([H * D, D, H, 1, D, D], dim=1)
+        read_k = read_k.reshape(M, H, D)
+        read_s = F.softplus(read_s)
         if single:
             reads = memory_bank.read(read_k[0], read_s[0]).unsqueeze(0)
         else:
@@ -200,10 +204,9 @@ class FastMemoryController(nn.Module):
         if write:
             differentiable = getattr(memory_bank, "differentiable", True)
             with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
-                write_k = heads[:, self._o_wk:self._o_s]
-                write_s = F.softplus(heads[:, self._o_s + H:self._o_wv])
-                write_v = torch.tanh(heads[:, self._o_wv:self._o_e])
-                erase_v = torch.sigmoid(heads[:, self._o_e:])
+                write_s = F.softplus(write_s)
+                write_v = torch.tanh(write_v)
+                erase_v = torch.sigmoid(erase_v)
                 if single:
                     memory_bank.write(write_k[0], write_v[0], erase_v[0], write_s[0])
                 else:
@@ -340,6 +343,9 @@ class ContinualLearningAgent:
 
     # --------------------------------------------------------------- training
     def train_step(self, x, y, use_replay=True):
+        """One step on (x, y) plus replay; returns the total loss (the seed's value)."""
+        if self.replay == "batched":
+            return self._train_step_batched(x, y, use_replay)
         self.optimizer.zero_grad()
         pred, _ = self.controller(x, self.memory_bank)
         current_loss = F.mse_loss(pred, y)
@@ -348,25 +354,43 @@ class ContinualLearningAgent:
         if use_replay and self._buffer_len() > self.replay_start:
             xs, ys, weights, indices = self._sample()
             weights = weights.to(dtype=pred.dtype, device=pred.device)
-            if self.replay == "sequential":
-                losses = []
-                for i in range(xs.shape[0]):
-                    replay_pred, _ = self.controller(xs[i], self.memory_bank)
-                    replay_loss = F.mse_loss(replay_pred, ys[i])
-                    total_loss = total_loss + self.replay_weight * replay_loss * weights[i]
-                    losses.append(replay_loss)
-                losses = torch.stack(losses) if indices is not None else None
-            else:
-                replay_pred, _ = self.controller(xs, self.memory_bank)
-                losses = (replay_pred - ys).pow(2).mean(dim=1)
-                total_loss = total_loss + self.replay_weight * torch.dot(losses, weights)
-            if indices is not None and losses is not None:
-                self.replay_buffer.update_priorities(indices, losses.detach() + 1e-6)
+            losses = []
+            for i in range(xs.shape[0]):
+                replay_pred, _ = self.controller(xs[i], self.memory_bank)
+                replay_loss = F.mse_loss(replay_pred, ys[i])
+                total_loss = total_loss + self.replay_weight * replay_loss * weights[i]
+                losses.append(replay_loss)
+            if indices is not None:
+                self.replay_buffer.update_priorities(indices, torch.stack(losses).detach() + 1e-6)
+        self._update(total_loss)
+        return total_loss.item()
+
+    def _train_step_batched(self, x, y, use_replay):
+        # The seed samples after pushing the current item and replays once the
+        # buffer holds more than 16; sampling before the push, that is >= 16.
+        self.optimizer.zero_grad()
+        if use_replay and self._buffer_len() >= self.replay_start:
+            xs, ys, weights, indices = self._sample()
+            pred, _ = self.controller(torch.cat([x.unsqueeze(0), xs]), self.memory_bank)
+            losses = (pred - torch.cat([y.unsqueeze(0), ys])).pow(2).mean(dim=1)
+            weights = weights.to(dtype=pred.dtype, device=pred.device)
+            current_loss = losses[0]
+            total_loss = current_loss + self.replay_weight * torch.dot(losses[1:], weights)
+            if indices is not None:
+                self.replay_buffer.update_priorities(indices, losses[1:].detach() + 1e-6)
+        else:
+            pred, _ = self.controller(x, self.memory_bank)
+            current_loss = F.mse_loss(pred, y)
+            total_loss = current_loss
+        self._push(x, y, current_loss.item())
+        self._update(total_loss)
+        return total_loss.item()
+
+    def _update(self, total_loss):
         total_loss.backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.clip_norm)
         self.optimizer.step()
-        return total_loss.item()
 
     @torch.no_grad()
     def evaluate(self, test_data):
