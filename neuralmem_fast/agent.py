@@ -264,6 +264,16 @@ class MAML:
 # --------------------------------------------------------------------------
 # agent
 # --------------------------------------------------------------------------
+def _clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s arithmetic (L2, eps 1e-6) without its
+    per-call grouping work; parameters without a gradient are skipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
 def _default_buffer(kind, capacity, alpha, beta):
     # Imported here so that the agent module loads without the replay module.
     from . import replay
@@ -316,7 +326,8 @@ class ContinualLearningAgent:
         self.meta_learner = MAML(self.controller, self.memory_bank)
         if fused_adam is None:
             fused_adam = replay == "batched"
-        self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr, fused=bool(fused_adam) or None)
+        self._params = list(self.controller.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=lr, fused=bool(fused_adam) or None)
         self.task_history = []
 
     # ------------------------------------------------------------- replay I/O
@@ -389,7 +400,7 @@ class ContinualLearningAgent:
     def _update(self, total_loss):
         total_loss.backward()
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.clip_norm)
+            _clip_grad_norm_(self._params, self.clip_norm)
         self.optimizer.step()
 
     @torch.no_grad()
@@ -429,10 +440,7 @@ class ContinualLearningAgent:
         """One outer MAML step: Adam on the query loss after adaptation."""
         self.optimizer.zero_grad()
         loss = self.meta_learner.meta_loss(support_x, support_y, query_x, query_y, **kw)
-        loss.backward()
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.clip_norm)
-        self.optimizer.step()
+        self._update(loss)
         return loss.item()
 
 

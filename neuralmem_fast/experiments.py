@@ -224,3 +224,74 @@ def _plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# timing the seed's demo workload (an ad-hoc measurement, not a test)
+# --------------------------------------------------------------------------
+class _NullBank(torch.nn.Module):
+    """A bank that costs nothing (reads zeros, ignores writes): the floor for drop-in banks."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.size = config.num_read_heads * config.memory_dim
+        self.register_buffer("memory", torch.zeros(config.memory_size, config.memory_dim))
+
+    def read(self, read_keys, read_strengths):
+        return read_keys.new_zeros(self.size)
+
+    def write(self, *args):
+        pass
+
+
+def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential", "batched"), num_tasks=4,
+                       epochs=20, samples=50, buffer_factory=None, threads=1, verbose=True):
+    """Seconds of training (train_step calls) for the seed's demo work, per agent kind.
+
+    Kinds: "seed" (the seed's agent), "seed+fast-bank" (the seed's agent with
+    this package's NeuralMemoryBank), "seed+null-bank" (a bank that costs
+    nothing: the floor for any drop-in bank), "sequential" and "batched" (the
+    fast agent). The kinds run interleaved epoch by epoch, so that load on a
+    shared machine falls on all of them alike. buffer_factory(kind) may supply
+    a replay buffer for the fast agent.
+    """
+    from .agent import ContinualLearningAgent
+    from .memory import NeuralMemoryBank
+
+    n_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+
+    def make(kind):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        if kind.startswith("seed"):
+            agent = seed_module.ContinualLearningAgent()
+            if kind == "seed+fast-bank":
+                agent.memory_bank = NeuralMemoryBank(agent.config)
+            elif kind == "seed+null-bank":
+                agent.memory_bank = _NullBank(agent.config)
+            return agent
+        buf = buffer_factory(kind) if buffer_factory is not None else None
+        return ContinualLearningAgent(replay=kind, replay_buffer=buf)
+
+    try:
+        agents = {k: make(k) for k in kinds}
+        seconds = {k: 0.0 for k in kinds}
+        for t in range(num_tasks):
+            data = seed_module.create_task_data(t, num_samples=samples)
+            for _ in range(epochs):
+                for k, agent in agents.items():
+                    t0 = time.perf_counter()
+                    for x, y in data:
+                        agent.train_step(x, y, use_replay=t > 0)
+                    seconds[k] += time.perf_counter() - t0
+            if verbose:
+                print(f"task {t + 1}: " + "  ".join(f"{k} {s:.1f}s" for k, s in seconds.items()), flush=True)
+        errors = {k: [a.evaluate(seed_module.create_task_data(j, 20)) for j in range(num_tasks)]
+                  for k, a in agents.items()}
+    finally:
+        torch.set_num_threads(n_threads)
+    base = seconds.get("seed")
+    return {k: {"seconds": s, "speedup_vs_seed": (base / s if base else None), "final_errors": errors[k]}
+            for k, s in seconds.items()}

@@ -25,32 +25,32 @@ def _one_thread():
 
 class StandInPER:
     """Proportional prioritized replay with PrioritizedReplayBuffer's API, used only
-    while neuralmem_fast.replay is absent (numpy, O(n) sampling)."""
+    while neuralmem_fast.replay is absent (numpy sum by cumsum, tensor storage)."""
 
     def __init__(self, capacity, alpha=0.6, beta=0.4, eps=1e-6, device="cpu"):
         self.capacity, self.alpha, self.beta, self.eps = capacity, alpha, beta, eps
-        self.data, self.prio, self.pos, self.max_p = [], np.zeros(capacity), 0, 1.0
+        self.storage, self.prio, self.pos, self.size, self.max_p = None, np.zeros(capacity), 0, 0, 1.0
 
     def __len__(self):
-        return len(self.data)
+        return self.size
 
     def add(self, item):
-        if len(self.data) < self.capacity:
-            self.data.append(item)
-        else:
-            self.data[self.pos] = item
+        if self.storage is None:
+            self.storage = tuple(torch.empty((self.capacity,) + t.shape, dtype=t.dtype) for t in item)
+        for s, t in zip(self.storage, item):
+            s[self.pos] = t
         self.prio[self.pos] = self.max_p ** self.alpha
         self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size, beta=None):
         beta = self.beta if beta is None else beta
-        n = len(self.data)
-        p = self.prio[:n] / self.prio[:n].sum()
-        idx = np.random.choice(n, batch_size, p=p)
-        w = (n * p[idx]) ** (-beta)
-        xs = torch.stack([self.data[i][0] for i in idx])
-        ys = torch.stack([self.data[i][1] for i in idx])
-        return (xs, ys), idx, torch.as_tensor(w / w.max(), dtype=torch.float32)
+        n = self.size
+        cdf = np.cumsum(self.prio[:n])
+        idx = np.minimum(np.searchsorted(cdf, np.random.random(batch_size) * cdf[-1], side="right"), n - 1)
+        w = (n * self.prio[idx] / cdf[-1]) ** (-beta)
+        ti = torch.from_numpy(idx)
+        return tuple(s[ti] for s in self.storage), idx, torch.as_tensor(w / w.max(), dtype=torch.float32)
 
     def update_priorities(self, indices, priorities):
         pr = torch.as_tensor(priorities).double().numpy() + self.eps
