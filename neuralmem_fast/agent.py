@@ -47,7 +47,7 @@ that normalises it again) and runs nine forwards per step. Here:
 
 `make_agent(kind, **kwargs)` builds an agent by name for the demo.
 """
-import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -264,6 +264,78 @@ class MAML:
 # --------------------------------------------------------------------------
 # agent
 # --------------------------------------------------------------------------
+class FlatAdam:
+    """Adam over parameters re-based onto one flat buffer (and their grads onto another).
+
+    The parameters' storage becomes views of one flat tensor and their .grad
+    views of one flat gradient that autograd accumulates into in place, so
+    zeroing, clipping and the Adam update are a handful of ops on one tensor
+    instead of per-parameter loops. The arithmetic is torch.optim.Adam's
+    (non-fused): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    Parameters listed in `rest` (never flattened: here the LSTM's recurrent
+    weight, which gets a gradient only when a hidden state is passed) use a
+    regular torch.optim.Adam that skips them while their grad is None.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, rest=()):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        p0 = self.params[0]
+        total = sum(p.numel() for p in self.params)
+        self.flat = torch.empty(total, dtype=p0.dtype, device=p0.device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        off = 0
+        for p in self.params:
+            n = p.numel()
+            self.flat[off:off + n].copy_(p.detach().reshape(-1))
+            p.data = self.flat[off:off + n].view_as(p)
+            p.grad = self.flat_grad[off:off + n].view_as(p)
+            off += n
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        self.step_count = 0
+        self.rest = list(rest)
+        self._rest_opt = torch.optim.Adam(self.rest, lr=lr, betas=betas, eps=eps) if self.rest else None
+
+    def zero_grad(self, set_to_none=False):
+        self.flat_grad.zero_()  # grads stay views of flat_grad
+        if self._rest_opt is not None:
+            self._rest_opt.zero_grad()
+
+    def clip_grad_norm_(self, max_norm):
+        grads = [self.flat_grad] + [p.grad for p in self.rest if p.grad is not None]
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if len(grads) > 1 \
+            else torch.linalg.vector_norm(self.flat_grad)
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        b1, b2 = self.betas
+        g = self.flat_grad
+        self.exp_avg.lerp_(g, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
+        denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
+        if self._rest_opt is not None:
+            self._rest_opt.step()
+
+    def state_dict(self):
+        return {"step": self.step_count, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "rest": self._rest_opt.state_dict() if self._rest_opt is not None else None}
+
+    def load_state_dict(self, state):
+        self.step_count = state["step"]
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        if self._rest_opt is not None and state["rest"] is not None:
+            self._rest_opt.load_state_dict(state["rest"])
+
+
 def _clip_grad_norm_(params, max_norm):
     """torch.nn.utils.clip_grad_norm_'s arithmetic (L2, eps 1e-6) without its
     per-call grouping work; parameters without a gradient are skipped."""
@@ -297,14 +369,15 @@ class ContinualLearningAgent:
             loss as priority, never updated, as in the seed). Default: "seed"
             for sequential, "prioritized" for batched.
         replay_buffer: a ready buffer object to use instead (either API).
-        lr: Adam learning rate (the seed's 1e-3); fused_adam uses the
-            single-kernel Adam (a few ulps from the seed's foreach Adam).
+        lr: Adam learning rate (the seed's 1e-3).
+        optimizer: "flat" (FlatAdam: Adam's arithmetic on one flat buffer, a few
+            ops per step) or "adam" (torch.optim.Adam, as in the seed).
         backend: backend of the memory ops.
     """
 
     def __init__(self, input_dim=64, hidden_dim=128, config=None, replay="batched", replay_batch=8,
                  replay_weight=0.3, replay_start=16, capacity=5000, alpha=0.6, beta=0.4, buffer=None,
-                 replay_buffer=None, lr=1e-3, fused_adam=None, backend="auto", clip_norm=1.0):
+                 replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0):
         if replay not in ("batched", "sequential"):
             raise ValueError(f"replay must be 'batched' or 'sequential', got {replay!r}")
         self.replay = replay
@@ -324,10 +397,14 @@ class ContinualLearningAgent:
         self.beta = beta
         self.clip_norm = clip_norm
         self.meta_learner = MAML(self.controller, self.memory_bank)
-        if fused_adam is None:
-            fused_adam = replay == "batched"
         self._params = list(self.controller.parameters())
-        self.optimizer = torch.optim.Adam(self._params, lr=lr, fused=bool(fused_adam) or None)
+        if optimizer == "flat":
+            flat = [p for p in self._params if p is not self.controller.weight_hh]
+            self.optimizer = FlatAdam(flat, lr=lr, rest=[self.controller.weight_hh])
+        elif optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self._params, lr=lr)
+        else:
+            raise ValueError(f"optimizer must be 'flat' or 'adam', got {optimizer!r}")
         self.task_history = []
 
     # ------------------------------------------------------------- replay I/O
@@ -400,7 +477,10 @@ class ContinualLearningAgent:
     def _update(self, total_loss):
         total_loss.backward()
         if self.clip_norm is not None:
-            _clip_grad_norm_(self._params, self.clip_norm)
+            if isinstance(self.optimizer, FlatAdam):
+                self.optimizer.clip_grad_norm_(self.clip_norm)
+            else:
+                _clip_grad_norm_(self._params, self.clip_norm)
         self.optimizer.step()
 
     @torch.no_grad()
@@ -457,7 +537,3 @@ def make_agent(kind="batched", **kwargs):
         return ContinualLearningAgent(replay="sequential", **kwargs)
     raise ValueError(f"kind must be 'batched' or 'sequential', got {kind!r}")
 
-
-def clone_agent(agent):
-    """A deep copy (controller, optimizer state, memory, buffer)."""
-    return copy.deepcopy(agent)

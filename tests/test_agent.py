@@ -156,7 +156,7 @@ def test_sequential_agent_reproduces_seed_agent(reference_run):
     seed = reference_run["seed"]
     torch.manual_seed(0)
     np.random.seed(0)
-    agent = fast_agent("sequential", seed, fused_adam=False)
+    agent = fast_agent("sequential", seed)  # FlatAdam: torch Adam's arithmetic
     losses = _train_seed_tasks(agent, seed)
     np.testing.assert_allclose(losses, reference_run["losses"], atol=1e-5, rtol=0)
     grads = agent.controller.seed_layout_grads()
