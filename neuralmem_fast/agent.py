@@ -278,7 +278,7 @@ class FlatAdam:
     regular torch.optim.Adam that skips them while their grad is None.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, rest=()):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, rest=(), fused=True):
         self.params = list(params)
         self.lr, self.betas, self.eps = lr, betas, eps
         p0 = self.params[0]
@@ -295,6 +295,10 @@ class FlatAdam:
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.step_count = 0
+        self.fused = fused and hasattr(torch, "_fused_adam_")
+        if self.fused:
+            # torch.optim.Adam's fused kernel on the single flat tensor: one op per step.
+            self._step_t = torch.zeros((), dtype=torch.float32)
         self.rest = list(rest)
         self._rest_opt = torch.optim.Adam(self.rest, lr=lr, betas=betas, eps=eps) if self.rest else None
 
@@ -314,6 +318,14 @@ class FlatAdam:
     def step(self):
         self.step_count += 1
         b1, b2 = self.betas
+        if self.fused:
+            self._step_t.fill_(self.step_count)
+            torch._fused_adam_([self.flat], [self.flat_grad], [self.exp_avg], [self.exp_avg_sq], [],
+                               [self._step_t], amsgrad=False, lr=self.lr, beta1=b1, beta2=b2,
+                               weight_decay=0.0, eps=self.eps, maximize=False)
+            if self._rest_opt is not None:
+                self._rest_opt.step()
+            return
         g = self.flat_grad
         self.exp_avg.lerp_(g, 1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -85,6 +85,8 @@ class _ConstMemoryRead(torch.autograd.Function):
         w = torch.softmax(strengths.unsqueeze(-1) * sim, dim=-1)
         ctx.save_for_backward(memory, mem_n, k_n, k_norm, sim, w, strengths)
         ctx.eps = eps
+        # Keys shorter than eps (clamped norm) need the other branch of d normalize.
+        ctx.any_clamped = bool((k_norm <= eps).any())
         return torch.matmul(w, memory)
 
     @staticmethod
@@ -96,7 +98,9 @@ class _ConstMemoryRead(torch.autograd.Function):
         dk_n = torch.matmul(dlogits * strengths.unsqueeze(-1), mem_n)
         # d normalize: project out the key direction; a clamped norm is a plain scale.
         radial = (k_n * dk_n).sum(-1, keepdim=True)
-        dkeys = torch.where(k_norm > ctx.eps, (dk_n - k_n * radial) / k_norm, dk_n / k_norm)
+        dkeys = (dk_n - k_n * radial) / k_norm
+        if ctx.any_clamped:
+            dkeys = torch.where(k_norm > ctx.eps, dkeys, dk_n / k_norm)
         return None, None, dkeys, dstrengths, None
 
 
@@ -270,7 +274,7 @@ class NeuralMemoryBank(nn.Module):
         else:
             keep = torch.prod(1 - w.unsqueeze(-1) * erase.unsqueeze(-2), dim=1)
             memory.mul_(keep).add_(torch.matmul(w.transpose(-1, -2), add))
-        usage.mul_(self.decay).add_(w.sum(dim=1))
+        usage.mul_(self.decay).add_(w[:, 0] if w.shape[1] == 1 else w.sum(dim=1))
 
     # ------------------------------------------------------------ bookkeeping
     def detach_memory(self):

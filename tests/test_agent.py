@@ -327,3 +327,34 @@ def test_digits_experiment_tiny(tmp_path):
         assert c["ACC"]["std"] == pytest.approx(np.std(accs, ddof=1))
         assert 0.0 <= c["ACC"]["mean"] <= 1.0 and -1.0 <= c["BWT"]["mean"] <= 1.0
     assert res["conditions"]["split/replay"]["ACC"]["mean"] == saved["conditions"]["split/replay"]["ACC"]["mean"]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["formula", "fused"])
+def test_flat_adam_matches_torch_adam(fused):
+    from neuralmem_fast.agent import FlatAdam
+
+    torch.manual_seed(0)
+    shapes = [(7, 3), (5,), (4, 6), (1,)]
+    ref_p = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    flat_p = [torch.nn.Parameter(p.detach().clone()) for p in ref_p]
+    rest_ref, rest = torch.nn.Parameter(torch.randn(3)), None
+    rest = torch.nn.Parameter(rest_ref.detach().clone())
+    ref = torch.optim.Adam(ref_p + [rest_ref], lr=0.01)
+    opt = FlatAdam(flat_p, lr=0.01, rest=[rest], fused=fused)
+    for it in range(30):
+        ref.zero_grad()
+        opt.zero_grad()
+        x = torch.randn(3)
+        for params, r in ((ref_p, rest_ref), (flat_p, rest)):
+            loss = sum((p * p).sum() * (i + 1) for i, p in enumerate(params)) + (params[0][:, :3] @ x).sum()
+            if it % 2:
+                loss = loss + (r * x).sum()  # the extra parameter gets a gradient on odd steps only
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref_p + [rest_ref], 1.0)
+        opt.clip_grad_norm_(1.0)
+        ref.step()
+        opt.step()
+    tol = dict(atol=1e-6, rtol=1e-6)  # the clip norm sums in another order
+    for p, q in zip(ref_p + [rest_ref], flat_p + [rest]):
+        torch.testing.assert_close(q, p, **tol)
+    assert flat_p[0].grad.data_ptr() == opt.flat_grad.data_ptr()  # grads stay views of the flat buffer

@@ -276,3 +276,24 @@ def test_bad_shapes_name_the_argument():
         NeuralMemoryBank(Cfg(), batch_size=0)
     with pytest.raises(ValueError, match="write_vector"):
         bank.write(torch.randn(4), torch.randn(2, 4), torch.rand(4), torch.rand(1))
+
+
+def test_read_gradients_for_zero_and_tiny_keys_match_reference():
+    """The bank's own read backward against autograd over the op reference,
+    including keys whose norm is clamped at eps (all-zero keys)."""
+    torch.manual_seed(6)
+    bank = NeuralMemoryBank(Cfg(10, 4, 3), backend="torch")
+    bank.memory.normal_()
+    keys = torch.randn(3, 4)
+    keys[1] = 0.0
+    keys[2] *= 1e-14
+    keys.requires_grad_()
+    strengths = (torch.rand(3) * 3).requires_grad_()
+    r = bank.read(keys, strengths)
+    r_ref = ops.content_read_ref(bank.memory[None], keys[None], strengths[None]).reshape(-1)
+    assert_close(r, r_ref, name="read")
+    g = torch.randn_like(r)
+    for got, exp, name in zip(torch.autograd.grad(r, (keys, strengths), g),
+                              torch.autograd.grad(r_ref, (keys, strengths), g), ("d keys", "d strengths")):
+        assert torch.isfinite(got).all()
+        assert_close(got, exp, name=name, tol_scale=10)
