@@ -41,6 +41,9 @@ that normalises it again) and runs nine forwards per step. Here:
 * `evaluate` leaves memory and usage unchanged: sequential mode restores a
   snapshot after the seed's item-by-item evaluation; batched mode evaluates all
   items in one forward against the current memory without writing.
+* `FlatAdam` re-bases the parameters onto one flat buffer and their grads
+  onto another, so zero_grad, the clip to norm 1 and Adam (its fused kernel)
+  are a few ops per step instead of per-parameter loops.
 * `MAML` is a real MAML inner loop over the controller with
   torch.func.functional_call (second order by default, first-order option);
   it reads the memory but never writes it.
@@ -58,6 +61,7 @@ from .memory import NeuralMemoryBank
 __all__ = [
     "MemoryConfig",
     "FastMemoryController",
+    "FlatAdam",
     "MAML",
     "ContinualLearningAgent",
     "make_agent",
@@ -357,6 +361,7 @@ def _clip_grad_norm_(params, max_norm):
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total
+
 
 def _default_buffer(kind, capacity, alpha, beta):
     # Imported here so that the agent module loads without the replay module.

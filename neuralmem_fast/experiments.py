@@ -209,12 +209,14 @@ def _plot(results, path):
     ax.legend(fontsize=8)
     for b_i, bench in enumerate(benches):
         ax = axes[1 + b_i]
-        for rep, style in (("no_replay", "--"), ("replay", "-")):
+        for rep, color in (("no_replay", "C0"), ("replay", "C3")):
             R = np.array(conds[f"{bench}/{rep}"]["R_mean"])
             T = R.shape[0]
-            ax.plot(range(1, T + 1), R[-1], style, marker="o", label=f"{rep.replace('_', ' ')}: after task {T}")
-            ax.plot(range(1, T + 1), np.diag(R), style, marker="x", alpha=0.5,
-                    label=f"{rep.replace('_', ' ')}: just after learning it")
+            ax.plot(range(1, T + 1), R[-1], "-", color=color, marker="o",
+                    label=f"{rep.replace('_', ' ')}: after the last task")
+            ax.plot(range(1, T + 1), np.diag(R), ":", color=color, marker="x", alpha=0.6,
+                    label=f"{rep.replace('_', ' ')}: right after learning it")
+        ax.set_xticks(range(1, T + 1))
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("task")
         ax.set_ylabel("test accuracy")
