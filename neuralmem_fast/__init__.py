@@ -42,3 +42,7 @@ __all__ = [
     "usage_update_ref",
     "content_write_",
 ]
+
+from .memory import NeuralMemoryBank  # noqa: E402
+
+__all__ += ["NeuralMemoryBank"]

@@ -1,0 +1,556 @@
+"""The fast continual-learning agent: fused controller, fast bank, replay, MAML.
+
+Design
+------
+The seed's step is overhead-bound: at N=128 every tensor op is a few
+microseconds of arithmetic and tens of microseconds of dispatch, and the seed
+spends ~40 ops per forward (an nn.LSTM call, seven Linear heads, a Python
+loop over read heads that re-normalises the whole memory per head, a write
+that normalises it again) and runs nine forwards per step. Here:
+
+* `FastMemoryController` computes the seven heads with ONE matmul (rows
+  reordered so that each activation covers one contiguous slice: softplus on
+  both strengths at once) and the LSTM step as one matmul plus four
+  elementwise ops. The seed always calls its LSTM with `hidden=None`, i.e.
+  from a zero state, so the recurrent matmul vanishes (kept for a given
+  `hidden`). Its parameters are initialised by building the seed's modules in
+  the seed's order, so under the same `torch.manual_seed` it starts from the
+  seed controller's exact weights; `load_seed_controller` copies a trained
+  one. The two LSTM biases stay separate parameters because Adam and gradient
+  clipping would treat a merged bias differently. With the seed's detached
+  memory the write heads are computed outside autograd (they never get a
+  gradient anyway).
+* `ContinualLearningAgent(replay="sequential")` is the seed's algorithm in the
+  seed's order: current sample (read, write), push, then each replay sample
+  in turn (read, write), one backward, clip to 1, Adam. With the seed's
+  `ExperienceReplay` semantics it reproduces the seed agent's losses.
+* `ContinualLearningAgent(replay="batched")` runs the current sample and the
+  replay minibatch in ONE forward of 1+k rows. Batched semantics: the k
+  replay samples are drawn before the current sample enters the buffer (so a
+  sample is never replayed in the step it arrives); all 1+k rows read the
+  same memory M0 (the memory at the start of the step); their 1+k writes are
+  applied together as one (1+k)-head DNC write addressed against M0:
+  `M1 = M0 * prod_j(1 - w_j e_j) + sum_j w_j a_j`, usage decayed once and
+  increased by the sum of the weightings. (In the seed's order the current
+  sample writes first and replay j reads the writes of everything before it,
+  one forward each.) The loss is the seed's: current MSE + 0.3 * sum_j w_j
+  MSE_j with the buffer's importance weights w_j; the per-sample replay MSEs
+  become the sampled items' new priorities (the seed never updates
+  priorities). New samples enter the `PrioritizedReplayBuffer` at the largest
+  priority seen, as in PER.
+* `evaluate` leaves memory and usage unchanged: sequential mode restores a
+  snapshot after the seed's item-by-item evaluation; batched mode evaluates all
+  items in one forward against the current memory without writing.
+* `FlatAdam` re-bases the parameters onto one flat buffer and their grads
+  onto another, so zero_grad, the clip to norm 1 and Adam (its fused kernel)
+  are a few ops per step instead of per-parameter loops.
+* `MAML` is a real MAML inner loop over the controller with
+  torch.func.functional_call (second order by default, first-order option);
+  it reads the memory but never writes it.
+
+`make_agent(kind, **kwargs)` builds an agent by name for the demo.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .memory import NeuralMemoryBank
+
+__all__ = [
+    "MemoryConfig",
+    "FastMemoryController",
+    "FlatAdam",
+    "MAML",
+    "ContinualLearningAgent",
+    "make_agent",
+    "create_task_data",
+]
+
+try:
+    # --- the one link to the faithful reference (adjust here if it moves) ---
+    from .reference import MemoryConfig  # noqa: F401
+except ImportError:  # the reference is optional: same fields, same defaults as the seed
+    from dataclasses import dataclass
+
+    @dataclass
+    class MemoryConfig:
+        memory_size: int = 128
+        memory_dim: int = 64
+        num_read_heads: int = 4
+        num_write_heads: int = 1
+
+
+def create_task_data(task_id, num_samples=100, seed=None):
+    """The seed's synthetic tasks (seed = task_id by default, as in the seed)."""
+    g = torch.Generator().manual_seed(task_id if seed is None else seed)
+    x = torch.randn(num_samples, 64, generator=g)
+    if task_id == 0:
+        y = torch.sin(x.mean(dim=1, keepdim=True).expand(-1, 64))
+    elif task_id == 1:
+        y = torch.cos(x.mean(dim=1, keepdim=True).expand(-1, 64)) * 0.5
+    else:
+        y = torch.tanh(x * 0.5 + task_id)
+    return [(x[i], y[i]) for i in range(num_samples)]
+
+
+# --------------------------------------------------------------------------
+# controller
+# --------------------------------------------------------------------------
+class FastMemoryController(nn.Module):
+    """The seed's MemoryController with fused heads; same forward signature.
+
+    forward(x, memory_bank, hidden=None, write=True): x is (input_dim,) as in the
+    seed, or (M, input_dim) for M samples at once (the bank then reads M queries
+    against one memory and applies M write heads together; with a bank of
+    batch_size=M, sample m uses memory m).
+    """
+
+    def __init__(self, input_dim, hidden_dim, memory_config):
+        super().__init__()
+        self.input_dim = input_dim
+        self.hidden_dim = hidden_dim
+        self.memory_config = memory_config
+        H, D = memory_config.num_read_heads, memory_config.memory_dim
+        self.H, self.D = H, D
+        # The seed's modules, built in the seed's order, only to draw the same init.
+        lstm = nn.LSTM(input_dim, hidden_dim, batch_first=True)
+        read_keys = nn.Linear(hidden_dim, H * D)
+        read_strengths = nn.Linear(hidden_dim, H)
+        write_key = nn.Linear(hidden_dim, D)
+        write_vector = nn.Linear(hidden_dim, D)
+        erase_vector = nn.Linear(hidden_dim, D)
+        write_strength = nn.Linear(hidden_dim, 1)
+        output = nn.Linear(hidden_dim + H * D, input_dim)
+        self.weight_ih = nn.Parameter(lstm.weight_ih_l0.detach().clone())
+        self.weight_hh = nn.Parameter(lstm.weight_hh_l0.detach().clone())
+        self.bias_ih = nn.Parameter(lstm.bias_ih_l0.detach().clone())
+        self.bias_hh = nn.Parameter(lstm.bias_hh_l0.detach().clone())
+        heads = self._head_order(read_keys, read_strengths, write_key, write_vector, erase_vector, write_strength)
+        self.heads = nn.Linear(hidden_dim, sum(m.out_features for m in heads))
+        with torch.no_grad():
+            self.heads.weight.copy_(torch.cat([m.weight for m in heads]))
+            self.heads.bias.copy_(torch.cat([m.bias for m in heads]))
+        self.output = output
+        # Row offsets of the fused heads: [read keys | write key | read s, write s | write vector | erase].
+        self._o_wk = H * D
+        self._o_s = self._o_wk + D
+        self._o_wv = self._o_s + H + 1
+        self._o_e = self._o_wv + D
+
+    @staticmethod
+    def _head_order(read_keys, read_strengths, write_key, write_vector, erase_vector, write_strength):
+        return [read_keys, write_key, read_strengths, write_strength, write_vector, erase_vector]
+
+    @torch.no_grad()
+    def load_seed_controller(self, seed_controller):
+        """Copies the weights of a seed-layout MemoryController into the fused layout."""
+        c = seed_controller
+        self.weight_ih.copy_(c.lstm.weight_ih_l0)
+        self.weight_hh.copy_(c.lstm.weight_hh_l0)
+        self.bias_ih.copy_(c.lstm.bias_ih_l0)
+        self.bias_hh.copy_(c.lstm.bias_hh_l0)
+        heads = self._head_order(c.read_keys, c.read_strengths, c.write_key, c.write_vector, c.erase_vector,
+                                 c.write_strength)
+        self.heads.weight.copy_(torch.cat([m.weight for m in heads]))
+        self.heads.bias.copy_(torch.cat([m.bias for m in heads]))
+        self.output.weight.copy_(c.output.weight)
+        self.output.bias.copy_(c.output.bias)
+        return self
+
+    def seed_layout_grads(self):
+        """Gradients split back into the seed's parameter names (for comparisons)."""
+        H, D = self.H, self.D
+
+        def g(p):
+            return p.grad if p.grad is not None else torch.zeros_like(p)
+
+        gw, gb = g(self.heads.weight), g(self.heads.bias)
+        out = {
+            "lstm.weight_ih_l0": g(self.weight_ih), "lstm.weight_hh_l0": g(self.weight_hh),
+            "lstm.bias_ih_l0": g(self.bias_ih), "lstm.bias_hh_l0": g(self.bias_hh),
+        }
+        rows = {"read_keys": (0, H * D), "write_key": (self._o_wk, D), "read_strengths": (self._o_s, H),
+                "write_strength": (self._o_s + H, 1), "write_vector": (self._o_wv, D), "erase_vector": (self._o_e, D)}
+        for name, (o, n) in rows.items():
+            out[name + ".weight"] = gw[o:o + n]
+            out[name + ".bias"] = gb[o:o + n]
+        out["output.weight"], out["output.bias"] = g(self.output.weight), g(self.output.bias)
+        return out
+
+    def forward(self, x, memory_bank, hidden=None, write=True):
+        single = x.dim() == 1
+        xb = x.unsqueeze(0) if single else x
+        Hd = self.hidden_dim
+        # LSTM cell from (h0, c0); the seed always starts from zeros. chunk/split
+        # give one backward node (a cat) where slices would give one each.
+        gates = F.linear(xb, self.weight_ih, self.bias_ih) + self.bias_hh
+        if hidden is not None:
+            h0, c0 = (t.reshape(-1, Hd) for t in hidden)
+            gates = gates + F.linear(h0, self.weight_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(i) * torch.tanh(g)
+        if hidden is not None:
+            c = c + torch.sigmoid(f) * c0
+        h = torch.sigmoid(o) * torch.tanh(c)
+
+        heads = F.linear(h, self.heads.weight, self.heads.bias)
+        H, D = self.H, self.D
+        M = heads.shape[0]
+        read_k, write_k, read_s, write_s, write_v, erase_v = heads.split([H * D, D, H, 1, D, D], dim=1)
+        read_k = read_k.reshape(M, H, D)
+        read_s = F.softplus(read_s)
+        if single:
+            reads = memory_bank.read(read_k[0], read_s[0]).unsqueeze(0)
+        else:
+            reads = memory_bank.read(read_k, read_s)
+        if write:
+            differentiable = getattr(memory_bank, "differentiable", True)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
+                write_s = F.softplus(write_s)
+                write_v = torch.tanh(write_v)
+                erase_v = torch.sigmoid(erase_v)
+                if single:
+                    memory_bank.write(write_k[0], write_v[0], erase_v[0], write_s[0])
+                else:
+                    memory_bank.write(write_k, write_v, erase_v, write_s)
+        out = self.output(torch.cat([h, reads], dim=-1))
+        new_hidden = (h.unsqueeze(0), c.unsqueeze(0))
+        if single:
+            return out[0], (new_hidden[0][:, 0], new_hidden[1][:, 0])
+        return out, new_hidden
+
+
+# --------------------------------------------------------------------------
+# MAML
+# --------------------------------------------------------------------------
+class MAML:
+    """Model-agnostic meta-learning over the controller (Finn et al., 2017).
+
+    `adapt` takes `num_steps` gradient steps on the support set from the
+    current parameters and returns the adapted parameters (a dict name ->
+    tensor, differentiable w.r.t. the originals unless first_order=True).
+    `meta_loss` evaluates the query loss under adapted parameters; its
+    backward reaches the original parameters (second-order MAML).
+    The memory is read but not written during adaptation.
+    """
+
+    def __init__(self, model, memory_bank, inner_lr=0.01, num_steps=5, first_order=False):
+        self.model = model
+        self.memory_bank = memory_bank
+        self.inner_lr = inner_lr
+        self.num_steps = num_steps
+        self.first_order = first_order
+
+    def _loss(self, params, x, y):
+        pred, _ = torch.func.functional_call(self.model, params, (x, self.memory_bank), {"write": False})
+        return F.mse_loss(pred, y)
+
+    def adapt(self, support_x, support_y, num_steps=None, lr=None, first_order=None):
+        num_steps = self.num_steps if num_steps is None else num_steps
+        lr = self.inner_lr if lr is None else lr
+        first_order = self.first_order if first_order is None else first_order
+        params = dict(self.model.named_parameters())
+        names = list(params)
+        for _ in range(num_steps):
+            loss = self._loss(params, support_x, support_y)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order,
+                                        allow_unused=True)
+            params = {n: (params[n] if g is None else params[n] - lr * (g.detach() if first_order else g))
+                      for n, g in zip(names, grads)}
+        return params
+
+    def meta_loss(self, support_x, support_y, query_x, query_y, **kw):
+        return self._loss(self.adapt(support_x, support_y, **kw), query_x, query_y)
+
+
+# --------------------------------------------------------------------------
+# agent
+# --------------------------------------------------------------------------
+class FlatAdam:
+    """Adam over parameters re-based onto one flat buffer (and their grads onto another).
+
+    The parameters' storage becomes views of one flat tensor and their .grad
+    views of one flat gradient that autograd accumulates into in place, so
+    zeroing, clipping and the Adam update are a handful of ops on one tensor
+    instead of per-parameter loops. The arithmetic is torch.optim.Adam's
+    (non-fused): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    Parameters listed in `rest` (never flattened: here the LSTM's recurrent
+    weight, which gets a gradient only when a hidden state is passed) use a
+    regular torch.optim.Adam that skips them while their grad is None.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, rest=(), fused=True):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        p0 = self.params[0]
+        total = sum(p.numel() for p in self.params)
+        self.flat = torch.empty(total, dtype=p0.dtype, device=p0.device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        off = 0
+        for p in self.params:
+            n = p.numel()
+            self.flat[off:off + n].copy_(p.detach().reshape(-1))
+            p.data = self.flat[off:off + n].view_as(p)
+            p.grad = self.flat_grad[off:off + n].view_as(p)
+            off += n
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        self.step_count = 0
+        self.fused = fused and hasattr(torch, "_fused_adam_")
+        if self.fused:
+            # torch.optim.Adam's fused kernel on the single flat tensor: one op per step.
+            self._step_t = torch.zeros((), dtype=torch.float32)
+        self.rest = list(rest)
+        self._rest_opt = torch.optim.Adam(self.rest, lr=lr, betas=betas, eps=eps) if self.rest else None
+
+    def zero_grad(self, set_to_none=False):
+        self.flat_grad.zero_()  # grads stay views of flat_grad
+        if self._rest_opt is not None:
+            self._rest_opt.zero_grad()
+
+    def clip_grad_norm_(self, max_norm):
+        grads = [self.flat_grad] + [p.grad for p in self.rest if p.grad is not None]
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if len(grads) > 1 \
+            else torch.linalg.vector_norm(self.flat_grad)
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        b1, b2 = self.betas
+        if self.fused:
+            self._step_t.fill_(self.step_count)
+            torch._fused_adam_([self.flat], [self.flat_grad], [self.exp_avg], [self.exp_avg_sq], [],
+                               [self._step_t], amsgrad=False, lr=self.lr, beta1=b1, beta2=b2,
+                               weight_decay=0.0, eps=self.eps, maximize=False)
+            if self._rest_opt is not None:
+                self._rest_opt.step()
+            return
+        g = self.flat_grad
+        self.exp_avg.lerp_(g, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
+        denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
+        if self._rest_opt is not None:
+            self._rest_opt.step()
+
+    def state_dict(self):
+        return {"step": self.step_count, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "rest": self._rest_opt.state_dict() if self._rest_opt is not None else None}
+
+    def load_state_dict(self, state):
+        self.step_count = state["step"]
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        if self._rest_opt is not None and state["rest"] is not None:
+            self._rest_opt.load_state_dict(state["rest"])
+
+
+def _clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s arithmetic (L2, eps 1e-6) without its
+    per-call grouping work; parameters without a gradient are skipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
+def _default_buffer(kind, capacity, alpha, beta):
+    # Imported here so that the agent module loads without the replay module.
+    from . import replay
+
+    if kind == "seed":
+        return replay.ExperienceReplay(capacity=capacity, alpha=alpha)
+    return replay.PrioritizedReplayBuffer(capacity, alpha=alpha, beta=beta)
+
+
+class ContinualLearningAgent:
+    """The seed's agent on the fused controller and the fast bank.
+
+    Args:
+        input_dim, hidden_dim: as in the seed (64, 128).
+        config: MemoryConfig (the seed's default when None).
+        replay: "batched" (one forward for the replay minibatch) or "sequential"
+            (the seed's order); see the module docstring for the semantics.
+        replay_batch, replay_weight, replay_start: 8, 0.3 and 16 as in the seed.
+        buffer: "prioritized" (PrioritizedReplayBuffer, priorities updated from
+            the replay losses) or "seed" (ExperienceReplay: push with the current
+            loss as priority, never updated, as in the seed). Default: "seed"
+            for sequential, "prioritized" for batched.
+        replay_buffer: a ready buffer object to use instead (either API).
+        lr: Adam learning rate (the seed's 1e-3).
+        optimizer: "flat" (FlatAdam: Adam's arithmetic on one flat buffer, a few
+            ops per step) or "adam" (torch.optim.Adam, as in the seed).
+        backend: backend of the memory ops.
+    """
+
+    def __init__(self, input_dim=64, hidden_dim=128, config=None, replay="batched", replay_batch=8,
+                 replay_weight=0.3, replay_start=16, capacity=5000, alpha=0.6, beta=0.4, buffer=None,
+                 replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0):
+        if replay not in ("batched", "sequential"):
+            raise ValueError(f"replay must be 'batched' or 'sequential', got {replay!r}")
+        self.replay = replay
+        self.config = config if config is not None else MemoryConfig()
+        self.memory_bank = NeuralMemoryBank(self.config, backend=backend)
+        self.controller = FastMemoryController(input_dim, hidden_dim, self.config)
+        if buffer is None:
+            buffer = "seed" if replay == "sequential" else "prioritized"
+        if buffer not in ("seed", "prioritized"):
+            raise ValueError(f"buffer must be 'seed' or 'prioritized', got {buffer!r}")
+        self.replay_buffer = replay_buffer if replay_buffer is not None else _default_buffer(
+            buffer, capacity, alpha, beta)
+        self._seed_api = hasattr(self.replay_buffer, "push")
+        self.replay_batch = replay_batch
+        self.replay_weight = replay_weight
+        self.replay_start = replay_start
+        self.beta = beta
+        self.clip_norm = clip_norm
+        self.meta_learner = MAML(self.controller, self.memory_bank)
+        self._params = list(self.controller.parameters())
+        if optimizer == "flat":
+            flat = [p for p in self._params if p is not self.controller.weight_hh]
+            self.optimizer = FlatAdam(flat, lr=lr, rest=[self.controller.weight_hh])
+        elif optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self._params, lr=lr)
+        else:
+            raise ValueError(f"optimizer must be 'flat' or 'adam', got {optimizer!r}")
+        self.task_history = []
+
+    # ------------------------------------------------------------- replay I/O
+    def _buffer_len(self):
+        buf = self.replay_buffer
+        return len(buf) if hasattr(buf, "__len__") else len(buf.buffer)
+
+    def _push(self, x, y, loss_value):
+        if self._seed_api:
+            self.replay_buffer.push((x.detach().clone(), y.detach().clone()), priority=loss_value + 1e-6)
+        else:
+            self.replay_buffer.add((x.detach(), y.detach()))
+
+    def _sample(self):
+        """(xs (k, in), ys (k, in), weights (k,), indices or None)."""
+        if self._seed_api:
+            samples, weights = self.replay_buffer.sample(self.replay_batch)
+            xs = torch.stack([s[0] for s in samples])
+            ys = torch.stack([s[1] for s in samples])
+            return xs, ys, weights, None
+        batch, indices, weights = self.replay_buffer.sample(self.replay_batch, self.beta)
+        xs, ys = batch
+        return xs, ys, torch.as_tensor(weights), indices
+
+    # --------------------------------------------------------------- training
+    def train_step(self, x, y, use_replay=True):
+        """One step on (x, y) plus replay; returns the total loss (the seed's value)."""
+        if self.replay == "batched":
+            return self._train_step_batched(x, y, use_replay)
+        self.optimizer.zero_grad()
+        pred, _ = self.controller(x, self.memory_bank)
+        current_loss = F.mse_loss(pred, y)
+        self._push(x, y, current_loss.item())
+        total_loss = current_loss
+        if use_replay and self._buffer_len() > self.replay_start:
+            xs, ys, weights, indices = self._sample()
+            weights = weights.to(dtype=pred.dtype, device=pred.device)
+            losses = []
+            for i in range(xs.shape[0]):
+                replay_pred, _ = self.controller(xs[i], self.memory_bank)
+                replay_loss = F.mse_loss(replay_pred, ys[i])
+                total_loss = total_loss + self.replay_weight * replay_loss * weights[i]
+                losses.append(replay_loss)
+            if indices is not None:
+                self.replay_buffer.update_priorities(indices, torch.stack(losses).detach() + 1e-6)
+        self._update(total_loss)
+        return total_loss.item()
+
+    def _train_step_batched(self, x, y, use_replay):
+        # The seed samples after pushing the current item and replays once the
+        # buffer holds more than 16; sampling before the push, that is >= 16.
+        self.optimizer.zero_grad()
+        if use_replay and self._buffer_len() >= self.replay_start:
+            xs, ys, weights, indices = self._sample()
+            pred, _ = self.controller(torch.cat([x.unsqueeze(0), xs]), self.memory_bank)
+            losses = (pred - torch.cat([y.unsqueeze(0), ys])).pow(2).mean(dim=1)
+            weights = weights.to(dtype=pred.dtype, device=pred.device)
+            current_loss = losses[0]
+            total_loss = current_loss + self.replay_weight * torch.dot(losses[1:], weights)
+            if indices is not None:
+                self.replay_buffer.update_priorities(indices, losses[1:].detach() + 1e-6)
+        else:
+            pred, _ = self.controller(x, self.memory_bank)
+            current_loss = F.mse_loss(pred, y)
+            total_loss = current_loss
+        self._push(x, y, current_loss.item())
+        self._update(total_loss)
+        return total_loss.item()
+
+    def _update(self, total_loss):
+        total_loss.backward()
+        if self.clip_norm is not None:
+            if isinstance(self.optimizer, FlatAdam):
+                self.optimizer.clip_grad_norm_(self.clip_norm)
+            else:
+                _clip_grad_norm_(self._params, self.clip_norm)
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def evaluate(self, test_data):
+        """Mean MSE over (x, y) pairs; memory and usage are left unchanged."""
+        self.controller.eval()
+        try:
+            if self.replay == "sequential":
+                state = self.memory_bank.snapshot()
+                total = 0.0
+                for x, y in test_data:
+                    pred, _ = self.controller(x, self.memory_bank)
+                    total += F.mse_loss(pred, y).item()
+                self.memory_bank.restore(state)
+                return total / len(test_data)
+            xs = torch.stack([x for x, _ in test_data])
+            ys = torch.stack([y for _, y in test_data])
+            pred, _ = self.controller(xs, self.memory_bank, write=False)
+            return (pred - ys).pow(2).mean(dim=1).mean().item()
+        finally:
+            self.controller.train()
+
+    @torch.no_grad()
+    def predict(self, xs):
+        """Outputs for a batch (M, input_dim), reading memory without writing."""
+        self.controller.eval()
+        try:
+            return self.controller(xs, self.memory_bank, write=False)[0]
+        finally:
+            self.controller.train()
+
+    def adapt(self, support_x, support_y, **kw):
+        """MAML inner loop from the current parameters (see MAML.adapt)."""
+        return self.meta_learner.adapt(support_x, support_y, **kw)
+
+    def meta_train_step(self, support_x, support_y, query_x, query_y, **kw):
+        """One outer MAML step: Adam on the query loss after adaptation."""
+        self.optimizer.zero_grad()
+        loss = self.meta_learner.meta_loss(support_x, support_y, query_x, query_y, **kw)
+        self._update(loss)
+        return loss.item()
+
+
+def make_agent(kind="batched", **kwargs):
+    """Agent factory for the demo.
+
+    kind: "batched" (fast agent, batched prioritized replay; the default),
+    "sequential" (fast agent, the seed's replay order and buffer semantics).
+    Other keyword arguments go to ContinualLearningAgent.
+    """
+    if kind in ("batched", "fast"):
+        return ContinualLearningAgent(replay="batched", **kwargs)
+    if kind == "sequential":
+        return ContinualLearningAgent(replay="sequential", **kwargs)
+    raise ValueError(f"kind must be 'batched' or 'sequential', got {kind!r}")
+

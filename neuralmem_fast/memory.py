@@ -1,0 +1,305 @@
+"""NeuralMemoryBank: the seed's memory bank as a drop-in, on the fused ops.
+
+Design
+------
+The seed's bank loops over read heads, normalises the whole memory once per
+head and once more per write, and allocates a fresh memory tensor on every
+write. Here a read of all H heads is one `content_read` call and a write is
+one `content_write_` call (addressing, erase-add and usage in one op, in
+place), so the bank's cost is that of two kernels.
+
+Gradient semantics (the default, `differentiable=False`) are the seed's: the
+memory is a constant to autograd. Reads are differentiable in their keys and
+strengths (that is how the read heads learn); writes are not, so the write
+heads (write key, vector, erase, strength) never receive a gradient at all.
+
+In-place writes and autograd. A read that needs a gradient saves the memory
+tensor for its backward, and the backward runs only after the whole training
+step, by which time the step has written the memory up to nine times (the
+seed's current sample plus eight replays). Writing in place into a tensor
+that a pending backward has saved would corrupt that backward (autograd's
+version counter catches it and raises). Two ping-pong buffers do not help
+either: the third write would land on the first read's buffer. So the bank
+remembers whether the current memory tensor has been handed to autograd since
+the last write; if it has, the write first moves to a fresh copy (one memcpy
+of N*D values, and the old tensor lives on only inside the graph, exactly as
+in the seed); if it has not (evaluation, no_grad, consecutive writes), it
+writes in place with no copy at all.
+
+`differentiable=True` keeps the graph through writes: each write is the
+out-of-place, differentiable `memory_write` of content weights computed from
+the (differentiable) memory, so a loss at step t reaches the write heads of
+steps < t. That is truncated backpropagation through time: call
+`detach_memory()` at the truncation points and `reset()` to clear the memory.
+Usage is bookkeeping only and stays detached in both modes.
+
+Without the native kernels (backend resolving to "torch") the bank uses its
+own pure-PyTorch path rather than the generic op references: the normalised
+memory is computed once per memory state and shared by the read and the write
+that follow it (the seed normalises the whole memory H+1 times per step), the
+read is one autograd.Function with a hand-written backward (memory constant,
+as in the seed), and a single-head write is two in-place updates with exactly
+the seed's arithmetic. It gives the op references' results.
+
+Shapes. Unbatched (the seed's): memory (N, D), usage (N,); `read` takes
+(H, D) keys and (H,) strengths and returns (H*D,). Two extensions that the
+fast agent uses to batch its replay: keys (M, H, D) with strengths (M, H) are
+M independent queries against the same memory and return (M, H*D); a write
+with keys (M, D) is M write heads applied at once, all addressed against the
+memory as it is before the write (the DNC's multi-head erase-add,
+`m * prod_w(1 - w_w e_w) + sum_w w_w a_w`; usage gains the sum of the M
+weightings after one decay). With `batch_size=B` there are B independent
+memories, (B, N, D) and (B, N): keys (B, H, D) and strengths (B, H) give
+(B, H*D), and a write takes (B, D) keys, vectors and erases and (B,) or
+(B, 1) strengths.
+"""
+import torch
+import torch.nn as nn
+
+from . import ops
+from .backends import resolve
+
+__all__ = ["NeuralMemoryBank"]
+
+
+# --------------------------------------------------------------------------
+# pure-PyTorch fast path (used when the ops resolve to the "torch" backend)
+# --------------------------------------------------------------------------
+def _normalize(t, eps):
+    """F.normalize(t, dim=-1) and the clamped norms (for the backward)."""
+    norm = t.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return t / norm, norm
+
+
+class _ConstMemoryRead(torch.autograd.Function):
+    """Addressing + read of (B,K) keys over a memory that autograd treats as a constant.
+
+    The backward is written out (5 small matmul/elementwise steps) instead of
+    replaying autograd over the ~10 primitives of the seed's formula.
+    """
+
+    @staticmethod
+    def forward(ctx, memory, mem_n, keys, strengths, eps):
+        k_n, k_norm = _normalize(keys, eps)
+        sim = torch.matmul(k_n, mem_n.transpose(-1, -2))
+        w = torch.softmax(strengths.unsqueeze(-1) * sim, dim=-1)
+        ctx.save_for_backward(memory, mem_n, k_n, k_norm, sim, w, strengths)
+        ctx.eps = eps
+        # Keys shorter than eps (clamped norm) need the other branch of d normalize.
+        ctx.any_clamped = bool((k_norm <= eps).any())
+        return torch.matmul(w, memory)
+
+    @staticmethod
+    def backward(ctx, grad_reads):
+        memory, mem_n, k_n, k_norm, sim, w, strengths = ctx.saved_tensors
+        dw = torch.matmul(grad_reads, memory.transpose(-1, -2))
+        dlogits = w * (dw - (dw * w).sum(-1, keepdim=True))
+        dstrengths = (dlogits * sim).sum(-1)
+        dk_n = torch.matmul(dlogits * strengths.unsqueeze(-1), mem_n)
+        # d normalize: project out the key direction; a clamped norm is a plain scale.
+        radial = (k_n * dk_n).sum(-1, keepdim=True)
+        dkeys = (dk_n - k_n * radial) / k_norm
+        if ctx.any_clamped:
+            dkeys = torch.where(k_norm > ctx.eps, dkeys, dk_n / k_norm)
+        return None, None, dkeys, dstrengths, None
+
+
+class NeuralMemoryBank(nn.Module):
+    """Drop-in for the seed's NeuralMemoryBank (same constructor, buffers, methods).
+
+    Args:
+        config: a MemoryConfig (memory_size, memory_dim, num_read_heads, ...).
+        backend: backend of the memory ops ("auto", "cpu", "cuda", "triton", "torch").
+        batch_size: None for one memory of shape (N, D) as in the seed, or B for
+            B independent memories of shape (B, N, D).
+        differentiable: keep gradients through writes (truncated BPTT) instead of
+            the seed's detach after every write.
+        eps, decay: cosine-similarity epsilon and usage decay (the seed's 1e-12, 0.99).
+    """
+
+    def __init__(self, config, backend="auto", batch_size=None, differentiable=False, eps=1e-12, decay=0.99):
+        super().__init__()
+        self.memory_size = config.memory_size
+        self.memory_dim = config.memory_dim
+        self.num_read_heads = config.num_read_heads
+        self.batch_size = batch_size
+        self.backend = backend
+        self.differentiable = differentiable
+        self.eps = eps
+        self.decay = decay
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+        lead = () if batch_size is None else (batch_size,)
+        self.register_buffer("memory", torch.zeros(*lead, config.memory_size, config.memory_dim))
+        self.register_buffer("usage", torch.zeros(*lead, config.memory_size))
+        # True when the current memory tensor may be saved by a pending backward.
+        self._memory_in_graph = False
+        self._mem_n_cache = None  # (memory tensor, its version, normalised memory)
+        self._torch_path_for = {}  # device -> whether the ops resolve to "torch"
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def batched(self):
+        return self.batch_size is not None
+
+    def _mem3(self):
+        """Memory and usage as (B, N, D) and (B, N) views."""
+        if self.batched:
+            return self.memory, self.usage
+        return self.memory.unsqueeze(0), self.usage.unsqueeze(0)
+
+    def _as_keys(self, name, keys, heads_name):
+        """Keys as (B, K, D) for the ops, and the leading shape to restore."""
+        D = self.memory_dim
+        if keys.shape[-1] != D:
+            raise ValueError(f"{name} must end in memory_dim={D}, got shape {tuple(keys.shape)}")
+        if self.batched:
+            B = self.batch_size
+            if keys.dim() == 2 and keys.shape[0] == B:
+                return keys.unsqueeze(1)
+            if keys.dim() == 3 and keys.shape[0] == B:
+                return keys
+            raise ValueError(f"{name} must have shape (B={B}, {heads_name}, {D}) or (B={B}, {D}), "
+                             f"got {tuple(keys.shape)}")
+        if keys.dim() == 1:
+            return keys.view(1, 1, D)
+        if keys.dim() in (2, 3):
+            return keys.reshape(1, -1, D)
+        raise ValueError(f"{name} must have shape ({heads_name}, {D}), ({D},) or (M, {heads_name}, {D}), "
+                         f"got {tuple(keys.shape)}")
+
+    def _as_strengths(self, name, strengths, n_keys):
+        B = self.batch_size or 1
+        if strengths.dim() == 0 or strengths.numel() != B * n_keys:
+            raise ValueError(f"{name} must hold one strength per key ({B * n_keys} values), "
+                             f"got shape {tuple(strengths.shape)}")
+        return strengths.reshape(B, n_keys)
+
+    def _use_torch_path(self):
+        dev = self.memory.device
+        use = self._torch_path_for.get(dev)
+        if use is None:
+            use = resolve(self.backend, "content_read", dev, self.memory_size) == "torch"
+            self._torch_path_for[dev] = use
+        return use
+
+    def _normalized_memory(self, memory):
+        """normalize(memory) once per memory state (tensor identity + version)."""
+        c = self._mem_n_cache
+        if c is not None and c[0] is self.memory and c[1] == self.memory._version:
+            return c[2]
+        with torch.no_grad():
+            mem_n, _ = _normalize(memory, self.eps)
+        self._mem_n_cache = (self.memory, self.memory._version, mem_n)
+        return mem_n
+
+    # ----------------------------------------------------------------- methods
+    def content_addressing(self, key, beta):
+        """Softmax of beta * cos(key, slot) over the slots.
+
+        key (D,) or (K, D) -> (N,) or (K, N); batched: (B, D) or (B, K, D) -> (B, N) or (B, K, N).
+        """
+        memory, _ = self._mem3()
+        keys = self._as_keys("key", key, "K")
+        K = keys.shape[1]
+        beta = torch.as_tensor(beta, dtype=memory.dtype, device=memory.device)
+        if beta.numel() == 1:
+            beta = beta.reshape(1, 1).expand(keys.shape[0], K)
+        strengths = self._as_strengths("beta", beta, K)
+        w = ops.content_addressing(memory, keys, strengths, eps=self.eps, backend=self.backend)
+        if self.batched:
+            return w if key.dim() == 3 else w.squeeze(1)
+        return w.reshape(*key.shape[:-1], self.memory_size)
+
+    def read(self, read_keys, read_strengths):
+        """All heads in one fused read: (H, D), (H,) -> (H*D,), see the module docstring."""
+        memory, _ = self._mem3()
+        keys = self._as_keys("read_keys", read_keys, "H")
+        strengths = self._as_strengths("read_strengths", read_strengths, keys.shape[1])
+        if torch.is_grad_enabled() and (keys.requires_grad or strengths.requires_grad or memory.requires_grad):
+            self._memory_in_graph = True
+        if not memory.requires_grad and self._use_torch_path():
+            reads = _ConstMemoryRead.apply(memory, self._normalized_memory(memory), keys, strengths, self.eps)
+        else:
+            reads = ops.content_read(memory, keys, strengths, eps=self.eps, backend=self.backend)
+        if self.batched:
+            return reads.reshape(self.batch_size, -1)
+        if read_keys.dim() == 3:
+            return reads.reshape(read_keys.shape[0], -1)
+        return reads.reshape(-1)
+
+    def write(self, write_key, write_vector, erase_vector, write_strength):
+        """Content-addressed erase-then-add write (one fused op), then usage."""
+        _, usage = self._mem3()
+        keys = self._as_keys("write_key", write_key, "W")
+        W = keys.shape[1]
+        strengths = self._as_strengths("write_strength", write_strength, W)
+        erase = self._as_keys("erase_vector", erase_vector, "W")
+        add = self._as_keys("write_vector", write_vector, "W")
+        if erase.shape != keys.shape or add.shape != keys.shape:
+            raise ValueError(f"write_vector and erase_vector must have the shape of write_key "
+                             f"{tuple(write_key.shape)}, got {tuple(write_vector.shape)} and "
+                             f"{tuple(erase_vector.shape)}")
+        if self.differentiable:
+            memory, _ = self._mem3()
+            w = ops.content_addressing(memory, keys, strengths, eps=self.eps, backend=self.backend)
+            new = ops.memory_write(memory, w, erase, add, backend=self.backend)
+            with torch.no_grad():
+                usage.copy_(ops.usage_update(usage, w.detach(), self.decay, backend=self.backend))
+            self.memory = new if self.batched else new.squeeze(0)
+            self._memory_in_graph = True
+            return
+        with torch.no_grad():
+            if self._memory_in_graph:
+                # A pending backward holds the current tensor: write into a fresh one.
+                self.memory = self.memory.clone()
+                self._memory_in_graph = False
+            memory, usage = self._mem3()
+            keys, strengths, erase, add = keys.detach(), strengths.detach(), erase.detach(), add.detach()
+            if self._use_torch_path():
+                self._torch_write_(memory, usage, keys, strengths, erase, add)
+            else:
+                ops.content_write_(memory, keys, strengths, erase, add,
+                                   usage=usage, eps=self.eps, decay=self.decay, backend=self.backend)
+
+    def _torch_write_(self, memory, usage, keys, strengths, erase, add):
+        """In-place erase-add with the seed's arithmetic (W=1: bit-for-bit its write)."""
+        k_n, _ = _normalize(keys, self.eps)
+        sim = torch.matmul(k_n, self._normalized_memory(memory).transpose(-1, -2))
+        w = torch.softmax(strengths.unsqueeze(-1) * sim, dim=-1)  # (B, W, N)
+        if w.shape[1] == 1:
+            wt = w.transpose(-1, -2)  # (B, N, 1): outer products by broadcasting
+            memory.mul_(1 - wt * erase)
+            memory.add_(wt * add)
+        else:
+            keep = torch.prod(1 - w.unsqueeze(-1) * erase.unsqueeze(-2), dim=1)
+            memory.mul_(keep).add_(torch.matmul(w.transpose(-1, -2), add))
+        usage.mul_(self.decay).add_(w[:, 0] if w.shape[1] == 1 else w.sum(dim=1))
+
+    # ------------------------------------------------------------ bookkeeping
+    def detach_memory(self):
+        """Truncates backpropagation through time: later losses stop at this memory."""
+        self.memory = self.memory.detach()
+        self._memory_in_graph = False
+
+    def reset(self):
+        """Zeroes memory and usage (fresh tensors: a pending backward keeps the old ones)."""
+        self.memory = torch.zeros_like(self.memory, requires_grad=False)
+        self.usage = torch.zeros_like(self.usage)
+        self._memory_in_graph = False
+
+    def snapshot(self):
+        """(memory, usage) copies, for `restore`."""
+        return self.memory.detach().clone(), self.usage.detach().clone()
+
+    def restore(self, state):
+        memory, usage = state
+        self.memory = memory.clone()
+        self.usage = usage.clone()
+        self._memory_in_graph = False
+
+    def extra_repr(self):
+        b = "" if self.batch_size is None else f"batch_size={self.batch_size}, "
+        return (f"{b}memory_size={self.memory_size}, memory_dim={self.memory_dim}, "
+                f"num_read_heads={self.num_read_heads}, backend={self.backend!r}, "
+                f"differentiable={self.differentiable}")
