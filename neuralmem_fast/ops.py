@@ -175,6 +175,26 @@ def usage_update_ref(usage, weights, decay=DEFAULT_DECAY):
 # --------------------------------------------------------------------------
 # autograd.Functions over the native ops
 # --------------------------------------------------------------------------
+def _reference_grads(ctx, ref, inputs, grad_out):
+    """Backward by autograd over the reference, for create_graph=True.
+
+    Our backward kernels are not themselves differentiable. When the backward
+    runs with grad mode on (create_graph=True, e.g. second-order MAML), the
+    gradient is built from the reference instead, so that higher derivatives
+    are right rather than silently missing terms.
+    """
+    need = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t.requires_grad]
+    out = [None] * len(inputs)
+    if not need:
+        return out
+    with torch.enable_grad():
+        y = ref(*inputs)
+        grads = torch.autograd.grad(y, [inputs[i] for i in need], grad_out, create_graph=True, allow_unused=True)
+    for i, g in zip(need, grads):
+        out[i] = g
+    return out
+
+
 class _ContentAddressing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, memory, keys, strengths, eps, backend):
@@ -186,6 +206,9 @@ class _ContentAddressing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights):
         weights, memory, keys, strengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, lambda m, k, s: content_addressing_ref(m, k, s, ctx.eps),
+                                      (memory, keys, strengths), grad_weights), None, None)
         gm, gk, gs = _lib(ctx.backend).content_addressing_backward(
             _c(grad_weights), weights, memory, keys, strengths, ctx.eps
         )
@@ -202,6 +225,8 @@ class _MemoryRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_reads):
         memory, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, memory_read_ref, (memory, weights), grad_reads), None)
         gm, gw = _lib(ctx.backend).memory_read_backward(_c(grad_reads), memory, weights)
         return gm, gw, None
 
@@ -218,6 +243,9 @@ class _ContentRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_reads, _grad_lse):
         reads, lse, memory, keys, strengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, lambda m, k, s: content_read_ref(m, k, s, ctx.eps),
+                                      (memory, keys, strengths), grad_reads), None, None)
         gm, gk, gs = _lib(ctx.backend).content_read_backward(
             _c(grad_reads), reads, lse, memory, keys, strengths, ctx.eps
         )
@@ -234,6 +262,8 @@ class _MemoryWrite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         memory, weights, erase, add = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, memory_write_ref, (memory, weights, erase, add), grad_out), None)
         gm, gw, ge, ga = _lib(ctx.backend).memory_write_backward(_c(grad_out), memory, weights, erase, add)
         return gm, gw, ge, ga, None
 
