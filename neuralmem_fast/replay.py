@@ -99,6 +99,19 @@ def _check_range(idx: np.ndarray, high: int, what: str, bound: str) -> None:
         raise IndexError(f"{what}: index {int(idx[j])} at position {j} is out of range for {bound} {high}")
 
 
+def _fast_index(x):
+    """CPU int64 tensors pass straight to the tree; anything else is converted and checked."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.device.type == "cpu":
+        return x
+    return _as_index_array(x, "update_priorities")
+
+
+def _fast_float(x):
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_complex():
+        return x
+    return _as_float_array(x, "update_priorities", "priorities")
+
+
 # ---------------------------------------------------------------------------
 # the numpy twin of the C++ tree
 
@@ -190,6 +203,44 @@ class NumpySumTree:
     def sample(self, fractions):
         return self._find(fractions, True, "SumTree.sample", "fractions")
 
+    def sample_weighted(self, fractions, beta, stratified=False, generation=None, sampled_generation=None):
+        what = "SumTree.sample_weighted"
+        fr = _as_float_array(fractions, what, "fractions").copy()
+        _check_values(fr, what, "fractions", nonneg=False)
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"{what}: `beta` must be finite and >= 0")
+        with self._lock:
+            total = float(self._sum[1])
+            if not total > 0:
+                raise ValueError(f"{what}: the tree is empty (total is 0); nothing can be sampled")
+            if stratified:
+                fr = (np.arange(fr.size, dtype=np.float64) + fr) / fr.size
+            node = self._descend(fr * total)
+            idx = node - self._size
+            weights = ((self._sum[node] / self._min[1]) ** (-beta)).astype(np.float32)
+            if sampled_generation is not None:
+                sampled_generation[idx] = generation[idx]
+            return idx, weights
+
+    def update_priorities(self, indices, priorities, alpha, eps, limit, generation=None, sampled_generation=None):
+        what = "update_priorities"
+        idx = _as_index_array(indices, what)
+        p = _as_float_array(priorities, what, "priorities")
+        if idx.size != p.size:
+            raise ValueError(f"{what}: `indices` and `priorities` must have the same length, got {idx.size} and {p.size}")
+        if limit < 0 or limit > self._capacity:
+            limit = self._capacity
+        _check_range(idx, limit, what, "buffer length")
+        _check_values(p, what, "priorities")
+        if sampled_generation is not None:
+            sg = sampled_generation[idx]
+            fresh = (sg < 0) | (sg == generation[idx])
+            idx, p = idx[fresh], p[fresh]
+        if idx.size == 0:
+            return 0, -math.inf
+        self.update(idx, (p + eps) ** alpha)
+        return int(idx.size), float(p.max())
+
     def _set_leaf(self, i: int, v: float) -> None:
         node = self._size + i
         self._sum[node] = v
@@ -200,13 +251,19 @@ class NumpySumTree:
             self._min[node] = min(self._min[2 * node], self._min[2 * node + 1])
             node >>= 1
 
-    def sample_without_replacement(self, fractions):
+    def sample_without_replacement(self, fractions, exclude=None):
         what = "SumTree.sample_without_replacement"
         fr = _as_float_array(fractions, what, "fractions")
         _check_values(fr, what, "fractions", nonneg=False)
+        ex = np.zeros(0, dtype=np.int64) if exclude is None else _as_index_array(exclude, what, "exclude")
+        _check_range(ex, self._capacity, what, "capacity")
         out = np.zeros(fr.size, dtype=np.int64)
         vals = np.zeros(fr.size, dtype=np.float64)
         with self._lock:
+            saved = []
+            for i in ex.tolist():
+                saved.append(float(self._sum[self._size + i]))
+                self._set_leaf(i, 0.0)
             k = 0
             while k < fr.size:
                 total = self._sum[1]
@@ -218,9 +275,11 @@ class NumpySumTree:
                 k += 1
             for j in range(k - 1, -1, -1):
                 self._set_leaf(int(out[j]), float(vals[j]))
+            for i, v in reversed(list(zip(ex.tolist(), saved))):
+                self._set_leaf(i, v)
         if k < fr.size:
             raise ValueError(
-                f"{what}: asked for {fr.size} distinct leaves but only {k} have a positive value"
+                f"{what}: asked for {fr.size} distinct leaves but only {k} (not excluded) have a positive value"
             )
         return out, vals
 
@@ -326,7 +385,8 @@ class PrioritizedReplayBuffer:
             are returned). Indices are CPU int64 tensors.
         stratified: default for ``sample``: one draw per equal-mass stratum
             instead of independent draws.
-        generator: torch.Generator for the draws (default: torch's global RNG).
+        generator: numpy Generator (or an int seed) for the draws; by default
+            one seeded from torch's global RNG when the buffer is built.
         backend: sum tree backend, "auto" | "cpu" | "numpy".
     """
 
@@ -338,7 +398,7 @@ class PrioritizedReplayBuffer:
         eps: float = 1e-6,
         device="cpu",
         stratified: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator=None,
         backend: str = "auto",
     ):
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
@@ -350,8 +410,14 @@ class PrioritizedReplayBuffer:
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.device = torch.device(device)
         self.stratified = bool(stratified)
+        if generator is None:
+            # Seeded from torch's RNG, so torch.manual_seed makes runs repeatable.
+            generator = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        elif isinstance(generator, numbers.Integral):
+            generator = np.random.default_rng(int(generator))
         self.generator = generator
         self._tree = SumTree(self.capacity, backend)
+        self._native_gather = _C is not None and hasattr(_C, "gather_rows") and self.device.type == "cpu"
         self._kind: Optional[str] = None
         self._keys = None
         self._specs: Optional[List[Tuple[torch.Size, torch.dtype]]] = None
@@ -497,16 +563,12 @@ class PrioritizedReplayBuffer:
         with self._lock:
             if self._size == 0:
                 raise RuntimeError("PrioritizedReplayBuffer.sample: the buffer is empty; add items first")
-            u = torch.rand(batch_size, dtype=torch.float64, generator=self.generator)
-            if stratified:
-                u = u.add_(torch.arange(batch_size, dtype=torch.float64)).div_(batch_size)
-            idx, vals, _total, mn = self._tree.sample(u)
-            self._sampled_gen[idx] = self._gen[idx]
+            u = self.generator.random(batch_size)
+            idx, w = self._tree.sample_weighted(u, beta, stratified, self._gen, self._sampled_gen)
             idx_t = torch.from_numpy(idx)
-            # (N p_i / T)^-beta / (N p_min / T)^-beta = (p_i / p_min)^-beta
-            weights = torch.from_numpy(vals).div_(mn).pow_(-beta).to(torch.float32)
-            if self.device.type == "cpu":
-                fields = [store.index_select(0, idx_t) for store in self._storage]
+            weights = torch.from_numpy(w)
+            if self._native_gather:
+                fields = _C.gather_rows(self._storage, idx)
             else:
                 dev_idx = idx_t.to(self.device, non_blocking=True)
                 fields = [store.index_select(0, dev_idx) for store in self._storage]
@@ -520,22 +582,14 @@ class PrioritizedReplayBuffer:
         priority of its new item: the update is dropped. Repeated indices: the
         last one wins.
         """
-        what = "PrioritizedReplayBuffer.update_priorities"
-        idx = _as_index_array(indices, what)
-        p = _as_float_array(priorities, what, "priorities")
-        if idx.size != p.size:
-            raise ValueError(f"{what}: `indices` and `priorities` must have the same length, got {idx.size} and {p.size}")
-        _check_values(p, what, "priorities")
         with self._lock:
-            _check_range(idx, self._size, what, "buffer length")
-            sg = self._sampled_gen[idx]
-            fresh = (sg < 0) | (sg == self._gen[idx])
-            if not fresh.all():
-                idx, p = idx[fresh], p[fresh]
-            if idx.size:
-                self._tree.update(idx, (p + self.eps) ** self.alpha)
-                self._max_priority = max(self._max_priority, float(p.max()))
-            return int(idx.size)
+            applied, mx = self._tree.update_priorities(
+                _fast_index(indices), _fast_float(priorities), self.alpha, self.eps, self._size,
+                self._gen, self._sampled_gen,
+            )
+            if applied:
+                self._max_priority = max(self._max_priority, mx)
+            return int(applied)
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -714,7 +768,21 @@ class ExperienceReplay:
             if self._size == 0:
                 return ([], [], np.zeros(0, dtype=np.int64)) if return_indices else ([], [])
             k = min(int(batch_size), self._size)
-            idx, vals = self._tree.sample_without_replacement(np.random.random_sample(k))
+            # Draw k with replacement in one batched pass and keep the first
+            # occurrence of each leaf, in order; a repeat is a rejected draw,
+            # so the distinct leaves so far follow successive sampling exactly
+            # (numpy's choice(replace=False) does the same). The few still
+            # missing are drawn one by one from the rest of the tree.
+            idx, vals, _, _ = self._tree.sample(np.random.random_sample(k))
+            if k > 1:
+                uniq, first = np.unique(idx, return_index=True)
+                if uniq.size < k:
+                    first.sort()
+                    idx, vals = idx[first], vals[first]
+                    more, more_vals = self._tree.sample_without_replacement(
+                        np.random.random_sample(k - idx.size), exclude=idx
+                    )
+                    idx, vals = np.concatenate([idx, more]), np.concatenate([vals, more_vals])
             self._sampled_gen[idx] = self._gen[idx]
             items = self._items
             samples = [items[i] for i in idx.tolist()]
@@ -727,17 +795,9 @@ class ExperienceReplay:
 
     def update_priorities(self, indices, priorities) -> int:
         """New priorities (before alpha) for sampled slots; stale slots are skipped. Returns how many were applied."""
-        what = "ExperienceReplay.update_priorities"
-        idx = _as_index_array(indices, what)
-        p = _as_float_array(priorities, what, "priorities")
-        if idx.size != p.size:
-            raise ValueError(f"{what}: `indices` and `priorities` must have the same length, got {idx.size} and {p.size}")
-        _check_values(p, what, "priorities")
         with self._lock:
-            _check_range(idx, self._size, what, "buffer length")
-            sg = self._sampled_gen[idx]
-            fresh = (sg < 0) | (sg == self._gen[idx])
-            idx, p = idx[fresh], p[fresh]
-            if idx.size:
-                self._tree.update(idx, p ** self.alpha)
-            return int(idx.size)
+            applied, _ = self._tree.update_priorities(
+                _fast_index(indices), _fast_float(priorities), self.alpha, 0.0, self._size,
+                self._gen, self._sampled_gen,
+            )
+            return int(applied)

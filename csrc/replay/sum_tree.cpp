@@ -10,9 +10,17 @@
 #include <pybind11/numpy.h>
 #include <torch/extension.h>
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <limits>
+#include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -35,7 +43,20 @@ SumTree::SumTree(int64_t capacity) : capacity_(capacity), size_(1), depth_(0) {
     size_ <<= 1;
     ++depth_;
   }
-  nodes_.assign(static_cast<size_t>(2 * size_), Node{0.0, kInf});
+  // 64-byte aligned, so that the two children of a node share a cache line.
+  // Large trees sit on 2 MiB-aligned memory marked for transparent huge
+  // pages: a random descent touches one node per level, and with 4 KiB pages
+  // every such miss is also a TLB miss whose page walk would serialise them.
+  const size_t bytes = static_cast<size_t>(2 * size_) * sizeof(Node);
+  const size_t align = bytes >= (size_t{2} << 20) ? (size_t{2} << 20) : size_t{64};
+  void* mem = nullptr;
+  if (posix_memalign(&mem, align, bytes) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align > 64) madvise(mem, bytes, MADV_HUGEPAGE);
+#endif
+  storage_.reset(static_cast<Node*>(mem));
+  nodes_ = storage_.get();
+  std::fill(nodes_, nodes_ + 2 * size_, Node{0.0, kInf});
 }
 
 void SumTree::rebuild_locked() {
@@ -72,6 +93,10 @@ int64_t SumTree::descend_one(double m) const {
 
 void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
   std::lock_guard<std::mutex> g(mu_);
+  update_locked(idx, val, n);
+}
+
+void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
   for (int64_t j = 0; j < n; ++j) nodes_[size_ + idx[j]] = leaf(val[j]);
   for (int level = 1; level <= depth_; ++level) {
     int64_t prev = -1;
@@ -84,29 +109,34 @@ void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
   }
 }
 
-void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
-                   double* min_out, double* values_out) {
-  std::lock_guard<std::mutex> g(mu_);
-  const double total = nodes_[1].sum;
-  if (!(total > 0.0)) throw py::value_error("SumTree.find: the tree is empty (total is 0); nothing can be sampled");
-  // `out` holds the current node of every query while descending.
-  std::vector<double> m(mass, mass + n);
-  if (fractions)
-    for (int64_t j = 0; j < n; ++j) m[j] *= total;
+// Descends every query of the batch one level at a time; `m` holds the masses
+// and is consumed, `out` holds the current node of each query meanwhile.
+void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = 1;
+  // Branch-free on purpose: the direction depends on a value that is usually
+  // a cache miss, and a mispredicted branch would wait for it and serialise
+  // the misses of the whole batch instead of overlapping them.
   for (int level = 0; level < depth_; ++level) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = out[j];
       const double l = nodes_[2 * i].sum;
       const double r = nodes_[2 * i + 1].sum;
-      if (l > 0.0 && (m[j] < l || !(r > 0.0))) {
-        out[j] = 2 * i;
-      } else {
-        m[j] -= l;
-        out[j] = 2 * i + 1;
-      }
+      const int64_t right = !((l > 0.0) & ((m[j] < l) | !(r > 0.0)));
+      m[j] -= right ? l : 0.0;
+      out[j] = 2 * i + right;
     }
   }
+}
+
+void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
+                   double* min_out, double* values_out) {
+  std::lock_guard<std::mutex> g(mu_);
+  const double total = nodes_[1].sum;
+  if (!(total > 0.0)) throw py::value_error("SumTree.find: the tree is empty (total is 0); nothing can be sampled");
+  std::vector<double> m(mass, mass + n);
+  if (fractions)
+    for (int64_t j = 0; j < n; ++j) m[j] *= total;
+  find_locked(m.data(), out, n);
   for (int64_t j = 0; j < n; ++j) {
     if (values_out) values_out[j] = nodes_[out[j]].sum;
     out[j] -= size_;
@@ -115,13 +145,60 @@ void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, 
   if (min_out) *min_out = nodes_[1].min;
 }
 
-int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n) {
+void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
+                              float* w_out, const int64_t* gen, int64_t* sampled_gen) {
   std::lock_guard<std::mutex> g(mu_);
+  const double total = nodes_[1].sum;
+  if (!(total > 0.0))
+    throw py::value_error("SumTree.sample_weighted: the tree is empty (total is 0); nothing can be sampled");
+  std::vector<double> m(frac, frac + n);
+  for (int64_t j = 0; j < n; ++j) m[j] = (stratified ? (static_cast<double>(j) + m[j]) / static_cast<double>(n) : m[j]) * total;
+  find_locked(m.data(), idx_out, n);
+  // (N p_i / T)^-beta over the largest possible weight (N p_min / T)^-beta.
+  const double mn = nodes_[1].min;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = nodes_[idx_out[j]].sum;
+    idx_out[j] -= size_;
+    w_out[j] = static_cast<float>(std::pow(v / mn, -beta));
+    if (sampled_gen) sampled_gen[idx_out[j]] = gen[idx_out[j]];
+  }
+}
+
+int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
+                                   const int64_t* gen, const int64_t* sampled_gen, double* max_out) {
+  std::vector<int64_t> keep_idx;
+  std::vector<double> keep_val;
+  keep_idx.reserve(n);
+  keep_val.reserve(n);
+  double mx = -kInf;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = idx[j];
+    // A slot rewritten since it was last sampled holds another item now.
+    if (sampled_gen && sampled_gen[i] >= 0 && sampled_gen[i] != gen[i]) continue;
+    keep_idx.push_back(i);
+    keep_val.push_back(std::pow(prio[j] + eps, alpha));
+    if (prio[j] > mx) mx = prio[j];
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  update_locked(keep_idx.data(), keep_val.data(), static_cast<int64_t>(keep_idx.size()));
+  if (max_out) *max_out = mx;
+  return static_cast<int64_t>(keep_idx.size());
+}
+
+int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n,
+                                          const int64_t* exclude, int64_t n_exclude) {
+  std::lock_guard<std::mutex> g(mu_);
+  // Successive sampling: draw one leaf, zero it, draw from the rest (the
+  // distribution of numpy's choice(replace=False, p=...)), after zeroing the
+  // excluded leaves. Every zeroed leaf is restored afterwards in reverse
+  // order; since parents are recomputed from children, the tree returns to
+  // exactly the same bits.
+  std::vector<double> saved(static_cast<size_t>(n_exclude));
+  for (int64_t j = 0; j < n_exclude; ++j) {
+    saved[j] = nodes_[size_ + exclude[j]].sum;
+    set_leaf_locked(exclude[j], 0.0);
+  }
   int64_t k = 0;
-  // Successive sampling: draw one leaf, zero it, draw from the rest. This is
-  // the distribution of numpy's choice(replace=False, p=...). The leaves are
-  // restored afterwards; since parents are recomputed from children, the tree
-  // returns to exactly the same bits.
   for (; k < n; ++k) {
     const double total = nodes_[1].sum;
     if (!(total > 0.0)) break;
@@ -131,6 +208,7 @@ int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, doub
     set_leaf_locked(i, 0.0);
   }
   for (int64_t j = k - 1; j >= 0; --j) set_leaf_locked(out[j], values_out[j]);
+  for (int64_t j = n_exclude - 1; j >= 0; --j) set_leaf_locked(exclude[j], saved[j]);
   return k;
 }
 
@@ -210,12 +288,29 @@ View<T> as_view(py::handle obj, const char* what, const char* arg) {
   return v;
 }
 
-void check_indices(const View<int64_t>& idx, int64_t capacity, const char* what) {
+void check_indices(const View<int64_t>& idx, int64_t high, const char* what, const char* bound = "capacity") {
   for (int64_t j = 0; j < idx.n; ++j) {
-    if (idx.ptr[j] < 0 || idx.ptr[j] >= capacity)
+    if (idx.ptr[j] < 0 || idx.ptr[j] >= high)
       throw py::index_error(std::string(what) + ": index " + std::to_string(idx.ptr[j]) + " at position " +
-                            std::to_string(j) + " is out of range for capacity " + std::to_string(capacity));
+                            std::to_string(j) + " is out of range for " + bound + " " + std::to_string(high));
   }
+}
+
+// The per-slot write counters of a buffer: two writable, contiguous int64
+// numpy arrays of length capacity, or both None.
+std::pair<const int64_t*, int64_t*> counters(py::object gen, py::object sampled, int64_t capacity, const char* what) {
+  if (gen.is_none() && sampled.is_none()) return {nullptr, nullptr};
+  auto as_arr = [&](py::object o, const char* arg) {
+    if (!py::isinstance<py::array_t<int64_t>>(o))
+      throw py::type_error(std::string(what) + ": `" + arg + "` must be an int64 numpy array");
+    auto a = py::reinterpret_borrow<py::array_t<int64_t>>(o);
+    if (a.ndim() != 1 || a.shape(0) != capacity || !(a.flags() & py::array::c_style) || !a.writeable())
+      throw py::value_error(std::string(what) + ": `" + arg + "` must be a writable contiguous (capacity,) array");
+    return a;
+  };
+  auto g = as_arr(gen, "generation");
+  auto s = as_arr(sampled, "sampled_generation");
+  return {g.data(), s.mutable_data()};
 }
 
 void check_finite(const View<double>& v, const char* what, const char* arg, bool nonneg) {
@@ -229,7 +324,45 @@ void check_finite(const View<double>& v, const char* what, const char* arg, bool
 
 }  // namespace
 
+// Rows `indices` of every CPU tensor in `storages`, as new contiguous tensors:
+// one memcpy per row and field with the GIL released, instead of one
+// index_select dispatch per field.
+std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py::handle indices) {
+  const char* what = "gather_rows";
+  auto idx = as_view<int64_t>(indices, what, "indices");
+  std::vector<at::Tensor> out;
+  out.reserve(storages.size());
+  for (const auto& s : storages) {
+    if (!s.device().is_cpu() || !s.is_contiguous() || s.dim() < 1)
+      throw py::value_error(std::string(what) + ": every storage must be a contiguous CPU tensor with a leading dimension");
+    check_indices(idx, s.size(0), what, "storage length");
+    auto sizes = s.sizes().vec();
+    sizes[0] = idx.n;
+    out.push_back(at::empty(sizes, s.options()));
+  }
+  {
+    py::gil_scoped_release nogil;
+    // Issue every row's load first so that the misses overlap.
+    for (size_t f = 0; f < storages.size(); ++f) {
+      const auto& s = storages[f];
+      const int64_t row = s.numel() / std::max<int64_t>(s.size(0), 1) * static_cast<int64_t>(s.element_size());
+      const char* src = static_cast<const char*>(s.const_data_ptr());
+      for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(src + idx.ptr[j] * row);
+    }
+    for (size_t f = 0; f < storages.size(); ++f) {
+      const auto& s = storages[f];
+      const int64_t row = s.numel() / std::max<int64_t>(s.size(0), 1) * static_cast<int64_t>(s.element_size());
+      const char* src = static_cast<const char*>(s.const_data_ptr());
+      char* dst = static_cast<char*>(out[f].mutable_data_ptr());
+      for (int64_t j = 0; j < idx.n; ++j) std::memcpy(dst + j * row, src + idx.ptr[j] * row, static_cast<size_t>(row));
+    }
+  }
+  return out;
+}
+
 void bind(py::module_& m) {
+  m.def("gather_rows", &gather_rows, py::arg("storages"), py::arg("indices"),
+        "Rows `indices` of each contiguous CPU tensor in `storages`, as new tensors (a fast index_select).");
   py::class_<SumTree>(m, "SumTree", R"doc(
 Sum tree over `capacity` float64 leaves (all 0 at first), with a min tree of
 the positive leaves. Batch calls take numpy arrays, CPU tensors or sequences,
@@ -286,9 +419,67 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
           py::arg("fractions"),
           "find(fractions * total()) read under one lock: returns (indices, leaf values, total, min).")
       .def(
+          "sample_weighted",
+          [](SumTree& t, py::handle fractions, double beta, bool stratified, py::object generation,
+             py::object sampled_generation) {
+            const char* what = "SumTree.sample_weighted";
+            auto fr = as_view<double>(fractions, what, "fractions");
+            if (!std::isfinite(beta) || beta < 0) throw py::value_error(std::string(what) + ": `beta` must be finite and >= 0");
+            auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            py::array_t<int64_t> out(fr.n);
+            py::array_t<float> w(fr.n);
+            int64_t* o = out.mutable_data();
+            float* wp = w.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              check_finite(fr, what, "fractions", /*nonneg=*/false);
+              t.sample_weighted(fr.ptr, fr.n, stratified, beta, o, wp, gens.first, gens.second);
+            }
+            return py::make_tuple(out, w);
+          },
+          py::arg("fractions"), py::arg("beta"), py::arg("stratified") = false, py::arg("generation") = py::none(),
+          py::arg("sampled_generation") = py::none(),
+          R"doc(Draws for a replay buffer, in one locked pass: leaf i for mass u_j * total
+(stratified: (j + u_j) / n * total) and its importance weight
+(leaf_i / min())^-beta as float32, which is (N P(i))^-beta divided by the
+largest possible weight. When the two int64 arrays are given,
+sampled_generation[i] = generation[i] for every drawn i. Returns (indices, weights).)doc")
+      .def(
+          "update_priorities",
+          [](SumTree& t, py::handle indices, py::handle priorities, double alpha, double eps, int64_t limit,
+             py::object generation, py::object sampled_generation) {
+            const char* what = "update_priorities";
+            auto idx = as_view<int64_t>(indices, what, "indices");
+            auto pr = as_view<double>(priorities, what, "priorities");
+            if (idx.n != pr.n)
+              throw py::value_error(std::string(what) + ": `indices` and `priorities` must have the same length, got " +
+                                    std::to_string(idx.n) + " and " + std::to_string(pr.n));
+            if (limit < 0 || limit > t.capacity()) limit = t.capacity();
+            auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            double mx = 0.0;
+            int64_t applied = 0;
+            {
+              py::gil_scoped_release nogil;
+              check_indices(idx, limit, what, "buffer length");
+              check_finite(pr, what, "priorities", /*nonneg=*/true);
+              applied = t.update_priorities(idx.ptr, pr.ptr, idx.n, alpha, eps, gens.first, gens.second, &mx);
+            }
+            return py::make_tuple(applied, mx);
+          },
+          py::arg("indices"), py::arg("priorities"), py::arg("alpha"), py::arg("eps"), py::arg("limit"),
+          py::arg("generation") = py::none(), py::arg("sampled_generation") = py::none(),
+          R"doc(The replay buffers' priority update: checks indices < limit and priorities
+finite and >= 0, skips every i with sampled_generation[i] >= 0 and !=
+generation[i] (rewritten since last sampled), and sets the rest to
+(priority + eps) ** alpha, last write winning. Returns (applied, largest
+applied priority, or -inf when none).)doc")
+      .def(
           "sample_without_replacement",
-          [](SumTree& t, py::handle fractions) {
-            auto fr = as_view<double>(fractions, "SumTree.sample_without_replacement", "fractions");
+          [](SumTree& t, py::handle fractions, py::object exclude) {
+            const char* what = "SumTree.sample_without_replacement";
+            auto fr = as_view<double>(fractions, what, "fractions");
+            View<int64_t> ex;
+            if (!exclude.is_none()) ex = as_view<int64_t>(exclude, what, "exclude");
             py::array_t<int64_t> out(fr.n);
             py::array_t<double> vals(fr.n);
             int64_t* o = out.mutable_data();
@@ -296,17 +487,20 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
             int64_t k = 0;
             {
               py::gil_scoped_release nogil;
-              check_finite(fr, "SumTree.sample_without_replacement", "fractions", /*nonneg=*/false);
-              k = t.find_without_replacement(fr.ptr, o, v, fr.n);
+              check_finite(fr, what, "fractions", /*nonneg=*/false);
+              check_indices(ex, t.capacity(), what);
+              k = t.find_without_replacement(fr.ptr, o, v, fr.n, ex.ptr, ex.n);
             }
             if (k < fr.n)
-              throw py::value_error("SumTree.sample_without_replacement: asked for " + std::to_string(fr.n) +
-                                    " distinct leaves but only " + std::to_string(k) + " have a positive value");
+              throw py::value_error(std::string(what) + ": asked for " + std::to_string(fr.n) +
+                                    " distinct leaves but only " + std::to_string(k) +
+                                    " (not excluded) have a positive value");
             return py::make_tuple(out, vals);
           },
-          py::arg("fractions"),
-          "Successive draws without replacement (fraction k of the mass left after removing the first k "
-          "draws); returns (indices, leaf values). The tree is unchanged afterwards.")
+          py::arg("fractions"), py::arg("exclude") = py::none(),
+          "Successive draws without replacement among the leaves not in `exclude` (draw k takes fraction k "
+          "of the mass left after removing the earlier draws); returns (indices, leaf values). The tree is "
+          "unchanged afterwards.")
       .def(
           "get",
           [](SumTree& t, py::handle indices) {

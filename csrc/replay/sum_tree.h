@@ -27,6 +27,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -48,8 +50,14 @@ class SumTree {
   void update(const int64_t* idx, const double* val, int64_t n);
   void find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
             double* min_out, double* values_out);
-  int64_t find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n);
+  int64_t find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n,
+                                  const int64_t* exclude, int64_t n_exclude);
   void get(const int64_t* idx, double* out, int64_t n);
+  // The replay buffers' cores (see the bound methods of the same names).
+  void sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
+                       float* w_out, const int64_t* gen, int64_t* sampled_gen);
+  int64_t update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
+                            const int64_t* gen, const int64_t* sampled_gen, double* max_out);
   void leaves(double* out);
   void assign(const double* val);
   double total();
@@ -57,13 +65,19 @@ class SumTree {
 
  private:
   void rebuild_locked();
+  void update_locked(const int64_t* idx, const double* val, int64_t n);
+  void find_locked(double* m, int64_t* out, int64_t n);
   int64_t descend_one(double mass) const;
   void set_leaf_locked(int64_t i, double v);
 
   int64_t capacity_;
   int64_t size_;
   int depth_;
-  std::vector<Node> nodes_;
+  struct FreeDeleter {
+    void operator()(Node* p) const { std::free(p); }
+  };
+  std::unique_ptr<Node[], FreeDeleter> storage_;  // 2 * size_ nodes, see the constructor
+  Node* nodes_;
   std::mutex mu_;
 };
 
