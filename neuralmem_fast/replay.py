@@ -6,7 +6,8 @@ Three layers:
   extension is built, else ``NumpySumTree``, a numpy twin with the same API
   and the same float64 arithmetic in the same order (so both return the same
   indices bit for bit). Leaves are priorities already raised to alpha; a
-  parent is always recomputed from its children, so sums never drift; a min
+  parent (fan-out 8: one cache line of children) is always recomputed from its
+  children, so sums never drift; a min
   tree of the positive leaves gives the largest possible importance weight.
   Batch calls release the GIL and hold the tree's own lock.
 
@@ -119,21 +120,23 @@ def _fast_float(x):
 class NumpySumTree:
     """Pure numpy sum tree with the API and arithmetic of the C++ SumTree.
 
-    Same layout (heap of next_pow2(capacity) leaves, node 1 the root), same
-    descent rule, same order of float64 operations, so the two agree exactly.
+    Same layout (fan-out 8, one array per level, leaves last), same descent
+    rule, same order of float64 operations, so the two agree exactly.
     """
+
+    K = 8
 
     def __init__(self, capacity: int):
         capacity = int(capacity)
         if capacity < 1:
             raise ValueError(f"SumTree: capacity must be >= 1, got {capacity}")
-        size, depth = 1, 0
-        while size < capacity:
-            size <<= 1
+        depth, width = 0, 1
+        while width < capacity:
+            width *= self.K
             depth += 1
-        self._capacity, self._size, self._depth = capacity, size, depth
-        self._sum = np.zeros(2 * size, dtype=np.float64)
-        self._min = np.full(2 * size, np.inf, dtype=np.float64)
+        self._capacity, self._depth = capacity, depth
+        self._sums = [np.zeros(self.K**d, dtype=np.float64) for d in range(depth + 1)]
+        self._mins = [np.full(self.K**d, np.inf, dtype=np.float64) for d in range(depth + 1)]
         self._lock = threading.Lock()
 
     @property
@@ -143,15 +146,18 @@ class NumpySumTree:
     def __len__(self) -> int:
         return self._capacity
 
-    def _recompute(self, nodes: np.ndarray) -> None:
-        left, right = 2 * nodes, 2 * nodes + 1
-        self._sum[nodes] = self._sum[left] + self._sum[right]
-        self._min[nodes] = np.minimum(self._min[left], self._min[right])
+    def _recompute(self, d: int, parents: np.ndarray) -> None:
+        cs = self._sums[d + 1].reshape(-1, self.K)[parents]
+        cm = self._mins[d + 1].reshape(-1, self.K)[parents]
+        acc = cs[:, 0].copy()
+        for k in range(1, self.K):  # left to right, as the C++ tree adds
+            acc += cs[:, k]
+        self._sums[d][parents] = acc
+        self._mins[d][parents] = cm.min(axis=1)
 
     def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:
-        nodes = self._size + idx
-        self._sum[nodes] = val
-        self._min[nodes] = np.where(val > 0, val, np.inf)
+        self._sums[self._depth][idx] = val
+        self._mins[self._depth][idx] = np.where(val > 0, val, np.inf)
 
     def update(self, indices, values) -> None:
         idx = _as_index_array(indices, "SumTree.update")
@@ -170,32 +176,43 @@ class NumpySumTree:
         idx = rev_unique
         with self._lock:
             self._write_leaves(idx, val)
-            nodes = self._size + idx
-            for _ in range(self._depth):
-                nodes = np.unique(nodes >> 1)
-                self._recompute(nodes)
+            nodes = idx
+            for d in range(self._depth - 1, -1, -1):
+                nodes = np.unique(nodes // self.K)
+                self._recompute(d, nodes)
 
     def _descend(self, m: np.ndarray) -> np.ndarray:
-        node = np.ones(m.shape, dtype=np.int64)
-        for _ in range(self._depth):
-            left = self._sum[2 * node]
-            right = self._sum[2 * node + 1]
-            go_left = (left > 0) & ((m < left) | ~(right > 0))
-            m = np.where(go_left, m, m - left)
-            node = 2 * node + (~go_left)
+        m = np.where(m < 0, 0.0, m)
+        node = np.zeros(m.shape, dtype=np.int64)
+        rows = np.arange(m.size)
+        for d in range(self._depth):
+            c = self._sums[d + 1].reshape(-1, self.K)[node]
+            pre = np.zeros_like(c)
+            acc = np.zeros(m.shape)
+            k = np.zeros(m.shape, dtype=np.int64)
+            for j in range(self.K):
+                pre[:, j] = acc
+                acc = acc + c[:, j]
+                if j < self.K - 1:
+                    k += acc <= m
+            positive = c > 0
+            last = self.K - 1 - np.argmax(positive[:, ::-1], axis=1)
+            k = np.minimum(k, last)
+            m = m - pre[rows, k]
+            node = node * self.K + k
         return node
 
     def _find(self, masses, fractions: bool, what: str, arg: str):
         m = _as_float_array(masses, what, arg).copy()
         _check_values(m, what, arg, nonneg=False)
         with self._lock:
-            total = float(self._sum[1])
+            total = float(self._sums[0][0])
             if not total > 0:
                 raise ValueError("SumTree.find: the tree is empty (total is 0); nothing can be sampled")
             if fractions:
                 m *= total
-            node = self._descend(m)
-            return node - self._size, self._sum[node].copy(), total, float(self._min[1])
+            idx = self._descend(m)
+            return idx, self._sums[self._depth][idx].copy(), total, float(self._mins[0][0])
 
     def find(self, masses) -> np.ndarray:
         return self._find(masses, False, "SumTree.find", "masses")[0]
@@ -210,14 +227,13 @@ class NumpySumTree:
         if not (math.isfinite(beta) and beta >= 0):
             raise ValueError(f"{what}: `beta` must be finite and >= 0")
         with self._lock:
-            total = float(self._sum[1])
+            total = float(self._sums[0][0])
             if not total > 0:
                 raise ValueError(f"{what}: the tree is empty (total is 0); nothing can be sampled")
             if stratified:
                 fr = (np.arange(fr.size, dtype=np.float64) + fr) / fr.size
-            node = self._descend(fr * total)
-            idx = node - self._size
-            weights = ((self._sum[node] / self._min[1]) ** (-beta)).astype(np.float32)
+            idx = self._descend(fr * total)
+            weights = ((self._sums[self._depth][idx] / self._mins[0][0]) ** (-beta)).astype(np.float32)
             if sampled_generation is not None:
                 sampled_generation[idx] = generation[idx]
             return idx, weights
@@ -242,14 +258,10 @@ class NumpySumTree:
         return int(idx.size), float(p.max())
 
     def _set_leaf(self, i: int, v: float) -> None:
-        node = self._size + i
-        self._sum[node] = v
-        self._min[node] = v if v > 0 else np.inf
-        node >>= 1
-        while node >= 1:
-            self._sum[node] = self._sum[2 * node] + self._sum[2 * node + 1]
-            self._min[node] = min(self._min[2 * node], self._min[2 * node + 1])
-            node >>= 1
+        self._write_leaves(np.array([i]), np.array([v], dtype=np.float64))
+        for d in range(self._depth - 1, -1, -1):
+            i //= self.K
+            self._recompute(d, np.array([i]))
 
     def sample_without_replacement(self, fractions, exclude=None):
         what = "SumTree.sample_without_replacement"
@@ -262,15 +274,15 @@ class NumpySumTree:
         with self._lock:
             saved = []
             for i in ex.tolist():
-                saved.append(float(self._sum[self._size + i]))
+                saved.append(float(self._sums[self._depth][i]))
                 self._set_leaf(i, 0.0)
             k = 0
             while k < fr.size:
-                total = self._sum[1]
+                total = self._sums[0][0]
                 if not total > 0:
                     break
-                i = int(self._descend(np.array([fr[k] * total]))[0]) - self._size
-                out[k], vals[k] = i, self._sum[self._size + i]
+                i = int(self._descend(np.array([fr[k] * total]))[0])
+                out[k], vals[k] = i, self._sums[self._depth][i]
                 self._set_leaf(i, 0.0)
                 k += 1
             for j in range(k - 1, -1, -1):
@@ -287,11 +299,11 @@ class NumpySumTree:
         idx = _as_index_array(indices, "SumTree.get")
         _check_range(idx, self._capacity, "SumTree.get", "capacity")
         with self._lock:
-            return self._sum[self._size + idx].copy()
+            return self._sums[self._depth][idx].copy()
 
     def leaves(self) -> np.ndarray:
         with self._lock:
-            return self._sum[self._size : self._size + self._capacity].copy()
+            return self._sums[self._depth][: self._capacity].copy()
 
     def assign(self, values) -> None:
         val = _as_float_array(values, "SumTree.assign", "values")
@@ -300,18 +312,16 @@ class NumpySumTree:
         _check_values(val, "SumTree.assign", "values")
         with self._lock:
             self._write_leaves(np.arange(self._capacity), val)
-            lo = self._size
-            for _ in range(self._depth):
-                lo >>= 1
-                self._recompute(np.arange(lo, 2 * lo))
+            for d in range(self._depth - 1, -1, -1):
+                self._recompute(d, np.arange(self.K**d))
 
     def total(self) -> float:
         with self._lock:
-            return float(self._sum[1])
+            return float(self._sums[0][0])
 
     def min(self) -> float:
         with self._lock:
-            return float(self._min[1])
+            return float(self._mins[0][0])
 
 
 def SumTree(capacity: int, backend: str = "auto"):

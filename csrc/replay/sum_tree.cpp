@@ -29,66 +29,112 @@ namespace replay {
 
 namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int64_t K = SumTree::kFanout;
 
-inline Node combine(const Node& a, const Node& b) {
-  return Node{a.sum + b.sum, a.min < b.min ? a.min : b.min};
+inline double leaf_min(double v) { return v > 0.0 ? v : kInf; }
+
+// Sum of K children, left to right (the numpy twin adds in the same order).
+inline double sum_children(const double* c) {
+  double acc = c[0];
+  for (int k = 1; k < K; ++k) acc += c[k];
+  return acc;
 }
 
-inline Node leaf(double v) { return Node{v, v > 0.0 ? v : kInf}; }
-}  // namespace
+inline double min_children(const double* c) {
+  double mn = c[0];
+  for (int k = 1; k < K; ++k) mn = c[k] < mn ? c[k] : mn;
+  return mn;
+}
 
-SumTree::SumTree(int64_t capacity) : capacity_(capacity), size_(1), depth_(0) {
-  if (capacity < 1) throw py::value_error("SumTree: capacity must be >= 1, got " + std::to_string(capacity));
-  while (size_ < capacity) {
-    size_ <<= 1;
-    ++depth_;
+// The child of a node that owns mass m >= 0, and its prefix within the node.
+// With inclusive prefixes a_k = c_0 + ... + c_k (left to right), the child is
+// k = #{k < K-1 : a_k <= m}: a mass equal to a boundary starts the next child,
+// so leaf i owns [P_i, P_i+1), and the child found has a positive value
+// (a_k-1 <= m < a_k). When m lies at or beyond the node's sum (a mass equal
+// to the total, or beyond it by rounding) the count can land on trailing
+// zero children, so it is capped at the last positive child. The caller
+// enters only nodes of positive sum, so the leaf reached is positive and
+// before `capacity`. Branch-free on purpose: the children are usually a cache
+// miss, and a mispredicted branch would wait for them and serialise the
+// misses of a batch instead of overlapping them.
+inline int64_t pick_child(const double* c, double m, double* prefix) {
+  double pre[K];
+  double acc = 0.0;
+  int64_t k = 0, last = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    pre[j] = acc;
+    acc += c[j];
+    k += (j < K - 1) & (acc <= m);
+    last = c[j] > 0.0 ? j : last;
   }
-  // 64-byte aligned, so that the two children of a node share a cache line.
-  // Large trees sit on 2 MiB-aligned memory marked for transparent huge
-  // pages: a random descent touches one node per level, and with 4 KiB pages
-  // every such miss is also a TLB miss whose page walk would serialise them.
-  const size_t bytes = static_cast<size_t>(2 * size_) * sizeof(Node);
+  k = k < last ? k : last;
+  *prefix = pre[k];
+  return k;
+}
+
+double* alloc_level(int64_t n) {
+  // Whole cache lines, so that the K children of a node share one. Levels of
+  // 2 MiB and more sit on 2 MiB-aligned memory marked for transparent huge
+  // pages: a random descent touches one line per level, and with 4 KiB pages
+  // each such miss is also a TLB miss whose page walk would serialise them.
+  const size_t bytes = std::max<size_t>(64, static_cast<size_t>(n) * sizeof(double));
   const size_t align = bytes >= (size_t{2} << 20) ? (size_t{2} << 20) : size_t{64};
   void* mem = nullptr;
-  if (posix_memalign(&mem, align, bytes) != 0) throw std::bad_alloc();
+  if (posix_memalign(&mem, align, (bytes + align - 1) / align * align) != 0) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
   if (align > 64) madvise(mem, bytes, MADV_HUGEPAGE);
 #endif
-  storage_.reset(static_cast<Node*>(mem));
-  nodes_ = storage_.get();
-  std::fill(nodes_, nodes_ + 2 * size_, Node{0.0, kInf});
+  return static_cast<double*>(mem);
+}
+}  // namespace
+
+SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
+  if (capacity < 1) throw py::value_error("SumTree: capacity must be >= 1, got " + std::to_string(capacity));
+  int64_t width = 1;
+  while (width < capacity) {
+    width *= K;
+    ++depth_;
+  }
+  for (int d = 0, n = 1; d <= depth_; ++d, n *= K) {
+    sums_.emplace_back(alloc_level(n));
+    mins_.emplace_back(alloc_level(n));
+    std::fill(sums_.back().get(), sums_.back().get() + n, 0.0);
+    std::fill(mins_.back().get(), mins_.back().get() + n, kInf);
+    width_.push_back(n);
+  }
+}
+
+void SumTree::recompute_locked(int d, int64_t p) {
+  const double* cs = sums_[d + 1].get() + p * K;
+  const double* cm = mins_[d + 1].get() + p * K;
+  sums_[d][p] = sum_children(cs);
+  mins_[d][p] = min_children(cm);
 }
 
 void SumTree::rebuild_locked() {
-  for (int64_t i = size_ - 1; i >= 1; --i) nodes_[i] = combine(nodes_[2 * i], nodes_[2 * i + 1]);
+  for (int d = depth_ - 1; d >= 0; --d)
+    for (int64_t p = 0; p < width_[d]; ++p) recompute_locked(d, p);
 }
 
 void SumTree::set_leaf_locked(int64_t i, double v) {
-  int64_t node = size_ + i;
-  nodes_[node] = leaf(v);
-  for (node >>= 1; node >= 1; node >>= 1) nodes_[node] = combine(nodes_[2 * node], nodes_[2 * node + 1]);
+  sums_[depth_][i] = v;
+  mins_[depth_][i] = leaf_min(v);
+  for (int d = depth_ - 1; d >= 0; --d) {
+    i /= K;
+    recompute_locked(d, i);
+  }
 }
 
-// One step of the descent is shared by every search: go left when the mass
-// falls strictly inside the left subtree, or when the right subtree is empty;
-// otherwise go right. Entering only subtrees of positive sum means the leaf
-// reached always has a positive value and lies before `capacity`, whatever
-// the mass (a mass equal to the total, or beyond it by rounding, ends on the
-// last positive leaf; a mass equal to a prefix boundary starts the next
-// positive leaf, i.e. leaf i owns the half-open interval [P_i, P_i+1)).
 int64_t SumTree::descend_one(double m) const {
-  int64_t i = 1;
-  while (i < size_) {
-    const double l = nodes_[2 * i].sum;
-    const double r = nodes_[2 * i + 1].sum;
-    if (l > 0.0 && (m < l || !(r > 0.0))) {
-      i = 2 * i;
-    } else {
-      m -= l;
-      i = 2 * i + 1;
-    }
+  int64_t i = 0;
+  m = m < 0.0 ? 0.0 : m;
+  for (int d = 0; d < depth_; ++d) {
+    double pre;
+    const int64_t k = pick_child(sums_[d + 1].get() + i * K, m, &pre);
+    m -= pre;
+    i = i * K + k;
   }
-  return i - size_;
+  return i;
 }
 
 void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
@@ -96,14 +142,23 @@ void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
   update_locked(idx, val, n);
 }
 
+// Leaves first, in order (the last write to a repeated index wins), then
+// every affected parent one level up at a time across the whole batch.
 void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) nodes_[size_ + idx[j]] = leaf(val[j]);
-  for (int level = 1; level <= depth_; ++level) {
+  double* ls = sums_[depth_].get();
+  double* lm = mins_[depth_].get();
+  for (int64_t j = 0; j < n; ++j) {
+    ls[idx[j]] = val[j];
+    lm[idx[j]] = leaf_min(val[j]);
+  }
+  int64_t div = 1;
+  for (int d = depth_ - 1; d >= 0; --d) {
+    div *= K;
     int64_t prev = -1;
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = (size_ + idx[j]) >> level;
+      const int64_t p = idx[j] / div;
       if (p == prev) continue;  // sorted or clustered batches share parents
-      nodes_[p] = combine(nodes_[2 * p], nodes_[2 * p + 1]);
+      recompute_locked(d, p);
       prev = p;
     }
   }
@@ -112,18 +167,17 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
 // Descends every query of the batch one level at a time; `m` holds the masses
 // and is consumed, `out` holds the current node of each query meanwhile.
 void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = 1;
-  // Branch-free on purpose: the direction depends on a value that is usually
-  // a cache miss, and a mispredicted branch would wait for it and serialise
-  // the misses of the whole batch instead of overlapping them.
-  for (int level = 0; level < depth_; ++level) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = 0;
+    m[j] = m[j] < 0.0 ? 0.0 : m[j];  // below the first leaf: the first positive one
+  }
+  for (int d = 0; d < depth_; ++d) {
+    const double* level = sums_[d + 1].get();
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = out[j];
-      const double l = nodes_[2 * i].sum;
-      const double r = nodes_[2 * i + 1].sum;
-      const int64_t right = !((l > 0.0) & ((m[j] < l) | !(r > 0.0)));
-      m[j] -= right ? l : 0.0;
-      out[j] = 2 * i + right;
+      double pre;
+      const int64_t k = pick_child(level + out[j] * K, m[j], &pre);
+      m[j] -= pre;
+      out[j] = out[j] * K + k;
     }
   }
 }
@@ -131,35 +185,33 @@ void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
 void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
                    double* min_out, double* values_out) {
   std::lock_guard<std::mutex> g(mu_);
-  const double total = nodes_[1].sum;
+  const double total = sums_[0][0];
   if (!(total > 0.0)) throw py::value_error("SumTree.find: the tree is empty (total is 0); nothing can be sampled");
   std::vector<double> m(mass, mass + n);
   if (fractions)
     for (int64_t j = 0; j < n; ++j) m[j] *= total;
   find_locked(m.data(), out, n);
-  for (int64_t j = 0; j < n; ++j) {
-    if (values_out) values_out[j] = nodes_[out[j]].sum;
-    out[j] -= size_;
-  }
+  if (values_out)
+    for (int64_t j = 0; j < n; ++j) values_out[j] = sums_[depth_][out[j]];
   if (total_out) *total_out = total;
-  if (min_out) *min_out = nodes_[1].min;
+  if (min_out) *min_out = mins_[0][0];
 }
 
 void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
                               float* w_out, const int64_t* gen, int64_t* sampled_gen) {
   std::lock_guard<std::mutex> g(mu_);
-  const double total = nodes_[1].sum;
+  const double total = sums_[0][0];
   if (!(total > 0.0))
     throw py::value_error("SumTree.sample_weighted: the tree is empty (total is 0); nothing can be sampled");
   std::vector<double> m(frac, frac + n);
-  for (int64_t j = 0; j < n; ++j) m[j] = (stratified ? (static_cast<double>(j) + m[j]) / static_cast<double>(n) : m[j]) * total;
+  for (int64_t j = 0; j < n; ++j)
+    m[j] = (stratified ? (static_cast<double>(j) + m[j]) / static_cast<double>(n) : m[j]) * total;
   find_locked(m.data(), idx_out, n);
   // (N p_i / T)^-beta over the largest possible weight (N p_min / T)^-beta.
-  const double mn = nodes_[1].min;
+  const double mn = mins_[0][0];
+  const double* ls = sums_[depth_].get();
   for (int64_t j = 0; j < n; ++j) {
-    const double v = nodes_[idx_out[j]].sum;
-    idx_out[j] -= size_;
-    w_out[j] = static_cast<float>(std::pow(v / mn, -beta));
+    w_out[j] = static_cast<float>(std::pow(ls[idx_out[j]] / mn, -beta));
     if (sampled_gen) sampled_gen[idx_out[j]] = gen[idx_out[j]];
   }
 }
@@ -195,16 +247,16 @@ int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, doub
   // exactly the same bits.
   std::vector<double> saved(static_cast<size_t>(n_exclude));
   for (int64_t j = 0; j < n_exclude; ++j) {
-    saved[j] = nodes_[size_ + exclude[j]].sum;
+    saved[j] = sums_[depth_][exclude[j]];
     set_leaf_locked(exclude[j], 0.0);
   }
   int64_t k = 0;
   for (; k < n; ++k) {
-    const double total = nodes_[1].sum;
+    const double total = sums_[0][0];
     if (!(total > 0.0)) break;
     const int64_t i = descend_one(frac[k] * total);
     out[k] = i;
-    values_out[k] = nodes_[size_ + i].sum;
+    values_out[k] = sums_[depth_][i];
     set_leaf_locked(i, 0.0);
   }
   for (int64_t j = k - 1; j >= 0; --j) set_leaf_locked(out[j], values_out[j]);
@@ -214,28 +266,31 @@ int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, doub
 
 void SumTree::get(const int64_t* idx, double* out, int64_t n) {
   std::lock_guard<std::mutex> g(mu_);
-  for (int64_t j = 0; j < n; ++j) out[j] = nodes_[size_ + idx[j]].sum;
+  for (int64_t j = 0; j < n; ++j) out[j] = sums_[depth_][idx[j]];
 }
 
 void SumTree::leaves(double* out) {
   std::lock_guard<std::mutex> g(mu_);
-  for (int64_t j = 0; j < capacity_; ++j) out[j] = nodes_[size_ + j].sum;
+  std::memcpy(out, sums_[depth_].get(), static_cast<size_t>(capacity_) * sizeof(double));
 }
 
 void SumTree::assign(const double* val) {
   std::lock_guard<std::mutex> g(mu_);
-  for (int64_t j = 0; j < capacity_; ++j) nodes_[size_ + j] = leaf(val[j]);
+  for (int64_t j = 0; j < capacity_; ++j) {
+    sums_[depth_][j] = val[j];
+    mins_[depth_][j] = leaf_min(val[j]);
+  }
   rebuild_locked();
 }
 
 double SumTree::total() {
   std::lock_guard<std::mutex> g(mu_);
-  return nodes_[1].sum;
+  return sums_[0][0];
 }
 
 double SumTree::min() {
   std::lock_guard<std::mutex> g(mu_);
-  return nodes_[1].min;
+  return mins_[0][0];
 }
 
 // ---------------------------------------------------------------------------

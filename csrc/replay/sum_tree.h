@@ -1,23 +1,24 @@
 // Sum tree (with a min tree alongside) for prioritized replay.
 //
-// Layout: an implicit binary heap over `size_` = next power of two >= capacity
-// leaves; node 1 is the root, the children of node i are 2i and 2i+1, leaf j
-// is node size_ + j. Each node holds {sum, min} side by side, so recomputing
-// a parent reads one 32-byte pair of children and both trees share the cache
-// misses. Padding leaves (j >= capacity) hold sum 0 and min +inf; a leaf of
-// value 0 also holds min +inf, so min() is the smallest *positive* leaf, the
-// one that bounds the largest importance weight of anything that can be
-// sampled.
+// Layout: a complete tree of fan-out K = 8 stored level by level, one aligned
+// array per level (sums) plus one of the same shape (mins). The K children of
+// a node are adjacent and fill exactly one 64-byte cache line, so a descent
+// over a million leaves reads 7 lines instead of the 20 levels of a binary
+// heap, and an update recomputes 7 parents. Leaves past `capacity` hold sum 0
+// and min +inf; a leaf of value 0 also holds min +inf, so min() is the
+// smallest *positive* leaf, the one that bounds the largest importance weight
+// of anything that can be sampled.
 //
-// Every parent is recomputed from its two children (never patched by a
-// delta), so the sums carry no accumulated rounding error: the tree is a
-// pure function of its leaves, bit for bit.
+// Every parent is recomputed from its K children, added left to right (never
+// patched by a delta), so the sums carry no accumulated rounding error: the
+// tree is a pure function of its leaves, bit for bit.
 //
 // Batch operations run level by level across the whole batch: all leaves are
 // written first (in order, so the last write to a duplicate index wins), then
-// every affected parent of level 1, then level 2, ... The inner loop walks
-// independent nodes, so the CPU overlaps their cache misses instead of
-// chasing one root-to-leaf path at a time. find() descends the same way.
+// every affected parent one level up, and so on to the root. find() descends
+// the same way, one level for the whole batch at a time; its inner loop walks
+// independent nodes without branches, so the CPU overlaps their cache misses
+// instead of chasing one root-to-leaf path at a time.
 //
 // Threads: the GIL is released for the work of every batch call, and one
 // mutex serialises access to the nodes, so Python threads may add, sample and
@@ -35,13 +36,10 @@
 namespace neuralmem {
 namespace replay {
 
-struct Node {
-  double sum;
-  double min;
-};
-
 class SumTree {
  public:
+  static constexpr int64_t kFanout = 8;
+
   explicit SumTree(int64_t capacity);
 
   int64_t capacity() const { return capacity_; }
@@ -65,19 +63,22 @@ class SumTree {
 
  private:
   void rebuild_locked();
+  void recompute_locked(int d, int64_t p);
   void update_locked(const int64_t* idx, const double* val, int64_t n);
   void find_locked(double* m, int64_t* out, int64_t n);
   int64_t descend_one(double mass) const;
   void set_leaf_locked(int64_t i, double v);
 
-  int64_t capacity_;
-  int64_t size_;
-  int depth_;
   struct FreeDeleter {
-    void operator()(Node* p) const { std::free(p); }
+    void operator()(double* p) const { std::free(p); }
   };
-  std::unique_ptr<Node[], FreeDeleter> storage_;  // 2 * size_ nodes, see the constructor
-  Node* nodes_;
+  using Level = std::unique_ptr<double[], FreeDeleter>;
+
+  int64_t capacity_;
+  int depth_;                  // leaves are level depth_, the root level 0
+  std::vector<Level> sums_;    // sums_[d] has width_[d] = K^d entries
+  std::vector<Level> mins_;
+  std::vector<int64_t> width_;
   std::mutex mu_;
 };
 
