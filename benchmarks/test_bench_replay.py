@@ -9,11 +9,16 @@ priorities, and is timed on the same operations:
   PrioritizedReplayBuffer, ours);
 * update_priorities: 256 new priorities at random slots (each call takes the
   next of 64 precomputed index batches, so no call replays a cache-hot path);
+* update_priorities+sample: one training step's replay work. cpprb marks
+  updated leaves and recomputes its tree lazily at the next sample, so its
+  update_priorities alone hides that cost; this group charges it;
 * ExperienceReplay.sample: the tutorial's class against ours (same semantics,
   without replacement) and against our PrioritizedReplayBuffer.
 
 Peers that are not installed are skipped (`pip install .[peers]`). Run:
     python -m pytest benchmarks/test_bench_replay.py --benchmark-json=bench_replay.json
+On a shared, busy machine add --benchmark-timer=time.process_time (CPU time
+of the process, all threads) so that other load does not inflate the rows.
 """
 import itertools
 
@@ -65,7 +70,7 @@ def _torchrl(data):
         alpha=ALPHA, beta=BETA, storage=LazyTensorStorage(CAP), batch_size=BATCH, priority_key="td_error"
     )
     rb.extend(TensorDict(dict(data["items"]), batch_size=[CAP]))
-    rb.update_priority(torch.arange(CAP), torch.from_numpy(data["priorities"]))
+    rb.update_priority(torch.arange(CAP), torch.from_numpy(data["priorities"]).float())
     return rb
 
 
@@ -90,6 +95,7 @@ def _info(benchmark, group, provider, baseline=False):
 
 SAMPLE = f"replay sample C{CAP} B{BATCH}"
 UPDATE = f"replay update_priorities C{CAP} B{BATCH}"
+STEP = f"replay update_priorities+sample C{CAP} B{BATCH}"
 SEED_SAMPLE = f"ExperienceReplay.sample C{CAP} B{BATCH}"
 
 
@@ -146,6 +152,45 @@ def test_update_cpprb(benchmark, data):
     it = _cycler(data, as_tensor=False)
     _info(benchmark, UPDATE, "cpprb")
     benchmark(lambda: rb.update_priorities(*next(it)))
+
+
+# -- one step: update the last batch's priorities, draw the next batch ----------
+
+
+def test_step_ours(benchmark, data):
+    buf = _ours(data)
+    it = _cycler(data, as_tensor=True)
+    _info(benchmark, STEP, "neuralmem_fast")
+
+    def step():
+        buf.update_priorities(*next(it))
+        return buf.sample(BATCH)
+
+    benchmark(step)
+
+
+def test_step_torchrl(benchmark, data):
+    rb = _torchrl(data)
+    it = _cycler(data, as_tensor=True)
+    _info(benchmark, STEP, "torchrl", baseline=True)
+
+    def step():
+        rb.update_priority(*next(it))
+        return rb.sample()
+
+    benchmark(step)
+
+
+def test_step_cpprb(benchmark, data):
+    rb = _cpprb(data)
+    it = _cycler(data, as_tensor=False)
+    _info(benchmark, STEP, "cpprb")
+
+    def step():
+        rb.update_priorities(*next(it))
+        return rb.sample(BATCH, BETA)
+
+    benchmark(step)
 
 
 # -- the tutorial's ExperienceReplay ---------------------------------------------

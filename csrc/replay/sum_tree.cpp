@@ -211,7 +211,8 @@ void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, do
   const double mn = mins_[0][0];
   const double* ls = sums_[depth_].get();
   for (int64_t j = 0; j < n; ++j) {
-    w_out[j] = static_cast<float>(std::pow(ls[idx_out[j]] / mn, -beta));
+    // float pow: the weights are float32 anyway, and it halves the cost.
+    w_out[j] = std::pow(static_cast<float>(ls[idx_out[j]] / mn), static_cast<float>(-beta));
     if (sampled_gen) sampled_gen[idx_out[j]] = gen[idx_out[j]];
   }
 }
