@@ -794,8 +794,11 @@ class ExperienceReplay:
                     )
                     idx, vals = np.concatenate([idx, more]), np.concatenate([vals, more_vals])
             self._sampled_gen[idx] = self._gen[idx]
-            items = self._items
-            samples = [items[i] for i in idx.tolist()]
+            if _C is not None and hasattr(_C, "take"):
+                samples = _C.take(self._items, idx)
+            else:
+                items = self._items
+                samples = [items[i] for i in idx.tolist()]
         # (N p_i / T)^-beta over its batch maximum (the smallest p) is (p_i / p_min)^-beta.
         weights = torch.from_numpy((vals / vals.min()) ** (-beta)).float()
         self.last_indices = idx

@@ -416,7 +416,30 @@ std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py:
   return out;
 }
 
+// [items[i] for i in indices] for a Python list: the list slots and then the
+// objects (whose reference counts are written) are prefetched for the whole
+// batch before any is touched, so their cache misses overlap instead of
+// following one another as they do in an interpreted loop.
+py::list take(py::list items, py::handle indices) {
+  const char* what = "take";
+  auto idx = as_view<int64_t>(indices, what, "indices");
+  const int64_t n_items = static_cast<int64_t>(PyList_GET_SIZE(items.ptr()));
+  check_indices(idx, n_items, what, "list length");
+  PyObject** slots = reinterpret_cast<PyListObject*>(items.ptr())->ob_item;
+  for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(slots + idx.ptr[j]);
+  for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(slots[idx.ptr[j]], 1);
+  py::list out(idx.n);
+  for (int64_t j = 0; j < idx.n; ++j) {
+    PyObject* o = slots[idx.ptr[j]];
+    Py_INCREF(o);
+    PyList_SET_ITEM(out.ptr(), j, o);
+  }
+  return out;
+}
+
 void bind(py::module_& m) {
+  m.def("take", &take, py::arg("items"), py::arg("indices"),
+        "[items[i] for i in indices] for a list, with the memory accesses of the batch overlapped.");
   m.def("gather_rows", &gather_rows, py::arg("storages"), py::arg("indices"),
         "Rows `indices` of each contiguous CPU tensor in `storages`, as new tensors (a fast index_select).");
   py::class_<SumTree>(m, "SumTree", R"doc(
