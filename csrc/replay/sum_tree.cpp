@@ -307,6 +307,7 @@ struct View {
   int64_t n = 0;
   py::object keep_array;
   at::Tensor keep_tensor;
+  std::vector<T> owned;
 };
 
 template <typename T>
@@ -322,6 +323,15 @@ View<T> as_view(py::handle obj, const char* what, const char* arg) {
       throw py::type_error(std::string(what) + ": `" + arg + "` must hold integers, got dtype " +
                            std::string(c10::toString(t.scalar_type())));
     const auto want = is_index ? at::kLong : at::kDouble;
+    if (!is_index && t.scalar_type() == at::kFloat && t.is_contiguous()) {
+      // float32 priorities (the usual TD errors): widen here, which is far
+      // cheaper than a dispatched tensor conversion for a small batch.
+      const float* src = t.const_data_ptr<float>();
+      v.owned.assign(src, src + t.numel());
+      v.ptr = v.owned.data();
+      v.n = t.numel();
+      return v;
+    }
     if (t.scalar_type() != want || !t.is_contiguous()) t = t.to(want).contiguous();
     v.ptr = t.data_ptr<T>();
     v.n = t.numel();
