@@ -5,6 +5,11 @@
 // (indices) array or tensor is read in place, anything else is converted
 // once. Outputs are new numpy arrays. Every input is checked before the tree
 // is touched, so a rejected call changes nothing.
+//
+// Two helpers of the replay buffers live here too, because their cost is the
+// same cache-miss problem as the descent: gather_rows (the sampled rows of
+// every stored field, one memcpy each after prefetching them all) and take
+// (the sampled objects of a Python list, with slots and objects prefetched).
 #include "replay/sum_tree.h"
 
 #include <pybind11/numpy.h>
