@@ -7,6 +7,7 @@ each with backend="auto" | "cpu" | "cuda" | "triton" | "torch".
 """
 from ._ext import has_cuda_kernels, has_extension
 from .backends import available_backends, has_triton
+from .replay import ExperienceReplay, PrioritizedReplayBuffer, SumTree
 from .ops import (
     content_addressing,
     content_addressing_ref,
@@ -25,6 +26,9 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "SumTree",
+    "PrioritizedReplayBuffer",
+    "ExperienceReplay",
     "has_extension",
     "has_cuda_kernels",
     "has_triton",
