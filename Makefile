@@ -43,7 +43,11 @@ demo: build
 test: build
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
+# The replay peers (TorchRL, cpprb) are an optional extra: installed here when
+# the registry has them, skipped by the suites otherwise.
+PEERS ?= 1
 bench: build
+	@if [ "$(PEERS)" = "1" ]; then $(PY) -m pip install -q torchrl cpprb || echo "replay peers not installed: their rows will be skipped"; fi
 	$(PY) -m neuralmem_fast bench $(if $(QUICK),--quick,) $(ARGS)
 
 scale: build
