@@ -1,7 +1,642 @@
+// Sum tree for prioritized replay: the tree itself and its pybind11 class.
+// The design (layout, level-by-level batches, locking) is described in
+// sum_tree.h. This file adds the Python boundary: inputs may be numpy arrays,
+// CPU tensors, lists or scalars; a contiguous float64 (values) or int64
+// (indices) array or tensor is read in place, anything else is converted
+// once. Outputs are new numpy arrays. Every input is checked before the tree
+// is touched, so a rejected call changes nothing.
+//
+// Two helpers of the replay buffers live here too, because their cost is the
+// same cache-miss problem as the descent: gather_rows (the sampled rows of
+// every stored field, one memcpy each after prefetching them all) and take
+// (the sampled objects of a Python list, with slots and objects prefetched).
 #include "replay/sum_tree.h"
+
+#include <pybind11/numpy.h>
+#include <torch/extension.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <new>
+#include <limits>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
 
 namespace neuralmem {
 namespace replay {
-void bind(pybind11::module_& m) { (void)m; }
+
+namespace {
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int64_t K = SumTree::kFanout;
+
+inline double leaf_min(double v) { return v > 0.0 ? v : kInf; }
+
+// Sum of K children, left to right (the numpy twin adds in the same order).
+inline double sum_children(const double* c) {
+  double acc = c[0];
+  for (int k = 1; k < K; ++k) acc += c[k];
+  return acc;
+}
+
+inline double min_children(const double* c) {
+  double mn = c[0];
+  for (int k = 1; k < K; ++k) mn = c[k] < mn ? c[k] : mn;
+  return mn;
+}
+
+// The child of a node that owns mass m >= 0, and its prefix within the node.
+// With inclusive prefixes a_k = c_0 + ... + c_k (left to right), the child is
+// k = #{k < K-1 : a_k <= m}: a mass equal to a boundary starts the next child,
+// so leaf i owns [P_i, P_i+1), and the child found has a positive value
+// (a_k-1 <= m < a_k). When m lies at or beyond the node's sum (a mass equal
+// to the total, or beyond it by rounding) the count can land on trailing
+// zero children, so it is capped at the last positive child. The caller
+// enters only nodes of positive sum, so the leaf reached is positive and
+// before `capacity`. Branch-free on purpose: the children are usually a cache
+// miss, and a mispredicted branch would wait for them and serialise the
+// misses of a batch instead of overlapping them.
+inline int64_t pick_child(const double* c, double m, double* prefix) {
+  double pre[K];
+  double acc = 0.0;
+  int64_t k = 0, last = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    pre[j] = acc;
+    acc += c[j];
+    k += (j < K - 1) & (acc <= m);
+    last = c[j] > 0.0 ? j : last;
+  }
+  k = k < last ? k : last;
+  *prefix = pre[k];
+  return k;
+}
+
+double* alloc_level(int64_t n) {
+  // Whole cache lines, so that the K children of a node share one. Levels of
+  // 2 MiB and more sit on 2 MiB-aligned memory marked for transparent huge
+  // pages: a random descent touches one line per level, and with 4 KiB pages
+  // each such miss is also a TLB miss whose page walk would serialise them.
+  const size_t bytes = std::max<size_t>(64, static_cast<size_t>(n) * sizeof(double));
+  const size_t align = bytes >= (size_t{2} << 20) ? (size_t{2} << 20) : size_t{64};
+  void* mem = nullptr;
+  if (posix_memalign(&mem, align, (bytes + align - 1) / align * align) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align > 64) madvise(mem, bytes, MADV_HUGEPAGE);
+#endif
+  return static_cast<double*>(mem);
+}
+}  // namespace
+
+SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
+  if (capacity < 1) throw py::value_error("SumTree: capacity must be >= 1, got " + std::to_string(capacity));
+  int64_t width = 1;
+  while (width < capacity) {
+    width *= K;
+    ++depth_;
+  }
+  for (int d = 0, n = 1; d <= depth_; ++d, n *= K) {
+    sums_.emplace_back(alloc_level(n));
+    mins_.emplace_back(alloc_level(n));
+    std::fill(sums_.back().get(), sums_.back().get() + n, 0.0);
+    std::fill(mins_.back().get(), mins_.back().get() + n, kInf);
+    width_.push_back(n);
+  }
+}
+
+void SumTree::recompute_locked(int d, int64_t p) {
+  const double* cs = sums_[d + 1].get() + p * K;
+  const double* cm = mins_[d + 1].get() + p * K;
+  sums_[d][p] = sum_children(cs);
+  mins_[d][p] = min_children(cm);
+}
+
+void SumTree::rebuild_locked() {
+  for (int d = depth_ - 1; d >= 0; --d)
+    for (int64_t p = 0; p < width_[d]; ++p) recompute_locked(d, p);
+}
+
+void SumTree::set_leaf_locked(int64_t i, double v) {
+  sums_[depth_][i] = v;
+  mins_[depth_][i] = leaf_min(v);
+  for (int d = depth_ - 1; d >= 0; --d) {
+    i /= K;
+    recompute_locked(d, i);
+  }
+}
+
+int64_t SumTree::descend_one(double m) const {
+  int64_t i = 0;
+  m = m < 0.0 ? 0.0 : m;
+  for (int d = 0; d < depth_; ++d) {
+    double pre;
+    const int64_t k = pick_child(sums_[d + 1].get() + i * K, m, &pre);
+    m -= pre;
+    i = i * K + k;
+  }
+  return i;
+}
+
+void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
+  std::lock_guard<std::mutex> g(mu_);
+  update_locked(idx, val, n);
+}
+
+// Leaves first, in order (the last write to a repeated index wins), then
+// every affected parent one level up at a time across the whole batch.
+void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
+  double* ls = sums_[depth_].get();
+  double* lm = mins_[depth_].get();
+  for (int64_t j = 0; j < n; ++j) {
+    ls[idx[j]] = val[j];
+    lm[idx[j]] = leaf_min(val[j]);
+  }
+  int64_t div = 1;
+  for (int d = depth_ - 1; d >= 0; --d) {
+    div *= K;
+    int64_t prev = -1;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = idx[j] / div;
+      if (p == prev) continue;  // sorted or clustered batches share parents
+      recompute_locked(d, p);
+      prev = p;
+    }
+  }
+}
+
+// Descends every query of the batch one level at a time; `m` holds the masses
+// and is consumed, `out` holds the current node of each query meanwhile.
+void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = 0;
+    m[j] = m[j] < 0.0 ? 0.0 : m[j];  // below the first leaf: the first positive one
+  }
+  for (int d = 0; d < depth_; ++d) {
+    const double* level = sums_[d + 1].get();
+    for (int64_t j = 0; j < n; ++j) {
+      double pre;
+      const int64_t k = pick_child(level + out[j] * K, m[j], &pre);
+      m[j] -= pre;
+      out[j] = out[j] * K + k;
+    }
+  }
+}
+
+void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
+                   double* min_out, double* values_out) {
+  std::lock_guard<std::mutex> g(mu_);
+  const double total = sums_[0][0];
+  if (!(total > 0.0)) throw py::value_error("SumTree.find: the tree is empty (total is 0); nothing can be sampled");
+  std::vector<double> m(mass, mass + n);
+  if (fractions)
+    for (int64_t j = 0; j < n; ++j) m[j] *= total;
+  find_locked(m.data(), out, n);
+  if (values_out)
+    for (int64_t j = 0; j < n; ++j) values_out[j] = sums_[depth_][out[j]];
+  if (total_out) *total_out = total;
+  if (min_out) *min_out = mins_[0][0];
+}
+
+void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
+                              float* w_out, const int64_t* gen, int64_t* sampled_gen) {
+  std::lock_guard<std::mutex> g(mu_);
+  const double total = sums_[0][0];
+  if (!(total > 0.0))
+    throw py::value_error("SumTree.sample_weighted: the tree is empty (total is 0); nothing can be sampled");
+  std::vector<double> m(frac, frac + n);
+  for (int64_t j = 0; j < n; ++j)
+    m[j] = (stratified ? (static_cast<double>(j) + m[j]) / static_cast<double>(n) : m[j]) * total;
+  find_locked(m.data(), idx_out, n);
+  // (N p_i / T)^-beta over the largest possible weight (N p_min / T)^-beta.
+  const double mn = mins_[0][0];
+  const double* ls = sums_[depth_].get();
+  for (int64_t j = 0; j < n; ++j) {
+    // float pow: the weights are float32 anyway, and it halves the cost.
+    w_out[j] = std::pow(static_cast<float>(ls[idx_out[j]] / mn), static_cast<float>(-beta));
+    if (sampled_gen) sampled_gen[idx_out[j]] = gen[idx_out[j]];
+  }
+}
+
+int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
+                                   const int64_t* gen, const int64_t* sampled_gen, double* max_out) {
+  std::vector<int64_t> keep_idx;
+  std::vector<double> keep_val;
+  keep_idx.reserve(n);
+  keep_val.reserve(n);
+  double mx = -kInf;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = idx[j];
+    // A slot rewritten since it was last sampled holds another item now.
+    if (sampled_gen && sampled_gen[i] >= 0 && sampled_gen[i] != gen[i]) continue;
+    keep_idx.push_back(i);
+    keep_val.push_back(std::pow(prio[j] + eps, alpha));
+    if (prio[j] > mx) mx = prio[j];
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  update_locked(keep_idx.data(), keep_val.data(), static_cast<int64_t>(keep_idx.size()));
+  if (max_out) *max_out = mx;
+  return static_cast<int64_t>(keep_idx.size());
+}
+
+int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n,
+                                          const int64_t* exclude, int64_t n_exclude) {
+  std::lock_guard<std::mutex> g(mu_);
+  // Successive sampling: draw one leaf, zero it, draw from the rest (the
+  // distribution of numpy's choice(replace=False, p=...)), after zeroing the
+  // excluded leaves. Every zeroed leaf is restored afterwards in reverse
+  // order; since parents are recomputed from children, the tree returns to
+  // exactly the same bits.
+  std::vector<double> saved(static_cast<size_t>(n_exclude));
+  for (int64_t j = 0; j < n_exclude; ++j) {
+    saved[j] = sums_[depth_][exclude[j]];
+    set_leaf_locked(exclude[j], 0.0);
+  }
+  int64_t k = 0;
+  for (; k < n; ++k) {
+    const double total = sums_[0][0];
+    if (!(total > 0.0)) break;
+    const int64_t i = descend_one(frac[k] * total);
+    out[k] = i;
+    values_out[k] = sums_[depth_][i];
+    set_leaf_locked(i, 0.0);
+  }
+  for (int64_t j = k - 1; j >= 0; --j) set_leaf_locked(out[j], values_out[j]);
+  for (int64_t j = n_exclude - 1; j >= 0; --j) set_leaf_locked(exclude[j], saved[j]);
+  return k;
+}
+
+void SumTree::get(const int64_t* idx, double* out, int64_t n) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (int64_t j = 0; j < n; ++j) out[j] = sums_[depth_][idx[j]];
+}
+
+void SumTree::leaves(double* out) {
+  std::lock_guard<std::mutex> g(mu_);
+  std::memcpy(out, sums_[depth_].get(), static_cast<size_t>(capacity_) * sizeof(double));
+}
+
+void SumTree::assign(const double* val) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (int64_t j = 0; j < capacity_; ++j) {
+    sums_[depth_][j] = val[j];
+    mins_[depth_][j] = leaf_min(val[j]);
+  }
+  rebuild_locked();
+}
+
+double SumTree::total() {
+  std::lock_guard<std::mutex> g(mu_);
+  return sums_[0][0];
+}
+
+double SumTree::min() {
+  std::lock_guard<std::mutex> g(mu_);
+  return mins_[0][0];
+}
+
+// ---------------------------------------------------------------------------
+// Python boundary
+
+namespace {
+
+// A read-only view of a 1-D float64 or int64 input. `keep` owns whatever the
+// pointer points into (the caller's array or tensor, or a converted copy).
+template <typename T>
+struct View {
+  const T* ptr = nullptr;
+  int64_t n = 0;
+  py::object keep_array;
+  at::Tensor keep_tensor;
+  std::vector<T> owned;
+};
+
+template <typename T>
+View<T> as_view(py::handle obj, const char* what, const char* arg) {
+  constexpr bool is_index = std::is_same<T, int64_t>::value;
+  View<T> v;
+  if (THPVariable_Check(obj.ptr())) {
+    at::Tensor t = THPVariable_Unpack(obj.ptr());
+    if (!t.device().is_cpu())
+      throw py::value_error(std::string(what) + ": `" + arg + "` must be a CPU tensor or a numpy array, got a tensor on " +
+                            t.device().str());
+    if (is_index && !(at::isIntegralType(t.scalar_type(), /*includeBool=*/false)))
+      throw py::type_error(std::string(what) + ": `" + arg + "` must hold integers, got dtype " +
+                           std::string(c10::toString(t.scalar_type())));
+    const auto want = is_index ? at::kLong : at::kDouble;
+    if (!is_index && t.scalar_type() == at::kFloat && t.is_contiguous()) {
+      // float32 priorities (the usual TD errors): widen here, which is far
+      // cheaper than a dispatched tensor conversion for a small batch.
+      const float* src = t.const_data_ptr<float>();
+      v.owned.assign(src, src + t.numel());
+      v.ptr = v.owned.data();
+      v.n = t.numel();
+      return v;
+    }
+    if (t.scalar_type() != want || !t.is_contiguous()) t = t.to(want).contiguous();
+    v.ptr = t.data_ptr<T>();
+    v.n = t.numel();
+    v.keep_tensor = t;
+    return v;
+  }
+  py::array raw = py::array::ensure(obj);
+  if (!raw) throw py::type_error(std::string(what) + ": `" + arg + "` must be a numpy array, a CPU tensor or a sequence of numbers");
+  if (is_index) {
+    const char kind = raw.dtype().kind();
+    if (!(kind == 'i' || kind == 'u'))
+      throw py::type_error(std::string(what) + ": `" + arg + "` must hold integers, got numpy dtype " +
+                           std::string(py::str(raw.dtype())));
+  }
+  auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(raw);
+  if (!a) throw py::type_error(std::string(what) + ": `" + arg + "` could not be converted");
+  v.ptr = a.data();
+  v.n = a.size();
+  v.keep_array = a;
+  return v;
+}
+
+void check_indices(const View<int64_t>& idx, int64_t high, const char* what, const char* bound = "capacity") {
+  for (int64_t j = 0; j < idx.n; ++j) {
+    if (idx.ptr[j] < 0 || idx.ptr[j] >= high)
+      throw py::index_error(std::string(what) + ": index " + std::to_string(idx.ptr[j]) + " at position " +
+                            std::to_string(j) + " is out of range for " + bound + " " + std::to_string(high));
+  }
+}
+
+// The per-slot write counters of a buffer: two writable, contiguous int64
+// numpy arrays of length capacity, or both None.
+std::pair<const int64_t*, int64_t*> counters(py::object gen, py::object sampled, int64_t capacity, const char* what) {
+  if (gen.is_none() && sampled.is_none()) return {nullptr, nullptr};
+  auto as_arr = [&](py::object o, const char* arg) {
+    if (!py::isinstance<py::array_t<int64_t>>(o))
+      throw py::type_error(std::string(what) + ": `" + arg + "` must be an int64 numpy array");
+    auto a = py::reinterpret_borrow<py::array_t<int64_t>>(o);
+    if (a.ndim() != 1 || a.shape(0) != capacity || !(a.flags() & py::array::c_style) || !a.writeable())
+      throw py::value_error(std::string(what) + ": `" + arg + "` must be a writable contiguous (capacity,) array");
+    return a;
+  };
+  auto g = as_arr(gen, "generation");
+  auto s = as_arr(sampled, "sampled_generation");
+  return {g.data(), s.mutable_data()};
+}
+
+void check_finite(const View<double>& v, const char* what, const char* arg, bool nonneg) {
+  for (int64_t j = 0; j < v.n; ++j) {
+    const double x = v.ptr[j];
+    if (!std::isfinite(x) || (nonneg && x < 0.0))
+      throw py::value_error(std::string(what) + ": `" + arg + "` must be finite" + (nonneg ? " and >= 0" : "") +
+                            ", got " + std::to_string(x) + " at position " + std::to_string(j));
+  }
+}
+
+}  // namespace
+
+// Rows `indices` of every CPU tensor in `storages`, as new contiguous tensors:
+// one memcpy per row and field with the GIL released, instead of one
+// index_select dispatch per field.
+std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py::handle indices) {
+  const char* what = "gather_rows";
+  auto idx = as_view<int64_t>(indices, what, "indices");
+  std::vector<at::Tensor> out;
+  out.reserve(storages.size());
+  for (const auto& s : storages) {
+    if (!s.device().is_cpu() || !s.is_contiguous() || s.dim() < 1)
+      throw py::value_error(std::string(what) + ": every storage must be a contiguous CPU tensor with a leading dimension");
+    check_indices(idx, s.size(0), what, "storage length");
+    auto sizes = s.sizes().vec();
+    sizes[0] = idx.n;
+    out.push_back(at::empty(sizes, s.options()));
+  }
+  {
+    py::gil_scoped_release nogil;
+    // Issue every row's load first so that the misses overlap.
+    for (size_t f = 0; f < storages.size(); ++f) {
+      const auto& s = storages[f];
+      const int64_t row = s.numel() / std::max<int64_t>(s.size(0), 1) * static_cast<int64_t>(s.element_size());
+      const char* src = static_cast<const char*>(s.const_data_ptr());
+      for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(src + idx.ptr[j] * row);
+    }
+    for (size_t f = 0; f < storages.size(); ++f) {
+      const auto& s = storages[f];
+      const int64_t row = s.numel() / std::max<int64_t>(s.size(0), 1) * static_cast<int64_t>(s.element_size());
+      const char* src = static_cast<const char*>(s.const_data_ptr());
+      char* dst = static_cast<char*>(out[f].mutable_data_ptr());
+      for (int64_t j = 0; j < idx.n; ++j) std::memcpy(dst + j * row, src + idx.ptr[j] * row, static_cast<size_t>(row));
+    }
+  }
+  return out;
+}
+
+// [items[i] for i in indices] for a Python list: the list slots and then the
+// objects (whose reference counts are written) are prefetched for the whole
+// batch before any is touched, so their cache misses overlap instead of
+// following one another as they do in an interpreted loop.
+py::list take(py::list items, py::handle indices) {
+  const char* what = "take";
+  auto idx = as_view<int64_t>(indices, what, "indices");
+  const int64_t n_items = static_cast<int64_t>(PyList_GET_SIZE(items.ptr()));
+  check_indices(idx, n_items, what, "list length");
+  PyObject** slots = reinterpret_cast<PyListObject*>(items.ptr())->ob_item;
+  for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(slots + idx.ptr[j]);
+  for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(slots[idx.ptr[j]], 1);
+  py::list out(idx.n);
+  for (int64_t j = 0; j < idx.n; ++j) {
+    PyObject* o = slots[idx.ptr[j]];
+    Py_INCREF(o);
+    PyList_SET_ITEM(out.ptr(), j, o);
+  }
+  return out;
+}
+
+void bind(py::module_& m) {
+  m.def("take", &take, py::arg("items"), py::arg("indices"),
+        "[items[i] for i in indices] for a list, with the memory accesses of the batch overlapped.");
+  m.def("gather_rows", &gather_rows, py::arg("storages"), py::arg("indices"),
+        "Rows `indices` of each contiguous CPU tensor in `storages`, as new tensors (a fast index_select).");
+  py::class_<SumTree>(m, "SumTree", R"doc(
+Sum tree over `capacity` float64 leaves (all 0 at first), with a min tree of
+the positive leaves. Batch calls take numpy arrays, CPU tensors or sequences,
+release the GIL and hold the tree's mutex, so threads may use one tree at once.
+)doc")
+      .def(py::init<int64_t>(), py::arg("capacity"))
+      .def_property_readonly("capacity", &SumTree::capacity)
+      .def(
+          "update",
+          [](SumTree& t, py::handle indices, py::handle values) {
+            auto idx = as_view<int64_t>(indices, "SumTree.update", "indices");
+            auto val = as_view<double>(values, "SumTree.update", "values");
+            if (idx.n != val.n)
+              throw py::value_error("SumTree.update: `indices` and `values` must have the same length, got " +
+                                    std::to_string(idx.n) + " and " + std::to_string(val.n));
+            py::gil_scoped_release nogil;
+            check_indices(idx, t.capacity(), "SumTree.update");
+            check_finite(val, "SumTree.update", "values", /*nonneg=*/true);
+            t.update(idx.ptr, val.ptr, idx.n);
+          },
+          py::arg("indices"), py::arg("values"),
+          "Sets leaves[indices] = values (finite, >= 0); for a repeated index the last value wins.")
+      .def(
+          "find",
+          [](SumTree& t, py::handle masses) {
+            auto ms = as_view<double>(masses, "SumTree.find", "masses");
+            py::array_t<int64_t> out(ms.n);
+            int64_t* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              check_finite(ms, "SumTree.find", "masses", /*nonneg=*/false);
+              t.find(ms.ptr, o, ms.n, false, nullptr, nullptr, nullptr);
+            }
+            return out;
+          },
+          py::arg("masses"),
+          "For each mass, the leaf i with prefix(i) <= mass < prefix(i+1); always a leaf of positive value.")
+      .def(
+          "sample",
+          [](SumTree& t, py::handle fractions) {
+            auto fr = as_view<double>(fractions, "SumTree.sample", "fractions");
+            py::array_t<int64_t> out(fr.n);
+            py::array_t<double> vals(fr.n);
+            int64_t* o = out.mutable_data();
+            double* v = vals.mutable_data();
+            double total = 0.0, mn = 0.0;
+            {
+              py::gil_scoped_release nogil;
+              check_finite(fr, "SumTree.sample", "fractions", /*nonneg=*/false);
+              t.find(fr.ptr, o, fr.n, true, &total, &mn, v);
+            }
+            return py::make_tuple(out, vals, total, mn);
+          },
+          py::arg("fractions"),
+          "find(fractions * total()) read under one lock: returns (indices, leaf values, total, min).")
+      .def(
+          "sample_weighted",
+          [](SumTree& t, py::handle fractions, double beta, bool stratified, py::object generation,
+             py::object sampled_generation) {
+            const char* what = "SumTree.sample_weighted";
+            auto fr = as_view<double>(fractions, what, "fractions");
+            if (!std::isfinite(beta) || beta < 0) throw py::value_error(std::string(what) + ": `beta` must be finite and >= 0");
+            auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            py::array_t<int64_t> out(fr.n);
+            py::array_t<float> w(fr.n);
+            int64_t* o = out.mutable_data();
+            float* wp = w.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              check_finite(fr, what, "fractions", /*nonneg=*/false);
+              t.sample_weighted(fr.ptr, fr.n, stratified, beta, o, wp, gens.first, gens.second);
+            }
+            return py::make_tuple(out, w);
+          },
+          py::arg("fractions"), py::arg("beta"), py::arg("stratified") = false, py::arg("generation") = py::none(),
+          py::arg("sampled_generation") = py::none(),
+          R"doc(Draws for a replay buffer, in one locked pass: leaf i for mass u_j * total
+(stratified: (j + u_j) / n * total) and its importance weight
+(leaf_i / min())^-beta as float32, which is (N P(i))^-beta divided by the
+largest possible weight. When the two int64 arrays are given,
+sampled_generation[i] = generation[i] for every drawn i. Returns (indices, weights).)doc")
+      .def(
+          "update_priorities",
+          [](SumTree& t, py::handle indices, py::handle priorities, double alpha, double eps, int64_t limit,
+             py::object generation, py::object sampled_generation) {
+            const char* what = "update_priorities";
+            auto idx = as_view<int64_t>(indices, what, "indices");
+            auto pr = as_view<double>(priorities, what, "priorities");
+            if (idx.n != pr.n)
+              throw py::value_error(std::string(what) + ": `indices` and `priorities` must have the same length, got " +
+                                    std::to_string(idx.n) + " and " + std::to_string(pr.n));
+            if (limit < 0 || limit > t.capacity()) limit = t.capacity();
+            auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            double mx = 0.0;
+            int64_t applied = 0;
+            {
+              py::gil_scoped_release nogil;
+              check_indices(idx, limit, what, "buffer length");
+              check_finite(pr, what, "priorities", /*nonneg=*/true);
+              applied = t.update_priorities(idx.ptr, pr.ptr, idx.n, alpha, eps, gens.first, gens.second, &mx);
+            }
+            return py::make_tuple(applied, mx);
+          },
+          py::arg("indices"), py::arg("priorities"), py::arg("alpha"), py::arg("eps"), py::arg("limit"),
+          py::arg("generation") = py::none(), py::arg("sampled_generation") = py::none(),
+          R"doc(The replay buffers' priority update: checks indices < limit and priorities
+finite and >= 0, skips every i with sampled_generation[i] >= 0 and !=
+generation[i] (rewritten since last sampled), and sets the rest to
+(priority + eps) ** alpha, last write winning. Returns (applied, largest
+applied priority, or -inf when none).)doc")
+      .def(
+          "sample_without_replacement",
+          [](SumTree& t, py::handle fractions, py::object exclude) {
+            const char* what = "SumTree.sample_without_replacement";
+            auto fr = as_view<double>(fractions, what, "fractions");
+            View<int64_t> ex;
+            if (!exclude.is_none()) ex = as_view<int64_t>(exclude, what, "exclude");
+            py::array_t<int64_t> out(fr.n);
+            py::array_t<double> vals(fr.n);
+            int64_t* o = out.mutable_data();
+            double* v = vals.mutable_data();
+            int64_t k = 0;
+            {
+              py::gil_scoped_release nogil;
+              check_finite(fr, what, "fractions", /*nonneg=*/false);
+              check_indices(ex, t.capacity(), what);
+              k = t.find_without_replacement(fr.ptr, o, v, fr.n, ex.ptr, ex.n);
+            }
+            if (k < fr.n)
+              throw py::value_error(std::string(what) + ": asked for " + std::to_string(fr.n) +
+                                    " distinct leaves but only " + std::to_string(k) +
+                                    " (not excluded) have a positive value");
+            return py::make_tuple(out, vals);
+          },
+          py::arg("fractions"), py::arg("exclude") = py::none(),
+          "Successive draws without replacement among the leaves not in `exclude` (draw k takes fraction k "
+          "of the mass left after removing the earlier draws); returns (indices, leaf values). The tree is "
+          "unchanged afterwards.")
+      .def(
+          "get",
+          [](SumTree& t, py::handle indices) {
+            auto idx = as_view<int64_t>(indices, "SumTree.get", "indices");
+            py::array_t<double> out(idx.n);
+            double* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              check_indices(idx, t.capacity(), "SumTree.get");
+              t.get(idx.ptr, o, idx.n);
+            }
+            return out;
+          },
+          py::arg("indices"), "leaves[indices]")
+      .def(
+          "leaves",
+          [](SumTree& t) {
+            py::array_t<double> out(t.capacity());
+            double* o = out.mutable_data();
+            py::gil_scoped_release nogil;
+            t.leaves(o);
+            return out;
+          },
+          "A copy of all `capacity` leaves.")
+      .def(
+          "assign",
+          [](SumTree& t, py::handle values) {
+            auto val = as_view<double>(values, "SumTree.assign", "values");
+            if (val.n != t.capacity())
+              throw py::value_error("SumTree.assign: `values` must have length capacity=" +
+                                    std::to_string(t.capacity()) + ", got " + std::to_string(val.n));
+            py::gil_scoped_release nogil;
+            check_finite(val, "SumTree.assign", "values", /*nonneg=*/true);
+            t.assign(val.ptr);
+          },
+          py::arg("values"), "Replaces all leaves at once and rebuilds the tree (O(capacity)).")
+      .def(
+          "total", [](SumTree& t) { return t.total(); }, "Sum of all leaves.")
+      .def(
+          "min", [](SumTree& t) { return t.min(); }, "Smallest positive leaf; inf when none is positive.")
+      .def("__len__", &SumTree::capacity);
+}
+
 }  // namespace replay
 }  // namespace neuralmem

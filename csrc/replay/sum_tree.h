@@ -1,10 +1,89 @@
-// Sum tree for prioritized replay. See sum_tree.cpp.
+// Sum tree (with a min tree alongside) for prioritized replay.
+//
+// Layout: a complete tree of fan-out K = 8 stored level by level, one aligned
+// array per level (sums) plus one of the same shape (mins). The K children of
+// a node are adjacent and fill exactly one 64-byte cache line, so a descent
+// over a million leaves reads 7 lines instead of the 20 levels of a binary
+// heap, and an update recomputes 7 parents. Leaves past `capacity` hold sum 0
+// and min +inf; a leaf of value 0 also holds min +inf, so min() is the
+// smallest *positive* leaf, the one that bounds the largest importance weight
+// of anything that can be sampled.
+//
+// Every parent is recomputed from its K children, added left to right (never
+// patched by a delta), so the sums carry no accumulated rounding error: the
+// tree is a pure function of its leaves, bit for bit.
+//
+// Batch operations run level by level across the whole batch: all leaves are
+// written first (in order, so the last write to a duplicate index wins), then
+// every affected parent one level up, and so on to the root. find() descends
+// the same way, one level for the whole batch at a time; its inner loop walks
+// independent nodes without branches, so the CPU overlaps their cache misses
+// instead of chasing one root-to-leaf path at a time.
+//
+// Threads: the GIL is released for the work of every batch call, and one
+// mutex serialises access to the nodes, so Python threads may add, sample and
+// update at once. Inputs are validated completely before the first node is
+// written: a bad call leaves the tree as it was.
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <vector>
+
 namespace neuralmem {
 namespace replay {
+
+class SumTree {
+ public:
+  static constexpr int64_t kFanout = 8;
+
+  explicit SumTree(int64_t capacity);
+
+  int64_t capacity() const { return capacity_; }
+
+  // Raw-pointer cores; callers validate inputs and hold no GIL.
+  void update(const int64_t* idx, const double* val, int64_t n);
+  void find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
+            double* min_out, double* values_out);
+  int64_t find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n,
+                                  const int64_t* exclude, int64_t n_exclude);
+  void get(const int64_t* idx, double* out, int64_t n);
+  // The replay buffers' cores (see the bound methods of the same names).
+  void sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
+                       float* w_out, const int64_t* gen, int64_t* sampled_gen);
+  int64_t update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
+                            const int64_t* gen, const int64_t* sampled_gen, double* max_out);
+  void leaves(double* out);
+  void assign(const double* val);
+  double total();
+  double min();
+
+ private:
+  void rebuild_locked();
+  void recompute_locked(int d, int64_t p);
+  void update_locked(const int64_t* idx, const double* val, int64_t n);
+  void find_locked(double* m, int64_t* out, int64_t n);
+  int64_t descend_one(double mass) const;
+  void set_leaf_locked(int64_t i, double v);
+
+  struct FreeDeleter {
+    void operator()(double* p) const { std::free(p); }
+  };
+  using Level = std::unique_ptr<double[], FreeDeleter>;
+
+  int64_t capacity_;
+  int depth_;                  // leaves are level depth_, the root level 0
+  std::vector<Level> sums_;    // sums_[d] has width_[d] = K^d entries
+  std::vector<Level> mins_;
+  std::vector<int64_t> width_;
+  std::mutex mu_;
+};
+
 // Adds the SumTree class to the module.
 void bind(pybind11::module_& m);
+
 }  // namespace replay
 }  // namespace neuralmem

@@ -1,0 +1,816 @@
+"""Prioritized experience replay on a sum tree.
+
+Three layers:
+
+* ``SumTree(capacity)``: the C++ tree of ``neuralmem_fast._C`` when the
+  extension is built, else ``NumpySumTree``, a numpy twin with the same API
+  and the same float64 arithmetic in the same order (so both return the same
+  indices bit for bit). Leaves are priorities already raised to alpha; a
+  parent (fan-out 8: one cache line of children) is always recomputed from its
+  children, so sums never drift; a min
+  tree of the positive leaves gives the largest possible importance weight.
+  Batch calls release the GIL and hold the tree's own lock.
+
+* ``PrioritizedReplayBuffer``: preallocated ring storage (one tensor per
+  field, on any device) for items that are a tensor, a tuple or a dict of
+  tensors. ``sample`` draws with replacement (optionally stratified) and
+  returns ``(batch, indices, weights)`` with weights ``(N P(i))^-beta``
+  divided by the largest possible one, ``(N min P)^-beta``, taken from the
+  min tree. Each slot carries a write counter; ``update_priorities`` for a
+  slot that has been overwritten since it was last sampled is dropped, so a
+  late TD-error never lands on the item that replaced its own.
+
+* ``ExperienceReplay``: the tutorial's class (same constructor, ``push``,
+  ``sample`` without replacement with weights normalised by the batch
+  maximum, ``buffer``/``priorities`` of deque-like length) on the sum tree,
+  plus ``update_priorities``.
+
+Every public method checks its whole input before it changes anything: a
+NaN/inf/negative priority, an index out of range, mismatched lengths or an
+item whose structure differs from the first one raise, and the buffer keeps
+what it had.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ._ext import _C
+
+__all__ = [
+    "SumTree",
+    "NumpySumTree",
+    "PrioritizedReplayBuffer",
+    "ExperienceReplay",
+    "has_native_sum_tree",
+]
+
+
+def has_native_sum_tree() -> bool:
+    """True when the C++ SumTree of neuralmem_fast._C is available."""
+    return _C is not None and hasattr(_C, "SumTree")
+
+
+# ---------------------------------------------------------------------------
+# input conversion shared by the numpy tree and the buffers
+
+
+def _as_index_array(x, what: str, arg: str = "indices") -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{what}: `{arg}` must hold integers, got dtype {x.dtype}")
+        return x.detach().reshape(-1).to("cpu", torch.int64).numpy()
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        if a.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        raise TypeError(f"{what}: `{arg}` must hold integers, got numpy dtype {a.dtype}")
+    return np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+
+
+def _as_float_array(x, what: str, arg: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{what}: `{arg}` must be real, got dtype {x.dtype}")
+        return x.detach().reshape(-1).to("cpu", torch.float64).numpy()
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what}: `{arg}` must be numbers, got {type(x).__name__}") from exc
+    return np.ascontiguousarray(a.reshape(-1))
+
+
+def _check_values(v: np.ndarray, what: str, arg: str, nonneg: bool = True) -> None:
+    ok = np.isfinite(v) & (v >= 0) if nonneg else np.isfinite(v)
+    if not ok.all():
+        j = int(np.argmin(ok))
+        cond = "finite and >= 0" if nonneg else "finite"
+        raise ValueError(f"{what}: `{arg}` must be {cond}, got {v[j]!r} at position {j}")
+
+
+def _check_range(idx: np.ndarray, high: int, what: str, bound: str) -> None:
+    if idx.size and (idx.min() < 0 or idx.max() >= high):
+        bad = (idx < 0) | (idx >= high)
+        j = int(np.argmax(bad))
+        raise IndexError(f"{what}: index {int(idx[j])} at position {j} is out of range for {bound} {high}")
+
+
+def _fast_index(x):
+    """CPU int64 tensors pass straight to the tree; anything else is converted and checked."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.device.type == "cpu":
+        return x
+    return _as_index_array(x, "update_priorities")
+
+
+def _fast_float(x):
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_complex():
+        return x
+    return _as_float_array(x, "update_priorities", "priorities")
+
+
+# ---------------------------------------------------------------------------
+# the numpy twin of the C++ tree
+
+
+class NumpySumTree:
+    """Pure numpy sum tree with the API and arithmetic of the C++ SumTree.
+
+    Same layout (fan-out 8, one array per level, leaves last), same descent
+    rule, same order of float64 operations, so the two agree exactly.
+    """
+
+    K = 8
+
+    def __init__(self, capacity: int):
+        capacity = int(capacity)
+        if capacity < 1:
+            raise ValueError(f"SumTree: capacity must be >= 1, got {capacity}")
+        depth, width = 0, 1
+        while width < capacity:
+            width *= self.K
+            depth += 1
+        self._capacity, self._depth = capacity, depth
+        self._sums = [np.zeros(self.K**d, dtype=np.float64) for d in range(depth + 1)]
+        self._mins = [np.full(self.K**d, np.inf, dtype=np.float64) for d in range(depth + 1)]
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        return self._capacity
+
+    def _recompute(self, d: int, parents: np.ndarray) -> None:
+        cs = self._sums[d + 1].reshape(-1, self.K)[parents]
+        cm = self._mins[d + 1].reshape(-1, self.K)[parents]
+        acc = cs[:, 0].copy()
+        for k in range(1, self.K):  # left to right, as the C++ tree adds
+            acc += cs[:, k]
+        self._sums[d][parents] = acc
+        self._mins[d][parents] = cm.min(axis=1)
+
+    def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:
+        self._sums[self._depth][idx] = val
+        self._mins[self._depth][idx] = np.where(val > 0, val, np.inf)
+
+    def update(self, indices, values) -> None:
+        idx = _as_index_array(indices, "SumTree.update")
+        val = _as_float_array(values, "SumTree.update", "values")
+        if idx.size != val.size:
+            raise ValueError(
+                f"SumTree.update: `indices` and `values` must have the same length, got {idx.size} and {val.size}"
+            )
+        _check_range(idx, self._capacity, "SumTree.update", "capacity")
+        _check_values(val, "SumTree.update", "values")
+        if idx.size == 0:
+            return
+        # Last write wins: keep the last occurrence of every repeated index.
+        rev_unique, rev_first = np.unique(idx[::-1], return_index=True)
+        val = val[::-1][rev_first]
+        idx = rev_unique
+        with self._lock:
+            self._write_leaves(idx, val)
+            nodes = idx
+            for d in range(self._depth - 1, -1, -1):
+                nodes = np.unique(nodes // self.K)
+                self._recompute(d, nodes)
+
+    def _descend(self, m: np.ndarray) -> np.ndarray:
+        m = np.where(m < 0, 0.0, m)
+        node = np.zeros(m.shape, dtype=np.int64)
+        rows = np.arange(m.size)
+        for d in range(self._depth):
+            c = self._sums[d + 1].reshape(-1, self.K)[node]
+            pre = np.zeros_like(c)
+            acc = np.zeros(m.shape)
+            k = np.zeros(m.shape, dtype=np.int64)
+            for j in range(self.K):
+                pre[:, j] = acc
+                acc = acc + c[:, j]
+                if j < self.K - 1:
+                    k += acc <= m
+            positive = c > 0
+            last = self.K - 1 - np.argmax(positive[:, ::-1], axis=1)
+            k = np.minimum(k, last)
+            m = m - pre[rows, k]
+            node = node * self.K + k
+        return node
+
+    def _find(self, masses, fractions: bool, what: str, arg: str):
+        m = _as_float_array(masses, what, arg).copy()
+        _check_values(m, what, arg, nonneg=False)
+        with self._lock:
+            total = float(self._sums[0][0])
+            if not total > 0:
+                raise ValueError("SumTree.find: the tree is empty (total is 0); nothing can be sampled")
+            if fractions:
+                m *= total
+            idx = self._descend(m)
+            return idx, self._sums[self._depth][idx].copy(), total, float(self._mins[0][0])
+
+    def find(self, masses) -> np.ndarray:
+        return self._find(masses, False, "SumTree.find", "masses")[0]
+
+    def sample(self, fractions):
+        return self._find(fractions, True, "SumTree.sample", "fractions")
+
+    def sample_weighted(self, fractions, beta, stratified=False, generation=None, sampled_generation=None):
+        what = "SumTree.sample_weighted"
+        fr = _as_float_array(fractions, what, "fractions").copy()
+        _check_values(fr, what, "fractions", nonneg=False)
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"{what}: `beta` must be finite and >= 0")
+        with self._lock:
+            total = float(self._sums[0][0])
+            if not total > 0:
+                raise ValueError(f"{what}: the tree is empty (total is 0); nothing can be sampled")
+            if stratified:
+                fr = (np.arange(fr.size, dtype=np.float64) + fr) / fr.size
+            idx = self._descend(fr * total)
+            weights = ((self._sums[self._depth][idx] / self._mins[0][0]) ** (-beta)).astype(np.float32)
+            if sampled_generation is not None:
+                sampled_generation[idx] = generation[idx]
+            return idx, weights
+
+    def update_priorities(self, indices, priorities, alpha, eps, limit, generation=None, sampled_generation=None):
+        what = "update_priorities"
+        idx = _as_index_array(indices, what)
+        p = _as_float_array(priorities, what, "priorities")
+        if idx.size != p.size:
+            raise ValueError(f"{what}: `indices` and `priorities` must have the same length, got {idx.size} and {p.size}")
+        if limit < 0 or limit > self._capacity:
+            limit = self._capacity
+        _check_range(idx, limit, what, "buffer length")
+        _check_values(p, what, "priorities")
+        if sampled_generation is not None:
+            sg = sampled_generation[idx]
+            fresh = (sg < 0) | (sg == generation[idx])
+            idx, p = idx[fresh], p[fresh]
+        if idx.size == 0:
+            return 0, -math.inf
+        self.update(idx, (p + eps) ** alpha)
+        return int(idx.size), float(p.max())
+
+    def _set_leaf(self, i: int, v: float) -> None:
+        self._write_leaves(np.array([i]), np.array([v], dtype=np.float64))
+        for d in range(self._depth - 1, -1, -1):
+            i //= self.K
+            self._recompute(d, np.array([i]))
+
+    def sample_without_replacement(self, fractions, exclude=None):
+        what = "SumTree.sample_without_replacement"
+        fr = _as_float_array(fractions, what, "fractions")
+        _check_values(fr, what, "fractions", nonneg=False)
+        ex = np.zeros(0, dtype=np.int64) if exclude is None else _as_index_array(exclude, what, "exclude")
+        _check_range(ex, self._capacity, what, "capacity")
+        out = np.zeros(fr.size, dtype=np.int64)
+        vals = np.zeros(fr.size, dtype=np.float64)
+        with self._lock:
+            saved = []
+            for i in ex.tolist():
+                saved.append(float(self._sums[self._depth][i]))
+                self._set_leaf(i, 0.0)
+            k = 0
+            while k < fr.size:
+                total = self._sums[0][0]
+                if not total > 0:
+                    break
+                i = int(self._descend(np.array([fr[k] * total]))[0])
+                out[k], vals[k] = i, self._sums[self._depth][i]
+                self._set_leaf(i, 0.0)
+                k += 1
+            for j in range(k - 1, -1, -1):
+                self._set_leaf(int(out[j]), float(vals[j]))
+            for i, v in reversed(list(zip(ex.tolist(), saved))):
+                self._set_leaf(i, v)
+        if k < fr.size:
+            raise ValueError(
+                f"{what}: asked for {fr.size} distinct leaves but only {k} (not excluded) have a positive value"
+            )
+        return out, vals
+
+    def get(self, indices) -> np.ndarray:
+        idx = _as_index_array(indices, "SumTree.get")
+        _check_range(idx, self._capacity, "SumTree.get", "capacity")
+        with self._lock:
+            return self._sums[self._depth][idx].copy()
+
+    def leaves(self) -> np.ndarray:
+        with self._lock:
+            return self._sums[self._depth][: self._capacity].copy()
+
+    def assign(self, values) -> None:
+        val = _as_float_array(values, "SumTree.assign", "values")
+        if val.size != self._capacity:
+            raise ValueError(f"SumTree.assign: `values` must have length capacity={self._capacity}, got {val.size}")
+        _check_values(val, "SumTree.assign", "values")
+        with self._lock:
+            self._write_leaves(np.arange(self._capacity), val)
+            for d in range(self._depth - 1, -1, -1):
+                self._recompute(d, np.arange(self.K**d))
+
+    def total(self) -> float:
+        with self._lock:
+            return float(self._sums[0][0])
+
+    def min(self) -> float:
+        with self._lock:
+            return float(self._mins[0][0])
+
+
+def SumTree(capacity: int, backend: str = "auto"):
+    """A sum tree over `capacity` float64 leaves.
+
+    backend: "auto" (C++ when built, else numpy), "cpu" (C++, raises when the
+    extension is missing) or "numpy".
+    """
+    if backend not in ("auto", "cpu", "numpy"):
+        raise ValueError(f"SumTree: backend must be 'auto', 'cpu' or 'numpy', got {backend!r}")
+    if backend == "numpy" or (backend == "auto" and not has_native_sum_tree()):
+        return NumpySumTree(capacity)
+    if not has_native_sum_tree():
+        raise RuntimeError("SumTree: backend='cpu' needs the native extension neuralmem_fast._C; build it first")
+    return _C.SumTree(int(capacity))
+
+
+# ---------------------------------------------------------------------------
+# item structure: a tensor, a tuple of tensors or a dict of tensors
+
+
+def _flatten(item, what: str):
+    """(kind, keys, leaves) of an item; leaves are tensors (numbers and arrays are converted)."""
+    if isinstance(item, dict):
+        keys = tuple(item.keys())
+        if not keys:
+            raise ValueError(f"{what}: an item must not be an empty dict")
+        leaves = [item[k] for k in keys]
+        kind = "dict"
+    elif isinstance(item, (tuple, list)):
+        if len(item) == 0:
+            raise ValueError(f"{what}: an item must not be an empty tuple")
+        keys, leaves, kind = len(item), list(item), "tuple"
+    else:
+        keys, leaves, kind = None, [item], "tensor"
+    out = []
+    for j, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            if isinstance(x, (dict, tuple, list)) and not isinstance(x, np.ndarray):
+                raise TypeError(f"{what}: nested structures are not supported (field {j} is a {type(x).__name__})")
+            try:
+                x = torch.as_tensor(x)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"{what}: field {j} must be a tensor, got {type(x).__name__}") from exc
+        out.append(x)
+    return kind, keys, out
+
+
+def _unflatten(kind: str, keys, leaves: List[torch.Tensor]):
+    if kind == "dict":
+        return dict(zip(keys, leaves))
+    if kind == "tuple":
+        return tuple(leaves)
+    return leaves[0]
+
+
+def _field_name(kind, keys, j) -> str:
+    return repr(keys[j]) if kind == "dict" else (f"field {j}" if kind == "tuple" else "the item")
+
+
+class PrioritizedReplayBuffer:
+    """Prioritized replay with preallocated ring storage and a C++ sum tree.
+
+    Args:
+        capacity: number of slots (>= 1); the oldest item is overwritten first.
+        alpha: priority exponent, applied once when a priority is stored:
+            leaf = (priority + eps) ** alpha.
+        beta: default importance-sampling exponent of ``sample``.
+        eps: added to every priority so that no item becomes unreachable.
+        device: where the item storage lives (and where batches and weights
+            are returned). Indices are CPU int64 tensors.
+        stratified: default for ``sample``: one draw per equal-mass stratum
+            instead of independent draws.
+        generator: numpy Generator (or an int seed) for the draws; by default
+            one seeded from torch's global RNG when the buffer is built.
+        backend: sum tree backend, "auto" | "cpu" | "numpy".
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        eps: float = 1e-6,
+        device="cpu",
+        stratified: bool = False,
+        generator=None,
+        backend: str = "auto",
+    ):
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+            raise ValueError(f"PrioritizedReplayBuffer: capacity must be an integer >= 1, got {capacity!r}")
+        for name, v in (("alpha", alpha), ("beta", beta), ("eps", eps)):
+            if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"PrioritizedReplayBuffer: {name} must be a finite number >= 0, got {v!r}")
+        self.capacity = int(capacity)
+        self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
+        self.device = torch.device(device)
+        self.stratified = bool(stratified)
+        if generator is None:
+            # Seeded from torch's RNG, so torch.manual_seed makes runs repeatable.
+            generator = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        elif isinstance(generator, numbers.Integral):
+            generator = np.random.default_rng(int(generator))
+        self.generator = generator
+        self._tree = SumTree(self.capacity, backend)
+        self._native_gather = _C is not None and hasattr(_C, "gather_rows") and self.device.type == "cpu"
+        self._kind: Optional[str] = None
+        self._keys = None
+        self._specs: Optional[List[Tuple[torch.Size, torch.dtype]]] = None
+        self._storage: Optional[List[torch.Tensor]] = None
+        self._pos = 0
+        self._size = 0
+        self._max_priority = 1.0
+        # Per-slot write counter, and its value when the slot was last sampled
+        # (-1: never sampled). An update is stale when they differ.
+        self._gen = np.zeros(self.capacity, dtype=np.int64)
+        self._sampled_gen = np.full(self.capacity, -1, dtype=np.int64)
+        self._lock = threading.RLock()
+
+    # -- size and repr -----------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return (
+            f"PrioritizedReplayBuffer(capacity={self.capacity}, size={self._size}, alpha={self.alpha}, "
+            f"beta={self.beta}, eps={self.eps}, device={self.device}, tree={type(self._tree).__name__})"
+        )
+
+    @property
+    def tree(self):
+        """The underlying sum tree (leaves are (priority + eps) ** alpha)."""
+        return self._tree
+
+    @property
+    def max_priority(self) -> float:
+        """The largest priority seen so far (before alpha); the default for new items."""
+        return self._max_priority
+
+    # -- writing -----------------------------------------------------------
+    def _check_batch(self, kind, keys, leaves, what: str) -> int:
+        """Validates a batch against the stored structure; returns its length."""
+        if self._kind is not None:
+            if kind != self._kind or keys != self._keys:
+                raise ValueError(
+                    f"{what}: the item structure differs from the first item: expected "
+                    f"{self._describe(self._kind, self._keys)}, got {self._describe(kind, keys)}"
+                )
+        n = None
+        for j, x in enumerate(leaves):
+            if x.dim() == 0:
+                raise ValueError(f"{what}: {_field_name(kind, keys, j)} needs a leading batch dimension")
+            if n is None:
+                n = x.shape[0]
+            elif x.shape[0] != n:
+                raise ValueError(
+                    f"{what}: every field needs the same batch size, {_field_name(kind, keys, 0)} has {n} "
+                    f"and {_field_name(kind, keys, j)} has {x.shape[0]}"
+                )
+            if self._specs is not None:
+                shape, dtype = self._specs[j]
+                if x.shape[1:] != shape:
+                    raise ValueError(
+                        f"{what}: {_field_name(kind, keys, j)} must have shape (n, {', '.join(map(str, shape))}) "
+                        f"like the first item, got {tuple(x.shape)}"
+                    )
+                if x.dtype != dtype and not torch.can_cast(x.dtype, dtype):
+                    raise TypeError(
+                        f"{what}: {_field_name(kind, keys, j)} must have dtype {dtype} like the first item "
+                        f"(or one that casts to it safely), got {x.dtype}"
+                    )
+        return int(n)
+
+    @staticmethod
+    def _describe(kind, keys) -> str:
+        if kind == "dict":
+            return f"a dict with keys {list(keys)}"
+        if kind == "tuple":
+            return f"a tuple of {keys} tensors"
+        return "a tensor"
+
+    def _priorities_for(self, priorities, n: int, what: str) -> np.ndarray:
+        if priorities is None:
+            return np.full(n, self._max_priority, dtype=np.float64)
+        p = _as_float_array(priorities, what, "priorities")
+        if p.size == 1 and n != 1 and np.ndim(priorities) == 0:
+            p = np.full(n, p[0])
+        if p.size != n:
+            raise ValueError(f"{what}: `priorities` must have one value per item ({n}), got {p.size}")
+        _check_values(p, what, "priorities")
+        return p
+
+    def add(self, item, priority: Optional[float] = None) -> int:
+        """Stores one item (tensor, tuple or dict of tensors); returns its slot."""
+        kind, keys, leaves = _flatten(item, "PrioritizedReplayBuffer.add")
+        leaves = [x.unsqueeze(0) for x in leaves]
+        if priority is not None:
+            priority = [priority] if np.ndim(priority) == 0 else priority
+        return int(self._extend(kind, keys, leaves, priority, "PrioritizedReplayBuffer.add")[-1])
+
+    def extend(self, batch, priorities=None) -> torch.Tensor:
+        """Stores a batch (fields with a leading dimension n); returns the slots written."""
+        kind, keys, leaves = _flatten(batch, "PrioritizedReplayBuffer.extend")
+        return torch.from_numpy(self._extend(kind, keys, leaves, priorities, "PrioritizedReplayBuffer.extend"))
+
+    def _extend(self, kind, keys, leaves, priorities, what) -> np.ndarray:
+        with self._lock:
+            n = self._check_batch(kind, keys, leaves, what)
+            p = self._priorities_for(priorities, n, what)
+            if n == 0:
+                return np.zeros(0, dtype=np.int64)
+            if self._storage is None:
+                self._kind, self._keys = kind, keys
+                self._specs = [(x.shape[1:], x.dtype) for x in leaves]
+                self._storage = [
+                    torch.zeros((self.capacity,) + tuple(s), dtype=d, device=self.device) for s, d in self._specs
+                ]
+            # With more items than slots only the last `capacity` survive; item
+            # j of the batch lands in slot (pos + j) % capacity either way.
+            first = max(0, n - self.capacity)
+            slots = (self._pos + np.arange(first, n)) % self.capacity
+            slots_t = torch.from_numpy(slots).to(self.device)
+            for store, x in zip(self._storage, leaves):
+                store.index_copy_(0, slots_t, x[first:].to(device=self.device, dtype=store.dtype))
+            p = p[first:]
+            self._tree.update(slots, (p + self.eps) ** self.alpha)
+            self._gen[slots] += 1
+            if p.size:
+                self._max_priority = max(self._max_priority, float(p.max()))
+            self._pos = (self._pos + n) % self.capacity
+            self._size = min(self._size + n, self.capacity)
+            return slots
+
+    # -- sampling ----------------------------------------------------------
+    def sample(self, batch_size: int, beta: Optional[float] = None, stratified: Optional[bool] = None):
+        """Draws `batch_size` items with replacement, with probability leaf / total.
+
+        Returns (batch, indices, weights): the batch in the items' structure
+        on `device`, the slots as a CPU int64 tensor, and float32 importance
+        weights (N P(i))^-beta / max_j (N P(j))^-beta on `device`, the maximum
+        taken over every stored item (from the min tree), so they are <= 1.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"PrioritizedReplayBuffer.sample: batch_size must be an integer >= 1, got {batch_size!r}")
+        beta = self.beta if beta is None else beta
+        if not (isinstance(beta, numbers.Real) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"PrioritizedReplayBuffer.sample: beta must be a finite number >= 0, got {beta!r}")
+        stratified = self.stratified if stratified is None else stratified
+        with self._lock:
+            if self._size == 0:
+                raise RuntimeError("PrioritizedReplayBuffer.sample: the buffer is empty; add items first")
+            u = self.generator.random(batch_size)
+            idx, w = self._tree.sample_weighted(u, beta, stratified, self._gen, self._sampled_gen)
+            idx_t = torch.from_numpy(idx)
+            weights = torch.from_numpy(w)
+            if self._native_gather:
+                fields = _C.gather_rows(self._storage, idx)
+            else:
+                dev_idx = idx_t.to(self.device, non_blocking=True)
+                fields = [store.index_select(0, dev_idx) for store in self._storage]
+                weights = weights.to(self.device, non_blocking=True)
+            return _unflatten(self._kind, self._keys, fields), idx_t, weights
+
+    def update_priorities(self, indices, priorities) -> int:
+        """Sets new priorities (before alpha) for sampled slots; returns how many were applied.
+
+        A slot that was overwritten after it was last sampled keeps the
+        priority of its new item: the update is dropped. Repeated indices: the
+        last one wins.
+        """
+        with self._lock:
+            applied, mx = self._tree.update_priorities(
+                _fast_index(indices), _fast_float(priorities), self.alpha, self.eps, self._size,
+                self._gen, self._sampled_gen,
+            )
+            if applied:
+                self._max_priority = max(self._max_priority, mx)
+            return int(applied)
+
+    # -- state -------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to restore the buffer exactly (storage is copied)."""
+        with self._lock:
+            storage = None
+            if self._storage is not None:
+                storage = _unflatten(self._kind, self._keys, [s.clone() for s in self._storage])
+            return {
+                "capacity": self.capacity,
+                "alpha": self.alpha,
+                "beta": self.beta,
+                "eps": self.eps,
+                "position": self._pos,
+                "size": self._size,
+                "max_priority": self._max_priority,
+                "priorities": torch.from_numpy(self._tree.leaves()),
+                "generation": torch.from_numpy(self._gen.copy()),
+                "sampled_generation": torch.from_numpy(self._sampled_gen.copy()),
+                "storage": storage,
+            }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        what = "PrioritizedReplayBuffer.load_state_dict"
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(f"{what}: capacity {state['capacity']} does not match this buffer's {self.capacity}")
+        leaves = _as_float_array(state["priorities"], what, "priorities")
+        if leaves.size != self.capacity:
+            raise ValueError(f"{what}: `priorities` must have {self.capacity} values, got {leaves.size}")
+        _check_values(leaves, what, "priorities")
+        gen = _as_index_array(state["generation"], what, "generation")
+        sgen = _as_index_array(state["sampled_generation"], what, "sampled_generation")
+        if gen.size != self.capacity or sgen.size != self.capacity:
+            raise ValueError(f"{what}: generation counters must have {self.capacity} values")
+        size, pos = int(state["size"]), int(state["position"])
+        if not (0 <= size <= self.capacity and 0 <= pos < self.capacity):
+            raise ValueError(f"{what}: size {size} / position {pos} out of range for capacity {self.capacity}")
+        storage = state["storage"]
+        if storage is None:
+            if size:
+                raise ValueError(f"{what}: size is {size} but there is no storage")
+            kind = keys = fields = None
+        else:
+            kind, keys, fields = _flatten(storage, what)
+            for f in fields:
+                if f.dim() == 0 or f.shape[0] != self.capacity:
+                    raise ValueError(f"{what}: every storage field needs a leading dimension of {self.capacity}")
+        with self._lock:
+            self.alpha, self.beta, self.eps = float(state["alpha"]), float(state["beta"]), float(state["eps"])
+            if fields is None:
+                self._kind = self._keys = self._specs = self._storage = None
+            else:
+                self._kind, self._keys = kind, keys
+                self._specs = [(f.shape[1:], f.dtype) for f in fields]
+                self._storage = [f.detach().to(self.device).clone() for f in fields]
+            self._tree.assign(leaves)
+            self._gen = gen.copy()
+            self._sampled_gen = sgen.copy()
+            self._pos, self._size = pos, size
+            self._max_priority = float(state["max_priority"])
+
+
+# ---------------------------------------------------------------------------
+# the tutorial's ExperienceReplay, on the sum tree
+
+
+class _BufferView(Sequence):
+    """Read-only, oldest-first view of the stored experiences (like the seed's deque)."""
+
+    def __init__(self, owner: "ExperienceReplay"):
+        self._o = owner
+
+    def __len__(self) -> int:
+        return self._o._size
+
+    def _slots(self) -> np.ndarray:
+        o = self._o
+        return (o._pos - o._size + np.arange(o._size)) % o.capacity
+
+    def __getitem__(self, i):
+        o = self._o
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = o._size
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"buffer index {i} out of range for length {n}")
+        return self._get((o._pos - n + i) % o.capacity)
+
+    def _get(self, slot):
+        return self._o._items[slot]
+
+    def __iter__(self):
+        o = self._o
+        for s in self._slots():
+            yield self._get(int(s))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(len={len(self)})"
+
+
+class _PriorityView(_BufferView):
+    """Oldest-first view of the stored priorities (already raised to alpha, as in the seed)."""
+
+    def _get(self, slot):
+        return float(self._o._tree.get(np.array([slot], dtype=np.int64))[0])
+
+    def __iter__(self):
+        return iter(self.__array__().tolist())
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._o._tree.get(self._slots()) if self._o._size else np.zeros(0)
+        return a if dtype is None else a.astype(dtype)
+
+
+class ExperienceReplay:
+    """Drop-in for the tutorial's ExperienceReplay, backed by the sum tree.
+
+    push(experience, priority) stores priority ** alpha; sample(batch_size,
+    beta) draws min(batch_size, len) distinct experiences with probability
+    proportional to that value (successive draws without replacement, like
+    numpy's choice(replace=False, p=...)) using numpy's global RNG as the
+    tutorial does, and returns (experiences, weights) with weights
+    (N P(i))^-beta divided by the batch maximum, as a FloatTensor. An empty
+    buffer returns ([], []) as in the tutorial. With return_indices=True the
+    ring slots come third; pass them to update_priorities.
+    """
+
+    def __init__(self, capacity: int = 10000, alpha: float = 0.6, backend: str = "auto"):
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+            raise ValueError(f"ExperienceReplay: capacity must be an integer >= 1, got {capacity!r}")
+        if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"ExperienceReplay: alpha must be a finite number >= 0, got {alpha!r}")
+        self.capacity = int(capacity)
+        self.alpha = alpha
+        self._tree = SumTree(self.capacity, backend)
+        self._items: List[Any] = [None] * self.capacity
+        self._pos = 0
+        self._size = 0
+        self._gen = np.zeros(self.capacity, dtype=np.int64)
+        self._sampled_gen = np.full(self.capacity, -1, dtype=np.int64)
+        self._lock = threading.RLock()
+        self.buffer = _BufferView(self)
+        self.priorities = _PriorityView(self)
+        self.last_indices = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _leaf(self, priority, what: str) -> float:
+        try:
+            p = float(priority)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{what}: priority must be a number, got {type(priority).__name__}") from exc
+        if not (math.isfinite(p) and p >= 0):
+            raise ValueError(f"{what}: priority must be finite and >= 0, got {p!r}")
+        return p ** self.alpha
+
+    def push(self, experience, priority: float = 1.0) -> int:
+        """Stores one experience (any object); returns its slot."""
+        v = self._leaf(priority, "ExperienceReplay.push")
+        with self._lock:
+            slot = self._pos
+            self._tree.update(np.array([slot], dtype=np.int64), np.array([v]))
+            self._items[slot] = experience
+            self._gen[slot] += 1
+            self._pos = (slot + 1) % self.capacity
+            self._size = min(self._size + 1, self.capacity)
+            return slot
+
+    def sample(self, batch_size: int, beta: float = 0.4, return_indices: bool = False):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"ExperienceReplay.sample: batch_size must be an integer >= 1, got {batch_size!r}")
+        with self._lock:
+            if self._size == 0:
+                return ([], [], np.zeros(0, dtype=np.int64)) if return_indices else ([], [])
+            k = min(int(batch_size), self._size)
+            # Draw k with replacement in one batched pass and keep the first
+            # occurrence of each leaf, in order; a repeat is a rejected draw,
+            # so the distinct leaves so far follow successive sampling exactly
+            # (numpy's choice(replace=False) does the same). The few still
+            # missing are drawn one by one from the rest of the tree.
+            idx, vals, _, _ = self._tree.sample(np.random.random_sample(k))
+            if k > 1:
+                uniq, first = np.unique(idx, return_index=True)
+                if uniq.size < k:
+                    first.sort()
+                    idx, vals = idx[first], vals[first]
+                    more, more_vals = self._tree.sample_without_replacement(
+                        np.random.random_sample(k - idx.size), exclude=idx
+                    )
+                    idx, vals = np.concatenate([idx, more]), np.concatenate([vals, more_vals])
+            self._sampled_gen[idx] = self._gen[idx]
+            if _C is not None and hasattr(_C, "take"):
+                samples = _C.take(self._items, idx)
+            else:
+                items = self._items
+                samples = [items[i] for i in idx.tolist()]
+        # (N p_i / T)^-beta over its batch maximum (the smallest p) is (p_i / p_min)^-beta.
+        weights = torch.from_numpy((vals / vals.min()) ** (-beta)).float()
+        self.last_indices = idx
+        if return_indices:
+            return samples, weights, idx
+        return samples, weights
+
+    def update_priorities(self, indices, priorities) -> int:
+        """New priorities (before alpha) for sampled slots; stale slots are skipped. Returns how many were applied."""
+        with self._lock:
+            applied, _ = self._tree.update_priorities(
+                _fast_index(indices), _fast_float(priorities), self.alpha, 0.0, self._size,
+                self._gen, self._sampled_gen,
+            )
+            return int(applied)

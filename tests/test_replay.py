@@ -1,0 +1,562 @@
+"""Prioritized replay: the sum tree (C++ and numpy), PrioritizedReplayBuffer, ExperienceReplay.
+
+Statistical tests run at fixed seeds with a 0.1% chi-square threshold, so they
+are deterministic and still fail for a wrong distribution (alpha applied
+twice, an off-by-one at a boundary, a biased without-replacement draw).
+"""
+import io
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from neuralmem_fast import replay
+from neuralmem_fast.replay import ExperienceReplay, NumpySumTree, PrioritizedReplayBuffer, SumTree
+
+from .helpers import DEVICES, load_seed
+
+TREE_BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")),
+    "numpy",
+]
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% quantile of chi-square(df) (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_frequencies(counts: np.ndarray, probs: np.ndarray, name: str) -> None:
+    n = counts.sum()
+    assert np.all(counts[probs == 0] == 0), f"{name}: drew an item of zero probability"
+    live = probs > 0
+    if live.sum() == 1:
+        assert counts[live].sum() == n
+        return
+    exp = probs[live] * n
+    stat = float(((counts[live] - exp) ** 2 / exp).sum())
+    df = int(live.sum()) - 1
+    crit = chi2_critical(df)
+    assert stat < crit, f"{name}: chi-square {stat:.1f} >= {crit:.1f} (df {df})"
+
+
+def make_priorities(capacity: int, rng: np.random.Generator) -> np.ndarray:
+    p = rng.uniform(0.05, 3.0, capacity)
+    if capacity > 2:
+        p[rng.choice(capacity, capacity // 4, replace=False)] = 0.0  # unreachable items
+    return p
+
+
+# ---------------------------------------------------------------------------
+# sum tree
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+@pytest.mark.parametrize("capacity", [1, 3, 64, 65], ids=lambda c: f"N{c}")
+def test_tree_frequencies_chi_square(backend, capacity):
+    rng = np.random.default_rng(capacity)
+    tree = SumTree(capacity, backend)
+    p = make_priorities(capacity, rng)
+    if capacity == 1:
+        p[:] = 0.7
+    tree.update(np.arange(capacity), p)
+    draws = 40_000
+    idx = tree.find(rng.random(draws) * tree.total())
+    assert_frequencies(np.bincount(idx, minlength=capacity), p / p.sum(), f"{backend} N{capacity}")
+
+
+@pytest.mark.parametrize("stratified", [False, True], ids=["iid", "stratified"])
+@pytest.mark.parametrize("capacity", [1, 3, 64, 65], ids=lambda c: f"N{c}")
+def test_buffer_frequencies_follow_p_alpha(capacity, stratified):
+    rng = np.random.default_rng(10 + capacity)
+    alpha = 0.6
+    buf = PrioritizedReplayBuffer(capacity, alpha=alpha, eps=0.0, generator=capacity, stratified=stratified)
+    p = make_priorities(capacity, rng)
+    if capacity == 1:
+        p[:] = 0.7
+    buf.extend(torch.arange(capacity), priorities=p)
+    counts = np.zeros(capacity, dtype=np.int64)
+    for _ in range(8):
+        _, idx, _ = buf.sample(5000)
+        counts += np.bincount(idx.numpy(), minlength=capacity)
+    pa = p**alpha
+    assert_frequencies(counts, pa / pa.sum(), f"N{capacity} alpha={alpha}")
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0, 1, 0, 0, 2, 3, 0],
+        [5],
+        [0, 0, 4],
+        [2, 0, 0, 0, 0, 0, 0, 0, 0],  # capacity 2^3 + 1, all mass first
+        [1] * 16,
+        [0, 3, 1, 0, 0, 2, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 1],  # 2^4 + 1, trailing padding
+    ],
+    ids=lambda v: f"N{len(v)}",
+)
+def test_tree_boundary_masses(backend, values):
+    v = np.asarray(values, dtype=np.float64)  # integers: every prefix sum is exact
+    tree = SumTree(v.size, backend)
+    tree.update(np.arange(v.size), v)
+    prefix = np.concatenate([[0.0], np.cumsum(v)])
+    total = prefix[-1]
+    assert tree.total() == total
+    positive = np.flatnonzero(v > 0)
+    # Leaf i owns [P_i, P_i+1): a mass equal to a boundary starts the next positive leaf.
+    masses = prefix[:-1]
+    got = tree.find(masses)
+    expected = [positive[positive >= k][0] if (positive >= k).any() else positive[-1] for k in range(v.size)]
+    np.testing.assert_array_equal(got, expected)
+    edge = np.array([0.0, -0.0, total, np.nextafter(total, np.inf), total * (1 + 1e-12), total * 2, -1.0])
+    got = tree.find(edge)
+    assert np.all((got >= 0) & (got < v.size)), got
+    assert np.all(v[got] > 0), f"zero-priority leaf returned for {edge}: {got}"
+    assert got[2] == positive[-1] and got[0] == positive[0]
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_tree_never_returns_zero_or_padding_random(backend):
+    rng = np.random.default_rng(3)
+    for capacity in (5, 33, 1000):
+        v = rng.random(capacity) * (rng.random(capacity) < 0.3)
+        v[rng.integers(capacity)] = 0.5
+        tree = SumTree(capacity, backend)
+        tree.update(np.arange(capacity), v)
+        masses = np.concatenate([np.cumsum(v), [tree.total()], rng.random(2000) * tree.total()])
+        idx = tree.find(masses)
+        assert idx.min() >= 0 and idx.max() < capacity
+        assert np.all(v[idx] > 0)
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_tree_update_last_write_wins_get_min(backend):
+    tree = SumTree(10, backend)
+    tree.update([3, 3, 7, 3], [1.0, 2.0, 5.0, 4.0])
+    np.testing.assert_array_equal(tree.get([3, 7, 0]), [4.0, 5.0, 0.0])
+    assert tree.total() == 9.0
+    assert tree.min() == 4.0  # zeros are not reachable, so they do not count
+    tree.update(torch.tensor([7]), torch.tensor([0.5], dtype=torch.float32))
+    assert tree.min() == 0.5 and tree.total() == 4.5
+    assert SumTree(4, backend).min() == math.inf
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+def test_cpp_tree_no_drift_after_1e7_updates():
+    rng = np.random.default_rng(7)
+    capacity = 100_003
+    tree = SumTree(capacity, "cpu")
+    for _ in range(10):
+        idx = rng.integers(0, capacity, 1_000_000)
+        # values over many magnitudes, where delta-patched sums would drift
+        vals = np.exp(rng.uniform(-20, 10, idx.size)) * (rng.random(idx.size) < 0.9)
+        tree.update(idx, vals)
+    leaves = tree.leaves()
+    exact = math.fsum(leaves.tolist())
+    assert abs(tree.total() - exact) <= 1e-9 * exact, (tree.total(), exact)
+    assert tree.min() == leaves[leaves > 0].min()
+    fresh = SumTree(capacity, "cpu")
+    fresh.assign(leaves)
+    assert fresh.total() == tree.total()  # the tree is a function of its leaves, bit for bit
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+def test_cpp_and_numpy_trees_agree():
+    rng = np.random.default_rng(11)
+    for capacity in (1, 7, 64, 513):
+        a, b = SumTree(capacity, "cpu"), NumpySumTree(capacity)
+        for step in range(6):
+            n = int(rng.integers(1, 3 * capacity + 2))
+            idx = rng.integers(0, capacity, n)  # with duplicates
+            vals = rng.random(n) * (rng.random(n) < 0.8)
+            if step == 0:
+                vals[:] = rng.random(n) + 0.1
+            a.update(idx, vals)
+            b.update(idx, vals)
+            np.testing.assert_array_equal(a.leaves(), b.leaves())
+            assert a.total() == b.total() and a.min() == b.min()
+            if a.total() == 0:
+                continue
+            m = rng.random(300) * a.total()
+            np.testing.assert_array_equal(a.find(m), b.find(m))
+            u = rng.random(300)
+            for x, y in zip(a.sample(u), b.sample(u)):
+                np.testing.assert_array_equal(x, y)
+            for strat in (False, True):
+                ia, wa = a.sample_weighted(u, 0.4, strat)
+                ib, wb = b.sample_weighted(u, 0.4, strat)
+                np.testing.assert_array_equal(ia, ib)
+                np.testing.assert_allclose(wa, wb, rtol=1e-6)
+            k = min(3, int((a.leaves() > 0).sum()))
+            excl = np.flatnonzero(a.leaves() > 0)[:1] if k > 1 else None
+            k = k - (1 if excl is not None else 0)
+            if k > 0:
+                uk = rng.random(k)
+                for x, y in zip(a.sample_without_replacement(uk, excl), b.sample_without_replacement(uk, excl)):
+                    np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(a.leaves(), b.leaves())  # unchanged by the draws
+            probe = rng.integers(0, capacity, 20)
+            np.testing.assert_array_equal(a.get(probe), b.get(probe))
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_tree_bad_input_leaves_it_unchanged(backend):
+    tree = SumTree(8, backend)
+    tree.update(np.arange(8), np.arange(8, dtype=np.float64))
+    before = tree.leaves()
+    bad_calls = [
+        (IndexError, lambda: tree.update([1, 8], [1.0, 1.0])),
+        (IndexError, lambda: tree.update([-1], [1.0])),
+        (ValueError, lambda: tree.update([1, 2], [1.0, float("nan")])),
+        (ValueError, lambda: tree.update([1], [float("inf")])),
+        (ValueError, lambda: tree.update([1], [-1.0])),
+        (ValueError, lambda: tree.update([1, 2], [1.0])),
+        (TypeError, lambda: tree.update([1.5], [1.0])),
+        (ValueError, lambda: tree.find([float("nan")])),
+        (IndexError, lambda: tree.get([9])),
+        (ValueError, lambda: tree.assign(np.ones(3))),
+        (ValueError, lambda: tree.sample_without_replacement(np.full(8, 0.5))),  # only 7 positive
+    ]
+    for exc, call in bad_calls:
+        with pytest.raises(exc):
+            call()
+        np.testing.assert_array_equal(tree.leaves(), before)
+    with pytest.raises(ValueError, match="capacity"):
+        SumTree(0, backend)
+    with pytest.raises(ValueError, match="empty"):
+        SumTree(3, backend).find([0.0])
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+def test_cpp_tree_reads_inputs_without_copies_and_rejects_cuda_or_float_indices():
+    tree = SumTree(16, "cpu")
+    idx = torch.arange(16)
+    vals = torch.linspace(0, 1, 16, dtype=torch.float64)
+    tree.update(idx, vals)  # contiguous int64 / float64 tensors are read in place
+    tree.update(idx[::2], vals[::2] * 2)  # strided views are converted
+    np.testing.assert_array_equal(tree.get(np.arange(0, 16, 2)), (vals[::2] * 2).numpy())
+    with pytest.raises(TypeError, match="integers"):
+        tree.update(torch.tensor([1.0]), [1.0])
+
+
+# ---------------------------------------------------------------------------
+# PrioritizedReplayBuffer
+
+
+def transitions(n, start=0):
+    ids = torch.arange(start, start + n)
+    return {
+        "obs": ids.float().unsqueeze(1).repeat(1, 3),
+        "action": ids,
+        "reward": ids.double() * 0.5,
+    }
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_buffer_weights_match_brute_force_and_peak_at_one(backend):
+    rng = np.random.default_rng(5)
+    cap, alpha, beta, eps = 37, 0.7, 0.5, 1e-3
+    buf = PrioritizedReplayBuffer(cap, alpha=alpha, beta=beta, eps=eps, generator=1, backend=backend)
+    p = rng.uniform(0, 4, 30)
+    buf.extend(transitions(30), priorities=p)
+    batch, idx, w = buf.sample(4000)
+    leaf = (p + eps) ** alpha
+    prob = leaf / leaf.sum()
+    n = len(buf)
+    brute = (n * prob) ** (-beta)
+    brute = brute / brute.max()
+    np.testing.assert_allclose(w.numpy(), brute[idx.numpy()], rtol=1e-6)
+    assert w.max().item() == 1.0  # the smallest priority was drawn; its weight is exactly 1
+    assert w.dtype == torch.float32
+    # the batch is the stored rows of the drawn slots
+    torch.testing.assert_close(batch["action"], idx)
+    torch.testing.assert_close(batch["reward"], idx.double() * 0.5)
+
+
+def test_buffer_add_extend_ring_and_default_priority():
+    buf = PrioritizedReplayBuffer(5, alpha=1.0, eps=0.0, generator=0)
+    assert len(buf) == 0
+    assert buf.add(torch.tensor([1.0, 2.0])) == 0  # default priority: 1.0 before anything is seen
+    assert buf.add(torch.tensor([3.0, 4.0]), priority=7.0) == 1
+    buf.add(torch.tensor([5.0, 6.0]))  # default priority: the largest seen, 7
+    np.testing.assert_array_equal(buf.tree.get([0, 1, 2]), [1.0, 7.0, 7.0])
+    slots = buf.extend(torch.arange(14.0).reshape(7, 2), priorities=np.arange(1, 8))
+    # 10 items into 5 slots: the last 5 survive, oldest overwritten first
+    assert len(buf) == 5
+    # item j of the batch goes to slot (3 + j) % 5; items 2..6 survive, in slots 0..4
+    np.testing.assert_array_equal(slots.numpy(), [0, 1, 2, 3, 4])
+    torch.testing.assert_close(buf._storage[0], torch.arange(4.0, 14.0).reshape(5, 2))
+    np.testing.assert_array_equal(buf.tree.get([0, 1, 2, 3, 4]), [3, 4, 5, 6, 7])
+    assert buf._pos == 0
+
+
+def test_buffer_tuple_items_and_update_priorities_alpha_once():
+    buf = PrioritizedReplayBuffer(8, alpha=0.5, eps=0.0, generator=0)
+    for i in range(6):
+        buf.add((torch.full((2,), float(i)), torch.tensor(i)), priority=1.0)
+    (x, a), idx, _ = buf.sample(16)
+    torch.testing.assert_close(a, idx)
+    torch.testing.assert_close(x[:, 0], idx.float())
+    applied = buf.update_priorities(torch.tensor([2, 4, 2]), torch.tensor([9.0, 16.0, 25.0]))
+    assert applied == 3
+    np.testing.assert_allclose(buf.tree.get([2, 4]), [5.0, 4.0])  # sqrt once; the last write wins
+    assert buf.max_priority == 25.0
+
+
+def test_buffer_ignores_updates_for_overwritten_slots():
+    buf = PrioritizedReplayBuffer(4, alpha=1.0, eps=0.0, generator=0)
+    buf.extend(torch.arange(4.0), priorities=np.ones(4))
+    _, idx, _ = buf.sample(64)
+    assert set(idx.tolist()) == {0, 1, 2, 3}
+    buf.extend(torch.tensor([10.0, 11.0]), priorities=[3.0, 3.0])  # overwrites slots 0, 1
+    applied = buf.update_priorities(torch.arange(4), torch.full((4,), 50.0))
+    assert applied == 2
+    np.testing.assert_array_equal(buf.tree.get([0, 1, 2, 3]), [3.0, 3.0, 50.0, 50.0])
+    # once a rewritten slot is sampled again, its updates apply to the new item
+    for _ in range(50):
+        _, idx, _ = buf.sample(8)
+        if 0 in idx.tolist():
+            break
+    assert buf.update_priorities([0], [2.0]) == 1 and buf.tree.get([0])[0] == 2.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_buffer_state_dict_round_trip(device):
+    buf = PrioritizedReplayBuffer(10, alpha=0.6, beta=0.3, eps=1e-4, device=device, generator=2)
+    buf.extend(transitions(13), priorities=np.linspace(0.1, 2, 13))
+    _, idx, _ = buf.sample(6)
+    buf.update_priorities(idx, torch.rand(6))
+    state = buf.state_dict()
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    other = PrioritizedReplayBuffer(10, device=device, generator=2)
+    other.load_state_dict(torch.load(blob, weights_only=False))
+    assert len(other) == len(buf) == 10
+    assert (other._pos, other.alpha, other.beta, other.eps, other.max_priority) == (
+        buf._pos, buf.alpha, buf.beta, buf.eps, buf.max_priority)
+    np.testing.assert_array_equal(other.tree.leaves(), buf.tree.leaves())
+    assert other.tree.total() == buf.tree.total()
+    for k in ("obs", "action", "reward"):
+        torch.testing.assert_close(other._storage[list(transitions(1)).index(k)], buf._storage[list(transitions(1)).index(k)])
+    # same generator state: identical draws afterwards
+    buf.generator = np.random.default_rng(9)
+    other.generator = np.random.default_rng(9)
+    (b1, i1, w1), (b2, i2, w2) = buf.sample(5), other.sample(5)
+    torch.testing.assert_close(i1, i2)
+    torch.testing.assert_close(w1, w2)
+    torch.testing.assert_close(b1["obs"], b2["obs"])
+    # the stale-update bookkeeping travels too
+    buf.extend(transitions(1, 99))
+    other.extend(transitions(1, 99))
+    assert buf.update_priorities(i1, torch.ones(5)) == other.update_priorities(i2, torch.ones(5))
+
+
+def snapshot(buf):
+    s = buf.state_dict()
+    return s, (None if s["storage"] is None else {k: v.clone() for k, v in s["storage"].items()})
+
+
+def assert_same(buf, snap):
+    s0, st0 = snap
+    s1 = buf.state_dict()
+    for k in ("position", "size", "max_priority"):
+        assert s1[k] == s0[k], k
+    for k in ("priorities", "generation", "sampled_generation"):
+        assert torch.equal(s1[k], s0[k]), k
+    if st0 is not None:
+        for k, v in st0.items():
+            assert torch.equal(s1["storage"][k], v), k
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_buffer_bad_input_raises_and_changes_nothing(backend):
+    buf = PrioritizedReplayBuffer(6, backend=backend, generator=0)
+    with pytest.raises(RuntimeError, match="empty"):
+        buf.sample(4)
+    with pytest.raises(ValueError):
+        buf.add(transitions(1), priority=float("nan"))
+    assert len(buf) == 0 and buf._storage is None  # a rejected first item defines nothing
+    buf.extend(transitions(4), priorities=[1.0, 2.0, 3.0, 4.0])
+    snap = snapshot(buf)
+    nan, inf = float("nan"), float("inf")
+    bad_calls = [
+        (ValueError, lambda: buf.add({k: v[0] for k, v in transitions(1).items()}, priority=nan)),
+        (ValueError, lambda: buf.add({k: v[0] for k, v in transitions(1).items()}, priority=-1.0)),
+        (ValueError, lambda: buf.extend(transitions(2), priorities=[1.0, inf])),
+        (ValueError, lambda: buf.extend(transitions(3), priorities=[1.0, 2.0])),
+        (ValueError, lambda: buf.extend((torch.zeros(2, 3), torch.zeros(2)))),  # tuple, first was a dict
+        (ValueError, lambda: buf.extend({"obs": torch.zeros(2, 3), "action": torch.zeros(2, dtype=torch.long)})),
+        (ValueError, lambda: buf.extend({**transitions(2), "obs": torch.zeros(2, 4)})),  # shape
+        (TypeError, lambda: buf.extend({**transitions(2), "action": torch.zeros(2)})),  # float into int64
+        (ValueError, lambda: buf.extend({**transitions(2), "reward": torch.zeros(3, dtype=torch.float64)})),
+        (IndexError, lambda: buf.update_priorities([0, 4], [1.0, 1.0])),  # slot 4 not written yet
+        (IndexError, lambda: buf.update_priorities([-1], [1.0])),
+        (ValueError, lambda: buf.update_priorities([0, 1], [1.0, nan])),
+        (ValueError, lambda: buf.update_priorities([0, 1], [1.0, -2.0])),
+        (ValueError, lambda: buf.update_priorities([0, 1], [1.0])),
+        (TypeError, lambda: buf.update_priorities([0.5], [1.0])),
+        (ValueError, lambda: buf.sample(0)),
+        (ValueError, lambda: buf.sample(2, beta=nan)),
+    ]
+    for exc, call in bad_calls:
+        with pytest.raises(exc):
+            call()
+        assert_same(buf, snap)
+    batch, idx, w = buf.sample(3)  # still usable
+    assert idx.max() < 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_buffer_on_cuda_returns_device_tensors():
+    buf = PrioritizedReplayBuffer(16, device="cuda", generator=0)
+    buf.extend(transitions(10))
+    batch, idx, w = buf.sample(4)
+    assert batch["obs"].is_cuda and w.is_cuda and not idx.is_cuda
+    torch.testing.assert_close(batch["action"].cpu(), idx)
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+def test_threads_writers_and_sampler():
+    rng = np.random.default_rng(0)
+    cap = 500
+    buf = PrioritizedReplayBuffer(cap, generator=0)
+    buf.extend(transitions(50), priorities=rng.random(50) + 0.1)
+    tree = SumTree(1000, "cpu")
+    tree.update(np.arange(1000), np.ones(1000))
+    stop = time.perf_counter() + 1.5
+    errors, bad = [], []
+
+    def writer(seed):
+        r = np.random.default_rng(seed)
+        try:
+            while time.perf_counter() < stop:
+                n = int(r.integers(1, 20))
+                buf.extend(transitions(n, int(r.integers(1000))), priorities=r.random(n) + 0.01)
+                k = int(r.integers(1, 10))
+                buf.update_priorities(r.integers(0, len(buf), k), r.random(k))
+                tree.update(r.integers(0, 1000, 64), r.random(64) * (r.random(64) < 0.9))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def sampler():
+        try:
+            while time.perf_counter() < stop:
+                batch, idx, w = buf.sample(32)
+                n = len(buf)
+                if idx.min() < 0 or idx.max() >= n or not torch.isfinite(w).all() or w.max() > 1:
+                    bad.append((idx, w))
+                if not torch.equal(batch["reward"], batch["action"].double() * 0.5):
+                    bad.append("torn row")
+                if tree.total() > 0:
+                    # indices and their values read under one lock
+                    ti, vals, _, _ = tree.sample(np.random.random(64))
+                    if ti.max() >= 1000 or (vals <= 0).any():
+                        bad.append(("tree", ti))
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)] + [threading.Thread(target=sampler)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not bad, bad[:3]
+    for t in (buf.tree, tree):
+        leaves = t.leaves()
+        exact = math.fsum(leaves.tolist())
+        assert abs(t.total() - exact) <= 1e-9 * exact
+        assert t.min() == leaves[leaves > 0].min()
+    assert len(buf) == cap
+
+
+# ---------------------------------------------------------------------------
+# ExperienceReplay (the tutorial's class)
+
+
+def test_experience_replay_matches_seed_bookkeeping():
+    seed = load_seed()
+    ours, theirs = ExperienceReplay(capacity=7, alpha=0.6), seed.ExperienceReplay(capacity=7, alpha=0.6)
+    assert ours.sample(4) == ([], []) == theirs.sample(4)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        p = float(rng.uniform(0.1, 2))
+        ours.push((torch.tensor([i]), i), priority=p)
+        theirs.push((torch.tensor([i]), i), priority=p)
+        assert len(ours.buffer) == len(theirs.buffer) and len(ours.priorities) == len(theirs.priorities)
+    assert [e[1] for e in ours.buffer] == [e[1] for e in theirs.buffer]
+    np.testing.assert_allclose(np.array(ours.priorities), np.array(theirs.priorities), rtol=1e-12)
+    samples, weights = ours.sample(3)
+    assert len(samples) == 3 and len({s[1] for s in samples}) == 3 and weights.dtype == torch.float32
+    samples, weights = ours.sample(50)  # min(batch_size, len)
+    assert len(samples) == 7 and len({s[1] for s in samples}) == 7
+    # weights: the seed's formula on the drawn items, normalised by the batch maximum
+    probs = np.array(theirs.priorities) / np.sum(theirs.priorities)
+    pos = {e[1]: j for j, e in enumerate(theirs.buffer)}
+    brute = (7 * probs[[pos[s[1]] for s in samples]]) ** -0.4
+    np.testing.assert_allclose(weights.numpy(), brute / brute.max(), rtol=1e-6)
+
+
+def test_experience_replay_without_replacement_distribution():
+    # 4 items, batches of 2: the ordered pair (i, j) has probability p_i p_j / (1 - p_i),
+    # as for numpy's choice(replace=False, p=...).
+    np.random.seed(123)
+    pr = np.array([0.1, 0.2, 0.3, 0.4])
+    er = ExperienceReplay(capacity=4, alpha=1.0)
+    for i, p in enumerate(pr):
+        er.push(i, priority=p)
+    counts = np.zeros((4, 4))
+    for _ in range(6000):
+        s, _, _ = er.sample(2, return_indices=True)
+        counts[s[0], s[1]] += 1
+    expected = pr[:, None] * pr[None, :] / (1 - pr[:, None])
+    np.fill_diagonal(expected, 0)
+    assert_frequencies(counts.ravel().astype(np.int64), expected.ravel(), "ordered pairs")
+    # batch == len goes through the one-by-one path for the last draws: still all distinct
+    for _ in range(50):
+        s, w = er.sample(4)
+        assert sorted(s) == [0, 1, 2, 3] and w.max().item() == 1.0
+
+
+def test_experience_replay_update_priorities_and_bad_input():
+    er = ExperienceReplay(capacity=4, alpha=1.0)
+    for i in range(4):
+        er.push(i, priority=1.0)
+    _, _, idx = er.sample(4, return_indices=True)
+    np.testing.assert_array_equal(np.sort(idx), np.arange(4))
+    er.push(4, priority=1.0)  # overwrites slot 0
+    assert er.update_priorities(np.arange(4), [5.0, 6.0, 7.0, 8.0]) == 3
+    np.testing.assert_array_equal(np.array(er.priorities), [6.0, 7.0, 8.0, 1.0])  # oldest first
+    before = np.array(er.priorities)
+    for exc, call in [
+        (ValueError, lambda: er.push(9, priority=float("nan"))),
+        (ValueError, lambda: er.push(9, priority=-1.0)),
+        (ValueError, lambda: er.push(9, priority=float("inf"))),
+        (IndexError, lambda: er.update_priorities([4], [1.0])),
+        (ValueError, lambda: er.update_priorities([1, 2], [1.0])),
+        (ValueError, lambda: er.update_priorities([1], [float("nan")])),
+        (ValueError, lambda: er.sample(0)),
+    ]:
+        with pytest.raises(exc):
+            call()
+        np.testing.assert_array_equal(np.array(er.priorities), before)
+        assert [e for e in er.buffer] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_experience_replay_in_the_seed_agent_loop(backend):
+    # the tutorial's call pattern: push every step, sample 8 once more than 16 are stored
+    er = ExperienceReplay(capacity=20, backend=backend)
+    for step in range(40):
+        x, y = torch.randn(1, 4), torch.randn(1, 2)
+        er.push((x, y), priority=float(step % 5) + 1e-6)
+        if len(er.buffer) > 16:
+            samples, weights = er.sample(8)
+            assert len(samples) == 8 and weights.shape == (8,)
+            for (rx, ry), w in zip(samples, weights):
+                assert rx.shape == (1, 4) and 0 < w.item() <= 1.0
