@@ -382,6 +382,31 @@ def _field_name(kind, keys, j) -> str:
     return repr(keys[j]) if kind == "dict" else (f"field {j}" if kind == "tuple" else "the item")
 
 
+def _packed_storage(capacity: int, specs, device) -> List[torch.Tensor]:
+    """One (capacity, row_bytes) byte tensor holding every field of an item side
+    by side, returned as one strided (capacity, *shape) view per field.
+
+    Sampling reads random rows; with the fields of a row in the same cache
+    line(s), a row costs one miss instead of one per field. Each field starts
+    at a multiple of its element size and the row length is a multiple of the
+    largest, so every view is a plain strided tensor of its own dtype.
+    """
+    sizes = [max(1, torch.empty((), dtype=d).element_size()) for _, d in specs]
+    offsets, off = [], 0
+    for (shape, dtype), size in zip(specs, sizes):
+        off = (off + size - 1) // size * size
+        offsets.append(off)
+        off += int(np.prod(shape, dtype=np.int64)) * size
+    align = max(sizes)
+    row = max(align, (off + align - 1) // align * align)
+    packed = torch.zeros((capacity, row), dtype=torch.uint8, device=device)
+    views = []
+    for (shape, dtype), size, start in zip(specs, sizes, offsets):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * size
+        views.append(packed[:, start : start + nbytes].view(dtype).view((capacity,) + tuple(shape)))
+    return views
+
+
 class PrioritizedReplayBuffer:
     """Prioritized replay with preallocated ring storage and a C++ sum tree.
 
@@ -536,9 +561,7 @@ class PrioritizedReplayBuffer:
             if self._storage is None:
                 self._kind, self._keys = kind, keys
                 self._specs = [(x.shape[1:], x.dtype) for x in leaves]
-                self._storage = [
-                    torch.zeros((self.capacity,) + tuple(s), dtype=d, device=self.device) for s, d in self._specs
-                ]
+                self._storage = _packed_storage(self.capacity, self._specs, self.device)
             # With more items than slots only the last `capacity` survive; item
             # j of the batch lands in slot (pos + j) % capacity either way.
             first = max(0, n - self.capacity)
@@ -654,7 +677,9 @@ class PrioritizedReplayBuffer:
             else:
                 self._kind, self._keys = kind, keys
                 self._specs = [(f.shape[1:], f.dtype) for f in fields]
-                self._storage = [f.detach().to(self.device).clone() for f in fields]
+                self._storage = _packed_storage(self.capacity, self._specs, self.device)
+                for store, f in zip(self._storage, fields):
+                    store.copy_(f.detach())
             self._tree.assign(leaves)
             self._gen = gen.copy()
             self._sampled_gen = sgen.copy()

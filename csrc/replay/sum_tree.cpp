@@ -395,38 +395,49 @@ void check_finite(const View<double>& v, const char* what, const char* arg, bool
 
 }  // namespace
 
-// Rows `indices` of every CPU tensor in `storages`, as new contiguous tensors:
-// one memcpy per row and field with the GIL released, instead of one
-// index_select dispatch per field.
+// Rows `indices` of every CPU tensor in `storages`, as new contiguous tensors.
+// A storage may be a strided view whose rows are contiguous (stride(0) is
+// free), such as the fields of a buffer that packs each item into one byte
+// row: the fields of a row then share its cache lines, which are prefetched
+// for the whole batch before the copies, so one miss per row is paid instead
+// of one per field, and they overlap.
 std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py::handle indices) {
   const char* what = "gather_rows";
   auto idx = as_view<int64_t>(indices, what, "indices");
+  const size_t nf = storages.size();
   std::vector<at::Tensor> out;
-  out.reserve(storages.size());
-  for (const auto& s : storages) {
-    if (!s.device().is_cpu() || !s.is_contiguous() || s.dim() < 1)
-      throw py::value_error(std::string(what) + ": every storage must be a contiguous CPU tensor with a leading dimension");
+  std::vector<const char*> src(nf);
+  std::vector<int64_t> pitch(nf), row(nf);
+  out.reserve(nf);
+  for (size_t f = 0; f < nf; ++f) {
+    const auto& s = storages[f];
+    if (!s.device().is_cpu() || s.dim() < 1)
+      throw py::value_error(std::string(what) + ": every storage must be a CPU tensor with a leading dimension");
+    int64_t expect = 1;  // the trailing dims must be contiguous within a row
+    for (int64_t d = s.dim() - 1; d >= 1; --d) {
+      if (s.size(d) != 1 && s.stride(d) != expect)
+        throw py::value_error(std::string(what) + ": the rows of every storage must be contiguous");
+      expect *= s.size(d);
+    }
     check_indices(idx, s.size(0), what, "storage length");
     auto sizes = s.sizes().vec();
     sizes[0] = idx.n;
-    out.push_back(at::empty(sizes, s.options()));
+    out.push_back(at::empty(sizes, s.options().memory_format(at::MemoryFormat::Contiguous)));
+    src[f] = static_cast<const char*>(s.const_data_ptr());
+    pitch[f] = s.stride(0) * static_cast<int64_t>(s.element_size());
+    row[f] = expect * static_cast<int64_t>(s.element_size());
   }
   {
     py::gil_scoped_release nogil;
-    // Issue every row's load first so that the misses overlap.
-    for (size_t f = 0; f < storages.size(); ++f) {
-      const auto& s = storages[f];
-      const int64_t row = s.numel() / std::max<int64_t>(s.size(0), 1) * static_cast<int64_t>(s.element_size());
-      const char* src = static_cast<const char*>(s.const_data_ptr());
-      for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(src + idx.ptr[j] * row);
+    for (size_t f = 0; f < nf; ++f) {
+      // fields of one packed row share lines: prefetching a line twice is cheap
+      for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(src[f] + idx.ptr[j] * pitch[f]);
     }
-    for (size_t f = 0; f < storages.size(); ++f) {
-      const auto& s = storages[f];
-      const int64_t row = s.numel() / std::max<int64_t>(s.size(0), 1) * static_cast<int64_t>(s.element_size());
-      const char* src = static_cast<const char*>(s.const_data_ptr());
-      char* dst = static_cast<char*>(out[f].mutable_data_ptr());
-      for (int64_t j = 0; j < idx.n; ++j) std::memcpy(dst + j * row, src + idx.ptr[j] * row, static_cast<size_t>(row));
-    }
+    std::vector<char*> dst(nf);
+    for (size_t f = 0; f < nf; ++f) dst[f] = static_cast<char*>(out[f].mutable_data_ptr());
+    for (int64_t j = 0; j < idx.n; ++j)
+      for (size_t f = 0; f < nf; ++f)
+        std::memcpy(dst[f] + j * row[f], src[f] + idx.ptr[j] * pitch[f], static_cast<size_t>(row[f]));
   }
   return out;
 }
