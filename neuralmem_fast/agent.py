@@ -38,9 +38,10 @@ that normalises it again) and runs nine forwards per step. Here:
   become the sampled items' new priorities (the seed never updates
   priorities). New samples enter the `PrioritizedReplayBuffer` at the largest
   priority seen, as in PER.
-* `evaluate` leaves memory and usage unchanged: sequential mode restores a
-  snapshot after the seed's item-by-item evaluation; batched mode evaluates all
-  items in one forward against the current memory without writing.
+* `evaluate` leaves memory and usage unchanged, in both modes: all items in
+  one forward against the current memory, reading without writing (the
+  reference agent's evaluation, which reads item by item without writing; the
+  seed wrote to the memory on every evaluated item).
 * `FlatAdam` re-bases the parameters onto one flat buffer and their grads
   onto another, so zero_grad, the clip to norm 1 and Adam (its fused kernel)
   are a few ops per step instead of per-parameter loops.
@@ -501,18 +502,21 @@ class ContinualLearningAgent:
         self.optimizer.step()
 
     @torch.no_grad()
-    def evaluate(self, test_data):
-        """Mean MSE over (x, y) pairs; memory and usage are left unchanged."""
+    def evaluate(self, test_data, params=None):
+        """Mean MSE over (x, y) pairs, read-only: memory and usage are left unchanged.
+
+        `params` (from `adapt`) evaluates those parameters instead of the
+        controller's own, in one read-only forward over all items (as the
+        reference agent's evaluate(..., params=...)).
+        """
         self.controller.eval()
         try:
-            if self.replay == "sequential":
-                state = self.memory_bank.snapshot()
-                total = 0.0
-                for x, y in test_data:
-                    pred, _ = self.controller(x, self.memory_bank)
-                    total += F.mse_loss(pred, y).item()
-                self.memory_bank.restore(state)
-                return total / len(test_data)
+            if params is not None:
+                xs = torch.stack([x for x, _ in test_data])
+                ys = torch.stack([y for _, y in test_data])
+                pred, _ = torch.func.functional_call(self.controller, params, (xs, self.memory_bank),
+                                                     {"write": False})
+                return (pred - ys).pow(2).mean(dim=1).mean().item()
             xs = torch.stack([x for x, _ in test_data])
             ys = torch.stack([y for _, y in test_data])
             pred, _ = self.controller(xs, self.memory_bank, write=False)
@@ -529,8 +533,22 @@ class ContinualLearningAgent:
         finally:
             self.controller.train()
 
-    def adapt(self, support_x, support_y, **kw):
-        """MAML inner loop from the current parameters (see MAML.adapt)."""
+    def adapt(self, support_x, support_y=None, **kw):
+        """MAML inner loop from the current parameters (see MAML.adapt).
+
+        adapt(support_x, support_y, ...) with tensors (M, input_dim) returns the
+        adapted parameters, differentiable w.r.t. the controller's unless
+        first_order. adapt(pairs, num_steps=, lr=) with a list of (x, y) pairs is
+        the demo's test-time adaptation, as the reference agent's: first order,
+        the returned parameters detached, for evaluate(..., params=...).
+        """
+        if support_y is None:
+            xs = torch.stack([x for x, _ in support_x])
+            ys = torch.stack([y for _, y in support_x])
+            kw.setdefault("first_order", True)
+            with torch.enable_grad():
+                params = self.meta_learner.adapt(xs, ys, **kw)
+            return {n: p.detach() for n, p in params.items()}
         return self.meta_learner.adapt(support_x, support_y, **kw)
 
     def meta_train_step(self, support_x, support_y, query_x, query_y, **kw):

@@ -1,5 +1,14 @@
 """`python -m neuralmem_fast demo`: the seed's continual-learning demo, headless, with metrics.
 
+By default the fast agent (`neuralmem_fast.agent`, batched prioritized replay)
+learns the seed's synthetic tasks; `--agent sequential` is the fast agent in
+the seed's replay order, `--reference` the faithful reference agent.
+`--compare-reference` also runs the reference agent on the same workload and
+records both training times and their ratio. `--dataset digits` runs the
+continual-learning experiment on scikit-learn's 8x8 digits instead
+(`neuralmem_fast.experiments.run_digits_experiment`: Split- and
+Permuted-Digits, with and without replay, over several seeds).
+
 The agent learns the seed's tasks one after the other, twice from the same
 seed: with prioritized replay (from the second task on) and without. After
 each task it is evaluated on every task's test split, which gives a
@@ -11,7 +20,10 @@ Writes under --out:
                              each task, with and without replay; both error
                              matrices as heatmaps
   metrics.json               error matrices, average final error, forgetting
-                             per task, adapted errors, losses, wall times
+                             per task, adapted errors, losses, wall times (and
+                             with --compare-reference the reference agent's
+                             runs, both training times and their ratio)
+  with --dataset digits:     digits_continual.png and digits_metrics.json
 
 Agents. `AGENTS` maps a name to a factory `(config, hidden_dim, input_dim,
 seed_compat) -> agent`, and `make_agent` is the one place that builds one;
@@ -42,8 +54,22 @@ def reference_agent(config, hidden_dim, input_dim=64, seed_compat=False):
     return reference.ContinualLearningAgent(input_dim, hidden_dim, config, seed_compat=seed_compat)
 
 
-AGENTS = {"reference": reference_agent}
-DEFAULT_AGENT = "reference"
+def _fast_agent(replay):
+    def factory(config, hidden_dim, input_dim=64, seed_compat=False):
+        from . import agent
+
+        if seed_compat:
+            # The fast agent never writes memory during evaluation, by design.
+            raise ValueError("seed_compat (evaluation writes to memory) needs the reference agent")
+        return agent.make_agent(replay, input_dim=input_dim, hidden_dim=hidden_dim, config=config)
+
+    factory.__name__ = f"{replay}_agent"
+    return factory
+
+
+AGENTS = {"batched": _fast_agent("batched"), "sequential": _fast_agent("sequential"), "reference": reference_agent}
+DEFAULT_AGENT = "batched"
+FAST_AGENTS = ("batched", "sequential")
 
 
 def make_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False):
@@ -86,8 +112,19 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="write metrics.json only")
     p.add_argument("--quick", action="store_true", help="tiny configuration (seconds); explicit options still win")
     p.add_argument("--agent", choices=sorted(AGENTS), default=None,
-                   help=f"agent implementation (default {DEFAULT_AGENT})")
+                   help=f"agent implementation: the fast agent with batched or sequential (the seed's order) "
+                        f"replay, or the faithful reference (default {DEFAULT_AGENT})")
     p.add_argument("--reference", action="store_true", help="use the faithful reference agent (--agent reference)")
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also run the reference agent on the same workload; record both training times and "
+                        "their ratio")
+    p.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
+                   help="the seed's synthetic tasks (default) or the 8x8 digits experiment")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="digits: seeds to average over (default 0 1 2)")
+    p.add_argument("--train-per-task", type=int, default=None,
+                   help="digits: training samples per task (default 300; all of them with 0)")
+    p.add_argument("--test-per-task", type=int, default=None, help="digits: test samples per task (default all)")
     p.add_argument("--seed-compat", action="store_true",
                    help="the seed's behaviour: test sets are training prefixes, evaluation writes to memory")
     # One sample per step on tensors of a few thousand elements: intra-op
@@ -95,6 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, 0 for torch's choice (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    args.epochs_given = args.epochs
     base = QUICK if args.quick else DEFAULTS
     for key, value in base.items():
         if getattr(args, key) is None:
@@ -104,6 +142,31 @@ def parse_args(argv=None):
             p.error("--reference and --agent disagree")
         args.agent = "reference"
     args.agent = args.agent or DEFAULT_AGENT
+    if args.seed_compat and args.agent != "reference":
+        p.error("--seed-compat needs --reference (the fast agent's evaluation never writes to memory)")
+    if args.compare_reference and args.agent == "reference":
+        p.error("--compare-reference compares a fast agent with the reference: drop --reference")
+    if args.dataset == "digits":
+        if args.agent not in FAST_AGENTS:
+            p.error("--dataset digits runs the fast agent (--agent batched or sequential)")
+        if args.compare_reference:
+            p.error("--compare-reference applies to the synthetic tasks")
+        if args.seeds is None:
+            args.seeds = [0, 1, 2]
+        if args.train_per_task is None:
+            args.train_per_task = 300
+        # epochs: one pass over each task's data unless asked (--quick: the smallest run)
+        if args.epochs_given is None:
+            args.epochs = 1
+        if args.quick:
+            args.seeds = args.seeds[:2]
+            args.train_per_task = min(args.train_per_task or 12, 12)  # 0 (all) too: --quick wins
+            args.test_per_task = args.test_per_task or 10
+    for key in ("seeds", "train_per_task", "test_per_task"):
+        if args.dataset != "digits" and getattr(args, key) is not None:
+            p.error(f"--{key.replace('_', '-')} applies to --dataset digits")
+    if args.train_per_task == 0:  # all of each task's training data
+        args.train_per_task = None
     for key in ("tasks", "epochs", "samples", "test_samples", "memory_size", "memory_dim", "read_heads", "hidden"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -150,13 +213,16 @@ def _mean(xs):
 # --------------------------------------------------------------------------
 
 
-def run_one(args, use_replay, progress=None, log=print):
-    """One agent, learned from scratch with seed args.seed; returns (metrics, agent)."""
+def _config(args):
+    return reference.MemoryConfig(memory_size=args.memory_size, memory_dim=args.memory_dim,
+                                  num_read_heads=args.read_heads)
+
+
+def run_one(args, use_replay, progress=None, log=print, kind=None):
+    """One agent (`kind`, default args.agent), learned from scratch with seed args.seed; returns (metrics, agent)."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    config = reference.MemoryConfig(memory_size=args.memory_size, memory_dim=args.memory_dim,
-                                    num_read_heads=args.read_heads)
-    agent = make_agent(args.agent, config, args.hidden, input_dim=64, seed_compat=args.seed_compat)
+    agent = make_agent(kind or args.agent, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat)
     on_step = None
     if progress is not None:
         def on_step(loss, _n=[0]):
@@ -188,27 +254,40 @@ def run_one(args, use_replay, progress=None, log=print):
     return metrics, agent
 
 
-def run_demo(args):
-    """Both runs, the figure and metrics.json; returns the metrics dict."""
+def _both_runs(args, kind):
+    """The run with replay and the run without, for agent `kind`; returns (runs, agents, seconds)."""
     from tqdm.auto import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     steps = args.tasks * args.epochs * args.samples
     runs, agents = {}, {}
     t0 = time.perf_counter()
     for name, replay in (("with_replay", True), ("without_replay", False)):
-        bar = None if args.no_progress else tqdm(total=steps, desc=name.replace("_", " "), unit="step")
-        log = (lambda s: tqdm.write(f"[{name}] {s}")) if bar is not None else (lambda s: print(f"[{name}] {s}"))
+        tag = name if kind == args.agent else f"{kind}, {name}"
+        bar = None if args.no_progress else tqdm(total=steps, desc=tag.replace("_", " "), unit="step")
+        log = (lambda s: tqdm.write(f"[{tag}] {s}")) if bar is not None else (lambda s: print(f"[{tag}] {s}"))
         try:
-            runs[name], agents[name] = run_one(args, replay, bar, log)
+            runs[name], agents[name] = run_one(args, replay, bar, log, kind=kind)
         finally:
             if bar is not None:
                 bar.close()
-    total = time.perf_counter() - t0
+    return runs, agents, time.perf_counter() - t0
+
+
+def _train_time(runs):
+    return sum(r["train_time_s"] for r in runs.values())
+
+
+def run_demo(args):
+    """Both runs (and the reference's with --compare-reference), the figure and metrics.json."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    if args.dataset == "digits":
+        return run_digits(args)
+    runs, agents, total = _both_runs(args, args.agent)
     metrics = {
         "agent": args.agent,
+        "dataset": "synthetic",
         "settings": {k: getattr(args, k) for k in (*DEFAULTS, "seed", "seed_compat", "quick")},
         "torch_threads": torch.get_num_threads(),
         "runs": runs,
@@ -217,7 +296,24 @@ def run_demo(args):
                     "with_memory": runs["with_replay"]["error_after_learning"],
                     "without_memory": runs["without_replay"]["error_after_learning"]},
         "wall_time_s": total,
+        "train_time_s": _train_time(runs),
     }
+    if args.compare_reference:
+        # The same work (same tasks, seeds, settings, both runs) by the reference agent.
+        ref_runs, _, ref_total = _both_runs(args, "reference")
+        metrics["reference_runs"] = ref_runs
+        metrics["comparison"] = {
+            "agent": args.agent,
+            "train_time_s": metrics["train_time_s"],
+            "wall_time_s": total,
+            "reference_train_time_s": _train_time(ref_runs),
+            "reference_wall_time_s": ref_total,
+            "train_speedup": _train_time(ref_runs) / metrics["train_time_s"],
+            "wall_speedup": ref_total / total,
+            "average_final_error": {name: {args.agent: runs[name]["average_final_error"],
+                                           "reference": ref_runs[name]["average_final_error"]}
+                                    for name in runs},
+        }
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if not args.no_plot:
@@ -291,13 +387,43 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def run_digits(args):
+    """The digits experiment with the chosen fast agent; returns its results dict."""
+    from .experiments import run_digits_experiment
+
+    config = _config(args)
+
+    def agent_factory():
+        return make_agent(args.agent, config, args.hidden, input_dim=64)
+
+    return run_digits_experiment(args.out, seeds=tuple(args.seeds), epochs=args.epochs,
+                                 train_per_task=args.train_per_task, test_per_task=args.test_per_task,
+                                 agent_factory=agent_factory, hidden_dim=args.hidden, replay=args.agent,
+                                 plot=not args.no_plot, verbose=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     metrics = run_demo(args)
+    if args.dataset == "digits":
+        print(f"digits experiment, {args.agent} agent, seeds {args.seeds}: {metrics['seconds']:.1f} s")
+        print(f"wrote {os.path.join(args.out, 'digits_metrics.json')}"
+              + ("" if args.no_plot else f" and {os.path.join(args.out, 'digits_continual.png')}"))
+        return 0
+    print(f"agent: {args.agent}")
     for name, r in metrics["runs"].items():
         print(f"{name:15s} average final error {r['average_final_error']:.4f}  "
               f"average forgetting {_fmt(r['average_forgetting'])}  "
               f"after adaptation {_fmt(r['average_adapted_error'])}  ({r['wall_time_s']:.1f} s)")
+    c = metrics.get("comparison")
+    if c is not None:
+        for name, r in metrics["reference_runs"].items():
+            print(f"{name:15s} reference: average final error {r['average_final_error']:.4f}  "
+                  f"({r['wall_time_s']:.1f} s)")
+        print(f"training time, same work: {args.agent} {c['train_time_s']:.2f} s, reference "
+              f"{c['reference_train_time_s']:.2f} s, {c['train_speedup']:.1f}x faster "
+              f"(wall incl. evaluation: {c['wall_time_s']:.2f} s vs {c['reference_wall_time_s']:.2f} s, "
+              f"{c['wall_speedup']:.1f}x)")
     print(f"wrote {os.path.join(args.out, 'metrics.json')}"
           + ("" if args.no_plot else f" and {os.path.join(args.out, 'neural_memory_results.png')}"))
     return 0

@@ -252,8 +252,8 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
 
     Kinds: "seed" (the seed's agent), "seed+fast-bank" (the seed's agent with
     this package's NeuralMemoryBank), "seed+null-bank" (a bank that costs
-    nothing: the floor for any drop-in bank), "sequential" and "batched" (the
-    fast agent). The kinds run interleaved epoch by epoch, so that load on a
+    nothing: the floor for any drop-in bank), "reference" (the package's
+    faithful reference agent), "sequential" and "batched" (the fast agent). The kinds run interleaved epoch by epoch, so that load on a
     shared machine falls on all of them alike. buffer_factory(kind) may supply
     a replay buffer for the fast agent.
     """
@@ -267,6 +267,10 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
     def make(kind):
         torch.manual_seed(0)
         np.random.seed(0)
+        if kind == "reference":
+            from .reference import ContinualLearningAgent as ReferenceAgent
+
+            return ReferenceAgent()
         if kind.startswith("seed"):
             agent = seed_module.ContinualLearningAgent()
             if kind == "seed+fast-bank":

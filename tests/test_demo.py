@@ -17,13 +17,14 @@ def _restore_threads():
 
 
 def test_demo_writes_figure_and_metrics(tmp_path):
+    """The default: the fast agent with batched replay."""
     out = tmp_path / "results"
     assert demo.main(["--quick", "--no-progress", "--out", str(out), "--seed", "1"]) == 0
     png = out / "neural_memory_results.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     m = json.loads((out / "metrics.json").read_text())
     T = demo.QUICK["tasks"]
-    assert m["agent"] == "reference" and m["settings"]["tasks"] == T and m["settings"]["seed"] == 1
+    assert m["agent"] == "batched" and m["dataset"] == "synthetic" and m["settings"]["tasks"] == T and m["settings"]["seed"] == 1
     assert set(m["runs"]) == {"with_replay", "without_replay"}
     for name, r in m["runs"].items():
         E = r["error_matrix"]
@@ -58,10 +59,57 @@ def test_cli_dispatches_demo_reference_without_plot(tmp_path):
     assert r["error_matrix"][0][1] is None and r["error_matrix"][1][1] is not None
 
 
+def test_compare_reference_records_both_training_times(tmp_path):
+    """The sequential fast agent and the reference on the same work."""
+    argv = ["--quick", "--agent", "sequential", "--compare-reference", "--no-plot", "--no-progress", "--tasks", "2",
+            "--adapt-steps", "2", "--out", str(tmp_path)]
+    assert demo.main(argv) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    c = m["comparison"]
+    assert m["agent"] == c["agent"] == "sequential" and set(m["reference_runs"]) == set(m["runs"])
+    assert c["train_time_s"] == pytest.approx(sum(r["train_time_s"] for r in m["runs"].values()))
+    assert c["reference_train_time_s"] == pytest.approx(
+        sum(r["train_time_s"] for r in m["reference_runs"].values()))
+    assert c["train_speedup"] == pytest.approx(c["reference_train_time_s"] / c["train_time_s"])
+    for name in m["runs"]:
+        ours, ref = m["runs"][name], m["reference_runs"][name]
+        assert len(ref["error_matrix"]) == len(ours["error_matrix"]) == 2
+        assert c["average_final_error"][name] == {"sequential": ours["average_final_error"],
+                                                  "reference": ref["average_final_error"]}
+        assert len(ours["adapted_error"]) == 2 and all(math.isfinite(e) for e in ours["adapted_error"])
+        # same seed, same init, same data: the first task is learned alike (no replay yet)
+        for a, b in zip(ours["error_matrix"][0], ref["error_matrix"][0]):
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
+
+
+def test_cli_demo_digits_tiny(tmp_path):
+    pytest.importorskip("sklearn")
+    argv = ["demo", "--dataset", "digits", "--quick", "--seeds", "0", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    png = tmp_path / "digits_continual.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads((tmp_path / "digits_metrics.json").read_text())
+    assert m["config"]["seeds"] == [0, 1] and m["config"]["train_per_task"] == 12 and m["config"]["epochs"] == 1
+    assert m["config"]["replay"] == "batched"
+    assert set(m["conditions"]) == {"split/no_replay", "split/replay", "permuted/no_replay", "permuted/replay"}
+    for c in m["conditions"].values():
+        assert len(c["R_runs"]) == 2 and 0.0 <= c["ACC"]["mean"] <= 1.0
+
+
 def test_parse_args_defaults_quick_and_overrides():
     a = demo.parse_args([])
     assert (a.tasks, a.epochs, a.samples, a.test_samples, a.memory_size, a.hidden) == (4, 20, 50, 20, 128, 128)
-    assert a.agent == "reference" and a.out == "results" and not a.no_plot
+    assert a.agent == "batched" and a.dataset == "synthetic" and a.out == "results" and not a.no_plot
+    assert not a.compare_reference
+    assert demo.parse_args(["--agent", "sequential"]).agent == "sequential"
+    d = demo.parse_args(["--dataset", "digits"])
+    assert (d.seeds, d.train_per_task, d.test_per_task, d.epochs) == ([0, 1, 2], 300, None, 1)
+    assert demo.parse_args(["--dataset", "digits", "--epochs", "3", "--train-per-task", "0"]).epochs == 3
+    assert demo.parse_args(["--dataset", "digits", "--train-per-task", "0"]).train_per_task is None
+    for bad in (["--seed-compat"], ["--reference", "--compare-reference"], ["--dataset", "digits", "--reference"],
+                ["--seeds", "1"], ["--reference", "--agent", "batched"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(bad)
     q = demo.parse_args(["--quick", "--epochs", "3"])
     assert q.epochs == 3 and q.tasks == demo.QUICK["tasks"] and q.memory_size == demo.QUICK["memory_size"]
     assert demo.parse_args(["--reference"]).agent == "reference"
@@ -78,6 +126,14 @@ def test_make_agent_is_the_single_factory():
     agent = demo.make_agent("reference", cfg, hidden_dim=3, input_dim=5)
     assert isinstance(agent, reference.ContinualLearningAgent)
     assert agent.memory_bank.memory.shape == (4, 2) and agent.controller.hidden_dim == 3
+    from neuralmem_fast import agent as fast
+
+    for kind in ("batched", "sequential"):
+        a = demo.make_agent(kind, cfg, hidden_dim=3, input_dim=5)
+        assert isinstance(a, fast.ContinualLearningAgent) and a.replay == kind
+        assert a.memory_bank.memory.shape == (4, 2) and a.controller.hidden_dim == 3
+    with pytest.raises(ValueError, match="seed_compat"):
+        demo.make_agent("batched", cfg, 3, seed_compat=True)
     with pytest.raises(ValueError, match="unknown agent"):
         demo.make_agent("nope", cfg, 3)
 
