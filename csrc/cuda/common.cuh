@@ -332,7 +332,10 @@ inline void check_shape(const at::Tensor& t, const char* name, std::initializer_
   bool ok = t.dim() == static_cast<int64_t>(shape.size());
   if (ok) {
     int64_t i = 0;
-    for (int64_t s : shape) ok = ok && (s < 0 || t.size(i++) == s);
+    for (int64_t s : shape) {
+      ok = ok && (s < 0 || t.size(i) == s);
+      ++i;
+    }
   }
   TORCH_CHECK(ok, name, " must have shape ", hint, " = ", c10::IntArrayRef(shape), " (-1: any), got ", t.sizes());
 }
