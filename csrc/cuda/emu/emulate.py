@@ -1,0 +1,170 @@
+"""Runs the CUDA kernels' source on the CPU, in an emulation of the CUDA
+execution model, and compares every op with its reference.
+
+    python csrc/cuda/emu/emulate.py [read|write|all] [--build-dir DIR]
+
+For machines without a GPU: nvcc proves that the kernels compile, this proves
+that their logic (indexing, lane geometry, shuffles, split merges, head groups,
+column tiles, misaligned rows, the fused and split content_write_) computes
+the right numbers. The .cu sources are rewritten mechanically (launch syntax,
+stream and device guard, registration under the test namespace
+neuralmem_emu on CPU), built with the host compiler against emu.h, and
+called on CPU tensors. The minimum split is lowered to 16 slots and the SM
+count to 2 so that small memories take the multi-split path too.
+
+It is slow (every CUDA thread is an OS thread): minutes for the whole check.
+It cannot see GPU timing, the GPU memory model or misaligned vector loads.
+"""
+import argparse
+import itertools
+import os
+import re
+import sys
+
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_sources(root, out):
+    os.makedirs(out, exist_ok=True)
+    c = open(f"{root}/csrc/cuda/common.cuh").read()
+    for inc in ("#include <c10/cuda/CUDAException.h>", "#include <c10/cuda/CUDAGuard.h>",
+                "#include <c10/cuda/CUDAStream.h>", "#include <cuda_runtime.h>"):
+        assert inc in c, inc; c = c.replace(inc, "")
+    c = c.replace("#pragma once", '#pragma once\n#include "emu.h"')
+    x = "C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));"
+    assert x in c; c = c.replace(x, "v = 2;")
+    x = "constexpr int64_t kMinChunk = 1024;"
+    assert x in c; c = c.replace(x, "constexpr int64_t kMinChunk = 16;")
+    c = c.replace(".is_cuda()", ".defined()")
+    open(f"{out}/common.cuh", "w").write(c)
+    launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^;()]*?>)?)<<<(.*?)>>>\(")
+    for f in ("read_kernels", "write_kernels"):
+        s = open(f"{root}/csrc/cuda/{f}.cu").read()
+        s = s.replace("c10::cuda::CUDAGuard", "emu::Guard").replace("c10::cuda::getCurrentCUDAStream()", "emu::Stream()")
+        s = s.replace("C10_CUDA_KERNEL_LAUNCH_CHECK();", ";").replace(".is_cuda()", ".defined()")
+        s = s.replace("TORCH_LIBRARY_IMPL(neuralmem, CUDA, m)", "TORCH_LIBRARY_IMPL(neuralmem_emu, CPU, m)")
+        x = "extern __shared__ __align__(16) unsigned char smem_raw[];"
+        if x in s: s = s.replace(x, "unsigned char* smem_raw = emu::dyn_smem();")
+        s, n = launch.subn(lambda m: f"emu::L({m.group(2)}).run({m.group(1)}, ", s)
+        assert n > 0 and "<<<" not in s, f"{f}: {n} launches rewritten, some left"
+        open(f"{out}/{f}.cpp", "w").write(s)
+    o = open(f"{root}/csrc/ops.cpp").read()
+    blk = re.search(r"TORCH_LIBRARY\(neuralmem, m\) \{.*?\n\}", o, re.S).group(0)
+    open(f"{out}/schemas.cpp", "w").write("#include <torch/library.h>\n" + blk.replace("TORCH_LIBRARY(neuralmem,", "TORCH_LIBRARY(neuralmem_emu,"))
+
+
+def build(build_dir):
+    from torch.utils.cpp_extension import load
+
+    src = os.path.join(build_dir, "src")
+    make_sources(ROOT, src)
+    with open(os.path.join(HERE, "emu.h")) as f, open(os.path.join(src, "emu.h"), "w") as g:
+        g.write(f.read())
+    out = os.path.join(build_dir, "out")
+    os.makedirs(out, exist_ok=True)
+    load(name="nm_emu", sources=[os.path.join(src, n) for n in ("schemas.cpp", "read_kernels.cpp", "write_kernels.cpp")],
+         extra_include_paths=[src], extra_cflags=["-O1", "-std=c++20", "-pthread", "-w"], extra_ldflags=["-pthread"],
+         is_python_module=False, build_directory=out, verbose=False)
+
+
+def check(only):
+    E = torch.ops.neuralmem_emu
+    fails = []
+    TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (2e-5, 2e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+    def close(name, got, want, dt, scale=1.0):
+        atol, rtol = TOL[dt]
+        try:
+            torch.testing.assert_close(got.to(want.dtype), want, atol=atol * scale, rtol=rtol * scale)
+        except AssertionError as e:
+            fails.append(name); print("FAIL", name, str(e).splitlines()[:4])
+
+    def misalign(t):
+        base = torch.empty(t.numel() + 1, dtype=t.dtype); o = base[1:].view(t.shape); o.copy_(t); return o
+
+    shapes = [(2, 7, 64, 4), (1, 100, 3, 1), (1, 40, 1, 6), (2, 20, 300, 5), (1, 70, 16, 2), (3, 33, 8, 3)]
+    dts = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    for (B, N, D, H), dt in itertools.product(shapes, dts):
+        torch.manual_seed(B * 1000 + N + D + H)
+        tag = f"B{B}-N{N}-D{D}-H{H}-{dt}"
+        m = torch.randn(B, N, D, dtype=torch.float64); k = torch.randn(B, H, D, dtype=torch.float64)
+        s = torch.rand(B, H, dtype=torch.float64) * 5
+        if dt in (torch.float32, torch.float64): m[0, 0] = 0  # a zero slot (its exact gradient ~1e12 overflows half)
+        mm, kk, ss = m.to(dt), k.to(dt), s.to(dt)
+        if dt == torch.float32 and D % 4 == 0: mm, kk = misalign(mm), misalign(kk)
+        eps = 1e-12
+        if only in ("all", "read"):
+            # forward
+            w_ref = ops.content_addressing_ref(mm, kk, ss, eps)
+            close("addr " + tag, E.content_addressing(mm, kk, ss, eps), w_ref, dt)
+            reads, lse = E.content_read(mm, kk, ss, eps)
+            close("read " + tag, reads, ops.content_read_ref(mm, kk, ss, eps), dt)
+            kn = torch.nn.functional.normalize(kk.double(), dim=-1, eps=eps); mn = torch.nn.functional.normalize(mm.double(), dim=-1, eps=eps)
+            lse_ref = torch.logsumexp(ss.double().unsqueeze(-1) * kn @ mn.transpose(-1, -2), -1)
+            close("lse " + tag, lse.double(), lse_ref, torch.float32 if dt != torch.float64 else dt, 10)
+            close("mread " + tag, E.memory_read(mm, w_ref), ops.memory_read_ref(mm, w_ref), dt, 2)
+            # backward (reference: float64 autograd)
+            md, kd, sd = (t.double().requires_grad_() for t in (mm, kk, ss))
+            g = torch.randn(B, H, D, dtype=torch.float64)
+            r = ops.content_read_ref(md, kd, sd, eps); gm, gk, gs = torch.autograd.grad(r, (md, kd, sd), g)
+            dm, dk, db = E.content_read_backward(g.to(dt), reads, lse, mm, kk, ss, eps)
+            sc = 1 if dt in (torch.float64, torch.float32) else 5
+            close("read_bwd dm " + tag, dm.double(), gm, dt, sc); close("read_bwd dk " + tag, dk.double(), gk, dt, sc); close("read_bwd db " + tag, db.double(), gs, dt, sc)
+            gw = torch.randn(B, H, N, dtype=torch.float64)
+            w = ops.content_addressing_ref(md, kd, sd, eps); gm, gk, gs = torch.autograd.grad(w, (md, kd, sd), gw)
+            dm, dk, db = E.content_addressing_backward(gw.to(dt), w.detach().to(dt), mm, kk, ss, eps)
+            close("addr_bwd dm " + tag, dm.double(), gm, dt, sc); close("addr_bwd dk " + tag, dk.double(), gk, dt, sc); close("addr_bwd db " + tag, db.double(), gs, dt, sc)
+            wd = w_ref.double().requires_grad_()
+            md2 = mm.double().requires_grad_()
+            gm, gw2 = torch.autograd.grad(ops.memory_read_ref(md2, wd), (md2, wd), g)
+            dm, dw = E.memory_read_backward(g.to(dt), mm, w_ref)
+            close("mread_bwd dm " + tag, dm.double(), gm, dt, sc); close("mread_bwd dw " + tag, dw.double(), gw2, dt, sc)
+        if only in ("all", "write"):
+            W = H
+            w = torch.softmax(torch.randn(B, W, N, dtype=torch.float64), -1).to(dt)
+            e = torch.rand(B, W, D, dtype=torch.float64).to(dt); a = torch.randn(B, W, D, dtype=torch.float64).to(dt)
+            u = torch.rand(B, N, dtype=torch.float64).to(dt)
+            ref = ops.memory_write_ref(mm, w, e, a)
+            close("write " + tag, E.memory_write(mm, w, e, a), ref, dt)
+            m2 = mm.clone(); E.memory_write_(m2, w, e, a); close("write_ " + tag, m2, ref, dt)
+            close("usage " + tag, E.usage_update(u, w, 0.9), ops.usage_update_ref(u, w, 0.9), dt)
+            args = [t.double().requires_grad_() for t in (mm, w, e, a)]
+            go = torch.randn(B, N, D, dtype=torch.float64)
+            want = torch.autograd.grad(ops.memory_write_ref(*args), args, go)
+            got = E.memory_write_backward(go.to(dt), mm, w, e, a)
+            sc = 1 if dt in (torch.float64, torch.float32) else 5
+            for nm_, x, y in zip("m w e a".split(), got, want): close(f"write_bwd d{nm_} " + tag, x.double(), y, dt, sc)
+            # content_write_
+            ks = torch.randn(B, W, D, dtype=torch.float64).to(dt); st = (torch.rand(B, W, dtype=torch.float64) * 5).to(dt)
+            wr = ops.content_addressing_ref(mm, ks, st, eps)
+            new_ref = ops.memory_write_ref(mm, wr, e, a); u_ref = ops.usage_update_ref(u, wr, 0.95)
+            m3, u3 = mm.clone(), u.clone()
+            least = E.content_write_(m3, u3, ks, st, e, a, eps, 0.95)
+            close("cwrite mem " + tag, m3, new_ref, dt); close("cwrite usage " + tag, u3, u_ref, dt)
+            if not torch.equal(least, torch.argmin(u3, 1)):
+                fails.append("cwrite least " + tag); print("FAIL least", tag, least, torch.argmin(u3, 1))
+            m4 = mm.clone(); l4 = E.content_write_(m4, None, ks, st, e, a, eps, 0.95)
+            if l4.numel() != 0 or not torch.equal(m4, m3): fails.append("cwrite nousage " + tag); print("FAIL nousage", tag)
+        print("done", tag, flush=True)
+    print("FAILURES:", len(fails))
+    for f in fails:
+        print(" ", f)
+    return len(fails)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("only", nargs="?", default="all", choices=("all", "read", "write"))
+    p.add_argument("--build-dir", default=os.path.join(ROOT, "build", "emu"))
+    args = p.parse_args()
+    sys.path.insert(0, ROOT)
+    build(args.build_dir)
+    global ops
+    from neuralmem_fast import ops
+    return 1 if check(args.only) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

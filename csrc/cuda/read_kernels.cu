@@ -1,0 +1,992 @@
+// CUDA kernels for the read side: content_addressing, memory_read,
+// content_read, and their backwards (TORCH_LIBRARY_IMPL(neuralmem, CUDA)).
+//
+// Design. Addressing + read is single-query attention with L2-normalised keys,
+// values = raw memory rows and a per-head temperature, so the kernels follow
+// the Flash-Decoding recipe: one pass over memory with an online softmax
+// (running max m, running sum l, running weighted row sum acc per head),
+// memory read once for all heads of a block, weights never materialised by
+// content_read. Lane geometry, 16-byte tile loads and reductions: common.cuh.
+//
+// Grid of every streaming kernel: x = (memory, group of kHP=4 heads),
+// y = split of the slots, z = column tile (rows wider than 256 columns only).
+//
+// Two regimes, one code path, chosen by plan_split():
+//  * small N (e.g. 128 slots, B 1..256): a split never has fewer than 1024
+//    slots, so each memory (and head group) gets one block that walks all of
+//    its slots and writes the final reads and logsumexp itself: content_read
+//    is ONE launch, its backward two (the stream kernel, then the tiny
+//    per-head key-gradient kernel). The write of the same step is one more
+//    launch (write_kernels.cu), so read-then-write is two launches.
+//  * large N (1e6..1e8): the slots are split across blocks, as many as fill
+//    the SMs (kBlocksPerSM blocks per SM over all memories and head groups);
+//    each block leaves a partial (max, sum, acc) and combine_kernel merges the
+//    partials of a head in a fixed order. Loads are 16-byte vectors when every
+//    row is aligned. The backward never uses float atomics: every block writes
+//    its own partial key/strength gradients, reduced in split order by
+//    bwd_finish_kernel, so gradients are bitwise reproducible; memory
+//    gradients are per slot and written exactly once.
+//
+// Backward of content_read (content_addressing is the same with dw given and
+// delta = sum_n w_n dw_n): q = k / max(|k|, eps), den_n = max(|m_n|, eps),
+// c_n = q.m_n / den_n, s_n = beta c_n, w_n = exp(s_n - lse) (recomputed, never
+// stored); dw_n = g.m_n, delta = g.r, ds_n = w_n (dw_n - delta);
+// dbeta = sum_n ds_n c_n; dc_n = beta ds_n; dm_n = w_n g + dc_n / den_n *
+// (q - c_n m_n / den_n) (just q when |m_n| <= eps, where the norm is clamped);
+// dq = sum_n dc_n m_n / den_n; dk = (dq - (dq.q) q) / |k| (dq / eps when
+// |k| <= eps). Heads beyond the first four are handled by further launches that
+// add to the memory gradient in launch order (still deterministic).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common.cuh"
+
+namespace neuralmem {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------
+// device building blocks
+// ---------------------------------------------------------------------------
+
+// |v| of a (B,H,D) row, the same value in every lane of the stream.
+template <typename T, typename A>
+__device__ __forceinline__ A row_norm(const T* row, int D, const Lanes& L, bool vec_ok, bool valid) {
+  A s = 0;
+  for (int t = 0; t < L.ntiles; ++t) {
+    A v[kCPL];
+    load_tile(row, D, t, L, vec_ok, valid, v);
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) s += v[i] * v[i];
+  }
+  return dsqrt(group_sum(s, L.G));
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ A row_dot(const T* r1, const T* r2, int D, const Lanes& L, bool vec_ok, bool valid) {
+  A s = 0;
+  for (int t = 0; t < L.ntiles; ++t) {
+    A u[kCPL], v[kCPL];
+    load_tile(r1, D, t, L, vec_ok, valid, u);
+    load_tile(r2, D, t, L, vec_ok, valid, v);
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) s += u[i] * v[i];
+  }
+  return group_sum(s, L.G);
+}
+
+// Tile t of the block's head vectors (rows h0..h0+hc-1 of a (B,H,D) tensor),
+// divided by den[h] when NORMALIZE (q = k / max(|k|, eps), as F.normalize).
+template <typename T, typename A, bool NORMALIZE>
+__device__ __forceinline__ void load_heads(const T* heads, int D, int t, const Lanes& L, bool vec_ok, int hc,
+                                           const A (&den)[kHP], A (&q)[kHP][kCPL]) {
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    load_tile(heads + int64_t(h) * D, D, t, L, vec_ok, h < hc, q[h]);
+    if (NORMALIZE) {
+#pragma unroll
+      for (int i = 0; i < kCPL; ++i) q[h][i] = q[h][i] / den[h];
+    }
+  }
+}
+
+// One slot row: its squared norm, its dot products with the head vectors q,
+// and this lane's columns of tile `keep` in x. For rows of several tiles q is
+// reloaded per tile and holds the last tile afterwards.
+template <typename T, typename A, bool NORMALIZE>
+__device__ __forceinline__ void scan_row(const T* row, bool valid, int D, const Lanes& L, bool vec_ok, int keep,
+                                         const T* heads, int hc, const A (&den)[kHP], A (&q)[kHP][kCPL],
+                                         A (&x)[kCPL], A& sq, A (&dot)[kHP]) {
+  sq = 0;
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) dot[h] = 0;
+#pragma unroll
+  for (int i = 0; i < kCPL; ++i) x[i] = 0;
+  for (int t = 0; t < L.ntiles; ++t) {
+    A v[kCPL];
+    load_tile(row, D, t, L, vec_ok, valid, v);
+    if (L.ntiles > 1) load_heads<T, A, NORMALIZE>(heads, D, t, L, vec_ok, hc, den, q);
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) {
+      sq += v[i] * v[i];
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) dot[h] += q[h][i] * v[i];
+    }
+    if (t == keep) {
+#pragma unroll
+      for (int i = 0; i < kCPL; ++i) x[i] = v[i];
+    }
+  }
+  sq = group_sum(sq, L.G);
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) dot[h] = group_sum(dot[h], L.G);
+}
+
+// ---------------------------------------------------------------------------
+// forward streaming kernel
+// ---------------------------------------------------------------------------
+enum FwdMode : int {
+  kContentRead = 0,  // online softmax of the content logits + weighted row sum -> reads, lse
+  kLse = 1,          // online softmax statistics only -> lse
+  kWeights = 2,      // exp(logit - lse) written to (B,H,N)
+  kMemoryRead = 3,   // weighted row sum with given weights -> reads
+  kDots = 4,         // raw dot products with given (B,H,D) vectors -> (B,H,N)
+};
+
+template <typename T>
+struct FwdArgs {
+  const T* mem = nullptr;      // (B,N,D)
+  const T* vecs = nullptr;     // keys (content modes) or grad_reads (kDots), (B,H,D)
+  const T* str = nullptr;      // (B,H)
+  const T* weights = nullptr;  // (B,H,N), kMemoryRead
+  const acc_t<T>* lse_in = nullptr;  // (B,H), kWeights
+  T* out = nullptr;            // reads (B,H,D) when nsplit == 1, or weights/dots (B,H,N)
+  acc_t<T>* lse_out = nullptr;  // (B,H) when nsplit == 1
+  acc_t<T>* part_m = nullptr;   // [B*H][nsplit]
+  acc_t<T>* part_l = nullptr;   // [B*H][nsplit]
+  acc_t<T>* part_acc = nullptr;  // [B*H][nsplit][D]
+  int64_t N = 0, chunk = 0;
+  int D = 0, H = 0, hgroups = 1, G = 1, nsplit = 1;
+  acc_t<T> eps = 0;
+  bool vec_ok = false;
+};
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
+  using A = acc_t<T>;
+  constexpr int VEC = Vec<T>::VEC;
+  constexpr bool kNorm = MODE == kContentRead || MODE == kLse || MODE == kWeights;
+  constexpr bool kNeedDots = MODE != kMemoryRead;
+  constexpr bool kSoftmax = MODE == kContentRead || MODE == kLse;
+  constexpr bool kAcc = MODE == kContentRead || MODE == kMemoryRead;
+
+  const int b = blockIdx.x / a.hgroups;
+  const int h0 = (blockIdx.x % a.hgroups) * kHP;
+  const int hc = min(kHP, a.H - h0);
+  const int split = blockIdx.y, ctile = blockIdx.z;
+  const int D = a.D;
+  const Lanes L(a.G, D);
+  const int64_t bh0 = int64_t(b) * a.H + h0;
+  const T* mem_b = a.mem + int64_t(b) * a.N * D;
+  const T* heads = kNeedDots ? a.vecs + bh0 * D : nullptr;
+
+  A den[kHP], beta[kHP], lse[kHP];
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    den[h] = 1;
+    beta[h] = 0;
+    lse[h] = 0;
+    if (kNorm) {
+      den[h] = dmax(row_norm<T, A>(heads + int64_t(h) * D, D, L, a.vec_ok, h < hc), a.eps);
+      if (h < hc) beta[h] = static_cast<A>(a.str[bh0 + h]);
+    }
+    if (MODE == kWeights && h < hc) lse[h] = a.lse_in[bh0 + h];
+  }
+
+  A q[kHP][kCPL];
+#pragma unroll
+  for (int h = 0; h < kHP; ++h)
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) q[h][i] = 0;
+  if (kNeedDots && L.ntiles == 1) load_heads<T, A, kNorm>(heads, D, 0, L, a.vec_ok, hc, den, q);
+
+  A m_run[kHP], l_run[kHP], acc[kHP][kCPL];
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    m_run[h] = kSoftmax ? neg_inf<A>() : A(0);
+    l_run[h] = 0;
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) acc[h][i] = 0;
+  }
+
+  const int64_t n_begin = int64_t(split) * a.chunk;
+  const int64_t n_end = min(a.N, n_begin + a.chunk);
+  const int S = L.nstreams();
+  const int64_t iters = n_end > n_begin ? (n_end - n_begin + S - 1) / S : 0;
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t n = n_begin + it * S + L.stream;
+    const bool valid = n < n_end;
+    const T* row = mem_b + n * D;
+    A x[kCPL], sq = 0, dot[kHP];
+    if constexpr (kNeedDots) {
+      scan_row<T, A, kNorm>(row, valid, D, L, a.vec_ok, ctile, heads, hc, den, q, x, sq, dot);
+    } else {
+      load_tile(row, D, ctile, L, a.vec_ok, valid, x);
+    }
+    if constexpr (kSoftmax) {
+      const A mden = dmax(dsqrt(sq), a.eps);
+      if (valid) {
+#pragma unroll
+        for (int h = 0; h < kHP; ++h) {
+          if (h >= hc) continue;
+          const A s = beta[h] * (dot[h] / mden);
+          if (s > m_run[h]) {  // new running max: rescale what was summed so far
+            const A sc = dexp(m_run[h] - s);
+            l_run[h] = l_run[h] * sc + A(1);
+            if (kAcc) {
+#pragma unroll
+              for (int i = 0; i < kCPL; ++i) acc[h][i] = acc[h][i] * sc + x[i];
+            }
+            m_run[h] = s;
+          } else {
+            const A e = dexp(s - m_run[h]);
+            l_run[h] += e;
+            if (kAcc) {
+#pragma unroll
+              for (int i = 0; i < kCPL; ++i) acc[h][i] += e * x[i];
+            }
+          }
+        }
+      }
+    } else if constexpr (MODE == kWeights) {
+      const A mden = dmax(dsqrt(sq), a.eps);
+      if (valid && L.lig == 0) {
+#pragma unroll
+        for (int h = 0; h < kHP; ++h)
+          if (h < hc) a.out[(bh0 + h) * a.N + n] = static_cast<T>(dexp(beta[h] * (dot[h] / mden) - lse[h]));
+      }
+    } else if constexpr (MODE == kDots) {
+      if (valid && L.lig == 0) {
+#pragma unroll
+        for (int h = 0; h < kHP; ++h)
+          if (h < hc) a.out[(bh0 + h) * a.N + n] = static_cast<T>(dot[h]);
+      }
+    } else {  // kMemoryRead
+      if (valid) {
+#pragma unroll
+        for (int h = 0; h < kHP; ++h) {
+          if (h >= hc) continue;
+          const A w = static_cast<A>(a.weights[(bh0 + h) * a.N + n]);
+#pragma unroll
+          for (int i = 0; i < kCPL; ++i) acc[h][i] += w * x[i];
+        }
+      }
+    }
+  }
+
+  if constexpr (kSoftmax || kAcc) {
+    // Merge the streams of the block: common max, rescaled sums, fixed order.
+    __shared__ A sh_stat[kWarps][kHP];
+    __shared__ A sh_res[2][kHP];  // block max and sum per head
+    if constexpr (kSoftmax) {
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        const A mw = streams_max(m_run[h], L.G);
+        if (L.lane == 0) sh_stat[L.warp][h] = mw;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        A M = sh_stat[0][h];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) M = dmax(M, sh_stat[w][h]);
+        const A sc = merge_scale(m_run[h], M);
+        l_run[h] *= sc;
+        if (kAcc) {
+#pragma unroll
+          for (int i = 0; i < kCPL; ++i) acc[h][i] *= sc;
+        }
+        if (threadIdx.x == 0) sh_res[0][h] = M;
+      }
+      __syncthreads();  // sh_stat is reused below
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        const A lw = streams_sum(l_run[h], L.G);
+        if (L.lane == 0) sh_stat[L.warp][h] = lw;
+      }
+      __syncthreads();
+      if (threadIdx.x < kHP) {
+        A s = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += sh_stat[w][threadIdx.x];
+        sh_res[1][threadIdx.x] = s;
+      }
+      __syncthreads();
+    }
+    if constexpr (kAcc) {
+      __shared__ A sh_acc[kWarps][kHP][kMaxTile];
+      warp_rows_of_tile(acc, L, sh_acc, VEC);
+      for (int e = threadIdx.x; e < hc * L.tile_cols; e += kThreads) {
+        const int h = e / L.tile_cols, c = e % L.tile_cols;
+        const int col = ctile * L.tile_cols + c;
+        if (col >= D) continue;
+        A s = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += sh_acc[w][h][c];
+        if (a.nsplit == 1) {
+          a.out[(bh0 + h) * D + col] = static_cast<T>(kSoftmax ? s / sh_res[1][h] : s);
+        } else {
+          a.part_acc[((bh0 + h) * a.nsplit + split) * D + col] = s;
+        }
+      }
+    }
+    if constexpr (kSoftmax) {
+      if (ctile == 0 && threadIdx.x < hc) {
+        const int h = threadIdx.x;
+        if (a.nsplit == 1) {
+          a.lse_out[bh0 + h] = sh_res[0][h] + dlog(sh_res[1][h]);
+        } else {
+          a.part_m[(bh0 + h) * a.nsplit + split] = sh_res[0][h];
+          a.part_l[(bh0 + h) * a.nsplit + split] = sh_res[1][h];
+        }
+      }
+    }
+  }
+}
+
+// Second Flash-Decoding step: merges the per-split partials of one (b, h) in
+// split order. SOFTMAX: rescale by exp(m_s - M), divide by the merged sum and
+// write lse; otherwise a plain sum (memory_read). out may be null (lse only).
+template <typename T, bool SOFTMAX>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(const acc_t<T>* pm, const acc_t<T>* pl, const acc_t<T>* pacc, int nsplit, int D, T* out,
+                   acc_t<T>* lse_out) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* scale = reinterpret_cast<A*>(smem_raw);  // nsplit entries (SOFTMAX only)
+  __shared__ A red[kWarps];
+  const int64_t r = blockIdx.x;
+  A L = 1;
+  if constexpr (SOFTMAX) {
+    A m = neg_inf<A>();
+    for (int s = threadIdx.x; s < nsplit; s += kThreads) m = dmax(m, pm[r * nsplit + s]);
+    const A M = block_max(m, red);
+    for (int s = threadIdx.x; s < nsplit; s += kThreads) scale[s] = merge_scale(pm[r * nsplit + s], M);
+    __syncthreads();
+    L = 0;
+    for (int s = 0; s < nsplit; ++s) L += pl[r * nsplit + s] * scale[s];
+    if (threadIdx.x == 0) lse_out[r] = M + dlog(L);
+  }
+  if (out == nullptr) return;
+  for (int col = threadIdx.x; col < D; col += kThreads) {
+    A s = 0;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const A v = pacc[(r * nsplit + sp) * D + col];
+      s += SOFTMAX ? v * scale[sp] : v;
+    }
+    out[r * D + col] = static_cast<T>(SOFTMAX ? s / L : s);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// backward streaming kernel (content_read, or content_addressing when ADDR)
+// ---------------------------------------------------------------------------
+template <typename T>
+struct BwdArgs {
+  const T* mem = nullptr;
+  const T* keys = nullptr;
+  const T* str = nullptr;
+  const T* grad_reads = nullptr;  // (B,H,D)              content_read
+  const T* reads = nullptr;       // (B,H,D)              content_read
+  const acc_t<T>* lse = nullptr;  // (B,H)                content_read
+  const T* weights = nullptr;     // (B,H,N)              content_addressing
+  const T* grad_w = nullptr;      // (B,H,N)              content_addressing
+  const acc_t<T>* delta_part = nullptr;  // [B*H][dsplit] content_addressing
+  int dsplit = 1;
+  T* dm_out = nullptr;             // final memory gradient (last head group)
+  acc_t<T>* dm_acc = nullptr;      // running memory gradient (all but the last head group)
+  const acc_t<T>* dm_prev = nullptr;  // running memory gradient of the earlier head groups
+  acc_t<T>* part_dq = nullptr;     // [B*H][nsplit][D]
+  acc_t<T>* part_db = nullptr;     // [B*H][nsplit]
+  int64_t N = 0, chunk = 0;
+  int D = 0, H = 0, h0 = 0, G = 1, nsplit = 1;
+  acc_t<T> eps = 0;
+  bool vec_ok = false;
+};
+
+template <typename T, bool ADDR>
+__device__ __forceinline__ void load_qg(const BwdArgs<T>& a, const T* keys_h, const T* g_h, int t, const Lanes& L,
+                                        int hc, const acc_t<T> (&den)[kHP], acc_t<T> (&q)[kHP][kCPL],
+                                        acc_t<T> (&g)[kHP][kCPL]) {
+  load_heads<T, acc_t<T>, true>(keys_h, a.D, t, L, a.vec_ok, hc, den, q);
+  if (!ADDR) load_heads<T, acc_t<T>, false>(g_h, a.D, t, L, a.vec_ok, hc, den, g);
+}
+
+template <typename T, bool ADDR>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
+  using A = acc_t<T>;
+  constexpr int VEC = Vec<T>::VEC;
+  const int b = blockIdx.x, split = blockIdx.y, ctile = blockIdx.z;
+  const int hc = min(kHP, a.H - a.h0);
+  const int D = a.D;
+  const Lanes L(a.G, D);
+  const int64_t bh0 = int64_t(b) * a.H + a.h0;
+  const T* mem_b = a.mem + int64_t(b) * a.N * D;
+  const T* keys_h = a.keys + bh0 * D;
+  const T* g_h = ADDR ? nullptr : a.grad_reads + bh0 * D;
+
+  A den[kHP], beta[kHP], lse[kHP], delta[kHP];
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    const bool hv = h < hc;
+    den[h] = dmax(row_norm<T, A>(keys_h + int64_t(h) * D, D, L, a.vec_ok, hv), a.eps);
+    beta[h] = hv ? static_cast<A>(a.str[bh0 + h]) : A(0);
+    if constexpr (ADDR) {
+      lse[h] = 0;
+      A s = 0;
+      if (hv)
+        for (int sp = 0; sp < a.dsplit; ++sp) s += a.delta_part[(bh0 + h) * a.dsplit + sp];
+      delta[h] = s;
+    } else {
+      lse[h] = hv ? a.lse[bh0 + h] : A(0);
+      delta[h] = row_dot<T, A>(g_h + int64_t(h) * D, a.reads + (bh0 + h) * D, D, L, a.vec_ok, hv);
+    }
+  }
+
+  A q[kHP][kCPL], g[kHP][kCPL], dq[kHP][kCPL], db[kHP];
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    db[h] = 0;
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) q[h][i] = g[h][i] = dq[h][i] = 0;
+  }
+  if (L.ntiles == 1) load_qg<T, ADDR>(a, keys_h, g_h, 0, L, hc, den, q, g);
+
+  const int64_t n_begin = int64_t(split) * a.chunk;
+  const int64_t n_end = min(a.N, n_begin + a.chunk);
+  const int S = L.nstreams();
+  const int64_t iters = n_end > n_begin ? (n_end - n_begin + S - 1) / S : 0;
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t n = n_begin + it * S + L.stream;
+    const bool valid = n < n_end;
+    const T* row = mem_b + n * D;
+    A x[kCPL], sq = 0, dot[kHP], gd[kHP];
+#pragma unroll
+    for (int h = 0; h < kHP; ++h) dot[h] = gd[h] = 0;
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) x[i] = 0;
+    for (int t = 0; t < L.ntiles; ++t) {
+      A v[kCPL];
+      load_tile(row, D, t, L, a.vec_ok, valid, v);
+      if (L.ntiles > 1) load_qg<T, ADDR>(a, keys_h, g_h, t, L, hc, den, q, g);
+#pragma unroll
+      for (int i = 0; i < kCPL; ++i) {
+        sq += v[i] * v[i];
+#pragma unroll
+        for (int h = 0; h < kHP; ++h) {
+          dot[h] += q[h][i] * v[i];
+          if (!ADDR) gd[h] += g[h][i] * v[i];
+        }
+      }
+      if (t == ctile) {
+#pragma unroll
+        for (int i = 0; i < kCPL; ++i) x[i] = v[i];
+      }
+    }
+    sq = group_sum(sq, L.G);
+#pragma unroll
+    for (int h = 0; h < kHP; ++h) {
+      dot[h] = group_sum(dot[h], L.G);
+      if (!ADDR) gd[h] = group_sum(gd[h], L.G);
+    }
+    if (L.ntiles > 1) load_qg<T, ADDR>(a, keys_h, g_h, ctile, L, hc, den, q, g);
+
+    const A nm = dsqrt(sq);
+    const A mden = dmax(nm, a.eps);
+    const bool unclamped = nm > a.eps;
+    A dmv[kCPL];
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) dmv[i] = 0;
+    if (valid) {
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        if (h >= hc) continue;
+        const A c = dot[h] / mden;
+        A w, dw;
+        if constexpr (ADDR) {
+          w = static_cast<A>(a.weights[(bh0 + h) * a.N + n]);
+          dw = static_cast<A>(a.grad_w[(bh0 + h) * a.N + n]);
+        } else {
+          w = dexp(beta[h] * c - lse[h]);
+          dw = gd[h];
+        }
+        const A ds = w * (dw - delta[h]);
+        db[h] += ds * c;
+        const A r = beta[h] * ds / mden;  // dc / den
+#pragma unroll
+        for (int i = 0; i < kCPL; ++i) {
+          if (!ADDR) dmv[i] += w * g[h][i];
+          dmv[i] += r * (unclamped ? q[h][i] - c * x[i] / mden : q[h][i]);
+          dq[h][i] += r * x[i];
+        }
+      }
+    }
+    T* dm_row = a.dm_out != nullptr ? a.dm_out + (int64_t(b) * a.N + n) * D : nullptr;
+    if (a.dm_prev == nullptr && a.dm_acc == nullptr) {
+      store_tile(dm_row, D, ctile, L, a.vec_ok, valid, dmv);
+    } else if (valid) {
+#pragma unroll
+      for (int i = 0; i < kCPL; ++i) {
+        const int col = ctile * L.tile_cols + L.lcol<VEC>(i);
+        if (col >= D) continue;
+        const int64_t idx = (int64_t(b) * a.N + n) * D + col;
+        const A v = dmv[i] + (a.dm_prev != nullptr ? a.dm_prev[idx] : A(0));
+        if (a.dm_acc != nullptr) a.dm_acc[idx] = v;
+        if (dm_row != nullptr) dm_row[col] = static_cast<T>(v);
+      }
+    }
+  }
+
+  // Per-split key and strength gradients, merged in a fixed order.
+  __shared__ A sh_acc[kWarps][kHP][kMaxTile];
+  __shared__ A sh_db[kWarps][kHP];
+  warp_rows_of_tile(dq, L, sh_acc, VEC);
+  for (int e = threadIdx.x; e < hc * L.tile_cols; e += kThreads) {
+    const int h = e / L.tile_cols, c = e % L.tile_cols;
+    const int col = ctile * L.tile_cols + c;
+    if (col >= D) continue;
+    A s = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += sh_acc[w][h][c];
+    a.part_dq[((bh0 + h) * a.nsplit + split) * D + col] = s;
+  }
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    const A v = streams_sum(db[h], L.G);
+    if (L.lane == 0) sh_db[L.warp][h] = v;
+  }
+  __syncthreads();
+  if (ctile == 0 && threadIdx.x < hc) {
+    A s = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += sh_db[w][threadIdx.x];
+    a.part_db[(bh0 + threadIdx.x) * a.nsplit + split] = s;
+  }
+}
+
+// Per (b, h): sums the split partials of dq and dbeta in split order and maps
+// dq through the key normalisation.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bwd_finish_kernel(const T* keys, const acc_t<T>* part_dq, const acc_t<T>* part_db, int nsplit, int D,
+                      acc_t<T> eps, T* dk, T* dbeta) {
+  using A = acc_t<T>;
+  __shared__ A red[kWarps];
+  const int64_t r = blockIdx.x;
+  const T* k = keys + r * D;
+  A kk = 0, dqk = 0;
+  for (int col = threadIdx.x; col < D; col += kThreads) {
+    A dq = 0;
+    for (int s = 0; s < nsplit; ++s) dq += part_dq[(r * nsplit + s) * D + col];
+    const A kv = static_cast<A>(k[col]);
+    kk += kv * kv;
+    dqk += dq * kv;
+  }
+  kk = block_sum(kk, red);
+  dqk = block_sum(dqk, red);
+  const A nk = dsqrt(kk);
+  for (int col = threadIdx.x; col < D; col += kThreads) {
+    A dq = 0;
+    for (int s = 0; s < nsplit; ++s) dq += part_dq[(r * nsplit + s) * D + col];
+    const A kv = static_cast<A>(k[col]);
+    dk[r * D + col] = static_cast<T>(nk > eps ? (dq - dqk * kv / kk) / nk : dq / eps);
+  }
+  if (threadIdx.x == 0) {
+    A s = 0;
+    for (int sp = 0; sp < nsplit; ++sp) s += part_db[r * nsplit + sp];
+    dbeta[r] = static_cast<T>(s);
+  }
+}
+
+// delta[b,h] = sum_n weights * grad_weights, per split (content_addressing backward).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    wdot_partial_kernel(const T* w, const T* gw, int64_t N, int64_t chunk, int nsplit, acc_t<T>* out) {
+  using A = acc_t<T>;
+  __shared__ A red[kWarps];
+  const int64_t r = blockIdx.x;
+  const int split = blockIdx.y;
+  const int64_t begin = int64_t(split) * chunk, end = min(N, begin + chunk);
+  A s = 0;
+  for (int64_t n = begin + threadIdx.x; n < end; n += kThreads)
+    s += static_cast<A>(w[r * N + n]) * static_cast<A>(gw[r * N + n]);
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) out[r * nsplit + split] = s;
+}
+
+// memory_read backward, memory part: dm[b,n,:] = sum_h w[b,h,n] g[b,h,:]
+// (elementwise over 16-byte units of the rows).
+template <typename T>
+__global__ void __launch_bounds__(256)
+    read_bwd_dm_kernel(const T* g, const T* w, int64_t B, int64_t N, int D, int H, bool vec_ok, T* dm) {
+  using A = acc_t<T>;
+  constexpr int VEC = Vec<T>::VEC;
+  const int64_t U = (D + VEC - 1) / VEC;
+  const int64_t total = B * N * U;
+  for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < total; u += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = u / (N * U), rem = u % (N * U);
+    const int64_t n = rem / U;
+    const int c0 = static_cast<int>(rem % U) * VEC;
+    A acc[VEC], gv[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = 0;
+    for (int h = 0; h < H; ++h) {
+      const A wv = static_cast<A>(w[(b * H + h) * N + n]);
+      load_unit<T, A>(g + (b * H + h) * D, c0, D, vec_ok, gv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += wv * gv[k];
+    }
+    store_unit<T, A>(dm + (b * N + n) * D, c0, D, vec_ok, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------
+struct KeyShapes {
+  int64_t B, N, D, H;
+};
+
+KeyShapes check_keys(const Tensor& memory, const Tensor& keys, const Tensor& strengths, double eps) {
+  check_memory(memory);
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2);
+  check_on(keys, "keys", memory);
+  check_shape(keys, "keys", {B, -1, D}, "(B, H, D)");
+  const int64_t H = keys.size(1);
+  check_on(strengths, "strengths", memory);
+  check_shape(strengths, "strengths", {B, H}, "(B, H)");
+  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  return {B, N, D, H};
+}
+
+int head_groups(int64_t H) { return static_cast<int>((H + kHP - 1) / kHP); }
+
+}  // namespace
+
+Tensor content_addressing_cuda(const Tensor& memory_, const Tensor& keys_, const Tensor& strengths_, double eps) {
+  const auto s = check_keys(memory_, keys_, strengths_, eps);
+  const c10::cuda::CUDAGuard guard(memory_.device());
+  const Tensor memory = memory_.contiguous(), keys = keys_.contiguous(), strengths = strengths_.contiguous();
+  Tensor weights = at::empty({s.B, s.H, s.N}, memory.options());
+  if (weights.numel() == 0) return weights;
+  Tensor lse = at::empty({s.B, s.H}, memory.options().dtype(acc_type(memory.scalar_type())));
+  const int dev = memory.get_device();
+  const int G = lanes_per_slot(s.D), hg = head_groups(s.H);
+  const Split sp = plan_split(s.N, s.B * hg, dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_addressing_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    FwdArgs<scalar_t> a;
+    a.mem = memory.data_ptr<scalar_t>();
+    a.vecs = keys.data_ptr<scalar_t>();
+    a.str = strengths.data_ptr<scalar_t>();
+    a.N = s.N;
+    a.chunk = sp.chunk;
+    a.D = static_cast<int>(s.D);
+    a.H = static_cast<int>(s.H);
+    a.hgroups = hg;
+    a.G = G;
+    a.nsplit = sp.n;
+    a.eps = static_cast<A>(eps);
+    a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t), {a.mem, a.vecs});
+    Tensor pm, pl;
+    if (sp.n > 1) {
+      pm = at::empty({s.B * s.H, sp.n}, lse.options());
+      pl = at::empty({s.B * s.H, sp.n}, lse.options());
+      a.part_m = pm.data_ptr<A>();
+      a.part_l = pl.data_ptr<A>();
+    } else {
+      a.lse_out = lse.data_ptr<A>();
+    }
+    const dim3 grid(static_cast<unsigned>(s.B * hg), sp.n, 1);
+    fwd_kernel<scalar_t, kLse><<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (sp.n > 1) {
+      combine_kernel<scalar_t, true><<<static_cast<unsigned>(s.B * s.H), kThreads, sp.n * sizeof(A), stream>>>(
+          a.part_m, a.part_l, nullptr, sp.n, a.D, nullptr, lse.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    FwdArgs<scalar_t> w = a;
+    w.lse_in = lse.data_ptr<A>();
+    w.out = weights.data_ptr<scalar_t>();
+    fwd_kernel<scalar_t, kWeights><<<grid, kThreads, 0, stream>>>(w);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return weights;
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor> content_read_cuda(const Tensor& memory_, const Tensor& keys_, const Tensor& strengths_,
+                                             double eps) {
+  const auto s = check_keys(memory_, keys_, strengths_, eps);
+  const c10::cuda::CUDAGuard guard(memory_.device());
+  const Tensor memory = memory_.contiguous(), keys = keys_.contiguous(), strengths = strengths_.contiguous();
+  Tensor reads = at::empty({s.B, s.H, s.D}, memory.options());
+  Tensor lse = at::empty({s.B, s.H}, memory.options().dtype(acc_type(memory.scalar_type())));
+  if (reads.numel() == 0) return {reads, lse};
+  const int dev = memory.get_device();
+  const int G = lanes_per_slot(s.D), hg = head_groups(s.H), nt = tiles_per_row(s.D, G);
+  const Split sp = plan_split(s.N, s.B * hg * nt, dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_read_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    FwdArgs<scalar_t> a;
+    a.mem = memory.data_ptr<scalar_t>();
+    a.vecs = keys.data_ptr<scalar_t>();
+    a.str = strengths.data_ptr<scalar_t>();
+    a.N = s.N;
+    a.chunk = sp.chunk;
+    a.D = static_cast<int>(s.D);
+    a.H = static_cast<int>(s.H);
+    a.hgroups = hg;
+    a.G = G;
+    a.nsplit = sp.n;
+    a.eps = static_cast<A>(eps);
+    a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t), {a.mem, a.vecs});
+    Tensor pm, pl, pacc;
+    if (sp.n > 1) {
+      pm = at::empty({s.B * s.H, sp.n}, lse.options());
+      pl = at::empty({s.B * s.H, sp.n}, lse.options());
+      pacc = at::empty({s.B * s.H, sp.n, s.D}, lse.options());
+      a.part_m = pm.data_ptr<A>();
+      a.part_l = pl.data_ptr<A>();
+      a.part_acc = pacc.data_ptr<A>();
+    } else {
+      a.out = reads.data_ptr<scalar_t>();
+      a.lse_out = lse.data_ptr<A>();
+    }
+    const dim3 grid(static_cast<unsigned>(s.B * hg), sp.n, nt);
+    fwd_kernel<scalar_t, kContentRead><<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (sp.n > 1) {
+      combine_kernel<scalar_t, true><<<static_cast<unsigned>(s.B * s.H), kThreads, sp.n * sizeof(A), stream>>>(
+          a.part_m, a.part_l, a.part_acc, sp.n, a.D, reads.data_ptr<scalar_t>(), lse.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {reads, lse};
+}
+
+// Shared tail of both backwards: the stream kernel per head group (memory
+// gradient accumulated across groups in launch order), then the finish kernel.
+template <typename scalar_t, bool ADDR>
+void launch_backward(BwdArgs<scalar_t> a, const KeyShapes& s, int nt, const Tensor& memory, const Tensor& keys,
+                     const Tensor& dm, const Tensor& dk, const Tensor& dbeta, cudaStream_t stream) {
+  using A = acc_t<scalar_t>;
+  const auto acc_opts = memory.options().dtype(acc_type(memory.scalar_type()));
+  Tensor part_dq = at::empty({s.B * s.H, a.nsplit, s.D}, acc_opts);
+  Tensor part_db = at::empty({s.B * s.H, a.nsplit}, acc_opts);
+  a.part_dq = part_dq.data_ptr<A>();
+  a.part_db = part_db.data_ptr<A>();
+  const int hg = head_groups(s.H);
+  Tensor running;
+  if (hg > 1) running = at::empty({s.B, s.N, s.D}, acc_opts);
+  const dim3 grid(static_cast<unsigned>(s.B), a.nsplit, nt);
+  for (int g = 0; g < hg; ++g) {
+    BwdArgs<scalar_t> ag = a;
+    ag.h0 = g * kHP;
+    ag.dm_prev = g > 0 ? running.data_ptr<A>() : nullptr;
+    ag.dm_acc = g < hg - 1 ? running.data_ptr<A>() : nullptr;
+    ag.dm_out = g == hg - 1 ? dm.data_ptr<scalar_t>() : nullptr;
+    bwd_kernel<scalar_t, ADDR><<<grid, kThreads, 0, stream>>>(ag);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  bwd_finish_kernel<scalar_t><<<static_cast<unsigned>(s.B * s.H), kThreads, 0, stream>>>(
+      keys.data_ptr<scalar_t>(), a.part_dq, a.part_db, a.nsplit, a.D, a.eps, dk.data_ptr<scalar_t>(),
+      dbeta.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor, Tensor> content_read_backward_cuda(const Tensor& grad_reads_, const Tensor& reads_,
+                                                              const Tensor& lse_, const Tensor& memory_,
+                                                              const Tensor& keys_, const Tensor& strengths_,
+                                                              double eps) {
+  const auto s = check_keys(memory_, keys_, strengths_, eps);
+  check_on(grad_reads_, "grad_reads", memory_);
+  check_shape(grad_reads_, "grad_reads", {s.B, s.H, s.D}, "(B, H, D)");
+  check_on(reads_, "reads", memory_);
+  check_shape(reads_, "reads", {s.B, s.H, s.D}, "(B, H, D)");
+  TORCH_CHECK(lse_.is_cuda() && lse_.device() == memory_.device(), "lse must be on ", memory_.device(), ", got ",
+              lse_.device());
+  check_shape(lse_, "lse", {s.B, s.H}, "(B, H)");
+  const c10::cuda::CUDAGuard guard(memory_.device());
+  const Tensor memory = memory_.contiguous(), keys = keys_.contiguous(), strengths = strengths_.contiguous();
+  const Tensor grad_reads = grad_reads_.contiguous(), reads = reads_.contiguous();
+  const Tensor lse = lse_.to(acc_type(memory.scalar_type())).contiguous();
+  Tensor dm = at::empty_like(memory), dk = at::empty_like(keys), dbeta = at::empty_like(strengths);
+  if (s.B == 0) return {dm, dk, dbeta};
+  if (s.H == 0) return {dm.zero_(), dk, dbeta};
+  const int G = lanes_per_slot(s.D), nt = tiles_per_row(s.D, G);
+  const Split sp = plan_split(s.N, s.B * nt, memory.get_device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_read_backward_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    BwdArgs<scalar_t> a;
+    a.mem = memory.data_ptr<scalar_t>();
+    a.keys = keys.data_ptr<scalar_t>();
+    a.str = strengths.data_ptr<scalar_t>();
+    a.grad_reads = grad_reads.data_ptr<scalar_t>();
+    a.reads = reads.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<A>();
+    a.N = s.N;
+    a.chunk = sp.chunk;
+    a.D = static_cast<int>(s.D);
+    a.H = static_cast<int>(s.H);
+    a.G = G;
+    a.nsplit = sp.n;
+    a.eps = static_cast<A>(eps);
+    a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t),
+                                 {a.mem, a.keys, a.grad_reads, a.reads, dm.data_ptr<scalar_t>()});
+    launch_backward<scalar_t, false>(a, s, nt, memory, keys, dm, dk, dbeta, stream);
+  });
+  return {dm, dk, dbeta};
+}
+
+std::tuple<Tensor, Tensor, Tensor> content_addressing_backward_cuda(const Tensor& grad_weights_,
+                                                                    const Tensor& weights_, const Tensor& memory_,
+                                                                    const Tensor& keys_, const Tensor& strengths_,
+                                                                    double eps) {
+  const auto s = check_keys(memory_, keys_, strengths_, eps);
+  check_on(grad_weights_, "grad_weights", memory_);
+  check_shape(grad_weights_, "grad_weights", {s.B, s.H, s.N}, "(B, H, N)");
+  check_on(weights_, "weights", memory_);
+  check_shape(weights_, "weights", {s.B, s.H, s.N}, "(B, H, N)");
+  const c10::cuda::CUDAGuard guard(memory_.device());
+  const Tensor memory = memory_.contiguous(), keys = keys_.contiguous(), strengths = strengths_.contiguous();
+  const Tensor grad_w = grad_weights_.contiguous(), weights = weights_.contiguous();
+  Tensor dm = at::empty_like(memory), dk = at::empty_like(keys), dbeta = at::empty_like(strengths);
+  if (s.B == 0) return {dm, dk, dbeta};
+  if (s.H == 0) return {dm.zero_(), dk, dbeta};
+  const int dev = memory.get_device();
+  const int G = lanes_per_slot(s.D), nt = tiles_per_row(s.D, G);
+  const Split sp = plan_split(s.N, s.B * nt, dev);
+  const Split dsp = plan_split(s.N, s.B * s.H, dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, memory.scalar_type(), "content_addressing_backward_cuda", [&] {
+        using A = acc_t<scalar_t>;
+        Tensor delta_part = at::empty({s.B * s.H, dsp.n}, memory.options().dtype(acc_type(memory.scalar_type())));
+        wdot_partial_kernel<scalar_t><<<dim3(static_cast<unsigned>(s.B * s.H), dsp.n), kThreads, 0, stream>>>(
+            weights.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), s.N, dsp.chunk, dsp.n,
+            delta_part.data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        BwdArgs<scalar_t> a;
+        a.mem = memory.data_ptr<scalar_t>();
+        a.keys = keys.data_ptr<scalar_t>();
+        a.str = strengths.data_ptr<scalar_t>();
+        a.weights = weights.data_ptr<scalar_t>();
+        a.grad_w = grad_w.data_ptr<scalar_t>();
+        a.delta_part = delta_part.data_ptr<A>();
+        a.dsplit = dsp.n;
+        a.N = s.N;
+        a.chunk = sp.chunk;
+        a.D = static_cast<int>(s.D);
+        a.H = static_cast<int>(s.H);
+        a.G = G;
+        a.nsplit = sp.n;
+        a.eps = static_cast<A>(eps);
+        a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t), {a.mem, a.keys, dm.data_ptr<scalar_t>()});
+        launch_backward<scalar_t, true>(a, s, nt, memory, keys, dm, dk, dbeta, stream);
+      });
+  return {dm, dk, dbeta};
+}
+
+struct WeightShapes {
+  int64_t B, N, D, H;
+};
+
+WeightShapes check_read(const Tensor& memory, const Tensor& weights) {
+  check_memory(memory);
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2);
+  check_on(weights, "weights", memory);
+  check_shape(weights, "weights", {B, -1, N}, "(B, H, N)");
+  return {B, N, D, weights.size(1)};
+}
+
+Tensor memory_read_cuda(const Tensor& memory_, const Tensor& weights_) {
+  const auto s = check_read(memory_, weights_);
+  const c10::cuda::CUDAGuard guard(memory_.device());
+  const Tensor memory = memory_.contiguous(), weights = weights_.contiguous();
+  Tensor reads = at::empty({s.B, s.H, s.D}, memory.options());
+  if (reads.numel() == 0) return reads;
+  const int dev = memory.get_device();
+  const int G = lanes_per_slot(s.D), hg = head_groups(s.H), nt = tiles_per_row(s.D, G);
+  const Split sp = plan_split(s.N, s.B * hg * nt, dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_read_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    FwdArgs<scalar_t> a;
+    a.mem = memory.data_ptr<scalar_t>();
+    a.weights = weights.data_ptr<scalar_t>();
+    a.N = s.N;
+    a.chunk = sp.chunk;
+    a.D = static_cast<int>(s.D);
+    a.H = static_cast<int>(s.H);
+    a.hgroups = hg;
+    a.G = G;
+    a.nsplit = sp.n;
+    a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t), {a.mem});
+    Tensor pacc;
+    if (sp.n > 1) {
+      pacc = at::empty({s.B * s.H, sp.n, s.D}, memory.options().dtype(acc_type(memory.scalar_type())));
+      a.part_acc = pacc.data_ptr<A>();
+    } else {
+      a.out = reads.data_ptr<scalar_t>();
+    }
+    const dim3 grid(static_cast<unsigned>(s.B * hg), sp.n, nt);
+    fwd_kernel<scalar_t, kMemoryRead><<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (sp.n > 1) {
+      combine_kernel<scalar_t, false><<<static_cast<unsigned>(s.B * s.H), kThreads, 0, stream>>>(
+          nullptr, nullptr, a.part_acc, sp.n, a.D, reads.data_ptr<scalar_t>(), nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return reads;
+}
+
+std::tuple<Tensor, Tensor> memory_read_backward_cuda(const Tensor& grad_reads_, const Tensor& memory_,
+                                                     const Tensor& weights_) {
+  const auto s = check_read(memory_, weights_);
+  check_on(grad_reads_, "grad_reads", memory_);
+  check_shape(grad_reads_, "grad_reads", {s.B, s.H, s.D}, "(B, H, D)");
+  const c10::cuda::CUDAGuard guard(memory_.device());
+  const Tensor memory = memory_.contiguous(), weights = weights_.contiguous(), g = grad_reads_.contiguous();
+  Tensor dm = at::empty_like(memory), dw = at::empty_like(weights);
+  if (s.B == 0) return {dm, dw};
+  if (s.H == 0) return {dm.zero_(), dw};
+  const int dev = memory.get_device();
+  const int G = lanes_per_slot(s.D), hg = head_groups(s.H);
+  const Split sp = plan_split(s.N, s.B * hg, dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_read_backward_cuda", [&] {
+    FwdArgs<scalar_t> a;
+    a.mem = memory.data_ptr<scalar_t>();
+    a.vecs = g.data_ptr<scalar_t>();
+    a.out = dw.data_ptr<scalar_t>();
+    a.N = s.N;
+    a.chunk = sp.chunk;
+    a.D = static_cast<int>(s.D);
+    a.H = static_cast<int>(s.H);
+    a.hgroups = hg;
+    a.G = G;
+    a.nsplit = sp.n;
+    a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t), {a.mem, a.vecs});
+    fwd_kernel<scalar_t, kDots><<<dim3(static_cast<unsigned>(s.B * hg), sp.n, 1), kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool vec_dm = rows_vectorizable(s.D, sizeof(scalar_t), {a.vecs, dm.data_ptr<scalar_t>()});
+    const int64_t units = s.B * s.N * ((s.D + Vec<scalar_t>::VEC - 1) / Vec<scalar_t>::VEC);
+    read_bwd_dm_kernel<scalar_t><<<grid_1d(units, dev), 256, 0, stream>>>(
+        a.vecs, weights.data_ptr<scalar_t>(), s.B, s.N, a.D, a.H, vec_dm, dm.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dm, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neuralmem, CUDA, m) {
+  m.impl("content_addressing", &content_addressing_cuda);
+  m.impl("content_addressing_backward", &content_addressing_backward_cuda);
+  m.impl("memory_read", &memory_read_cuda);
+  m.impl("memory_read_backward", &memory_read_backward_cuda);
+  m.impl("content_read", &content_read_cuda);
+  m.impl("content_read_backward", &content_read_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace neuralmem

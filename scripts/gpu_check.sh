@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# GPU check: build in place, run the whole test suite on CUDA, run the GPU
+# benchmarks, and leave every log and report in OUT_DIR.
+#
+#   bash scripts/gpu_check.sh OUT_DIR        (or: make gpu-check OUT_DIR=...)
+#
+# For a machine with a GPU that already has torch, triton, ninja and pytest
+# and may have no network: nothing is installed or downloaded. Uses $PYTHON,
+# else python3, else python. Fits one 10-minute call: the extension is built
+# for the visible card's architecture only, and tests and benchmarks run
+# under time limits (GPU_CHECK_TEST_LIMIT, GPU_CHECK_BENCH_LIMIT seconds).
+#
+# Writes OUT_DIR/{summary.txt, env.txt, nvidia-smi.txt, build.log, tests.log,
+# junit.xml, bench.log} plus whatever the benchmark command writes there.
+# Exits non-zero when the build or any test failed; a failing or missing
+# benchmark command is recorded in summary.txt but does not fail the check.
+set -u
+
+OUT_DIR="${1:-${OUT_DIR:-gpu-results}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$(dirname "$0")/.."
+
+TEST_LIMIT="${GPU_CHECK_TEST_LIMIT:-300}"
+BENCH_LIMIT="${GPU_CHECK_BENCH_LIMIT:-180}"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
+
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+elif command -v python3 >/dev/null 2>&1 && python3 -c "import torch" >/dev/null 2>&1; then
+  PY=python3
+else
+  PY=python
+fi
+
+note "gpu-check started $(stamp) in $(pwd)"
+note "python: $(command -v "$PY") ($("$PY" --version 2>&1))"
+
+# --- machine and versions -------------------------------------------------
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv >>"$OUT_DIR/nvidia-smi.txt" 2>&1
+else
+  echo "nvidia-smi not found" >"$OUT_DIR/nvidia-smi.txt"
+fi
+"$PY" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF'
+import platform, sys
+import torch
+print("python", sys.version.replace("\n", " "))
+print("platform", platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda available", torch.cuda.is_available(), "devices", torch.cuda.device_count())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"device {i}: {p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+          f"{p.multi_processor_count} SMs")
+for mod in ("triton", "ninja", "pytest", "numpy"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as exc:  # a missing optional tool is information, not an error
+        print(mod, "missing:", exc)
+EOF
+cat "$OUT_DIR/env.txt" | tee -a "$SUMMARY"
+
+# --- build for this card only -----------------------------------------------
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  CAP=""
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ')"
+  fi
+  if [ -z "$CAP" ]; then
+    CAP="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))' 2>/dev/null)"
+  fi
+  export TORCH_CUDA_ARCH_LIST="${CAP:-8.0;9.0+PTX}"
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
+unset NEURALMEM_NO_CUDA
+note "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+
+t0=$(date +%s)
+"$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1
+BUILD_RC=$?
+note "build: rc=$BUILD_RC in $(( $(date +%s) - t0 )) s (log: build.log)"
+if [ $BUILD_RC -ne 0 ]; then
+  tail -n 40 "$OUT_DIR/build.log"
+  note "gpu-check FAILED: the build failed"
+  exit 1
+fi
+"$PY" -c "import neuralmem_fast as nm, torch; print('has_cuda_kernels', nm.has_cuda_kernels(), 'cuda available', torch.cuda.is_available())" 2>&1 | tee -a "$SUMMARY"
+
+# --- the whole test suite, on CUDA -----------------------------------------------
+t0=$(date +%s)
+timeout --signal=INT --kill-after=20 "$TEST_LIMIT" \
+  "$PY" -m pytest tests -q -rfEs --junitxml="$OUT_DIR/junit.xml" >"$OUT_DIR/tests.log" 2>&1
+TEST_RC=$?
+note "tests: rc=$TEST_RC in $(( $(date +%s) - t0 )) s (log: tests.log, junit.xml)"
+[ $TEST_RC -eq 124 ] && note "tests: stopped after ${TEST_LIMIT} s (GPU_CHECK_TEST_LIMIT)"
+tail -n 5 "$OUT_DIR/tests.log" | tee -a "$SUMMARY"
+
+# --- GPU benchmarks (never fatal) ------------------------------------------------
+t0=$(date +%s)
+timeout --signal=INT --kill-after=20 "$BENCH_LIMIT" \
+  "$PY" -m neuralmem_fast bench --gpu --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
+BENCH_RC=$?
+note "bench: rc=$BENCH_RC in $(( $(date +%s) - t0 )) s (log: bench.log)"
+if [ $BENCH_RC -ne 0 ]; then
+  note "bench: FAILED or unavailable (not fatal); last lines:"
+  tail -n 10 "$OUT_DIR/bench.log" | tee -a "$SUMMARY"
+fi
+
+note "gpu-check finished $(stamp)"
+if [ $TEST_RC -ne 0 ]; then
+  note "gpu-check FAILED: tests failed (rc=$TEST_RC)"
+  exit 1
+fi
+note "gpu-check passed"
+exit 0
