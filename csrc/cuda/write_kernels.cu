@@ -649,7 +649,7 @@ Tensor memory_write_cuda(const Tensor& memory_, const Tensor& weights_, const Te
   return out;
 }
 
-void memory_write_inplace_cuda(const Tensor& memory, const Tensor& weights_, const Tensor& erase_,
+void memory_write_inplace_cuda(Tensor& memory, const Tensor& weights_, const Tensor& erase_,
                                const Tensor& add_) {
   check_write(memory, weights_, erase_, add_);
   TORCH_CHECK(memory.is_contiguous(), "memory must be contiguous for the in-place write (call .contiguous() first)");
@@ -735,7 +735,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> memory_write_backward_cuda(const Tens
   return {dm, dw, de, da};
 }
 
-Tensor content_write_cuda(const Tensor& memory, const std::optional<Tensor>& usage, const Tensor& keys_,
+Tensor content_write_cuda(Tensor& memory, const std::optional<Tensor>& usage, const Tensor& keys_,
                           const Tensor& strengths_, const Tensor& erase_, const Tensor& add_, double eps,
                           double decay) {
   check_memory(memory);
