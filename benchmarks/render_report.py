@@ -512,7 +512,34 @@ def plot_ops_vs_n(rows, path):
 # --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
-def render(data, out_dir, json_name="bench.json", plot_name="ops_vs_n.png", provisional=None):
+def scale_section(scale):
+    """Markdown for a `scale` sweep (scale.json): its goals and the per-point table."""
+    cfg = scale.get("config", {})
+    out = [f"From `python -m neuralmem_fast scale` (its own run, D={cfg.get('dim', 64)}, "
+           f"H={cfg.get('heads', 4)}, W={cfg.get('write_heads', 1)}); step/floor is the best step over the best "
+           "`memory.sum()` pass at the same N, measured in the same run; peak is the process's resident "
+           "high-water mark over the memory tensor's size.", ""]
+    for name, goal in (scale.get("goals") or {}).items():
+        if not isinstance(goal, dict) or "results" not in goal:
+            continue
+        for who, res in goal["results"].items():
+            val = res.get("value")
+            status = ("**met**" if res.get("met") else "not met") if val is not None else res.get("reason", "—")
+            shown = "—" if val is None else f"{val:.3g}x"
+            out.append(f"- #9 {name} at N={int(scale['goals'].get('N', 0)):.0e}, {goal.get('target')}: "
+                       f"{who} {shown} ({status})")
+    out += ["", "| B | N | provider | mode | median step | step / floor | peak / memory |", "|---|---|---|---|---|---|---|"]
+    for p in scale.get("points", []):
+        if p.get("status") != "ok":
+            continue
+        out.append(f"| {p['B']} | {p['N']:.0e} | {p['provider']} | {p['mode']} | {fmt_time(p['step_s'])} | "
+                   f"{p['ratio_to_floor']:.3g}x | {p.get('peak_ratio', float('nan')):.3g}x |")
+    for d in scale.get("dropped", []):
+        out.append(f"\nDropped: {d if isinstance(d, str) else json.dumps(d)}")
+    return "\n".join(out)
+
+
+def render(data, out_dir, json_name="bench.json", plot_name="ops_vs_n.png", provisional=None, scale=None):
     rows = load_rows(data)
     groups = group_rows(rows)
     os.makedirs(out_dir, exist_ok=True)
@@ -533,6 +560,8 @@ def render(data, out_dir, json_name="bench.json", plot_name="ops_vs_n.png", prov
     md += [goals_table(goals) if goals else "No rows of the goal cases in this run.", ""]
     if has_plot:
         md += ["## Time against N", "", f"![time against N]({plot_name})", ""]
+    if scale:
+        md += ["## Large-memory sweep", "", scale_section(scale), ""]
     md += ["## Results", ""]
     current = None
     for name, grows in groups.items():
@@ -552,11 +581,16 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                     help="folder for REPORT.md and ops_vs_n.png (default: benchmarks/)")
     ap.add_argument("--provisional", default=None, help="a note printed at the top (e.g. a contended machine)")
+    ap.add_argument("--scale", default=None, help="a scale.json from `python -m neuralmem_fast scale` to tabulate")
     args = ap.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
+    scale = None
+    if args.scale:
+        with open(args.scale) as f:
+            scale = json.load(f)
     rel = os.path.relpath(os.path.abspath(args.json), os.path.abspath(args.out))
-    path = render(data, args.out, json_name=rel, provisional=args.provisional)
+    path = render(data, args.out, json_name=rel, provisional=args.provisional, scale=scale)
     print(f"wrote {path}")
     return 0
 

@@ -78,6 +78,9 @@ def main(argv=None):
     ap.add_argument("--out", default=BENCH_DIR, help="folder for bench.json, REPORT.md and the plot (default benchmarks/)")
     ap.add_argument("-k", default=None, help="pytest -k expression selecting cases")
     ap.add_argument("--provisional", default=None, help="a note printed at the top of the report")
+    ap.add_argument("--scale", default=None,
+                    help="a scale.json (from `python -m neuralmem_fast scale`) to tabulate in the report "
+                         "(default: results/scale.json when it exists)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
 
@@ -103,6 +106,10 @@ def main(argv=None):
         return rc or 1
     renderer = _load_renderer()
     out = ["--out", args.out] + (["--provisional", args.provisional] if args.provisional else [])
+    scale = args.scale or (os.path.join("results", "scale.json") if os.path.exists(os.path.join("results", "scale.json"))
+                           else None)
+    if scale:
+        out += ["--scale", scale]
     renderer.main([json_path] + out)
     # pytest exit status 5 means every case was deselected or skipped: the
     # report says so, which is not a crash.

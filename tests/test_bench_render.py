@@ -185,3 +185,20 @@ def test_round_planning_fills_max_time_and_is_capped():
     # 5 us call: looped to reach 20 us per round, rounds capped
     rounds, iterations = conf.plan_rounds(5e-6, min_rounds=3, max_time=1.0)
     assert iterations == 4 and rounds == conf.MAX_ROUNDS
+
+
+def test_scale_sweep_is_tabulated_with_its_goals(rr, tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(synthetic()))
+    point = dict(provider="cpu", B=1, N=10_000_000, mode="fwd", status="ok", step_s=0.2, ratio_to_floor=3.5,
+                 peak_ratio=1.05)
+    scale = {"config": {"dim": 64, "heads": 4, "write_heads": 1}, "points": [point], "dropped": [],
+             "goals": {"N": 10_000_000, "fwd_step_over_floor": {
+                 "target": "<= 4x one memory.sum() pass", "results": {"cpu B1": {"value": 3.5, "met": True}}}}}
+    sj = tmp_path / "scale.json"
+    sj.write_text(json.dumps(scale))
+    assert rr.main([str(bench), "--out", str(tmp_path), "--scale", str(sj)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    section = text.split("## Large-memory sweep")[1].split("## Results")[0]
+    assert "cpu B1 3.5x (**met**)" in section
+    assert "| 1 | 1e+07 | cpu | fwd | 200 ms | 3.5x | 1.05x |" in section
