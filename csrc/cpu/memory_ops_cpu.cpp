@@ -11,6 +11,7 @@
 // checks here repeat the essentials for direct torch.ops callers (opcheck,
 // torch.compile graphs), with errors that name the argument. Non-contiguous
 // inputs are made contiguous here; in-place targets must already be.
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -19,6 +20,10 @@
 #include <torch/library.h>
 
 #include "cpu/kernel_table.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace neuralmem {
 namespace cpu {
@@ -134,7 +139,26 @@ void check_decay(double decay) {
 
 at::ScalarType lse_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor empty_like_c(const at::Tensor& t) { return at::empty(t.sizes(), t.options()); }
+// Outputs of the memory's size (its gradient, a written copy) are first
+// touched by our kernels. At N = 10^6 and beyond, faulting them in 4 KiB pages
+// costs more than the kernel (measured here: ~100 ms of a 126 ms backward for
+// 256 MB); asking for transparent huge pages before the first touch cuts the
+// faults 512-fold (the backward then took 50 ms). Harmless where THP is off
+// or the pages are already mapped.
+at::Tensor empty_like_c(const at::Tensor& t) {
+  at::Tensor out = at::empty(t.sizes(), t.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
+  if (bytes >= 4 * kHuge) {
+    const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (p + bytes) & ~(kHuge - 1);
+    if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
 
 // ---------------------------------------------------------------------------
 // ops
