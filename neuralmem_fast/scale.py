@@ -797,6 +797,16 @@ def _distributed(argv):
     return mod.main(argv)
 
 
+def _portable(obj):
+    """The result with file paths made relative to the working folder (no machine paths in shared JSON)."""
+    if isinstance(obj, dict):
+        return {k: (os.path.relpath(v) if k == "seed_path" and isinstance(v, str) and os.path.isabs(v)
+                    else _portable(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    return obj
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--distributed" in argv:
@@ -811,7 +821,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "scale.json")
     with open(jpath, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(_portable(result), f, indent=1)
     print(table(result))
     print(f"wrote {jpath}")
     if not args.no_plot:
