@@ -248,6 +248,28 @@ inline void narrow(const A* src, T* dst, int64_t n) {
   }
 }
 
+// Combines per-chunk softmax partials laid out [b][chunk][k] as (max, sum of
+// exp) into per-(b, k) (max, 1/sum), in chunk order so that the result does
+// not depend on the thread count. Shared by the addressing and write passes.
+template <typename A>
+std::vector<A> combine_max_sum(const std::vector<A>& part, int64_t B, int64_t C, int64_t K) {
+  std::vector<A> stats(B * K * 2);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      A m = -std::numeric_limits<A>::infinity();
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, part[((b * C + c) * K + k) * 2]);
+      A l = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const A* p = &part[((b * C + c) * K + k) * 2];
+        l += p[1] * std::exp(p[0] - m);
+      }
+      stats[(b * K + k) * 2] = m;
+      stats[(b * K + k) * 2 + 1] = A(1) / l;
+    }
+  }
+  return stats;
+}
+
 // Calls f(std::integral_constant<int, G>, h0) for head groups of up to 4:
 // four heads plus the slot norm keep the dot-product accumulators in
 // registers on every instruction set.
@@ -500,20 +522,7 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
   });
 
   // Global max and normaliser per (b, h), combined in chunk order.
-  std::vector<A> stats(B * H * 2);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      A m = -std::numeric_limits<A>::infinity();
-      for (int64_t c = 0; c < C; ++c) m = std::max(m, part[((b * C + c) * H + h) * 2]);
-      A l = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const A* p = &part[((b * C + c) * H + h) * 2];
-        l += p[1] * std::exp(p[0] - m);
-      }
-      stats[(b * H + h) * 2] = m;
-      stats[(b * H + h) * 2 + 1] = A(1) / l;
-    }
-  }
+  const std::vector<A> stats = combine_max_sum(part, B, C, H);
 
   // w = exp(s - max) / sum, as torch.softmax: exact where exp(s - lse) is not.
   at::parallel_for(0, B * C, grain_for(ch.size * H * 8), [&](int64_t t0, int64_t t1) {
@@ -1154,20 +1163,7 @@ void content_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
     }
   });
 
-  std::vector<A> stats(B * W * 2);  // max, 1/sum
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < W; ++k) {
-      A m = -std::numeric_limits<A>::infinity();
-      for (int64_t c = 0; c < C; ++c) m = std::max(m, part[((b * C + c) * W + k) * 2]);
-      A l = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const A* p = &part[((b * C + c) * W + k) * 2];
-        l += p[1] * std::exp(p[0] - m);
-      }
-      stats[(b * W + k) * 2] = m;
-      stats[(b * W + k) * 2 + 1] = A(1) / l;
-    }
-  }
+  const std::vector<A> stats = combine_max_sum(part, B, C, W);  // max, 1/sum
 
   std::vector<A> best_val(B * C);
   std::vector<int64_t> best_idx(B * C);
