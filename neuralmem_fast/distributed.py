@@ -137,8 +137,7 @@ def _local_read_backward(backend, g, reads, lse, memory, keys, strengths, eps):
         m = memory.detach().requires_grad_(True)
         k = keys.detach().requires_grad_(True)
         s = strengths.detach().requires_grad_(True)
-        logits = s.unsqueeze(-1) * torch.matmul(F.normalize(k, dim=-1, eps=eps),
-                                                F.normalize(m, dim=-1, eps=eps).transpose(-1, -2))
+        logits = _ops.logits_ref(m, k, s, eps).to(m.dtype)
         w = torch.exp(logits - lse.to(logits.dtype).unsqueeze(-1))
         loss = (g * torch.matmul(w, m)).sum() - ((g * reads).sum(-1) * w.sum(-1)).sum()
         return torch.autograd.grad(loss, (m, k, s))
@@ -309,8 +308,7 @@ class ShardedMemory:
         strengths = _replicated(strengths, self.group, self.comm)
         erase = _replicated(erase, self.group, self.comm)
         add = _replicated(add, self.group, self.comm)
-        logits = strengths.unsqueeze(-1) * torch.matmul(
-            F.normalize(keys, dim=-1, eps=self.eps), F.normalize(mem, dim=-1, eps=self.eps).transpose(-1, -2))
+        logits = _ops.logits_ref(mem, keys, strengths, self.eps).to(mem.dtype)
         lse_loc = torch.logsumexp(logits, dim=-1)  # (B,W)
         lse = torch.logsumexp(_AllGatherLSE.apply(lse_loc, self.group, self.comm), dim=0)
         w = torch.exp(logits - lse.unsqueeze(-1))

@@ -145,11 +145,15 @@ def _up(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def content_addressing_ref(memory, keys, strengths, eps=DEFAULT_EPS):
+def logits_ref(memory, keys, strengths, eps=DEFAULT_EPS):
+    """strengths * cos(keys, slots), (B,H,N), in float32 for half inputs: the seed's formula."""
     k = F.normalize(_up(keys), dim=-1, eps=eps)
     m = F.normalize(_up(memory), dim=-1, eps=eps)
-    logits = _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
-    return torch.softmax(logits, dim=-1).to(memory.dtype)
+    return _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
+
+
+def content_addressing_ref(memory, keys, strengths, eps=DEFAULT_EPS):
+    return torch.softmax(logits_ref(memory, keys, strengths, eps), dim=-1).to(memory.dtype)
 
 
 def memory_read_ref(memory, weights):
@@ -320,10 +324,10 @@ def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", retur
     be = resolve(backend, "content_read", memory.device, N)
     if be == "torch":
         if return_lse:
-            k = F.normalize(_up(keys), dim=-1, eps=eps)
-            m = F.normalize(_up(memory), dim=-1, eps=eps)
-            logits = _up(strengths).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
-            return content_read_ref(memory, keys, strengths, eps), torch.logsumexp(logits, dim=-1)
+            # content_read_ref's arithmetic, with the logits computed once for both outputs.
+            logits = logits_ref(memory, keys, strengths, eps)
+            weights = torch.softmax(logits, dim=-1).to(memory.dtype)
+            return memory_read_ref(memory, weights), torch.logsumexp(logits, dim=-1)
         return content_read_ref(memory, keys, strengths, eps)
     if be != "cpu":  # the CPU kernels take strided inputs themselves
         memory, keys, strengths = _c(memory), _c(keys), _c(strengths)
