@@ -57,7 +57,11 @@ def _load_renderer():
 def pytest_command(args, json_path):
     cmd = [sys.executable, "-m", "pytest", BENCH_DIR, "-q", "-ra", "-p", "no:cacheprovider",
            "--benchmark-only", f"--benchmark-json={json_path}", "--benchmark-sort=name",
-           "--benchmark-columns=median,iqr,rounds"]
+           "--benchmark-columns=median,iqr,rounds",
+           # Warm-up (bounded by the max time, per case, for every provider
+           # alike): the first calls after a case's set-up run on a cold cache
+           # and a CPU still raising its clock, and were up to 30% slower.
+           "--benchmark-warmup=on", "--benchmark-warmup-iterations=1000"]
     if args.quick:
         # Enough rounds for a median and an IQR, few enough that the subset
         # stays within minutes while slow peers (the seed at N=10^6) run.

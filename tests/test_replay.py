@@ -203,6 +203,48 @@ def test_cpp_and_numpy_trees_agree():
             np.testing.assert_array_equal(a.get(probe), b.get(probe))
 
 
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+def test_generation_counters_strided_pair_cpp_matches_numpy():
+    # The buffers keep both per-slot counters as the columns of one (N, 2)
+    # array; the C++ tree reads them through the shared stride.
+    rng = np.random.default_rng(5)
+    cap = 37
+    trees = (SumTree(cap, "cpu"), NumpySumTree(cap))
+    pairs = []
+    leaves = rng.random(cap) + 0.1
+    for t in trees:
+        gen, sgen = replay._generation_counters(cap)
+        assert gen.base is not None and gen.strides == (16,) and (gen == 0).all() and (sgen == -1).all()
+        t.update(np.arange(cap), leaves)
+        pairs.append((gen, sgen))
+    u = rng.random(50)
+    for t, (gen, sgen) in zip(trees, pairs):
+        gen[::3] += 2
+        idx, _ = t.sample_weighted(u, 0.4, False, gen, sgen)
+        np.testing.assert_array_equal(sgen[idx], gen[idx])
+        gen[idx[:5]] += 1  # these slots are overwritten after the draw
+        applied, _ = t.update_priorities(idx, np.full(idx.size, 2.0), 0.6, 1e-6, cap, gen, sgen)
+        assert applied == int(np.isin(idx, idx[:5], invert=True).sum())
+    np.testing.assert_array_equal(pairs[0][1], pairs[1][1])
+    np.testing.assert_array_equal(trees[0].leaves(), trees[1].leaves())
+    gen, _ = pairs[0]
+    with pytest.raises(ValueError, match="same stride"):
+        trees[0].sample_weighted(u, 0.4, False, gen, np.full(cap, -1, dtype=np.int64))
+    with pytest.raises(TypeError, match="generation"):
+        trees[0].sample_weighted(u, 0.4, False, gen.astype(np.float64), pairs[0][1])
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+@pytest.mark.parametrize("nbytes", [0, 1, 5 << 20])
+def test_zeros_hugepages_is_zeroed_and_writable(nbytes):
+    t = replay._C.zeros_hugepages(nbytes)
+    assert t.dtype == torch.uint8 and t.shape == (nbytes,) and int(t.sum()) == 0
+    t.fill_(3)
+    assert int(t.sum()) == 3 * nbytes
+    with pytest.raises(ValueError, match="nbytes"):
+        replay._C.zeros_hugepages(-1)
+
+
 @pytest.mark.parametrize("backend", TREE_BACKENDS)
 def test_tree_bad_input_leaves_it_unchanged(backend):
     tree = SumTree(8, backend)

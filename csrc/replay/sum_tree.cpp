@@ -171,14 +171,30 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
 
 // Descends every query of the batch one level at a time; `m` holds the masses
 // and is consumed, `out` holds the current node of each query meanwhile.
-void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
+void SumTree::find_locked(double* m, int64_t* out, int64_t n, const int64_t* leaf_side0,
+                          const int64_t* leaf_side1) {
   for (int64_t j = 0; j < n; ++j) {
     out[j] = 0;
     m[j] = m[j] < 0.0 ? 0.0 : m[j];  // below the first leaf: the first positive one
   }
+  // The nodes one level down are known for the whole batch before the level
+  // is walked, so their lines are requested kAhead queries early: the misses
+  // then overlap far beyond what the out-of-order window alone would allow.
+  constexpr int64_t kAhead = 16;
+  // At the last level a node's K children are K consecutive slots, so the
+  // same offset also finds the caller's per-slot lines (8 int64 = one line).
+  auto ahead = [&](const double* level, bool last, int64_t j) {
+    const int64_t c = out[j] * K;
+    __builtin_prefetch(level + c);
+    if (last && leaf_side0) __builtin_prefetch(leaf_side0 + c);
+    if (last && leaf_side1) __builtin_prefetch(leaf_side1 + c);
+  };
   for (int d = 0; d < depth_; ++d) {
     const double* level = sums_[d + 1].get();
+    const bool last = d + 1 == depth_;
+    for (int64_t j = 0; j < std::min(n, kAhead); ++j) ahead(level, last, j);
     for (int64_t j = 0; j < n; ++j) {
+      if (j + kAhead < n) ahead(level, last, j + kAhead);
       double pre;
       const int64_t k = pick_child(level + out[j] * K, m[j], &pre);
       m[j] -= pre;
@@ -203,7 +219,7 @@ void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, 
 }
 
 void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
-                              float* w_out, const int64_t* gen, int64_t* sampled_gen) {
+                              float* w_out, const int64_t* gen, int64_t* sampled_gen, int64_t gs) {
   std::lock_guard<std::mutex> g(mu_);
   const double total = sums_[0][0];
   if (!(total > 0.0))
@@ -218,21 +234,42 @@ void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, do
   for (int64_t j = 0; j < n; ++j) {
     // float pow: the weights are float32 anyway, and it halves the cost.
     w_out[j] = std::pow(static_cast<float>(ls[idx_out[j]] / mn), static_cast<float>(-beta));
-    if (sampled_gen) sampled_gen[idx_out[j]] = gen[idx_out[j]];
+  }
+  if (sampled_gen) {
+    // The counters of a slot are one random line (or two, when the arrays are
+    // separate): requested kAhead draws early so that their misses overlap.
+    constexpr int64_t kAhead = 16;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j + kAhead < n) {
+        __builtin_prefetch(gen + idx_out[j + kAhead] * gs);
+        __builtin_prefetch(sampled_gen + idx_out[j + kAhead] * gs, 1);
+      }
+      sampled_gen[idx_out[j] * gs] = gen[idx_out[j] * gs];
+    }
   }
 }
 
 int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
-                                   const int64_t* gen, const int64_t* sampled_gen, double* max_out) {
+                                   const int64_t* gen, const int64_t* sampled_gen, int64_t gs, double* max_out) {
   std::vector<int64_t> keep_idx;
   std::vector<double> keep_val;
   keep_idx.reserve(n);
   keep_val.reserve(n);
   double mx = -kInf;
+  constexpr int64_t kAhead = 16;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = idx[j];
+    if (j + kAhead < n) {
+      const int64_t a = idx[j + kAhead];
+      __builtin_prefetch(sums_[depth_].get() + a, 1);
+      __builtin_prefetch(mins_[depth_].get() + a, 1);
+      if (sampled_gen) {
+        __builtin_prefetch(gen + a * gs);
+        __builtin_prefetch(sampled_gen + a * gs);
+      }
+    }
     // A slot rewritten since it was last sampled holds another item now.
-    if (sampled_gen && sampled_gen[i] >= 0 && sampled_gen[i] != gen[i]) continue;
+    if (sampled_gen && sampled_gen[i * gs] >= 0 && sampled_gen[i * gs] != gen[i * gs]) continue;
     keep_idx.push_back(i);
     keep_val.push_back(std::pow(prio[j] + eps, alpha));
     if (prio[j] > mx) mx = prio[j];
@@ -367,21 +404,32 @@ void check_indices(const View<int64_t>& idx, int64_t high, const char* what, con
   }
 }
 
-// The per-slot write counters of a buffer: two writable, contiguous int64
-// numpy arrays of length capacity, or both None.
-std::pair<const int64_t*, int64_t*> counters(py::object gen, py::object sampled, int64_t capacity, const char* what) {
-  if (gen.is_none() && sampled.is_none()) return {nullptr, nullptr};
+// The per-slot write counters of a buffer: two writable int64 numpy arrays of
+// length capacity with the same stride (the buffers keep them as the two
+// columns of one (capacity, 2) array, so that a slot's pair shares a line),
+// or both None.
+struct Counters {
+  const int64_t* gen = nullptr;
+  int64_t* sampled = nullptr;
+  int64_t stride = 1;  // in elements
+};
+
+Counters counters(py::object gen, py::object sampled, int64_t capacity, const char* what) {
+  if (gen.is_none() && sampled.is_none()) return {};
   auto as_arr = [&](py::object o, const char* arg) {
     if (!py::isinstance<py::array_t<int64_t>>(o))
       throw py::type_error(std::string(what) + ": `" + arg + "` must be an int64 numpy array");
-    auto a = py::reinterpret_borrow<py::array_t<int64_t>>(o);
-    if (a.ndim() != 1 || a.shape(0) != capacity || !(a.flags() & py::array::c_style) || !a.writeable())
-      throw py::value_error(std::string(what) + ": `" + arg + "` must be a writable contiguous (capacity,) array");
+    auto a = py::reinterpret_borrow<py::array>(o);
+    if (a.ndim() != 1 || a.shape(0) != capacity || a.strides(0) <= 0 || a.strides(0) % 8 != 0 || !a.writeable())
+      throw py::value_error(std::string(what) + ": `" + arg +
+                            "` must be a writable (capacity,) array with a positive stride");
     return a;
   };
   auto g = as_arr(gen, "generation");
   auto s = as_arr(sampled, "sampled_generation");
-  return {g.data(), s.mutable_data()};
+  if (g.strides(0) != s.strides(0))
+    throw py::value_error(std::string(what) + ": `generation` and `sampled_generation` must have the same stride");
+  return {static_cast<const int64_t*>(g.data()), static_cast<int64_t*>(s.mutable_data()), g.strides(0) / 8};
 }
 
 void check_finite(const View<double>& v, const char* what, const char* arg, bool nonneg) {
@@ -463,7 +511,28 @@ py::list take(py::list items, py::handle indices) {
   return out;
 }
 
+// A zero-filled CPU byte tensor for a buffer's random-access state (stored
+// rows, per-slot counters). Its pages are marked for transparent huge pages
+// before the zeros first touch them: a sample touches a few hundred random
+// lines, and with 4 KiB pages nearly each is also a TLB miss whose page walk
+// delays it further.
+at::Tensor zeros_hugepages(int64_t nbytes) {
+  if (nbytes < 0) throw py::value_error("zeros_hugepages: `nbytes` must be >= 0, got " + std::to_string(nbytes));
+  at::Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (p + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
+  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#endif
+  out.zero_();
+  return out;
+}
+
 void bind(py::module_& m) {
+  m.def("zeros_hugepages", &zeros_hugepages, py::arg("nbytes"),
+        "A zero-filled uint8 CPU tensor of `nbytes`, on transparent huge pages where the system offers them.");
   m.def("take", &take, py::arg("items"), py::arg("indices"),
         "[items[i] for i in indices] for a list, with the memory accesses of the batch overlapped.");
   m.def("gather_rows", &gather_rows, py::arg("storages"), py::arg("indices"),
@@ -538,7 +607,7 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
             {
               py::gil_scoped_release nogil;
               check_finite(fr, what, "fractions", /*nonneg=*/false);
-              t.sample_weighted(fr.ptr, fr.n, stratified, beta, o, wp, gens.first, gens.second);
+              t.sample_weighted(fr.ptr, fr.n, stratified, beta, o, wp, gens.gen, gens.sampled, gens.stride);
             }
             return py::make_tuple(out, w);
           },
@@ -567,7 +636,7 @@ sampled_generation[i] = generation[i] for every drawn i. Returns (indices, weigh
               py::gil_scoped_release nogil;
               check_indices(idx, limit, what, "buffer length");
               check_finite(pr, what, "priorities", /*nonneg=*/true);
-              applied = t.update_priorities(idx.ptr, pr.ptr, idx.n, alpha, eps, gens.first, gens.second, &mx);
+              applied = t.update_priorities(idx.ptr, pr.ptr, idx.n, alpha, eps, gens.gen, gens.sampled, gens.stride, &mx);
             }
             return py::make_tuple(applied, mx);
           },

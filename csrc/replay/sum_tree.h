@@ -53,9 +53,9 @@ class SumTree {
   void get(const int64_t* idx, double* out, int64_t n);
   // The replay buffers' cores (see the bound methods of the same names).
   void sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
-                       float* w_out, const int64_t* gen, int64_t* sampled_gen);
+                       float* w_out, const int64_t* gen, int64_t* sampled_gen, int64_t gen_stride);
   int64_t update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
-                            const int64_t* gen, const int64_t* sampled_gen, double* max_out);
+                            const int64_t* gen, const int64_t* sampled_gen, int64_t gen_stride, double* max_out);
   void leaves(double* out);
   void assign(const double* val);
   double total();
@@ -65,7 +65,10 @@ class SumTree {
   void rebuild_locked();
   void recompute_locked(int d, int64_t p);
   void update_locked(const int64_t* idx, const double* val, int64_t n);
-  void find_locked(double* m, int64_t* out, int64_t n);
+  // `leaf_side`: up to two per-slot int64 arrays that the caller reads at the
+  // leaves found; their lines are prefetched along with the last level.
+  void find_locked(double* m, int64_t* out, int64_t n, const int64_t* leaf_side0 = nullptr,
+                   const int64_t* leaf_side1 = nullptr);
   int64_t descend_one(double mass) const;
   void set_leaf_locked(int64_t i, double v);
 
