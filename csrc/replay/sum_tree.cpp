@@ -45,6 +45,16 @@ inline double sum_children(const double* c) {
   return acc;
 }
 
+// The smallest positive leaf among K (+inf if none), as leaf_min would give.
+inline double min_leaves(const double* c) {
+  double mn = leaf_min(c[0]);
+  for (int k = 1; k < K; ++k) {
+    const double v = leaf_min(c[k]);
+    mn = v < mn ? v : mn;
+  }
+  return mn;
+}
+
 inline double min_children(const double* c) {
   double mn = c[0];
   for (int k = 1; k < K; ++k) mn = c[k] < mn ? c[k] : mn;
@@ -102,18 +112,21 @@ SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
   }
   for (int d = 0, n = 1; d <= depth_; ++d, n *= K) {
     sums_.emplace_back(alloc_level(n));
-    mins_.emplace_back(alloc_level(n));
     std::fill(sums_.back().get(), sums_.back().get() + n, 0.0);
-    std::fill(mins_.back().get(), mins_.back().get() + n, kInf);
+    // The leaves' mins would only repeat leaf_min(leaf): the last inner
+    // level computes them from the leaves, so an update writes one line, not two.
+    if (d < depth_ || depth_ == 0) {
+      mins_.emplace_back(alloc_level(n));
+      std::fill(mins_.back().get(), mins_.back().get() + n, kInf);
+    }
     width_.push_back(n);
   }
 }
 
 void SumTree::recompute_locked(int d, int64_t p) {
   const double* cs = sums_[d + 1].get() + p * K;
-  const double* cm = mins_[d + 1].get() + p * K;
   sums_[d][p] = sum_children(cs);
-  mins_[d][p] = min_children(cm);
+  mins_[d][p] = d + 1 == depth_ ? min_leaves(cs) : min_children(mins_[d + 1].get() + p * K);
 }
 
 void SumTree::rebuild_locked() {
@@ -123,7 +136,7 @@ void SumTree::rebuild_locked() {
 
 void SumTree::set_leaf_locked(int64_t i, double v) {
   sums_[depth_][i] = v;
-  mins_[depth_][i] = leaf_min(v);
+  if (depth_ == 0) mins_[0][0] = leaf_min(v);
   for (int d = depth_ - 1; d >= 0; --d) {
     i /= K;
     recompute_locked(d, i);
@@ -151,14 +164,25 @@ void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
 // every affected parent one level up at a time across the whole batch.
 void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
   double* ls = sums_[depth_].get();
-  double* lm = mins_[depth_].get();
+  // Random leaves and parents miss the cache: each line is requested kAhead
+  // entries of the batch before it is written.
+  constexpr int64_t kAhead = 16;
   for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) __builtin_prefetch(ls + idx[j + kAhead], 1);
     ls[idx[j]] = val[j];
-    lm[idx[j]] = leaf_min(val[j]);
   }
+  if (depth_ == 0 && n > 0) mins_[0][0] = leaf_min(ls[0]);
   int64_t div = 1;
   for (int d = depth_ - 1; d >= 0; --d) {
     div *= K;
+    if (width_[d] <= n) {
+      // A level no wider than the batch (the root's few levels) is cheaper to
+      // recompute whole than once per entry: a random batch of 256 would
+      // otherwise recompute the root 256 times. Same values: parents are a
+      // pure function of their children.
+      for (int64_t p = 0; p < width_[d]; ++p) recompute_locked(d, p);
+      continue;
+    }
     int64_t prev = -1;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t p = idx[j] / div;
@@ -262,7 +286,6 @@ int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64
     if (j + kAhead < n) {
       const int64_t a = idx[j + kAhead];
       __builtin_prefetch(sums_[depth_].get() + a, 1);
-      __builtin_prefetch(mins_[depth_].get() + a, 1);
       if (sampled_gen) {
         __builtin_prefetch(gen + a * gs);
         __builtin_prefetch(sampled_gen + a * gs);
@@ -319,10 +342,8 @@ void SumTree::leaves(double* out) {
 
 void SumTree::assign(const double* val) {
   std::lock_guard<std::mutex> g(mu_);
-  for (int64_t j = 0; j < capacity_; ++j) {
-    sums_[depth_][j] = val[j];
-    mins_[depth_][j] = leaf_min(val[j]);
-  }
+  for (int64_t j = 0; j < capacity_; ++j) sums_[depth_][j] = val[j];
+  if (depth_ == 0) mins_[0][0] = leaf_min(val[0]);
   rebuild_locked();
 }
 

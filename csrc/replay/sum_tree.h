@@ -1,13 +1,14 @@
 // Sum tree (with a min tree alongside) for prioritized replay.
 //
 // Layout: a complete tree of fan-out K = 8 stored level by level, one aligned
-// array per level (sums) plus one of the same shape (mins). The K children of
-// a node are adjacent and fill exactly one 64-byte cache line, so a descent
-// over a million leaves reads 7 lines instead of the 20 levels of a binary
-// heap, and an update recomputes 7 parents. Leaves past `capacity` hold sum 0
-// and min +inf; a leaf of value 0 also holds min +inf, so min() is the
-// smallest *positive* leaf, the one that bounds the largest importance weight
-// of anything that can be sampled.
+// array per level (sums) plus one of the same shape per inner level (mins; a
+// leaf's min would only repeat it, so the last inner level computes its mins
+// from the leaves). The K children of a node are adjacent and fill exactly
+// one 64-byte cache line, so a descent over a million leaves reads 7 lines
+// instead of the 20 levels of a binary heap, and an update recomputes 7
+// parents. Leaves past `capacity` hold 0, and a leaf of value 0 counts as
+// +inf for the min, so min() is the smallest *positive* leaf, the one that
+// bounds the largest importance weight of anything that can be sampled.
 //
 // Every parent is recomputed from its K children, added left to right (never
 // patched by a delta), so the sums carry no accumulated rounding error: the
@@ -80,7 +81,7 @@ class SumTree {
   int64_t capacity_;
   int depth_;                  // leaves are level depth_, the root level 0
   std::vector<Level> sums_;    // sums_[d] has width_[d] = K^d entries
-  std::vector<Level> mins_;
+  std::vector<Level> mins_;    // inner levels only (all levels when depth_ is 0)
   std::vector<int64_t> width_;
   std::mutex mu_;
 };
