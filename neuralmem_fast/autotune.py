@@ -200,6 +200,9 @@ def build_table(data, source="bench.json", candidates=CANDIDATES, bench_command=
         "torch": info.get("torch") or env.get("torch"),
         "triton": info.get("triton") or env.get("triton"),
         "cuda": env.get("cuda"),
+        # Versions of the process that built this file; the fields above
+        # fall back to them where the bench JSON does not record its own.
+        "built_with": {k: env.get(k) for k in ("torch", "triton", "cuda")},
         "measured": info.get("date") or data.get("datetime"),
         "built": (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%d %H:%M UTC"),
         "bench_json": os.path.basename(str(source)),

@@ -159,7 +159,8 @@ def auto_choice(op: str, device="cuda", n: int = 0) -> dict:
         elif same is False:
             out["reason"] = f"table measured on another card, {card} (this one is {here}); followed all the same"
         else:
-            out["reason"] = f"table measured on {card or 'an unrecorded card'}"
+            out["reason"] = (f"table measured on {card or 'an unrecorded card'}"
+                             + ("" if here else " (no CUDA device visible here to compare with)"))
         return out
     out["source"] = "default"
     if entry is not None:

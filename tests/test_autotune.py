@@ -118,7 +118,8 @@ def test_meta_records_card_versions_and_medians(built):
     meta = built["_meta"]
     assert meta["card"] == CARD
     assert meta["torch"] == "2.99.0+test"  # the bench run's own record wins over the builder's environment
-    assert meta["triton"] == "9.9.9"
+    assert meta["triton"] == "9.9.9"  # not in the bench JSON: the builder's
+    assert meta["built_with"] == {"torch": "2.99.0+env", "triton": "9.9.9", "cuda": "13.0"}
     assert meta["measured"] == "2026-01-02 03:04 UTC" and meta["built"] == "2026-01-03 04:05 UTC"
     assert meta["bench_json"] == "bench.json" and meta["schema"] == autotune.SCHEMA
     by_n = {d["N"]: d for d in meta["decisions"]["cuda"]["content_read"]}
