@@ -103,6 +103,7 @@ def compress(decisions):
 
 
 def _geomean(xs):
+    # A zero median (a timer that could not resolve the call) has no logarithm.
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if all(x > 0 for x in xs) else min(xs)
 
 
@@ -173,7 +174,10 @@ def build_table(data, source="bench.json", candidates=CANDIDATES, bench_command=
     """The table (a JSON-ready dict) from a pytest-benchmark JSON dict; raises TableError naming `source`."""
     if not isinstance(data, dict):
         raise TableError(f"{source}: not a pytest-benchmark JSON object (got {type(data).__name__})")
-    rows = gpu_rows(data, candidates)
+    try:
+        rows = gpu_rows(data, candidates)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise TableError(f"{source}: a benchmark row is malformed ({type(exc).__name__}: {exc})") from exc
     if not rows:
         raise TableError(
             f"{source}: no GPU rows to build a table from: none of its {len(data.get('benchmarks') or [])} "

@@ -177,6 +177,13 @@ def test_no_gpu_rows_is_a_clear_error(rows):
         autotune.build_table(bench_json(rows), source="results/cpu-bench.json", env=ENV)
 
 
+def test_malformed_row_names_the_source():
+    bad = row("content_read", "fwd", 128, 1, "cuda", 1)
+    bad["extra_info"]["N"] = "many"
+    with pytest.raises(autotune.TableError, match=r"^x\.json: a benchmark row is malformed"):
+        autotune.build_table(bench_json([bad]), source="x.json", env=ENV)
+
+
 def test_not_a_bench_object_names_the_source():
     with pytest.raises(autotune.TableError, match=r"^x\.json: not a pytest-benchmark JSON object"):
         autotune.build_table([1, 2], source="x.json")
