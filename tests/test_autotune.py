@@ -325,14 +325,18 @@ def test_cli_bad_input_names_the_file(tmp_path, capsys, content, message):
 @pytest.fixture
 def fake_gpu_bench(monkeypatch):
     """bench.main with a visible 'GPU' whose pytest run writes the synthetic JSON; returns the commands run."""
-    calls = []
+    class Calls(list):
+        pass
+
+    calls = Calls()
 
     def fake_call(cmd, cwd=None, env=None):
         calls.append(cmd)
+        rc = getattr(fake_call, "rc", 0)
         path = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
         with open(path, "w") as f:
             json.dump(bench_json(synthetic_rows()), f)
-        return 0
+        return rc
 
     class Renderer:
         @staticmethod
@@ -342,6 +346,7 @@ def fake_gpu_bench(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench.subprocess, "call", fake_call)
     monkeypatch.setattr(bench, "_load_renderer", lambda: Renderer)
+    calls.fake_call = fake_call
     return calls
 
 
@@ -356,6 +361,15 @@ def test_bench_gpu_writes_and_installs_the_table(tmp_path, table_file, fake_gpu_
 
     assert bench.main(["--gpu", "--write-table", "--out", str(out)]) == 0
     assert json.loads(table_file.read_text())["cuda"] == EXPECTED["cuda"]
+
+
+def test_bench_failed_run_keeps_but_does_not_install_the_table(tmp_path, table_file, fake_gpu_bench, capsys):
+    fake_gpu_bench.fake_call.rc = 1
+    out = tmp_path / "gpu-results"
+    assert bench.main(["--gpu", "--write-table", "--out", str(out)]) == 1
+    assert (out / "autotune_table.json").exists()
+    assert not table_file.exists()
+    assert "not installed" in capsys.readouterr().err
 
 
 def test_bench_write_table_needs_gpu(tmp_path, capsys):
