@@ -11,6 +11,12 @@ Backends:
              else the native kernel for the device, else "torch".
 
 An explicitly requested backend that is unavailable raises; "auto" falls back.
+
+The table ({device_type: {op: [[max_n, backend], ...]}, "_meta": {...}}) is
+written by neuralmem_fast.autotune from a GPU benchmark run and records the
+card it was measured on. A table from another card is still followed (a
+choice between two kernels of ours is rarely worse than the fixed default),
+but auto_choice() and auto_report() say that it came from another card.
 """
 import functools
 import json
@@ -60,9 +66,21 @@ def available_backends(device="cpu"):
 def _table():
     try:
         with open(_TABLE_PATH) as f:
-            return json.load(f)
+            table = json.load(f)
     except (OSError, ValueError):
         return {}
+    return table if isinstance(table, dict) else {}
+
+
+def reload_table():
+    """Forgets the cached table, so that the next lookup reads the file again."""
+    _table.cache_clear()
+
+
+def table_meta() -> dict:
+    """The "_meta" record of the table (card, versions, dates, decisions), or {}."""
+    meta = _table().get("_meta")
+    return meta if isinstance(meta, dict) else {}
 
 
 def _from_table(op: str, device_type: str, n: int):
@@ -110,3 +128,57 @@ def resolve(backend: str, op: str, device: torch.device, n: int = 0) -> str:
         f"backend={backend!r} is not available here (available for {dev}: {avail}); "
         "build the extension with `pip install --no-build-isolation -e .`"
     )
+
+
+def _device_name(device: torch.device):
+    """The card's name for a CUDA device here, else None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
+def auto_choice(op: str, device="cuda", n: int = 0) -> dict:
+    """What backend="auto" runs for `op` on `device` at N=n, and where that choice comes from.
+
+    Returns a dict: backend, source ("table" or "default"), table_backend
+    (the table's entry, or None), table_card, device_card, same_card (None
+    when either name is unknown), and reason, a readable sentence.
+    """
+    dev = torch.device(device)
+    backend = resolve("auto", op, dev, n)
+    entry = _from_table(op, dev.type, n)
+    card = table_meta().get("card")
+    here = _device_name(dev)
+    same = None if (card is None or here is None) else card == here
+    out = dict(op=op, device=str(dev), n=n, backend=backend, table_backend=entry, table_card=card,
+               device_card=here, same_card=same)
+    if entry is not None and entry == backend:
+        out["source"] = "table"
+        if same:
+            out["reason"] = f"table measured on {card} (this card)"
+        elif same is False:
+            out["reason"] = f"table measured on another card, {card} (this one is {here}); followed all the same"
+        else:
+            out["reason"] = (f"table measured on {card or 'an unrecorded card'}"
+                             + ("" if here else " (no CUDA device visible here to compare with)"))
+        return out
+    out["source"] = "default"
+    if entry is not None:
+        out["reason"] = f"default: the table's choice {entry!r} cannot run here"
+    elif not any(not k.startswith("_") for k in _table()):
+        out["reason"] = f"default: no table ({os.path.basename(_TABLE_PATH)} absent or empty)"
+    else:
+        out["reason"] = f"default: the table has no entry for {op} on {dev.type}"
+    return out
+
+
+def auto_report(device="cuda", sizes=(128, 4096, 65536, 1_000_000, 10_000_000)):
+    """Lines saying what auto picks per op and N on `device`, and why."""
+    from .autotune import RESOLVE_OPS
+
+    lines = [f"backend='auto' on {device}:"]
+    for op in RESOLVE_OPS:
+        for n in sizes:
+            c = auto_choice(op, device, n)
+            lines.append(f"  {op:19s} N={n:<9d} {c['backend']:7s} {c['reason']}")
+    return lines

@@ -7,11 +7,15 @@ are not installed with the package), saves its JSON as DIR/bench.json and
 renders DIR/REPORT.md and DIR/ops_vs_n.png with benchmarks/render_report.py.
 
 --quick   small N plus the rows the issues set goals on, few rounds: minutes on a 2-core CPU
---gpu     the CUDA device cases, timed with CUDA events (each timed call also synchronises)
+--gpu     the CUDA device cases, timed with CUDA events (each timed call also synchronises);
+          also writes DIR/autotune_table.json, the per-op, per-N choice between the
+          CUDA C++ and Triton kernels that backend="auto" follows (neuralmem_fast.autotune)
+--write-table   with --gpu: also install that table as neuralmem_fast/autotune_table.json
 """
 import argparse
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -85,11 +89,17 @@ def main(argv=None):
     ap.add_argument("--scale", default=None,
                     help="a scale.json (from `python -m neuralmem_fast scale`) to tabulate in the report "
                          "(default: results/scale.json when it exists)")
+    ap.add_argument("--write-table", action="store_true",
+                    help="with --gpu: install the measured backend table as neuralmem_fast/autotune_table.json")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
 
     if not os.path.isdir(BENCH_DIR):
         print("bench: benchmarks/ is not next to the package; run from a source checkout", file=sys.stderr)
+        return 2
+    if args.write_table and not args.gpu:
+        print("bench: --write-table needs --gpu (the table is measured on the GPU)", file=sys.stderr)
         return 2
     if args.gpu and not torch.cuda.is_available():
         print("bench: --gpu needs a CUDA device, and none is visible to torch", file=sys.stderr)
@@ -108,6 +118,14 @@ def main(argv=None):
     if not os.path.exists(json_path):
         print("bench: no JSON was written; nothing to render", file=sys.stderr)
         return rc or 1
+    table_rc = 0
+    if args.gpu:
+        install = args.write_table and rc in (0, 5)
+        if args.write_table and not install:
+            # A crashed run leaves rows out; its table is kept in --out for a look, not installed.
+            print(f"bench: pytest failed (exit status {rc}): the table is not installed", file=sys.stderr)
+        table_rc = write_autotune_table(json_path, args.out, install,
+                                        "python -m neuralmem_fast bench " + shlex.join(argv))
     renderer = _load_renderer()
     out = ["--out", args.out] + (["--provisional", args.provisional] if args.provisional else [])
     scale = args.scale or (os.path.join("results", "scale.json") if os.path.exists(os.path.join("results", "scale.json"))
@@ -117,4 +135,20 @@ def main(argv=None):
     renderer.main([json_path] + out)
     # pytest exit status 5 means every case was deselected or skipped: the
     # report says so, which is not a crash.
-    return 0 if rc in (0, 5) else rc
+    return (0 if rc in (0, 5) else rc) or table_rc
+
+
+def write_autotune_table(json_path, out_dir, install, command):
+    """DIR/autotune_table.json from the GPU rows just measured; 0, or 1 when it was asked to install and could not."""
+    from . import autotune
+
+    try:
+        table, paths = autotune.table_from_bench(json_path, os.path.join(out_dir, autotune.TABLE_NAME),
+                                                 install=install, bench_command=command)
+    except autotune.TableError as exc:
+        print(f"bench: no backend table: {exc}", file=sys.stderr)
+        return 1 if install else 0
+    print(autotune.format_table(table), flush=True)
+    for p in paths:
+        print(f"bench: wrote {p}", flush=True)
+    return 0

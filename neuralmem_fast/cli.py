@@ -1,4 +1,4 @@
-"""`python -m neuralmem_fast demo|bench|scale`: each subcommand lives in its own module."""
+"""`python -m neuralmem_fast demo|bench|scale|autotune`: each subcommand lives in its own module."""
 import importlib
 import sys
 
@@ -6,12 +6,13 @@ COMMANDS = {
     "demo": ("neuralmem_fast.demo", "the continual-learning demo (results/ PNG + metrics.json)"),
     "bench": ("neuralmem_fast.bench", "the benchmark suites and benchmarks/REPORT.md"),
     "scale": ("neuralmem_fast.scale", "the large-memory sweep (results/scale.json + plot)"),
+    "autotune": ("neuralmem_fast.autotune", "the GPU backend table of backend='auto', from a bench.json"),
 }
 
 
 def _usage():
     lines = ["usage: python -m neuralmem_fast {" + "|".join(COMMANDS) + "} [options]", ""]
-    lines += [f"  {name:6s} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:8s} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

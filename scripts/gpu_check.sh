@@ -11,7 +11,11 @@
 # under time limits (GPU_CHECK_TEST_LIMIT, GPU_CHECK_BENCH_LIMIT seconds).
 #
 # Writes OUT_DIR/{summary.txt, env.txt, nvidia-smi.txt, build.log, tests.log,
-# junit.xml, bench.log} plus whatever the benchmark command writes there.
+# junit.xml, bench.log} plus whatever the benchmark command writes there:
+# bench.json, REPORT.md, and autotune_table.json, the per-op choice between
+# the CUDA C++ and Triton kernels that backend="auto" follows (summary.txt
+# lists it). To use that table: cp OUT_DIR/autotune_table.json neuralmem_fast/
+# and commit it.
 # Exits non-zero when the build or any test failed; a failing or missing
 # benchmark command is recorded in summary.txt but does not fail the check.
 set -u
@@ -102,6 +106,9 @@ note "tests: rc=$TEST_RC in $(( $(date +%s) - t0 )) s (log: tests.log, junit.xml
 tail -n 5 "$OUT_DIR/tests.log" | tee -a "$SUMMARY"
 
 # --- GPU benchmarks (never fatal) ------------------------------------------------
+TABLE="$OUT_DIR/autotune_table.json"
+# Files of an earlier check in the same folder must not pass for this run's.
+rm -f "$OUT_DIR/bench.json" "$TABLE"
 t0=$(date +%s)
 timeout --signal=INT --kill-after=20 "$BENCH_LIMIT" \
   "$PY" -m neuralmem_fast bench --gpu --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
@@ -110,6 +117,20 @@ note "bench: rc=$BENCH_RC in $(( $(date +%s) - t0 )) s (log: bench.log)"
 if [ $BENCH_RC -ne 0 ]; then
   note "bench: FAILED or unavailable (not fatal); last lines:"
   tail -n 10 "$OUT_DIR/bench.log" | tee -a "$SUMMARY"
+fi
+
+# --- the backend table of backend="auto" (never fatal) ---------------------------
+if [ ! -f "$TABLE" ] && [ -f "$OUT_DIR/bench.json" ]; then
+  # The bench stopped before it wrote the table (e.g. at the time limit): build
+  # it from the rows that bench.json holds.
+  "$PY" -m neuralmem_fast autotune "$OUT_DIR/bench.json" --out "$TABLE" \
+    --bench-command "python -m neuralmem_fast bench --gpu --out $OUT_DIR (rc=$BENCH_RC)" >>"$OUT_DIR/bench.log" 2>&1
+fi
+if [ -f "$TABLE" ]; then
+  note "autotune: $TABLE (to use it: cp it to neuralmem_fast/autotune_table.json and commit)"
+  "$PY" -m neuralmem_fast autotune --show --table "$TABLE" 2>&1 | tee -a "$SUMMARY"
+else
+  note "autotune: no table (bench.json missing or without GPU rows; see bench.log)"
 fi
 
 note "gpu-check finished $(stamp)"
