@@ -201,11 +201,20 @@ def _loadavg():
         return None
 
 
+def _triton_version():
+    try:
+        import triton
+    except Exception:  # triton is optional: no version to record
+        return None
+    return getattr(triton, "__version__", None)
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     info = {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
+        "triton": _triton_version(),
         "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
