@@ -38,6 +38,13 @@ TORCH_LIBRARY(neuralmem, m) {
   // the update, (B,) int64, or an empty tensor when usage is not given.
   m.def("content_write_(Tensor(a!) memory, Tensor(b!)? usage, Tensor keys, Tensor strengths, Tensor erase, "
         "Tensor add, float eps, float decay) -> Tensor");
+  // content_read, then content_write_ with weights from the same memory
+  // before the write: one step of a memory that reads and then writes.
+  // Returns (reads, lse, least) as those two ops would. Two passes over the
+  // memory instead of three on the CPU.
+  m.def("content_read_write_(Tensor(a!) memory, Tensor(b!)? usage, Tensor read_keys, Tensor read_strengths, "
+        "Tensor write_keys, Tensor write_strengths, Tensor erase, Tensor add, float eps, float decay) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace neuralmem {

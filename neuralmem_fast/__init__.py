@@ -2,7 +2,7 @@
 
 Public ops (see neuralmem_fast.ops for shapes and semantics):
     content_addressing, memory_read, content_read, memory_write,
-    memory_write_, usage_update, content_write_
+    memory_write_, usage_update, content_write_, content_read_write_
 each with backend="auto" | "cpu" | "cuda" | "triton" | "torch".
 """
 from ._ext import has_cuda_kernels, has_extension
@@ -13,6 +13,7 @@ from .ops import (
     content_addressing_ref,
     content_read,
     content_read_ref,
+    content_read_write_,
     content_write_,
     memory_read,
     memory_read_ref,
@@ -45,6 +46,7 @@ __all__ = [
     "usage_update",
     "usage_update_ref",
     "content_write_",
+    "content_read_write_",
 ]
 
 from .memory import NeuralMemoryBank  # noqa: E402

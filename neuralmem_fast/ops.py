@@ -83,13 +83,14 @@ def _keys_ok(memory, keys, strengths, eps):
         return False
 
 
-def _check_keys(memory, keys, strengths, eps):
+def _check_keys(memory, keys, strengths, eps, prefix=""):
     B, N, D = _check_memory(memory)
-    _check("keys", keys, 3, "(B, H, D)", memory.dtype, memory.device)
-    _check_dims("keys", keys, (B, None, D), "(B, H, D)")
+    kn, sn = prefix + "keys", prefix + "strengths"
+    _check(kn, keys, 3, "(B, H, D)", memory.dtype, memory.device)
+    _check_dims(kn, keys, (B, None, D), "(B, H, D)")
     H = keys.shape[1]
-    _check("strengths", strengths, 2, "(B, H)", memory.dtype, memory.device)
-    _check_dims("strengths", strengths, (B, H), "(B, H)")
+    _check(sn, strengths, 2, "(B, H)", memory.dtype, memory.device)
+    _check_dims(sn, strengths, (B, H), "(B, H)")
     if not (eps > 0):
         raise ValueError(f"eps must be positive, got {eps}")
     return B, N, D, H
@@ -414,13 +415,14 @@ def _usage_ok(usage, memory, decay):
         return False
 
 
-def _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay):
+def _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay, prefix=""):
     B, N, D = _check_memory(memory)
-    _check("keys", keys, 3, "(B, W, D)", memory.dtype, memory.device)
-    _check_dims("keys", keys, (B, None, D), "(B, W, D)")
+    kn, sn = prefix + "keys", prefix + "strengths"
+    _check(kn, keys, 3, "(B, W, D)", memory.dtype, memory.device)
+    _check_dims(kn, keys, (B, None, D), "(B, W, D)")
     W = keys.shape[1]
-    _check("strengths", strengths, 2, "(B, W)", memory.dtype, memory.device)
-    _check_dims("strengths", strengths, (B, W), "(B, W)")
+    _check(sn, strengths, 2, "(B, W)", memory.dtype, memory.device)
+    _check_dims(sn, strengths, (B, W), "(B, W)")
     for name, t in (("erase", erase), ("add", add)):
         _check(name, t, 3, "(B, W, D)", memory.dtype, memory.device)
         _check_dims(name, t, (B, W, D), "(B, W, D)")
@@ -466,6 +468,47 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
     finally:
         torch._C._set_grad_enabled(prev)
     return least if usage is not None else None
+
+
+def content_read_write_(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, usage=None,
+                        eps=DEFAULT_EPS, decay=DEFAULT_DECAY, backend="auto"):
+    """One read-then-write step, in place: returns (reads, least).
+
+    The same as ``content_read(memory, read_keys, read_strengths)`` followed by
+    ``content_write_(memory, write_keys, write_strengths, erase, add, usage)``:
+    the reads and the write weights both address the memory as it was before
+    the write. The CPU kernel streams the memory twice instead of three times
+    (the read pass also gathers the write heads' softmax statistics); other
+    backends run the two ops. Forward only: the memory is overwritten, so
+    nothing here is differentiable (use the two ops, on a copy, for training).
+    `least` is the least-used slot after the write, (B,) int64, or None
+    without `usage`.
+    """
+    if not (_keys_ok(memory, read_keys, read_strengths, eps)
+            and _keys_ok(memory, write_keys, write_strengths, eps)
+            and _write_vectors_ok(memory, write_keys, erase, add)
+            and (usage is None or _usage_ok(usage, memory, decay)) and memory.is_contiguous()):
+        _check_keys(memory, read_keys, read_strengths, eps, prefix="read_")
+        _check_content_write(memory, write_keys, write_strengths, erase, add, usage, eps, decay, prefix="write_")
+    be = resolve(backend, "content_read_write_", memory.device, memory.shape[1])
+    if be != "cpu":
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            reads = content_read(memory, read_keys, read_strengths, eps, backend=be)
+        finally:
+            torch._C._set_grad_enabled(prev)
+        least = content_write_(memory, write_keys, write_strengths, erase, add, usage=usage, eps=eps, decay=decay,
+                               backend=be)
+        return reads, least
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        reads, _, least = torch.ops.neuralmem.content_read_write_(
+            memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps, decay)
+    finally:
+        torch._C._set_grad_enabled(prev)
+    return reads, (least if usage is not None else None)
 
 
 # --------------------------------------------------------------------------
@@ -529,5 +572,16 @@ def register_fakes(ns):
         return memory.new_empty((memory.shape[0],), dtype=torch.int64)
 
 
+def _register_fused_fakes():
+    @torch.library.register_fake("neuralmem::content_read_write_")
+    def _(memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps, decay):
+        B, H = read_keys.shape[0], read_keys.shape[1]
+        reads = memory.new_empty((B, H, memory.shape[2]))
+        lse = memory.new_empty((B, H), dtype=_lse_dtype(memory.dtype))
+        least = memory.new_empty((0,) if usage is None else (B,), dtype=torch.int64)
+        return reads, lse, least
+
+
 if _ext.has_extension():
     register_fakes("neuralmem")
+    _register_fused_fakes()

@@ -7,8 +7,9 @@ native kernels found by `available_backends`, the pure-PyTorch reference
 "point" per (provider, B, N, mode):
 
   fwd       one read-then-write step, forward, in place, no autograd:
-            content_read + content_write_ (erase-add write with the fused
-            usage update; its least-used slot is the allocation answer)
+            content_read_write_, i.e. content_read + content_write_
+            (erase-add write with the fused usage update; its least-used
+            slot is the allocation answer) in two passes over the memory
   fwdbwd    one training step: content_read with gradients for memory, keys
             and strengths, plus a differentiable content-addressed
             memory_write, then backward
@@ -201,9 +202,11 @@ def _make_step(spec, memory, usage, t):
 
     if mode == "fwd":
         def step():
-            with torch.no_grad():
-                ops.content_read(memory, rk, rs, backend=be)
-                return ops.content_write_(memory, wk, ws, er, ad, usage=usage, backend=be)
+            # One call: on the CPU the read pass also gathers the write's
+            # softmax statistics (two passes over the memory, not three);
+            # elsewhere it runs content_read then content_write_.
+            _, least = ops.content_read_write_(memory, rk, rs, wk, ws, er, ad, usage=usage, backend=be)
+            return least
 
         return step, (lambda: memory), (lambda: usage)
 

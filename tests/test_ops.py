@@ -192,6 +192,52 @@ class TestAgainstReference:
         torch.testing.assert_close(least, torch.argmin(usage, dim=1), rtol=0, atol=0)
 
 
+    @pytest.mark.parametrize("with_usage", [True, False], ids=["usage", "no-usage"])
+    def test_content_read_write_(self, device, backend, shape, dtype, with_usage):
+        # One fused step against the reference read and write, both of the
+        # memory before the write; and against the two ops it replaces.
+        t = make_inputs(*shape, dtype=dtype, device=device)
+        m0, u0 = t["memory"], t["usage"]
+        k, s, wk, ws, e, a = t["keys"], t["strengths"], t["wkeys"], t["wstrengths"], t["erase"], t["add"]
+        w = nm.content_addressing_ref(m0, wk, ws)
+        mem, usage = m0.clone(), (u0.clone() if with_usage else None)
+        reads, least = nm.content_read_write_(mem, k, s, wk, ws, e, a, usage=usage, decay=0.9, backend=backend)
+        assert_close(reads, nm.content_read_ref(m0, k, s), dtype, name="reads of the memory before the write")
+        assert_close(mem, nm.memory_write_ref(m0, w, e, a), dtype, name="memory after the write")
+        mem2, usage2 = m0.clone(), (u0.clone() if with_usage else None)
+        reads2 = nm.content_read(mem2, k, s, backend=backend)
+        least2 = nm.content_write_(mem2, wk, ws, e, a, usage=usage2, decay=0.9, backend=backend)
+        torch.testing.assert_close(reads, reads2, rtol=0, atol=0, msg=lambda m: f"reads vs content_read: {m}")
+        assert_close(mem, mem2, dtype, name="memory vs content_write_")
+        if not with_usage:
+            assert least is None
+            return
+        assert_close(usage, nm.usage_update_ref(u0, w, 0.9), dtype, name="usage after the write")
+        torch.testing.assert_close(least, torch.argmin(usage, dim=1), rtol=0, atol=0)
+        assert_close(usage, usage2, dtype, name="usage vs content_write_")
+
+
+def test_content_read_write_bad_input_names_argument_and_leaves_memory():
+    t = make_inputs(2, 9, 5, 3, 1)
+    m, u = t["memory"], t["usage"]
+    k, s, wk, ws, e, a = t["keys"], t["strengths"], t["wkeys"], t["wstrengths"], t["erase"], t["add"]
+    cases = [
+        ("read_keys", dict(read_keys=k[:, :, :4])),
+        ("read_strengths", dict(read_strengths=s[:, :2])),
+        ("write_keys", dict(write_keys=wk.double())),
+        ("write_strengths", dict(write_strengths=ws[:1])),
+        ("erase", dict(erase=e[:, :, :2])),
+        ("usage", dict(usage=u[:, :4])),
+    ]
+    for name, bad in cases:
+        args = dict(read_keys=k, read_strengths=s, write_keys=wk, write_strengths=ws, erase=e, add=a, usage=u.clone())
+        args.update(bad)
+        mem = m.clone()
+        with pytest.raises((ValueError, TypeError), match=name):
+            nm.content_read_write_(mem, **args)
+        torch.testing.assert_close(mem, m, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------
 # half precision: float32 accumulation, output in the input dtype
 # --------------------------------------------------------------------------
@@ -325,7 +371,14 @@ def _opcheck_cases(device):
         "usage_update": (OPS.usage_update, (u, ww, 0.99)),
         "content_write_": (OPS.content_write_, (m.clone(), u.clone(), wk, ws, e, a, eps, 0.99)),
         "content_write_-no-usage": (OPS.content_write_, (m.clone(), None, wk, ws, e, a, eps, 0.99)),
+        "content_read_write_": (OPS.content_read_write_, (m.clone(), u.clone(), k, s, wk, ws, e, a, eps, 0.99)),
+        "content_read_write_-no-usage": (OPS.content_read_write_, (m.clone(), None, k, s, wk, ws, e, a, eps, 0.99)),
     }
+
+
+# The fused read-then-write step has a CPU kernel only; other devices run the
+# two ops it stands for (ops.content_read_write_ routes them).
+CPU_ONLY_OPS = ("content_read_write_", "content_read_write_-no-usage")
 
 
 OPCHECK_NAMES = list(_opcheck_cases("cpu").keys()) if nm.has_extension() else []
@@ -334,6 +387,8 @@ OPCHECK_NAMES = list(_opcheck_cases("cpu").keys()) if nm.has_extension() else []
 @pytest.mark.parametrize("name", OPCHECK_NAMES)
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_opcheck(device, backend, name):
+    if device != "cpu" and name in CPU_ONLY_OPS:
+        pytest.skip("a CPU-only op")
     op, args = _opcheck_cases(device)[name]
     torch.library.opcheck(op, args)
 

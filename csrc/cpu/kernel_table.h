@@ -45,6 +45,11 @@ struct KernelTable {
   void (*content_write)(at::Tensor& memory, at::Tensor& usage, const at::Tensor& keys,
                         const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps,
                         double decay, at::Tensor& least);
+  // content_read then content_write_ on the memory before the write.
+  void (*content_read_write)(at::Tensor& memory, at::Tensor& usage, const at::Tensor& read_keys,
+                             const at::Tensor& read_strengths, const at::Tensor& write_keys,
+                             const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
+                             double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least);
 };
 
 // Null when the compiler could not build that instruction set.

@@ -270,6 +270,18 @@ std::vector<A> combine_max_sum(const std::vector<A>& part, int64_t B, int64_t C,
   return stats;
 }
 
+// Folds a block of logits x[0..n) into a running softmax record p = (max,
+// sum of exp(x - max)); x is overwritten with exp(x - max).
+template <typename A>
+inline void softmax_stats_update(A* x, int64_t n, A* p) {
+  const A bm = max_of(x, n);
+  if (bm > p[0]) {
+    p[1] *= std::exp(p[0] - bm);
+    p[0] = bm;
+  }
+  p[1] += exp_shift(x, n, p[0]);
+}
+
 // Calls f(std::integral_constant<int, G>, h0) for head groups of up to 4:
 // four heads plus the slot norm keep the dot-product accumulators in
 // registers on every instruction set.
@@ -299,6 +311,11 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   Vec accn[4];
+  // Fewer than four heads: each head's dots of four consecutive rows are
+  // reduced together (one transposing hsum4 instead of four full horizontal
+  // sums). A lone write head used to spend more on its horizontal sums than
+  // on the dot products themselves.
+  Vec pend[K == 4 ? 1 : K][4];
   for (int64_t j = 0; j < nj; ++j) {
     const A* r = rows + j * D;
     // The first touch of a row streams it from DRAM: ask for the rows ~4 KiB
@@ -318,7 +335,14 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
       hsum4(acc[0], acc[1], acc[2], acc[3], t);
       for (int k = 0; k < 4; ++k) out[k * ldo + j] = t[k];
     } else {
-      for (int k = 0; k < K; ++k) out[k * ldo + j] = hsum(acc[k]);
+      for (int k = 0; k < K; ++k) pend[k][j & 3] = acc[k];
+      if ((j & 3) == 3) {
+        for (int k = 0; k < K; ++k) {
+          A t[4];
+          hsum4(pend[k][0], pend[k][1], pend[k][2], pend[k][3], t);
+          for (int i = 0; i < 4; ++i) out[k * ldo + j - 3 + i] = t[i];
+        }
+      }
     }
     if constexpr (NORM) {
       accn[j & 3] = an;
@@ -327,8 +351,11 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
       }
     }
   }
-  if constexpr (NORM) {
-    for (int64_t j = nj & ~int64_t(3); j < nj; ++j) nrm2[j] = hsum(accn[j & 3]);
+  for (int64_t j = nj & ~int64_t(3); j < nj; ++j) {
+    if constexpr (K != 4) {
+      for (int k = 0; k < K; ++k) out[k * ldo + j] = hsum(pend[k][j & 3]);
+    }
+    if constexpr (NORM) nrm2[j] = hsum(accn[j & 3]);
   }
 }
 
@@ -828,31 +855,53 @@ void memory_read_backward_typed(const at::Tensor& gr_t, const at::Tensor& memory
 // ---------------------------------------------------------------------------
 // content_read: one pass, online softmax, partial (max, sum, acc) per chunk
 // ---------------------------------------------------------------------------
+// With write heads (W > 0, wkeys (B,W,D), wstr (B,W)), the same pass also
+// gathers each write head's softmax (max, sum) per chunk into `wpart`
+// ([b][chunk][w][2], for combine_max_sum; the chunk count is written to
+// *wchunks): the first pass of the write, fused into the read, so that a
+// read-then-write step streams the memory twice instead of three times.
 template <typename T>
 void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
-                        double eps_d, at::Tensor& reads_t, at::Tensor& lse_t) {
+                        double eps_d, at::Tensor& reads_t, at::Tensor& lse_t, const at::Tensor* wkeys_t = nullptr,
+                        const at::Tensor* wstr_t = nullptr, std::vector<acc_t<T>>* wpart = nullptr,
+                        int64_t* wchunks = nullptr) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
+  const int64_t W = wkeys_t != nullptr ? wkeys_t->size(1) : 0, HW = H + W;
   const T* mem = memory_t.const_data_ptr<T>();
   const T* keys = keys_t.const_data_ptr<T>();
   const T* str = str_t.const_data_ptr<T>();
+  const T* wkeys = W > 0 ? wkeys_t->const_data_ptr<T>() : nullptr;
+  const T* wstr = W > 0 ? wstr_t->const_data_ptr<T>() : nullptr;
   T* reads = reads_t.data_ptr<T>();
   A* lse = lse_t.data_ptr<A>();
   const A eps = static_cast<A>(eps_d);
   const int64_t BS = block_slots(D);
+  // Chunks as for a read alone, so that the reads do not depend on W.
   const Chunks ch = make_chunks(N, D * (2 * H + 1));
   const int64_t C = ch.count;
   const int64_t rec = H * (D + 2);  // per (b, chunk): max[H], sum[H], acc[H*D]
   std::vector<A> part(C > 1 ? B * C * rec : 0);
+  if (W > 0) {
+    wpart->assign(B * C * W * 2, A(0));
+    *wchunks = C;
+  }
 
-  at::parallel_for(0, B * C, grain_for(ch.size * D * (2 * H + 1)), [&](int64_t t0, int64_t t1) {
-    Scratch<A> q(H * D), beta(H), s(H * BS), nrm2(BS), inv(BS), local(rec);
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (2 * H + W + 1)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(HW * D), beta(HW), s(HW * BS), nrm2(BS), inv(BS), local(rec);
     Scratch<A> rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
       normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
       for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      A* wp = nullptr;
+      if (W > 0) {
+        normalize_keys(wkeys + b * W * D, W, D, eps, q.data() + H * D, static_cast<A*>(nullptr));
+        for (int64_t k = 0; k < W; ++k) beta[H + k] = static_cast<A>(wstr[b * W + k]);
+        wp = &(*wpart)[t * W * 2];
+        for (int64_t k = 0; k < W; ++k) wp[2 * k] = -std::numeric_limits<A>::infinity();
+      }
       A* r = C > 1 ? &part[t * rec] : local.data();
       A* mx = r;
       A* sm = r + H;
@@ -866,9 +915,10 @@ void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, co
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
-        dots_block(q.data(), H, rows, nj, D, s.data(), BS, nrm2.data());
+        dots_block(q.data(), HW, rows, nj, D, s.data(), BS, nrm2.data());
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
-        scale_logits(s.data(), H, nj, BS, beta.data(), inv.data());
+        scale_logits(s.data(), HW, nj, BS, beta.data(), inv.data());
+        for (int64_t k = 0; k < W; ++k) softmax_stats_update(s.data() + (H + k) * BS, nj, wp + 2 * k);
         for (int64_t h = 0; h < H; ++h) {
           A* sh = s.data() + h * BS;
           const A bm = max_of(sh, nj);
@@ -1112,26 +1162,22 @@ void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double
 // (B,W,N) weights never exist), rewrites the row in place and updates the
 // usage, tracking the least-used slot of each chunk; chunks are combined in
 // order, so ties go to the lowest index, as torch.argmin.
+// Pass 1: per (b, chunk, w) running max and sum of exp; returns per (b, w)
+// (max, 1/sum) combined in chunk order.
 template <typename T>
-void content_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Tensor& keys_t,
-                         const at::Tensor& str_t, const at::Tensor& e_t, const at::Tensor& a_t, double eps_d,
-                         double decay_d, at::Tensor& least_t) {
+std::vector<acc_t<T>> content_write_stats(const at::Tensor& memory_t, const at::Tensor& keys_t,
+                                          const at::Tensor& str_t, double eps_d) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
-  T* mem = memory_t.data_ptr<T>();
-  T* usage = usage_t.defined() ? usage_t.data_ptr<T>() : nullptr;
+  const T* mem = memory_t.const_data_ptr<T>();
   const T* keys = keys_t.const_data_ptr<T>();
   const T* str = str_t.const_data_ptr<T>();
-  const T* er = e_t.const_data_ptr<T>();
-  const T* ad = a_t.const_data_ptr<T>();
   const A eps = static_cast<A>(eps_d);
-  const A decay = static_cast<A>(decay_d);
   const int64_t BS = block_slots(D);
   const Chunks ch = make_chunks(N, D * (3 * W + 2));
   const int64_t C = ch.count;
   std::vector<A> part(B * C * W * 2);
 
-  // pass 1: per (b, chunk, w) running max and sum of exp
   at::parallel_for(0, B * C, grain_for(ch.size * D * (W + 1)), [&](int64_t t0, int64_t t1) {
     Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
     for (int64_t t = t0; t < t1; ++t) {
@@ -1150,20 +1196,32 @@ void content_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
         dots_block(q.data(), W, rows, nj, D, s.data(), BS, nrm2.data());
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
         scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
-        for (int64_t k = 0; k < W; ++k) {
-          A* sk = s.data() + k * BS;
-          const A bm = max_of(sk, nj);
-          if (bm > p[2 * k]) {
-            p[2 * k + 1] *= std::exp(p[2 * k] - bm);
-            p[2 * k] = bm;
-          }
-          p[2 * k + 1] += exp_shift(sk, nj, p[2 * k]);
-        }
+        for (int64_t k = 0; k < W; ++k) softmax_stats_update(s.data() + k * BS, nj, p + 2 * k);
       }
     }
   });
+  return combine_max_sum(part, B, C, W);  // max, 1/sum
+}
 
-  const std::vector<A> stats = combine_max_sum(part, B, C, W);  // max, 1/sum
+// Pass 2: recomputes each row's weights from its old values and the stats of
+// pass 1, rewrites the row in place, updates usage and finds its argmin.
+template <typename T>
+void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Tensor& keys_t,
+                         const at::Tensor& str_t, const at::Tensor& e_t, const at::Tensor& a_t, double eps_d,
+                         double decay_d, const std::vector<acc_t<T>>& stats, at::Tensor& least_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
+  T* mem = memory_t.data_ptr<T>();
+  T* usage = usage_t.defined() ? usage_t.data_ptr<T>() : nullptr;
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  const T* er = e_t.const_data_ptr<T>();
+  const T* ad = a_t.const_data_ptr<T>();
+  const A eps = static_cast<A>(eps_d);
+  const A decay = static_cast<A>(decay_d);
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * (3 * W + 2));
+  const int64_t C = ch.count;
 
   std::vector<A> best_val(B * C);
   std::vector<int64_t> best_idx(B * C);
@@ -1233,6 +1291,32 @@ void content_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
       least[b] = bi;
     }
   }
+}
+
+template <typename T>
+void content_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Tensor& keys_t,
+                         const at::Tensor& str_t, const at::Tensor& e_t, const at::Tensor& a_t, double eps_d,
+                         double decay_d, at::Tensor& least_t) {
+  const auto stats = content_write_stats<T>(memory_t, keys_t, str_t, eps_d);
+  content_write_apply<T>(memory_t, usage_t, keys_t, str_t, e_t, a_t, eps_d, decay_d, stats, least_t);
+}
+
+// ---------------------------------------------------------------------------
+// content_read_write_: a read then an in-place write, both addressing the
+// memory as it was before the write, in two passes: the read pass also
+// gathers the write heads' softmax statistics, then the write pass.
+// ---------------------------------------------------------------------------
+template <typename T>
+void content_read_write_typed(at::Tensor& memory_t, at::Tensor& usage_t, const at::Tensor& rkeys_t,
+                              const at::Tensor& rstr_t, const at::Tensor& wkeys_t, const at::Tensor& wstr_t,
+                              const at::Tensor& e_t, const at::Tensor& a_t, double eps_d, double decay_d,
+                              at::Tensor& reads_t, at::Tensor& lse_t, at::Tensor& least_t) {
+  using A = acc_t<T>;
+  std::vector<A> wpart;
+  int64_t wchunks = 0;
+  content_read_typed<T>(memory_t, rkeys_t, rstr_t, eps_d, reads_t, lse_t, &wkeys_t, &wstr_t, &wpart, &wchunks);
+  const auto stats = combine_max_sum(wpart, memory_t.size(0), wchunks, wkeys_t.size(1));
+  content_write_apply<T>(memory_t, usage_t, wkeys_t, wstr_t, e_t, a_t, eps_d, decay_d, stats, least_t);
 }
 
 // ---------------------------------------------------------------------------
@@ -1313,6 +1397,16 @@ inline void content_write_k(at::Tensor& memory, at::Tensor& usage, const at::Ten
   });
 }
 
+inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at::Tensor& read_keys,
+                                 const at::Tensor& read_strengths, const at::Tensor& write_keys,
+                                 const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
+                                 double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_read_write_", [&] {
+    content_read_write_typed<scalar_t>(memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase,
+                                       add, eps, decay, reads, lse, least);
+  });
+}
+
 #undef NEURALMEM_DISPATCH
 
 constexpr KernelTable make_table(const char* name) {
@@ -1326,7 +1420,8 @@ constexpr KernelTable make_table(const char* name) {
                      &memory_write_k,
                      &memory_write_backward_k,
                      &usage_update_k,
-                     &content_write_k};
+                     &content_write_k,
+                     &content_read_write_k};
 }
 
 }  // namespace CPU_CAPABILITY

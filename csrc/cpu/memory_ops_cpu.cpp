@@ -100,14 +100,15 @@ void check_memory(const at::Tensor& memory) {
 
 // keys (B, H, D) and strengths (B, H) against memory.
 void check_keys(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths, double eps,
-                const char* heads = "(B, H, D)", const char* shead = "(B, H)") {
+                const char* heads = "(B, H, D)", const char* shead = "(B, H)", const char* kname = "keys",
+                const char* sname = "strengths") {
   check_memory(memory);
-  check_like(keys, "keys", 3, heads, memory);
-  check_size(keys, "keys", heads, 0, memory.size(0), "B");
-  check_size(keys, "keys", heads, 2, memory.size(2), "D");
-  check_like(strengths, "strengths", 2, shead, memory);
-  check_size(strengths, "strengths", shead, 0, memory.size(0), "B");
-  check_size(strengths, "strengths", shead, 1, keys.size(1), "heads of keys");
+  check_like(keys, kname, 3, heads, memory);
+  check_size(keys, kname, heads, 0, memory.size(0), "B");
+  check_size(keys, kname, heads, 2, memory.size(2), "D");
+  check_like(strengths, sname, 2, shead, memory);
+  check_size(strengths, sname, shead, 0, memory.size(0), "B");
+  check_size(strengths, sname, shead, 1, keys.size(1), kname);
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
 }
 
@@ -278,30 +279,58 @@ at::Tensor usage_update(const at::Tensor& usage, const at::Tensor& weights, doub
   return out;
 }
 
-at::Tensor content_write_(at::Tensor& memory, const std::optional<at::Tensor>& usage_opt, const at::Tensor& keys,
-                          const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps,
-                          double decay) {
-  check_keys(memory, keys, strengths, eps, "(B, W, D)", "(B, W)");
+// The checks of an in-place content write; returns the usage to update
+// (undefined when none is given) and sets `least` to its output.
+at::Tensor check_content_write(const at::Tensor& memory, const std::optional<at::Tensor>& usage_opt,
+                               const at::Tensor& keys, const at::Tensor& strengths, const at::Tensor& erase,
+                               const at::Tensor& add, double eps, double decay, const char* kname,
+                               const char* sname, at::Tensor* least) {
+  check_keys(memory, keys, strengths, eps, "(B, W, D)", "(B, W)", kname, sname);
   const int64_t W = keys.size(1);
   check_heads(memory, erase, "erase", "(B, W, D)", W);
   check_heads(memory, add, "add", "(B, W, D)", W);
   TORCH_CHECK_VALUE(memory.is_contiguous(), "memory must be contiguous for the in-place write");
   check_decay(decay);
   at::Tensor usage;
-  at::Tensor least;
   if (usage_opt.has_value() && usage_opt->defined()) {
     usage = *usage_opt;
     check_like(usage, "usage", 2, "(B, N)", memory);
     check_size(usage, "usage", "(B, N)", 0, memory.size(0), "B");
     check_size(usage, "usage", "(B, N)", 1, memory.size(1), "N");
     TORCH_CHECK_VALUE(usage.is_contiguous(), "usage must be contiguous for the in-place write");
-    least = at::empty({memory.size(0)}, memory.options().dtype(at::kLong));
+    *least = at::empty({memory.size(0)}, memory.options().dtype(at::kLong));
   } else {
-    least = at::empty({0}, memory.options().dtype(at::kLong));
+    *least = at::empty({0}, memory.options().dtype(at::kLong));
   }
+  return usage;
+}
+
+at::Tensor content_write_(at::Tensor& memory, const std::optional<at::Tensor>& usage_opt, const at::Tensor& keys,
+                          const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps,
+                          double decay) {
+  at::Tensor least;
+  at::Tensor usage =
+      check_content_write(memory, usage_opt, keys, strengths, erase, add, eps, decay, "keys", "strengths", &least);
   kernels().content_write(memory, usage, keys.contiguous(), strengths.contiguous(), erase.contiguous(),
                           add.contiguous(), eps, decay, least);
   return least;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> content_read_write_(
+    at::Tensor& memory, const std::optional<at::Tensor>& usage_opt, const at::Tensor& read_keys,
+    const at::Tensor& read_strengths, const at::Tensor& write_keys, const at::Tensor& write_strengths,
+    const at::Tensor& erase, const at::Tensor& add, double eps, double decay) {
+  check_keys(memory, read_keys, read_strengths, eps, "(B, H, D)", "(B, H)", "read_keys", "read_strengths");
+  at::Tensor least;
+  at::Tensor usage = check_content_write(memory, usage_opt, write_keys, write_strengths, erase, add, eps, decay,
+                                         "write_keys", "write_strengths", &least);
+  const int64_t B = memory.size(0), H = read_keys.size(1), D = memory.size(2);
+  at::Tensor reads = at::empty({B, H, D}, memory.options());
+  at::Tensor lse = at::empty({B, H}, memory.options().dtype(lse_dtype(memory.scalar_type())));
+  kernels().content_read_write(memory, usage, read_keys.contiguous(), read_strengths.contiguous(),
+                               write_keys.contiguous(), write_strengths.contiguous(), erase.contiguous(),
+                               add.contiguous(), eps, decay, reads, lse, least);
+  return {reads, lse, least};
 }
 
 }  // namespace
@@ -326,4 +355,5 @@ TORCH_LIBRARY_IMPL(neuralmem, CPU, m) {
   m.impl("memory_write_", &memory_write_);
   m.impl("usage_update", &usage_update);
   m.impl("content_write_", &content_write_);
+  m.impl("content_read_write_", &content_read_write_);
 }
