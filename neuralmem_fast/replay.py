@@ -149,10 +149,9 @@ class NumpySumTree:
     def _recompute(self, d: int, parents: np.ndarray) -> None:
         cs = self._sums[d + 1].reshape(-1, self.K)[parents]
         cm = self._mins[d + 1].reshape(-1, self.K)[parents]
-        acc = cs[:, 0].copy()
-        for k in range(1, self.K):  # left to right, as the C++ tree adds
-            acc += cs[:, k]
-        self._sums[d][parents] = acc
+        # Pairwise, in the C++ tree's order: ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)).
+        self._sums[d][parents] = (((cs[:, 0] + cs[:, 1]) + (cs[:, 2] + cs[:, 3]))
+                                  + ((cs[:, 4] + cs[:, 5]) + (cs[:, 6] + cs[:, 7])))
         self._mins[d][parents] = cm.min(axis=1)
 
     def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:

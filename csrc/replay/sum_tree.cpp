@@ -38,27 +38,25 @@ constexpr int64_t K = SumTree::kFanout;
 
 inline double leaf_min(double v) { return v > 0.0 ? v : kInf; }
 
-// Sum of K children, left to right (the numpy twin adds in the same order).
+// Sum of K = 8 children, pairwise: ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)); the
+// numpy twin adds in the same order. Three dependent adds instead of seven:
+// recomputing parents is most of an update's time.
+static_assert(K == 8, "sum_children is written out for a fan-out of 8");
 inline double sum_children(const double* c) {
-  double acc = c[0];
-  for (int k = 1; k < K; ++k) acc += c[k];
-  return acc;
+  return ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
 }
 
 // The smallest positive leaf among K (+inf if none), as leaf_min would give.
+inline double min2(double a, double b) { return b < a ? b : a; }
+
 inline double min_leaves(const double* c) {
-  double mn = leaf_min(c[0]);
-  for (int k = 1; k < K; ++k) {
-    const double v = leaf_min(c[k]);
-    mn = v < mn ? v : mn;
-  }
-  return mn;
+  double v[K];
+  for (int k = 0; k < K; ++k) v[k] = leaf_min(c[k]);
+  return min2(min2(min2(v[0], v[1]), min2(v[2], v[3])), min2(min2(v[4], v[5]), min2(v[6], v[7])));
 }
 
 inline double min_children(const double* c) {
-  double mn = c[0];
-  for (int k = 1; k < K; ++k) mn = c[k] < mn ? c[k] : mn;
-  return mn;
+  return min2(min2(min2(c[0], c[1]), min2(c[2], c[3])), min2(min2(c[4], c[5]), min2(c[6], c[7])));
 }
 
 // The child of a node that owns mass m >= 0, and its prefix within the node.
@@ -123,7 +121,8 @@ SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
   }
 }
 
-void SumTree::recompute_locked(int d, int64_t p) {
+// inline: called per node in every batch loop, and a PLT call per node showed up in profiles.
+inline void SumTree::recompute_locked(int d, int64_t p) {
   const double* cs = sums_[d + 1].get() + p * K;
   sums_[d][p] = sum_children(cs);
   mins_[d][p] = d + 1 == depth_ ? min_leaves(cs) : min_children(mins_[d + 1].get() + p * K);
@@ -172,9 +171,11 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
     ls[idx[j]] = val[j];
   }
   if (depth_ == 0 && n > 0) mins_[0][0] = leaf_min(ls[0]);
-  int64_t div = 1;
+  // K = 8: the ancestor `up` levels above leaf i is i >> (3 * up), a shift
+  // where a 64-bit division per entry and level cost more than the sums.
+  int shift = 0;
   for (int d = depth_ - 1; d >= 0; --d) {
-    div *= K;
+    shift += 3;
     if (width_[d] <= n) {
       // A level no wider than the batch (the root's few levels) is cheaper to
       // recompute whole than once per entry: a random batch of 256 would
@@ -185,7 +186,7 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
     }
     int64_t prev = -1;
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = idx[j] / div;
+      const int64_t p = idx[j] >> shift;
       if (p == prev) continue;  // sorted or clustered batches share parents
       recompute_locked(d, p);
       prev = p;
