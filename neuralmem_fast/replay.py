@@ -262,6 +262,28 @@ class NumpySumTree:
             i //= self.K
             self._recompute(d, np.array([i]))
 
+    def sample_distinct(self, fractions, beta, generation=None, sampled_generation=None):
+        what = "SumTree.sample_distinct"
+        fr = _as_float_array(fractions, what, "fractions")
+        _check_values(fr, what, "fractions", nonneg=False)
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"{what}: `beta` must be finite and >= 0")
+        with self._lock:
+            total = float(self._sums[0][0])
+            if not total > 0:
+                raise ValueError(f"{what}: the tree is empty (total is 0); nothing can be sampled")
+            drawn = self._descend(fr * total)
+            vals = self._sums[self._depth][drawn]
+        _, first = np.unique(drawn, return_index=True)
+        first.sort()
+        idx, vals = drawn[first], vals[first]
+        if idx.size < fr.size or idx.size == 0:
+            return idx, vals, None
+        weights = np.array([(v / vals.min()) ** (-beta) for v in vals.tolist()], dtype=np.float64)
+        if sampled_generation is not None:
+            sampled_generation[idx] = generation[idx]
+        return idx, vals, weights.astype(np.float32)
+
     def sample_without_replacement(self, fractions, exclude=None):
         what = "SumTree.sample_without_replacement"
         fr = _as_float_array(fractions, what, "fractions")
@@ -825,24 +847,24 @@ class ExperienceReplay:
             # so the distinct leaves so far follow successive sampling exactly
             # (numpy's choice(replace=False) does the same). The few still
             # missing are drawn one by one from the rest of the tree.
-            idx, vals, _, _ = self._tree.sample(np.random.random_sample(k))
-            if k > 1:
-                uniq, first = np.unique(idx, return_index=True)
-                if uniq.size < k:
-                    first.sort()
-                    idx, vals = idx[first], vals[first]
-                    more, more_vals = self._tree.sample_without_replacement(
-                        np.random.random_sample(k - idx.size), exclude=idx
-                    )
-                    idx, vals = np.concatenate([idx, more]), np.concatenate([vals, more_vals])
-            self._sampled_gen[idx] = self._gen[idx]
+            # When every draw was distinct (the usual case) the tree also
+            # returns the weights and marks the slots as sampled.
+            idx, vals, w = self._tree.sample_distinct(np.random.random_sample(k), beta, self._gen,
+                                                      self._sampled_gen)
+            if w is None:
+                more, more_vals = self._tree.sample_without_replacement(
+                    np.random.random_sample(k - idx.size), exclude=idx
+                )
+                idx, vals = np.concatenate([idx, more]), np.concatenate([vals, more_vals])
+                self._sampled_gen[idx] = self._gen[idx]
+                # (N p_i / T)^-beta over its batch maximum (the smallest p) is (p_i / p_min)^-beta.
+                w = ((vals / vals.min()) ** (-beta)).astype(np.float32)
             if _C is not None and hasattr(_C, "take"):
                 samples = _C.take(self._items, idx)
             else:
                 items = self._items
                 samples = [items[i] for i in idx.tolist()]
-        # (N p_i / T)^-beta over its batch maximum (the smallest p) is (p_i / p_min)^-beta.
-        weights = torch.from_numpy((vals / vals.min()) ** (-beta)).float()
+        weights = torch.from_numpy(w)
         self.last_indices = idx
         if return_indices:
             return samples, weights, idx

@@ -235,6 +235,37 @@ def test_generation_counters_strided_pair_cpp_matches_numpy():
 
 
 @pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+@pytest.mark.parametrize("capacity", [1, 5, 64, 1000], ids=lambda c: f"N{c}")
+def test_sample_distinct_cpp_matches_numpy_and_keeps_first_occurrences(capacity):
+    rng = np.random.default_rng(capacity)
+    leaves = rng.random(capacity) + 0.05
+    for n in (1, 3, 40):
+        u = rng.random(n)
+        out = []
+        for t in (SumTree(capacity, "cpu"), NumpySumTree(capacity)):
+            t.update(np.arange(capacity), leaves)
+            gen, sgen = replay._generation_counters(capacity)
+            gen += 7
+            idx, vals, w = t.sample_distinct(u, 0.4, gen, sgen)
+            drawn = t.find(u * t.total())
+            first = sorted(np.unique(drawn, return_index=True)[1])
+            np.testing.assert_array_equal(idx, drawn[first])  # first occurrences, in draw order
+            np.testing.assert_array_equal(vals, leaves[idx])
+            if idx.size == n:
+                np.testing.assert_allclose(w, (vals / vals.min()) ** -0.4, rtol=1e-6)
+                assert w.dtype == np.float32 and w.max() == 1.0
+                assert (sgen[idx] == 7).all() and (np.delete(sgen, idx) == -1).all()
+            else:
+                assert w is None and (sgen == -1).all()  # the caller completes the batch
+            out.append((idx, vals, w))
+        for x, y in zip(out[0], out[1]):
+            if x is None:
+                assert y is None
+            else:
+                np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
 @pytest.mark.parametrize("nbytes", [0, 1, 5 << 20])
 def test_zeros_hugepages_is_zeroed_and_writable(nbytes):
     t = replay._C.zeros_hugepages(nbytes)

@@ -331,6 +331,47 @@ int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, doub
   return k;
 }
 
+int64_t SumTree::sample_distinct(const double* frac, int64_t n, int64_t* idx_out, double* val_out) {
+  std::vector<int64_t> drawn(static_cast<size_t>(n));
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    const double total = sums_[0][0];
+    if (!(total > 0.0))
+      throw py::value_error("SumTree.sample_distinct: the tree is empty (total is 0); nothing can be sampled");
+    std::vector<double> m(frac, frac + n);
+    for (int64_t j = 0; j < n; ++j) m[j] *= total;
+    find_locked(m.data(), drawn.data(), n);
+    for (int64_t j = 0; j < n; ++j) val_out[j] = sums_[depth_][drawn[j]];
+  }
+  // First occurrences in order, through an open-addressing set of at least
+  // twice the batch (a sort, as numpy's unique does, cost more than the draw).
+  int64_t cap = 16;
+  while (cap < 2 * n) cap <<= 1;
+  std::vector<int64_t> set(static_cast<size_t>(cap), -1);
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = drawn[j];
+    uint64_t h = (static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull) >> 20;
+    bool seen = false;
+    for (;; ++h) {
+      int64_t& slot = set[h & static_cast<uint64_t>(cap - 1)];
+      if (slot == i) {
+        seen = true;
+        break;
+      }
+      if (slot < 0) {
+        slot = i;
+        break;
+      }
+    }
+    if (seen) continue;
+    idx_out[k] = i;
+    val_out[k] = val_out[j];
+    ++k;
+  }
+  return k;
+}
+
 void SumTree::get(const int64_t* idx, double* out, int64_t n) {
   std::lock_guard<std::mutex> g(mu_);
   for (int64_t j = 0; j < n; ++j) out[j] = sums_[depth_][idx[j]];
@@ -596,6 +637,46 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
           },
           py::arg("masses"),
           "For each mass, the leaf i with prefix(i) <= mass < prefix(i+1); always a leaf of positive value.")
+      .def(
+          "sample_distinct",
+          [](SumTree& t, py::handle fractions, double beta, py::object generation, py::object sampled_generation) {
+            const char* what = "SumTree.sample_distinct";
+            auto fr = as_view<double>(fractions, what, "fractions");
+            if (!std::isfinite(beta) || beta < 0) throw py::value_error(std::string(what) + ": `beta` must be finite and >= 0");
+            auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            std::vector<int64_t> idx(static_cast<size_t>(fr.n));
+            std::vector<double> val(static_cast<size_t>(fr.n));
+            int64_t k = 0;
+            py::array_t<float> w(fr.n);
+            float* wp = w.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              check_finite(fr, what, "fractions", /*nonneg=*/false);
+              k = t.sample_distinct(fr.ptr, fr.n, idx.data(), val.data());
+              if (k == fr.n && k > 0) {
+                // (N P(i))^-beta over its batch maximum, the smallest value's.
+                double mn = val[0];
+                for (int64_t j = 1; j < k; ++j) mn = val[j] < mn ? val[j] : mn;
+                for (int64_t j = 0; j < k; ++j) wp[j] = static_cast<float>(std::pow(val[j] / mn, -beta));
+                if (gens.sampled)
+                  for (int64_t j = 0; j < k; ++j) gens.sampled[idx[j] * gens.stride] = gens.gen[idx[j] * gens.stride];
+              }
+            }
+            py::array_t<int64_t> idx_a(k);
+            py::array_t<double> val_a(k);
+            std::memcpy(idx_a.mutable_data(), idx.data(), static_cast<size_t>(k) * sizeof(int64_t));
+            std::memcpy(val_a.mutable_data(), val.data(), static_cast<size_t>(k) * sizeof(double));
+            return py::make_tuple(idx_a, val_a, k == fr.n && k > 0 ? py::object(w) : py::object(py::none()));
+          },
+          py::arg("fractions"), py::arg("beta"), py::arg("generation") = py::none(),
+          py::arg("sampled_generation") = py::none(),
+          R"doc(Draws len(fractions) leaves with replacement (mass u_j * total) and keeps
+the first occurrence of each, in order: successive sampling without
+replacement, by rejection. Returns (indices, leaf values, weights): when every
+draw was distinct, weights are (value / smallest value)^-beta as float32 and
+sampled_generation[i] = generation[i] for every drawn i (when given);
+otherwise weights is None and the counters are untouched, for the caller to
+complete the batch.)doc")
       .def(
           "sample",
           [](SumTree& t, py::handle fractions) {

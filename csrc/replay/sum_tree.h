@@ -51,6 +51,9 @@ class SumTree {
             double* min_out, double* values_out);
   int64_t find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n,
                                   const int64_t* exclude, int64_t n_exclude);
+  // Draws n leaves with replacement (mass frac_j * total) and keeps the first
+  // occurrence of each, in draw order; returns how many were kept.
+  int64_t sample_distinct(const double* frac, int64_t n, int64_t* idx_out, double* val_out);
   void get(const int64_t* idx, double* out, int64_t n);
   // The replay buffers' cores (see the bound methods of the same names).
   void sample_weighted(const double* frac, int64_t n, bool stratified, double beta, int64_t* idx_out,
