@@ -219,8 +219,8 @@ class NumpySumTree:
     def sample(self, fractions):
         return self._find(fractions, True, "SumTree.sample", "fractions")
 
-    def sample_weighted(self, fractions, beta, stratified=False, generation=None, sampled_generation=None):
-        what = "SumTree.sample_weighted"
+    def _draw(self, fractions, beta, what, stratified=False):
+        """Checked draws for a replay buffer: (leaves, their values, min()), read under one lock."""
         fr = _as_float_array(fractions, what, "fractions").copy()
         _check_values(fr, what, "fractions", nonneg=False)
         if not (math.isfinite(beta) and beta >= 0):
@@ -232,10 +232,14 @@ class NumpySumTree:
             if stratified:
                 fr = (np.arange(fr.size, dtype=np.float64) + fr) / fr.size
             idx = self._descend(fr * total)
-            weights = ((self._sums[self._depth][idx] / self._mins[0][0]) ** (-beta)).astype(np.float32)
-            if sampled_generation is not None:
-                sampled_generation[idx] = generation[idx]
-            return idx, weights
+            return idx, self._sums[self._depth][idx], float(self._mins[0][0])
+
+    def sample_weighted(self, fractions, beta, stratified=False, generation=None, sampled_generation=None):
+        idx, vals, mn = self._draw(fractions, beta, "SumTree.sample_weighted", stratified)
+        weights = ((vals / mn) ** (-beta)).astype(np.float32)
+        if sampled_generation is not None:
+            sampled_generation[idx] = generation[idx]
+        return idx, weights
 
     def update_priorities(self, indices, priorities, alpha, eps, limit, generation=None, sampled_generation=None):
         what = "update_priorities"
@@ -263,21 +267,11 @@ class NumpySumTree:
             self._recompute(d, np.array([i]))
 
     def sample_distinct(self, fractions, beta, generation=None, sampled_generation=None):
-        what = "SumTree.sample_distinct"
-        fr = _as_float_array(fractions, what, "fractions")
-        _check_values(fr, what, "fractions", nonneg=False)
-        if not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"{what}: `beta` must be finite and >= 0")
-        with self._lock:
-            total = float(self._sums[0][0])
-            if not total > 0:
-                raise ValueError(f"{what}: the tree is empty (total is 0); nothing can be sampled")
-            drawn = self._descend(fr * total)
-            vals = self._sums[self._depth][drawn]
+        drawn, vals, _ = self._draw(fractions, beta, "SumTree.sample_distinct")
         _, first = np.unique(drawn, return_index=True)
         first.sort()
         idx, vals = drawn[first], vals[first]
-        if idx.size < fr.size or idx.size == 0:
+        if idx.size < drawn.size or idx.size == 0:
             return idx, vals, None
         weights = np.array([(v / vals.min()) ** (-beta) for v in vals.tolist()], dtype=np.float64)
         if sampled_generation is not None:
