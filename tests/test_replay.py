@@ -266,6 +266,25 @@ def test_sample_distinct_cpp_matches_numpy_and_keeps_first_occurrences(capacity)
 
 
 @pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+def test_gather_rows_matches_index_select_for_every_field_size():
+    # Packed rows whose fields take 1, 2, 4, 8, 12, 16, 32 and 40 bytes: the
+    # fixed-size copies and the general one.
+    specs = [((), torch.bool), ((), torch.float16), ((), torch.int32), ((), torch.float64), ((3,), torch.float32),
+             ((4,), torch.float32), ((2, 4), torch.float32), ((5,), torch.int64)]
+    cap = 97
+    views = replay._packed_storage(cap, specs, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for v in views:
+        v.copy_((torch.randn(v.shape, generator=g) * 50).to(v.dtype))
+    idx = torch.randint(0, cap, (300,), generator=g)
+    for got, v in zip(replay._C.gather_rows(views, idx), views):
+        assert got.is_contiguous() and got.dtype == v.dtype
+        torch.testing.assert_close(got, v.index_select(0, idx), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="storage length"):
+        replay._C.gather_rows(views, torch.tensor([cap]))
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
 @pytest.mark.parametrize("nbytes", [0, 1, 5 << 20])
 def test_zeros_hugepages_is_zeroed_and_writable(nbytes):
     t = replay._C.zeros_hugepages(nbytes)

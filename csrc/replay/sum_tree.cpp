@@ -512,6 +512,27 @@ void check_finite(const View<double>& v, const char* what, const char* arg, bool
 // row: the fields of a row then share its cache lines, which are prefetched
 // for the whole batch before the copies, so one miss per row is paid instead
 // of one per field, and they overlap.
+// dst row j = src row idx[j], rows of `bytes`. Fields are a few bytes: a
+// memcpy call of a run-time size per field and row cost more than the data,
+// so the usual sizes get copies of a compile-time size (plain moves).
+template <int64_t S>
+inline void copy_rows_fixed(char* dst, const char* src, const int64_t* idx, int64_t n, int64_t pitch) {
+  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * S, src + idx[j] * pitch, S);
+}
+
+void copy_rows(char* dst, const char* src, const int64_t* idx, int64_t n, int64_t pitch, int64_t bytes) {
+  switch (bytes) {
+    case 1: return copy_rows_fixed<1>(dst, src, idx, n, pitch);
+    case 2: return copy_rows_fixed<2>(dst, src, idx, n, pitch);
+    case 4: return copy_rows_fixed<4>(dst, src, idx, n, pitch);
+    case 8: return copy_rows_fixed<8>(dst, src, idx, n, pitch);
+    case 16: return copy_rows_fixed<16>(dst, src, idx, n, pitch);
+    case 32: return copy_rows_fixed<32>(dst, src, idx, n, pitch);
+    default:
+      for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * bytes, src + idx[j] * pitch, static_cast<size_t>(bytes));
+  }
+}
+
 std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py::handle indices) {
   const char* what = "gather_rows";
   auto idx = as_view<int64_t>(indices, what, "indices");
@@ -546,9 +567,7 @@ std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py:
     }
     std::vector<char*> dst(nf);
     for (size_t f = 0; f < nf; ++f) dst[f] = static_cast<char*>(out[f].mutable_data_ptr());
-    for (int64_t j = 0; j < idx.n; ++j)
-      for (size_t f = 0; f < nf; ++f)
-        std::memcpy(dst[f] + j * row[f], src[f] + idx.ptr[j] * pitch[f], static_cast<size_t>(row[f]));
+    for (size_t f = 0; f < nf; ++f) copy_rows(dst[f], src[f], idx.ptr, idx.n, pitch[f], row[f]);
   }
   return out;
 }
