@@ -487,6 +487,7 @@ class PrioritizedReplayBuffer:
         self.generator = generator
         self._tree = SumTree(self.capacity, backend)
         self._native_gather = _C is not None and hasattr(_C, "gather_rows") and self.device.type == "cpu"
+        self._fused_sample = hasattr(self._tree, "sample_rows")
         self._kind: Optional[str] = None
         self._keys = None
         self._specs: Optional[List[Tuple[torch.Size, torch.dtype]]] = None
@@ -634,6 +635,11 @@ class PrioritizedReplayBuffer:
             if self._size == 0:
                 raise RuntimeError("PrioritizedReplayBuffer.sample: the buffer is empty; add items first")
             u = self.generator.random(batch_size)
+            if self._native_gather and self._fused_sample:
+                # One call: draw, weights, counters and the rows.
+                idx_t, weights, fields = self._tree.sample_rows(u, beta, stratified, self._gen, self._sampled_gen,
+                                                                self._storage)
+                return _unflatten(self._kind, self._keys, fields), idx_t, weights
             idx, w = self._tree.sample_weighted(u, beta, stratified, self._gen, self._sampled_gen)
             idx_t = torch.from_numpy(idx)
             weights = torch.from_numpy(w)

@@ -533,14 +533,22 @@ void copy_rows(char* dst, const char* src, const int64_t* idx, int64_t n, int64_
   }
 }
 
-std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py::handle indices) {
-  const char* what = "gather_rows";
-  auto idx = as_view<int64_t>(indices, what, "indices");
-  const size_t nf = storages.size();
+// The rows of several storages gathered into new contiguous tensors: the
+// checks and outputs first (with the GIL), then the copies (without it).
+struct Gather {
   std::vector<at::Tensor> out;
-  std::vector<const char*> src(nf);
-  std::vector<int64_t> pitch(nf), row(nf);
-  out.reserve(nf);
+  std::vector<const char*> src;
+  std::vector<int64_t> pitch, row;
+  int64_t rows_available = std::numeric_limits<int64_t>::max();  // the shortest storage
+};
+
+Gather prepare_gather(const std::vector<at::Tensor>& storages, int64_t n, const char* what) {
+  Gather g;
+  const size_t nf = storages.size();
+  g.src.resize(nf);
+  g.pitch.resize(nf);
+  g.row.resize(nf);
+  g.out.reserve(nf);
   for (size_t f = 0; f < nf; ++f) {
     const auto& s = storages[f];
     if (!s.device().is_cpu() || s.dim() < 1)
@@ -551,25 +559,37 @@ std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py:
         throw py::value_error(std::string(what) + ": the rows of every storage must be contiguous");
       expect *= s.size(d);
     }
-    check_indices(idx, s.size(0), what, "storage length");
+    g.rows_available = std::min(g.rows_available, s.size(0));
     auto sizes = s.sizes().vec();
-    sizes[0] = idx.n;
-    out.push_back(at::empty(sizes, s.options().memory_format(at::MemoryFormat::Contiguous)));
-    src[f] = static_cast<const char*>(s.const_data_ptr());
-    pitch[f] = s.stride(0) * static_cast<int64_t>(s.element_size());
-    row[f] = expect * static_cast<int64_t>(s.element_size());
+    sizes[0] = n;
+    g.out.push_back(at::empty(sizes, s.options().memory_format(at::MemoryFormat::Contiguous)));
+    g.src[f] = static_cast<const char*>(s.const_data_ptr());
+    g.pitch[f] = s.stride(0) * static_cast<int64_t>(s.element_size());
+    g.row[f] = expect * static_cast<int64_t>(s.element_size());
   }
+  return g;
+}
+
+void run_gather(Gather& g, const int64_t* idx, int64_t n) {
+  const size_t nf = g.out.size();
+  for (size_t f = 0; f < nf; ++f) {
+    // fields of one packed row share lines: prefetching a line twice is cheap
+    for (int64_t j = 0; j < n; ++j) __builtin_prefetch(g.src[f] + idx[j] * g.pitch[f]);
+  }
+  for (size_t f = 0; f < nf; ++f)
+    copy_rows(static_cast<char*>(g.out[f].mutable_data_ptr()), g.src[f], idx, n, g.pitch[f], g.row[f]);
+}
+
+std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& storages, py::handle indices) {
+  const char* what = "gather_rows";
+  auto idx = as_view<int64_t>(indices, what, "indices");
+  Gather g = prepare_gather(storages, idx.n, what);
+  if (!storages.empty()) check_indices(idx, g.rows_available, what, "storage length");
   {
     py::gil_scoped_release nogil;
-    for (size_t f = 0; f < nf; ++f) {
-      // fields of one packed row share lines: prefetching a line twice is cheap
-      for (int64_t j = 0; j < idx.n; ++j) __builtin_prefetch(src[f] + idx.ptr[j] * pitch[f]);
-    }
-    std::vector<char*> dst(nf);
-    for (size_t f = 0; f < nf; ++f) dst[f] = static_cast<char*>(out[f].mutable_data_ptr());
-    for (size_t f = 0; f < nf; ++f) copy_rows(dst[f], src[f], idx.ptr, idx.n, pitch[f], row[f]);
+    run_gather(g, idx.ptr, idx.n);
   }
-  return out;
+  return g.out;
 }
 
 // [items[i] for i in indices] for a Python list: the list slots and then the
@@ -656,6 +676,33 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
           },
           py::arg("masses"),
           "For each mass, the leaf i with prefix(i) <= mass < prefix(i+1); always a leaf of positive value.")
+      .def(
+          "sample_rows",
+          [](SumTree& t, py::handle fractions, double beta, bool stratified, py::object generation,
+             py::object sampled_generation, const std::vector<at::Tensor>& storages) {
+            const char* what = "SumTree.sample_rows";
+            auto fr = as_view<double>(fractions, what, "fractions");
+            if (!std::isfinite(beta) || beta < 0) throw py::value_error(std::string(what) + ": `beta` must be finite and >= 0");
+            auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            Gather g = prepare_gather(storages, fr.n, what);
+            if (!storages.empty() && g.rows_available < t.capacity())
+              throw py::value_error(std::string(what) + ": every storage must hold `capacity` rows");
+            at::Tensor idx = at::empty({fr.n}, at::TensorOptions().dtype(at::kLong));
+            at::Tensor w = at::empty({fr.n}, at::TensorOptions().dtype(at::kFloat));
+            {
+              py::gil_scoped_release nogil;
+              check_finite(fr, what, "fractions", /*nonneg=*/false);
+              int64_t* ip = idx.data_ptr<int64_t>();
+              t.sample_weighted(fr.ptr, fr.n, stratified, beta, ip, w.data_ptr<float>(), gens.gen, gens.sampled,
+                                gens.stride);
+              run_gather(g, ip, fr.n);
+            }
+            return py::make_tuple(idx, w, g.out);
+          },
+          py::arg("fractions"), py::arg("beta"), py::arg("stratified"), py::arg("generation"),
+          py::arg("sampled_generation"), py::arg("storages"),
+          "sample_weighted and gather_rows of the drawn slots in one call, returning tensors: "
+          "(indices int64, weights float32, the rows of each storage).")
       .def(
           "sample_distinct",
           [](SumTree& t, py::handle fractions, double beta, py::object generation, py::object sampled_generation) {
