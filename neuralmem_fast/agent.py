@@ -281,26 +281,43 @@ def _fused_forward(P, dims, X, memory3, read_op, eps):
     return pred, cache, heads
 
 
-def _fused_backward(P, dims, cache, dpred, grads, read_op, eps):
-    """Adds d(loss)/d(P) into `grads` (tensors shaped like P) given dpred = d(loss)/d(pred)."""
+def _fused_backward(P, dims, cache, dpred, grads, read_op, eps, acc):
+    """d(loss)/d(P) into `grads` (tensors shaped like P) given dpred = d(loss)/d(pred) (M, in).
+
+    acc=False overwrites the rows that receive a gradient (the others, the
+    forget gate's and the write heads', are left as they are: zero after
+    zero_grad); acc=True adds to them.
+    """
     X, sig, g, tc, h, rs_pre, keys, strengths, reads, lse, out_in, memory3 = cache
     _, _, _, W_h, _, W_o, _ = P
     g_wih, g_bih, g_bhh, g_wh, g_bh, g_wo, g_bo = grads
     Hd, H, D, o_s = dims
     M, HD = X.shape[0], H * D
+    if acc:
+        def mm(out, a, b):
+            out.addmm_(a, b)
+
+        def colsum(out, a):
+            out.add_(a.sum(0))
+    else:
+        def mm(out, a, b):
+            torch.mm(a, b, out=out)
+
+        def colsum(out, a):
+            torch.sum(a, 0, out=out)
     # output layer
-    g_wo.addmm_(dpred.t(), out_in)
-    g_bo.add_(dpred.sum(0))
+    mm(g_wo, dpred.t(), out_in)
+    colsum(g_bo, dpred)
     d_in = torch.mm(dpred, W_o)  # (M, Hd + H*D): [d h | d reads]
     # the read, memory constant: keys and strengths only
     d_reads = d_in[:, Hd:].reshape(1, M * H, D).contiguous()
     _, d_keys, d_str = read_op.content_read_backward(d_reads, reads, lse, memory3, keys, strengths, eps)
     d_keys = d_keys.view(M, HD)
     d_rs = d_str.view(M, H).mul_(torch.sigmoid(rs_pre))  # softplus' = sigmoid
-    g_wh[:HD].addmm_(d_keys.t(), h)
-    g_wh[o_s:o_s + H].addmm_(d_rs.t(), h)
-    g_bh[:HD].add_(d_keys.sum(0))
-    g_bh[o_s:o_s + H].add_(d_rs.sum(0))
+    mm(g_wh[:HD], d_keys.t(), h)
+    mm(g_wh[o_s:o_s + H], d_rs.t(), h)
+    colsum(g_bh[:HD], d_keys)
+    colsum(g_bh[o_s:o_s + H], d_rs)
     dh = torch.addmm(d_in[:, :Hd], d_keys, W_h[:HD]).addmm_(d_rs, W_h[o_s:o_s + H])
     # LSTM cell from zeros: c = i g, h = o tanh(c); the forget rows get no gradient
     dsig = sig - sig * sig  # sigmoid'
@@ -310,10 +327,14 @@ def _fused_backward(P, dims, cache, dpred, grads, read_op, eps):
     torch.mul(dc * g, dsig[:, :Hd], out=d_gates[:, :Hd])
     torch.mul(dc * sig[:, :Hd], 1.0 - g * g, out=d_gates[:, 2 * Hd:3 * Hd])
     torch.mul(dh * tc, dsig[:, 3 * Hd:], out=d_gates[:, 3 * Hd:])
-    g_wih.addmm_(d_gates.t(), X)
-    db = d_gates.sum(0)
-    g_bih.add_(db)
-    g_bhh.add_(db)
+    mm(g_wih, d_gates.t(), X)
+    if acc:
+        db = d_gates.sum(0)
+        g_bih.add_(db)
+        g_bhh.add_(db)
+    else:
+        torch.sum(d_gates, 0, out=g_bih)
+        g_bhh.copy_(g_bih)
 
 
 class FusedControllerLoss(torch.autograd.Function):
@@ -337,7 +358,7 @@ class FusedControllerLoss(torch.autograd.Function):
         diff, *P = ctx.saved_tensors
         dpred = diff * (grad_losses * (2.0 / diff.shape[1])).unsqueeze(1)
         grads = [torch.zeros_like(p) for p in P]
-        _fused_backward(P, ctx.dims, ctx.cache, dpred, grads, ctx.read_op, ctx.eps)
+        _fused_backward(P, ctx.dims, ctx.cache, dpred, grads, ctx.read_op, ctx.eps, acc=False)
         return (None,) * 6 + tuple(grads)
 
 
@@ -427,13 +448,27 @@ class FlatAdam:
 
     def zero_grad(self, set_to_none=False):
         self.flat_grad.zero_()  # grads stay views of flat_grad
-        if self._rest_opt is not None:
-            self._rest_opt.zero_grad()
+        for p in self.rest:  # torch.optim's zero_grad(set_to_none=True), without its hooks
+            p.grad = None
+
+    def _rest_step(self):
+        # torch.optim.Adam skips parameters without a gradient; when all of them
+        # lack one (the LSTM's recurrent weight on the seed's hidden=None path)
+        # its step is a no-op that still costs tens of microseconds of hooks.
+        if self._rest_opt is not None and any(p.grad is not None for p in self.rest):
+            self._rest_opt.step()
 
     def clip_grad_norm_(self, max_norm):
         grads = [self.flat_grad] + [p.grad for p in self.rest if p.grad is not None]
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if len(grads) > 1 \
             else torch.linalg.vector_norm(self.flat_grad)
+        if total.device.type == "cpu":
+            # No device to sync with: the coefficient as a Python float, and no
+            # multiply at all when it is 1 (the norm is within max_norm).
+            coef = max_norm / (total.item() + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+            return total
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
@@ -446,8 +481,7 @@ class FlatAdam:
             torch._fused_adam_([self.flat], [self.flat_grad], [self.exp_avg], [self.exp_avg_sq], [],
                                [self._step_t], amsgrad=False, lr=self.lr, beta1=b1, beta2=b2,
                                weight_decay=0.0, eps=self.eps, maximize=False)
-            if self._rest_opt is not None:
-                self._rest_opt.step()
+            self._rest_step()
             return
         g = self.flat_grad
         self.exp_avg.lerp_(g, 1 - b1)
@@ -456,8 +490,7 @@ class FlatAdam:
         bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
         denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
         self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
-        if self._rest_opt is not None:
-            self._rest_opt.step()
+        self._rest_step()
 
     def state_dict(self):
         return {"step": self.step_count, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
@@ -574,11 +607,11 @@ class ContinualLearningAgent:
     # --------------------------------------------------------------- training
     def train_step(self, x, y, use_replay=True):
         """One step on (x, y) plus replay; returns the total loss (the seed's value)."""
-        read_op = self._fused_read_op() if self.fused else None
-        if read_op is not None:
+        native = self._fused_read_op() if self.fused else None
+        if native is not None:
             if self.replay == "batched":
-                return self._train_step_batched_fused(x, y, use_replay, read_op)
-            return self._train_step_sequential_fused(x, y, use_replay, read_op)
+                return self._train_step_batched_fused(x, y, use_replay, native)
+            return self._train_step_sequential_fused(x, y, use_replay, native)
         if self.replay == "batched":
             return self._train_step_batched(x, y, use_replay)
         self.optimizer.zero_grad()
@@ -623,40 +656,54 @@ class ContinualLearningAgent:
 
     # ------------------------------------------------------------ fused step
     def _fused_read_op(self):
-        """The native op namespace whose content_read(_backward) the fused step
-        calls, or None where the fused step does not apply (then autograd)."""
+        """The native op namespaces (read, write) that the fused step calls, or
+        None where the fused step does not apply (then autograd)."""
         bank = self.memory_bank
         if (bank.differentiable or bank.batched or not isinstance(self.optimizer, FlatAdam)
                 or type(self.controller) is not FastMemoryController or bank.memory.requires_grad):
             return None
         dev = bank.memory.device
         if dev not in self._read_ops:
-            be = resolve(bank.backend, "content_read", dev, bank.memory_size)
-            self._read_ops[dev] = ops._lib(be) if be != "torch" else None
+            n = bank.memory_size
+            be_r = resolve(bank.backend, "content_read", dev, n)
+            be_w = resolve(bank.backend, "content_write_", dev, n)
+            self._read_ops[dev] = None if be_r == "torch" else (
+                ops._lib(be_r), None if be_w == "torch" else ops._lib(be_w), be_w == "cpu")
         return self._read_ops[dev]
 
-    def _fused_rows(self, X, Y, lw, read_op):
+    def _fused_rows(self, X, Y, lw, native, acc=False):
         """Forward, per-row MSE, backward into .grad (weighted by lw (M,) or 1), write.
 
         The write comes last: the read's backward needs the memory it read.
         """
+        read_op, write_op, strided_ok = native
         ctrl, bank = self.controller, self.memory_bank
         P, dims = ctrl.fused_params()
         eps = bank.eps
         memory3 = bank.memory.unsqueeze(0)
-        pred, cache, heads = _fused_forward(P, dims, X, memory3, read_op, bank.eps)
+        pred, cache, heads = _fused_forward(P, dims, X, memory3, read_op, eps)
         diff = pred - Y
-        losses = diff.pow(2).mean(dim=1)
+        losses = torch.linalg.vecdot(diff, diff).mul_(1.0 / diff.shape[1])
         scale = 2.0 / diff.shape[1]
         dpred = diff * scale if lw is None else diff * (lw * scale).unsqueeze(1)
-        _fused_backward(P, dims, cache, dpred, [p.grad for p in P], read_op, eps)
+        _fused_backward(P, dims, cache, dpred, [p.grad for p in P], read_op, eps, acc)
         D, o_wk, o_wv, o_e = ctrl.D, ctrl._o_wk, ctrl._o_wv, ctrl._o_e
-        bank.write(heads[:, o_wk:o_wk + D], torch.tanh(heads[:, o_wv:o_wv + D]),
-                   torch.sigmoid(heads[:, o_e:o_e + D]), F.softplus(heads[:, o_wv - 1:o_wv]))
+        key, vec = heads[:, o_wk:o_wk + D], torch.tanh(heads[:, o_wv:o_wv + D])
+        erase, strength = torch.sigmoid(heads[:, o_e:o_e + D]), F.softplus(heads[:, o_wv - 1:o_wv])
+        if write_op is None or bank._memory_in_graph:
+            # the bank's own write: the torch path, or a pending graph holds the memory (it copies)
+            bank.write(key, vec, erase, strength)
+        else:
+            # the bank's in-place write op, minus its per-call shape checks (shapes are ours)
+            args = (key.unsqueeze(0), strength.view(1, -1), erase.unsqueeze(0), vec.unsqueeze(0))
+            if not strided_ok:
+                args = tuple(a.contiguous() for a in args)
+            k, s, e, a = args
+            write_op.content_write_(memory3, bank.usage.unsqueeze(0), k, s, e, a, eps, bank.decay)
         return losses
 
     @torch.no_grad()
-    def _train_step_batched_fused(self, x, y, use_replay, read_op):
+    def _train_step_batched_fused(self, x, y, use_replay, native):
         """_train_step_batched's semantics and arithmetic on the fused step."""
         self.optimizer.zero_grad()
         if use_replay and self._buffer_len() >= self.replay_start:
@@ -664,12 +711,12 @@ class ContinualLearningAgent:
             weights = weights.to(dtype=x.dtype, device=x.device)
             lw = torch.cat([weights.new_ones(1), weights * self.replay_weight])
             losses = self._fused_rows(torch.cat([x.unsqueeze(0), xs]), torch.cat([y.unsqueeze(0), ys]), lw,
-                                      read_op)
+                                      native)
             total_loss = losses[0] + self.replay_weight * torch.dot(losses[1:], weights)
             if indices is not None:
                 self.replay_buffer.update_priorities(indices, losses[1:] + 1e-6)
         else:
-            losses = self._fused_rows(x.unsqueeze(0), y.unsqueeze(0), None, read_op)
+            losses = self._fused_rows(x.unsqueeze(0), y.unsqueeze(0), None, native)
             total_loss = losses[0]
         # The prioritized buffer enters new items at its max priority: no loss needed, no sync.
         self._push(x, y, losses[0].item() if self._seed_api else None)
@@ -677,11 +724,11 @@ class ContinualLearningAgent:
         return total_loss.item()
 
     @torch.no_grad()
-    def _train_step_sequential_fused(self, x, y, use_replay, read_op):
+    def _train_step_sequential_fused(self, x, y, use_replay, native):
         """The seed's order (each row reads the writes before it) on the fused step:
         each row's backward runs right after its forward, before its write."""
         self.optimizer.zero_grad()
-        current_loss = self._fused_rows(x.unsqueeze(0), y.unsqueeze(0), None, read_op)[0]
+        current_loss = self._fused_rows(x.unsqueeze(0), y.unsqueeze(0), None, native)[0]
         self._push(x, y, current_loss.item())
         total_loss = current_loss
         if use_replay and self._buffer_len() > self.replay_start:
@@ -690,7 +737,7 @@ class ContinualLearningAgent:
             losses = []
             for i in range(xs.shape[0]):
                 w = weights[i:i + 1] * self.replay_weight
-                replay_loss = self._fused_rows(xs[i:i + 1], ys[i:i + 1], w, read_op)[0]
+                replay_loss = self._fused_rows(xs[i:i + 1], ys[i:i + 1], w, native, acc=True)[0]
                 total_loss = total_loss + self.replay_weight * replay_loss * weights[i]
                 losses.append(replay_loss)
             if indices is not None:
