@@ -546,11 +546,18 @@ class ContinualLearningAgent:
             backward, no autograd graph) where it applies: FlatAdam, the seed's
             detached unbatched bank, native read kernels. Same arithmetic as the
             autograd step up to float rounding; False always uses autograd.
+        num_threads: torch's intra-op threads while train_step runs (restored
+            after it); None leaves torch's setting. At these sizes (ops of
+            microseconds) a second thread only adds synchronisation: on an idle
+            2-core machine the batched step took 272 us on one thread and 378 us
+            on two, and on a busy machine the parallel ops (the optimizer's
+            flat buffers) waited milliseconds for the other core.
     """
 
     def __init__(self, input_dim=64, hidden_dim=128, config=None, replay="batched", replay_batch=8,
                  replay_weight=0.3, replay_start=16, capacity=5000, alpha=0.6, beta=0.4, buffer=None,
-                 replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0, fused=True):
+                 replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0, fused=True,
+                 num_threads=1):
         if replay not in ("batched", "sequential"):
             raise ValueError(f"replay must be 'batched' or 'sequential', got {replay!r}")
         self.replay = replay
@@ -580,6 +587,9 @@ class ContinualLearningAgent:
             raise ValueError(f"optimizer must be 'flat' or 'adam', got {optimizer!r}")
         self.task_history = []
         self.fused = fused
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be None or a positive int, got {num_threads!r}")
+        self.num_threads = num_threads
         self._read_ops = {}  # device -> op namespace of the fused step's read, or None
 
     # ------------------------------------------------------------- replay I/O
@@ -607,6 +617,17 @@ class ContinualLearningAgent:
     # --------------------------------------------------------------- training
     def train_step(self, x, y, use_replay=True):
         """One step on (x, y) plus replay; returns the total loss (the seed's value)."""
+        n = self.num_threads
+        prev = torch.get_num_threads() if n is not None else n
+        if prev == n:
+            return self._train_step(x, y, use_replay)
+        torch.set_num_threads(n)
+        try:
+            return self._train_step(x, y, use_replay)
+        finally:
+            torch.set_num_threads(prev)
+
+    def _train_step(self, x, y, use_replay):
         native = self._fused_read_op() if self.fused else None
         if native is not None:
             if self.replay == "batched":

@@ -376,6 +376,27 @@ def test_demo_interface_adapt_pairs_and_evaluate_params(kind):
         assert torch.equal(p, weights[n]), n
 
 
+def test_train_step_runs_on_num_threads_and_restores_torch_threads():
+    seed = seed_module()
+    seen = []
+
+    class ThreadsBuffer(RecordingBuffer):
+        def add(self, item):
+            seen.append(torch.get_num_threads())
+            super().add(item)
+
+    agent = ContinualLearningAgent(replay="batched", replay_buffer=ThreadsBuffer(per_buffer()), num_threads=1)
+    torch.set_num_threads(2)  # the autouse fixture restores the session's count
+    for x, y in seed.create_task_data(1, 3):
+        agent.train_step(x, y)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    agent.num_threads = None  # leaves torch's setting alone
+    agent.train_step(x, y)
+    assert seen[-1] == 2 and torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="num_threads"):
+        ContinualLearningAgent(replay_buffer=per_buffer(), num_threads=0)
+
+
 def test_make_agent_kinds():
     seed = seed_module()
     assert make_agent("batched", replay_buffer=per_buffer()).replay == "batched"
