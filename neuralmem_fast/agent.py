@@ -43,7 +43,7 @@ that normalises it again) and runs nine forwards per step. Here:
   reference agent's evaluation, which reads item by item without writing; the
   seed wrote to the memory on every evaluated item).
 * The training step is fused (`fused=True`, the default, where it applies:
-  FlatAdam, the seed's detached unbatched bank, native read kernels): the
+  FlatAdam, the seed's detached unbatched bank, the native CPU kernels): the
   controller's forward runs without autograd and its backward is written
   out (`_fused_backward`), accumulating into the flat gradient directly. With
   the seed's semantics the forget gate and the write heads get no gradient,
@@ -678,18 +678,24 @@ class ContinualLearningAgent:
     # ------------------------------------------------------------ fused step
     def _fused_read_op(self):
         """The native op namespaces (read, write) that the fused step calls, or
-        None where the fused step does not apply (then autograd)."""
+        None where the fused step does not apply (then autograd).
+
+        CPU only: the CPU kernels take the step's strided slices as they are,
+        and that is where the step is dispatch-bound and was measured; other
+        devices keep the autograd step.
+        """
         bank = self.memory_bank
         if (bank.differentiable or bank.batched or not isinstance(self.optimizer, FlatAdam)
-                or type(self.controller) is not FastMemoryController or bank.memory.requires_grad):
+                or type(self.controller) is not FastMemoryController or bank.memory.requires_grad
+                or bank.memory.device.type != "cpu"):
             return None
         dev = bank.memory.device
         if dev not in self._read_ops:
             n = bank.memory_size
             be_r = resolve(bank.backend, "content_read", dev, n)
             be_w = resolve(bank.backend, "content_write_", dev, n)
-            self._read_ops[dev] = None if be_r == "torch" else (
-                ops._lib(be_r), None if be_w == "torch" else ops._lib(be_w), be_w == "cpu")
+            write_op = ops._lib(be_w) if be_w == "cpu" else None
+            self._read_ops[dev] = (ops._lib(be_r), write_op) if be_r == "cpu" else None
         return self._read_ops[dev]
 
     def _fused_rows(self, X, Y, lw, native, acc=False):
@@ -697,7 +703,7 @@ class ContinualLearningAgent:
 
         The write comes last: the read's backward needs the memory it read.
         """
-        read_op, write_op, strided_ok = native
+        read_op, write_op = native
         ctrl, bank = self.controller, self.memory_bank
         P, dims = ctrl.fused_params()
         eps = bank.eps
@@ -716,11 +722,8 @@ class ContinualLearningAgent:
             bank.write(key, vec, erase, strength)
         else:
             # the bank's in-place write op, minus its per-call shape checks (shapes are ours)
-            args = (key.unsqueeze(0), strength.view(1, -1), erase.unsqueeze(0), vec.unsqueeze(0))
-            if not strided_ok:
-                args = tuple(a.contiguous() for a in args)
-            k, s, e, a = args
-            write_op.content_write_(memory3, bank.usage.unsqueeze(0), k, s, e, a, eps, bank.decay)
+            write_op.content_write_(memory3, bank.usage.unsqueeze(0), key.unsqueeze(0), strength.view(1, -1),
+                                    erase.unsqueeze(0), vec.unsqueeze(0), eps, bank.decay)
         return losses
 
     @torch.no_grad()
