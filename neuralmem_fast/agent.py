@@ -430,11 +430,13 @@ class FlatAdam:
         self.flat = torch.empty(total, dtype=p0.dtype, device=p0.device)
         self.flat_grad = torch.zeros_like(self.flat)
         off = 0
+        self._grad_views = []
         for p in self.params:
             n = p.numel()
             self.flat[off:off + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[off:off + n].view_as(p)
             p.grad = self.flat_grad[off:off + n].view_as(p)
+            self._grad_views.append(p.grad)
             off += n
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
@@ -448,6 +450,9 @@ class FlatAdam:
 
     def zero_grad(self, set_to_none=False):
         self.flat_grad.zero_()  # grads stay views of flat_grad
+        for p, view in zip(self.params, self._grad_views):
+            if p.grad is not view:  # e.g. module.zero_grad() set it to None: re-attach the view
+                p.grad = view
         for p in self.rest:  # torch.optim's zero_grad(set_to_none=True), without its hooks
             p.grad = None
 
@@ -544,7 +549,7 @@ class ContinualLearningAgent:
         backend: backend of the memory ops.
         fused: train with the fused step (controller forward and hand-written
             backward, no autograd graph) where it applies: FlatAdam, the seed's
-            detached unbatched bank, native read kernels. Same arithmetic as the
+            detached unbatched bank, the native CPU kernels. Same arithmetic as the
             autograd step up to float rounding; False always uses autograd.
         num_threads: torch's intra-op threads while train_step runs (restored
             after it); None leaves torch's setting. At these sizes (ops of
@@ -590,7 +595,7 @@ class ContinualLearningAgent:
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be None or a positive int, got {num_threads!r}")
         self.num_threads = num_threads
-        self._read_ops = {}  # device -> op namespace of the fused step's read, or None
+        self._read_ops = {}  # device -> the fused step's (read, write) op namespaces, or None
 
     # ------------------------------------------------------------- replay I/O
     def _buffer_len(self):

@@ -466,3 +466,8 @@ def test_flat_adam_matches_torch_adam(fused):
     for p, q in zip(ref_p + [rest_ref], flat_p + [rest]):
         torch.testing.assert_close(q, p, **tol)
     assert flat_p[0].grad.data_ptr() == opt.flat_grad.data_ptr()  # grads stay views of the flat buffer
+    for p in flat_p:
+        p.grad = None  # what nn.Module.zero_grad() does
+    opt.zero_grad()
+    assert all(p.grad is not None and p.grad.data_ptr() == opt.flat_grad[off:].data_ptr()
+               for p, off in zip(flat_p, np.cumsum([0] + [p.numel() for p in flat_p[:-1]])))
