@@ -42,6 +42,15 @@ that normalises it again) and runs nine forwards per step. Here:
   one forward against the current memory, reading without writing (the
   reference agent's evaluation, which reads item by item without writing; the
   seed wrote to the memory on every evaluated item).
+* The training step is fused (`fused=True`, the default, where it applies:
+  FlatAdam, the seed's detached unbatched bank, the native CPU kernels): the
+  controller's forward runs without autograd and its backward is written
+  out (`_fused_backward`), accumulating into the flat gradient directly. With
+  the seed's semantics the forget gate and the write heads get no gradient,
+  so the backward is three weight outer products, the native read backward
+  and a dozen elementwise ops; autograd's graph cost several times that.
+  `FusedControllerLoss` wraps the same code as an autograd.Function (the
+  tests gradcheck it); `fused=False` or any other configuration uses autograd.
 * `FlatAdam` re-bases the parameters onto one flat buffer and their grads
   onto another, so zero_grad, the clip to norm 1 and Adam (its fused kernel)
   are a few ops per step instead of per-parameter loops.
@@ -57,6 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
+from .backends import resolve
 from .memory import NeuralMemoryBank
 
 __all__ = [
@@ -139,6 +150,12 @@ class FastMemoryController(nn.Module):
         self._o_s = self._o_wk + D
         self._o_wv = self._o_s + H + 1
         self._o_e = self._o_wv + D
+
+    def fused_params(self):
+        """(P, dims) of the fused training step: the parameters in _fused_forward's order."""
+        P = (self.weight_ih, self.bias_ih, self.bias_hh, self.heads.weight, self.heads.bias,
+             self.output.weight, self.output.bias)
+        return P, (self.hidden_dim, self.H, self.D, self._o_s)
 
     @staticmethod
     def _head_order(read_keys, read_strengths, write_key, write_vector, erase_vector, write_strength):
@@ -224,6 +241,128 @@ class FastMemoryController(nn.Module):
 
 
 # --------------------------------------------------------------------------
+# the fused training step: controller forward and hand-written backward
+# --------------------------------------------------------------------------
+# At the seed's sizes a training step is ~40 small ops forward and ~60
+# autograd nodes backward, each microseconds of dispatch for nanoseconds of
+# arithmetic. With the seed's semantics (hidden=None, memory constant to
+# autograd) the gradient is short enough to write out: the forget gate and
+# the write heads never receive one (c0 = 0; the write is detached), so the
+# backward is three weight outer products (output layer, read rows of the
+# heads, LSTM input weights), the native read backward and a dozen
+# elementwise ops, accumulated straight into the parameters' .grad (views of
+# FlatAdam's flat gradient): no graph, no AccumulateGrad, no gradient
+# temporaries per parameter. FusedControllerLoss exposes the same two
+# functions as an autograd.Function, which is what the tests gradcheck.
+def _fused_forward(P, dims, X, memory3, read_op, eps):
+    """Controller forward (hidden=None) for rows X (M, in) against a constant memory (1, N, D).
+
+    P: (weight_ih, bias_ih, bias_hh, heads.weight, heads.bias, output.weight,
+    output.bias); dims: (hidden_dim, H, D, row offset of the read strengths).
+    Returns (pred (M, in), cache for _fused_backward, heads (M, rows)).
+    FastMemoryController.forward's arithmetic.
+    """
+    W_ih, b_ih, b_hh, W_h, b_h, W_o, b_o = P
+    Hd, H, D, o_s = dims
+    M = X.shape[0]
+    gates = torch.addmm(b_ih, X, W_ih.t()).add_(b_hh)
+    sig = torch.sigmoid(gates)  # i and o; f too, unused (c0 = 0), one op instead of two
+    g = torch.tanh(gates[:, 2 * Hd:3 * Hd])
+    tc = torch.tanh(sig[:, :Hd] * g)
+    h = sig[:, 3 * Hd:] * tc
+    heads = torch.addmm(b_h, h, W_h.t())
+    rs_pre = heads[:, o_s:o_s + H]
+    keys = heads[:, :H * D].reshape(1, M * H, D)
+    strengths = F.softplus(rs_pre).reshape(1, M * H)
+    reads, lse = read_op.content_read(memory3, keys, strengths, eps)
+    out_in = torch.cat([h, reads.view(M, H * D)], dim=1)
+    pred = torch.addmm(b_o, out_in, W_o.t())
+    cache = (X, sig, g, tc, h, rs_pre, keys, strengths, reads, lse, out_in, memory3)
+    return pred, cache, heads
+
+
+def _fused_backward(P, dims, cache, dpred, grads, read_op, eps, acc):
+    """d(loss)/d(P) into `grads` (tensors shaped like P) given dpred = d(loss)/d(pred) (M, in).
+
+    acc=False overwrites the rows that receive a gradient (the others, the
+    forget gate's and the write heads', are left as they are: zero after
+    zero_grad); acc=True adds to them.
+    """
+    X, sig, g, tc, h, rs_pre, keys, strengths, reads, lse, out_in, memory3 = cache
+    _, _, _, W_h, _, W_o, _ = P
+    g_wih, g_bih, g_bhh, g_wh, g_bh, g_wo, g_bo = grads
+    Hd, H, D, o_s = dims
+    M, HD = X.shape[0], H * D
+    if acc:
+        def mm(out, a, b):
+            out.addmm_(a, b)
+
+        def colsum(out, a):
+            out.add_(a.sum(0))
+    else:
+        def mm(out, a, b):
+            torch.mm(a, b, out=out)
+
+        def colsum(out, a):
+            torch.sum(a, 0, out=out)
+    # output layer
+    mm(g_wo, dpred.t(), out_in)
+    colsum(g_bo, dpred)
+    d_in = torch.mm(dpred, W_o)  # (M, Hd + H*D): [d h | d reads]
+    # the read, memory constant: keys and strengths only
+    d_reads = d_in[:, Hd:].reshape(1, M * H, D).contiguous()
+    _, d_keys, d_str = read_op.content_read_backward(d_reads, reads, lse, memory3, keys, strengths, eps)
+    d_keys = d_keys.view(M, HD)
+    d_rs = d_str.view(M, H).mul_(torch.sigmoid(rs_pre))  # softplus' = sigmoid
+    mm(g_wh[:HD], d_keys.t(), h)
+    mm(g_wh[o_s:o_s + H], d_rs.t(), h)
+    colsum(g_bh[:HD], d_keys)
+    colsum(g_bh[o_s:o_s + H], d_rs)
+    dh = torch.addmm(d_in[:, :Hd], d_keys, W_h[:HD]).addmm_(d_rs, W_h[o_s:o_s + H])
+    # LSTM cell from zeros: c = i g, h = o tanh(c); the forget rows get no gradient
+    dsig = sig - sig * sig  # sigmoid'
+    dho = dh * sig[:, 3 * Hd:]
+    dc = torch.addcmul(dho, dho * tc, tc, value=-1.0)  # dh o (1 - tanh(c)^2)
+    d_gates = torch.zeros_like(sig)
+    torch.mul(dc * g, dsig[:, :Hd], out=d_gates[:, :Hd])
+    torch.mul(dc * sig[:, :Hd], 1.0 - g * g, out=d_gates[:, 2 * Hd:3 * Hd])
+    torch.mul(dh * tc, dsig[:, 3 * Hd:], out=d_gates[:, 3 * Hd:])
+    mm(g_wih, d_gates.t(), X)
+    if acc:
+        db = d_gates.sum(0)
+        g_bih.add_(db)
+        g_bhh.add_(db)
+    else:
+        torch.sum(d_gates, 0, out=g_bih)
+        g_bhh.copy_(g_bih)
+
+
+class FusedControllerLoss(torch.autograd.Function):
+    """Per-row MSE (M,) of a FastMemoryController step (hidden=None, no write)
+    with the hand-written backward of the fused training step.
+
+    apply(X, Y, memory3, read_op, eps, dims, *P): gradients reach P only (the
+    memory is a constant, as in the seed).
+    """
+
+    @staticmethod
+    def forward(ctx, X, Y, memory3, read_op, eps, dims, *P):
+        pred, cache, _ = _fused_forward(P, dims, X, memory3, read_op, eps)
+        diff = pred - Y
+        ctx.save_for_backward(diff, *P)
+        ctx.cache, ctx.read_op, ctx.eps, ctx.dims = cache, read_op, eps, dims
+        return diff.pow(2).mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        diff, *P = ctx.saved_tensors
+        dpred = diff * (grad_losses * (2.0 / diff.shape[1])).unsqueeze(1)
+        grads = [torch.zeros_like(p) for p in P]
+        _fused_backward(P, ctx.dims, ctx.cache, dpred, grads, ctx.read_op, ctx.eps, acc=False)
+        return (None,) * 6 + tuple(grads)
+
+
+# --------------------------------------------------------------------------
 # MAML
 # --------------------------------------------------------------------------
 class MAML:
@@ -291,11 +430,13 @@ class FlatAdam:
         self.flat = torch.empty(total, dtype=p0.dtype, device=p0.device)
         self.flat_grad = torch.zeros_like(self.flat)
         off = 0
+        self._grad_views = []
         for p in self.params:
             n = p.numel()
             self.flat[off:off + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[off:off + n].view_as(p)
             p.grad = self.flat_grad[off:off + n].view_as(p)
+            self._grad_views.append(p.grad)
             off += n
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
@@ -309,13 +450,30 @@ class FlatAdam:
 
     def zero_grad(self, set_to_none=False):
         self.flat_grad.zero_()  # grads stay views of flat_grad
-        if self._rest_opt is not None:
-            self._rest_opt.zero_grad()
+        for p, view in zip(self.params, self._grad_views):
+            if p.grad is not view:  # e.g. module.zero_grad() set it to None: re-attach the view
+                p.grad = view
+        for p in self.rest:  # torch.optim's zero_grad(set_to_none=True), without its hooks
+            p.grad = None
+
+    def _rest_step(self):
+        # torch.optim.Adam skips parameters without a gradient; when all of them
+        # lack one (the LSTM's recurrent weight on the seed's hidden=None path)
+        # its step is a no-op that still costs tens of microseconds of hooks.
+        if self._rest_opt is not None and any(p.grad is not None for p in self.rest):
+            self._rest_opt.step()
 
     def clip_grad_norm_(self, max_norm):
         grads = [self.flat_grad] + [p.grad for p in self.rest if p.grad is not None]
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if len(grads) > 1 \
             else torch.linalg.vector_norm(self.flat_grad)
+        if total.device.type == "cpu":
+            # No device to sync with: the coefficient as a Python float, and no
+            # multiply at all when it is 1 (the norm is within max_norm).
+            coef = max_norm / (total.item() + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+            return total
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
@@ -328,8 +486,7 @@ class FlatAdam:
             torch._fused_adam_([self.flat], [self.flat_grad], [self.exp_avg], [self.exp_avg_sq], [],
                                [self._step_t], amsgrad=False, lr=self.lr, beta1=b1, beta2=b2,
                                weight_decay=0.0, eps=self.eps, maximize=False)
-            if self._rest_opt is not None:
-                self._rest_opt.step()
+            self._rest_step()
             return
         g = self.flat_grad
         self.exp_avg.lerp_(g, 1 - b1)
@@ -338,8 +495,7 @@ class FlatAdam:
         bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
         denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
         self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
-        if self._rest_opt is not None:
-            self._rest_opt.step()
+        self._rest_step()
 
     def state_dict(self):
         return {"step": self.step_count, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
@@ -391,11 +547,22 @@ class ContinualLearningAgent:
         optimizer: "flat" (FlatAdam: Adam's arithmetic on one flat buffer, a few
             ops per step) or "adam" (torch.optim.Adam, as in the seed).
         backend: backend of the memory ops.
+        fused: train with the fused step (controller forward and hand-written
+            backward, no autograd graph) where it applies: FlatAdam, the seed's
+            detached unbatched bank, the native CPU kernels. Same arithmetic as the
+            autograd step up to float rounding; False always uses autograd.
+        num_threads: torch's intra-op threads while train_step runs (restored
+            after it); None leaves torch's setting. At these sizes (ops of
+            microseconds) a second thread only adds synchronisation: on an idle
+            2-core machine the batched step took 272 us on one thread and 378 us
+            on two, and on a busy machine the parallel ops (the optimizer's
+            flat buffers) waited milliseconds for the other core.
     """
 
     def __init__(self, input_dim=64, hidden_dim=128, config=None, replay="batched", replay_batch=8,
                  replay_weight=0.3, replay_start=16, capacity=5000, alpha=0.6, beta=0.4, buffer=None,
-                 replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0):
+                 replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0, fused=True,
+                 num_threads=1):
         if replay not in ("batched", "sequential"):
             raise ValueError(f"replay must be 'batched' or 'sequential', got {replay!r}")
         self.replay = replay
@@ -424,6 +591,11 @@ class ContinualLearningAgent:
         else:
             raise ValueError(f"optimizer must be 'flat' or 'adam', got {optimizer!r}")
         self.task_history = []
+        self.fused = fused
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be None or a positive int, got {num_threads!r}")
+        self.num_threads = num_threads
+        self._read_ops = {}  # device -> the fused step's (read, write) op namespaces, or None
 
     # ------------------------------------------------------------- replay I/O
     def _buffer_len(self):
@@ -450,6 +622,22 @@ class ContinualLearningAgent:
     # --------------------------------------------------------------- training
     def train_step(self, x, y, use_replay=True):
         """One step on (x, y) plus replay; returns the total loss (the seed's value)."""
+        n = self.num_threads
+        prev = torch.get_num_threads() if n is not None else n
+        if prev == n:
+            return self._train_step(x, y, use_replay)
+        torch.set_num_threads(n)
+        try:
+            return self._train_step(x, y, use_replay)
+        finally:
+            torch.set_num_threads(prev)
+
+    def _train_step(self, x, y, use_replay):
+        native = self._fused_read_op() if self.fused else None
+        if native is not None:
+            if self.replay == "batched":
+                return self._train_step_batched_fused(x, y, use_replay, native)
+            return self._train_step_sequential_fused(x, y, use_replay, native)
         if self.replay == "batched":
             return self._train_step_batched(x, y, use_replay)
         self.optimizer.zero_grad()
@@ -491,6 +679,105 @@ class ContinualLearningAgent:
         self._push(x, y, current_loss.item())
         self._update(total_loss)
         return total_loss.item()
+
+    # ------------------------------------------------------------ fused step
+    def _fused_read_op(self):
+        """The native op namespaces (read, write) that the fused step calls, or
+        None where the fused step does not apply (then autograd).
+
+        CPU only: the CPU kernels take the step's strided slices as they are,
+        and that is where the step is dispatch-bound and was measured; other
+        devices keep the autograd step.
+        """
+        bank = self.memory_bank
+        if (bank.differentiable or bank.batched or not isinstance(self.optimizer, FlatAdam)
+                or type(self.controller) is not FastMemoryController or bank.memory.requires_grad
+                or bank.memory.device.type != "cpu"):
+            return None
+        dev = bank.memory.device
+        if dev not in self._read_ops:
+            n = bank.memory_size
+            be_r = resolve(bank.backend, "content_read", dev, n)
+            be_w = resolve(bank.backend, "content_write_", dev, n)
+            write_op = ops._lib(be_w) if be_w == "cpu" else None
+            self._read_ops[dev] = (ops._lib(be_r), write_op) if be_r == "cpu" else None
+        return self._read_ops[dev]
+
+    def _fused_rows(self, X, Y, lw, native, acc=False):
+        """Forward, per-row MSE, backward into .grad (weighted by lw (M,) or 1), write.
+
+        The write comes last: the read's backward needs the memory it read.
+        """
+        read_op, write_op = native
+        ctrl, bank = self.controller, self.memory_bank
+        P, dims = ctrl.fused_params()
+        eps = bank.eps
+        memory3 = bank.memory.unsqueeze(0)
+        pred, cache, heads = _fused_forward(P, dims, X, memory3, read_op, eps)
+        diff = pred - Y
+        losses = torch.linalg.vecdot(diff, diff).mul_(1.0 / diff.shape[1])
+        scale = 2.0 / diff.shape[1]
+        dpred = diff * scale if lw is None else diff * (lw * scale).unsqueeze(1)
+        _fused_backward(P, dims, cache, dpred, [p.grad for p in P], read_op, eps, acc)
+        D, o_wk, o_wv, o_e = ctrl.D, ctrl._o_wk, ctrl._o_wv, ctrl._o_e
+        key, vec = heads[:, o_wk:o_wk + D], torch.tanh(heads[:, o_wv:o_wv + D])
+        erase, strength = torch.sigmoid(heads[:, o_e:o_e + D]), F.softplus(heads[:, o_wv - 1:o_wv])
+        if write_op is None or bank._memory_in_graph:
+            # the bank's own write: the torch path, or a pending graph holds the memory (it copies)
+            bank.write(key, vec, erase, strength)
+        else:
+            # the bank's in-place write op, minus its per-call shape checks (shapes are ours)
+            write_op.content_write_(memory3, bank.usage.unsqueeze(0), key.unsqueeze(0), strength.view(1, -1),
+                                    erase.unsqueeze(0), vec.unsqueeze(0), eps, bank.decay)
+        return losses
+
+    @torch.no_grad()
+    def _train_step_batched_fused(self, x, y, use_replay, native):
+        """_train_step_batched's semantics and arithmetic on the fused step."""
+        self.optimizer.zero_grad()
+        if use_replay and self._buffer_len() >= self.replay_start:
+            xs, ys, weights, indices = self._sample()
+            weights = weights.to(dtype=x.dtype, device=x.device)
+            lw = torch.cat([weights.new_ones(1), weights * self.replay_weight])
+            losses = self._fused_rows(torch.cat([x.unsqueeze(0), xs]), torch.cat([y.unsqueeze(0), ys]), lw,
+                                      native)
+            total_loss = losses[0] + self.replay_weight * torch.dot(losses[1:], weights)
+            if indices is not None:
+                self.replay_buffer.update_priorities(indices, losses[1:] + 1e-6)
+        else:
+            losses = self._fused_rows(x.unsqueeze(0), y.unsqueeze(0), None, native)
+            total_loss = losses[0]
+        # The prioritized buffer enters new items at its max priority: no loss needed, no sync.
+        self._push(x, y, losses[0].item() if self._seed_api else None)
+        self._clip_and_step()
+        return total_loss.item()
+
+    @torch.no_grad()
+    def _train_step_sequential_fused(self, x, y, use_replay, native):
+        """The seed's order (each row reads the writes before it) on the fused step:
+        each row's backward runs right after its forward, before its write."""
+        self.optimizer.zero_grad()
+        current_loss = self._fused_rows(x.unsqueeze(0), y.unsqueeze(0), None, native)[0]
+        self._push(x, y, current_loss.item())
+        total_loss = current_loss
+        if use_replay and self._buffer_len() > self.replay_start:
+            xs, ys, weights, indices = self._sample()
+            weights = weights.to(dtype=x.dtype, device=x.device)
+            losses = []
+            for i in range(xs.shape[0]):
+                w = weights[i:i + 1] * self.replay_weight
+                replay_loss = self._fused_rows(xs[i:i + 1], ys[i:i + 1], w, native, acc=True)[0]
+                total_loss = total_loss + self.replay_weight * replay_loss * weights[i]
+                losses.append(replay_loss)
+            if indices is not None:
+                self.replay_buffer.update_priorities(indices, torch.stack(losses) + 1e-6)
+        self._clip_and_step()
+        return total_loss.item()
+
+    def _clip_and_step(self):
+        if self.clip_norm is not None:
+            self.optimizer.clip_grad_norm_(self.clip_norm)
+        self.optimizer.step()
 
     def _update(self, total_loss):
         total_loss.backward()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from neuralmem_fast import ops
 from neuralmem_fast.agent import ContinualLearningAgent, FastMemoryController, MemoryConfig, make_agent
+from neuralmem_fast.backends import available_backends
 from neuralmem_fast.experiments import gem_metrics, run_digits_experiment
 from neuralmem_fast.memory import NeuralMemoryBank
 from tests.test_memory import seed_module
@@ -73,6 +74,89 @@ def test_fused_controller_matches_seed_controller():
     out, (h, c) = fast(xs[0], bank, (h0, c0))
     torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(c, c_ref, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# the fused training step (hand-written backward)
+# --------------------------------------------------------------------------
+def _native_read_op():
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("the native CPU kernels are not built")
+    return torch.ops.neuralmem
+
+
+@pytest.mark.parametrize("M", [1, 3], ids=lambda m: f"M{m}-N16-D8-H3-fp64")
+def test_fused_controller_backward_matches_autograd_and_gradchecks(M):
+    """FusedControllerLoss (the fused step's forward and hand-written backward)
+    against autograd through FastMemoryController.forward, in float64."""
+    from neuralmem_fast.agent import FusedControllerLoss
+
+    read_op = _native_read_op()
+    cfg = MemoryConfig(memory_size=16, memory_dim=8, num_read_heads=3)
+    torch.manual_seed(3)
+    ctrl = FastMemoryController(12, 20, cfg).double()
+    bank = NeuralMemoryBank(cfg, backend="cpu")
+    bank.memory = torch.randn(16, 8, dtype=torch.float64)
+    X, Y = torch.randn(M, 12, dtype=torch.float64), torch.randn(M, 12, dtype=torch.float64)
+    lw = torch.rand(M, dtype=torch.float64) + 0.5
+    P, dims = ctrl.fused_params()
+
+    pred, _ = ctrl(X, bank, write=False)
+    ref_losses = (pred - Y).pow(2).mean(1)
+    ref_grads = torch.autograd.grad((ref_losses * lw).sum(), P, allow_unused=True)
+    losses = FusedControllerLoss.apply(X, Y, bank.memory[None], read_op, bank.eps, dims, *P)
+    grads = torch.autograd.grad((losses * lw).sum(), P)
+    torch.testing.assert_close(losses, ref_losses, atol=1e-12, rtol=1e-10)
+    names = ["weight_ih", "bias_ih", "bias_hh", "heads.weight", "heads.bias", "output.weight", "output.bias"]
+    for n, g, r in zip(names, grads, ref_grads):
+        r = torch.zeros_like(g) if r is None else r
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10, msg=lambda m: f"grad {n}: {m}")
+    # the write heads and the forget gate get no gradient (detached write, c0 = 0)
+    assert grads[3][ctrl._o_wk:ctrl._o_s].abs().max() == 0 and grads[0][20:40].abs().max() == 0
+    assert grads[3][:24].abs().max() > 0 and grads[0][:20].abs().max() > 0
+
+    params = [p.detach().clone().requires_grad_() for p in P]
+    assert torch.autograd.gradcheck(
+        lambda *ps: FusedControllerLoss.apply(X, Y, bank.memory[None], read_op, bank.eps, dims, *ps), params,
+        eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["batched", "sequential"])
+def test_fused_train_step_matches_autograd_train_step(kind):
+    """The fused step (the default) against the same agent on autograd
+    (fused=False): losses, last-step gradients, memory, usage and the priority
+    updates within 1e-5 over 40 steps, 30 of them with replay; parameters within
+    2e-3 (see below)."""
+    _native_read_op()
+    seed = seed_module()
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        buf = RecordingBuffer(per_buffer())
+        agent = ContinualLearningAgent(replay=kind, replay_buffer=buf, fused=fused)
+        if fused:
+            assert agent._fused_read_op() is not None  # the fused step is what runs
+        losses = [agent.train_step(x, y, use_replay=i >= 10) for i, (x, y) in
+                  enumerate(seed.create_task_data(2, 40))]
+        runs.append((agent, buf, losses))
+    (fast, fbuf, flosses), (ref, rbuf, rlosses) = runs
+    np.testing.assert_allclose(flosses, rlosses, atol=1e-5, rtol=0)
+    for (n, p), q in zip(fast.controller.named_parameters(), ref.controller.parameters()):
+        # Parameters get a looser bound than the gradients: where a gradient is
+        # rounding noise around zero (read-key rows while the memory is nearly
+        # empty: |g| ~ 1e-10), Adam's step lr * g / (sqrt(v) + eps) is ~1e-5 of
+        # either sign in both runs, so they drift apart by up to ~1e-5 per step.
+        torch.testing.assert_close(p, q, atol=2e-3, rtol=0, msg=lambda m: f"param {n}: {m}")
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p),
+                                   q.grad if q.grad is not None else torch.zeros_like(q),
+                                   atol=1e-5, rtol=0, msg=lambda m: f"last-step grad {n}: {m}")
+    torch.testing.assert_close(fast.memory_bank.memory, ref.memory_bank.memory, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.memory_bank.usage, ref.memory_bank.usage, atol=1e-5, rtol=0)
+    assert len(fbuf.updates) == len(rbuf.updates) > 20
+    for (fi, fp), (ri, rp) in zip(fbuf.updates, rbuf.updates):
+        assert np.array_equal(np.asarray(fi), np.asarray(ri))
+        torch.testing.assert_close(fp, rp, atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------
@@ -292,6 +376,27 @@ def test_demo_interface_adapt_pairs_and_evaluate_params(kind):
         assert torch.equal(p, weights[n]), n
 
 
+def test_train_step_runs_on_num_threads_and_restores_torch_threads():
+    seed = seed_module()
+    seen = []
+
+    class ThreadsBuffer(RecordingBuffer):
+        def add(self, item):
+            seen.append(torch.get_num_threads())
+            super().add(item)
+
+    agent = ContinualLearningAgent(replay="batched", replay_buffer=ThreadsBuffer(per_buffer()), num_threads=1)
+    torch.set_num_threads(2)  # the autouse fixture restores the session's count
+    for x, y in seed.create_task_data(1, 3):
+        agent.train_step(x, y)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    agent.num_threads = None  # leaves torch's setting alone
+    agent.train_step(x, y)
+    assert seen[-1] == 2 and torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="num_threads"):
+        ContinualLearningAgent(replay_buffer=per_buffer(), num_threads=0)
+
+
 def test_make_agent_kinds():
     seed = seed_module()
     assert make_agent("batched", replay_buffer=per_buffer()).replay == "batched"
@@ -361,3 +466,8 @@ def test_flat_adam_matches_torch_adam(fused):
     for p, q in zip(ref_p + [rest_ref], flat_p + [rest]):
         torch.testing.assert_close(q, p, **tol)
     assert flat_p[0].grad.data_ptr() == opt.flat_grad.data_ptr()  # grads stay views of the flat buffer
+    for p in flat_p:
+        p.grad = None  # what nn.Module.zero_grad() does
+    opt.zero_grad()
+    assert all(p.grad is not None and p.grad.data_ptr() == opt.flat_grad[off:].data_ptr()
+               for p, off in zip(flat_p, np.cumsum([0] + [p.numel() for p in flat_p[:-1]])))
