@@ -576,10 +576,45 @@ class PrioritizedReplayBuffer:
     def add(self, item, priority: Optional[float] = None) -> int:
         """Stores one item (tensor, tuple or dict of tensors); returns its slot."""
         kind, keys, leaves = _flatten(item, "PrioritizedReplayBuffer.add")
+        slot = self._add_one(kind, keys, leaves, priority)
+        if slot is not None:
+            return slot
         leaves = [x.unsqueeze(0) for x in leaves]
         if priority is not None:
             priority = [priority] if np.ndim(priority) == 0 else priority
         return int(self._extend(kind, keys, leaves, priority, "PrioritizedReplayBuffer.add")[-1])
+
+    def _add_one(self, kind, keys, leaves, priority) -> Optional[int]:
+        """The common case of add() without the batch machinery: an item of the
+        stored structure, shapes and dtypes, and a plain priority. Returns its
+        slot, or None for anything else (add() then takes the general path,
+        which checks and raises)."""
+        specs = self._specs
+        if specs is None or kind != self._kind or keys != self._keys or len(leaves) != len(specs):
+            return None
+        for x, (shape, dtype) in zip(leaves, specs):
+            if x.shape != shape or x.dtype != dtype:
+                return None
+        if priority is None:
+            p = self._max_priority
+        elif type(priority) is float or type(priority) is int:
+            p = float(priority)
+            if not (0.0 <= p < math.inf):
+                return None
+        else:
+            return None
+        with self._lock:
+            slot = self._pos
+            for store, x in zip(self._storage, leaves):
+                store[slot].copy_(x)
+            # The leaf as _extend computes it (numpy's power, bit for bit).
+            self._tree.update(np.array([slot], dtype=np.int64), (np.array([p]) + self.eps) ** self.alpha)
+            self._gen[slot] += 1
+            if p > self._max_priority:
+                self._max_priority = p
+            self._pos = (slot + 1) % self.capacity
+            self._size = min(self._size + 1, self.capacity)
+        return slot
 
     def extend(self, batch, priorities=None) -> torch.Tensor:
         """Stores a batch (fields with a leading dimension n); returns the slots written."""

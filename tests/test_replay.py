@@ -386,6 +386,38 @@ def test_buffer_add_extend_ring_and_default_priority():
     assert buf._pos == 0
 
 
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_buffer_add_one_item_equals_extend(backend):
+    # add() has a short path for an item of the stored structure; it must
+    # leave the buffer exactly as extend() of the same items does.
+    g = torch.Generator().manual_seed(3)
+    items = [(torch.randn(4, generator=g), torch.randint(0, 9, (), generator=g)) for _ in range(11)]
+    prios = [None, 0.5, 2, None, 0.0, 3.25, None, 1.0, None, 0.125, 7.0]
+    a = PrioritizedReplayBuffer(8, alpha=0.7, backend=backend, generator=0)
+    b = PrioritizedReplayBuffer(8, alpha=0.7, backend=backend, generator=0)
+    for item, p in zip(items, prios):
+        slot = a.add(item, p)
+        b.extend((item[0][None], item[1][None]), None if p is None else [p])
+        assert slot == (len(a) - 1 if len(a) < 8 else (a._pos - 1) % 8)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+        elif isinstance(sa[k], (list, tuple)) and sa[k] and isinstance(sa[k][0], torch.Tensor):
+            for x, y in zip(sa[k], sb[k]):
+                torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+        else:
+            assert sa[k] == sb[k], k
+    np.testing.assert_array_equal(a.tree.leaves(), b.tree.leaves())
+    # anything unusual still goes through the checks of the general path
+    with pytest.raises(ValueError, match="priorit"):
+        a.add(items[0], -1.0)
+    with pytest.raises(ValueError, match="structure"):
+        a.add(items[0][0])
+    np.testing.assert_array_equal(a.tree.leaves(), b.tree.leaves())
+
+
 def test_buffer_tuple_items_and_update_priorities_alpha_once():
     buf = PrioritizedReplayBuffer(8, alpha=0.5, eps=0.0, generator=0)
     for i in range(6):
