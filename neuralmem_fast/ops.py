@@ -478,8 +478,8 @@ def content_read_write_(memory, read_keys, read_strengths, write_keys, write_str
     ``content_write_(memory, write_keys, write_strengths, erase, add, usage)``:
     the reads and the write weights both address the memory as it was before
     the write. The CPU kernel streams the memory twice instead of three times
-    (the read pass also gathers the write heads' softmax statistics); other
-    backends run the two ops. Forward only: the memory is overwritten, so
+    (the read pass also gathers the write heads' softmax statistics); the
+    CUDA and Triton ops run their read, then their write. Forward only: the memory is overwritten, so
     nothing here is differentiable (use the two ops, on a copy, for training).
     `least` is the least-used slot after the write, (B,) int64, or None
     without `usage`.
@@ -491,21 +491,18 @@ def content_read_write_(memory, read_keys, read_strengths, write_keys, write_str
         _check_keys(memory, read_keys, read_strengths, eps, prefix="read_")
         _check_content_write(memory, write_keys, write_strengths, erase, add, usage, eps, decay, prefix="write_")
     be = resolve(backend, "content_read_write_", memory.device, memory.shape[1])
-    if be != "cpu":
-        prev = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            reads = content_read(memory, read_keys, read_strengths, eps, backend=be)
-        finally:
-            torch._C._set_grad_enabled(prev)
-        least = content_write_(memory, write_keys, write_strengths, erase, add, usage=usage, eps=eps, decay=decay,
-                               backend=be)
-        return reads, least
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
-        reads, _, least = torch.ops.neuralmem.content_read_write_(
-            memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps, decay)
+        if be == "torch":
+            reads = content_read_ref(memory, read_keys, read_strengths, eps)
+            least = content_write_(memory, write_keys, write_strengths, erase, add, usage=usage, eps=eps,
+                                   decay=decay, backend="torch")
+            return reads, least
+        args = (read_keys, read_strengths, write_keys, write_strengths, erase, add)
+        if be != "cpu":  # the CPU kernels take strided inputs themselves
+            args = tuple(_c(t) for t in args)
+        reads, _, least = _lib(be).content_read_write_(memory, usage, *args, eps, decay)
     finally:
         torch._C._set_grad_enabled(prev)
     return reads, (least if usage is not None else None)
@@ -571,9 +568,7 @@ def register_fakes(ns):
             return memory.new_empty((0,), dtype=torch.int64)
         return memory.new_empty((memory.shape[0],), dtype=torch.int64)
 
-
-def _register_fused_fakes():
-    @torch.library.register_fake("neuralmem::content_read_write_")
+    @torch.library.register_fake(lib + "content_read_write_")
     def _(memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps, decay):
         B, H = read_keys.shape[0], read_keys.shape[1]
         reads = memory.new_empty((B, H, memory.shape[2]))
@@ -584,4 +579,3 @@ def _register_fused_fakes():
 
 if _ext.has_extension():
     register_fakes("neuralmem")
-    _register_fused_fakes()

@@ -1090,6 +1090,15 @@ def _content_write_(memory, usage, keys, strengths, erase, add, eps, decay):
     return least
 
 
+def _content_read_write_(memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps,
+                         decay):
+    # No fused kernel here: the read, then the in-place write (the fused CPU
+    # kernel saves a pass over memory that a GPU streams in microseconds).
+    reads, lse = _content_read(memory, read_keys, read_strengths, eps)
+    least = _content_write_(memory, usage, write_keys, write_strengths, erase, add, eps, decay)
+    return reads, lse, least
+
+
 # --------------------------------------------------------------------------
 # registration: the neuralmem_triton namespace, schemas as in csrc/ops.cpp
 # --------------------------------------------------------------------------
@@ -1109,6 +1118,9 @@ SCHEMAS = {
     "usage_update": "(Tensor usage, Tensor weights, float decay) -> Tensor",
     "content_write_": "(Tensor(a!) memory, Tensor(b!)? usage, Tensor keys, Tensor strengths, Tensor erase, "
                       "Tensor add, float eps, float decay) -> Tensor",
+    "content_read_write_": "(Tensor(a!) memory, Tensor(b!)? usage, Tensor read_keys, Tensor read_strengths, "
+                           "Tensor write_keys, Tensor write_strengths, Tensor erase, Tensor add, float eps, "
+                           "float decay) -> (Tensor, Tensor, Tensor)",
 }
 
 IMPLS = {
@@ -1123,6 +1135,7 @@ IMPLS = {
     "memory_write_": _memory_write_,
     "usage_update": _usage_update,
     "content_write_": _content_write_,
+    "content_read_write_": _content_read_write_,
 }
 
 INTERPRETED = AVAILABLE and type(_mul).__name__ == "InterpretedFunction"

@@ -33,6 +33,7 @@ OPS = (
     "memory_write_",
     "usage_update",
     "content_write_",
+    "content_read_write_",
 )
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

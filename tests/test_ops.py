@@ -376,19 +376,12 @@ def _opcheck_cases(device):
     }
 
 
-# The fused read-then-write step has a CPU kernel only; other devices run the
-# two ops it stands for (ops.content_read_write_ routes them).
-CPU_ONLY_OPS = ("content_read_write_", "content_read_write_-no-usage")
-
-
 OPCHECK_NAMES = list(_opcheck_cases("cpu").keys()) if nm.has_extension() else []
 
 
 @pytest.mark.parametrize("name", OPCHECK_NAMES)
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_opcheck(device, backend, name):
-    if device != "cpu" and name in CPU_ONLY_OPS:
-        pytest.skip("a CPU-only op")
     op, args = _opcheck_cases(device)[name]
     torch.library.opcheck(op, args)
 

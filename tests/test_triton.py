@@ -218,6 +218,28 @@ def test_content_write_(shape, dtype, with_usage):
         assert l1 is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_ID.get)
+@pytest.mark.parametrize("shape", WRITE_SHAPES[1:3], ids=_ids(WRITE_SHAPES[1:3], "W"))
+def test_content_read_write_(shape, dtype):
+    # The Triton op of the fused step: its read, then its write, both of the
+    # memory before the write.
+    B, N, W, D = shape
+    memory, keys, strengths = _addr_inputs(B, N, 3, D, dtype)
+    _, wk, ws = _addr_inputs(B, N, W, D, dtype, strength=2.0)
+    _, _, erase, add = _write_inputs(B, N, W, D, dtype)
+    usage = torch.rand(B, N, dtype=dtype, device=DEV)
+    outs = []
+    for be in ("triton", "torch"):
+        m, u = memory.clone(), usage.clone()
+        reads, least = nm.content_read_write_(m, keys, strengths, wk, ws, erase, add, usage=u, backend=be)
+        outs.append((reads, m, u, least))
+    (r1, m1, u1, l1), (r2, m2, u2, l2) = outs
+    assert_close(r1, r2, dtype, name="reads")
+    assert_close(m1, m2, dtype, name="memory")
+    assert_close(u1, u2, dtype, name="usage")
+    assert torch.equal(l1, torch.argmin(u1, dim=1))
+
+
 @pytest.mark.parametrize("B,H", [(0, 2), (2, 0)], ids=["B0", "H0"])
 def test_empty_batch_or_heads(B, H):
     memory, keys, strengths = _addr_inputs(max(B, 1), 7, max(H, 1), 3, torch.float64)

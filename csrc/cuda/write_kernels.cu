@@ -831,9 +831,26 @@ Tensor content_write_cuda(Tensor& memory, const std::optional<Tensor>& usage, co
   return least;
 }
 
+// The fused read-then-write step has no kernel of its own on the GPU: the
+// read (one launch at small N) and the in-place write, through the
+// dispatcher, so that CUDA tensors run the same op as CPU ones.
+std::tuple<Tensor, Tensor, Tensor> content_read_write_cuda(Tensor& memory, const std::optional<Tensor>& usage,
+                                                           const Tensor& read_keys, const Tensor& read_strengths,
+                                                           const Tensor& write_keys, const Tensor& write_strengths,
+                                                           const Tensor& erase, const Tensor& add, double eps,
+                                                           double decay) {
+  static const auto read = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("neuralmem::content_read", "")
+                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)>();
+  auto out = read.call(memory, read_keys, read_strengths, eps);
+  Tensor least = content_write_cuda(memory, usage, write_keys, write_strengths, erase, add, eps, decay);
+  return {std::get<0>(out), std::get<1>(out), least};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neuralmem, CUDA, m) {
+  m.impl("content_read_write_", &content_read_write_cuda);
   m.impl("memory_write", &memory_write_cuda);
   m.impl("memory_write_backward", &memory_write_backward_cuda);
   m.impl("memory_write_", &memory_write_inplace_cuda);
