@@ -278,7 +278,8 @@ def _floor_of_size(rows, B, N, device="cpu"):
 def issue3_goals(rows):
     goals = []
     step = find_op_rows(rows, "step", "fwd", 1, 128)
-    goals.append(Goal(3, "one step (content_read 4 heads + content_write_), N=128, B=1, forward, vs the seed's bank",
+    goals.append(Goal(3, "one step (content_read_write_: 4 read heads, then the in-place write with usage), N=128, B=1, forward, "
+                      "vs the seed's bank",
                       "speedup", 10, native(step), _first(step, "seed"), "seed"))
     cr = find_op_rows(rows, "content_read", "fwd", 1, 1_000_000)
     goals.append(Goal(3, "content_read, N=10^6, B=1, forward, vs the seed's read", "speedup", 30,

@@ -13,7 +13,8 @@ torch.autograd.grad, so nothing accumulates between rounds), N in {128, 4096,
 65536, 10^6}, B in {1, 32} up to 256 MiB of memory (so B=32 stops at N=4096),
 D=64, H=4 read heads, W=1 write head. "step" is
 one memory step as the controller runs it: fwd = content_read of 4 heads then
-the in-place content_write_ with usage; fwd+bwd = content_read, the write
+the in-place content_write_ with usage, as one content_read_write_ call (the
+seed's bank: its read then its write); fwd+bwd = content_read, the write
 head's addressing and the out-of-place memory_write, differentiated through.
 A B=1 N=10^7 step (issue 9) runs in the full suite when a native backend and
 the memory are there.
@@ -220,8 +221,8 @@ def _op_fn(op, mode, be):
         return lambda x: nm.usage_update(x["usage"], x["wweights"], **kw)
     if op == "step" and mode == "fwd":
         def step_fwd(x):
-            reads = nm.content_read(x["memory"], x["keys"], x["strengths"], **kw)
-            nm.content_write_(x["memory"], x["wkeys"], x["wstrengths"], x["erase"], x["add"], usage=x["usage"], **kw)
+            reads, _ = nm.content_read_write_(x["memory"], x["keys"], x["strengths"], x["wkeys"], x["wstrengths"],
+                                              x["erase"], x["add"], usage=x["usage"], **kw)
             return reads
         return step_fwd
     if op == "step":

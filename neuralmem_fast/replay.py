@@ -273,10 +273,11 @@ class NumpySumTree:
         idx, vals = drawn[first], vals[first]
         if idx.size < drawn.size or idx.size == 0:
             return idx, vals, None
-        weights = np.array([(v / vals.min()) ** (-beta) for v in vals.tolist()], dtype=np.float64)
+        # float32 arithmetic, as the C++ tree (the weights are float32 anyway)
+        weights = ((vals / vals.min()).astype(np.float32) ** np.float32(-beta)).astype(np.float32)
         if sampled_generation is not None:
             sampled_generation[idx] = generation[idx]
-        return idx, vals, weights.astype(np.float32)
+        return idx, vals, weights
 
     def sample_without_replacement(self, fractions, exclude=None):
         what = "SumTree.sample_without_replacement"

@@ -723,9 +723,17 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
                 // (N P(i))^-beta over its batch maximum, the smallest value's.
                 double mn = val[0];
                 for (int64_t j = 1; j < k; ++j) mn = val[j] < mn ? val[j] : mn;
-                for (int64_t j = 0; j < k; ++j) wp[j] = static_cast<float>(std::pow(val[j] / mn, -beta));
-                if (gens.sampled)
-                  for (int64_t j = 0; j < k; ++j) gens.sampled[idx[j] * gens.stride] = gens.gen[idx[j] * gens.stride];
+                // float pow, as sample_weighted: the weights are float32 anyway.
+                for (int64_t j = 0; j < k; ++j)
+                  wp[j] = std::pow(static_cast<float>(val[j] / mn), static_cast<float>(-beta));
+                if (gens.sampled) {
+                  constexpr int64_t kAhead = 16;  // one random line per slot: overlap the misses
+                  const int64_t s = gens.stride;
+                  for (int64_t j = 0; j < k; ++j) {
+                    if (j + kAhead < k) __builtin_prefetch(gens.sampled + idx[j + kAhead] * s, 1);
+                    gens.sampled[idx[j] * s] = gens.gen[idx[j] * s];
+                  }
+                }
               }
             }
             py::array_t<int64_t> idx_a(k);
