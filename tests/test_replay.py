@@ -226,7 +226,8 @@ def test_generation_counters_strided_pair_cpp_matches_numpy():
         applied, _ = t.update_priorities(idx, np.full(idx.size, 2.0), 0.6, 1e-6, cap, gen, sgen)
         assert applied == int(np.isin(idx, idx[:5], invert=True).sum())
     np.testing.assert_array_equal(pairs[0][1], pairs[1][1])
-    np.testing.assert_array_equal(trees[0].leaves(), trees[1].leaves())
+    # (p + eps)^alpha: a vectorised pow in C++, numpy's here (within 1 ulp)
+    np.testing.assert_allclose(trees[0].leaves(), trees[1].leaves(), rtol=1e-15, atol=0)
     gen, _ = pairs[0]
     with pytest.raises(ValueError, match="same stride"):
         trees[0].sample_weighted(u, 0.4, False, gen, np.full(cap, -1, dtype=np.int64))
@@ -431,6 +432,20 @@ def test_buffer_tuple_items_and_update_priorities_alpha_once():
     assert applied == 3
     np.testing.assert_allclose(buf.tree.get([2, 4]), [5.0, 4.0])  # sqrt once; the last write wins
     assert buf.max_priority == 25.0
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 13, 300], ids=lambda n: f"n{n}")
+def test_update_priorities_transform_is_pow_alpha(n):
+    # (p + eps)^alpha over batches of every length (vector tails included).
+    rng = np.random.default_rng(n)
+    cap = 512
+    buf = PrioritizedReplayBuffer(cap, alpha=0.6, eps=1e-3, generator=0)
+    buf.extend(torch.zeros(cap, 1))
+    idx = rng.permutation(cap)[: min(n, cap)]
+    p = rng.uniform(0, 50, idx.size)
+    p[0] = 0.0
+    assert buf.update_priorities(torch.from_numpy(idx), torch.from_numpy(p)) == idx.size
+    np.testing.assert_allclose(buf.tree.get(idx), (p + 1e-3) ** 0.6, rtol=1e-15, atol=0)
 
 
 def test_buffer_ignores_updates_for_overwritten_slots():

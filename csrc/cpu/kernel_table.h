@@ -50,7 +50,13 @@ struct KernelTable {
                              const at::Tensor& read_strengths, const at::Tensor& write_keys,
                              const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
                              double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least);
+  // x[i] = x[i]^alpha (the replay buffers' priority transform), vectorised.
+  void (*pow_inplace)(double* x, int64_t n, double alpha);
 };
+
+// pow_inplace of the best table for this processor (for the sum tree, which
+// is compiled once, without per-instruction-set variants).
+void pow_inplace(double* x, int64_t n, double alpha);
 
 // Null when the compiler could not build that instruction set.
 const KernelTable* kernel_table_DEFAULT();

@@ -1409,6 +1409,15 @@ inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at
 
 #undef NEURALMEM_DISPATCH
 
+inline void pow_inplace_k(double* x, int64_t n, double alpha) {
+  using Vec = Vectorized<double>;
+  constexpr int64_t V = Vec::size();
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) Vec::loadu(x + i).pow(a).store(x + i);
+  if (i < n) Vec::loadu(x + i, n - i).pow(a).store(x + i, n - i);
+}
+
 constexpr KernelTable make_table(const char* name) {
   return KernelTable{name,
                      &content_addressing_k,
@@ -1421,7 +1430,8 @@ constexpr KernelTable make_table(const char* name) {
                      &memory_write_backward_k,
                      &usage_update_k,
                      &content_write_k,
-                     &content_read_write_k};
+                     &content_read_write_k,
+                     &pow_inplace_k};
 }
 
 }  // namespace CPU_CAPABILITY

@@ -68,6 +68,12 @@ const KernelTable& kernels() {
 
 std::string cpu_capability() { return kernels().name; }
 
+}  // namespace
+
+void pow_inplace(double* x, int64_t n, double alpha) { kernels().pow_inplace(x, n, alpha); }
+
+namespace {
+
 // ---------------------------------------------------------------------------
 // checks
 // ---------------------------------------------------------------------------

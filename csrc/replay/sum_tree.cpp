@@ -12,6 +12,8 @@
 // (the sampled objects of a Python list, with slots and objects prefetched).
 #include "replay/sum_tree.h"
 
+#include "cpu/kernel_table.h"
+
 #include <pybind11/numpy.h>
 #include <torch/extension.h>
 
@@ -295,9 +297,12 @@ int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64
     // A slot rewritten since it was last sampled holds another item now.
     if (sampled_gen && sampled_gen[i * gs] >= 0 && sampled_gen[i * gs] != gen[i * gs]) continue;
     keep_idx.push_back(i);
-    keep_val.push_back(std::pow(prio[j] + eps, alpha));
+    keep_val.push_back(prio[j] + eps);
     if (prio[j] > mx) mx = prio[j];
   }
+  // (p + eps)^alpha in one vectorised pass (SLEEF's pow, within 1 ulp, on
+  // AVX2/AVX-512): a libm pow per entry was a quarter of the call.
+  neuralmem::cpu::pow_inplace(keep_val.data(), static_cast<int64_t>(keep_val.size()), alpha);
   std::lock_guard<std::mutex> g(mu_);
   update_locked(keep_idx.data(), keep_val.data(), static_cast<int64_t>(keep_idx.size()));
   if (max_out) *max_out = mx;
