@@ -306,10 +306,28 @@ constexpr int64_t kPrefetchAhead = 4096 / sizeof(A);
 // with NORM also nrm2[j] = |row_j|^2. Each row element is loaded once for
 // all K dots; the horizontal sums go four at a time (four heads of a slot,
 // or the norms of four slots).
-template <int K, bool NORM, typename A>
-inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo, A* nrm2) {
+// Vector registers of the instruction set: whether a head group's keys (or
+// accumulators) can stay in registers across the rows of a block.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+
+// DC > 0: rows of exactly DC full vectors (D = 64 in float on AVX-512), the
+// K keys held in registers for the whole block instead of reloaded for every
+// row; with the row's DC loads that halves the loads per multiply-add. The
+// arithmetic, and so every bit of the result, is that of DC = 0.
+template <int K, bool NORM, int DC, typename A>
+inline void dots_rows_impl(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo,
+                           A* nrm2) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
+  Vec kq[DC > 0 ? K : 1][DC > 0 ? DC : 1];
+  if constexpr (DC > 0) {
+    for (int k = 0; k < K; ++k)
+      for (int c = 0; c < DC; ++c) kq[k][c] = Vec::loadu(vecs[k] + c * V);
+  }
   Vec accn[4];
   // Fewer than four heads: each head's dots of four consecutive rows are
   // reduced together (one transposing hsum4 instead of four full horizontal
@@ -324,11 +342,19 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
     Vec acc[K];
     for (int k = 0; k < K; ++k) acc[k] = Vec(A(0));
     Vec an(A(0));
-    for (int64_t d = 0; d < D; d += V) {
-      const int64_t m = std::min<int64_t>(V, D - d);
-      const Vec x = load_n(r + d, m);
-      if constexpr (NORM) an = at::vec::fmadd(x, x, an);
-      for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(x, load_n(vecs[k] + d, m), acc[k]);
+    if constexpr (DC > 0) {
+      for (int c = 0; c < DC; ++c) {
+        const Vec x = Vec::loadu(r + c * V);
+        if constexpr (NORM) an = at::vec::fmadd(x, x, an);
+        for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(x, kq[k][c], acc[k]);
+      }
+    } else {
+      for (int64_t d = 0; d < D; d += V) {
+        const int64_t m = std::min<int64_t>(V, D - d);
+        const Vec x = load_n(r + d, m);
+        if constexpr (NORM) an = at::vec::fmadd(x, x, an);
+        for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(x, load_n(vecs[k] + d, m), acc[k]);
+      }
     }
     if constexpr (K == 4) {
       A t[4];
@@ -359,6 +385,17 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
   }
 }
 
+template <int K, bool NORM, typename A>
+inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo, A* nrm2) {
+  constexpr int64_t V = Vectorized<A>::size();
+  constexpr int DC = static_cast<int>(64 / V);
+  // keys K*DC, accumulators K + 1, the row DC
+  if constexpr (64 % V == 0 && K * DC + K + 1 + DC <= kVecRegs) {
+    if (D == 64) return dots_rows_impl<K, NORM, DC>(vecs, rows, nj, D, out, ldo, nrm2);
+  }
+  dots_rows_impl<K, NORM, 0>(vecs, rows, nj, D, out, ldo, nrm2);
+}
+
 // Dots of every row of the block with n_vecs vectors (vecs[i] at base + i*D),
 // the first group also giving the squared row norms.
 template <typename A>
@@ -381,6 +418,28 @@ template <int K, typename A>
 inline void accumulate_rows(A* const* acc, const A* p, int64_t ldp, const A* rows, int64_t nj, int64_t D) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
+  constexpr int DC = static_cast<int>(64 / V);
+  if constexpr (64 % V == 0 && K * DC + DC + 1 <= kVecRegs) {
+    if (D == 64) {
+      // Rows of DC full vectors: every accumulator in a register for the
+      // whole block, so a row costs its DC loads and K broadcasts, not
+      // K broadcasts per vector of the row. Same sums in the same order.
+      Vec a[K][DC];
+      for (int k = 0; k < K; ++k)
+        for (int c = 0; c < DC; ++c) a[k][c] = Vec::loadu(acc[k] + c * V);
+      for (int64_t j = 0; j < nj; ++j) {
+        Vec x[DC];
+        for (int c = 0; c < DC; ++c) x[c] = Vec::loadu(rows + j * 64 + c * V);
+        for (int k = 0; k < K; ++k) {
+          const Vec pk(p[k * ldp + j]);
+          for (int c = 0; c < DC; ++c) a[k][c] = at::vec::fmadd(pk, x[c], a[k][c]);
+        }
+      }
+      for (int k = 0; k < K; ++k)
+        for (int c = 0; c < DC; ++c) a[k][c].store(acc[k] + c * V);
+      return;
+    }
+  }
   for (int64_t d = 0; d < D; d += V) {
     const int64_t m = std::min<int64_t>(V, D - d);
     Vec a[K];
