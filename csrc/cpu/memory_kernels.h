@@ -1052,6 +1052,37 @@ C10_ALWAYS_INLINE void write_row(const A* r, A* o, const A* wv, const A* E, cons
   }
 }
 
+// One write head over rows of exactly 64 (float on AVX-512: 4 vectors):
+// erase and add stay in registers for the whole block. The arithmetic of
+// write_row with W = 1, bit for bit: keep = 1 * (1 - w e), add = w a + 0.
+// Returns false (nothing done) for any other shape.
+template <typename A>
+inline bool write_rows_w1_d64(A* rows, int64_t nj, int64_t D, int64_t W, const A* w, const A* E, const A* Ad) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  constexpr int DC = static_cast<int>(64 / V);
+  if constexpr (64 % V == 0 && 2 * DC + DC + 2 <= kVecRegs) {
+    if (W != 1 || D != 64) return false;
+    Vec e[DC], a[DC];
+    for (int c = 0; c < DC; ++c) {
+      e[c] = Vec::loadu(E + c * V);
+      a[c] = Vec::loadu(Ad + c * V);
+    }
+    const Vec one(A(1));
+    for (int64_t j = 0; j < nj; ++j) {
+      const Vec wj(w[j]), nwj(-w[j]);
+      A* r = rows + j * 64;
+      for (int c = 0; c < DC; ++c) {
+        const Vec keep = one * at::vec::fmadd(nwj, e[c], one);
+        const Vec add = at::vec::fmadd(wj, a[c], Vec(A(0)));
+        at::vec::fmadd(Vec::loadu(r + c * V), keep, add).store(r + c * V);
+      }
+    }
+    return true;
+  }
+  return false;
+}
+
 template <typename T>
 void memory_write_typed(const at::Tensor& memory_t, const at::Tensor& w_t, const at::Tensor& e_t,
                         const at::Tensor& a_t, at::Tensor& out_t) {
@@ -1313,18 +1344,23 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
           const A* st = &stats[(b * W + k) * 2];
           exp_shift(s.data() + k * BS, nj, st[0], st[1]);
         }
-        for (int64_t j = 0; j < nj; ++j) {
-          A* r = rows + j * D;
-          A sw = 0;
-          for (int64_t k = 0; k < W; ++k) {
-            wv[k] = s[k * BS + j];
-            sw += wv[k];
+        // The rows first, then the block's usage: two tight loops instead of
+        // one whose stores to memory kept the compiler from holding anything
+        // in registers across rows (usage, rows and the vectors may alias).
+        if (!write_rows_w1_d64(rows, nj, D, W, s.data(), E.data(), Ad.data())) {
+          for (int64_t j = 0; j < nj; ++j) {
+            for (int64_t k = 0; k < W; ++k) wv[k] = s[k * BS + j];
+            write_row(rows + j * D, rows + j * D, wv.data(), E.data(), Ad.data(), W, D);
           }
-          write_row(r, r, wv.data(), E.data(), Ad.data(), W, D);
-          if (usage != nullptr) {
-            T* u = usage + b * N + nb + j;
-            *u = static_cast<T>(decay * static_cast<A>(*u) + sw);
-            const A uv = static_cast<A>(*u);
+        }
+        if (usage != nullptr) {
+          T* u = usage + b * N + nb;
+          for (int64_t j = 0; j < nj; ++j) {
+            A sw = 0;
+            for (int64_t k = 0; k < W; ++k) sw += s[k * BS + j];
+            const T nu = static_cast<T>(decay * static_cast<A>(u[j]) + sw);
+            u[j] = nu;
+            const A uv = static_cast<A>(nu);
             if (!have || uv < bv) {
               bv = uv;
               bi = nb + j;
