@@ -386,7 +386,7 @@ def test_train_step_runs_on_num_threads_and_restores_torch_threads():
             super().add(item)
 
     agent = ContinualLearningAgent(replay="batched", replay_buffer=ThreadsBuffer(per_buffer()), num_threads=1)
-    torch.set_num_threads(2)  # the autouse fixture restores the session's count
+    torch.set_num_threads(2)  # the autouse fixture restores the test run's count
     for x, y in seed.create_task_data(1, 3):
         agent.train_step(x, y)
     assert seen == [1, 1, 1] and torch.get_num_threads() == 2
