@@ -58,6 +58,10 @@ struct KernelTable {
 // is compiled once, without per-instruction-set variants).
 void pow_inplace(double* x, int64_t n, double alpha);
 
+// Asks for transparent huge pages on the whole 2 MiB pages inside
+// [p, p + bytes), before anything touches them (a no-op where THP is off).
+void advise_hugepages(void* p, size_t bytes);
+
 // Null when the compiler could not build that instruction set.
 const KernelTable* kernel_table_DEFAULT();
 const KernelTable* kernel_table_AVX2();

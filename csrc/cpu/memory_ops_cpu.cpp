@@ -72,6 +72,19 @@ std::string cpu_capability() { return kernels().name; }
 
 void pow_inplace(double* x, int64_t n, double alpha) { kernels().pow_inplace(x, n, alpha); }
 
+void advise_hugepages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t start = (a + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (a + bytes) & ~(kHuge - 1);
+  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 namespace {
 
 // ---------------------------------------------------------------------------
@@ -154,16 +167,8 @@ at::ScalarType lse_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDo
 // or the pages are already mapped.
 at::Tensor empty_like_c(const at::Tensor& t) {
   at::Tensor out = at::empty(t.sizes(), t.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
-  if (bytes >= 4 * kHuge) {
-    const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (p + bytes) & ~(kHuge - 1);
-    if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-  }
-#endif
+  const size_t bytes = out.nbytes();
+  if (bytes >= (size_t{8} << 20)) advise_hugepages(out.data_ptr(), bytes);
   return out;
 }
 

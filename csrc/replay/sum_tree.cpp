@@ -198,8 +198,7 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
 
 // Descends every query of the batch one level at a time; `m` holds the masses
 // and is consumed, `out` holds the current node of each query meanwhile.
-void SumTree::find_locked(double* m, int64_t* out, int64_t n, const int64_t* leaf_side0,
-                          const int64_t* leaf_side1) {
+void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     out[j] = 0;
     m[j] = m[j] < 0.0 ? 0.0 : m[j];  // below the first leaf: the first positive one
@@ -208,20 +207,11 @@ void SumTree::find_locked(double* m, int64_t* out, int64_t n, const int64_t* lea
   // is walked, so their lines are requested kAhead queries early: the misses
   // then overlap far beyond what the out-of-order window alone would allow.
   constexpr int64_t kAhead = 16;
-  // At the last level a node's K children are K consecutive slots, so the
-  // same offset also finds the caller's per-slot lines (8 int64 = one line).
-  auto ahead = [&](const double* level, bool last, int64_t j) {
-    const int64_t c = out[j] * K;
-    __builtin_prefetch(level + c);
-    if (last && leaf_side0) __builtin_prefetch(leaf_side0 + c);
-    if (last && leaf_side1) __builtin_prefetch(leaf_side1 + c);
-  };
   for (int d = 0; d < depth_; ++d) {
     const double* level = sums_[d + 1].get();
-    const bool last = d + 1 == depth_;
-    for (int64_t j = 0; j < std::min(n, kAhead); ++j) ahead(level, last, j);
+    for (int64_t j = 0; j < std::min(n, kAhead); ++j) __builtin_prefetch(level + out[j] * K);
     for (int64_t j = 0; j < n; ++j) {
-      if (j + kAhead < n) ahead(level, last, j + kAhead);
+      if (j + kAhead < n) __builtin_prefetch(level + out[j + kAhead] * K);
       double pre;
       const int64_t k = pick_child(level + out[j] * K, m[j], &pre);
       m[j] -= pre;
@@ -511,12 +501,6 @@ void check_finite(const View<double>& v, const char* what, const char* arg, bool
 
 }  // namespace
 
-// Rows `indices` of every CPU tensor in `storages`, as new contiguous tensors.
-// A storage may be a strided view whose rows are contiguous (stride(0) is
-// free), such as the fields of a buffer that packs each item into one byte
-// row: the fields of a row then share its cache lines, which are prefetched
-// for the whole batch before the copies, so one miss per row is paid instead
-// of one per field, and they overlap.
 // dst row j = src row idx[j], rows of `bytes`. Fields are a few bytes: a
 // memcpy call of a run-time size per field and row cost more than the data,
 // so the usual sizes get copies of a compile-time size (plain moves).
@@ -538,8 +522,13 @@ void copy_rows(char* dst, const char* src, const int64_t* idx, int64_t n, int64_
   }
 }
 
-// The rows of several storages gathered into new contiguous tensors: the
-// checks and outputs first (with the GIL), then the copies (without it).
+// Rows `indices` of every CPU tensor in `storages`, as new contiguous tensors.
+// A storage may be a strided view whose rows are contiguous (stride(0) is
+// free), such as the fields of a buffer that packs each item into one byte
+// row: the fields of a row then share its cache lines, which are prefetched
+// for the whole batch before the copies, so one miss per row is paid instead
+// of one per field, and they overlap. The checks and outputs come first (with
+// the GIL), then the copies (without it).
 struct Gather {
   std::vector<at::Tensor> out;
   std::vector<const char*> src;
@@ -626,13 +615,7 @@ py::list take(py::list items, py::handle indices) {
 at::Tensor zeros_hugepages(int64_t nbytes) {
   if (nbytes < 0) throw py::value_error("zeros_hugepages: `nbytes` must be >= 0, got " + std::to_string(nbytes));
   at::Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
-  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-#endif
+  neuralmem::cpu::advise_hugepages(out.data_ptr(), static_cast<size_t>(nbytes));
   out.zero_();
   return out;
 }

@@ -69,10 +69,7 @@ class SumTree {
   void rebuild_locked();
   void recompute_locked(int d, int64_t p);
   void update_locked(const int64_t* idx, const double* val, int64_t n);
-  // `leaf_side`: up to two per-slot int64 arrays that the caller reads at the
-  // leaves found; their lines are prefetched along with the last level.
-  void find_locked(double* m, int64_t* out, int64_t n, const int64_t* leaf_side0 = nullptr,
-                   const int64_t* leaf_side1 = nullptr);
+  void find_locked(double* m, int64_t* out, int64_t n);
   int64_t descend_one(double mass) const;
   void set_leaf_locked(int64_t i, double v);
 
