@@ -490,7 +490,8 @@ class PrioritizedReplayBuffer:
         self.generator = generator
         self._tree = SumTree(self.capacity, backend)
         self._native_gather = _C is not None and hasattr(_C, "gather_rows") and self.device.type == "cpu"
-        self._fused_sample = hasattr(self._tree, "sample_rows")
+        # The C++ tree draws and gathers in one call; the numpy twin cannot.
+        self._native_sample = self._native_gather and hasattr(self._tree, "sample_rows")
         self._kind: Optional[str] = None
         self._keys = None
         self._specs: Optional[List[Tuple[torch.Size, torch.dtype]]] = None
@@ -610,13 +611,7 @@ class PrioritizedReplayBuffer:
             slot = self._pos
             for store, x in zip(self._storage, leaves):
                 store[slot].copy_(x)
-            # The leaf as _extend computes it (numpy's power, bit for bit).
-            self._tree.update(np.array([slot], dtype=np.int64), (np.array([p]) + self.eps) ** self.alpha)
-            self._gen[slot] += 1
-            if p > self._max_priority:
-                self._max_priority = p
-            self._pos = (slot + 1) % self.capacity
-            self._size = min(self._size + 1, self.capacity)
+            self._record(np.array([slot], dtype=np.int64), np.array([p]), 1)
         return slot
 
     def extend(self, batch, priorities=None) -> torch.Tensor:
@@ -641,14 +636,19 @@ class PrioritizedReplayBuffer:
             slots_t = torch.from_numpy(slots).to(self.device)
             for store, x in zip(self._storage, leaves):
                 store.index_copy_(0, slots_t, x[first:].to(device=self.device, dtype=store.dtype))
-            p = p[first:]
-            self._tree.update(slots, (p + self.eps) ** self.alpha)
-            self._gen[slots] += 1
-            if p.size:
-                self._max_priority = max(self._max_priority, float(p.max()))
-            self._pos = (self._pos + n) % self.capacity
-            self._size = min(self._size + n, self.capacity)
+            self._record(slots, p[first:], n)
             return slots
+
+    def _record(self, slots: np.ndarray, p: np.ndarray, n: int) -> None:
+        """After n items were written to `slots` (the last of them, when n >
+        capacity) with priorities p: their leaves, counters, the largest
+        priority, and the ring position. Under the lock."""
+        self._tree.update(slots, (p + self.eps) ** self.alpha)
+        self._gen[slots] += 1
+        if p.size:
+            self._max_priority = max(self._max_priority, float(p.max()))
+        self._pos = (self._pos + n) % self.capacity
+        self._size = min(self._size + n, self.capacity)
 
     # -- sampling ----------------------------------------------------------
     def sample(self, batch_size: int, beta: Optional[float] = None, stratified: Optional[bool] = None):
@@ -673,7 +673,7 @@ class PrioritizedReplayBuffer:
             if self._size == 0:
                 raise RuntimeError("PrioritizedReplayBuffer.sample: the buffer is empty; add items first")
             u = self.generator.random(batch_size)
-            if self._native_gather and self._fused_sample:
+            if self._native_sample:
                 # One call: draw, weights, counters and the rows.
                 idx_t, weights, fields = self._tree.sample_rows(u, beta, stratified, self._gen, self._sampled_gen,
                                                                 self._storage)
