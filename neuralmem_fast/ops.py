@@ -479,8 +479,9 @@ def content_read_write_(memory, read_keys, read_strengths, write_keys, write_str
     the reads and the write weights both address the memory as it was before
     the write. The CPU kernel streams the memory twice instead of three times
     (the read pass also gathers the write heads' softmax statistics); the
-    CUDA and Triton ops run their read, then their write. Forward only: the memory is overwritten, so
-    nothing here is differentiable (use the two ops, on a copy, for training).
+    CUDA and Triton ops run their read, then their write. Forward only: the
+    memory is overwritten, so nothing here is differentiable (use the two
+    ops, on a copy, for training).
     `least` is the least-used slot after the write, (B,) int64, or None
     without `usage`.
     """

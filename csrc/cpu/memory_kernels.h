@@ -331,8 +331,7 @@ inline void dots_rows_impl(const A* const* vecs, const A* rows, int64_t nj, int6
   Vec accn[4];
   // Fewer than four heads: each head's dots of four consecutive rows are
   // reduced together (one transposing hsum4 instead of four full horizontal
-  // sums). A lone write head used to spend more on its horizontal sums than
-  // on the dot products themselves.
+  // sums; measured alike at N = 20000 and 10^7, kept as the cheaper form).
   Vec pend[K == 4 ? 1 : K][4];
   for (int64_t j = 0; j < nj; ++j) {
     const A* r = rows + j * D;
