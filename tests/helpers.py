@@ -58,3 +58,15 @@ def load_seed():
     sys.modules["seed_tutorial"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def isa_supported(isa: str) -> bool:
+    """Whether this processor can run the CPU kernels built for `isa` (default, avx2, avx512)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        pass
+    need = {"default": [], "avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}[isa]
+    return all(f" {n}" in flags for n in need)

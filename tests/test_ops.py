@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import neuralmem_fast as nm
 from neuralmem_fast import ops
-from tests.helpers import TOL, assert_close, shape_id
+from tests.helpers import TOL, assert_close, isa_supported, shape_id
 
 OPS = torch.ops.neuralmem
 
@@ -674,22 +674,11 @@ _ISA_SCRIPT = textwrap.dedent(
 )
 
 
-def _isa_supported(isa):
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        pass
-    need = {"default": [], "avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}[isa]
-    return all(f" {n}" in flags for n in need)
-
-
 @pytest.mark.skipif(not nm.has_extension(), reason="native extension not built")
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_cpu_instruction_set_builds(isa):
     """The build the host does not pick by itself, run in a fresh process."""
-    if not _isa_supported(isa):
+    if not isa_supported(isa):
         pytest.skip(f"this processor lacks {isa}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, NEURALMEM_CPU_CAPABILITY=isa, PYTHONPATH=root)

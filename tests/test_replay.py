@@ -6,6 +6,9 @@ twice, an off-by-one at a boundary, a biased without-replacement draw).
 """
 import io
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +19,7 @@ import torch
 from neuralmem_fast import replay
 from neuralmem_fast.replay import ExperienceReplay, NumpySumTree, PrioritizedReplayBuffer, SumTree
 
-from .helpers import DEVICES, load_seed
+from .helpers import DEVICES, isa_supported, load_seed
 
 TREE_BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")),
@@ -203,6 +206,39 @@ def test_cpp_and_numpy_trees_agree():
             np.testing.assert_array_equal(a.get(probe), b.get(probe))
 
 
+_TREE_ISA_SCRIPT = """
+import numpy as np, torch
+from neuralmem_fast.replay import NumpySumTree, SumTree
+from tests.test_replay import test_cpp_and_numpy_trees_agree
+assert torch.ops.neuralmem.cpu_capability() == "{isa}", torch.ops.neuralmem.cpu_capability()
+test_cpp_and_numpy_trees_agree()
+# a deep tree, batches wider and narrower than its levels, zero leaves
+rng = np.random.default_rng(3)
+a, b = SumTree(70_000, "cpu"), NumpySumTree(70_000)
+for n in (70_000, 256, 1, 5000):
+    idx = rng.integers(0, 70_000, n)
+    vals = np.exp(rng.uniform(-20, 10, n)) * (rng.random(n) < 0.9)
+    a.update(idx, vals)
+    b.update(idx, vals)
+    assert a.total() == b.total() and a.min() == b.min(), (a.total(), b.total(), a.min(), b.min())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_cpp_tree_same_bits_on_every_instruction_set(isa):
+    """The parents are recomputed by the CPU kernel table (512-bit vectors where
+    available): every build must give the numpy twin's bits."""
+    if not isa_supported(isa):
+        pytest.skip(f"this processor lacks {isa}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NEURALMEM_CPU_CAPABILITY=isa, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", _TREE_ISA_SCRIPT.format(isa=isa)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
 @pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
 def test_generation_counters_strided_pair_cpp_matches_numpy():
     # The buffers keep both per-slot counters as the columns of one (N, 2)
@@ -223,8 +259,13 @@ def test_generation_counters_strided_pair_cpp_matches_numpy():
         idx, _ = t.sample_weighted(u, 0.4, False, gen, sgen)
         np.testing.assert_array_equal(sgen[idx], gen[idx])
         gen[idx[:5]] += 1  # these slots are overwritten after the draw
-        applied, _ = t.update_priorities(idx, np.full(idx.size, 2.0), 0.6, 1e-6, cap, gen, sgen)
-        assert applied == int(np.isin(idx, idx[:5], invert=True).sum())
+        fresh = np.isin(idx, idx[:5], invert=True)
+        prio = np.where(fresh, 2.0 + np.arange(idx.size) % 3, 100.0)  # the stale ones would be the largest
+        running = np.array([1.5])
+        applied = t.update_priorities(idx, prio, 0.6, 1e-6, cap, gen, sgen, running)
+        assert applied == int(fresh.sum()) and running[0] == prio[fresh].max() == 4.0
+        assert t.update_priorities(idx[:5], np.full(5, 9.0), 0.6, 1e-6, cap, gen, sgen, running) == 0
+        assert running[0] == 4.0  # nothing applied, nothing raised
     np.testing.assert_array_equal(pairs[0][1], pairs[1][1])
     # (p + eps)^alpha: a vectorised pow in C++, numpy's here (within 1 ulp)
     np.testing.assert_allclose(trees[0].leaves(), trees[1].leaves(), rtol=1e-15, atol=0)

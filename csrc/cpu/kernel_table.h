@@ -52,11 +52,25 @@ struct KernelTable {
                              double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least);
   // x[i] = x[i]^alpha (the replay buffers' priority transform), vectorised.
   void (*pow_inplace)(double* x, int64_t n, double alpha);
+  // One level of the replay sum tree's parents recomputed from their children
+  // (see tree_level below).
+  void (*tree_level)(const double* child_sums, const double* child_mins, double* sums, double* mins,
+                     const int64_t* parents, int64_t n, int shift);
 };
 
 // pow_inplace of the best table for this processor (for the sum tree, which
 // is compiled once, without per-instruction-set variants).
 void pow_inplace(double* x, int64_t n, double alpha);
+
+// Recomputes parents of one level of a fan-out-8 sum/min tree, with the best
+// table for this processor: for each j < n, p = parents[j] >> shift (p = j
+// when parents is null; a repeat of the previous p is skipped) gets the
+// pairwise sum ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) of child_sums[8p..8p+7]
+// and the min of child_mins[8p..8p+7], or, with child_mins null (children are
+// leaves), the min over the children of (c > 0 ? c : +inf). child_sums and
+// child_mins must be 64-byte aligned. The same bits on every instruction set.
+void tree_level(const double* child_sums, const double* child_mins, double* sums, double* mins,
+                const int64_t* parents, int64_t n, int shift);
 
 // Asks for transparent huge pages on the whole 2 MiB pages inside
 // [p, p + bytes), before anything touches them (a no-op where THP is off).

@@ -1515,6 +1515,59 @@ inline void pow_inplace_k(double* x, int64_t n, double alpha) {
   if (i < n) Vec::loadu(x + i, n - i).pow(a).store(x + i, n - i);
 }
 
+// One level of the replay sum tree (fan-out 8, see replay/sum_tree.h):
+// parent p = parents[j] >> shift (or p = j when parents is null) gets
+// sums[p] = ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) of child_sums[8p..8p+7] and
+// mins[p] = the smallest of child_mins[8p..8p+7]; with child_mins null the
+// children are leaves, whose min is the leaf when it is > 0 and +inf
+// otherwise. A parent equal to the previous one is skipped. Every instruction
+// set gives the same bits: the vector sum adds the same pairs in the same
+// order, and min is exact.
+inline void tree_level_k(const double* child_sums, const double* child_mins, double* sums, double* mins,
+                         const int64_t* parents, int64_t n, int shift) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+#if defined(CPU_CAPABILITY_AVX512)
+  // The 8 children are one aligned 64-byte line: one load, then three
+  // butterfly steps (neighbours, pairs, halves) leave the sum in lane 0.
+  const __m512d vinf = _mm512_set1_pd(inf);
+  const __m512d zero = _mm512_setzero_pd();
+  auto one = [&](int64_t p) {
+    const __m512d c = _mm512_load_pd(child_sums + p * 8);
+    const __m512d s1 = _mm512_add_pd(c, _mm512_permute_pd(c, 0x55));
+    const __m512d s2 = _mm512_add_pd(s1, _mm512_permutex_pd(s1, 0x4E));
+    const __m512d s3 = _mm512_add_pd(s2, _mm512_shuffle_f64x2(s2, s2, 0x4E));
+    sums[p] = _mm512_cvtsd_f64(s3);
+    const __m512d m = child_mins ? _mm512_load_pd(child_mins + p * 8)
+                                 : _mm512_mask_blend_pd(_mm512_cmp_pd_mask(c, zero, _CMP_GT_OQ), vinf, c);
+    mins[p] = _mm512_reduce_min_pd(m);
+  };
+#else
+  auto min2 = [](double a, double b) { return b < a ? b : a; };
+  auto one = [&](int64_t p) {
+    const double* c = child_sums + p * 8;
+    sums[p] = ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+    double v[8];
+    if (child_mins) {
+      for (int k = 0; k < 8; ++k) v[k] = child_mins[p * 8 + k];
+    } else {
+      for (int k = 0; k < 8; ++k) v[k] = c[k] > 0.0 ? c[k] : inf;
+    }
+    mins[p] = min2(min2(min2(v[0], v[1]), min2(v[2], v[3])), min2(min2(v[4], v[5]), min2(v[6], v[7])));
+  };
+#endif
+  if (!parents) {
+    for (int64_t p = 0; p < n; ++p) one(p);
+    return;
+  }
+  int64_t prev = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t p = parents[j] >> shift;
+    if (p == prev) continue;  // sorted or clustered batches share parents
+    one(p);
+    prev = p;
+  }
+}
+
 constexpr KernelTable make_table(const char* name) {
   return KernelTable{name,
                      &content_addressing_k,
@@ -1528,7 +1581,8 @@ constexpr KernelTable make_table(const char* name) {
                      &usage_update_k,
                      &content_write_k,
                      &content_read_write_k,
-                     &pow_inplace_k};
+                     &pow_inplace_k,
+                     &tree_level_k};
 }
 
 }  // namespace CPU_CAPABILITY

@@ -130,9 +130,16 @@ inline void SumTree::recompute_locked(int d, int64_t p) {
   mins_[d][p] = d + 1 == depth_ ? min_leaves(cs) : min_children(mins_[d + 1].get() + p * K);
 }
 
+// Level d's parents from level d + 1 through the kernel table (512-bit
+// vectors where the processor has them: one load per node's children);
+// `parents` null means every node of the level.
+inline void SumTree::level_locked(int d, const int64_t* parents, int64_t n, int shift) {
+  neuralmem::cpu::tree_level(sums_[d + 1].get(), d + 1 == depth_ ? nullptr : mins_[d + 1].get(), sums_[d].get(),
+                             mins_[d].get(), parents, parents ? n : width_[d], shift);
+}
+
 void SumTree::rebuild_locked() {
-  for (int d = depth_ - 1; d >= 0; --d)
-    for (int64_t p = 0; p < width_[d]; ++p) recompute_locked(d, p);
+  for (int d = depth_ - 1; d >= 0; --d) level_locked(d, nullptr, 0, 0);
 }
 
 void SumTree::set_leaf_locked(int64_t i, double v) {
@@ -178,21 +185,11 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
   int shift = 0;
   for (int d = depth_ - 1; d >= 0; --d) {
     shift += 3;
-    if (width_[d] <= n) {
-      // A level no wider than the batch (the root's few levels) is cheaper to
-      // recompute whole than once per entry: a random batch of 256 would
-      // otherwise recompute the root 256 times. Same values: parents are a
-      // pure function of their children.
-      for (int64_t p = 0; p < width_[d]; ++p) recompute_locked(d, p);
-      continue;
-    }
-    int64_t prev = -1;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = idx[j] >> shift;
-      if (p == prev) continue;  // sorted or clustered batches share parents
-      recompute_locked(d, p);
-      prev = p;
-    }
+    // A level no wider than the batch (the root's few levels) is cheaper to
+    // recompute whole than once per entry: a random batch of 256 would
+    // otherwise recompute the root 256 times. Same values: parents are a
+    // pure function of their children.
+    level_locked(d, width_[d] <= n ? nullptr : idx, n, shift);
   }
 }
 
@@ -268,35 +265,34 @@ void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, do
 
 int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64_t n, double alpha, double eps,
                                    const int64_t* gen, const int64_t* sampled_gen, int64_t gs, double* max_out) {
-  std::vector<int64_t> keep_idx;
-  std::vector<double> keep_val;
-  keep_idx.reserve(n);
-  keep_val.reserve(n);
+  std::vector<int64_t> keep_idx(static_cast<size_t>(n));
+  std::vector<double> keep_val(static_cast<size_t>(n));
   double mx = -kInf;
+  int64_t k = 0;
   constexpr int64_t kAhead = 16;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = idx[j];
     if (j + kAhead < n) {
       const int64_t a = idx[j + kAhead];
       __builtin_prefetch(sums_[depth_].get() + a, 1);
-      if (sampled_gen) {
-        __builtin_prefetch(gen + a * gs);
-        __builtin_prefetch(sampled_gen + a * gs);
-      }
+      if (sampled_gen) __builtin_prefetch(sampled_gen + a * gs);  // gen[a] shares its line
     }
-    // A slot rewritten since it was last sampled holds another item now.
-    if (sampled_gen && sampled_gen[i * gs] >= 0 && sampled_gen[i * gs] != gen[i * gs]) continue;
-    keep_idx.push_back(i);
-    keep_val.push_back(prio[j] + eps);
-    if (prio[j] > mx) mx = prio[j];
+    // A slot rewritten since it was last sampled holds another item now: its
+    // entry is written and then overwritten by the next one (no branch to
+    // mispredict on the counters, which are usually a cache miss).
+    const bool keep = !sampled_gen || sampled_gen[i * gs] < 0 || sampled_gen[i * gs] == gen[i * gs];
+    keep_idx[k] = i;
+    keep_val[k] = prio[j] + eps;
+    mx = keep && prio[j] > mx ? prio[j] : mx;
+    k += keep;
   }
   // (p + eps)^alpha in one vectorised pass (SLEEF's pow, within 1 ulp, on
   // AVX2/AVX-512): a libm pow per entry was a quarter of the call.
-  neuralmem::cpu::pow_inplace(keep_val.data(), static_cast<int64_t>(keep_val.size()), alpha);
+  neuralmem::cpu::pow_inplace(keep_val.data(), k, alpha);
   std::lock_guard<std::mutex> g(mu_);
-  update_locked(keep_idx.data(), keep_val.data(), static_cast<int64_t>(keep_idx.size()));
+  update_locked(keep_idx.data(), keep_val.data(), k);
   if (max_out) *max_out = mx;
-  return static_cast<int64_t>(keep_idx.size());
+  return k;
 }
 
 int64_t SumTree::find_without_replacement(const double* frac, int64_t* out, double* values_out, int64_t n,
@@ -786,7 +782,7 @@ sampled_generation[i] = generation[i] for every drawn i. Returns (indices, weigh
       .def(
           "update_priorities",
           [](SumTree& t, py::handle indices, py::handle priorities, double alpha, double eps, int64_t limit,
-             py::object generation, py::object sampled_generation) {
+             py::object generation, py::object sampled_generation, py::object max_priority) {
             const char* what = "update_priorities";
             auto idx = as_view<int64_t>(indices, what, "indices");
             auto pr = as_view<double>(priorities, what, "priorities");
@@ -795,6 +791,15 @@ sampled_generation[i] = generation[i] for every drawn i. Returns (indices, weigh
                                     std::to_string(idx.n) + " and " + std::to_string(pr.n));
             if (limit < 0 || limit > t.capacity()) limit = t.capacity();
             auto gens = counters(generation, sampled_generation, t.capacity(), what);
+            double* running_max = nullptr;
+            if (!max_priority.is_none()) {
+              if (!py::isinstance<py::array_t<double>>(max_priority))
+                throw py::type_error(std::string(what) + ": `max_priority` must be a float64 numpy array");
+              auto a = py::reinterpret_borrow<py::array>(max_priority);
+              if (a.size() < 1 || !a.writeable())
+                throw py::value_error(std::string(what) + ": `max_priority` must be a writable array of one element");
+              running_max = static_cast<double*>(a.mutable_data());
+            }
             double mx = 0.0;
             int64_t applied = 0;
             {
@@ -803,15 +808,18 @@ sampled_generation[i] = generation[i] for every drawn i. Returns (indices, weigh
               check_finite(pr, what, "priorities", /*nonneg=*/true);
               applied = t.update_priorities(idx.ptr, pr.ptr, idx.n, alpha, eps, gens.gen, gens.sampled, gens.stride, &mx);
             }
-            return py::make_tuple(applied, mx);
+            if (running_max && applied > 0 && mx > *running_max) *running_max = mx;
+            return applied;
           },
           py::arg("indices"), py::arg("priorities"), py::arg("alpha"), py::arg("eps"), py::arg("limit"),
           py::arg("generation") = py::none(), py::arg("sampled_generation") = py::none(),
+          py::arg("max_priority") = py::none(),
           R"doc(The replay buffers' priority update: checks indices < limit and priorities
 finite and >= 0, skips every i with sampled_generation[i] >= 0 and !=
 generation[i] (rewritten since last sampled), and sets the rest to
-(priority + eps) ** alpha, last write winning. Returns (applied, largest
-applied priority, or -inf when none).)doc")
+(priority + eps) ** alpha, last write winning. Returns how many were applied;
+max_priority (a float64 array of one element), when given, is raised to the
+largest applied priority.)doc")
       .def(
           "sample_without_replacement",
           [](SumTree& t, py::handle fractions, py::object exclude) {

@@ -68,6 +68,7 @@ class SumTree {
  private:
   void rebuild_locked();
   void recompute_locked(int d, int64_t p);
+  void level_locked(int d, const int64_t* parents, int64_t n, int shift);
   void update_locked(const int64_t* idx, const double* val, int64_t n);
   void find_locked(double* m, int64_t* out, int64_t n);
   int64_t descend_one(double mass) const;
