@@ -56,6 +56,8 @@ struct KernelTable {
   // (see tree_level below).
   void (*tree_level)(const double* child_sums, const double* child_mins, double* sums, double* mins,
                      const int64_t* parents, int64_t n, int shift);
+  // The replay sum tree's batched descent (see tree_find below).
+  void (*tree_find)(const double* const* child_levels, int depth, double* m, int64_t* out, int64_t n);
 };
 
 // pow_inplace of the best table for this processor (for the sum tree, which
@@ -71,6 +73,15 @@ void pow_inplace(double* x, int64_t n, double alpha);
 // child_mins must be 64-byte aligned. The same bits on every instruction set.
 void tree_level(const double* child_sums, const double* child_mins, double* sums, double* mins,
                 const int64_t* parents, int64_t n, int shift);
+
+// Finds, for each of n masses m (consumed; negative counts as 0), the leaf of
+// a fan-out-8 sum tree that owns it: the leaf i with prefix(i) <= m <
+// prefix(i+1), never a zero leaf when the root is positive (see
+// tree_pick_child in memory_kernels.h for the exact rule). child_levels[d]
+// is level d + 1 (64-byte aligned; the last one holds the leaves). Every
+// instruction set gives the same leaves: each query adds its prefixes left
+// to right in every build.
+void tree_find(const double* const* child_levels, int depth, double* m, int64_t* out, int64_t n);
 
 // Asks for transparent huge pages on the whole 2 MiB pages inside
 // [p, p + bytes), before anything touches them (a no-op where THP is off).

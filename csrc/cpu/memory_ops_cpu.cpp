@@ -77,6 +77,10 @@ void tree_level(const double* child_sums, const double* child_mins, double* sums
   kernels().tree_level(child_sums, child_mins, sums, mins, parents, n, shift);
 }
 
+void tree_find(const double* const* child_levels, int depth, double* m, int64_t* out, int64_t n) {
+  kernels().tree_find(child_levels, depth, m, out, n);
+}
+
 void advise_hugepages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;

@@ -37,55 +37,9 @@ namespace replay {
 namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t K = SumTree::kFanout;
+static_assert(K == 8, "the kernel table's tree_level and tree_find are written for a fan-out of 8");
 
 inline double leaf_min(double v) { return v > 0.0 ? v : kInf; }
-
-// Sum of K = 8 children, pairwise: ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)); the
-// numpy twin adds in the same order. Three dependent adds instead of seven:
-// recomputing parents is most of an update's time.
-static_assert(K == 8, "sum_children is written out for a fan-out of 8");
-inline double sum_children(const double* c) {
-  return ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
-}
-
-// The smallest positive leaf among K (+inf if none), as leaf_min would give.
-inline double min2(double a, double b) { return b < a ? b : a; }
-
-inline double min_leaves(const double* c) {
-  double v[K];
-  for (int k = 0; k < K; ++k) v[k] = leaf_min(c[k]);
-  return min2(min2(min2(v[0], v[1]), min2(v[2], v[3])), min2(min2(v[4], v[5]), min2(v[6], v[7])));
-}
-
-inline double min_children(const double* c) {
-  return min2(min2(min2(c[0], c[1]), min2(c[2], c[3])), min2(min2(c[4], c[5]), min2(c[6], c[7])));
-}
-
-// The child of a node that owns mass m >= 0, and its prefix within the node.
-// With inclusive prefixes a_k = c_0 + ... + c_k (left to right), the child is
-// k = #{k < K-1 : a_k <= m}: a mass equal to a boundary starts the next child,
-// so leaf i owns [P_i, P_i+1), and the child found has a positive value
-// (a_k-1 <= m < a_k). When m lies at or beyond the node's sum (a mass equal
-// to the total, or beyond it by rounding) the count can land on trailing
-// zero children, so it is capped at the last positive child. The caller
-// enters only nodes of positive sum, so the leaf reached is positive and
-// before `capacity`. Branch-free on purpose: the children are usually a cache
-// miss, and a mispredicted branch would wait for them and serialise the
-// misses of a batch instead of overlapping them.
-inline int64_t pick_child(const double* c, double m, double* prefix) {
-  double pre[K];
-  double acc = 0.0;
-  int64_t k = 0, last = 0;
-  for (int64_t j = 0; j < K; ++j) {
-    pre[j] = acc;
-    acc += c[j];
-    k += (j < K - 1) & (acc <= m);
-    last = c[j] > 0.0 ? j : last;
-  }
-  k = k < last ? k : last;
-  *prefix = pre[k];
-  return k;
-}
 
 double* alloc_level(int64_t n) {
   // Whole cache lines, so that the K children of a node share one. Levels of
@@ -121,13 +75,7 @@ SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
     }
     width_.push_back(n);
   }
-}
-
-// inline: called per node in every batch loop, and a PLT call per node showed up in profiles.
-inline void SumTree::recompute_locked(int d, int64_t p) {
-  const double* cs = sums_[d + 1].get() + p * K;
-  sums_[d][p] = sum_children(cs);
-  mins_[d][p] = d + 1 == depth_ ? min_leaves(cs) : min_children(mins_[d + 1].get() + p * K);
+  for (int d = 1; d <= depth_; ++d) child_levels_.push_back(sums_[d].get());
 }
 
 // Level d's parents from level d + 1 through the kernel table (512-bit
@@ -147,19 +95,13 @@ void SumTree::set_leaf_locked(int64_t i, double v) {
   if (depth_ == 0) mins_[0][0] = leaf_min(v);
   for (int d = depth_ - 1; d >= 0; --d) {
     i /= K;
-    recompute_locked(d, i);
+    level_locked(d, &i, 1, 0);
   }
 }
 
 int64_t SumTree::descend_one(double m) const {
   int64_t i = 0;
-  m = m < 0.0 ? 0.0 : m;
-  for (int d = 0; d < depth_; ++d) {
-    double pre;
-    const int64_t k = pick_child(sums_[d + 1].get() + i * K, m, &pre);
-    m -= pre;
-    i = i * K + k;
-  }
+  neuralmem::cpu::tree_find(child_levels_.data(), depth_, &m, &i, 1);
   return i;
 }
 
@@ -193,28 +135,11 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
   }
 }
 
-// Descends every query of the batch one level at a time; `m` holds the masses
-// and is consumed, `out` holds the current node of each query meanwhile.
+// Descends every query of the batch one level at a time (the kernel table's
+// tree_find: 8 queries per 512-bit step where the processor has AVX-512);
+// `m` holds the masses and is consumed.
 void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = 0;
-    m[j] = m[j] < 0.0 ? 0.0 : m[j];  // below the first leaf: the first positive one
-  }
-  // The nodes one level down are known for the whole batch before the level
-  // is walked, so their lines are requested kAhead queries early: the misses
-  // then overlap far beyond what the out-of-order window alone would allow.
-  constexpr int64_t kAhead = 16;
-  for (int d = 0; d < depth_; ++d) {
-    const double* level = sums_[d + 1].get();
-    for (int64_t j = 0; j < std::min(n, kAhead); ++j) __builtin_prefetch(level + out[j] * K);
-    for (int64_t j = 0; j < n; ++j) {
-      if (j + kAhead < n) __builtin_prefetch(level + out[j + kAhead] * K);
-      double pre;
-      const int64_t k = pick_child(level + out[j] * K, m[j], &pre);
-      m[j] -= pre;
-      out[j] = out[j] * K + k;
-    }
-  }
+  neuralmem::cpu::tree_find(child_levels_.data(), depth_, m, out, n);
 }
 
 void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,

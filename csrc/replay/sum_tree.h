@@ -10,16 +10,20 @@
 // +inf for the min, so min() is the smallest *positive* leaf, the one that
 // bounds the largest importance weight of anything that can be sampled.
 //
-// Every parent is recomputed from its K children, added left to right (never
-// patched by a delta), so the sums carry no accumulated rounding error: the
-// tree is a pure function of its leaves, bit for bit.
+// Every parent is recomputed from its K children, added pairwise in a fixed
+// order (never patched by a delta), so the sums carry no accumulated rounding
+// error: the tree is a pure function of its leaves, bit for bit.
 //
 // Batch operations run level by level across the whole batch: all leaves are
 // written first (in order, so the last write to a duplicate index wins), then
 // every affected parent one level up, and so on to the root. find() descends
 // the same way, one level for the whole batch at a time; its inner loop walks
 // independent nodes without branches, so the CPU overlaps their cache misses
-// instead of chasing one root-to-leaf path at a time.
+// instead of chasing one root-to-leaf path at a time. Both inner loops are
+// entries of the CPU kernel table (cpu/kernel_table.h), compiled per
+// instruction set: with AVX-512 a node's children are one vector load, and
+// the descent picks the children of 8 queries at once. Every build gives the
+// same bits.
 //
 // Threads: the GIL is released for the work of every batch call, and one
 // mutex serialises access to the nodes, so Python threads may add, sample and
@@ -67,7 +71,6 @@ class SumTree {
 
  private:
   void rebuild_locked();
-  void recompute_locked(int d, int64_t p);
   void level_locked(int d, const int64_t* parents, int64_t n, int shift);
   void update_locked(const int64_t* idx, const double* val, int64_t n);
   void find_locked(double* m, int64_t* out, int64_t n);
@@ -84,6 +87,7 @@ class SumTree {
   std::vector<Level> sums_;    // sums_[d] has width_[d] = K^d entries
   std::vector<Level> mins_;    // inner levels only (all levels when depth_ is 0)
   std::vector<int64_t> width_;
+  std::vector<const double*> child_levels_;  // sums_[1..depth_], for the descent
   std::mutex mu_;
 };
 
