@@ -113,6 +113,9 @@ void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
 // Leaves first, in order (the last write to a repeated index wins), then
 // every affected parent one level up at a time across the whole batch.
 void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
+  // Nothing to do; and an empty batch's pointer may be null, which
+  // level_locked would read as "every node of the level".
+  if (n <= 0) return;
   double* ls = sums_[depth_].get();
   // Random leaves and parents miss the cache: each line is requested kAhead
   // entries of the batch before it is written.
@@ -121,7 +124,7 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
     if (j + kAhead < n) __builtin_prefetch(ls + idx[j + kAhead], 1);
     ls[idx[j]] = val[j];
   }
-  if (depth_ == 0 && n > 0) mins_[0][0] = leaf_min(ls[0]);
+  if (depth_ == 0) mins_[0][0] = leaf_min(ls[0]);
   // K = 8: the ancestor `up` levels above leaf i is i >> (3 * up), a shift
   // where a 64-bit division per entry and level cost more than the sums.
   int shift = 0;
