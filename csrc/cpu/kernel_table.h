@@ -1,4 +1,6 @@
-// The CPU kernels of the memory ops, compiled once per instruction set.
+// The CPU kernels of the memory ops, compiled once per instruction set (and,
+// at the end of the table, the replay sum tree's inner loops: the priority
+// transform, a level's parents, the batched descent).
 //
 // memory_kernels.h holds the kernels as templates over the element type; it
 // is compiled three times (memory_kernels_{default,avx2,avx512}.cpp), each

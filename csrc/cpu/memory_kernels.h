@@ -1,7 +1,9 @@
 // CPU kernels of the memory ops, written once over at::vec::Vectorized and
 // compiled once per instruction set (see kernel_table.h). Include only from a
 // memory_kernels_*.cpp, after kernel_prelude.h and after defining
-// CPU_CAPABILITY.
+// CPU_CAPABILITY. The replay sum tree's inner loops are at the end of the
+// file (pow_inplace, tree_level, tree_find); their AVX-512 forms use
+// intrinsics directly, since they shuffle within one 8-double line.
 //
 // Design
 // - Work unit: (memory b, chunk of slots). Chunk sizes depend on the shape
