@@ -1,5 +1,7 @@
 """Shared test helpers: devices, the tolerance table, readable comparisons."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,3 +72,16 @@ def isa_supported(isa: str) -> bool:
         pass
     need = {"default": [], "avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}[isa]
     return all(f" {n}" in flags for n in need)
+
+
+def run_on_instruction_set(isa: str, script: str) -> None:
+    """Runs `script` (python -c) in a fresh process whose CPU kernels are the
+    `isa` build (NEURALMEM_CPU_CAPABILITY), skipping when this processor lacks
+    it; the script must print "ok" last."""
+    if not isa_supported(isa):
+        pytest.skip(f"this processor lacks {isa}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NEURALMEM_CPU_CAPABILITY=isa, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]

@@ -7,9 +7,6 @@ and bfloat16 forward against the float32 reference), gradchecked in float64,
 opchecked, traced by torch.compile, and fed the numerically hard and the
 malformed inputs the contract names.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +15,7 @@ import torch.nn.functional as F
 
 import neuralmem_fast as nm
 from neuralmem_fast import ops
-from tests.helpers import TOL, assert_close, isa_supported, shape_id
+from tests.helpers import TOL, assert_close, run_on_instruction_set, shape_id
 
 OPS = torch.ops.neuralmem
 
@@ -678,10 +675,4 @@ _ISA_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_cpu_instruction_set_builds(isa):
     """The build the host does not pick by itself, run in a fresh process."""
-    if not isa_supported(isa):
-        pytest.skip(f"this processor lacks {isa}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, NEURALMEM_CPU_CAPABILITY=isa, PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+    run_on_instruction_set(isa, _ISA_SCRIPT.format(isa=isa))

@@ -6,9 +6,6 @@ twice, an off-by-one at a boundary, a biased without-replacement draw).
 """
 import io
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +16,7 @@ import torch
 from neuralmem_fast import replay
 from neuralmem_fast.replay import ExperienceReplay, NumpySumTree, PrioritizedReplayBuffer, SumTree
 
-from .helpers import DEVICES, isa_supported, load_seed
+from .helpers import DEVICES, load_seed, run_on_instruction_set
 
 TREE_BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")),
@@ -230,13 +227,7 @@ print("ok")
 def test_cpp_tree_same_bits_on_every_instruction_set(isa):
     """The parents are recomputed by the CPU kernel table (512-bit vectors where
     available): every build must give the numpy twin's bits."""
-    if not isa_supported(isa):
-        pytest.skip(f"this processor lacks {isa}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, NEURALMEM_CPU_CAPABILITY=isa, PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _TREE_ISA_SCRIPT.format(isa=isa)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+    run_on_instruction_set(isa, _TREE_ISA_SCRIPT.format(isa=isa))
 
 
 @pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
