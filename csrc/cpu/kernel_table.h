@@ -1,6 +1,7 @@
 // The CPU kernels of the memory ops, compiled once per instruction set (and,
 // at the end of the table, the replay sum tree's inner loops: the priority
-// transform, a level's parents, the batched descent).
+// transform, the importance weights' pow, a level's parents, the batched
+// descent).
 //
 // memory_kernels.h holds the kernels as templates over the element type; it
 // is compiled three times (memory_kernels_{default,avx2,avx512}.cpp), each
@@ -54,6 +55,8 @@ struct KernelTable {
                              double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least);
   // x[i] = x[i]^alpha (the replay buffers' priority transform), vectorised.
   void (*pow_inplace)(double* x, int64_t n, double alpha);
+  // x[i] = x[i]^e in float (the replay buffers' importance weights), vectorised.
+  void (*powf_inplace)(float* x, int64_t n, float e);
   // One level of the replay sum tree's parents recomputed from their children
   // (see tree_level below).
   void (*tree_level)(const double* child_sums, const double* child_mins, double* sums, double* mins,
@@ -65,6 +68,7 @@ struct KernelTable {
 // pow_inplace of the best table for this processor (for the sum tree, which
 // is compiled once, without per-instruction-set variants).
 void pow_inplace(double* x, int64_t n, double alpha);
+void powf_inplace(float* x, int64_t n, float e);
 
 // Recomputes parents of one level of a fan-out-8 sum/min tree, with the best
 // table for this processor: for each j < n, p = parents[j] >> shift (p = j

@@ -2,8 +2,9 @@
 // compiled once per instruction set (see kernel_table.h). Include only from a
 // memory_kernels_*.cpp, after kernel_prelude.h and after defining
 // CPU_CAPABILITY. The replay sum tree's inner loops are at the end of the
-// file (pow_inplace, tree_level, tree_find); their AVX-512 forms use
-// intrinsics directly, since they shuffle within one 8-double line.
+// file (pow_inplace, powf_inplace, tree_level, tree_find); the AVX-512 forms
+// of the last two use intrinsics directly, since they shuffle within one
+// 8-double line.
 //
 // Design
 // - Work unit: (memory b, chunk of slots). Chunk sizes depend on the shape
@@ -1517,6 +1518,16 @@ inline void pow_inplace_k(double* x, int64_t n, double alpha) {
   if (i < n) Vec::loadu(x + i, n - i).pow(a).store(x + i, n - i);
 }
 
+// x[i] = x[i]^e in float (the replay buffers' importance weights), vectorised.
+inline void powf_inplace_k(float* x, int64_t n, float e) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  const Vec a(e);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) Vec::loadu(x + i).pow(a).store(x + i);
+  if (i < n) Vec::loadu(x + i, n - i).pow(a).store(x + i, n - i);
+}
+
 // One level of the replay sum tree (fan-out 8, see replay/sum_tree.h):
 // parent p = parents[j] >> shift (or p = j when parents is null) gets
 // sums[p] = ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) of child_sums[8p..8p+7] and
@@ -1691,6 +1702,7 @@ constexpr KernelTable make_table(const char* name) {
                      &content_write_k,
                      &content_read_write_k,
                      &pow_inplace_k,
+                     &powf_inplace_k,
                      &tree_level_k,
                      &tree_find_k};
 }

@@ -72,6 +72,8 @@ std::string cpu_capability() { return kernels().name; }
 
 void pow_inplace(double* x, int64_t n, double alpha) { kernels().pow_inplace(x, n, alpha); }
 
+void powf_inplace(float* x, int64_t n, float e) { kernels().powf_inplace(x, n, e); }
+
 void tree_level(const double* child_sums, const double* child_mins, double* sums, double* mins,
                 const int64_t* parents, int64_t n, int shift) {
   kernels().tree_level(child_sums, child_mins, sums, mins, parents, n, shift);

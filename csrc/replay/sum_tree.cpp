@@ -79,15 +79,16 @@ SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
 }
 
 // Level d's parents from level d + 1 through the kernel table (512-bit
-// vectors where the processor has them: one load per node's children);
-// `parents` null means every node of the level.
-inline void SumTree::level_locked(int d, const int64_t* parents, int64_t n, int shift) {
+// vectors where the processor has them: one load per node's children): the
+// parents parents[j] >> shift for j < n, or, with whole set, every node.
+inline void SumTree::level_locked(int d, const int64_t* parents, int64_t n, int shift, bool whole) {
+  if (!whole && n <= 0) return;  // never pass the kernel a null pointer for an empty batch: null means 0..n-1
   neuralmem::cpu::tree_level(sums_[d + 1].get(), d + 1 == depth_ ? nullptr : mins_[d + 1].get(), sums_[d].get(),
-                             mins_[d].get(), parents, parents ? n : width_[d], shift);
+                             mins_[d].get(), whole ? nullptr : parents, whole ? width_[d] : n, shift);
 }
 
 void SumTree::rebuild_locked() {
-  for (int d = depth_ - 1; d >= 0; --d) level_locked(d, nullptr, 0, 0);
+  for (int d = depth_ - 1; d >= 0; --d) level_locked(d, nullptr, 0, 0, /*whole=*/true);
 }
 
 void SumTree::set_leaf_locked(int64_t i, double v) {
@@ -95,7 +96,7 @@ void SumTree::set_leaf_locked(int64_t i, double v) {
   if (depth_ == 0) mins_[0][0] = leaf_min(v);
   for (int d = depth_ - 1; d >= 0; --d) {
     i /= K;
-    level_locked(d, &i, 1, 0);
+    level_locked(d, &i, 1, 0, /*whole=*/false);
   }
 }
 
@@ -113,8 +114,6 @@ void SumTree::update(const int64_t* idx, const double* val, int64_t n) {
 // Leaves first, in order (the last write to a repeated index wins), then
 // every affected parent one level up at a time across the whole batch.
 void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
-  // Nothing to do; and an empty batch's pointer may be null, which
-  // level_locked would read as "every node of the level".
   if (n <= 0) return;
   double* ls = sums_[depth_].get();
   // Random leaves and parents miss the cache: each line is requested kAhead
@@ -134,7 +133,7 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
     // recompute whole than once per entry: a random batch of 256 would
     // otherwise recompute the root 256 times. Same values: parents are a
     // pure function of their children.
-    level_locked(d, width_[d] <= n ? nullptr : idx, n, shift);
+    level_locked(d, idx, n, shift, /*whole=*/width_[d] <= n);
   }
 }
 
@@ -173,10 +172,9 @@ void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, do
   // (N p_i / T)^-beta over the largest possible weight (N p_min / T)^-beta.
   const double mn = mins_[0][0];
   const double* ls = sums_[depth_].get();
-  for (int64_t j = 0; j < n; ++j) {
-    // float pow: the weights are float32 anyway, and it halves the cost.
-    w_out[j] = std::pow(static_cast<float>(ls[idx_out[j]] / mn), static_cast<float>(-beta));
-  }
+  // float pow, vectorised: the weights are float32 anyway.
+  for (int64_t j = 0; j < n; ++j) w_out[j] = static_cast<float>(ls[idx_out[j]] / mn);
+  neuralmem::cpu::powf_inplace(w_out, n, static_cast<float>(-beta));
   if (sampled_gen) {
     // The counters of a slot are one random line (or two, when the arrays are
     // separate): requested kAhead draws early so that their misses overlap.
@@ -636,8 +634,8 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
                 double mn = val[0];
                 for (int64_t j = 1; j < k; ++j) mn = val[j] < mn ? val[j] : mn;
                 // float pow, as sample_weighted: the weights are float32 anyway.
-                for (int64_t j = 0; j < k; ++j)
-                  wp[j] = std::pow(static_cast<float>(val[j] / mn), static_cast<float>(-beta));
+                for (int64_t j = 0; j < k; ++j) wp[j] = static_cast<float>(val[j] / mn);
+                neuralmem::cpu::powf_inplace(wp, k, static_cast<float>(-beta));
                 if (gens.sampled) {
                   constexpr int64_t kAhead = 16;  // one random line per slot: overlap the misses
                   const int64_t s = gens.stride;

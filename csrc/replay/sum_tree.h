@@ -71,7 +71,7 @@ class SumTree {
 
  private:
   void rebuild_locked();
-  void level_locked(int d, const int64_t* parents, int64_t n, int shift);
+  void level_locked(int d, const int64_t* parents, int64_t n, int shift, bool whole);
   void update_locked(const int64_t* idx, const double* val, int64_t n);
   void find_locked(double* m, int64_t* out, int64_t n);
   int64_t descend_one(double mass) const;
