@@ -201,7 +201,12 @@ int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64
     if (j + kAhead < n) {
       const int64_t a = idx[j + kAhead];
       __builtin_prefetch(sums_[depth_].get() + a, 1);
-      if (sampled_gen) __builtin_prefetch(sampled_gen + a * gs);  // gen[a] shares its line
+      if (sampled_gen) {
+        // one line when the counters are the columns of one array (the
+        // buffers' layout), two when they are separate arrays
+        __builtin_prefetch(gen + a * gs);
+        __builtin_prefetch(sampled_gen + a * gs);
+      }
     }
     // A slot rewritten since it was last sampled holds another item now: its
     // entry is written and then overwritten by the next one (no branch to
