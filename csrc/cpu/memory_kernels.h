@@ -1509,18 +1509,11 @@ inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at
 
 #undef NEURALMEM_DISPATCH
 
-inline void pow_inplace_k(double* x, int64_t n, double alpha) {
-  using Vec = Vectorized<double>;
-  constexpr int64_t V = Vec::size();
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + V <= n; i += V) Vec::loadu(x + i).pow(a).store(x + i);
-  if (i < n) Vec::loadu(x + i, n - i).pow(a).store(x + i, n - i);
-}
-
-// x[i] = x[i]^e in float (the replay buffers' importance weights), vectorised.
-inline void powf_inplace_k(float* x, int64_t n, float e) {
-  using Vec = Vectorized<float>;
+// x[i] = x[i]^e, vectorised (SLEEF's pow on AVX2/AVX-512): in double for the
+// replay buffers' priority transform, in float for their importance weights.
+template <typename F>
+inline void pow_inplace_k(F* x, int64_t n, F e) {
+  using Vec = Vectorized<F>;
   constexpr int64_t V = Vec::size();
   const Vec a(e);
   int64_t i = 0;
@@ -1701,8 +1694,8 @@ constexpr KernelTable make_table(const char* name) {
                      &usage_update_k,
                      &content_write_k,
                      &content_read_write_k,
-                     &pow_inplace_k,
-                     &powf_inplace_k,
+                     &pow_inplace_k<double>,
+                     &pow_inplace_k<float>,
                      &tree_level_k,
                      &tree_find_k};
 }
