@@ -218,6 +218,8 @@ for n in (70_000, 256, 1, 5000):
     a.update(idx, vals)
     b.update(idx, vals)
     assert a.total() == b.total() and a.min() == b.min(), (a.total(), b.total(), a.min(), b.min())
+    m = np.concatenate([rng.random(1001) * a.total(), [0.0, a.total()]])  # 8-wide steps and a tail
+    np.testing.assert_array_equal(a.find(m), b.find(m))
 print("ok")
 """
 
@@ -225,8 +227,8 @@ print("ok")
 @pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_cpp_tree_same_bits_on_every_instruction_set(isa):
-    """The parents are recomputed by the CPU kernel table (512-bit vectors where
-    available): every build must give the numpy twin's bits."""
+    """The parents and the descent run in the CPU kernel table (512-bit vectors
+    where available): every build must give the numpy twin's bits and leaves."""
     run_on_instruction_set(isa, _TREE_ISA_SCRIPT.format(isa=isa))
 
 

@@ -2,9 +2,9 @@
 // compiled once per instruction set (see kernel_table.h). Include only from a
 // memory_kernels_*.cpp, after kernel_prelude.h and after defining
 // CPU_CAPABILITY. The replay sum tree's inner loops are at the end of the
-// file (pow_inplace, powf_inplace, tree_level, tree_find); the AVX-512 forms
-// of the last two use intrinsics directly, since they shuffle within one
-// 8-double line.
+// file (pow_inplace in double and float, tree_level, tree_find); the AVX-512
+// forms of the last two use intrinsics directly, since they shuffle within
+// one 8-double line.
 //
 // Design
 // - Work unit: (memory b, chunk of slots). Chunk sizes depend on the shape
