@@ -94,6 +94,13 @@ def _from_table(op: str, device_type: str, n: int):
     return None
 
 
+def table_thresholds(op: str, device_type: str) -> tuple:
+    """The sizes at which the table's choice for `op` may change, ascending:
+    resolve() gives one answer for every N between two of them."""
+    rows = _table().get(device_type, {}).get(op) or []
+    return tuple(sorted({int(max_n) for max_n, _ in rows if max_n is not None}))
+
+
 def resolve(backend: str, op: str, device: torch.device, n: int = 0) -> str:
     """Turns a requested backend into the one that will run, or raises."""
     if backend not in BACKENDS:

@@ -71,11 +71,20 @@ def _normalize(t, eps):
     return t / norm, norm
 
 
+def _const_memory_read(memory, mem_n, keys, strengths, eps):
+    """The read's formula over primitives (memory a constant), for create_graph."""
+    k_n = keys / keys.norm(dim=-1, keepdim=True).clamp_min(eps)
+    w = torch.softmax(strengths.unsqueeze(-1) * torch.matmul(k_n, mem_n.transpose(-1, -2)), dim=-1)
+    return torch.matmul(w, memory)
+
+
 class _ConstMemoryRead(torch.autograd.Function):
     """Addressing + read of (B,K) keys over a memory that autograd treats as a constant.
 
     The backward is written out (5 small matmul/elementwise steps) instead of
-    replaying autograd over the ~10 primitives of the seed's formula.
+    replaying autograd over the ~10 primitives of the seed's formula. Under
+    create_graph (second-order MAML) the backward is instead autograd over the
+    formula itself, so that higher derivatives keep every term.
     """
 
     @staticmethod
@@ -83,7 +92,7 @@ class _ConstMemoryRead(torch.autograd.Function):
         k_n, k_norm = _normalize(keys, eps)
         sim = torch.matmul(k_n, mem_n.transpose(-1, -2))
         w = torch.softmax(strengths.unsqueeze(-1) * sim, dim=-1)
-        ctx.save_for_backward(memory, mem_n, k_n, k_norm, sim, w, strengths)
+        ctx.save_for_backward(memory, mem_n, k_n, k_norm, sim, w, keys, strengths)
         ctx.eps = eps
         # Keys shorter than eps (clamped norm) need the other branch of d normalize.
         ctx.any_clamped = bool((k_norm <= eps).any())
@@ -91,7 +100,14 @@ class _ConstMemoryRead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_reads):
-        memory, mem_n, k_n, k_norm, sim, w, strengths = ctx.saved_tensors
+        memory, mem_n, k_n, k_norm, sim, w, keys, strengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            need = [t for t, n in zip((keys, strengths), ctx.needs_input_grad[2:4]) if n]
+            with torch.enable_grad():
+                y = _const_memory_read(memory, mem_n, keys, strengths, ctx.eps)
+                grads = iter(torch.autograd.grad(y, need, grad_reads, create_graph=True, allow_unused=True))
+            return (None, None, next(grads) if ctx.needs_input_grad[2] else None,
+                    next(grads) if ctx.needs_input_grad[3] else None, None)
         dw = torch.matmul(grad_reads, memory.transpose(-1, -2))
         dlogits = w * (dw - (dw * w).sum(-1, keepdim=True))
         dstrengths = (dlogits * sim).sum(-1)
@@ -102,6 +118,19 @@ class _ConstMemoryRead(torch.autograd.Function):
         if ctx.any_clamped:
             dkeys = torch.where(k_norm > ctx.eps, dkeys, dk_n / k_norm)
         return None, None, dkeys, dstrengths, None
+
+
+def _unaliased(t, memory):
+    """`t`, or a copy of it when it shares storage with `memory`.
+
+    Under torch.compile the traced write is functionalised (it writes a copy
+    of the memory), so aliasing cannot corrupt it, and storages are not
+    traceable: nothing to do there."""
+    if torch.compiler.is_compiling():
+        return t
+    if t.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 class NeuralMemoryBank(nn.Module):
@@ -134,7 +163,6 @@ class NeuralMemoryBank(nn.Module):
         self.register_buffer("usage", torch.zeros(*lead, config.memory_size))
         # True when the current memory tensor may be saved by a pending backward.
         self._memory_in_graph = False
-        self._mem_n_cache = None  # (memory tensor, its version, normalised memory)
         self._torch_path_for = {}  # device -> whether the ops resolve to "torch"
 
     # ------------------------------------------------------------------ shapes
@@ -148,31 +176,60 @@ class NeuralMemoryBank(nn.Module):
             return self.memory, self.usage
         return self.memory.unsqueeze(0), self.usage.unsqueeze(0)
 
-    def _as_keys(self, name, keys, heads_name):
-        """Keys as (B, K, D) for the ops, and the leading shape to restore."""
+    def _check_tensor(self, name, t):
+        """A tensor of the memory's dtype and device, or an error naming `name`."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != self.memory.dtype:
+            raise TypeError(f"{name} must have the dtype of the memory ({self.memory.dtype}), got {t.dtype}")
+        if t.device != self.memory.device:
+            raise ValueError(f"{name} must be on the device of the memory ({self.memory.device}), got {t.device}")
+        return t
+
+    def _as_keys(self, name, keys, heads_name, heads=None):
+        """Keys as (B, K, D) for the ops, and the leading shape to restore.
+
+        `heads`, when given, is the number of heads the keys must hold (the
+        read heads of the config); a (D,) or (B, D) key is one head.
+        """
+        self._check_tensor(name, keys)
         D = self.memory_dim
-        if keys.shape[-1] != D:
+        if keys.dim() == 0 or keys.shape[-1] != D:
             raise ValueError(f"{name} must end in memory_dim={D}, got shape {tuple(keys.shape)}")
         if self.batched:
             B = self.batch_size
             if keys.dim() == 2 and keys.shape[0] == B:
-                return keys.unsqueeze(1)
-            if keys.dim() == 3 and keys.shape[0] == B:
-                return keys
-            raise ValueError(f"{name} must have shape (B={B}, {heads_name}, {D}) or (B={B}, {D}), "
+                out = keys.unsqueeze(1)
+            elif keys.dim() == 3 and keys.shape[0] == B:
+                out = keys
+            else:
+                raise ValueError(f"{name} must have shape (B={B}, {heads_name}, {D}) or (B={B}, {D}), "
+                                 f"got {tuple(keys.shape)}")
+            per_query = out.shape[1]
+        elif keys.dim() == 1:
+            out, per_query = keys.view(1, 1, D), 1
+        elif keys.dim() in (2, 3):
+            out, per_query = keys.reshape(1, -1, D), keys.shape[-2]
+        else:
+            raise ValueError(f"{name} must have shape ({heads_name}, {D}), ({D},) or (M, {heads_name}, {D}), "
                              f"got {tuple(keys.shape)}")
-        if keys.dim() == 1:
-            return keys.view(1, 1, D)
-        if keys.dim() in (2, 3):
-            return keys.reshape(1, -1, D)
-        raise ValueError(f"{name} must have shape ({heads_name}, {D}), ({D},) or (M, {heads_name}, {D}), "
-                         f"got {tuple(keys.shape)}")
+        if heads is not None and per_query != heads:
+            raise ValueError(f"{name} must hold num_read_heads={heads} heads ({heads_name} = {heads} in "
+                             f"({heads_name}, {D})), got shape {tuple(keys.shape)}")
+        return out
 
-    def _as_strengths(self, name, strengths, n_keys):
+    def _as_strengths(self, name, strengths, n_keys, scalar_ok=False):
+        """One strength per key as (B, n_keys). With `scalar_ok`, a Python
+        number or a one-element tensor is every key's strength."""
         B = self.batch_size or 1
-        if strengths.dim() == 0 or strengths.numel() != B * n_keys:
-            raise ValueError(f"{name} must hold one strength per key ({B * n_keys} values), "
-                             f"got shape {tuple(strengths.shape)}")
+        if scalar_ok and isinstance(strengths, (int, float)) and not isinstance(strengths, bool):
+            strengths = torch.tensor(float(strengths), dtype=self.memory.dtype, device=self.memory.device)
+        self._check_tensor(name, strengths)
+        if scalar_ok and strengths.numel() == 1:
+            return strengths.reshape(1, 1).expand(B, n_keys)
+        if strengths.numel() != B * n_keys or (strengths.dim() == 0 and not scalar_ok):
+            raise ValueError(f"{name} must hold one strength per key ({B * n_keys} values"
+                             + (", or one for all" if scalar_ok else "") + f"), got shape {tuple(strengths.shape)}")
         return strengths.reshape(B, n_keys)
 
     def _use_torch_path(self):
@@ -184,14 +241,14 @@ class NeuralMemoryBank(nn.Module):
         return use
 
     def _normalized_memory(self, memory):
-        """normalize(memory) once per memory state (tensor identity + version)."""
-        c = self._mem_n_cache
-        if c is not None and c[0] is self.memory and c[1] == self.memory._version:
-            return c[2]
+        """normalize(memory), computed afresh at every call.
+
+        It was once cached per memory state, keyed on the tensor's version
+        counter; but writes through `.data`, `.numpy()` or another library do
+        not move that counter, and the read after them used a stale copy.
+        """
         with torch.no_grad():
-            mem_n, _ = _normalize(memory, self.eps)
-        self._mem_n_cache = (self.memory, self.memory._version, mem_n)
-        return mem_n
+            return _normalize(memory, self.eps)[0]
 
     # ----------------------------------------------------------------- methods
     def content_addressing(self, key, beta):
@@ -214,7 +271,7 @@ class NeuralMemoryBank(nn.Module):
     def read(self, read_keys, read_strengths):
         """All heads in one fused read: (H, D), (H,) -> (H*D,), see the module docstring."""
         memory, _ = self._mem3()
-        keys = self._as_keys("read_keys", read_keys, "H")
+        keys = self._as_keys("read_keys", read_keys, "H", heads=self.num_read_heads)
         strengths = self._as_strengths("read_strengths", read_strengths, keys.shape[1])
         if torch.is_grad_enabled() and (keys.requires_grad or strengths.requires_grad or memory.requires_grad):
             self._memory_in_graph = True
@@ -233,7 +290,7 @@ class NeuralMemoryBank(nn.Module):
         _, usage = self._mem3()
         keys = self._as_keys("write_key", write_key, "W")
         W = keys.shape[1]
-        strengths = self._as_strengths("write_strength", write_strength, W)
+        strengths = self._as_strengths("write_strength", write_strength, W, scalar_ok=True)
         erase = self._as_keys("erase_vector", erase_vector, "W")
         add = self._as_keys("write_vector", write_vector, "W")
         if erase.shape != keys.shape or add.shape != keys.shape:
@@ -255,7 +312,10 @@ class NeuralMemoryBank(nn.Module):
                 self.memory = self.memory.clone()
                 self._memory_in_graph = False
             memory, usage = self._mem3()
-            keys, strengths, erase, add = keys.detach(), strengths.detach(), erase.detach(), add.detach()
+            # The seed's write is out of place: a key or vector that is a view of
+            # the memory (a stored row written back) is read as it was before the
+            # write. The in-place op refuses such aliasing; snapshot it here.
+            keys, strengths, erase, add = (_unaliased(t.detach(), memory) for t in (keys, strengths, erase, add))
             if self._use_torch_path():
                 self._torch_write_(memory, usage, keys, strengths, erase, add)
             else:

@@ -20,10 +20,42 @@ import torch.nn.functional as F
 
 from . import _ext  # noqa: F401  (loads and registers the native ops)
 from .backends import resolve as _resolve_uncached
+from .backends import table_thresholds as _table_thresholds
 
 # The choice depends only on its arguments and on what is installed, and a
-# small step calls it on every op: remember it.
-resolve = functools.lru_cache(maxsize=4096)(_resolve_uncached)
+# small step calls it on every op: remember it. Under torch.compile the
+# choice is made once at trace time, outside the graph (the table is a file,
+# and the extension's introspection is not traceable), and baked in as a
+# constant: the same choice as in eager mode.
+_resolve_cached = functools.lru_cache(maxsize=4096)(_resolve_uncached)
+
+
+@torch.compiler.assume_constant_result
+def _thresholds(op, device_type):
+    return _table_thresholds(op, device_type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend, op, device, n):
+    return _resolve_cached(backend, op, device, n)
+
+
+def resolve(backend, op, device, n=0):
+    """The backend that runs `op` (see backends.resolve), remembered per arguments.
+
+    Under torch.compile it runs at trace time, outside the graph, and gives
+    what eager mode would: N may be symbolic (dynamic shapes), so it is
+    compared with the table's size thresholds (each comparison a guard) and
+    the choice made for a size of the same table row.
+    """
+    if not torch.compiler.is_compiling():
+        return _resolve_cached(backend, op, device, n)
+    row_n = 0
+    for t in _thresholds(op, device.type):
+        if n > t:
+            row_n = t + 1
+    return _resolve_constant(backend, op, device, row_n)
+
 
 DEFAULT_EPS = 1e-12
 DEFAULT_DECAY = 0.99
@@ -125,6 +157,97 @@ def _c(t):
 
 def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+# --------------------------------------------------------------------------
+# in-place ops and autograd (the Python twin of csrc/inplace.cpp and
+# csrc/inplace_checks.h, for the torch and triton backends)
+# --------------------------------------------------------------------------
+FORWARD_ONLY_ALTERNATIVE = {
+    "memory_write_": "memory_write (out of place)",
+    "content_write_": ("content_addressing followed by memory_write (out of place), "
+                       "or NeuralMemoryBank(differentiable=True)"),
+    "content_read_write_": "content_read, then content_addressing and memory_write (out of place)",
+}
+
+
+def _extent(t):
+    """Byte range [lo, hi) spanned by a tensor's elements in its storage."""
+    es = t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    lo = t.storage_offset() * es
+    return lo, lo + (last + 1) * es
+
+
+def _overlaps(a, b):
+    if a is None or b is None or a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except RuntimeError:  # fake or functional tensors (tracing) have no data: nothing to alias
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_inplace(op, mutated, inputs):
+    """PyTorch's in-place rules for a forward-only op that overwrites `mutated`.
+
+    mutated, inputs: sequences of (name, tensor or None). With grad mode on,
+    a mutated leaf that requires grad is refused (PyTorch's message), and so
+    is any input that requires grad (the op has no gradient: it would be
+    dropped). An input sharing memory with a mutated tensor is refused in
+    every mode. Raises RuntimeError naming the argument.
+    """
+    if torch.is_grad_enabled():
+        for name, t in mutated:
+            if t is not None and t.requires_grad and t.is_leaf:
+                raise RuntimeError(f"neuralmem::{op}: {name} is a leaf Variable that requires grad: a leaf Variable "
+                                   "that requires grad is being used in an in-place operation.")
+        for name, t in (*mutated, *inputs):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"neuralmem::{op} is forward-only (it overwrites the memory in place and has no gradient), "
+                    f"but {name} requires grad. For a differentiable write use {FORWARD_ONLY_ALTERNATIVE[op]}; "
+                    "to write without gradients, detach the inputs or run under torch.no_grad().")
+    if torch.compiler.is_compiling():
+        return  # a traced write is functionalised (it writes a copy): no aliasing there
+    others = list(inputs)
+    for i, (mname, m) in enumerate(mutated):
+        for name, t in (*others, *mutated[i + 1:]):
+            if _overlaps(m, t):
+                raise RuntimeError(
+                    f"neuralmem::{op}: {name} shares memory with {mname}, which the op overwrites in place "
+                    f"(unsupported, as in PyTorch's in-place ops): pass {name}.clone() instead")
+
+
+def _bump(*ts):
+    for t in ts:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+def inplace_autograd_kernel(op, fn):
+    """An Autograd-key kernel for the in-place op `op` whose device kernel is
+    reached through `fn`: the checks of check_inplace, the call below
+    autograd, and a version bump of every mutated tensor (for op libraries
+    registered from Python, as csrc/inplace.cpp does for the native ones)."""
+    fn = getattr(fn, "default", fn)  # an OpOverloadPacket's one overload
+    schema = fn._schema
+    names = [a.name for a in schema.arguments]
+    written = [a.alias_info is not None and a.alias_info.is_write for a in schema.arguments]
+
+    def kernel(*args):
+        mutated = [(n, a) for n, a, w in zip(names, args, written) if w]
+        inputs = [(n, a) for n, a, w in zip(names, args, written) if not w and isinstance(a, torch.Tensor)]
+        check_inplace(op, mutated, inputs)
+        with torch._C._AutoDispatchBelowAutograd():
+            out = fn(*args)
+        _bump(*(a for _, a in mutated))
+        return out
+
+    return kernel
 
 
 _NATIVE = torch.ops.neuralmem
@@ -379,21 +502,35 @@ def memory_write(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, b
     return out, usage_update(usage, weights, decay, backend=be)
 
 
-@torch.no_grad()
 def memory_write_(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, backend="auto"):
-    """In-place erase-add write (no autograd). Updates `usage` in place too when given."""
+    """In-place erase-add write. Updates `usage` in place too when given.
+
+    Forward-only: with grad mode on, an input that requires grad is refused
+    (use `memory_write`, out of place, to train through a write). The version
+    counters of `memory` (and `usage`) move, so a pending backward that saved
+    them raises instead of reading the new contents; inputs that share memory
+    with `memory` or `usage` are refused.
+    """
     _, N, _, _ = _check_write(memory, weights, erase, add)
     if usage is not None:
         _check_usage(usage, memory, decay)
     if not memory.is_contiguous():
         raise ValueError("memory must be contiguous for the in-place write (call .contiguous() first)")
     be = resolve(backend, "memory_write_", memory.device, N)
-    if be == "torch":
-        memory.copy_(memory_write_ref(memory, weights, erase, add))
+    # Usage is written by a second op: check both before either is written.
+    check_inplace("memory_write_", [("memory", memory), ("usage", usage)],
+                  [("weights", weights), ("erase", erase), ("add", add)])
+    if be == "cpu" or be == "cuda":  # csrc/inplace.cpp checks again, writes and bumps the version
+        _NATIVE.memory_write_(memory, _c(weights), _c(erase), _c(add))
     else:
-        _lib(be).memory_write_(memory, _c(weights), _c(erase), _c(add))
+        with torch.no_grad():
+            if be == "torch":
+                memory.copy_(memory_write_ref(memory, weights, erase, add))
+            else:
+                _lib(be).memory_write_(memory, _c(weights), _c(erase), _c(add))
     if usage is not None:
-        usage.copy_(usage_update(usage, weights, decay, backend=be))
+        with torch.no_grad():
+            usage.copy_(usage_update(usage, weights, decay, backend=be))
     return memory
 
 
@@ -444,17 +581,27 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
     are never materialised by the native kernels. With `usage`, it is updated
     in place and the least-used slot after the update is returned, (B,) int64;
     otherwise returns None.
+
+    Forward-only, with PyTorch's in-place rules (see `check_inplace`): the
+    version counters of `memory` and `usage` move; with grad mode on, an input
+    that requires grad is refused (use `content_addressing` + `memory_write`,
+    out of place, to train through a write); inputs that share memory with
+    `memory` or `usage` are refused.
     """
     if not (_keys_ok(memory, keys, strengths, eps) and _write_vectors_ok(memory, keys, erase, add)
             and (usage is None or _usage_ok(usage, memory, decay)) and memory.is_contiguous()):
         _check_content_write(memory, keys, strengths, erase, add, usage, eps, decay)
     N = memory.shape[1]
     be = resolve(backend, "content_write_", memory.device, N)
-    # No autograd through an in-place write. A plain switch of grad mode:
-    # the @torch.no_grad() decorator costs microseconds per call here.
-    prev = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(False)
-    try:
+    if be == "cpu":  # the CPU kernels take strided inputs themselves; csrc/inplace.cpp checks and bumps
+        least = _NATIVE.content_write_(memory, usage, keys, strengths, erase, add, eps, decay)
+        return least if usage is not None else None
+    if be == "cuda":
+        least = _NATIVE.content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
+        return least if usage is not None else None
+    check_inplace("content_write_", [("memory", memory), ("usage", usage)],
+                  [("keys", keys), ("strengths", strengths), ("erase", erase), ("add", add)])
+    with torch.no_grad():
         if be == "torch":
             w = content_addressing_ref(memory, keys, strengths, eps)
             memory.copy_(memory_write_ref(memory, w, erase, add))
@@ -462,11 +609,8 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
                 return None
             usage.copy_(usage_update_ref(usage, w, decay))
             return torch.argmin(usage, dim=1)
-        if be != "cpu":  # the CPU kernels take strided inputs themselves
-            keys, strengths, erase, add = _c(keys), _c(strengths), _c(erase), _c(add)
-        least = _lib(be).content_write_(memory, usage, keys, strengths, erase, add, eps, decay)
-    finally:
-        torch._C._set_grad_enabled(prev)
+        # triton: its Autograd kernel (inplace_autograd_kernel) has checked; it bumps the versions
+        least = _lib(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
     return least if usage is not None else None
 
 
@@ -479,9 +623,10 @@ def content_read_write_(memory, read_keys, read_strengths, write_keys, write_str
     the reads and the write weights both address the memory as it was before
     the write. The CPU kernel streams the memory twice instead of three times
     (the read pass also gathers the write heads' softmax statistics); the
-    CUDA and Triton ops run their read, then their write. Forward only: the
-    memory is overwritten, so nothing here is differentiable (use the two
-    ops, on a copy, for training).
+    CUDA and Triton ops run their read, then their write. Forward-only: the
+    memory is overwritten, so nothing here is differentiable, and with grad
+    mode on an input that requires grad is refused (use `content_read`, then
+    `content_addressing` and `memory_write`, out of place, for training).
     `least` is the least-used slot after the write, (B,) int64, or None
     without `usage`.
     """
@@ -492,20 +637,21 @@ def content_read_write_(memory, read_keys, read_strengths, write_keys, write_str
         _check_keys(memory, read_keys, read_strengths, eps, prefix="read_")
         _check_content_write(memory, write_keys, write_strengths, erase, add, usage, eps, decay, prefix="write_")
     be = resolve(backend, "content_read_write_", memory.device, memory.shape[1])
-    prev = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(False)
-    try:
+    args = (read_keys, read_strengths, write_keys, write_strengths, erase, add)
+    if be == "cpu" or be == "cuda":  # csrc/inplace.cpp checks and bumps
+        if be != "cpu":  # the CPU kernels take strided inputs themselves
+            args = tuple(_c(t) for t in args)
+        reads, _, least = _NATIVE.content_read_write_(memory, usage, *args, eps, decay)
+        return reads, (least if usage is not None else None)
+    check_inplace("content_read_write_", [("memory", memory), ("usage", usage)],
+                  list(zip(("read_keys", "read_strengths", "write_keys", "write_strengths", "erase", "add"), args)))
+    with torch.no_grad():
         if be == "torch":
             reads = content_read_ref(memory, read_keys, read_strengths, eps)
             least = content_write_(memory, write_keys, write_strengths, erase, add, usage=usage, eps=eps,
                                    decay=decay, backend="torch")
             return reads, least
-        args = (read_keys, read_strengths, write_keys, write_strengths, erase, add)
-        if be != "cpu":  # the CPU kernels take strided inputs themselves
-            args = tuple(_c(t) for t in args)
-        reads, _, least = _lib(be).content_read_write_(memory, usage, *args, eps, decay)
-    finally:
-        torch._C._set_grad_enabled(prev)
+        reads, _, least = _lib(be).content_read_write_(memory, usage, *(_c(t) for t in args), eps, decay)
     return reads, (least if usage is not None else None)
 
 

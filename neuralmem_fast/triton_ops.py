@@ -1170,9 +1170,13 @@ if AVAILABLE:
         _LIB.impl(_name, _cpu_kernel(_name, IMPLS[_name]), "CPU")
         _LIB.impl(_name, _cuda_kernel(IMPLS[_name]), "CUDA")
 
-    from .ops import register_fakes
+    from .ops import FORWARD_ONLY_ALTERNATIVE, inplace_autograd_kernel, register_fakes
 
     register_fakes("neuralmem_triton")
+    # The in-place ops: PyTorch's in-place rules and version bumps, as the
+    # native library's csrc/inplace.cpp gives them.
+    for _name in FORWARD_ONLY_ALTERNATIVE:
+        _LIB.impl(_name, inplace_autograd_kernel(_name, getattr(torch.ops.neuralmem_triton, _name)), "Autograd")
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernel_table.h"
+#include "inplace_checks.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -285,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_write_backward
 void memory_write_(at::Tensor& memory, const at::Tensor& weights, const at::Tensor& erase, const at::Tensor& add) {
   check_write(memory, weights, erase, add);
   TORCH_CHECK_VALUE(memory.is_contiguous(), "memory must be contiguous for the in-place write");
+  check_no_overlap("memory_write_", memory, "memory", {{"weights", &weights}, {"erase", &erase}, {"add", &add}});
   kernels().memory_write(memory, weights.contiguous(), erase.contiguous(), add.contiguous(), memory);
 }
 
@@ -333,6 +335,8 @@ at::Tensor content_write_(at::Tensor& memory, const std::optional<at::Tensor>& u
   at::Tensor least;
   at::Tensor usage =
       check_content_write(memory, usage_opt, keys, strengths, erase, add, eps, decay, "keys", "strengths", &least);
+  check_no_overlap("content_write_", memory, usage,
+                   {{"keys", &keys}, {"strengths", &strengths}, {"erase", &erase}, {"add", &add}});
   kernels().content_write(memory, usage, keys.contiguous(), strengths.contiguous(), erase.contiguous(),
                           add.contiguous(), eps, decay, least);
   return least;
@@ -346,6 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> content_read_write_(
   at::Tensor least;
   at::Tensor usage = check_content_write(memory, usage_opt, write_keys, write_strengths, erase, add, eps, decay,
                                          "write_keys", "write_strengths", &least);
+  check_no_overlap("content_read_write_", memory, usage,
+                   {{"read_keys", &read_keys}, {"read_strengths", &read_strengths}, {"write_keys", &write_keys},
+                    {"write_strengths", &write_strengths}, {"erase", &erase}, {"add", &add}});
   const int64_t B = memory.size(0), H = read_keys.size(1), D = memory.size(2);
   at::Tensor reads = at::empty({B, H, D}, memory.options());
   at::Tensor lse = at::empty({B, H}, memory.options().dtype(lse_dtype(memory.scalar_type())));

@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "common.cuh"
+#include "inplace_checks.h"
 
 namespace neuralmem {
 namespace cuda {
@@ -653,6 +654,7 @@ void memory_write_inplace_cuda(Tensor& memory, const Tensor& weights_, const Ten
                                const Tensor& add_) {
   check_write(memory, weights_, erase_, add_);
   TORCH_CHECK(memory.is_contiguous(), "memory must be contiguous for the in-place write (call .contiguous() first)");
+  check_no_overlap("memory_write_", memory, "memory", {{"weights", &weights_}, {"erase", &erase_}, {"add", &add_}});
   const c10::cuda::CUDAGuard guard(memory.device());
   const Tensor weights = weights_.contiguous(), erase = erase_.contiguous(), add = add_.contiguous();
   launch_write(memory, weights, erase, add, memory);
@@ -758,6 +760,10 @@ Tensor content_write_cuda(Tensor& memory, const std::optional<Tensor>& usage, co
   }
   TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
   TORCH_CHECK(decay >= 0.0 && decay <= 1.0, "decay must be in [0, 1], got ", decay);
+  const Tensor no_usage;
+  const Tensor& u = has_usage ? *usage : no_usage;
+  check_no_overlap("content_write_", memory, u,
+                   {{"keys", &keys_}, {"strengths", &strengths_}, {"erase", &erase_}, {"add", &add_}});
   const c10::cuda::CUDAGuard guard(memory.device());
   const Tensor keys = keys_.contiguous(), strengths = strengths_.contiguous();
   const Tensor erase = erase_.contiguous(), add = add_.contiguous();
@@ -842,6 +848,10 @@ std::tuple<Tensor, Tensor, Tensor> content_read_write_cuda(Tensor& memory, const
   static const auto read = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("neuralmem::content_read", "")
                                .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)>();
+  // The read runs before the write here, but aliasing is refused as on the CPU.
+  const Tensor no_usage;
+  const Tensor& u = usage.has_value() && usage->defined() ? *usage : no_usage;
+  check_no_overlap("content_read_write_", memory, u, {{"read_keys", &read_keys}, {"read_strengths", &read_strengths}});
   auto out = read.call(memory, read_keys, read_strengths, eps);
   Tensor least = content_write_cuda(memory, usage, write_keys, write_strengths, erase, add, eps, decay);
   return {std::get<0>(out), std::get<1>(out), least};
