@@ -101,6 +101,30 @@ def _check_range(idx: np.ndarray, high: int, what: str, bound: str) -> None:
         raise IndexError(f"{what}: index {int(idx[j])} at position {j} is out of range for {bound} {high}")
 
 
+def _shape_of(x) -> Optional[tuple]:
+    s = getattr(x, "shape", None)
+    if s is None:
+        try:
+            s = np.shape(x)
+        except (TypeError, ValueError):  # ragged or not array-like: the conversion that follows says why
+            return None
+    return tuple(s)
+
+
+def _check_pairing(indices, priorities, what: str) -> None:
+    """indices and priorities pair up element by element: they must have the
+    same shape, up to dimensions of size 1 ((B,) with (B,), (B, 1) or (1, B)).
+    Anything else ((2, 2) with (1, 4), one priority for several indices) is a
+    guess at which priority belongs to which index: raise, naming both."""
+    si, sp = _shape_of(indices), _shape_of(priorities)
+    if si is None or sp is None or si == sp or tuple(d for d in si if d != 1) == tuple(d for d in sp if d != 1):
+        return
+    raise ValueError(
+        f"{what}: `indices` and `priorities` must have the same shape (up to dimensions of size 1, e.g. (B,) "
+        f"with (B,) or (B, 1)), got indices of shape {si} and priorities of shape {sp}; nothing was updated"
+    )
+
+
 # The checks below are the cheapest spellings (exact type, is_cpu, dtype
 # identity): `x.device.type` alone costs a quarter of a microsecond, a few
 # percent of a whole update_priorities call.
@@ -803,10 +827,25 @@ class PrioritizedReplayBuffer:
     def update_priorities(self, indices, priorities) -> int:
         """Sets new priorities (before alpha) for sampled slots; returns how many were applied.
 
+        indices: integer slots (as ``sample`` returned them), a tensor, array
+        or sequence. priorities: finite numbers >= 0, paired with the indices
+        element by element, so both must have the same shape up to dimensions
+        of size 1: (B,) with (B,), (B, 1) or (1, B) (a TD-error column), (2, 2)
+        with (2, 2), a scalar with a scalar. Other shapes, e.g. (2, 2) with
+        (1, 4) or one priority for B > 1 indices (no broadcasting), raise
+        ValueError naming both shapes; so do NaN, inf and negative priorities
+        and out-of-range indices. On any error nothing is updated.
+
         A slot that was overwritten after it was last sampled keeps the
         priority of its new item: the update is dropped. Repeated indices: the
         last one wins.
         """
+        # Two 1-D tensors (the common case) pair up by position; their lengths
+        # are the tree's to check. dim() is the cheapest test: building and
+        # comparing shapes costs a fifth of the whole call.
+        if not (type(indices) is torch.Tensor and type(priorities) is torch.Tensor
+                and indices.dim() == 1 == priorities.dim()):
+            _check_pairing(indices, priorities, "PrioritizedReplayBuffer.update_priorities")
         with self._lock:
             return self._tree.update_priorities(
                 _fast_index(indices), _fast_float(priorities), self.alpha, self.eps, self._size,
@@ -1021,7 +1060,15 @@ class ExperienceReplay:
         return samples, weights
 
     def update_priorities(self, indices, priorities) -> int:
-        """New priorities (before alpha) for sampled slots; stale slots are skipped. Returns how many were applied."""
+        """New priorities (before alpha) for sampled slots; stale slots are skipped. Returns how many were applied.
+
+        Shapes as for ``PrioritizedReplayBuffer.update_priorities``: indices
+        and priorities of the same shape up to dimensions of size 1, else
+        ValueError, and nothing is updated.
+        """
+        if not (type(indices) is torch.Tensor and type(priorities) is torch.Tensor
+                and indices.dim() == 1 == priorities.dim()):
+            _check_pairing(indices, priorities, "ExperienceReplay.update_priorities")
         with self._lock:
             return self._tree.update_priorities(
                 _fast_index(indices), _fast_float(priorities), self.alpha, 0.0, self._size,

@@ -833,3 +833,50 @@ def test_conversions_that_keep_every_value_are_still_accepted(backend):
         with pytest.raises((TypeError, ValueError), match=field):
             buf.add(item)
         _assert_unchanged(buf, before)
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_update_priorities_requires_indices_and_priorities_of_one_shape(backend):
+    buf = PrioritizedReplayBuffer(8, alpha=1.0, eps=0.0, backend=backend, generator=0)
+    buf.extend(torch.zeros(8, 2))
+    _, idx, _ = buf.sample(4)
+    before = _everything(buf)
+    # (2, 2) indices with (1, 4) priorities: which priority goes to which index is a guess. Refused.
+    with pytest.raises(ValueError, match=r"indices.*\(2, 2\).*priorities.*\(1, 4\)"):
+        buf.update_priorities(idx.view(2, 2), torch.rand(1, 4))
+    _assert_unchanged(buf, before)
+    # One priority for several indices is not broadcast either.
+    with pytest.raises(ValueError, match=r"indices.*\(4,\).*priorities.*\(\)"):
+        buf.update_priorities(idx, 3.0)
+    with pytest.raises(ValueError, match=r"indices.*\(4,\).*priorities.*\(2, 2\)"):
+        buf.update_priorities(idx.numpy(), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"indices.*\(2,\).*priorities.*\(3,\)"):
+        buf.update_priorities([0, 1], [1.0, 2.0, 3.0])
+    _assert_unchanged(buf, before)
+    # The documented shapes: equal shapes, up to dimensions of size 1 (a (B, 1) TD-error column).
+    idx = torch.tensor([0, 1, 2, 3])
+    for p in (torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([[1.0], [2.0], [3.0], [4.0]]),
+              np.array([[1.0, 2.0, 3.0, 4.0]]), [1.0, 2.0, 3.0, 4.0]):
+        buf.update_priorities(idx, torch.zeros(4))
+        n = buf.update_priorities(idx, p)
+        assert n == 4 and buf.tree.get(np.arange(4)).tolist() == [1.0, 2.0, 3.0, 4.0], type(p)
+    assert buf.update_priorities(idx.view(2, 2), torch.tensor([[5.0, 6.0], [7.0, 8.0]])) == 4
+    assert buf.tree.get(np.arange(4)).tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert buf.update_priorities(torch.tensor(2), torch.tensor(9.0)) == 1  # a scalar pairs with a scalar
+    assert buf.tree.get(np.array([2])).tolist() == [9.0]
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_experience_replay_update_priorities_requires_one_shape(backend):
+    er = ExperienceReplay(capacity=8, alpha=1.0, backend=backend)
+    for i in range(4):
+        er.push(i, priority=1.0)
+    _, _, idx = er.sample(4, return_indices=True)
+    before = np.array(er.priorities)
+    with pytest.raises(ValueError, match=r"indices.*\(2, 2\).*priorities.*\(1, 4\)"):
+        er.update_priorities(idx.reshape(2, 2), np.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"indices.*\(4,\).*priorities.*\(\)"):
+        er.update_priorities(idx, 2.0)
+    np.testing.assert_array_equal(np.array(er.priorities), before)
+    assert er.update_priorities(idx, np.arange(1.0, 5.0).reshape(4, 1)) == 4
+    np.testing.assert_array_equal(er._tree.get(idx), np.arange(1.0, 5.0))
