@@ -639,7 +639,9 @@ def sweep(args, device, log=print):
         dropped.append(dict(provider=be, B=B, mode=mode, N=N, reason=reason))
         log(f"dropped: {be} B={B} {mode} from N={_fmt_n(N)}: {reason}")
 
-    bar = tqdm(plan, desc="scale", unit="pt", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a log would keep every frame).
+    bar = tqdm(plan, desc="scale", unit="pt", file=sys.stderr, disable=True if args.no_progress else None,
+               dynamic_ncols=True)
     for B, N, be, mode in bar:
         track = (be, B, mode)
         if track in dead:

@@ -199,3 +199,11 @@ def test_small_n_peak_counts_the_point_not_the_process(tmp_path, capsys):
     assert "baseline" in res["config"]["memory_accounting"]
     header = printed.splitlines()[0]
     assert "above baseline" in header, header
+
+
+def test_no_bar_frames_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    argv = [a for a in TINY if a != "--no-progress"] + ["--max-n", "1e3", "--modes", "fwd", "--no-plot", "--out",
+                                                          str(tmp_path / "res")]
+    assert scale.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "scale sweep on cpu" in err and "\r" not in err, repr(err[:300])
