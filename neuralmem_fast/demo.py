@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -130,7 +131,9 @@ def parse_args(argv=None):
     # One sample per step on tensors of a few thousand elements: intra-op
     # threads only add synchronisation (and stall badly on a busy machine).
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, 0 for torch's choice (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none either when stderr is not a terminal: a log file or pipe "
+                        "would collect every redrawn frame)")
     args = p.parse_args(argv)
     args.epochs_given = args.epochs
     base = QUICK if args.quick else DEFAULTS
@@ -227,6 +230,14 @@ def run_one(args, use_replay, progress=None, log=print, kind=None):
     if progress is not None:
         def on_step(loss, _n=[0]):
             _n[0] += 1
+            if _n[0] == 1 and hasattr(progress, "reset"):
+                # The first step also carries building the agent and one-time
+                # warm-up (lazy imports, first calls into the kernels): a rate
+                # measured over it put the first ETA at 72 s for a 4 s run.
+                # The bar's clock starts after it (its elapsed time too: tqdm
+                # falls back to n / elapsed before its smoothed rate has a
+                # sample); the run's wall time printed at the end counts it all.
+                progress.reset()
             progress.update(1)
             if _n[0] % 25 == 0:
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -254,6 +265,23 @@ def run_one(args, use_replay, progress=None, log=print, kind=None):
     return metrics, agent
 
 
+def _on_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _progress_bar(args, total, desc):
+    """A tqdm bar on stderr, or None: with --no-progress, and whenever stderr is
+    not a terminal, where every redrawn frame would land in the log."""
+    if args.no_progress or not _on_terminal(sys.stderr):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+
+
 def _both_runs(args, kind):
     """The run with replay and the run without, for agent `kind`; returns (runs, agents, seconds)."""
     from tqdm.auto import tqdm
@@ -263,7 +291,7 @@ def _both_runs(args, kind):
     t0 = time.perf_counter()
     for name, replay in (("with_replay", True), ("without_replay", False)):
         tag = name if kind == args.agent else f"{kind}, {name}"
-        bar = None if args.no_progress else tqdm(total=steps, desc=tag.replace("_", " "), unit="step")
+        bar = _progress_bar(args, steps, tag.replace("_", " "))
         log = (lambda s: tqdm.write(f"[{tag}] {s}")) if bar is not None else (lambda s: print(f"[{tag}] {s}"))
         try:
             runs[name], agents[name] = run_one(args, replay, bar, log, kind=kind)

@@ -26,9 +26,10 @@ Three layers:
   plus ``update_priorities``.
 
 Every public method checks its whole input before it changes anything: a
-NaN/inf/negative priority, an index out of range, mismatched lengths or an
-item whose structure differs from the first one raise, and the buffer keeps
-what it had.
+NaN/inf/negative priority, an index out of range, indices and priorities of
+different shapes, an item whose structure differs from the first one, or a
+field whose dtype the storage cannot hold without changing values (float64
+into float32 storage) raise, and the buffer keeps what it had.
 """
 from __future__ import annotations
 
@@ -98,6 +99,30 @@ def _check_range(idx: np.ndarray, high: int, what: str, bound: str) -> None:
         bad = (idx < 0) | (idx >= high)
         j = int(np.argmax(bad))
         raise IndexError(f"{what}: index {int(idx[j])} at position {j} is out of range for {bound} {high}")
+
+
+def _shape_of(x) -> Optional[tuple]:
+    s = getattr(x, "shape", None)
+    if s is None:
+        try:
+            s = np.shape(x)
+        except (TypeError, ValueError):  # ragged or not array-like: the conversion that follows says why
+            return None
+    return tuple(s)
+
+
+def _check_pairing(indices, priorities, what: str) -> None:
+    """indices and priorities pair up element by element: they must have the
+    same shape, up to dimensions of size 1 ((B,) with (B,), (B, 1) or (1, B)).
+    Anything else ((2, 2) with (1, 4), one priority for several indices) is a
+    guess at which priority belongs to which index: raise, naming both."""
+    si, sp = _shape_of(indices), _shape_of(priorities)
+    if si is None or sp is None or si == sp or tuple(d for d in si if d != 1) == tuple(d for d in sp if d != 1):
+        return
+    raise ValueError(
+        f"{what}: `indices` and `priorities` must have the same shape (up to dimensions of size 1, e.g. (B,) "
+        f"with (B,) or (B, 1)), got indices of shape {si} and priorities of shape {sp}; nothing was updated"
+    )
 
 
 # The checks below are the cheapest spellings (exact type, is_cpu, dtype
@@ -387,8 +412,88 @@ def _generation_counters(capacity: int):
     return pair[:, 0], pair[:, 1]
 
 
-def _flatten(item, what: str):
-    """(kind, keys, leaves) of an item; leaves are tensors (numbers and arrays are converted)."""
+_REAL_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _holds_every_value(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether dtype `dst` represents every value of dtype `src` exactly (a
+    widening: float32 -> float64, int32 -> int64, uint8 -> float32, bool ->
+    anything), so that storing a `src` tensor in `dst` storage changes nothing.
+    torch.can_cast answers a different question (same kind or wider kind) and
+    lets float64 -> float32 and int64 -> float32 through, which round."""
+    if src == dst or src == torch.bool:
+        return True
+    if dst == torch.bool or (src.is_complex and not dst.is_complex):
+        return False
+    src, dst = _REAL_PART.get(src, src), _REAL_PART.get(dst, dst)
+    if src == dst:
+        return True
+    try:
+        if dst.is_floating_point:
+            fd = torch.finfo(dst)
+            digits = round(-math.log2(fd.eps)) + 1  # significand bits, the implicit one included
+            if src.is_floating_point:
+                fs = torch.finfo(src)
+                return (round(-math.log2(fs.eps)) + 1 <= digits and fs.max <= fd.max
+                        and fs.tiny * fs.eps >= fd.tiny * fd.eps)  # the smallest subnormals
+            i = torch.iinfo(src)
+            return max(i.max, -i.min).bit_length() <= digits
+        if src.is_floating_point:
+            return False
+        i, j = torch.iinfo(src), torch.iinfo(dst)
+        return j.min <= i.min and i.max <= j.max
+    except TypeError:  # quantized and other dtypes without finfo/iinfo: only an exact match
+        return False
+
+
+def _python_number_as(x, dtype: torch.dtype, field: str, what: str) -> torch.Tensor:
+    """A Python number (which has no dtype of its own) as a 0-d tensor of the
+    stored dtype. A float rounds to the storage's precision, as torch stores
+    any Python float; anything that would change the value otherwise (an
+    int that does not fit exactly, a float into integer storage, a finite
+    float that overflows, a number into bool storage) raises."""
+    kind = type(x).__name__
+    if dtype == torch.bool:
+        ok = type(x) is bool
+    elif dtype.is_complex:
+        ok = True
+    elif dtype.is_floating_point:
+        ok = type(x) is not complex
+    else:
+        ok = type(x) in (bool, int)
+        if ok:
+            try:
+                info = torch.iinfo(dtype)
+            except TypeError:
+                ok = False
+            else:
+                if not info.min <= x <= info.max:
+                    raise ValueError(f"{what}: {field} is the Python int {x}, which does not fit the {dtype} the "
+                                     f"buffer stores there (set by the first item); nothing was stored")
+    if not ok:
+        raise TypeError(f"{what}: {field} is a Python {kind}, but the buffer stores {dtype} there (set by the first "
+                        f"item); nothing was stored")
+    t = torch.tensor(x, dtype=dtype)
+    if type(x) is int and not dtype.is_floating_point and not dtype.is_complex:
+        return t
+    v = t.item()
+    if (type(x) is int and v != x) or (type(x) in (float, complex) and not _isfinite(v) and _isfinite(x)):
+        raise ValueError(f"{what}: {field} is the Python {kind} {x!r}, which the {dtype} the buffer stores there "
+                         f"(set by the first item) cannot hold (it would read {v!r}); nothing was stored")
+    return t
+
+
+def _isfinite(v) -> bool:
+    return math.isfinite(v.real) and math.isfinite(v.imag) if isinstance(v, complex) else math.isfinite(v)
+
+
+def _flatten(item, what: str, stored=None):
+    """(kind, keys, leaves) of an item; leaves are tensors (numbers and arrays are converted).
+
+    stored: (kind, keys, specs) of the buffer's storage, or None. When the item
+    has that structure, a Python number in a field becomes a tensor of that
+    field's stored dtype (see _python_number_as) rather than torch's default.
+    """
     if isinstance(item, dict):
         keys = tuple(item.keys())
         if not keys:
@@ -406,6 +511,10 @@ def _flatten(item, what: str):
         if not isinstance(x, torch.Tensor):
             if isinstance(x, (dict, tuple, list)) and not isinstance(x, np.ndarray):
                 raise TypeError(f"{what}: nested structures are not supported (field {j} is a {type(x).__name__})")
+            if (type(x) in (bool, int, float, complex) and stored is not None and stored[2] is not None
+                    and stored[0] == kind and stored[1] == keys and len(stored[2]) == len(leaves)):
+                out.append(_python_number_as(x, stored[2][j][1], _field_name(kind, keys, j), what))
+                continue
             try:
                 x = torch.as_tensor(x)
             except (TypeError, ValueError, RuntimeError) as exc:
@@ -560,10 +669,13 @@ class PrioritizedReplayBuffer:
                         f"{what}: {_field_name(kind, keys, j)} must have shape (n, {', '.join(map(str, shape))}) "
                         f"like the first item, got {tuple(x.shape)}"
                     )
-                if x.dtype != dtype and not torch.can_cast(x.dtype, dtype):
+                if x.dtype != dtype and not _holds_every_value(x.dtype, dtype):
+                    # A silent cast (float64 into float32, int64 into float32) would
+                    # store other values than the ones given.
                     raise TypeError(
-                        f"{what}: {_field_name(kind, keys, j)} must have dtype {dtype} like the first item "
-                        f"(or one that casts to it safely), got {x.dtype}"
+                        f"{what}: {_field_name(kind, keys, j)} has dtype {x.dtype}, but the buffer stores {dtype} "
+                        f"there (set by the first item), which cannot hold every {x.dtype} value; nothing was "
+                        f"stored. Convert it first (.to({dtype})) if the rounding is intended"
                     )
         return int(n)
 
@@ -587,8 +699,18 @@ class PrioritizedReplayBuffer:
         return p
 
     def add(self, item, priority: Optional[float] = None) -> int:
-        """Stores one item (tensor, tuple or dict of tensors); returns its slot."""
-        kind, keys, leaves = _flatten(item, "PrioritizedReplayBuffer.add")
+        """Stores one item (tensor, tuple or dict of tensors); returns its slot.
+
+        The first item fixes the structure, shapes and dtypes. A later field
+        of another dtype is stored only when that dtype's every value is one
+        of the stored dtype (float32 into float64 storage, int32 into int64,
+        bool into anything); otherwise (float64 into float32, int64 into
+        float32) it raises TypeError naming the field and both dtypes, and
+        nothing is stored. Python numbers take the field's stored dtype, and
+        raise where that would change them (an int that does not fit
+        exactly, a float into integer storage).
+        """
+        kind, keys, leaves = _flatten(item, "PrioritizedReplayBuffer.add", (self._kind, self._keys, self._specs))
         slot = self._add_one(kind, keys, leaves, priority)
         if slot is not None:
             return slot
@@ -624,7 +746,11 @@ class PrioritizedReplayBuffer:
         return slot
 
     def extend(self, batch, priorities=None) -> torch.Tensor:
-        """Stores a batch (fields with a leading dimension n); returns the slots written."""
+        """Stores a batch (fields with a leading dimension n); returns the slots written.
+
+        Dtypes as for ``add``. The whole batch is checked before anything is
+        written: on any error the buffer is left exactly as it was.
+        """
         kind, keys, leaves = _flatten(batch, "PrioritizedReplayBuffer.extend")
         return torch.from_numpy(self._extend(kind, keys, leaves, priorities, "PrioritizedReplayBuffer.extend"))
 
@@ -701,10 +827,25 @@ class PrioritizedReplayBuffer:
     def update_priorities(self, indices, priorities) -> int:
         """Sets new priorities (before alpha) for sampled slots; returns how many were applied.
 
+        indices: integer slots (as ``sample`` returned them), a tensor, array
+        or sequence. priorities: finite numbers >= 0, paired with the indices
+        element by element, so both must have the same shape up to dimensions
+        of size 1: (B,) with (B,), (B, 1) or (1, B) (a TD-error column), (2, 2)
+        with (2, 2), a scalar with a scalar. Other shapes, e.g. (2, 2) with
+        (1, 4) or one priority for B > 1 indices (no broadcasting), raise
+        ValueError naming both shapes; so do NaN, inf and negative priorities
+        and out-of-range indices. On any error nothing is updated.
+
         A slot that was overwritten after it was last sampled keeps the
         priority of its new item: the update is dropped. Repeated indices: the
         last one wins.
         """
+        # Two 1-D tensors (the common case) pair up by position; their lengths
+        # are the tree's to check. dim() is the cheapest test: building and
+        # comparing shapes costs a fifth of the whole call.
+        if not (type(indices) is torch.Tensor and type(priorities) is torch.Tensor
+                and indices.dim() == 1 == priorities.dim()):
+            _check_pairing(indices, priorities, "PrioritizedReplayBuffer.update_priorities")
         with self._lock:
             return self._tree.update_priorities(
                 _fast_index(indices), _fast_float(priorities), self.alpha, self.eps, self._size,
@@ -919,7 +1060,15 @@ class ExperienceReplay:
         return samples, weights
 
     def update_priorities(self, indices, priorities) -> int:
-        """New priorities (before alpha) for sampled slots; stale slots are skipped. Returns how many were applied."""
+        """New priorities (before alpha) for sampled slots; stale slots are skipped. Returns how many were applied.
+
+        Shapes as for ``PrioritizedReplayBuffer.update_priorities``: indices
+        and priorities of the same shape up to dimensions of size 1, else
+        ValueError, and nothing is updated.
+        """
+        if not (type(indices) is torch.Tensor and type(priorities) is torch.Tensor
+                and indices.dim() == 1 == priorities.dim()):
+            _check_pairing(indices, priorities, "ExperienceReplay.update_priorities")
         with self._lock:
             return self._tree.update_priorities(
                 _fast_index(indices), _fast_float(priorities), self.alpha, 0.0, self._size,

@@ -91,7 +91,8 @@ def run(args):
         try:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(sizes), desc=f"sharded sweep, world {world}")
+            # disable=None: no bar when stderr is not a terminal (a log would keep every frame).
+            progress = tqdm(total=len(sizes), desc=f"sharded sweep, world {world}", disable=None)
         except ImportError:
             progress = None
     for n in sizes:

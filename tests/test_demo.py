@@ -146,3 +146,76 @@ def test_metrics_hand_checked():
     f = demo.forgetting(E)
     # task 1: 0.5 - min(0.1, 0.3); task 2: 0.1 - 0.2 (it improved); task 3: nothing after it
     assert f[0] == pytest.approx(0.4) and f[1] == pytest.approx(-0.1) and f[2] is None
+
+
+def test_demo_log_into_a_pipe_holds_no_progress_frames(tmp_path):
+    """`python -m neuralmem_fast demo > log 2>&1`: a log, not a stream of redrawn bars."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(demo.__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "neuralmem_fast", "demo", "--quick", "--no-plot", "--tasks", "2",
+                           "--adapt-steps", "0", "--out", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), timeout=300)
+    log = proc.stdout.decode()
+    assert proc.returncode == 0, log[-3000:]
+    assert "\r" not in log, "progress-bar frames in a piped log: " + repr(log[:500])
+    assert "Learning Task 2/2" in log and "average final error" in log  # the log itself is all there
+    assert "step/s" not in log
+
+
+def test_first_eta_leaves_out_the_warm_up(tmp_path, monkeypatch, capsys):
+    """On a terminal the bar's rate starts after the first step, whose agent
+    construction and one-time warm-up once made the first ETA read 72 s for a
+    4 s run. A fake clock makes the warm-up 60 s and every step 1 ms."""
+    import io
+    import re
+    import sys
+
+    import tqdm.std
+
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)  # no background refreshes on the real clock
+    real_make_agent = demo.make_agent
+
+    def slow_first_then_fast(*args, **kwargs):
+        agent = real_make_agent(*args, **kwargs)
+        clock[0] += 60.0  # building the agent, first calls, lazy imports
+        step = agent.train_step
+
+        def timed_step(*a, **k):
+            clock[0] += 0.001
+            return step(*a, **k)
+
+        agent.train_step = timed_step
+        return agent
+
+    monkeypatch.setattr(demo, "make_agent", slow_first_then_fast)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert demo.main(["--quick", "--no-plot", "--tasks", "2", "--adapt-steps", "0", "--out", str(tmp_path)]) == 0
+    frames = [f for f in re.split(r"[\r\n]", term.getvalue()) if "/48 [" in f]
+    assert frames, "no progress bar on a terminal: " + repr(term.getvalue()[:300])
+
+    def seconds(hms):
+        s = 0
+        for part in hms.split(":"):
+            s = 60 * s + int(part)
+        return s
+
+    etas = []
+    for f in frames:
+        m = re.search(r"(\d+)/48 \[([\d:]+)<([\d:]+)", f)
+        if m:
+            etas.append((int(m.group(1)), seconds(m.group(3))))
+    assert etas, frames
+    # 48 steps of 1 ms: no estimate may exceed a second (the warm-up put the first at 47 x 60 s).
+    assert all(eta <= 1 for _, eta in etas), etas

@@ -735,3 +735,148 @@ def test_experience_replay_in_the_seed_agent_loop(backend):
             assert len(samples) == 8 and weights.shape == (8,)
             for (rx, ry), w in zip(samples, weights):
                 assert rx.shape == (1, 4) and 0 < w.item() <= 1.0
+
+
+# ---------------------------------------------------------------------------
+# No silent conversions, no ambiguous pairings (what a user's script would do)
+
+
+def _everything(buf):
+    """All a buffer holds, as plain values: storage, leaves, counters, ring, RNG."""
+    s = buf.state_dict()
+    st = s.pop("storage")
+    fields = {} if st is None else (st if isinstance(st, dict) else dict(enumerate(st)) if isinstance(st, tuple)
+                                    else {"item": st})
+    return ({k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()},
+            {k: v.clone() for k, v in fields.items()}, repr(buf.generator.bit_generator.state))
+
+
+def _assert_unchanged(buf, before):
+    s0, f0, g0 = before
+    s1, f1, g1 = _everything(buf)
+    assert s1.keys() == s0.keys() and f1.keys() == f0.keys() and g1 == g0
+    for k in s0:
+        assert torch.equal(s1[k], s0[k]) if torch.is_tensor(s0[k]) else s1[k] == s0[k], k
+    for k in f0:
+        assert f1[k].dtype == f0[k].dtype and torch.equal(f1[k], f0[k]), k
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_float64_data_into_float32_storage_is_refused_and_nothing_is_stored(backend):
+    buf = PrioritizedReplayBuffer(4, backend=backend, generator=0)
+    # The first item fixes the storage: float32 observations.
+    buf.extend({"obs": torch.rand(3, 5), "action": torch.arange(3), "reward": torch.rand(3)})
+    buf.update_priorities(torch.tensor([0, 1]), torch.tensor([2.0, 3.0]))
+    before = _everything(buf)
+    # A float64 observation would be rounded to float32 without a word: refused,
+    # naming the field and both dtypes. The batch is larger than the free space,
+    # so a partial write would also have overwritten old items.
+    obs64 = torch.rand(3, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"'obs'.*torch\.float64.*torch\.float32"):
+        buf.extend({"obs": obs64, "action": torch.arange(3), "reward": torch.rand(3)})
+    _assert_unchanged(buf, before)
+    # The bad field last: the good fields before it are not written either.
+    with pytest.raises(TypeError, match=r"'reward'.*torch\.float64.*torch\.float32"):
+        buf.extend({"obs": torch.rand(3, 5), "action": torch.arange(3), "reward": torch.rand(3, dtype=torch.float64)})
+    _assert_unchanged(buf, before)
+    with pytest.raises(TypeError, match=r"'obs'.*torch\.float64.*torch\.float32"):
+        buf.add({"obs": obs64[0], "action": torch.tensor(0), "reward": torch.tensor(1.0)}, priority=5.0)
+    _assert_unchanged(buf, before)
+    # numpy float64 data (np.random, gym) is float64 too
+    with pytest.raises(TypeError, match=r"'obs'.*torch\.float64.*torch\.float32"):
+        buf.add({"obs": np.zeros(5), "action": 1, "reward": 0.5})
+    # int64 into float32 may round (2**24 + 1): refused as well
+    with pytest.raises(TypeError, match=r"'reward'.*torch\.int64.*torch\.float32"):
+        buf.extend({"obs": torch.rand(1, 5), "action": torch.arange(1), "reward": torch.tensor([2 ** 24 + 1])})
+    _assert_unchanged(buf, before)
+    assert len(buf) == 3 and buf.sample(8)[0]["obs"].dtype == torch.float32
+
+    # Tuple items: the field is named by its position.
+    tup = PrioritizedReplayBuffer(4, backend=backend, generator=0)
+    tup.add((torch.zeros(2), torch.tensor(1)))
+    before = _everything(tup)
+    with pytest.raises(TypeError, match=r"field 0.*torch\.float64.*torch\.float32"):
+        tup.add((torch.zeros(2, dtype=torch.float64), torch.tensor(1)))
+    _assert_unchanged(tup, before)
+    # A plain tensor item
+    one = PrioritizedReplayBuffer(4, backend=backend, generator=0)
+    one.extend(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match=r"torch\.float64.*torch\.float32"):
+        one.extend(torch.zeros(2, 3, dtype=torch.float64))
+    assert len(one) == 2
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_conversions_that_keep_every_value_are_still_accepted(backend):
+    buf = PrioritizedReplayBuffer(8, backend=backend, generator=0)
+    buf.add({"obs": torch.zeros(3, dtype=torch.float64), "action": torch.tensor(0), "reward": 0.5, "done": False,
+             "value": torch.tensor(0.0, dtype=torch.float64)})
+    # float32 -> float64, int32 -> int64, bool -> float: every value survives
+    buf.add({"obs": torch.full((3,), 0.1, dtype=torch.float32), "action": torch.tensor(7, dtype=torch.int32),
+             "reward": torch.tensor(True), "done": torch.tensor(True), "value": torch.tensor(0.1)})
+    # Python numbers have no dtype of their own: a Python float lands in float32
+    # storage as torch stores any Python float there (and keeps its double
+    # precision in float64 storage); an int must fit exactly.
+    buf.add({"obs": np.array([0.1, 0.2, 0.3]), "action": 3, "reward": 1, "done": True, "value": 0.1})
+    out = buf.state_dict()["storage"]
+    assert out["obs"].dtype == out["value"].dtype == torch.float64 and out["reward"].dtype == torch.float32
+    assert out["obs"][1, 0].item() == out["value"][1].item() == float(np.float32(0.1))  # widened exactly
+    assert out["obs"][2, 0].item() == out["value"][2].item() == 0.1  # double precision kept
+    assert out["action"][:3].tolist() == [0, 7, 3] and out["reward"][:3].tolist() == [0.5, 1.0, 1.0]
+    assert out["done"][:3].tolist() == [False, True, True]
+    before = _everything(buf)
+    for bad, field in ((dict(reward=2 ** 24 + 1), "'reward'"), (dict(action=0.5), "'action'"),
+                       (dict(action=2 ** 70), "'action'"), (dict(done=1), "'done'"),
+                       (dict(reward=1e300), "'reward'")):
+        item = {"obs": torch.zeros(3, dtype=torch.float64), "action": 0, "reward": 0.0, "done": False,
+                "value": 0.0, **bad}
+        with pytest.raises((TypeError, ValueError), match=field):
+            buf.add(item)
+        _assert_unchanged(buf, before)
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_update_priorities_requires_indices_and_priorities_of_one_shape(backend):
+    buf = PrioritizedReplayBuffer(8, alpha=1.0, eps=0.0, backend=backend, generator=0)
+    buf.extend(torch.zeros(8, 2))
+    _, idx, _ = buf.sample(4)
+    before = _everything(buf)
+    # (2, 2) indices with (1, 4) priorities: which priority goes to which index is a guess. Refused.
+    with pytest.raises(ValueError, match=r"indices.*\(2, 2\).*priorities.*\(1, 4\)"):
+        buf.update_priorities(idx.view(2, 2), torch.rand(1, 4))
+    _assert_unchanged(buf, before)
+    # One priority for several indices is not broadcast either.
+    with pytest.raises(ValueError, match=r"indices.*\(4,\).*priorities.*\(\)"):
+        buf.update_priorities(idx, 3.0)
+    with pytest.raises(ValueError, match=r"indices.*\(4,\).*priorities.*\(2, 2\)"):
+        buf.update_priorities(idx.numpy(), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"indices.*\(2,\).*priorities.*\(3,\)"):
+        buf.update_priorities([0, 1], [1.0, 2.0, 3.0])
+    _assert_unchanged(buf, before)
+    # The documented shapes: equal shapes, up to dimensions of size 1 (a (B, 1) TD-error column).
+    idx = torch.tensor([0, 1, 2, 3])
+    for p in (torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([[1.0], [2.0], [3.0], [4.0]]),
+              np.array([[1.0, 2.0, 3.0, 4.0]]), [1.0, 2.0, 3.0, 4.0]):
+        buf.update_priorities(idx, torch.zeros(4))
+        n = buf.update_priorities(idx, p)
+        assert n == 4 and buf.tree.get(np.arange(4)).tolist() == [1.0, 2.0, 3.0, 4.0], type(p)
+    assert buf.update_priorities(idx.view(2, 2), torch.tensor([[5.0, 6.0], [7.0, 8.0]])) == 4
+    assert buf.tree.get(np.arange(4)).tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert buf.update_priorities(torch.tensor(2), torch.tensor(9.0)) == 1  # a scalar pairs with a scalar
+    assert buf.tree.get(np.array([2])).tolist() == [9.0]
+
+
+@pytest.mark.parametrize("backend", TREE_BACKENDS)
+def test_experience_replay_update_priorities_requires_one_shape(backend):
+    er = ExperienceReplay(capacity=8, alpha=1.0, backend=backend)
+    for i in range(4):
+        er.push(i, priority=1.0)
+    _, _, idx = er.sample(4, return_indices=True)
+    before = np.array(er.priorities)
+    with pytest.raises(ValueError, match=r"indices.*\(2, 2\).*priorities.*\(1, 4\)"):
+        er.update_priorities(idx.reshape(2, 2), np.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"indices.*\(4,\).*priorities.*\(\)"):
+        er.update_priorities(idx, 2.0)
+    np.testing.assert_array_equal(np.array(er.priorities), before)
+    assert er.update_priorities(idx, np.arange(1.0, 5.0).reshape(4, 1)) == 4
+    np.testing.assert_array_equal(er._tree.get(idx), np.arange(1.0, 5.0))
