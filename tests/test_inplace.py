@@ -181,7 +181,7 @@ def test_bank_write_of_its_own_row_matches_the_seeds_out_of_place_write():
     want.memory.copy_(bank.memory)
     for b in (bank, want):
         b.write(b.memory[0], torch.randn(16, generator=torch.Generator().manual_seed(1)),
-                torch.rand(16, generator=torch.Generator().manual_seed(2)), torch.tensor([2.0]))
+                torch.rand(16, generator=torch.Generator().manual_seed(2)), torch.tensor([10.0]))
     torch.testing.assert_close(bank.usage.sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(bank.memory, want.memory, atol=1e-5, rtol=1e-4)
 
