@@ -128,6 +128,10 @@ def _unaliased(t, memory):
     traceable: nothing to do there."""
     if torch.compiler.is_compiling():
         return t
+    lo = memory.data_ptr()  # memory is contiguous: its elements span [lo, lo + nbytes)
+    if t.is_contiguous():
+        a = t.data_ptr()
+        return t.clone() if (a < lo + memory.nbytes and lo < a + t.nbytes) else t
     if t.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
         return t.clone()
     return t
