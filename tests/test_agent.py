@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from neuralmem_fast import ops
-from neuralmem_fast.agent import ContinualLearningAgent, FastMemoryController, MemoryConfig, make_agent
-from neuralmem_fast.backends import available_backends
-from neuralmem_fast.experiments import gem_metrics, run_digits_experiment
-from neuralmem_fast.memory import NeuralMemoryBank
+from neuralmem_fast.models.agent import ContinualLearningAgent, FastMemoryController, MemoryConfig, make_agent
+from neuralmem_fast.ops.dispatch import available_backends
+from neuralmem_fast.apps.experiments import gem_metrics, run_digits_experiment
+from neuralmem_fast.nn import NeuralMemoryBank
 from tests.test_memory import seed_module
 
 
@@ -89,7 +89,7 @@ def _native_read_op():
 def test_fused_controller_backward_matches_autograd_and_gradchecks(M):
     """FusedControllerLoss (the fused step's forward and hand-written backward)
     against autograd through FastMemoryController.forward, in float64."""
-    from neuralmem_fast.agent import FusedControllerLoss
+    from neuralmem_fast.models.agent import FusedControllerLoss
 
     read_op = _native_read_op()
     cfg = MemoryConfig(memory_size=16, memory_dim=8, num_read_heads=3)
@@ -439,7 +439,7 @@ def test_digits_experiment_tiny(tmp_path):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["formula", "fused"])
 def test_flat_adam_matches_torch_adam(fused):
-    from neuralmem_fast.agent import FlatAdam
+    from neuralmem_fast.models.agent import FlatAdam
 
     torch.manual_seed(0)
     shapes = [(7, 3), (5,), (4, 6), (1,)]

@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
-from neuralmem_fast import autotune, backends, bench, cli
+from neuralmem_fast.apps import autotune, bench, cli
+from neuralmem_fast.ops import dispatch as backends
+from neuralmem_fast.ops import registry
 
 CARD = "Synthetic GPU A"
 US = 1e-6
@@ -94,7 +96,8 @@ def built():
 def table_file(monkeypatch, tmp_path):
     """backends reads (and an install writes) a table in tmp_path, never the package's."""
     path = tmp_path / "installed" / "autotune_table.json"
-    monkeypatch.setattr(backends, "_TABLE_PATH", str(path))
+    monkeypatch.setenv("NEURALMEM_AUTOTUNE_TABLE", str(path))
+    monkeypatch.setattr(backends, "PACKAGE_TABLE_PATH", str(tmp_path / "package" / "autotune_table.json"))
     backends.reload_table()
     yield path
     backends.reload_table()
@@ -379,7 +382,7 @@ def test_bench_write_table_needs_gpu(tmp_path, capsys):
 
 def test_package_table_if_present_is_well_formed():
     """A checked-in table must be one resolve() can read, with the card it was measured on."""
-    path = os.path.join(os.path.dirname(backends.__file__), autotune.TABLE_NAME)
+    path = backends.PACKAGE_TABLE_PATH
     if not os.path.exists(path):
         pytest.skip("no table checked in yet (written by `python -m neuralmem_fast bench --gpu --write-table`)")
     table = json.loads(open(path).read())
@@ -388,7 +391,7 @@ def test_package_table_if_present_is_well_formed():
         if dev.startswith("_"):
             continue
         for op, runs in ops.items():
-            assert op in autotune.RESOLVE_OPS, op
+            assert op in registry.public_ops(), op
             assert runs and runs[-1][0] is None, (op, runs)
             ns = [n for n, _ in runs[:-1]]
             assert ns == sorted(set(ns)), (op, runs)

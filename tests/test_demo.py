@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from neuralmem_fast import cli, demo
+from neuralmem_fast.apps import cli, demo
 
 
 @pytest.fixture(autouse=True)
@@ -120,13 +120,13 @@ def test_parse_args_defaults_quick_and_overrides():
 
 
 def test_make_agent_is_the_single_factory():
-    from neuralmem_fast import reference
+    from neuralmem_fast.models import tutorial_reference as reference
 
     cfg = reference.MemoryConfig(memory_size=4, memory_dim=2, num_read_heads=1)
     agent = demo.make_agent("reference", cfg, hidden_dim=3, input_dim=5)
     assert isinstance(agent, reference.ContinualLearningAgent)
     assert agent.memory_bank.memory.shape == (4, 2) and agent.controller.hidden_dim == 3
-    from neuralmem_fast import agent as fast
+    from neuralmem_fast.models import agent as fast
 
     for kind in ("batched", "sequential"):
         a = demo.make_agent(kind, cfg, hidden_dim=3, input_dim=5)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import neuralmem_fast as nm
-from neuralmem_fast.distributed import ShardedMemory, shard_bounds
+from neuralmem_fast.nn.sharded import ShardedMemory, shard_bounds
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 
@@ -229,7 +229,7 @@ def test_scale_distributed_under_torchrun_reports_flat_communication(tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "neuralmem_fast.scale_distributed", "--max-n", "1e4", "--reps", "2", "--threads", "1",
+           "-m", "neuralmem_fast.apps.scale_distributed", "--max-n", "1e4", "--reps", "2", "--threads", "1",
            "--backend", "torch", "--out", str(tmp_path), "--no-plot"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import neuralmem_fast as nm
-from neuralmem_fast.reference import MemoryConfig
+from neuralmem_fast.models.tutorial_reference import MemoryConfig
 
 BACKENDS = nm.available_backends("cpu")  # cpu, triton (interpreted), torch
 INPLACE_OPS = ["memory_write_", "content_write_", "content_read_write_"]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from neuralmem_fast import ops
-from neuralmem_fast.backends import available_backends
-from neuralmem_fast.memory import NeuralMemoryBank
+from neuralmem_fast.ops.dispatch import available_backends
+from neuralmem_fast.nn import NeuralMemoryBank
 from tests import helpers
 from tests.helpers import assert_close, shape_id
 

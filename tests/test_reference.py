@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuralmem_fast import ops
-from neuralmem_fast import reference as R
+from neuralmem_fast.models import tutorial_reference as R
 from tests.helpers import assert_close, load_seed, shape_id
 
 LN3 = math.log(3.0)  # softmax([ln 3, 0]) = [3/4, 1/4]

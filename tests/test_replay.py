@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from neuralmem_fast import replay
+from neuralmem_fast._ext import _C
+from neuralmem_fast.replay import storage as replay_storage
 from neuralmem_fast.replay import ExperienceReplay, NumpySumTree, PrioritizedReplayBuffer, SumTree
 
 from .helpers import DEVICES, load_seed, run_on_instruction_set
@@ -242,7 +244,7 @@ def test_generation_counters_strided_pair_cpp_matches_numpy():
     pairs = []
     leaves = rng.random(cap) + 0.1
     for t in trees:
-        gen, sgen = replay._generation_counters(cap)
+        gen, sgen = replay_storage._generation_counters(cap)
         assert gen.base is not None and gen.strides == (16,) and (gen == 0).all() and (sgen == -1).all()
         t.update(np.arange(cap), leaves)
         pairs.append((gen, sgen))
@@ -279,7 +281,7 @@ def test_sample_distinct_cpp_matches_numpy_and_keeps_first_occurrences(capacity)
         out = []
         for t in (SumTree(capacity, "cpu"), NumpySumTree(capacity)):
             t.update(np.arange(capacity), leaves)
-            gen, sgen = replay._generation_counters(capacity)
+            gen, sgen = replay_storage._generation_counters(capacity)
             gen += 7
             idx, vals, w = t.sample_distinct(u, 0.4, gen, sgen)
             drawn = t.find(u * t.total())
@@ -309,27 +311,27 @@ def test_gather_rows_matches_index_select_for_every_field_size():
     specs = [((), torch.bool), ((), torch.float16), ((), torch.int32), ((), torch.float64), ((3,), torch.float32),
              ((4,), torch.float32), ((2, 4), torch.float32), ((5,), torch.int64)]
     cap = 97
-    views = replay._packed_storage(cap, specs, "cpu")
+    views = replay_storage._packed_storage(cap, specs, "cpu")
     g = torch.Generator().manual_seed(0)
     for v in views:
         v.copy_((torch.randn(v.shape, generator=g) * 50).to(v.dtype))
     idx = torch.randint(0, cap, (300,), generator=g)
-    for got, v in zip(replay._C.gather_rows(views, idx), views):
+    for got, v in zip(_C.gather_rows(views, idx), views):
         assert got.is_contiguous() and got.dtype == v.dtype
         torch.testing.assert_close(got, v.index_select(0, idx), rtol=0, atol=0)
     with pytest.raises(IndexError, match="storage length"):
-        replay._C.gather_rows(views, torch.tensor([cap]))
+        _C.gather_rows(views, torch.tensor([cap]))
 
 
 @pytest.mark.skipif(not replay.has_native_sum_tree(), reason="extension not built")
 @pytest.mark.parametrize("nbytes", [0, 1, 5 << 20])
 def test_zeros_hugepages_is_zeroed_and_writable(nbytes):
-    t = replay._C.zeros_hugepages(nbytes)
+    t = _C.zeros_hugepages(nbytes)
     assert t.dtype == torch.uint8 and t.shape == (nbytes,) and int(t.sum()) == 0
     t.fill_(3)
     assert int(t.sum()) == 3 * nbytes
     with pytest.raises(ValueError, match="nbytes"):
-        replay._C.zeros_hugepages(-1)
+        _C.zeros_hugepages(-1)
 
 
 @pytest.mark.parametrize("backend", TREE_BACKENDS)

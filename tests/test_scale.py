@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from neuralmem_fast import scale
+from neuralmem_fast.apps import scale
 
 from .helpers import SEED_PATH
 
@@ -149,16 +149,16 @@ def test_seed_bank_runs_forward_only_at_b1(tmp_path):
 
 def test_distributed_hook_calls_the_module_with_the_other_args(monkeypatch):
     seen = {}
-    fake = types.ModuleType("neuralmem_fast.scale_distributed")
+    fake = types.ModuleType("neuralmem_fast.apps.scale_distributed")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "neuralmem_fast.scale_distributed", fake)
+    monkeypatch.setitem(sys.modules, "neuralmem_fast.apps.scale_distributed", fake)
     scale.main(["--max-n", "1e5", "--distributed", "--batch", "1"])
     assert seen["argv"] == ["--max-n", "1e5", "--batch", "1"]
 
 
 def test_distributed_without_the_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "neuralmem_fast.scale_distributed", None)  # import raises
-    with pytest.raises(RuntimeError, match="neuralmem_fast.scale_distributed"):
+    monkeypatch.setitem(sys.modules, "neuralmem_fast.apps.scale_distributed", None)  # import raises
+    with pytest.raises(RuntimeError, match="neuralmem_fast.apps.scale_distributed"):
         scale.main(["--distributed"])
 
 
@@ -168,7 +168,7 @@ def test_unknown_backend_is_refused():
 
 
 def test_cli_dispatches_to_scale(tmp_path):
-    from neuralmem_fast import cli
+    from neuralmem_fast.apps import cli
 
     out = tmp_path / "cli"
     assert cli.main(["scale"] + TINY + ["--max-n", "1e3", "--modes", "fwd", "--no-plot", "--out", str(out)]) == 0

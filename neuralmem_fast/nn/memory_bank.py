@@ -56,8 +56,8 @@ memories, (B, N, D) and (B, N): keys (B, H, D) and strengths (B, H) give
 import torch
 import torch.nn as nn
 
-from . import ops
-from .backends import resolve
+from .. import ops
+from ..ops.dispatch import resolve
 
 __all__ = ["NeuralMemoryBank"]
 

@@ -2,15 +2,16 @@
 
     python -m neuralmem_fast bench [--quick] [--gpu] [--out DIR] [-k EXPR] [-- PYTEST_ARGS...]
 
-Runs pytest-benchmark on benchmarks/ (a source checkout is needed: the suites
-are not installed with the package), saves its JSON as DIR/bench.json and
+Runs pytest-benchmark on the suites of benchmarks/ (found in the source
+checkout, or given with --suites DIR: they are not installed with the
+package), saves its JSON as DIR/bench.json and
 renders DIR/REPORT.md and DIR/ops_vs_n.png with benchmarks/render_report.py.
 
 --quick   small N plus the rows the issues set goals on, few rounds: minutes on a 2-core CPU
 --gpu     the CUDA device cases, timed with CUDA events (each timed call also synchronises);
           also writes DIR/autotune_table.json, the per-op, per-N choice between the
-          CUDA C++ and Triton kernels that backend="auto" follows (neuralmem_fast.autotune)
---write-table   with --gpu: also install that table as neuralmem_fast/autotune_table.json
+          CUDA C++ and Triton kernels that backend="auto" follows (neuralmem_fast.apps.autotune)
+--write-table   with --gpu: also install that table as the user's table (read first by backend="auto")
 """
 import argparse
 import importlib.util
@@ -22,8 +23,23 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_suites(explicit=None):
+    """The benchmarks/ folder of suites: `explicit` (--suites), $NEURALMEM_BENCH_DIR,
+    the source checkout the package was imported from, or ./benchmarks; None when
+    none holds the suites (an installed wheel does not ship them)."""
+    cands = [explicit, os.environ.get("NEURALMEM_BENCH_DIR"),
+             os.path.join(os.path.dirname(PACKAGE_ROOT), "benchmarks"), os.path.join(os.getcwd(), "benchmarks")]
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "render_report.py")) and os.path.isfile(os.path.join(c, "conftest.py")):
+            return os.path.abspath(c)
+    return None
+
+
+BENCH_DIR = find_suites() or os.path.join(os.path.dirname(PACKAGE_ROOT), "benchmarks")
+REPO_ROOT = os.path.dirname(BENCH_DIR)
 
 
 class _CudaEventClock:
@@ -73,7 +89,7 @@ def pytest_command(args, json_path):
     else:
         cmd += ["--benchmark-min-rounds=5", "--benchmark-max-time=0.5"]
     if args.gpu:
-        cmd += ["--bench-device=cuda", "--benchmark-timer=neuralmem_fast.bench.cuda_event_clock"]
+        cmd += ["--bench-device=cuda", "--benchmark-timer=neuralmem_fast.apps.bench.cuda_event_clock"]
     if args.k:
         cmd += ["-k", args.k]
     return cmd + list(args.pytest_args)
@@ -83,21 +99,30 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m neuralmem_fast bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the short subset (small N plus the goal rows)")
     ap.add_argument("--gpu", action="store_true", help="run the CUDA device cases, timed with CUDA events")
-    ap.add_argument("--out", default=BENCH_DIR, help="folder for bench.json, REPORT.md and the plot (default benchmarks/)")
+    ap.add_argument("--out", default=None, help="folder for bench.json, REPORT.md and the plot (default: the suites' folder)")
+    ap.add_argument("--suites", default=None, help="the benchmarks/ folder to run (default: the source checkout's)")
     ap.add_argument("-k", default=None, help="pytest -k expression selecting cases")
     ap.add_argument("--provisional", default=None, help="a note printed at the top of the report")
     ap.add_argument("--scale", default=None,
                     help="a scale.json (from `python -m neuralmem_fast scale`) to tabulate in the report "
                          "(default: results/scale.json when it exists)")
     ap.add_argument("--write-table", action="store_true",
-                    help="with --gpu: install the measured backend table as neuralmem_fast/autotune_table.json")
+                    help="with --gpu: install the measured backend table as the user's table, the first that "
+                         "backend='auto' reads (neuralmem_fast.ops.dispatch.user_table_path())")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
 
-    if not os.path.isdir(BENCH_DIR):
-        print("bench: benchmarks/ is not next to the package; run from a source checkout", file=sys.stderr)
+    global BENCH_DIR, REPO_ROOT
+    suites = find_suites(args.suites)
+    if suites is None:
+        print("bench: the benchmark suites (a benchmarks/ folder with conftest.py and render_report.py) were not "
+              "found: they ship with the source, not the installed package. Run from a source checkout, or pass "
+              "--suites DIR (or set NEURALMEM_BENCH_DIR) to a copy of its benchmarks/ folder", file=sys.stderr)
         return 2
+    BENCH_DIR, REPO_ROOT = suites, os.path.dirname(suites)
+    if args.out is None:
+        args.out = BENCH_DIR
     if args.write_table and not args.gpu:
         print("bench: --write-table needs --gpu (the table is measured on the GPU)", file=sys.stderr)
         return 2

@@ -66,9 +66,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .backends import resolve
-from .memory import NeuralMemoryBank
+from ..config import MemoryConfig
+from ..nn import NeuralMemoryBank
+from ..ops.dispatch import library, resolve
 
 __all__ = [
     "MemoryConfig",
@@ -79,20 +79,6 @@ __all__ = [
     "make_agent",
     "create_task_data",
 ]
-
-try:
-    # --- the one link to the faithful reference (adjust here if it moves) ---
-    from .reference import MemoryConfig  # noqa: F401
-except ImportError:  # the reference is optional: same fields, same defaults as the seed
-    from dataclasses import dataclass
-
-    @dataclass
-    class MemoryConfig:
-        memory_size: int = 128
-        memory_dim: int = 64
-        num_read_heads: int = 4
-        num_write_heads: int = 1
-
 
 def create_task_data(task_id, num_samples=100, seed=None):
     """The seed's synthetic tasks (seed = task_id by default, as in the seed)."""
@@ -522,7 +508,7 @@ def _clip_grad_norm_(params, max_norm):
 
 def _default_buffer(kind, capacity, alpha, beta):
     # Imported here so that the agent module loads without the replay module.
-    from . import replay
+    from .. import replay
 
     if kind == "seed":
         return replay.ExperienceReplay(capacity=capacity, alpha=alpha)
@@ -699,8 +685,8 @@ class ContinualLearningAgent:
             n = bank.memory_size
             be_r = resolve(bank.backend, "content_read", dev, n)
             be_w = resolve(bank.backend, "content_write_", dev, n)
-            write_op = ops._lib(be_w) if be_w == "cpu" else None
-            self._read_ops[dev] = (ops._lib(be_r), write_op) if be_r == "cpu" else None
+            write_op = library(be_w) if be_w == "cpu" else None
+            self._read_ops[dev] = (library(be_r), write_op) if be_r == "cpu" else None
         return self._read_ops[dev]
 
     def _fused_rows(self, X, Y, lw, native, acc=False):

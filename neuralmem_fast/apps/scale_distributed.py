@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .distributed import ShardedMemory
+from ..nn import ShardedMemory
 
 
 def _parse(argv):

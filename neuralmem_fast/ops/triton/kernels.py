@@ -1,16 +1,17 @@
-"""Triton kernels for the memory ops, registered as the ``neuralmem_triton`` ops.
+"""Triton kernels for the memory ops, run as the ``neuralmem_triton`` ops.
 
-The ops have exactly the schemas of ``neuralmem::*`` (csrc/ops.cpp), in their
-own namespace so that they never compete with the CUDA C++ kernels for the
-CUDA dispatch key; ``ops.py`` calls them for ``backend="triton"`` behind the
-same ``autograd.Function``s. They are registered with
-``torch.library.Library("neuralmem_triton", "DEF")`` and plain Python kernels
-for the CPU and CUDA keys rather than ``torch.library.triton_op``:
-``triton_op`` infers its schema from type hints (the optional mutated
-``usage`` of ``content_write_`` and the exact argument names would have to be
-coaxed out of it), and it exists to let Inductor trace into the kernels,
-which buys nothing for CPU tensors under the interpreter, the one place CI
-can run them. Fake kernels come from ``ops.register_fakes``.
+The ops have exactly the schemas of ``neuralmem::*`` (csrc/ops.cpp, read
+from the dispatcher by ops/registry.py), in their own namespace so that they
+never compete with the CUDA C++ kernels for the CUDA dispatch key; the public
+functions call them for ``backend="triton"`` and the gradient formulas of
+ops/autograd.py are registered on them too. ops/triton/__init__.py registers
+them, on first Triton use, with ``torch.library.Library("neuralmem_triton",
+"DEF")`` and plain Python kernels for the CPU and CUDA keys rather than
+``torch.library.triton_op``: ``triton_op`` infers its schema from type hints
+(the optional mutated ``usage`` of ``content_write_`` and the exact argument
+names would have to be coaxed out of it), and it exists to let Inductor
+trace into the kernels, which buys nothing for CPU tensors under the
+interpreter, the one place CI can run them.
 
 Devices: CUDA tensors on a GPU; CPU tensors only under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before this module is imported),
@@ -1100,29 +1101,9 @@ def _content_read_write_(memory, usage, read_keys, read_strengths, write_keys, w
 
 
 # --------------------------------------------------------------------------
-# registration: the neuralmem_triton namespace, schemas as in csrc/ops.cpp
+# the kernels of each op of the neuralmem_triton library (ops/triton/__init__.py
+# registers them under the native library's schemas)
 # --------------------------------------------------------------------------
-SCHEMAS = {
-    "content_addressing": "(Tensor memory, Tensor keys, Tensor strengths, float eps) -> Tensor",
-    "content_addressing_backward": "(Tensor grad_weights, Tensor weights, Tensor memory, Tensor keys, "
-                                   "Tensor strengths, float eps) -> (Tensor, Tensor, Tensor)",
-    "memory_read": "(Tensor memory, Tensor weights) -> Tensor",
-    "memory_read_backward": "(Tensor grad_reads, Tensor memory, Tensor weights) -> (Tensor, Tensor)",
-    "content_read": "(Tensor memory, Tensor keys, Tensor strengths, float eps) -> (Tensor, Tensor)",
-    "content_read_backward": "(Tensor grad_reads, Tensor reads, Tensor lse, Tensor memory, Tensor keys, "
-                             "Tensor strengths, float eps) -> (Tensor, Tensor, Tensor)",
-    "memory_write": "(Tensor memory, Tensor weights, Tensor erase, Tensor add) -> Tensor",
-    "memory_write_backward": "(Tensor grad_out, Tensor memory, Tensor weights, Tensor erase, Tensor add) "
-                             "-> (Tensor, Tensor, Tensor, Tensor)",
-    "memory_write_": "(Tensor(a!) memory, Tensor weights, Tensor erase, Tensor add) -> ()",
-    "usage_update": "(Tensor usage, Tensor weights, float decay) -> Tensor",
-    "content_write_": "(Tensor(a!) memory, Tensor(b!)? usage, Tensor keys, Tensor strengths, Tensor erase, "
-                      "Tensor add, float eps, float decay) -> Tensor",
-    "content_read_write_": "(Tensor(a!) memory, Tensor(b!)? usage, Tensor read_keys, Tensor read_strengths, "
-                           "Tensor write_keys, Tensor write_strengths, Tensor erase, Tensor add, float eps, "
-                           "float decay) -> (Tensor, Tensor, Tensor)",
-}
-
 IMPLS = {
     "content_addressing": _content_addressing,
     "content_addressing_backward": _content_addressing_backward,
@@ -1141,7 +1122,7 @@ IMPLS = {
 INTERPRETED = AVAILABLE and type(_mul).__name__ == "InterpretedFunction"
 
 
-def _cpu_kernel(name, fn):
+def cpu_kernel(name, fn):
     def impl(*args):
         if not INTERPRETED:
             raise RuntimeError(
@@ -1153,30 +1134,13 @@ def _cpu_kernel(name, fn):
     return impl
 
 
-def _cuda_kernel(fn):
+def cuda_kernel(fn):
     def impl(*args):
         # Triton launches on the current device; make it the tensors' one.
         with torch.cuda.device(args[0].device):
             return fn(*args)
 
     return impl
-
-
-_LIB = None
-if AVAILABLE:
-    _LIB = torch.library.Library("neuralmem_triton", "DEF")
-    for _name, _schema in SCHEMAS.items():
-        _LIB.define(_name + _schema)
-        _LIB.impl(_name, _cpu_kernel(_name, IMPLS[_name]), "CPU")
-        _LIB.impl(_name, _cuda_kernel(IMPLS[_name]), "CUDA")
-
-    from .ops import FORWARD_ONLY_ALTERNATIVE, inplace_autograd_kernel, register_fakes
-
-    register_fakes("neuralmem_triton")
-    # The in-place ops: PyTorch's in-place rules and version bumps, as the
-    # native library's csrc/inplace.cpp gives them.
-    for _name in FORWARD_ONLY_ALTERNATIVE:
-        _LIB.impl(_name, inplace_autograd_kernel(_name, getattr(torch.ops.neuralmem_triton, _name)), "Autograd")
 
 
 # --------------------------------------------------------------------------

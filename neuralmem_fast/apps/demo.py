@@ -1,12 +1,12 @@
 """`python -m neuralmem_fast demo`: the seed's continual-learning demo, headless, with metrics.
 
-By default the fast agent (`neuralmem_fast.agent`, batched prioritized replay)
+By default the fast agent (`neuralmem_fast.models.agent`, batched prioritized replay)
 learns the seed's synthetic tasks; `--agent sequential` is the fast agent in
 the seed's replay order, `--reference` the faithful reference agent.
 `--compare-reference` also runs the reference agent on the same workload and
 records both training times and their ratio. `--dataset digits` runs the
 continual-learning experiment on scikit-learn's 8x8 digits instead
-(`neuralmem_fast.experiments.run_digits_experiment`: Split- and
+(`neuralmem_fast.apps.experiments.run_digits_experiment`: Split- and
 Permuted-Digits, with and without replay, over several seeds).
 
 The agent learns the seed's tasks one after the other, twice from the same
@@ -28,7 +28,7 @@ Writes under --out:
 Agents. `AGENTS` maps a name to a factory `(config, hidden_dim, input_dim,
 seed_compat) -> agent`, and `make_agent` is the one place that builds one;
 `--agent NAME` picks it and `--reference` is the faithful reference agent of
-`neuralmem_fast.reference`. An agent provides:
+`neuralmem_fast.models.tutorial_reference`. An agent provides:
   train_step(x, y, use_replay) -> float    one training step on one sample
   evaluate(data, params=None) -> float     mean test MSE; must not change the agent
   adapt(support, num_steps, lr) -> params  parameters for evaluate(params=...)
@@ -44,7 +44,7 @@ import time
 import numpy as np
 import torch
 
-from . import reference
+from ..models import tutorial_reference as reference
 
 # --------------------------------------------------------------------------
 # agents
@@ -57,7 +57,7 @@ def reference_agent(config, hidden_dim, input_dim=64, seed_compat=False):
 
 def _fast_agent(replay):
     def factory(config, hidden_dim, input_dim=64, seed_compat=False):
-        from . import agent
+        from ..models import agent
 
         if seed_compat:
             # The fast agent never writes memory during evaluation, by design.

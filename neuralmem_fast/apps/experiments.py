@@ -137,7 +137,7 @@ def run_digits_experiment(out_dir="results", seeds=(0, 1, 2), benchmarks=("split
     Returns the results dict that is written to out_dir/digits_metrics.json.
     """
     if agent_factory is None:
-        from .agent import make_agent
+        from ..models import make_agent
 
         def agent_factory():
             return make_agent(replay, input_dim=64, hidden_dim=hidden_dim)
@@ -257,8 +257,8 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
     shared machine falls on all of them alike. buffer_factory(kind) may supply
     a replay buffer for the fast agent.
     """
-    from .agent import ContinualLearningAgent
-    from .memory import NeuralMemoryBank
+    from ..models import ContinualLearningAgent
+    from ..nn import NeuralMemoryBank
 
     n_threads = torch.get_num_threads()
     if threads:
@@ -268,7 +268,7 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
         torch.manual_seed(0)
         np.random.seed(0)
         if kind == "reference":
-            from .reference import ContinualLearningAgent as ReferenceAgent
+            from ..models.tutorial_reference import ContinualLearningAgent as ReferenceAgent
 
             return ReferenceAgent()
         if kind.startswith("seed"):

@@ -59,17 +59,18 @@ behaviour where that makes sense):
    the seed's draw (global seed = task id, any split).
 4. The seed's demo never filled `results['without_memory']`.
    `run_continual_learning_demo` runs the agent with replay and without
-   replay and fills both; `neuralmem_fast.demo` plots them.
+   replay and fills both; `neuralmem_fast.apps.demo` plots them.
 """
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+
+from ..config import MemoryConfig
 
 __all__ = [
     "MemoryConfig",
@@ -89,12 +90,6 @@ __all__ = [
 TEST_SEED_OFFSET = 1_000_003
 
 
-@dataclass
-class MemoryConfig:
-    memory_size: int = 128
-    memory_dim: int = 64
-    num_read_heads: int = 4
-    num_write_heads: int = 1
 
 
 class NeuralMemoryBank(nn.Module):
@@ -463,7 +458,7 @@ def run_continual_learning_demo(num_tasks=4, epochs=20, num_samples=50, test_sam
     Both runs start from the same seed (same initial weights, same replay
     draws). Returns the seed's results dict, now with 'without_memory' filled
     (the error on each task right after learning it), plus each run's full
-    output under 'runs'. neuralmem_fast.demo draws the figure.
+    output under 'runs'. neuralmem_fast.apps.demo draws the figure.
     """
     make = agent_factory or (lambda: ContinualLearningAgent(seed_compat=seed_compat))
     results = {"tasks": list(range(1, num_tasks + 1)), "without_memory": [], "with_memory": [], "runs": {}}

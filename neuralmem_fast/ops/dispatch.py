@@ -5,39 +5,64 @@ Backends:
   "cpu"    - the C++ CPU kernels of neuralmem_fast._C (CPU tensors)
   "cuda"   - the CUDA C++ kernels of neuralmem_fast._C (CUDA tensors)
   "triton" - the Triton kernels (CUDA tensors, or CPU tensors under
-             TRITON_INTERPRET=1)
+             TRITON_INTERPRET=1); registered on first use, never at import
   "auto"   - the fastest available one for the device and size, read from
-             the measured table in autotune_table.json when it has an entry,
-             else the native kernel for the device, else "torch".
+             the measured table when it has an entry, else the native kernel
+             for the device, else "torch".
 
 An explicitly requested backend that is unavailable raises; "auto" falls back.
 
 The table ({device_type: {op: [[max_n, backend], ...]}, "_meta": {...}}) is
-written by neuralmem_fast.autotune from a GPU benchmark run and records the
-card it was measured on. A table from another card is still followed (a
-choice between two kernels of ours is rarely worse than the fixed default),
-but auto_choice() and auto_report() say that it came from another card.
+written by `python -m neuralmem_fast autotune` from a GPU benchmark run and
+records the card it was measured on. It is read from the first of
+table_paths() that exists: $NEURALMEM_AUTOTUNE_TABLE, the user's table
+(~/.cache/neuralmem_fast/autotune_table.json, or under $XDG_CACHE_HOME), then
+the one shipped in the package. A table from another card is still followed
+(a choice between two kernels of ours is rarely worse than the fixed
+default), but auto_choice() and auto_report() say that it came from another
+card.
 """
 import functools
+import importlib.util
 import json
 import os
 
 import torch
 
-from ._ext import has_cuda_kernels, has_extension
+from .._ext import has_cuda_kernels, has_extension
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-_TABLE_PATH = os.path.join(os.path.dirname(__file__), "autotune_table.json")
+PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "autotune_table.json")
+
+
+def user_table_path() -> str:
+    """Where `autotune --install` writes the table by default, and the first place it is read from."""
+    env = os.environ.get("NEURALMEM_AUTOTUNE_TABLE")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "neuralmem_fast", "autotune_table.json")
+
+
+def table_paths():
+    """The places the table is read from, first found first."""
+    return [user_table_path(), PACKAGE_TABLE_PATH]
 
 
 @functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
-    """True when the Triton backend can run here (a GPU, or the interpreter)."""
-    try:
-        from . import triton_ops  # noqa: F401
-    except Exception:
-        return False
-    return triton_ops.AVAILABLE
+    """True when the Triton backend can run here: triton is installed and the
+    native op schemas it registers against are loaded. Imports nothing."""
+    return has_extension() and importlib.util.find_spec("triton") is not None
+
+
+def triton_library():
+    """torch.ops.neuralmem_triton, registering the Triton kernels on first use."""
+    from . import triton as _triton
+
+    _triton.register()
+    return torch.ops.neuralmem_triton
 
 
 def _triton_runs_on(device_type: str) -> bool:
@@ -64,17 +89,29 @@ def available_backends(device="cpu"):
 
 @functools.lru_cache(maxsize=None)
 def _table():
-    try:
-        with open(_TABLE_PATH) as f:
-            table = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
+    for path in table_paths():
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(table, dict):
+            return table
+    return {}
+
+
+def table_path_in_use():
+    """The file the table in use was read from, or None."""
+    for path in table_paths():
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def reload_table():
-    """Forgets the cached table, so that the next lookup reads the file again."""
+    """Forgets the cached table (and the choices made from it), so that the next lookup reads the file again."""
     _table.cache_clear()
+    resolve_cached.cache_clear()
 
 
 def table_meta() -> dict:
@@ -173,7 +210,7 @@ def auto_choice(op: str, device="cuda", n: int = 0) -> dict:
     if entry is not None:
         out["reason"] = f"default: the table's choice {entry!r} cannot run here"
     elif not any(not k.startswith("_") for k in _table()):
-        out["reason"] = f"default: no table ({os.path.basename(_TABLE_PATH)} absent or empty)"
+        out["reason"] = "default: no table (none of " + ", ".join(table_paths()) + " holds one)"
     else:
         out["reason"] = f"default: the table has no entry for {op} on {dev.type}"
     return out
@@ -181,11 +218,51 @@ def auto_choice(op: str, device="cuda", n: int = 0) -> dict:
 
 def auto_report(device="cuda", sizes=(128, 4096, 65536, 1_000_000, 10_000_000)):
     """Lines saying what auto picks per op and N on `device`, and why."""
-    from .autotune import RESOLVE_OPS
+    from .registry import public_ops
 
     lines = [f"backend='auto' on {device}:"]
-    for op in RESOLVE_OPS:
+    for op in public_ops():
         for n in sizes:
             c = auto_choice(op, device, n)
             lines.append(f"  {op:19s} N={n:<9d} {c['backend']:7s} {c['reason']}")
     return lines
+
+
+# The choice depends only on its arguments and on what is installed, and a
+# small step calls it on every op: remember it.
+resolve_cached = functools.lru_cache(maxsize=4096)(resolve)
+
+
+@torch.compiler.assume_constant_result
+def _thresholds(op, device_type):
+    return table_thresholds(op, device_type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend, op, device, n):
+    return resolve_cached(backend, op, device, n)
+
+
+def choose(backend, op, device, n=0):
+    """resolve(), remembered per arguments, and traceable.
+
+    Under torch.compile it runs at trace time, outside the graph (the table
+    is a file, and the extension's introspection is not traceable), and
+    gives what eager mode would: N may be symbolic (dynamic shapes), so it
+    is compared with the table's size thresholds (each comparison a guard)
+    and the choice made for a size of the same table row.
+    """
+    if not torch.compiler.is_compiling():
+        return resolve_cached(backend, op, device, n)
+    row_n = 0
+    for t in _thresholds(op, device.type):
+        if n > t:
+            row_n = t + 1
+    return _resolve_constant(backend, op, device, row_n)
+
+
+def library(backend):
+    """The torch.ops namespace whose kernels run `backend` ("cpu", "cuda" or "triton")."""
+    if backend == "triton":
+        return triton_library()
+    return torch.ops.neuralmem

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import ops as _ops
-from .backends import resolve
-from .ops import DEFAULT_DECAY, DEFAULT_EPS
+from .. import ops as _ops
+from ..config import DEFAULT_DECAY, DEFAULT_EPS
+from ..ops.dispatch import library, resolve
 
 __all__ = ["ShardedMemory", "shard_bounds", "CommCounter"]
 
@@ -129,7 +129,7 @@ class _AllGatherLSE(torch.autograd.Function):
 def _local_read_backward(backend, g, reads, lse, memory, keys, strengths, eps):
     """Backward of the local read with the given (scaled) grad and global reads."""
     if backend != "torch":
-        return _ops._lib(backend).content_read_backward(g.contiguous(), reads.contiguous(), lse.contiguous(),
+        return library(backend).content_read_backward(g.contiguous(), reads.contiguous(), lse.contiguous(),
                                                       memory, keys, strengths, eps)
     # Pure-PyTorch twin of the kernel: weights recomputed from lse, and the
     # -w_n (g.r) term of ds_n expressed as a second term of the loss.

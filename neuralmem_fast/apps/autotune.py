@@ -5,13 +5,13 @@
     python -m neuralmem_fast autotune --show [--table PATH]
 
 `build_table` is a pure function from a pytest-benchmark JSON (the dict that
-`bench --gpu` saves as bench.json) to the table that backends.resolve()
+`bench --gpu` saves as bench.json) to the table that ops.dispatch.resolve()
 reads. How a choice is made, so that it can be checked against the medians
 the table records next to it:
 
 - Rows: memory-op rows (benchmarks/test_bench_ops.py) of a non-CPU device
   whose extra_info "op" is one of the ops that resolve() is asked about
-  (RESOLVE_OPS) and whose provider is a candidate backend ("cuda",
+  (the public ops of ops.registry) and whose provider is a candidate backend ("cuda",
   "triton"). The torch reference, torch.compile, the seed and the floor are
   not candidates: `auto` chooses between our kernels.
 - Mode: resolve() does not know whether a backward will follow, and the
@@ -32,7 +32,7 @@ the table records next to it:
   applies.
 
 The file written is {device_type: {op: [[max_n, backend], ...]}, "_meta": {...}}:
-the layout that backends._from_table reads, plus "_meta" (card, versions,
+the layout that ops.dispatch._from_table reads, plus "_meta" (card, versions,
 dates, command, and per decision the medians it rests on), which no device
 lookup ever reaches.
 """
@@ -46,12 +46,15 @@ import sys
 from collections import defaultdict
 
 SCHEMA = 1
-# The op names that ops.py, memory.py and distributed.py pass to resolve().
-RESOLVE_OPS = ("content_addressing", "memory_read", "content_read", "memory_write", "memory_write_",
-               "usage_update", "content_write_")
 CANDIDATES = ("cuda", "triton")
 MODES = ("fwd+bwd", "fwd")  # preferred first
 TABLE_NAME = "autotune_table.json"
+
+
+def _public_ops():
+    from ..ops.registry import public_ops
+
+    return public_ops()
 
 
 class TableError(ValueError):
@@ -79,7 +82,7 @@ def gpu_rows(data, candidates=CANDIDATES):
         info = bench.get("extra_info") or {}
         median = (bench.get("stats") or {}).get("median")
         op, prov = info.get("op"), info.get("provider")
-        if median is None or op not in RESOLVE_OPS or prov not in candidates:
+        if median is None or op not in _public_ops() or prov not in candidates:
             continue
         dev = _device_of(bench, info)
         if dev == "cpu" or info.get("N") is None:
@@ -181,7 +184,7 @@ def build_table(data, source="bench.json", candidates=CANDIDATES, bench_command=
     if not rows:
         raise TableError(
             f"{source}: no GPU rows to build a table from: none of its {len(data.get('benchmarks') or [])} "
-            f"benchmarks is a memory op ({', '.join(RESOLVE_OPS)}) measured on a non-CPU device with provider "
+            f"benchmarks is a memory op ({', '.join(_public_ops())}) measured on a non-CPU device with provider "
             f"{' or '.join(repr(c) for c in candidates)}; write it with `python -m neuralmem_fast bench --gpu` "
             "on a machine with a GPU")
     decisions = decide(rows, candidates)
@@ -242,13 +245,15 @@ def write_table(table, path):
     return path
 
 
-def install_table(table):
-    """Writes the table where backends reads it (next to the package) and reloads it."""
-    from . import backends
+def install_table(table, path=None):
+    """Writes the table where backend='auto' reads it first (`path`, default the
+    user's table, ops.dispatch.user_table_path()) and reloads it."""
+    from ..ops import dispatch
 
-    write_table(table, backends._TABLE_PATH)
-    backends.reload_table()
-    return backends._TABLE_PATH
+    path = path or dispatch.user_table_path()
+    write_table(table, path)
+    dispatch.reload_table()
+    return path
 
 
 def table_from_bench(json_path, out_path=None, install=False, bench_command=None):
@@ -294,7 +299,8 @@ def main(argv=None):
     ap.add_argument("bench_json", nargs="?", help="a bench.json written by `python -m neuralmem_fast bench --gpu`")
     ap.add_argument("--out", default=None, help=f"where to write the table (default: {TABLE_NAME} beside BENCH_JSON)")
     ap.add_argument("--install", action="store_true",
-                    help=f"also install it as neuralmem_fast/{TABLE_NAME}, the table that backend='auto' reads")
+                    help="also install it as the user's table (~/.cache/neuralmem_fast/autotune_table.json, or "
+                         "$NEURALMEM_AUTOTUNE_TABLE), the first one backend='auto' reads")
     ap.add_argument("--bench-command", default=None, help="the command that produced BENCH_JSON, for the record")
     ap.add_argument("--show", action="store_true",
                     help="print a table (--table, default the installed one) and what auto picks on this machine")
@@ -317,20 +323,20 @@ def main(argv=None):
 
 
 def _show(path):
-    from . import backends
+    from ..ops import dispatch
 
     try:
-        table = load_json(path, "table") if path else backends._table()
+        table = load_json(path, "table") if path else dispatch._table()
     except TableError as exc:
         print(f"autotune: {exc}", file=sys.stderr)
         return 2
     if not any(not k.startswith("_") for k in table):
-        print(f"autotune: no table at {path or backends._TABLE_PATH}; auto uses the defaults "
+        print(f"autotune: no table at {path or ', '.join(dispatch.table_paths())}; auto uses the defaults "
               "(the CUDA C++ kernels when built, else Triton, on CUDA tensors)")
         return 0
     print(format_table(table))
     if path is None:
-        for line in backends.auto_report():
+        for line in dispatch.auto_report():
             print(line)
     return 0
 

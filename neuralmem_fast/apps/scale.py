@@ -50,7 +50,7 @@ difference of the half-precision reads from those float32 reads (same data,
 same backend).
 
 `--distributed` hands the remaining arguments to
-neuralmem_fast.scale_distributed.main (the sharded sweep, run under torchrun).
+neuralmem_fast.apps.scale_distributed.main (the sharded sweep, run under torchrun).
 """
 import argparse
 import gc
@@ -190,7 +190,7 @@ def _load_seed(path):
 
 def _make_step(spec, memory, usage, t):
     """The step closure of one point; it owns `memory` from here on."""
-    from . import ops
+    from .. import ops
 
     be, mode = spec["provider"], spec["mode"]
     rk, rs, wk, ws, er, ad, gr = t
@@ -277,7 +277,7 @@ def _warm_up(spec, device, dtype):
     calls the setup makes), so that what the process pays once (lazy imports,
     thread pools, the autograd engine, first kernel calls, the seed's module)
     is paid before the baseline instead of inside the point's peak."""
-    from . import ops
+    from .. import ops
 
     B, D, H, W = (int(spec[k]) for k in ("B", "D", "H", "W"))
     g = torch.Generator(device=device).manual_seed(0)
@@ -298,7 +298,7 @@ def _warm_up(spec, device, dtype):
 
 
 def _run_point(spec):
-    from . import ops
+    from .. import ops
 
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
@@ -430,7 +430,7 @@ def run_point_isolated(spec, timeout):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONWARNINGS", "ignore::RuntimeWarning")
-    cmd = [sys.executable, "-c", "from neuralmem_fast.scale import _worker_main; _worker_main()", json.dumps(spec)]
+    cmd = [sys.executable, "-c", "from neuralmem_fast.apps.scale import _worker_main; _worker_main()", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -558,12 +558,12 @@ def build_parser():
     p.add_argument("--no-plot", action="store_true", help="skip scale.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
-                   help="run the sharded sweep (neuralmem_fast.scale_distributed) with the other arguments")
+                   help="run the sharded sweep (neuralmem_fast.apps.scale_distributed) with the other arguments")
     return p
 
 
 def _providers(args, device):
-    from .backends import available_backends
+    from ..ops import available_backends
 
     avail = available_backends(device)
     seed_path = None if args.no_seed else find_seed(args.seed_path)
@@ -845,12 +845,12 @@ def plot(result, path):
 
 def _distributed(argv):
     try:
-        mod = importlib.import_module("neuralmem_fast.scale_distributed")
+        mod = importlib.import_module("neuralmem_fast.apps.scale_distributed")
     except ModuleNotFoundError as exc:
-        if exc.name != "neuralmem_fast.scale_distributed":
+        if exc.name != "neuralmem_fast.apps.scale_distributed":
             raise
         raise RuntimeError(
-            "scale --distributed needs the module neuralmem_fast.scale_distributed (the sweep of memory "
+            "scale --distributed needs the module neuralmem_fast.apps.scale_distributed (the sweep of memory "
             "sharded across torch.distributed ranks, launched with torchrun); this installation does not "
             "include it. Run the sweep without --distributed.") from None
     return mod.main(argv)

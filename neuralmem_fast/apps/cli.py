@@ -3,10 +3,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("neuralmem_fast.demo", "the continual-learning demo (results/ PNG + metrics.json)"),
-    "bench": ("neuralmem_fast.bench", "the benchmark suites and benchmarks/REPORT.md"),
-    "scale": ("neuralmem_fast.scale", "the large-memory sweep (results/scale.json + plot)"),
-    "autotune": ("neuralmem_fast.autotune", "the GPU backend table of backend='auto', from a bench.json"),
+    "demo": ("neuralmem_fast.apps.demo", "the continual-learning demo (results/ PNG + metrics.json)"),
+    "bench": ("neuralmem_fast.apps.bench", "the benchmark suites and benchmarks/REPORT.md"),
+    "scale": ("neuralmem_fast.apps.scale", "the large-memory sweep (results/scale.json + plot)"),
+    "autotune": ("neuralmem_fast.apps.autotune", "the GPU backend table of backend='auto', from a bench.json"),
 }
 
 

@@ -1,0 +1,8 @@
+"""Models over the memory: the fast continual-learning agent and the tutorial's reference system.
+
+    agent                the fast agent: controller, fused step, MAML, optimizer (make_agent)
+    tutorial_reference   the tutorial's system, faithfully (its own class names, kept there)
+"""
+from .agent import ContinualLearningAgent, FastMemoryController, FlatAdam, make_agent
+
+__all__ = ["ContinualLearningAgent", "FastMemoryController", "FlatAdam", "make_agent"]

@@ -1,0 +1,122 @@
+"""Autograd formulas registered on the ops themselves (torch.library.register_autograd).
+
+`torch.ops.neuralmem.content_read(...)` called directly is differentiable, as
+are the public functions, which call it. Each backward calls our backward
+kernel (`X_backward`, one pass over memory), except under create_graph=True
+(second-order MAML): our backward kernels are not themselves differentiable,
+so the gradient is then built by autograd over the reference, and higher
+derivatives keep every term.
+
+The in-place ops are forward-only; their Autograd kernels (PyTorch's
+in-place rules) are csrc/inplace.cpp for the native library and
+ops/inplace.py for the Triton one.
+"""
+import torch
+
+from .reference import content_addressing_ref, content_read_ref, memory_read_ref, memory_write_ref
+
+__all__ = ["register_autograd", "DIFFERENTIABLE_OPS"]
+
+
+def _c(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _reference_grads(ctx, ref, inputs, grad_out):
+    """Backward by autograd over the reference, for create_graph=True."""
+    need = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t.requires_grad]
+    out = [None] * len(inputs)
+    if not need:
+        return out
+    with torch.enable_grad():
+        y = ref(*inputs)
+        grads = torch.autograd.grad(y, [inputs[i] for i in need], grad_out, create_graph=True, allow_unused=True)
+    for i, g in zip(need, grads):
+        out[i] = g
+    return out
+
+
+def _formulas(lib):
+    """(setup_context, backward) per differentiable op of the library `lib`."""
+
+    def addressing_setup(ctx, inputs, output):
+        memory, keys, strengths, eps = inputs
+        ctx.save_for_backward(output, memory, keys, strengths)
+        ctx.eps = eps
+
+    def addressing_backward(ctx, grad_weights):
+        weights, memory, keys, strengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, lambda m, k, s: content_addressing_ref(m, k, s, ctx.eps),
+                                      (memory, keys, strengths), grad_weights), None)
+        gm, gk, gs = lib.content_addressing_backward(_c(grad_weights), weights, memory, keys, strengths, ctx.eps)
+        return gm, gk, gs, None
+
+    def read_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def read_backward(ctx, grad_reads):
+        memory, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return tuple(_reference_grads(ctx, memory_read_ref, (memory, weights), grad_reads))
+        return tuple(lib.memory_read_backward(_c(grad_reads), memory, weights))
+
+    def content_read_setup(ctx, inputs, output):
+        memory, keys, strengths, eps = inputs
+        reads, lse = output
+        ctx.save_for_backward(reads, lse, memory, keys, strengths)
+        ctx.mark_non_differentiable(lse)
+        ctx.eps = eps
+
+    def content_read_backward(ctx, grad_reads, _grad_lse):
+        reads, lse, memory, keys, strengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, lambda m, k, s: content_read_ref(m, k, s, ctx.eps),
+                                      (memory, keys, strengths), grad_reads), None)
+        if grad_reads is None:
+            return None, None, None, None
+        gm, gk, gs = lib.content_read_backward(_c(grad_reads), reads, lse, memory, keys, strengths, ctx.eps)
+        return gm, gk, gs, None
+
+    def write_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def write_backward(ctx, grad_out):
+        memory, weights, erase, add = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return tuple(_reference_grads(ctx, memory_write_ref, (memory, weights, erase, add), grad_out))
+        return tuple(lib.memory_write_backward(_c(grad_out), memory, weights, erase, add))
+
+    def usage_setup(ctx, inputs, output):
+        usage, weights, decay = inputs
+        ctx.decay, ctx.W = decay, weights.shape[1]
+
+    def usage_backward(ctx, grad):
+        # d/d usage = decay, d/d weights[:, w] = 1: a scale and a broadcast (linear: exact at every order).
+        B, N = grad.shape
+        return grad * ctx.decay, grad.unsqueeze(1).expand(B, ctx.W, N), None
+
+    return {
+        "content_addressing": (addressing_setup, addressing_backward),
+        "memory_read": (read_setup, read_backward),
+        "content_read": (content_read_setup, content_read_backward),
+        "memory_write": (write_setup, write_backward),
+        "usage_update": (usage_setup, usage_backward),
+    }
+
+
+# The ops with a gradient formula; the registry's test checks that every
+# differentiable op of a library has one.
+DIFFERENTIABLE_OPS = tuple(_formulas(None))
+
+_registered = set()
+
+
+def register_autograd(ns):
+    """Registers the gradient formulas on the ops of namespace `ns` (once)."""
+    if ns in _registered:
+        return
+    lib = getattr(torch.ops, ns)
+    for name, (setup, backward) in _formulas(lib).items():
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
+    _registered.add(ns)
