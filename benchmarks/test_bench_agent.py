@@ -4,7 +4,7 @@ Providers, each timed on `train_step(x, y, use_replay)` of the seed's demo
 workload (D=64, hidden 128, memory N=128 x 64, 4 read heads, replay batch 8):
   "seed"                     the seed's ContinualLearningAgent (baseline)
   "seed + fast bank"         the seed's agent with neuralmem_fast.NeuralMemoryBank in place of its bank
-  "fast agent (batched)"     neuralmem_fast.models.agent.ContinualLearningAgent(replay="batched")
+  "fast agent (batched)"     neuralmem_fast.models.FastAgent(replay="batched")
   "fast agent (sequential)"  the same with replay="sequential"
 Rows whose classes do not exist yet skip with the reason. Two groups: a step
 with replay (tasks 2-4 of the demo) and one without (task 1); the report
@@ -36,13 +36,13 @@ def _seed_with_fast_bank(seed):
 
 def _fast_agent(mode):
     try:
-        from neuralmem_fast.models.agent import ContinualLearningAgent
+        from neuralmem_fast.models import FastAgent
     except ImportError as exc:
         pytest.skip(f"neuralmem_fast.models.agent is not available yet ({exc})")
     try:
-        return ContinualLearningAgent(input_dim=64, hidden_dim=128, replay=mode)
+        return FastAgent(input_dim=64, hidden_dim=128, replay=mode)
     except TypeError as exc:
-        pytest.skip(f"neuralmem_fast.models.agent.ContinualLearningAgent(replay={mode!r}) is not supported: {exc}")
+        pytest.skip(f"neuralmem_fast.models.FastAgent(replay={mode!r}) is not supported: {exc}")
 
 
 def make_agent(provider, seed):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from neuralmem_fast import ops
-from neuralmem_fast.models.agent import ContinualLearningAgent, FastMemoryController, MemoryConfig, make_agent
+from neuralmem_fast.models.agent import FastAgent, FastMemoryController, MemoryConfig, make_agent
 from neuralmem_fast.ops.dispatch import available_backends
 from neuralmem_fast.apps.experiments import gem_metrics, run_digits_experiment
 from neuralmem_fast.nn import NeuralMemoryBank
@@ -38,7 +38,7 @@ def seed_buffer(seed, capacity=5000):
 
 def fast_agent(kind, seed, **kw):
     buf = seed_buffer(seed) if kind == "sequential" else per_buffer()
-    return ContinualLearningAgent(replay=kind, replay_buffer=buf, **kw)
+    return FastAgent(replay=kind, replay_buffer=buf, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def _native_read_op():
 def test_fused_controller_backward_matches_autograd_and_gradchecks(M):
     """FusedControllerLoss (the fused step's forward and hand-written backward)
     against autograd through FastMemoryController.forward, in float64."""
-    from neuralmem_fast.models.agent import FusedControllerLoss
+    from neuralmem_fast.models.controller import FusedControllerLoss
 
     read_op = _native_read_op()
     cfg = MemoryConfig(memory_size=16, memory_dim=8, num_read_heads=3)
@@ -134,7 +134,7 @@ def test_fused_train_step_matches_autograd_train_step(kind):
         torch.manual_seed(0)
         np.random.seed(0)
         buf = RecordingBuffer(per_buffer())
-        agent = ContinualLearningAgent(replay=kind, replay_buffer=buf, fused=fused)
+        agent = FastAgent(replay=kind, replay_buffer=buf, fused=fused)
         if fused:
             assert agent._fused_read_op() is not None  # the fused step is what runs
         losses = [agent.train_step(x, y, use_replay=i >= 10) for i, (x, y) in
@@ -206,7 +206,7 @@ def test_sequential_agent_reproduces_seed_agent(reference_run):
     # test pins the agent's arithmetic step for step, so it needs the seed's
     # draws. (The package's buffer is checked against the seed's in
     # test_replay.py and trains to the seed's errors below.)
-    agent = ContinualLearningAgent(replay="sequential", replay_buffer=seed.ExperienceReplay(capacity=5000))
+    agent = FastAgent(replay="sequential", replay_buffer=seed.ExperienceReplay(capacity=5000))
     losses = _train_seed_tasks(agent, seed)  # FlatAdam: torch Adam's arithmetic
     np.testing.assert_allclose(losses, reference_run["losses"], atol=1e-5, rtol=0)
     grads = agent.controller.seed_layout_grads()
@@ -276,7 +276,7 @@ def test_batched_step_semantics_and_priority_updates():
     torch.manual_seed(0)
     np.random.seed(0)
     buf = RecordingBuffer(per_buffer())
-    agent = ContinualLearningAgent(replay="batched", replay_buffer=buf)
+    agent = FastAgent(replay="batched", replay_buffer=buf)
     data = seed.create_task_data(2, 20)
     for x, y in data[:17]:
         agent.train_step(x, y)
@@ -343,9 +343,9 @@ def test_maml_adapt_lowers_support_loss_and_keeps_memory():
 def test_default_buffers_are_the_package_replay():
     from neuralmem_fast.replay import ExperienceReplay, PrioritizedReplayBuffer
 
-    assert isinstance(ContinualLearningAgent(replay="batched").replay_buffer, PrioritizedReplayBuffer)
-    assert isinstance(ContinualLearningAgent(replay="sequential").replay_buffer, ExperienceReplay)
-    assert isinstance(ContinualLearningAgent(replay="sequential", buffer="prioritized").replay_buffer,
+    assert isinstance(FastAgent(replay="batched").replay_buffer, PrioritizedReplayBuffer)
+    assert isinstance(FastAgent(replay="sequential").replay_buffer, ExperienceReplay)
+    assert isinstance(FastAgent(replay="sequential", buffer="prioritized").replay_buffer,
                       PrioritizedReplayBuffer)
 
 
@@ -385,7 +385,7 @@ def test_train_step_runs_on_num_threads_and_restores_torch_threads():
             seen.append(torch.get_num_threads())
             super().add(item)
 
-    agent = ContinualLearningAgent(replay="batched", replay_buffer=ThreadsBuffer(per_buffer()), num_threads=1)
+    agent = FastAgent(replay="batched", replay_buffer=ThreadsBuffer(per_buffer()), num_threads=1)
     torch.set_num_threads(2)  # the autouse fixture restores the test run's count
     for x, y in seed.create_task_data(1, 3):
         agent.train_step(x, y)
@@ -394,7 +394,7 @@ def test_train_step_runs_on_num_threads_and_restores_torch_threads():
     agent.train_step(x, y)
     assert seen[-1] == 2 and torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="num_threads"):
-        ContinualLearningAgent(replay_buffer=per_buffer(), num_threads=0)
+        FastAgent(replay_buffer=per_buffer(), num_threads=0)
 
 
 def test_make_agent_kinds():
@@ -404,7 +404,7 @@ def test_make_agent_kinds():
     with pytest.raises(ValueError, match="kind"):
         make_agent("bogus")
     with pytest.raises(ValueError, match="replay"):
-        ContinualLearningAgent(replay="parallel", replay_buffer=per_buffer())
+        FastAgent(replay="parallel", replay_buffer=per_buffer())
 
 
 # --------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_digits_experiment_tiny(tmp_path):
     pytest.importorskip("sklearn")
     res = run_digits_experiment(str(tmp_path), seeds=(0, 1), benchmarks=("split", "permuted"), epochs=1,
                                 train_per_task=12, test_per_task=10, hidden_dim=16, verbose=False,
-                                agent_factory=lambda: ContinualLearningAgent(hidden_dim=16,
+                                agent_factory=lambda: FastAgent(hidden_dim=16,
                                                                              replay_buffer=per_buffer()))
     assert os.path.getsize(tmp_path / "digits_continual.png") > 0
     with open(tmp_path / "digits_metrics.json") as f:
@@ -439,7 +439,7 @@ def test_digits_experiment_tiny(tmp_path):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["formula", "fused"])
 def test_flat_adam_matches_torch_adam(fused):
-    from neuralmem_fast.models.agent import FlatAdam
+    from neuralmem_fast.models import FlatAdam
 
     torch.manual_seed(0)
     shapes = [(7, 3), (5,), (4, 6), (1,)]

@@ -119,23 +119,23 @@ def test_parse_args_defaults_quick_and_overrides():
         demo.parse_args(["--samples", "5", "--adapt-shots", "6"])
 
 
-def test_make_agent_is_the_single_factory():
+def test_build_agent_is_the_single_factory():
     from neuralmem_fast.models import tutorial_reference as reference
 
     cfg = reference.MemoryConfig(memory_size=4, memory_dim=2, num_read_heads=1)
-    agent = demo.make_agent("reference", cfg, hidden_dim=3, input_dim=5)
+    agent = demo.build_agent("reference", cfg, hidden_dim=3, input_dim=5)
     assert isinstance(agent, reference.ContinualLearningAgent)
     assert agent.memory_bank.memory.shape == (4, 2) and agent.controller.hidden_dim == 3
     from neuralmem_fast.models import agent as fast
 
     for kind in ("batched", "sequential"):
-        a = demo.make_agent(kind, cfg, hidden_dim=3, input_dim=5)
-        assert isinstance(a, fast.ContinualLearningAgent) and a.replay == kind
+        a = demo.build_agent(kind, cfg, hidden_dim=3, input_dim=5)
+        assert isinstance(a, fast.FastAgent) and a.replay == kind
         assert a.memory_bank.memory.shape == (4, 2) and a.controller.hidden_dim == 3
     with pytest.raises(ValueError, match="seed_compat"):
-        demo.make_agent("batched", cfg, 3, seed_compat=True)
+        demo.build_agent("batched", cfg, 3, seed_compat=True)
     with pytest.raises(ValueError, match="unknown agent"):
-        demo.make_agent("nope", cfg, 3)
+        demo.build_agent("nope", cfg, 3)
 
 
 def test_metrics_hand_checked():
@@ -179,7 +179,7 @@ def test_first_eta_leaves_out_the_warm_up(tmp_path, monkeypatch, capsys):
     clock = [1000.0]
     monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
     monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)  # no background refreshes on the real clock
-    real_make_agent = demo.make_agent
+    real_make_agent = demo.build_agent
 
     def slow_first_then_fast(*args, **kwargs):
         agent = real_make_agent(*args, **kwargs)
@@ -193,7 +193,7 @@ def test_first_eta_leaves_out_the_warm_up(tmp_path, monkeypatch, capsys):
         agent.train_step = timed_step
         return agent
 
-    monkeypatch.setattr(demo, "make_agent", slow_first_then_fast)
+    monkeypatch.setattr(demo, "build_agent", slow_first_then_fast)
 
     class Terminal(io.StringIO):
         def isatty(self):

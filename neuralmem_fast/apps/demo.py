@@ -26,7 +26,7 @@ Writes under --out:
   with --dataset digits:     digits_continual.png and digits_metrics.json
 
 Agents. `AGENTS` maps a name to a factory `(config, hidden_dim, input_dim,
-seed_compat) -> agent`, and `make_agent` is the one place that builds one;
+seed_compat) -> agent`, and `build_agent` is the one place that builds one;
 `--agent NAME` picks it and `--reference` is the faithful reference agent of
 `neuralmem_fast.models.tutorial_reference`. An agent provides:
   train_step(x, y, use_replay) -> float    one training step on one sample
@@ -73,7 +73,7 @@ DEFAULT_AGENT = "batched"
 FAST_AGENTS = ("batched", "sequential")
 
 
-def make_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False):
+def build_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False):
     """Builds the agent named `kind` (a key of AGENTS) for a memory config."""
     if kind not in AGENTS:
         raise ValueError(f"unknown agent {kind!r}; choose one of {sorted(AGENTS)}")
@@ -225,7 +225,7 @@ def run_one(args, use_replay, progress=None, log=print, kind=None):
     """One agent (`kind`, default args.agent), learned from scratch with seed args.seed; returns (metrics, agent)."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    agent = make_agent(kind or args.agent, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat)
+    agent = build_agent(kind or args.agent, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat)
     on_step = None
     if progress is not None:
         def on_step(loss, _n=[0]):
@@ -422,7 +422,7 @@ def run_digits(args):
     config = _config(args)
 
     def agent_factory():
-        return make_agent(args.agent, config, args.hidden, input_dim=64)
+        return build_agent(args.agent, config, args.hidden, input_dim=64)
 
     return run_digits_experiment(args.out, seeds=tuple(args.seeds), epochs=args.epochs,
                                  train_per_task=args.train_per_task, test_per_task=args.test_per_task,

@@ -257,7 +257,7 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
     shared machine falls on all of them alike. buffer_factory(kind) may supply
     a replay buffer for the fast agent.
     """
-    from ..models import ContinualLearningAgent
+    from ..models import FastAgent
     from ..nn import NeuralMemoryBank
 
     n_threads = torch.get_num_threads()
@@ -279,7 +279,7 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
                 agent.memory_bank = _NullBank(agent.config)
             return agent
         buf = buffer_factory(kind) if buffer_factory is not None else None
-        return ContinualLearningAgent(replay=kind, replay_buffer=buf)
+        return FastAgent(replay=kind, replay_buffer=buf)
 
     try:
         agents = {k: make(k) for k in kinds}

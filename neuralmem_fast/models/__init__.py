@@ -3,6 +3,6 @@
     agent                the fast agent: controller, fused step, MAML, optimizer (make_agent)
     tutorial_reference   the tutorial's system, faithfully (its own class names, kept there)
 """
-from .agent import ContinualLearningAgent, FastMemoryController, FlatAdam, make_agent
+from .agent import FastAgent, FastMemoryController, FlatAdam, make_agent
 
-__all__ = ["ContinualLearningAgent", "FastMemoryController", "FlatAdam", "make_agent"]
+__all__ = ["FastAgent", "FastMemoryController", "FlatAdam", "make_agent"]

@@ -20,11 +20,11 @@ that normalises it again) and runs nine forwards per step. Here:
   clipping would treat a merged bias differently. With the seed's detached
   memory the write heads are computed outside autograd (they never get a
   gradient anyway).
-* `ContinualLearningAgent(replay="sequential")` is the seed's algorithm in the
+* `FastAgent(replay="sequential")` is the seed's algorithm in the
   seed's order: current sample (read, write), push, then each replay sample
   in turn (read, write), one backward, clip to 1, Adam. With the seed's
   `ExperienceReplay` semantics it reproduces the seed agent's losses.
-* `ContinualLearningAgent(replay="batched")` runs the current sample and the
+* `FastAgent(replay="batched")` runs the current sample and the
   replay minibatch in ONE forward of 1+k rows. Batched semantics: the k
   replay samples are drawn before the current sample enters the buffer (so a
   sample is never replayed in the step it arrives); all 1+k rows read the
@@ -71,16 +71,16 @@ from ..ops.dispatch import library, resolve
 from .controller import FastMemoryController, _fused_backward, _fused_forward
 from .maml import MAML
 from .optimizer import FlatAdam, _clip_grad_norm_
-from .tasks import create_task_data
+from .tasks import synthetic_task
 
 __all__ = [
     "MemoryConfig",
     "FastMemoryController",
     "FlatAdam",
     "MAML",
-    "ContinualLearningAgent",
+    "FastAgent",
     "make_agent",
-    "create_task_data",
+    "synthetic_task",
 ]
 
 def _default_buffer(kind, capacity, alpha, beta):
@@ -92,7 +92,7 @@ def _default_buffer(kind, capacity, alpha, beta):
     return replay.PrioritizedReplayBuffer(capacity, alpha=alpha, beta=beta)
 
 
-class ContinualLearningAgent:
+class FastAgent:
     """The seed's agent on the fused controller and the fast bank.
 
     Args:
@@ -414,11 +414,11 @@ def make_agent(kind="batched", **kwargs):
 
     kind: "batched" (fast agent, batched prioritized replay; the default),
     "sequential" (fast agent, the seed's replay order and buffer semantics).
-    Other keyword arguments go to ContinualLearningAgent.
+    Other keyword arguments go to FastAgent.
     """
     if kind in ("batched", "fast"):
-        return ContinualLearningAgent(replay="batched", **kwargs)
+        return FastAgent(replay="batched", **kwargs)
     if kind == "sequential":
-        return ContinualLearningAgent(replay="sequential", **kwargs)
+        return FastAgent(replay="sequential", **kwargs)
     raise ValueError(f"kind must be 'batched' or 'sequential', got {kind!r}")
 

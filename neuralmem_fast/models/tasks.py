@@ -3,7 +3,7 @@
 import torch
 
 
-def create_task_data(task_id, num_samples=100, seed=None):
+def synthetic_task(task_id, num_samples=100, seed=None):
     """The seed's synthetic tasks (seed = task_id by default, as in the seed)."""
     g = torch.Generator().manual_seed(task_id if seed is None else seed)
     x = torch.randn(num_samples, 64, generator=g)
