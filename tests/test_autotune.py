@@ -396,3 +396,31 @@ def test_package_table_if_present_is_well_formed():
             ns = [n for n, _ in runs[:-1]]
             assert ns == sorted(set(ns)), (op, runs)
             assert all(b in backends.BACKENDS and b != "auto" for _, b in runs), (op, runs)
+
+
+def test_bench_says_what_it_needs_when_the_suites_are_not_there(tmp_path, capsys, monkeypatch):
+    """An installed package has no benchmarks/: the runner says so and how to point it at a copy."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "PACKAGE_ROOT", str(tmp_path / "site-packages" / "neuralmem_fast"))
+    monkeypatch.delenv("NEURALMEM_BENCH_DIR", raising=False)
+    assert bench.main(["--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "were not found" in err and "--suites" in err
+    assert bench.find_suites(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")) is not None
+
+
+def test_the_user_table_comes_before_the_package_table(tmp_path, monkeypatch, built):
+    user, package = tmp_path / "user.json", tmp_path / "package.json"
+    monkeypatch.setenv("NEURALMEM_AUTOTUNE_TABLE", str(user))
+    monkeypatch.setattr(backends, "PACKAGE_TABLE_PATH", str(package))
+    autotune.write_table({"cuda": {"content_read": [[None, "triton"]]}, "_meta": {"card": "package card"}},
+                         str(package))
+    backends.reload_table()
+    try:
+        assert backends.table_meta()["card"] == "package card"
+        assert autotune.install_table(built) == str(user)
+        assert backends.table_meta()["card"] == CARD
+        assert backends.table_path_in_use() == str(user)
+    finally:
+        monkeypatch.undo()
+        backends.reload_table()
