@@ -1231,6 +1231,26 @@ void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory
 // ---------------------------------------------------------------------------
 // usage_update: decay * usage + sum_w weights
 // ---------------------------------------------------------------------------
+// decay * u + sw with the product rounded on its own, never fused into a
+// multiply-add: the arithmetic of the reference (and of torch), so that
+// usage_update, the fused content_write_ and a sharded memory's write give
+// bitwise the same usage from the same weights, and slots whose usage ties
+// in one of them tie in all (the least-used slot is then the same index).
+// sw is the sum of the write heads' weights, in head order.
+template <typename A>
+C10_ALWAYS_INLINE A usage_step(A decay, A u, A sw) {
+  A du = decay * u;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(du));  // an opaque value: the compiler cannot contract it with the add
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(du));
+#else
+  volatile A v = du;
+  du = v;
+#endif
+  return du + sw;
+}
+
 template <typename T>
 void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double decay_d, at::Tensor& out_t) {
   using A = acc_t<T>;
@@ -1242,9 +1262,9 @@ void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double
   at::parallel_for(0, B * N, grain_for(W + 1) * 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / N, n = i % N;
-      A s = decay * static_cast<A>(u[i]);
-      for (int64_t k = 0; k < W; ++k) s += static_cast<A>(w[(b * W + k) * N + n]);
-      out[i] = static_cast<T>(s);
+      A sw = 0;
+      for (int64_t k = 0; k < W; ++k) sw += static_cast<A>(w[(b * W + k) * N + n]);
+      out[i] = static_cast<T>(usage_step(decay, static_cast<A>(u[i]), sw));
     }
   });
 }
@@ -1257,6 +1277,16 @@ void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double
 // (B,W,N) weights never exist), rewrites the row in place and updates the
 // usage, tracking the least-used slot of each chunk; chunks are combined in
 // order, so ties go to the lowest index, as torch.argmin.
+
+// Whether usage value v, met after the current best, replaces it: smaller,
+// or NaN where the best is not, which is what torch.argmin returns (NaN
+// counts as the least value, ties go to the lowest index). Candidates are
+// met in index order.
+template <typename A>
+C10_ALWAYS_INLINE bool argmin_better(A v, A best) {
+  return v < best || (v != v && best == best);
+}
+
 // Pass 1: per (b, chunk, w) running max and sum of exp; returns per (b, w)
 // (max, 1/sum) combined in chunk order.
 template <typename T>
@@ -1360,10 +1390,10 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
           for (int64_t j = 0; j < nj; ++j) {
             A sw = 0;
             for (int64_t k = 0; k < W; ++k) sw += s[k * BS + j];
-            const T nu = static_cast<T>(decay * static_cast<A>(u[j]) + sw);
+            const T nu = static_cast<T>(usage_step(decay, static_cast<A>(u[j]), sw));
             u[j] = nu;
             const A uv = static_cast<A>(nu);
-            if (!have || uv < bv) {
+            if (!have || argmin_better(uv, bv)) {
               bv = uv;
               bi = nb + j;
               have = true;
@@ -1383,7 +1413,7 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
       A bv = best_val[b * C];
       int64_t bi = best_idx[b * C];
       for (int64_t c = 1; c < C; ++c) {
-        if (best_val[b * C + c] < bv) {
+        if (argmin_better(best_val[b * C + c], bv)) {
           bv = best_val[b * C + c];
           bi = best_idx[b * C + c];
         }
