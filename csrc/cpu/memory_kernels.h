@@ -531,6 +531,52 @@ inline void normalize_keys(const T* k, int64_t H, int64_t D, A eps, A* q, A* kno
   }
 }
 
+// Non-finite strengths and keys. The reference formula gives a head whose
+// strength is inf or NaN, or whose key has an inf or NaN element, NaN
+// weights, hence NaN reads, lse and gradients (the memory gradient of every
+// slot of that memory included), while the clamped logits of the kernels
+// would give finite numbers. The kernels follow the reference: such a head is
+// computed as a zero key of strength 0, so that the arithmetic of the other
+// heads sharing its blocks stays finite, and its outputs are then set to NaN.
+// One check per (memory, head), nothing per slot; nothing raises, since a
+// check on the GPU would need a synchronisation.
+template <typename T>
+inline bool head_finite(const T* key, T strength, int64_t D) {
+  using A = acc_t<T>;
+  A z = 0;  // x * 0 is NaN exactly when x is inf or NaN
+  for (int64_t d = 0; d < D; ++d) z += static_cast<A>(key[d]) * A(0);
+  return z == A(0) && std::isfinite(static_cast<A>(strength));
+}
+
+// normalize_keys plus the strengths of H heads; a head that head_finite
+// rejects gets q = 0 and beta = 0 (and ok[h] = false when ok is given).
+template <typename T, typename A>
+inline void prepare_heads(const T* k, const T* s, int64_t H, int64_t D, A eps, A* q, A* beta,
+                          bool* ok = nullptr) {
+  normalize_keys(k, H, D, eps, q, static_cast<A*>(nullptr));
+  for (int64_t h = 0; h < H; ++h) {
+    const bool f = head_finite(k + h * D, s[h], D);
+    if (ok != nullptr) ok[h] = f;
+    beta[h] = f ? static_cast<A>(s[h]) : A(0);
+    if (!f) std::fill(q + h * D, q + (h + 1) * D, A(0));
+  }
+}
+
+// The (memory, head) pairs, as b * H + h, that head_finite rejects; usually
+// none.
+template <typename T>
+std::vector<int64_t> nonfinite_heads(const T* keys, const T* str, int64_t B, int64_t H, int64_t D) {
+  std::vector<int64_t> bad;
+  for (int64_t i = 0; i < B * H; ++i)
+    if (!head_finite(keys + i * D, str[i], D)) bad.push_back(i);
+  return bad;
+}
+
+template <typename T>
+inline void fill_nan(T* p, int64_t n) {
+  std::fill(p, p + n, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+}
+
 // From squared row norms: inv[j] = 1 / max(|m_j|, eps) and gate[j] = inv^2
 // where |m_j| > eps, else 0 (the clamped branch of F.normalize has no
 // gradient through the norm).
@@ -591,8 +637,7 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      prepare_heads(keys + b * H * D, str + b * H, H, D, eps, q.data(), beta.data());
       A* lg = logits + b * H * N;
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
@@ -634,6 +679,7 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
       }
     }
   });
+  for (const int64_t i : nonfinite_heads(keys, str, B, H, D)) fill_nan(out + i * N, N);
 }
 
 // ---------------------------------------------------------------------------
@@ -957,12 +1003,11 @@ void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, co
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      prepare_heads(keys + b * H * D, str + b * H, H, D, eps, q.data(), beta.data());
       A* wp = nullptr;
       if (W > 0) {
-        normalize_keys(wkeys + b * W * D, W, D, eps, q.data() + H * D, static_cast<A*>(nullptr));
-        for (int64_t k = 0; k < W; ++k) beta[H + k] = static_cast<A>(wstr[b * W + k]);
+        // (A non-finite write head: its weights are made NaN by the write pass.)
+        prepare_heads(wkeys + b * W * D, wstr + b * W, W, D, eps, q.data() + H * D, beta.data() + H);
         wp = &(*wpart)[t * W * 2];
         for (int64_t k = 0; k < W; ++k) wp[2 * k] = -std::numeric_limits<A>::infinity();
       }
@@ -1030,6 +1075,10 @@ void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, co
         lse[i] = m + std::log(l);
       }
     });
+  }
+  for (const int64_t i : nonfinite_heads(keys, str, B, H, D)) {
+    fill_nan(reads + i * D, D);
+    lse[i] = std::numeric_limits<A>::quiet_NaN();
   }
 }
 
@@ -1308,8 +1357,7 @@ std::vector<acc_t<T>> content_write_stats(const at::Tensor& memory_t, const at::
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * W * D, W, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t k = 0; k < W; ++k) beta[k] = static_cast<A>(str[b * W + k]);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data());
       A* p = &part[t * W * 2];
       for (int64_t k = 0; k < W; ++k) {
         p[2 * k] = -std::numeric_limits<A>::infinity();
@@ -1353,11 +1401,11 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
   at::parallel_for(0, B * C, grain_for(ch.size * D * (3 * W + 2)), [&](int64_t t0, int64_t t1) {
     Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), wv(W), E(W * D), Ad(W * D);
     Scratch<A> rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    Scratch<bool> ok(W);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * W * D, W, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t k = 0; k < W; ++k) beta[k] = static_cast<A>(str[b * W + k]);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data(), ok.data());
       for (int64_t i = 0; i < W * D; ++i) {
         E[i] = static_cast<A>(er[b * W * D + i]);
         Ad[i] = static_cast<A>(ad[b * W * D + i]);
@@ -1375,6 +1423,8 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
         for (int64_t k = 0; k < W; ++k) {
           const A* st = &stats[(b * W + k) * 2];
           exp_shift(s.data() + k * BS, nj, st[0], st[1]);
+          // A non-finite head's weights are NaN, and so every row it writes.
+          if (!ok[k]) std::fill(s.data() + k * BS, s.data() + k * BS + nj, std::numeric_limits<A>::quiet_NaN());
         }
         // The rows first, then the block's usage: two tight loops instead of
         // one whose stores to memory kept the compiler from holding anything
