@@ -11,10 +11,11 @@ read (content_read)
     packed (B,H,D+1) partials lets every rank combine them the way the
     split-N kernels combine their splits:
         lse = logsumexp_i lse_i,   a_i = exp(lse_i - lse),   r = sum_i a_i r_i.
-    Backward: the global weights of rank i's slots are a_i * w_local, so the
-    local backward kernel called with grad a_i * g and the *global* read r
-    gives exactly this rank's share of the global gradient (ds_n = W_n (g.m_n -
-    g.r)). Memory gradients stay local; the key and strength gradients are
+    Backward: the global weights of rank i's slots are exp(s_n - lse) =
+    a_i * w_local, so the local backward kernel called with the *global* lse
+    and read r gives exactly this rank's share of the global gradient
+    (ds_n = W_n (g.m_n - g.r)); the kernel recomputes weights and g.r from
+    its own slots only where the lse it is given is their own. Memory gradients stay local; the key and strength gradients are
     partial sums that one all-reduce completes. Communication per step is
     O(world * B * H * D) forward and O(B * H * D) backward, independent of N.
 
@@ -127,7 +128,7 @@ class _AllGatherLSE(torch.autograd.Function):
 # the sharded read
 # --------------------------------------------------------------------------
 def _local_read_backward(backend, g, reads, lse, memory, keys, strengths, eps):
-    """Backward of the local read with the given (scaled) grad and global reads."""
+    """This rank's share of the global read's gradient, from the global lse and reads."""
     if backend != "torch":
         return _ops._lib(backend).content_read_backward(g.contiguous(), reads.contiguous(), lse.contiguous(),
                                                       memory, keys, strengths, eps)
@@ -155,16 +156,14 @@ class _ShardedRead(torch.autograd.Function):
             lse = torch.logsumexp(lses, dim=0)
             a = torch.exp(lses - lse)  # (world,B,H)
             reads = (a.unsqueeze(-1) * parts[..., :-1]).sum(0).to(memory.dtype)
-            a_mine = a[dist.get_rank(group)]
-        ctx.save_for_backward(memory, keys, strengths, reads, lse_loc, a_mine)
+        ctx.save_for_backward(memory, keys, strengths, reads, lse)
         ctx.eps, ctx.backend = eps, backend
         return reads
 
     @staticmethod
     def backward(ctx, g):
-        memory, keys, strengths, reads, lse_loc, a_mine = ctx.saved_tensors
-        g_scaled = (g * a_mine.unsqueeze(-1).to(g.dtype)).contiguous()
-        gm, gk, gs = _local_read_backward(ctx.backend, g_scaled, reads, lse_loc, memory, keys, strengths, ctx.eps)
+        memory, keys, strengths, reads, lse = ctx.saved_tensors
+        gm, gk, gs = _local_read_backward(ctx.backend, g.contiguous(), reads, lse, memory, keys, strengths, ctx.eps)
         return gm, gk, gs, None, None, None, None
 
 
