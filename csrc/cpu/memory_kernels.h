@@ -25,7 +25,12 @@
 //   keys: the running (max, sum, acc) per head is rescaled only when a block
 //   raises the max; logits are clamped to the finite range so that any
 //   finite strength gives finite weights. Its backward recomputes the weights
-//   from the saved logsumexp, block by block: (B,H,N) never exists.
+//   block by block: (B,H,N) never exists. Half inputs recompute them with
+//   the softmax's own max and sum and the correction term delta from float
+//   intermediates, in one more pass, never from the half reads or weights
+//   of the forward (see addressing_backward_typed).
+// - A head with a non-finite strength or key gets NaN outputs, as the
+//   reference formula gives (see head_finite).
 // - Half and bfloat16 rows are widened to float once per block; everything
 //   accumulates in at::opmath_type (float for half, else the input type).
 #ifndef CPU_CAPABILITY
@@ -531,6 +536,52 @@ inline void normalize_keys(const T* k, int64_t H, int64_t D, A eps, A* q, A* kno
   }
 }
 
+// Non-finite strengths and keys. The reference formula gives a head whose
+// strength is inf or NaN, or whose key has an inf or NaN element, NaN
+// weights, hence NaN reads, lse and gradients (the memory gradient of every
+// slot of that memory included), while the clamped logits of the kernels
+// would give finite numbers. The kernels follow the reference: such a head is
+// computed as a zero key of strength 0, so that the arithmetic of the other
+// heads sharing its blocks stays finite, and its outputs are then set to NaN.
+// One check per (memory, head), nothing per slot; nothing raises, since a
+// check on the GPU would need a synchronisation.
+template <typename T>
+inline bool head_finite(const T* key, T strength, int64_t D) {
+  using A = acc_t<T>;
+  A z = 0;  // x * 0 is NaN exactly when x is inf or NaN
+  for (int64_t d = 0; d < D; ++d) z += static_cast<A>(key[d]) * A(0);
+  return z == A(0) && std::isfinite(static_cast<A>(strength));
+}
+
+// normalize_keys plus the strengths of H heads; a head that head_finite
+// rejects gets q = 0 and beta = 0 (and ok[h] = false when ok is given).
+template <typename T, typename A>
+inline void prepare_heads(const T* k, const T* s, int64_t H, int64_t D, A eps, A* q, A* beta,
+                          bool* ok = nullptr) {
+  normalize_keys(k, H, D, eps, q, static_cast<A*>(nullptr));
+  for (int64_t h = 0; h < H; ++h) {
+    const bool f = head_finite(k + h * D, s[h], D);
+    if (ok != nullptr) ok[h] = f;
+    beta[h] = f ? static_cast<A>(s[h]) : A(0);
+    if (!f) std::fill(q + h * D, q + (h + 1) * D, A(0));
+  }
+}
+
+// The (memory, head) pairs, as b * H + h, that head_finite rejects; usually
+// none.
+template <typename T>
+std::vector<int64_t> nonfinite_heads(const T* keys, const T* str, int64_t B, int64_t H, int64_t D) {
+  std::vector<int64_t> bad;
+  for (int64_t i = 0; i < B * H; ++i)
+    if (!head_finite(keys + i * D, str[i], D)) bad.push_back(i);
+  return bad;
+}
+
+template <typename T>
+inline void fill_nan(T* p, int64_t n) {
+  std::fill(p, p + n, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+}
+
 // From squared row norms: inv[j] = 1 / max(|m_j|, eps) and gate[j] = inv^2
 // where |m_j| > eps, else 0 (the clamped branch of F.normalize has no
 // gradient through the norm).
@@ -591,8 +642,7 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      prepare_heads(keys + b * H * D, str + b * H, H, D, eps, q.data(), beta.data());
       A* lg = logits + b * H * N;
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
@@ -634,17 +684,57 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
       }
     }
   });
+  for (const int64_t i : nonfinite_heads(keys, str, B, H, D)) fill_nan(out + i * N, N);
 }
 
 // ---------------------------------------------------------------------------
 // backward of content addressing: shared by content_addressing_backward
 // (FUSED=false: weights and their gradient given) and content_read_backward
-// (FUSED=true: weights recomputed from lse, dw_n = g . m_n).
+// (FUSED=true: weights recomputed, dw_n = g . m_n).
 //   ds_n = w_n (dw_n - delta), delta = sum_n w_n dw_n
 //   dbeta = sum_n ds_n c_n; dc_n = beta ds_n
 //   dm_n = [w_n g] + dc_n inv_n (q - c_n m_n inv_n)   (q/eps where |m_n| <= eps)
 //   dq = sum_n dc_n inv_n m_n; dk = (dq - (dq.q) q)/|k|  (dq/eps where |k| <= eps)
+//
+// content_read_backward is, for any reads and lse it is given, the gradient
+// with w_n = exp(s_n - lse) and delta = g . reads (a sharded memory passes
+// the global lse and reads, for its share of the global gradient). But delta
+// is a difference of near-equal numbers wherever the softmax is peaked, and
+// every gradient carries ds, times the strength: from half-precision reads
+// (or weights), their rounding times the strength lands in every gradient.
+// So where the given lse is this memory's own (to float rounding), the
+// weights and delta come from the same float intermediates as dw instead:
+//   w_n = exp(s_n - M) / L, delta = sum_n exp(s_n - M) dw_n / L,
+// with M, L the max and normaliser of the logits recomputed here ("exact").
+// Half inputs take that form in one extra pass over the memory that gathers
+// (M, L, delta) per (b, h), or inside the main pass when the whole memory is
+// one block; float/double only in that one-block case, where it is free (and
+// makes the N = 1 gradient exactly 0: w = 1, delta = dw). Above one block
+// they keep delta = g . reads, whose rounding is that of float itself.
+// content_addressing_backward with half inputs always recomputes its weights
+// so (its `weights` are the forward's output, rounded to half).
 // ---------------------------------------------------------------------------
+// Logits of a block for H heads: w[h*BS + j] = clamp(beta[h] * c[h*BS + j] * inv[j]).
+template <typename A>
+inline void block_logits(A* w, const A* c, const A* inv, const A* beta, int64_t H, int64_t nj, int64_t BS) {
+  for (int64_t h = 0; h < H; ++h) {
+    A* wh = w + h * BS;
+    const A* ch = c + h * BS;
+    for (int64_t j = 0; j < nj; ++j) wh[j] = clamp_finite(beta[h] * (ch[j] * inv[j]));
+  }
+}
+
+// Whether a given logsumexp is the one recomputed as M + log L, to the
+// rounding of a float lse computed in another order (for float32: at |lse|
+// ~ 1e4 about 1e-3; a sharded memory's global lse differs from its local one
+// by -log of the rank's share of the mass).
+template <typename A>
+inline bool same_lse(A given, A M, A L) {
+  const A mine = M + std::log(L);
+  constexpr A rel = std::is_same_v<A, double> ? A(0x1p-44) : A(0x1p-19);
+  return std::abs(given - mine) <= rel * (A(1) + std::abs(mine));
+}
+
 template <typename T, bool FUSED>
 void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor* reads_t, const at::Tensor* lse_t,
                                const at::Tensor* grad_w_t, const at::Tensor* w_t, const at::Tensor& memory_t,
@@ -663,32 +753,135 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   const int64_t nvec = FUSED ? 2 * H : H;  // dots per row: keys (and grad of reads)
   const Chunks ch = make_chunks(N, D * (nvec + 1 + 3 * H));
   const int64_t C = ch.count;
+  constexpr bool kHalf = !std::is_same_v<T, A>;
+  const bool one_block = C == 1 && N <= BS;
+  // Weights recomputed as exp(s - M) / L: always for half, else one block of
+  // content_read; gathered in a pass of their own unless one block.
+  const bool recompute = kHalf || (FUSED && one_block);
+  const bool prepass = recompute && !one_block;
+  const T* gw_all = FUSED ? nullptr : grad_w_t->const_data_ptr<T>();
+  const A* lse_in = FUSED ? lse_t->const_data_ptr<A>() : nullptr;
 
-  // delta[b, h]: dr . r (fused), or sum_n w dw over all N first (unfused).
-  std::vector<A> delta(B * H);
-  if constexpr (FUSED) {
-    const T* gr = grad_reads_t->const_data_ptr<T>();
-    const T* rd = reads_t->const_data_ptr<T>();
-    for (int64_t i = 0; i < B * H; ++i) {
-      A s = 0;
-      for (int64_t d = 0; d < D; ++d) s += static_cast<A>(gr[i * D + d]) * static_cast<A>(rd[i * D + d]);
-      delta[i] = s;
+  // Per (b, h): w = exp(s - shift) * scale, delta, and whether (shift,
+  // scale) = (M, 1/L) were recomputed here.
+  std::vector<A> shift(B * H), scale(B * H, A(1)), delta(B * H);
+  std::vector<char> exact(B * H, 0);
+
+  // delta = g . reads, for the heads that use the given reads and lse.
+  auto given_delta = [&](int64_t i) {
+    const T* gr = grad_reads_t->const_data_ptr<T>() + i * D;
+    const T* rd = reads_t->const_data_ptr<T>() + i * D;
+    A s = 0;
+    for (int64_t d = 0; d < D; ++d) s += static_cast<A>(gr[d]) * static_cast<A>(rd[d]);
+    return s;
+  };
+  // Sets head i's weights and delta from its recomputed (M, L, T = sum exp(s - M) dw).
+  auto choose = [&](int64_t i, A M, A L, A Tt) {
+    exact[i] = !FUSED || same_lse(lse_in[i], M, L);
+    if (!exact[i]) {
+      shift[i] = lse_in[i];
+      scale[i] = A(1);
+      delta[i] = given_delta(i);
+    } else {
+      shift[i] = M;
+      scale[i] = A(1) / L;
+      delta[i] = Tt * scale[i];
     }
-  } else {
-    const T* gw = grad_w_t->const_data_ptr<T>();
-    const T* w = w_t->const_data_ptr<T>();
-    at::parallel_for(0, B * H, grain_for(N), [&](int64_t i0, int64_t i1) {
-      constexpr int64_t kPiece = 1024;
-      Scratch<A> a(kPiece), bb(kPiece);
-      for (int64_t i = i0; i < i1; ++i) {
-        A s = 0;
-        for (int64_t n = 0; n < N; n += kPiece) {
-          const int64_t m = std::min(kPiece, N - n);
-          s += dot(widen(w + i * N + n, a.data(), m), widen(gw + i * N + n, bb.data(), m), m);
+  };
+
+  // Loads the head vectors of memory b: q (and, fused, g after it) in vecs,
+  // the strengths in beta.
+  auto load_vecs = [&](int64_t b, A* vecs, A* beta) {
+    prepare_heads(keys + b * H * D, str + b * H, H, D, eps, vecs, beta);
+    if constexpr (FUSED) {
+      const T* gr = grad_reads_t->const_data_ptr<T>() + b * H * D;
+      for (int64_t i = 0; i < H * D; ++i) vecs[H * D + i] = static_cast<A>(gr[i]);
+    }
+  };
+  // dw of head h in the block at nb: the dots with g (fused), or the given
+  // grad of the weights widened into buf + h * BS.
+  auto block_dw = [&](int64_t b, int64_t h, int64_t nb, int64_t nj, const A* dots, A* buf) -> const A* {
+    if constexpr (FUSED) {
+      (void)b, (void)nb, (void)nj, (void)buf;
+      return dots + (H + h) * BS;
+    } else {
+      return widen(gw_all + (b * H + h) * N + nb, buf + h * BS, nj);
+    }
+  };
+
+  if (prepass) {
+    // Per (b, chunk, h) a running (max, sum of exp, sum of exp * dw),
+    // combined in chunk order.
+    std::vector<A> part(B * C * H * 3);
+    at::parallel_for(0, B * C, grain_for(ch.size * D * (nvec + 1)), [&](int64_t t0, int64_t t1) {
+      Scratch<A> vecs(nvec * D), beta(H), dots(nvec * BS), nrm2(BS), inv(BS), s(H * BS);
+      Scratch<A> rowbuf(kHalf ? BS * D : 1), gwl(FUSED ? 1 : H * BS);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / C, c = t % C;
+        const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+        load_vecs(b, vecs.data(), beta.data());
+        A* p = &part[t * H * 3];
+        for (int64_t h = 0; h < H; ++h) {
+          p[3 * h] = -std::numeric_limits<A>::infinity();
+          p[3 * h + 1] = p[3 * h + 2] = 0;
         }
-        delta[i] = s;
+        for (int64_t nb = n0; nb < n1; nb += BS) {
+          const int64_t nj = std::min(BS, n1 - nb);
+          const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+          dots_block(vecs.data(), nvec, rows, nj, D, dots.data(), BS, nrm2.data());
+          row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+          block_logits(s.data(), dots.data(), inv.data(), beta.data(), H, nj, BS);
+          for (int64_t h = 0; h < H; ++h) {
+            A* sh = s.data() + h * BS;
+            A* ph = p + 3 * h;
+            const A bm = max_of(sh, nj);
+            if (bm > ph[0]) {
+              const A f = std::exp(ph[0] - bm);
+              ph[1] *= f;
+              ph[2] *= f;
+              ph[0] = bm;
+            }
+            ph[1] += exp_shift(sh, nj, ph[0]);
+            ph[2] += dot(sh, block_dw(b, h, nb, nj, dots.data(), gwl.data()), nj);
+          }
+        }
       }
     });
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        A M = -std::numeric_limits<A>::infinity();
+        for (int64_t c = 0; c < C; ++c) M = std::max(M, part[((b * C + c) * H + h) * 3]);
+        A L = 0, Tt = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const A* p = &part[((b * C + c) * H + h) * 3];
+          const A f = std::exp(p[0] - M);
+          L += p[1] * f;
+          Tt += p[2] * f;
+        }
+        choose(b * H + h, M, L, Tt);
+      }
+    }
+  } else if (!recompute) {
+    if constexpr (FUSED) {
+      for (int64_t i = 0; i < B * H; ++i) {
+        shift[i] = lse_in[i];
+        delta[i] = given_delta(i);
+      }
+    } else {
+      const T* w = w_t->const_data_ptr<T>();
+      at::parallel_for(0, B * H, grain_for(N), [&](int64_t i0, int64_t i1) {
+        constexpr int64_t kPiece = 1024;
+        Scratch<A> a(kPiece), bb(kPiece);
+        for (int64_t i = i0; i < i1; ++i) {
+          A s = 0;
+          for (int64_t n = 0; n < N; n += kPiece) {
+            const int64_t m = std::min(kPiece, N - n);
+            s += dot(widen(w + i * N + n, a.data(), m), widen(gw_all + i * N + n, bb.data(), m), m);
+          }
+          delta[i] = s;
+        }
+      });
+    }
   }
 
   const int64_t rec = H * (D + 1);  // per (b, chunk): dq[H*D], dbeta[H]
@@ -698,20 +891,13 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   at::parallel_for(0, B * C, grain_for(ch.size * D * (nvec + 1 + 3 * H)), [&](int64_t t0, int64_t t1) {
     // vecs: q (H*D) then, fused, g (H*D); dots: H*BS cos then H*BS dw.
     Scratch<A> vecs(nvec * D), beta(H), dots((nvec)*BS), nrm2(BS), inv(BS), gate(BS), gam(BS);
-    Scratch<A> w(H * BS), bq(H * BS), lse(H), rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
-    Scratch<A> dmbuf(std::is_same_v<T, A> ? 1 : BS * D), wl(FUSED ? 1 : H * BS), gwl(FUSED ? 1 : H * BS);
+    Scratch<A> w(H * BS), bq(H * BS), rowbuf(kHalf ? BS * D : 1);
+    Scratch<A> dmbuf(kHalf ? BS * D : 1), gwl(FUSED ? 1 : H * BS);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
       A* q = vecs.data();
-      normalize_keys(keys + b * H * D, H, D, eps, q, static_cast<A*>(nullptr));
-      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
-      if constexpr (FUSED) {
-        const T* gr = grad_reads_t->const_data_ptr<T>() + b * H * D;
-        for (int64_t i = 0; i < H * D; ++i) vecs[H * D + i] = static_cast<A>(gr[i]);
-        const A* l = lse_t->const_data_ptr<A>() + b * H;
-        for (int64_t h = 0; h < H; ++h) lse[h] = l[h];
-      }
+      load_vecs(b, vecs.data(), beta.data());
       A* r = C > 1 ? &part[t * rec] : &finals[b * rec];
       A* dq = r;
       A* dbeta = r + H * D;
@@ -723,35 +909,40 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
         dots_block(vecs.data(), nvec, rows, nj, D, dots.data(), BS, nrm2.data());
         row_scales(nrm2.data(), nj, eps, inv.data(), gate.data());
-        const A* wp;  // weights of the block, ld BS (fused) or N / BS (given)
-        const A* gwp;
-        int64_t ldw;
-        if constexpr (FUSED) {
+        const A* wp = nullptr;  // weights of the block, ld BS (recomputed) or N (given)
+        const A* gwp = nullptr;
+        int64_t ldw = BS;
+        if (FUSED || recompute) {
+          block_logits(w.data(), dots.data(), inv.data(), beta.data(), H, nj, BS);
+          if constexpr (!FUSED) {
+            // (Only half inputs get here: widen copies into gwl.)
+            for (int64_t h = 0; h < H; ++h) block_dw(b, h, nb, nj, dots.data(), gwl.data());
+          }
           for (int64_t h = 0; h < H; ++h) {
             A* wh = w.data() + h * BS;
-            const A* ch_ = dots.data() + h * BS;
-            for (int64_t j = 0; j < nj; ++j) wh[j] = clamp_finite(beta[h] * (ch_[j] * inv[j]));
-            exp_shift(wh, nj, lse[h]);
+            const int64_t i = b * H + h;
+            if (recompute && one_block) {
+              // All N slots are in this block: (M, L, T) from them.
+              const A M = max_of(wh, nj);
+              const A L = exp_shift(wh, nj, M);
+              const A Tt = dot(wh, FUSED ? dots.data() + (H + h) * BS : gwl.data() + h * BS, nj);
+              choose(i, M, L, Tt);
+              if (exact[i]) {
+                scale_(wh, nj, scale[i]);
+                continue;
+              }
+              // The given lse: the logits again, for exp(s - lse).
+              block_logits(wh, dots.data() + h * BS, inv.data(), beta.data() + h, 1, nj, BS);
+            }
+            exp_shift(wh, nj, shift[i], scale[i]);
           }
           wp = w.data();
-          gwp = dots.data() + H * BS;
-          ldw = BS;
-        } else {
-          const T* wsrc = w_t->const_data_ptr<T>() + b * H * N + nb;
-          const T* gsrc = grad_w_t->const_data_ptr<T>() + b * H * N + nb;
-          if constexpr (std::is_same_v<T, A>) {
-            wp = wsrc;
-            gwp = gsrc;
-            ldw = N;
-          } else {
-            for (int64_t h = 0; h < H; ++h) {
-              widen(wsrc + h * N, wl.data() + h * BS, nj);
-              widen(gsrc + h * N, gwl.data() + h * BS, nj);
-            }
-            wp = wl.data();
-            gwp = gwl.data();
-            ldw = BS;
-          }
+          gwp = FUSED ? dots.data() + H * BS : gwl.data();
+        } else if constexpr (!kHalf) {
+          // float/double content_addressing: the given weights.
+          wp = w_t->const_data_ptr<T>() + b * H * N + nb;
+          gwp = gw_all + b * H * N + nb;
+          ldw = N;
         }
         for (int64_t j = 0; j < nj; ++j) gam[j] = 0;
         for (int64_t h = 0; h < H; ++h) {
@@ -770,14 +961,14 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
           dbeta[h] += db;
         }
         for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
-        A* dmrow = std::is_same_v<T, A> ? reinterpret_cast<A*>(dm + (b * N + nb) * D) : dmbuf.data();
+        A* dmrow = kHalf ? dmbuf.data() : reinterpret_cast<A*>(dm + (b * N + nb) * D);
         if constexpr (FUSED) {
           combine_block<true, true>(dmrow, rows, nj, D, H, gam.data(), wp, vecs.data() + H * D, bq.data(), q, BS);
         } else {
           combine_block<false, true>(dmrow, rows, nj, D, H, gam.data(), static_cast<const A*>(nullptr),
                                      static_cast<const A*>(nullptr), bq.data(), q, BS);
         }
-        if constexpr (!std::is_same_v<T, A>) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
+        if constexpr (kHalf) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
         accumulate_block(dq, H, bq.data(), BS, rows, nj, D);
       }
     }
@@ -820,6 +1011,14 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
       }
     }
   });
+
+  // A non-finite head: NaN gradients for its key and strength, and for every
+  // slot of its memory, which its NaN weights reach.
+  for (const int64_t i : nonfinite_heads(keys, str, B, H, D)) {
+    fill_nan(dk + i * D, D);
+    dstr[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+    fill_nan(dm + (i / H) * N * D, N * D);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -957,12 +1156,11 @@ void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, co
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * H * D, H, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t h = 0; h < H; ++h) beta[h] = static_cast<A>(str[b * H + h]);
+      prepare_heads(keys + b * H * D, str + b * H, H, D, eps, q.data(), beta.data());
       A* wp = nullptr;
       if (W > 0) {
-        normalize_keys(wkeys + b * W * D, W, D, eps, q.data() + H * D, static_cast<A*>(nullptr));
-        for (int64_t k = 0; k < W; ++k) beta[H + k] = static_cast<A>(wstr[b * W + k]);
+        // (A non-finite write head: its weights are made NaN by the write pass.)
+        prepare_heads(wkeys + b * W * D, wstr + b * W, W, D, eps, q.data() + H * D, beta.data() + H);
         wp = &(*wpart)[t * W * 2];
         for (int64_t k = 0; k < W; ++k) wp[2 * k] = -std::numeric_limits<A>::infinity();
       }
@@ -1030,6 +1228,10 @@ void content_read_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, co
         lse[i] = m + std::log(l);
       }
     });
+  }
+  for (const int64_t i : nonfinite_heads(keys, str, B, H, D)) {
+    fill_nan(reads + i * D, D);
+    lse[i] = std::numeric_limits<A>::quiet_NaN();
   }
 }
 
@@ -1231,6 +1433,26 @@ void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory
 // ---------------------------------------------------------------------------
 // usage_update: decay * usage + sum_w weights
 // ---------------------------------------------------------------------------
+// decay * u + sw with the product rounded on its own, never fused into a
+// multiply-add: the arithmetic of the reference (and of torch), so that
+// usage_update, the fused content_write_ and a sharded memory's write give
+// bitwise the same usage from the same weights, and slots whose usage ties
+// in one of them tie in all (the least-used slot is then the same index).
+// sw is the sum of the write heads' weights, in head order.
+template <typename A>
+C10_ALWAYS_INLINE A usage_step(A decay, A u, A sw) {
+  A du = decay * u;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(du));  // an opaque value: the compiler cannot contract it with the add
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(du));
+#else
+  volatile A v = du;
+  du = v;
+#endif
+  return du + sw;
+}
+
 template <typename T>
 void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double decay_d, at::Tensor& out_t) {
   using A = acc_t<T>;
@@ -1242,9 +1464,9 @@ void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double
   at::parallel_for(0, B * N, grain_for(W + 1) * 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / N, n = i % N;
-      A s = decay * static_cast<A>(u[i]);
-      for (int64_t k = 0; k < W; ++k) s += static_cast<A>(w[(b * W + k) * N + n]);
-      out[i] = static_cast<T>(s);
+      A sw = 0;
+      for (int64_t k = 0; k < W; ++k) sw += static_cast<A>(w[(b * W + k) * N + n]);
+      out[i] = static_cast<T>(usage_step(decay, static_cast<A>(u[i]), sw));
     }
   });
 }
@@ -1257,6 +1479,16 @@ void usage_update_typed(const at::Tensor& usage_t, const at::Tensor& w_t, double
 // (B,W,N) weights never exist), rewrites the row in place and updates the
 // usage, tracking the least-used slot of each chunk; chunks are combined in
 // order, so ties go to the lowest index, as torch.argmin.
+
+// Whether usage value v, met after the current best, replaces it: smaller,
+// or NaN where the best is not, which is what torch.argmin returns (NaN
+// counts as the least value, ties go to the lowest index). Candidates are
+// met in index order.
+template <typename A>
+C10_ALWAYS_INLINE bool argmin_better(A v, A best) {
+  return v < best || (v != v && best == best);
+}
+
 // Pass 1: per (b, chunk, w) running max and sum of exp; returns per (b, w)
 // (max, 1/sum) combined in chunk order.
 template <typename T>
@@ -1278,8 +1510,7 @@ std::vector<acc_t<T>> content_write_stats(const at::Tensor& memory_t, const at::
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * W * D, W, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t k = 0; k < W; ++k) beta[k] = static_cast<A>(str[b * W + k]);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data());
       A* p = &part[t * W * 2];
       for (int64_t k = 0; k < W; ++k) {
         p[2 * k] = -std::numeric_limits<A>::infinity();
@@ -1323,11 +1554,11 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
   at::parallel_for(0, B * C, grain_for(ch.size * D * (3 * W + 2)), [&](int64_t t0, int64_t t1) {
     Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), wv(W), E(W * D), Ad(W * D);
     Scratch<A> rowbuf(std::is_same_v<T, A> ? 1 : BS * D);
+    Scratch<bool> ok(W);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      normalize_keys(keys + b * W * D, W, D, eps, q.data(), static_cast<A*>(nullptr));
-      for (int64_t k = 0; k < W; ++k) beta[k] = static_cast<A>(str[b * W + k]);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data(), ok.data());
       for (int64_t i = 0; i < W * D; ++i) {
         E[i] = static_cast<A>(er[b * W * D + i]);
         Ad[i] = static_cast<A>(ad[b * W * D + i]);
@@ -1345,6 +1576,8 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
         for (int64_t k = 0; k < W; ++k) {
           const A* st = &stats[(b * W + k) * 2];
           exp_shift(s.data() + k * BS, nj, st[0], st[1]);
+          // A non-finite head's weights are NaN, and so every row it writes.
+          if (!ok[k]) std::fill(s.data() + k * BS, s.data() + k * BS + nj, std::numeric_limits<A>::quiet_NaN());
         }
         // The rows first, then the block's usage: two tight loops instead of
         // one whose stores to memory kept the compiler from holding anything
@@ -1360,10 +1593,10 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
           for (int64_t j = 0; j < nj; ++j) {
             A sw = 0;
             for (int64_t k = 0; k < W; ++k) sw += s[k * BS + j];
-            const T nu = static_cast<T>(decay * static_cast<A>(u[j]) + sw);
+            const T nu = static_cast<T>(usage_step(decay, static_cast<A>(u[j]), sw));
             u[j] = nu;
             const A uv = static_cast<A>(nu);
-            if (!have || uv < bv) {
+            if (!have || argmin_better(uv, bv)) {
               bv = uv;
               bi = nb + j;
               have = true;
@@ -1383,7 +1616,7 @@ void content_write_apply(at::Tensor& memory_t, at::Tensor& usage_t, const at::Te
       A bv = best_val[b * C];
       int64_t bi = best_idx[b * C];
       for (int64_t c = 1; c < C; ++c) {
-        if (best_val[b * C + c] < bv) {
+        if (argmin_better(best_val[b * C + c], bv)) {
           bv = best_val[b * C + c];
           bi = best_idx[b * C + c];
         }

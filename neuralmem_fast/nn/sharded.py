@@ -2,8 +2,8 @@
 
 Each rank holds a contiguous block of the N slots of every one of the B
 memories (blocks differ by at most one slot when N is not divisible by the
-world size). The ops give exactly what the unsharded ops give on the full
-memory:
+world size). The ops give what the unsharded ops give on the full memory,
+to rounding, with ties between slots resolved as they are there:
 
 read (content_read)
     Every rank runs the fused local kernel over its slots and gets its local
@@ -11,17 +11,25 @@ read (content_read)
     packed (B,H,D+1) partials lets every rank combine them the way the
     split-N kernels combine their splits:
         lse = logsumexp_i lse_i,   a_i = exp(lse_i - lse),   r = sum_i a_i r_i.
-    Backward: the global weights of rank i's slots are a_i * w_local, so the
-    local backward kernel called with grad a_i * g and the *global* read r
-    gives exactly this rank's share of the global gradient (ds_n = W_n (g.m_n -
-    g.r)). Memory gradients stay local; the key and strength gradients are
+    Backward: the global weights of rank i's slots are exp(s_n - lse) =
+    a_i * w_local, so the local backward kernel called with the *global* lse
+    and read r gives exactly this rank's share of the global gradient
+    (ds_n = W_n (g.m_n - g.r)); the kernel recomputes weights and g.r from
+    its own slots only where the lse it is given is their own. Memory gradients stay local; the key and strength gradients are
     partial sums that one all-reduce completes. Communication per step is
     O(world * B * H * D) forward and O(B * H * D) backward, independent of N.
 
 write (content-addressed erase-add, and usage)
     The softmax over all N slots needs the global normaliser before any row
-    changes: one all_gather of the (B,W) local logsumexps, then each rank
-    updates only its own rows with w_n = exp(s_n - lse).
+    changes: one all_gather of the (B,W) local (max m_i, sum l_i of
+    exp(s - m_i)) pairs; every rank combines them in rank order into the same
+    global max M and normaliser L = sum_i l_i exp(m_i - M), then updates only
+    its own rows with w_n = exp(s_n - M) * (1 / L), the unsharded kernels'
+    formula. Every rank forms every weight from the same (M, L), so slots with
+    equal logits get bitwise equal weights and usage wherever they live, and
+    the least-used slot is the lowest index among tied ones, as torch.argmin
+    on the unsharded usage (rescaling each rank's local softmax instead left
+    tied slots an ulp apart, rank by rank).
 
 Replicated inputs (keys, strengths, erase and add vectors, computed by a
 controller that every rank runs identically) pass through `_replicated`,
@@ -107,8 +115,8 @@ def _replicated(x, group, counter):
     return x
 
 
-class _AllGatherLSE(torch.autograd.Function):
-    """all_gather of (B,W) values whose gradient flows back to each owner."""
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather of per-rank values whose gradient flows back to each owner."""
 
     @staticmethod
     def forward(ctx, x, group, counter):
@@ -127,7 +135,7 @@ class _AllGatherLSE(torch.autograd.Function):
 # the sharded read
 # --------------------------------------------------------------------------
 def _local_read_backward(backend, g, reads, lse, memory, keys, strengths, eps):
-    """Backward of the local read with the given (scaled) grad and global reads."""
+    """This rank's share of the global read's gradient, from the global lse and reads."""
     if backend != "torch":
         return library(backend).content_read_backward(g.contiguous(), reads.contiguous(), lse.contiguous(),
                                                       memory, keys, strengths, eps)
@@ -155,17 +163,26 @@ class _ShardedRead(torch.autograd.Function):
             lse = torch.logsumexp(lses, dim=0)
             a = torch.exp(lses - lse)  # (world,B,H)
             reads = (a.unsqueeze(-1) * parts[..., :-1]).sum(0).to(memory.dtype)
-            a_mine = a[dist.get_rank(group)]
-        ctx.save_for_backward(memory, keys, strengths, reads, lse_loc, a_mine)
+        ctx.save_for_backward(memory, keys, strengths, reads, lse)
         ctx.eps, ctx.backend = eps, backend
         return reads
 
     @staticmethod
     def backward(ctx, g):
-        memory, keys, strengths, reads, lse_loc, a_mine = ctx.saved_tensors
-        g_scaled = (g * a_mine.unsqueeze(-1).to(g.dtype)).contiguous()
-        gm, gk, gs = _local_read_backward(ctx.backend, g_scaled, reads, lse_loc, memory, keys, strengths, ctx.eps)
+        memory, keys, strengths, reads, lse = ctx.saved_tensors
+        gm, gk, gs = _local_read_backward(ctx.backend, g.contiguous(), reads, lse, memory, keys, strengths, ctx.eps)
         return gm, gk, gs, None, None, None, None
+
+
+def _logits(memory, keys, strengths, eps):
+    """strengths * cos(keys, slots), (B,W,n): logits_ref's value without its
+    normalised copy of the memory (a local block may hold millions of slots):
+    the dots with the raw rows, divided by the clamped row norms."""
+    up = (lambda t: t.float()) if memory.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
+    m = up(memory)
+    q = F.normalize(up(keys), dim=-1, eps=eps)
+    inv = 1.0 / torch.linalg.vector_norm(m, dim=-1).clamp_min(eps)  # (B,n)
+    return up(strengths).unsqueeze(-1) * (torch.matmul(q, m.transpose(-1, -2)) * inv.unsqueeze(1))
 
 
 # --------------------------------------------------------------------------
@@ -247,12 +264,24 @@ class ShardedMemory:
         return _ShardedRead.apply(mem.contiguous(), keys.contiguous(), strengths.contiguous(), self.eps,
                                   self.backend, self.group, self.comm)
 
-    def _global_lse(self, mem, keys, strengths):
-        with torch.no_grad():
-            _, lse_loc = _ops.content_read(mem, keys, strengths, self.eps, backend=self.backend, return_lse=True)
-            lse_loc = lse_loc.to(torch.float64 if mem.dtype == torch.float64 else torch.float32)
-            lses = _all_gather(lse_loc, self.group, self.comm)
-            return lse_loc, torch.logsumexp(lses, dim=0)
+    def _write_weights(self, mem, keys, strengths, gather):
+        """Write weights (B,W,n_local) of the softmax over all N slots: exp(s - M) * (1/L).
+
+        The logits s are computed in float32 for half memory (float64 for
+        float64); M and L are the global max and normaliser, combined from
+        the gathered per-rank (max, sum) in rank order, so that every rank
+        holds the same (M, L). `gather` is the all_gather to use (with or
+        without autograd).
+        """
+        logits = _logits(mem, keys, strengths, self.eps)  # (B,W,n)
+        m_loc = logits.detach().amax(dim=-1)
+        l_loc = torch.exp(logits - m_loc.unsqueeze(-1)).sum(dim=-1)
+        parts = gather(torch.stack([m_loc, l_loc], dim=-1))  # (world,B,W,2)
+        m_all = parts[..., 0].detach()
+        M = m_all.amax(dim=0)
+        L = (parts[..., 1] * torch.exp(m_all - M)).sum(dim=0)
+        # The shift M is a constant of the softmax: no gradient flows through it.
+        return (torch.exp(logits - M.unsqueeze(-1)) * (1.0 / L).unsqueeze(-1)).to(mem.dtype)
 
     @torch.no_grad()
     def write_(self, keys, strengths, erase, add, update_usage=True):
@@ -265,9 +294,8 @@ class ShardedMemory:
         usage update, (B,) int64 on every rank (None with update_usage=False).
         """
         self._check_heads(keys, strengths, "W")
-        lse_loc, lse = self._global_lse(self.memory, keys, strengths)
-        w_loc = _ops.content_addressing(self.memory, keys, strengths, self.eps, backend=self.backend)
-        w = (w_loc * torch.exp(lse_loc - lse).unsqueeze(-1).to(w_loc.dtype)).contiguous()
+        w = self._write_weights(self.memory, keys, strengths,
+                                lambda t: _all_gather(t, self.group, self.comm)).contiguous()
         _ops.memory_write_(self.memory, w, erase, add, usage=self.usage if update_usage else None,
                            decay=self.decay, backend=self.backend)
         if not update_usage:
@@ -308,10 +336,7 @@ class ShardedMemory:
         strengths = _replicated(strengths, self.group, self.comm)
         erase = _replicated(erase, self.group, self.comm)
         add = _replicated(add, self.group, self.comm)
-        logits = _ops.logits_ref(mem, keys, strengths, self.eps).to(mem.dtype)
-        lse_loc = torch.logsumexp(logits, dim=-1)  # (B,W)
-        lse = torch.logsumexp(_AllGatherLSE.apply(lse_loc, self.group, self.comm), dim=0)
-        w = torch.exp(logits - lse.unsqueeze(-1))
+        w = self._write_weights(mem, keys, strengths, lambda t: _AllGatherWithGrad.apply(t, self.group, self.comm))
         new_mem = _ops.memory_write(mem, w, erase, add, backend=self.backend)
         new_usage = _ops.usage_update(use, w, self.decay, backend=self.backend)
         return new_mem, new_usage

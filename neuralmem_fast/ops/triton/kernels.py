@@ -38,17 +38,28 @@ Design (B memories, N slots, D slot width, H read / W write heads):
   finite strength (the largest logit contributes exp(0) = 1 to its sum).
   Weights that are written out are exp(s - max) / sum, as torch.softmax
   does, not exp(s - lse): a float32 lse near |s| ~ 1e4 is only good to
-  ~5e-4. The content_read backward does recompute exp(s - lse) from the
-  saved lse, so at such strengths its float32 weights carry that error
-  (float64 and moderate strengths are unaffected).
+  ~5e-4. The float32 content_read backward over more than one block does
+  recompute exp(s - lse) from the saved lse, so at such strengths its
+  weights carry that error (float64 and moderate strengths are unaffected).
+* Half-precision backwards do not take delta = sum_n w_n dw_n from the half
+  reads or weights of the forward: it cancels wherever the softmax is
+  peaked, and the strength multiplies what is left. They recompute the
+  weights as exp(s - max) / sum and delta from float intermediates (a
+  statistics pass first; in the program itself when one split covers the
+  memory); content_read does so for the heads whose given lse is their own
+  (a sharded memory passes its global lse and reads, which are then used
+  as given). float/double content_read does the same when the memory is
+  one block, where it is free and makes the one-slot gradient exactly 0.
+* A head whose strength or key has an inf/NaN element gets NaN outputs and
+  gradients, where the reference formula gives NaN (see _load_query).
 * Large N: the slots are split across programs (Flash-Decoding). content_read
   writes per-split partial (max, sum, acc) and a second tiny kernel combines
   them; with one split the first kernel writes the result itself. The split
   count targets a few programs per SM on a GPU and is 1 under the interpreter
   unless forced with ``override(split_slots=...)``.
-* Backward of the softmax ops recomputes the weights from the saved
-  logsumexp (content_read) or reads the given weights (content_addressing),
-  never materialises (B,H,N) in content_read, writes d(memory) per slot, and
+* Backward of the softmax ops recomputes the weights (content_read; also
+  content_addressing for half inputs, see above) or reads the given
+  weights, never materialises (B,H,N) in content_read, writes d(memory) per slot, and
   reduces per-split partial grads of keys/strengths in a fixed order in a
   second kernel: deterministic, no float atomics.
 * memory_write backward uses exclusive prefix/suffix products over the write
@@ -171,6 +182,26 @@ def _load_keys(key_ptr, b64, H, D, eps, BH: tl.constexpr, BD: tl.constexpr, ACC:
     knorm = tl.sqrt(tl.sum(k * k, axis=1))
     q = k / tl.maximum(knorm, eps)[:, None]
     return k, q, knorm
+
+
+@triton.jit
+def _load_query(key_ptr, beta_ptr, b64, H, D, eps, BH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
+    """_load_keys plus the strengths, and ok: whether a head's strength and key are finite.
+
+    A head whose strength is inf/NaN or whose key has an inf/NaN element has
+    NaN weights in the reference formula, hence NaN outputs and gradients.
+    Here it is computed as a zero key of strength 0 (q, beta sanitised, so
+    that nothing non-finite enters the arithmetic of the heads that share its
+    blocks), and the kernels make its outputs NaN. One check per head, none
+    per slot.
+    """
+    k, q, knorm = _load_keys(key_ptr, b64, H, D, eps, BH, BD, ACC)
+    beta = _load_heads(beta_ptr, b64, H, BH, ACC)
+    # x * 0 is NaN exactly when x is inf or NaN.
+    ok = (tl.sum(k * 0.0, axis=1) == 0.0) & (beta * 0.0 == 0.0)
+    q = tl.where(ok[:, None], q, 0.0)
+    beta = tl.where(ok, beta, 0.0)
+    return k, q, knorm, beta, ok
 
 
 @triton.jit
@@ -330,12 +361,13 @@ def _address_fwd_kernel(mem_ptr, key_ptr, beta_ptr, s_ptr, out_ptr, pm_ptr, pl_p
     b64 = (pid // S).to(tl.int64)
     split = pid % S
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
-    k, q, knorm = _load_keys(key_ptr, b64, H, D, eps, BH, BD, ACC)
-    beta = _load_heads(beta_ptr, b64, H, BH, ACC)
+    k, q, knorm, beta, ok = _load_query(key_ptr, beta_ptr, b64, H, D, eps, BH, BD, ACC)
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, N)
     m_i, l_i = _stats_range(mem_ptr + b64 * N * D, q, beta, eps, s_ptr, b64, start, end, N, D, H,
                             STORE, BN, BD, BH, USE_DOT, ACC)
+    # A non-finite head: a NaN sum makes its weights NaN, here or after the combine.
+    l_i = tl.where(ok, l_i, float("nan"))
     if SINGLE:
         # The logits this program stored are read back by other threads of it.
         tl.debug_barrier()
@@ -370,8 +402,7 @@ def _read_fused_fwd_kernel(mem_ptr, key_ptr, beta_ptr, out_ptr, m_out_ptr, l_out
     b64 = (pid // S).to(tl.int64)
     split = pid % S
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
-    k, q, knorm = _load_keys(key_ptr, b64, H, D, eps, BH, BD, ACC)
-    beta = _load_heads(beta_ptr, b64, H, BH, ACC)
+    k, q, knorm, beta, ok = _load_query(key_ptr, beta_ptr, b64, H, D, eps, BH, BD, ACC)
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, N)
     base = mem_ptr + b64 * N * D
@@ -386,6 +417,8 @@ def _read_fused_fwd_kernel(mem_ptr, key_ptr, beta_ptr, out_ptr, m_out_ptr, l_out
         sc = tl.where(nmask[None, :], sc, float("-inf"))
         m_i, l_i, alpha, p = _online(m_i, l_i, sc)
         acc = acc * alpha[:, None] + _mix(p, m, USE_DOT)
+    # A non-finite head: a NaN sum makes its reads and lse NaN, here or after the combine.
+    l_i = tl.where(ok, l_i, float("nan"))
     if SINGLE:
         _store_hd(out_ptr, b64, acc / l_i[:, None], H, D, BH, BD)
         _store_heads(m_out_ptr, b64, m_i + tl.log(l_i), H, BH)
@@ -432,18 +465,80 @@ def _address_delta_kernel(dw_ptr, w_ptr, delta_ptr, N, H, S, SPLIT,
 
 
 @triton.jit
+def _bwd_stats_range(base, q, beta, eps, g, gw_ptr, b64, start, end, N, D, H, READ: tl.constexpr,
+                     BN: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, USE_DOT: tl.constexpr,
+                     ACC: tl.constexpr):
+    """Online (max m, sum l of exp(s - m), sum t of exp(s - m) dw) over slots [start, end).
+
+    dw = g . m_n (READ) or the given grad of the weights at gw_ptr (B,H,N).
+    """
+    offs_h = tl.arange(0, BH)
+    m_i = tl.full((BH,), float("-inf"), ACC)
+    l_i = tl.zeros((BH,), ACC)
+    t_i = tl.zeros((BH,), ACC)
+    for n0 in range(start, end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < end
+        m = _rows(base, offs_n, nmask, D, BD, ACC)
+        c, sc, inv_n, big = _cosine(m, q, beta, eps, USE_DOT)
+        sc = tl.where(nmask[None, :], sc, float("-inf"))
+        if READ:
+            dw = _rows_dot(g, m, USE_DOT)
+        else:
+            off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+            dw = tl.load(gw_ptr + off, mask=(offs_h[:, None] < H) & nmask[None, :], other=0.0).to(ACC)
+        m_i, l_i, alpha, p = _online(m_i, l_i, sc)
+        t_i = t_i * alpha + tl.sum(p * dw, axis=1)
+    return m_i, l_i, t_i
+
+
+@triton.jit
+def _bwd_stats_kernel(g_ptr, mem_ptr, key_ptr, beta_ptr, pm_ptr, pl_ptr, pt_ptr,
+                      N, D, H, S, SPLIT, eps_hi, eps_lo,
+                      BN: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, USE_DOT: tl.constexpr,
+                      READ: tl.constexpr, ACC: tl.constexpr):
+    """Per-split partial (max, sum, sum * dw) of the logits, (B,S,H) each, for EXACT backwards."""
+    pid = tl.program_id(0)
+    b64 = (pid // S).to(tl.int64)
+    split = pid % S
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    k, q, knorm, beta, ok = _load_query(key_ptr, beta_ptr, b64, H, D, eps, BH, BD, ACC)
+    g = q
+    if READ:
+        g = _load_hd(g_ptr, b64, H, D, BH, BD, ACC)
+    start = split * SPLIT
+    m_i, l_i, t_i = _bwd_stats_range(mem_ptr + b64 * N * D, q, beta, eps, g, g_ptr, b64, start,
+                                     tl.minimum(start + SPLIT, N), N, D, H, READ, BN, BD, BH, USE_DOT, ACC)
+    row = b64 * S + split
+    _store_heads(pm_ptr, row, m_i, H, BH)
+    _store_heads(pl_ptr, row, l_i, H, BH)
+    _store_heads(pt_ptr, row, t_i, H, BH)
+
+
+@triton.jit
 def _content_bwd_kernel(g_ptr, w_ptr, lse_ptr, delta_ptr, mem_ptr, key_ptr, beta_ptr,
-                        dm_ptr, dq_ptr, db_ptr,
+                        dm_ptr, dq_ptr, db_ptr, pm_ptr, pl_ptr, pt_ptr,
                         N, D, H, S, SPLIT, eps_hi, eps_lo,
                         BN: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, USE_DOT: tl.constexpr,
-                        SINGLE: tl.constexpr, READ: tl.constexpr, ACC: tl.constexpr):
+                        SINGLE: tl.constexpr, READ: tl.constexpr, EXACT: tl.constexpr,
+                        LSE_TOL: tl.constexpr, ACC: tl.constexpr):
     """Backward of one split of the softmax-over-cosine ops.
 
-    READ (content_read): g_ptr = d reads (B,H,D), w_ptr = reads (B,H,D); the
-    weights are recomputed from lse and dw_n = g . m_n.
-    Otherwise (content_addressing): g_ptr = d weights (B,H,N), w_ptr =
-    weights (B,H,N); delta comes from the (B,S,H) partials, or is summed
-    here when SINGLE.
+    READ (content_read): g_ptr = d reads (B,H,D), w_ptr = reads (B,H,D);
+    dw_n = g . m_n, and for any reads and lse given, w_n = exp(s_n - lse) and
+    delta = g . reads (a sharded memory passes the global ones). Otherwise
+    (content_addressing): g_ptr = d weights (B,H,N), w_ptr = weights (B,H,N),
+    delta = sum_n w_n dw_n.
+    But delta is a difference of near-equal numbers wherever the softmax is
+    peaked, and every gradient carries ds_n = w_n (dw_n - delta) times the
+    strength: from half reads or weights, their rounding times the strength
+    lands in every gradient. EXACT (half inputs, and content_read over one
+    block): (M, L) and T = sum_n exp(s_n - M) dw_n are recomputed, over all
+    slots in this program (SINGLE) or combined from the (B,S,H) partials of
+    _bwd_stats_kernel, and w_n = exp(s_n - M) / L, delta = T / L, for
+    content_addressing and for the content_read heads whose given lse is
+    M + log L to within LSE_TOL (relative); other heads keep the given lse
+    and reads.
     d memory is written per slot. SINGLE: dq_ptr/db_ptr are d keys /
     d strengths; otherwise they take the per-split partial d q (B,S,H,D) and
     d strengths (B,S,H) for _keys_grad_kernel.
@@ -454,22 +549,48 @@ def _content_bwd_kernel(g_ptr, w_ptr, lse_ptr, delta_ptr, mem_ptr, key_ptr, beta
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     offs_h = tl.arange(0, BH)
     hmask = offs_h < H
-    k, q, knorm = _load_keys(key_ptr, b64, H, D, eps, BH, BD, ACC)
-    beta = _load_heads(beta_ptr, b64, H, BH, ACC)
+    k, q, knorm, beta, ok = _load_query(key_ptr, beta_ptr, b64, H, D, eps, BH, BD, ACC)
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, N)
+    base = mem_ptr + b64 * N * D
+    g = q
     if READ:
         g = _load_hd(g_ptr, b64, H, D, BH, BD, ACC)
-        delta = tl.sum(g * _load_hd(w_ptr, b64, H, D, BH, BD, ACC), axis=1)
-        lse = _load_heads(lse_ptr, b64, H, BH, ACC)
-    else:
+    if EXACT:
         if SINGLE:
-            delta = _delta_range(g_ptr, w_ptr, b64, 0, N, N, H, BN, BH, ACC)
+            mx, tot, tt = _bwd_stats_range(base, q, beta, eps, g, g_ptr, b64, 0, N, N, D, H, READ,
+                                           BN, BD, BH, USE_DOT, ACC)
         else:
-            delta = tl.zeros((BH,), ACC)
+            mx, tot = _combine_stats(pm_ptr, pl_ptr, b64, S, H, BH, ACC)
+            tt = tl.zeros((BH,), ACC)
             for s in range(S):
-                delta += _load_heads(delta_ptr, b64 * S + s, H, BH, ACC)
-    base = mem_ptr + b64 * N * D
+                row = b64 * S + s
+                tt += _load_heads(pt_ptr, row, H, BH, ACC) * tl.exp(_load_heads(pm_ptr, row, H, BH, ACC) - mx)
+        inv_l = 1.0 / tot
+        delta = tt * inv_l
+        lse = mx
+        if READ:
+            lse_in = _load_heads(lse_ptr, b64, H, BH, ACC)
+            mine = mx + tl.log(tot)
+            own = tl.abs(lse_in - mine) <= LSE_TOL * (1.0 + tl.abs(mine))
+            lse = tl.where(own, mx, lse_in)
+            inv_l = tl.where(own, inv_l, 1.0)
+            delta = tl.where(own, delta, tl.sum(g * _load_hd(w_ptr, b64, H, D, BH, BD, ACC), axis=1))
+    else:
+        inv_l = tl.full((BH,), 1.0, ACC)
+        if READ:
+            delta = tl.sum(g * _load_hd(w_ptr, b64, H, D, BH, BD, ACC), axis=1)
+            lse = _load_heads(lse_ptr, b64, H, BH, ACC)
+        else:
+            lse = inv_l
+            if SINGLE:
+                delta = _delta_range(g_ptr, w_ptr, b64, 0, N, N, H, BN, BH, ACC)
+            else:
+                delta = tl.zeros((BH,), ACC)
+                for s in range(S):
+                    delta += _load_heads(delta_ptr, b64 * S + s, H, BH, ACC)
+    # A non-finite head (see _load_query) reaches every slot of its memory.
+    all_ok = tl.sum(tl.where(ok, 0, 1), axis=0) == 0
     dm_base = dm_ptr + b64 * N * D
     dq = tl.zeros((BH, BD), ACC)
     dbeta = tl.zeros((BH,), ACC)
@@ -480,12 +601,15 @@ def _content_bwd_kernel(g_ptr, w_ptr, lse_ptr, delta_ptr, mem_ptr, key_ptr, beta
         m = _rows(base, offs_n, nmask, D, BD, ACC)
         c, sc, inv_n, big = _cosine(m, q, beta, eps, USE_DOT)
         if READ:
-            w = tl.exp(tl.where(hn, sc - lse[:, None], float("-inf")))
+            w = tl.exp(tl.where(hn, sc - lse[:, None], float("-inf"))) * inv_l[:, None]
             dw = _rows_dot(g, m, USE_DOT)
         else:
             off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
-            w = tl.load(w_ptr + off, mask=hn, other=0.0).to(ACC)
             dw = tl.load(g_ptr + off, mask=hn, other=0.0).to(ACC)
+            if EXACT:
+                w = tl.exp(tl.where(hn, sc - lse[:, None], float("-inf"))) * inv_l[:, None]
+            else:
+                w = tl.load(w_ptr + off, mask=hn, other=0.0).to(ACC)
         ds = w * (dw - delta[:, None])
         dbeta += tl.sum(ds * c, axis=1)
         dc = beta[:, None] * ds
@@ -496,8 +620,11 @@ def _content_bwd_kernel(g_ptr, w_ptr, lse_ptr, delta_ptr, mem_ptr, key_ptr, beta
             dm = _spread(t, q, USE_DOT)
         # d of m/max(|m|,eps) is (I - y y^T)/|m| above eps and I/eps below.
         corr = tl.where(big, inv_n * inv_n, 0.0) * tl.sum(dc * c, axis=0)
-        _store_rows(dm_base, offs_n, nmask, dm - corr[:, None] * m, D, BD)
+        dm = tl.where(all_ok, dm - corr[:, None] * m, float("nan"))
+        _store_rows(dm_base, offs_n, nmask, dm, D, BD)
         dq += _mix(t, m, USE_DOT)
+    dq = tl.where(ok[:, None], dq, float("nan"))
+    dbeta = tl.where(ok, dbeta, float("nan"))
     if SINGLE:
         _finish_keys(dq, dbeta, k, q, knorm, eps, dq_ptr, db_ptr, b64, H, D, BH, BD)
     else:
@@ -672,9 +799,11 @@ def _usage_kernel(u_ptr, w_ptr, out_ptr, N, W, NB, dec_hi, dec_lo, BN: tl.conste
     offs_n = (pid % NB) * BN + tl.arange(0, BN)
     nmask = offs_n < N
     decay = tl.cast(dec_hi, ACC) + tl.cast(dec_lo, ACC)
-    u = decay * tl.load(u_ptr + b64 * N + offs_n, mask=nmask, other=0.0).to(ACC)
+    sw = tl.zeros((BN,), ACC)
     for j in range(W):
-        u += tl.load(w_ptr + (b64 * W + j) * N + offs_n, mask=nmask, other=0.0).to(ACC)
+        sw += tl.load(w_ptr + (b64 * W + j) * N + offs_n, mask=nmask, other=0.0).to(ACC)
+    # decay * u + (sum of the weights), the reference's order, as the fused write.
+    u = decay * tl.load(u_ptr + b64 * N + offs_n, mask=nmask, other=0.0).to(ACC) + sw
     tl.store(out_ptr + b64 * N + offs_n, u.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -700,8 +829,7 @@ def _content_write_kernel(mem_ptr, u_ptr, key_ptr, beta_ptr, e_ptr, a_ptr, pm_pt
     decay = tl.cast(dec_hi, ACC) + tl.cast(dec_lo, ACC)
     offs_w = tl.arange(0, BW)
     wmask = offs_w < W
-    k, q, knorm = _load_keys(key_ptr, b64, W, D, eps, BW, BD, ACC)
-    beta = _load_heads(beta_ptr, b64, W, BW, ACC)
+    k, q, knorm, beta, ok = _load_query(key_ptr, beta_ptr, b64, W, D, eps, BW, BD, ACC)
     e = _load_hd(e_ptr, b64, W, D, BW, BD, ACC)
     a = _load_hd(a_ptr, b64, W, D, BW, BD, ACC)
     start = split * SPLIT
@@ -712,7 +840,8 @@ def _content_write_kernel(mem_ptr, u_ptr, key_ptr, beta_ptr, e_ptr, a_ptr, pm_pt
                                False, BN, BD, BW, False, ACC)
     else:
         mx, tot = _combine_stats(pm_ptr, pl_ptr, b64, S, W, BW, ACC)
-    inv = 1.0 / tot
+    # A non-finite head's weights are NaN, and so every row it writes.
+    inv = tl.where(ok, 1.0 / tot, float("nan"))
     best_v = tl.full((1,), float("inf"), ACC)
     best_i = tl.zeros((1,), tl.int32)
     for n0 in range(start, end, BN):
@@ -728,7 +857,9 @@ def _content_write_kernel(mem_ptr, u_ptr, key_ptr, beta_ptr, e_ptr, a_ptr, pm_pt
             u = decay * tl.load(u_ptr + b64 * N + offs_n, mask=nmask, other=0.0).to(ACC) + tl.sum(w, axis=0)
             u_st = u.to(u_ptr.dtype.element_ty)
             tl.store(u_ptr + b64 * N + offs_n, u_st, mask=nmask)
-            uv = tl.where(nmask, u_st.to(ACC), float("inf"))
+            uv = u_st.to(ACC)
+            # NaN counts as the least value, as in torch.argmin.
+            uv = tl.where(nmask, tl.where(uv != uv, float("-inf"), uv), float("inf"))
             bv = tl.min(uv, axis=0)
             bi = tl.min(tl.where(uv == bv, offs_n, 2147483647), axis=0)
             better = bv < best_v
@@ -892,20 +1023,32 @@ def _content_backward(read, g, w, lse, memory, keys, strengths, eps):
     acc = _acc_torch(memory.dtype)
     ACC = _acc(memory.dtype)
     eh, el = _hi_lo(eps)
-    meta = dict(BN=p.BN, BD=p.BD, BH=p.BH, USE_DOT=p.use_dot, READ=read, ACC=ACC)
+    # Half inputs always recompute the weights and delta in float (see
+    # _content_bwd_kernel); float/double content_read only when the memory is
+    # one block, where it costs nothing (and the N = 1 gradient comes out
+    # exactly 0).
+    exact = memory.dtype in (torch.float16, torch.bfloat16) or (read and N <= p.BN)
+    lse_tol = 2.0 ** -44 if memory.dtype == torch.float64 else 2.0 ** -19
+    meta = dict(BN=p.BN, BD=p.BD, BH=p.BH, USE_DOT=p.use_dot, READ=read, EXACT=exact, LSE_TOL=lse_tol, ACC=ACC)
     lse = lse if lse is not None else strengths
     if p.S == 1:
         _launch(_content_bwd_kernel, B, g, w, lse, strengths, memory, keys, strengths, dm, dk, db,
-                N, D, H, 1, p.split, eh, el, SINGLE=True, num_warps=p.num_warps, **meta)
+                lse, lse, lse, N, D, H, 1, p.split, eh, el, SINGLE=True, num_warps=p.num_warps, **meta)
         return dm, dk, db
     delta = strengths
-    if not read:
+    pm = pl = pt = lse
+    if exact:
+        pm, pl, pt = (torch.empty((B, p.S, H), dtype=acc, device=memory.device) for _ in range(3))
+        _launch(_bwd_stats_kernel, B * p.S, g, memory, keys, strengths, pm, pl, pt, N, D, H, p.S, p.split,
+                eh, el, BN=p.BN, BD=p.BD, BH=p.BH, USE_DOT=p.use_dot, READ=read, ACC=ACC,
+                num_warps=p.num_warps)
+    elif not read:
         delta = torch.empty((B, p.S, H), dtype=acc, device=memory.device)
         _launch(_address_delta_kernel, B * p.S, g, w, delta, N, H, p.S, p.split, BN=p.BN, BH=p.BH, ACC=ACC)
     pdq = torch.empty((B, p.S, H, D), dtype=acc, device=memory.device)
     pdb = torch.empty((B, p.S, H), dtype=acc, device=memory.device)
     _launch(_content_bwd_kernel, B * p.S, g, w, lse, delta, memory, keys, strengths, dm, pdq, pdb,
-            N, D, H, p.S, p.split, eh, el, SINGLE=False, num_warps=p.num_warps, **meta)
+            pm, pl, pt, N, D, H, p.S, p.split, eh, el, SINGLE=False, num_warps=p.num_warps, **meta)
     _launch(_keys_grad_kernel, B, pdq, pdb, keys, dk, db, H, D, p.S, eh, el, BD=p.BD, BH=p.BH, ACC=ACC)
     return dm, dk, db
 
