@@ -1,0 +1,140 @@
+"""Host-side planning of the Triton launches: block and split sizes, the launch itself, and the knobs tests turn."""
+import contextlib
+import functools
+import struct
+
+import torch
+
+from ._triton import tl
+
+
+# --------------------------------------------------------------------------
+# knobs
+# --------------------------------------------------------------------------
+class _Config:
+    """Block and split sizes; None means the heuristics below decide.
+
+    block_n: slots per block (a power of two). split_slots: slots per split
+    program (rounded up to a multiple of block_n); a small value makes a
+    small N run several splits and the combine kernels, which is how the
+    tests reach them on CPU.
+    """
+
+    block_n = None
+    split_slots = None
+
+
+CONFIG = _Config()
+
+
+@contextlib.contextmanager
+def override(block_n=None, split_slots=None):
+    """Temporarily forces block_n and/or split_slots (see _Config)."""
+    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 1, got {block_n}")
+    if split_slots is not None and split_slots < 1:
+        raise ValueError(f"split_slots must be >= 1, got {split_slots}")
+    old = (CONFIG.block_n, CONFIG.split_slots)
+    CONFIG.block_n, CONFIG.split_slots = block_n, split_slots
+    try:
+        yield CONFIG
+    finally:
+        CONFIG.block_n, CONFIG.split_slots = old
+
+
+# Largest 3D broadcast tile (heads x slots x width) one program holds; keeps
+# register use bounded on a GPU. Halved for float64.
+_TILE = 8192
+
+
+# --------------------------------------------------------------------------
+# host side: block sizes, splits, launches
+# --------------------------------------------------------------------------
+def _next_pow2(x):
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _prev_pow2(x):
+    return 1 if x <= 1 else 1 << (int(x).bit_length() - 1)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc_torch(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _hi_lo(x):
+    """x as two float32 whose sum carries ~48 bits (kernels' scalar floats are float32)."""
+    hi = struct.unpack("f", struct.pack("f", float(x)))[0]
+    lo = struct.unpack("f", struct.pack("f", float(x) - hi))[0]
+    return hi, lo
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+class _Plan:
+    __slots__ = ("BN", "BD", "BH", "use_dot", "S", "split", "num_warps")
+
+
+def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
+    """Block sizes for a (heads x slots x width) tile, and the slot splits.
+
+    The 3D broadcast tile is bounded by `tile` elements (backward kernels,
+    which hold several such products at once, ask for half); tl.dot serves when
+    BH >= 16 (then BN and BD are padded to >= 16 too). Splits: about four
+    programs per SM in all (one split per memory under the interpreter,
+    where programs run one after another), whole blocks per split.
+    """
+    p = _Plan()
+    p.BD = _next_pow2(D)
+    p.BH = _next_pow2(heads)
+    p.use_dot = dot_ok and p.BH >= 16 and dtype != torch.float64
+    tile = tile // 2 if dtype == torch.float64 else tile
+    if p.use_dot:
+        p.BD = max(p.BD, 16)
+        bn = min(128, max(16, _prev_pow2(tile // p.BD)))
+        bn = max(16, min(bn, _next_pow2(N)))
+        if CONFIG.block_n is not None:
+            bn = max(16, CONFIG.block_n)
+    else:
+        bn = min(128, max(1, _prev_pow2(tile // (p.BH * p.BD))))
+        bn = min(bn, _next_pow2(N))
+        if CONFIG.block_n is not None:
+            bn = CONFIG.block_n
+    p.BN = bn
+    nblocks = _cdiv(N, bn)
+    if CONFIG.split_slots is not None:
+        split = _cdiv(CONFIG.split_slots, bn) * bn
+    else:
+        programs = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 1
+        s = max(1, min(nblocks, _cdiv(programs, max(B, 1))))
+        split = _cdiv(nblocks, s) * bn
+    p.split = split
+    p.S = _cdiv(N, split)
+    p.num_warps = 8 if p.BH * p.BN * p.BD > tile else 4
+    return p
+
+
+# A test hook: when set, launches are handed to it instead of running
+# (compile_only uses it to build every launched kernel for a real GPU).
+_LAUNCH_HOOK = None
+
+
+def _launch(kernel, programs, *args, num_warps=4, **meta):
+    if programs <= 0:
+        return
+    if _LAUNCH_HOOK is not None:
+        _LAUNCH_HOOK(kernel, args, meta, num_warps)
+        return
+    kernel[(programs,)](*args, num_warps=num_warps, **meta)
