@@ -1,6 +1,7 @@
-// The memory-op kernels for the baseline instruction set (whatever the
-// compiler targets by default): the fallback on any processor.
-#include "cpu/kernel_prelude.h"
+// The memory-op kernels for the baseline instruction set (whatever the compiler targets by default): the fallback
+// on any processor.
+#include "common/isa_prelude.h"
+#include "cpu/kernel_table.h"
 
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT

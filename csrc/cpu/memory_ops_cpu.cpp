@@ -19,12 +19,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common/hugepages.h"
+#include "common/isa.h"
 #include "cpu/kernel_table.h"
 #include "inplace_checks.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace neuralmem {
 namespace cpu {
@@ -33,30 +32,8 @@ namespace {
 // ---------------------------------------------------------------------------
 // instruction-set choice
 // ---------------------------------------------------------------------------
-int supported_level() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return avx512 ? 2 : (avx2 ? 1 : 0);
-#else
-  return 0;
-#endif
-}
-
-int requested_level() {
-  const char* env = std::getenv("NEURALMEM_CPU_CAPABILITY");
-  if (env == nullptr || *env == '\0') env = std::getenv("ATEN_CPU_CAPABILITY");
-  if (env == nullptr || *env == '\0') return 2;
-  const std::string v(env);
-  if (v == "default") return 0;
-  if (v == "avx2") return 1;
-  return 2;
-}
-
 const KernelTable* choose_table() {
-  const int level = std::min(supported_level(), requested_level());
+  const int level = isa_level();
   if (level >= 2 && kernel_table_AVX512() != nullptr) return kernel_table_AVX512();
   if (level >= 1 && kernel_table_AVX2() != nullptr) return kernel_table_AVX2();
   return kernel_table_DEFAULT();
@@ -70,32 +47,6 @@ const KernelTable& kernels() {
 std::string cpu_capability() { return kernels().name; }
 
 }  // namespace
-
-void pow_inplace(double* x, int64_t n, double alpha) { kernels().pow_inplace(x, n, alpha); }
-
-void powf_inplace(float* x, int64_t n, float e) { kernels().powf_inplace(x, n, e); }
-
-void tree_level(const double* child_sums, const double* child_mins, double* sums, double* mins,
-                const int64_t* parents, int64_t n, int shift) {
-  kernels().tree_level(child_sums, child_mins, sums, mins, parents, n, shift);
-}
-
-void tree_find(const double* const* child_levels, int depth, double* m, int64_t* out, int64_t n) {
-  kernels().tree_find(child_levels, depth, m, out, n);
-}
-
-void advise_hugepages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  const uintptr_t start = (a + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (a + bytes) & ~(kHuge - 1);
-  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 namespace {
 

@@ -12,7 +12,8 @@
 // (the sampled objects of a Python list, with slots and objects prefetched).
 #include "replay/sum_tree.h"
 
-#include "cpu/kernel_table.h"
+#include "common/hugepages.h"
+#include "replay/tree_kernel_table.h"
 
 #include <pybind11/numpy.h>
 #include <torch/extension.h>
@@ -37,7 +38,7 @@ namespace replay {
 namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t K = SumTree::kFanout;
-static_assert(K == 8, "the kernel table's tree_level and tree_find are written for a fan-out of 8");
+static_assert(K == 8, "the tree kernel table's tree_level and tree_find are written for a fan-out of 8");
 
 inline double leaf_min(double v) { return v > 0.0 ? v : kInf; }
 
@@ -83,7 +84,7 @@ SumTree::SumTree(int64_t capacity) : capacity_(capacity), depth_(0) {
 // parents parents[j] >> shift for j < n, or, with whole set, every node.
 inline void SumTree::level_locked(int d, const int64_t* parents, int64_t n, int shift, bool whole) {
   if (!whole && n <= 0) return;  // never pass the kernel a null pointer for an empty batch: null means 0..n-1
-  neuralmem::cpu::tree_level(sums_[d + 1].get(), d + 1 == depth_ ? nullptr : mins_[d + 1].get(), sums_[d].get(),
+  neuralmem::replay::tree_level(sums_[d + 1].get(), d + 1 == depth_ ? nullptr : mins_[d + 1].get(), sums_[d].get(),
                              mins_[d].get(), whole ? nullptr : parents, whole ? width_[d] : n, shift);
 }
 
@@ -102,7 +103,7 @@ void SumTree::set_leaf_locked(int64_t i, double v) {
 
 int64_t SumTree::descend_one(double m) const {
   int64_t i = 0;
-  neuralmem::cpu::tree_find(child_levels_.data(), depth_, &m, &i, 1);
+  neuralmem::replay::tree_find(child_levels_.data(), depth_, &m, &i, 1);
   return i;
 }
 
@@ -141,7 +142,7 @@ void SumTree::update_locked(const int64_t* idx, const double* val, int64_t n) {
 // tree_find: 8 queries per 512-bit step where the processor has AVX-512);
 // `m` holds the masses and is consumed.
 void SumTree::find_locked(double* m, int64_t* out, int64_t n) {
-  neuralmem::cpu::tree_find(child_levels_.data(), depth_, m, out, n);
+  neuralmem::replay::tree_find(child_levels_.data(), depth_, m, out, n);
 }
 
 void SumTree::find(const double* mass, int64_t* out, int64_t n, bool fractions, double* total_out,
@@ -174,7 +175,7 @@ void SumTree::sample_weighted(const double* frac, int64_t n, bool stratified, do
   const double* ls = sums_[depth_].get();
   // float pow, vectorised: the weights are float32 anyway.
   for (int64_t j = 0; j < n; ++j) w_out[j] = static_cast<float>(ls[idx_out[j]] / mn);
-  neuralmem::cpu::powf_inplace(w_out, n, static_cast<float>(-beta));
+  neuralmem::replay::powf_inplace(w_out, n, static_cast<float>(-beta));
   if (sampled_gen) {
     // The counters of a slot are one random line (or two, when the arrays are
     // separate): requested kAhead draws early so that their misses overlap.
@@ -219,7 +220,7 @@ int64_t SumTree::update_priorities(const int64_t* idx, const double* prio, int64
   }
   // (p + eps)^alpha in one vectorised pass (SLEEF's pow, within 1 ulp, on
   // AVX2/AVX-512): a libm pow per entry was a quarter of the call.
-  neuralmem::cpu::pow_inplace(keep_val.data(), k, alpha);
+  neuralmem::replay::pow_inplace(keep_val.data(), k, alpha);
   std::lock_guard<std::mutex> g(mu_);
   update_locked(keep_idx.data(), keep_val.data(), k);
   if (max_out) *max_out = mx;
@@ -542,7 +543,7 @@ py::list take(py::list items, py::handle indices) {
 at::Tensor zeros_hugepages(int64_t nbytes) {
   if (nbytes < 0) throw py::value_error("zeros_hugepages: `nbytes` must be >= 0, got " + std::to_string(nbytes));
   at::Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
-  neuralmem::cpu::advise_hugepages(out.data_ptr(), static_cast<size_t>(nbytes));
+  neuralmem::advise_hugepages(out.data_ptr(), static_cast<size_t>(nbytes));
   out.zero_();
   return out;
 }
@@ -640,7 +641,7 @@ release the GIL and hold the tree's mutex, so threads may use one tree at once.
                 for (int64_t j = 1; j < k; ++j) mn = val[j] < mn ? val[j] : mn;
                 // float pow, as sample_weighted: the weights are float32 anyway.
                 for (int64_t j = 0; j < k; ++j) wp[j] = static_cast<float>(val[j] / mn);
-                neuralmem::cpu::powf_inplace(wp, k, static_cast<float>(-beta));
+                neuralmem::replay::powf_inplace(wp, k, static_cast<float>(-beta));
                 if (gens.sampled) {
                   constexpr int64_t kAhead = 16;  // one random line per slot: overlap the misses
                   const int64_t s = gens.stride;

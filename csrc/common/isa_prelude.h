@@ -1,4 +1,5 @@
-// Headers every memory_kernels_*.cpp includes BEFORE it switches the
+// Headers every per-instruction-set translation unit (csrc/cpu/memory_kernels_*.cpp,
+// csrc/replay/tree_kernels_*.cpp) includes BEFORE it switches the
 // instruction set: their inline functions must be compiled for the baseline
 // processor in every translation unit, so that the linker can never pick a
 // 512-bit copy of, say, a c10 helper for a caller on an older machine. Only
@@ -33,4 +34,10 @@
 #include <c10/util/copysign.h>
 #include <c10/util/irange.h>
 
-#include "cpu/kernel_table.h"
+// Whether this compiler can build the AVX2 and AVX-512 variants (by pragma,
+// see isa_avx2_begin.h); elsewhere their tables are null.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NEURALMEM_X86_ISA_BUILDS 1
+#else
+#define NEURALMEM_X86_ISA_BUILDS 0
+#endif
