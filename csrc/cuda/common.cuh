@@ -71,6 +71,11 @@ __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
 __device__ __forceinline__ float dsqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double dsqrt(double x) { return sqrt(x); }
+// a * b rounded on its own: never contracted into a multiply-add.
+__device__ __forceinline__ float dmul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double dmul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float dabs(float x) { return fabsf(x); }
+__device__ __forceinline__ double dabs(double x) { return fabs(x); }
 __device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
 
@@ -247,6 +252,48 @@ __device__ __forceinline__ void warp_rows_of_tile(A (&acc)[kHP][kCPL], const Lan
       for (int i = 0; i < kCPL; ++i) sh[L.warp][h][(L.lig + (i / vec) * L.G) * vec + (i % vec)] = acc[h][i];
   }
   __syncthreads();
+}
+
+// Non-finite strengths and keys. The reference formula gives a head whose
+// strength is inf or NaN, or whose key has an inf or NaN element, NaN
+// weights, hence NaN reads, lse and gradients (the memory gradient of every
+// slot of that memory included), where the kernels' arithmetic would not. The
+// kernels follow the reference: such a head is computed as a zero key of
+// strength 0, so that nothing non-finite reaches the heads that share its
+// block, and its outputs are then made NaN. One check per (memory, head),
+// nothing per slot; nothing raises (that would need a synchronisation).
+//
+// Whether every element of a (B,H,D) row is finite (x * 0 is NaN exactly for
+// inf and NaN); the same answer in every lane of the stream.
+template <typename T, typename A>
+__device__ __forceinline__ bool row_finite(const T* row, int D, const Lanes& L, bool vec_ok, bool valid) {
+  A z = 0;
+  for (int t = 0; t < L.ntiles; ++t) {
+    A v[kCPL];
+    load_tile(row, D, t, L, vec_ok, valid, v);
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) z += v[i] * A(0);
+  }
+  return group_sum(z, L.G) == A(0);
+}
+
+template <typename A>
+__device__ __forceinline__ bool finite_value(A x) {
+  return x * A(0) == A(0);
+}
+
+template <typename A>
+__device__ __forceinline__ A quiet_nan() {
+  return static_cast<A>(NAN);
+}
+
+// decay * u + sw (sw: the heads' weights summed in head order) with the
+// product rounded on its own, as the reference and the CPU kernels compute
+// it, so that the fused write and usage_update give the same usage, ties
+// included.
+template <typename A>
+__device__ __forceinline__ A usage_step(A decay, A u, A sw) {
+  return dmul_rn(decay, u) + sw;
 }
 
 // Argmin with ties to the lowest index and NaN counted as the least value,

@@ -35,10 +35,15 @@
 // (q - c_n m_n / den_n) (just q when |m_n| <= eps, where the norm is clamped);
 // dq = sum_n dc_n m_n / den_n; dk = (dq - (dq.q) q) / |k| (dq / eps when
 // |k| <= eps). Heads beyond the first four are handled by further launches that
-// add to the memory gradient in launch order (still deterministic).
+// add to the memory gradient in launch order (still deterministic). Half
+// inputs (and small float memories) recompute the softmax's statistics and
+// delta in float instead of taking them from the half reads or weights, see
+// BwdStats; a head with a non-finite strength or key gets NaN outputs and
+// gradients, as the reference formula gives (common.cuh).
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -78,14 +83,15 @@ __device__ __forceinline__ A row_dot(const T* r1, const T* r2, int D, const Lane
   return group_sum(s, L.G);
 }
 
-// Tile t of the block's head vectors (rows h0..h0+hc-1 of a (B,H,D) tensor),
-// divided by den[h] when NORMALIZE (q = k / max(|k|, eps), as F.normalize).
+// Tile t of the block's head vectors (rows h0.. of a (B,H,D) tensor; zeros
+// for the heads not in the bit mask vm), divided by den[h] when NORMALIZE
+// (q = k / max(|k|, eps), as F.normalize).
 template <typename T, typename A, bool NORMALIZE>
-__device__ __forceinline__ void load_heads(const T* heads, int D, int t, const Lanes& L, bool vec_ok, int hc,
+__device__ __forceinline__ void load_heads(const T* heads, int D, int t, const Lanes& L, bool vec_ok, unsigned vm,
                                            const A (&den)[kHP], A (&q)[kHP][kCPL]) {
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
-    load_tile(heads + int64_t(h) * D, D, t, L, vec_ok, h < hc, q[h]);
+    load_tile(heads + int64_t(h) * D, D, t, L, vec_ok, ((vm >> h) & 1u) != 0, q[h]);
     if (NORMALIZE) {
 #pragma unroll
       for (int i = 0; i < kCPL; ++i) q[h][i] = q[h][i] / den[h];
@@ -98,7 +104,7 @@ __device__ __forceinline__ void load_heads(const T* heads, int D, int t, const L
 // reloaded per tile and holds the last tile afterwards.
 template <typename T, typename A, bool NORMALIZE>
 __device__ __forceinline__ void scan_row(const T* row, bool valid, int D, const Lanes& L, bool vec_ok, int keep,
-                                         const T* heads, int hc, const A (&den)[kHP], A (&q)[kHP][kCPL],
+                                         const T* heads, unsigned vm, const A (&den)[kHP], A (&q)[kHP][kCPL],
                                          A (&x)[kCPL], A& sq, A (&dot)[kHP]) {
   sq = 0;
 #pragma unroll
@@ -108,7 +114,7 @@ __device__ __forceinline__ void scan_row(const T* row, bool valid, int D, const 
   for (int t = 0; t < L.ntiles; ++t) {
     A v[kCPL];
     load_tile(row, D, t, L, vec_ok, valid, v);
-    if (L.ntiles > 1) load_heads<T, A, NORMALIZE>(heads, D, t, L, vec_ok, hc, den, q);
+    if (L.ntiles > 1) load_heads<T, A, NORMALIZE>(heads, D, t, L, vec_ok, vm, den, q);
 #pragma unroll
     for (int i = 0; i < kCPL; ++i) {
       sq += v[i] * v[i];
@@ -174,14 +180,24 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
   const T* heads = kNeedDots ? a.vecs + bh0 * D : nullptr;
 
   A den[kHP], beta[kHP], lse[kHP];
+  // vm: the heads whose vectors are loaded; with keys, only the finite heads
+  // (the others are computed as a zero key of strength 0, see common.cuh).
+  unsigned vm = (1u << hc) - 1u;
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
     den[h] = 1;
     beta[h] = 0;
     lse[h] = 0;
     if (kNorm) {
-      den[h] = dmax(row_norm<T, A>(heads + int64_t(h) * D, D, L, a.vec_ok, h < hc), a.eps);
-      if (h < hc) beta[h] = static_cast<A>(a.str[bh0 + h]);
+      const A nrm = row_norm<T, A>(heads + int64_t(h) * D, D, L, a.vec_ok, h < hc);
+      const bool fin = row_finite<T, A>(heads + int64_t(h) * D, D, L, a.vec_ok, h < hc);
+      const A b = h < hc ? static_cast<A>(a.str[bh0 + h]) : A(0);
+      if (h < hc && fin && finite_value(b)) {
+        den[h] = dmax(nrm, a.eps);
+        beta[h] = b;
+      } else {
+        vm &= ~(1u << h);
+      }
     }
     if (MODE == kWeights && h < hc) lse[h] = a.lse_in[bh0 + h];
   }
@@ -191,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
   for (int h = 0; h < kHP; ++h)
 #pragma unroll
     for (int i = 0; i < kCPL; ++i) q[h][i] = 0;
-  if (kNeedDots && L.ntiles == 1) load_heads<T, A, kNorm>(heads, D, 0, L, a.vec_ok, hc, den, q);
+  if (kNeedDots && L.ntiles == 1) load_heads<T, A, kNorm>(heads, D, 0, L, a.vec_ok, vm, den, q);
 
   A m_run[kHP], l_run[kHP], acc[kHP][kCPL];
 #pragma unroll
@@ -212,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
     const T* row = mem_b + n * D;
     A x[kCPL], sq = 0, dot[kHP];
     if constexpr (kNeedDots) {
-      scan_row<T, A, kNorm>(row, valid, D, L, a.vec_ok, ctile, heads, hc, den, q, x, sq, dot);
+      scan_row<T, A, kNorm>(row, valid, D, L, a.vec_ok, ctile, heads, vm, den, q, x, sq, dot);
     } else {
       load_tile(row, D, ctile, L, a.vec_ok, valid, x);
     }
@@ -302,7 +318,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
         A s = 0;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) s += sh_stat[w][threadIdx.x];
-        sh_res[1][threadIdx.x] = s;
+        // A non-finite head: a NaN sum makes its reads and lse NaN, here or
+        // after the combine (and its weights, through the lse).
+        sh_res[1][threadIdx.x] = ((vm >> threadIdx.x) & 1u) != 0 ? s : quiet_nan<A>();
       }
       __syncthreads();
     }
@@ -374,6 +392,26 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // backward streaming kernel (content_read, or content_addressing when ADDR)
 // ---------------------------------------------------------------------------
+// delta = sum_n w_n dw_n is a difference of near-equal numbers wherever the
+// softmax is peaked, and every gradient carries ds_n = w_n (dw_n - delta)
+// times the strength. content_read's backward is defined for any reads and
+// lse it is given (w_n = exp(s_n - lse), delta = g . reads: a sharded memory
+// passes its global ones), but from the half-rounded reads of the forward
+// (or the half weights of content_addressing) the rounding, times the
+// strength, lands in every gradient. So with `stats` set the kernel
+// recomputes the softmax's max M, sum L and T = sum_n exp(s_n - M) dw_n in
+// float, and uses w_n = exp(s_n - M) / L and delta = T / L: for
+// content_addressing (half inputs: its given weights are not read), and for
+// the content_read heads whose given lse is M + log L to within lse_tol
+// (relative), the others keeping the given lse and reads. The statistics
+// come from a first loop of the same kernel over its slots (one split,
+// kStatsFused), or from per-split partials left by a kStatsOnly launch and
+// merged in split order by every block (kStatsMerged). Half inputs always
+// take this form; float/double content_read over a small memory (one split
+// of at most kMinChunk slots, where the second loop reads rows still in
+// cache) too, which makes the one-slot gradient exactly 0 (w = 1, delta = dw).
+enum BwdStats : int { kStatsNone = 0, kStatsFused = 1, kStatsMerged = 2, kStatsOnly = 3 };
+
 template <typename T>
 struct BwdArgs {
   const T* mem = nullptr;
@@ -391,18 +429,63 @@ struct BwdArgs {
   const acc_t<T>* dm_prev = nullptr;  // running memory gradient of the earlier head groups
   acc_t<T>* part_dq = nullptr;     // [B*H][nsplit][D]
   acc_t<T>* part_db = nullptr;     // [B*H][nsplit]
+  acc_t<T>* stat_m = nullptr;      // [B*H][nsplit] each: kStatsOnly writes, kStatsMerged reads
+  acc_t<T>* stat_l = nullptr;
+  acc_t<T>* stat_t = nullptr;
   int64_t N = 0, chunk = 0;
-  int D = 0, H = 0, h0 = 0, G = 1, nsplit = 1;
-  acc_t<T> eps = 0;
+  int D = 0, H = 0, h0 = 0, G = 1, nsplit = 1, stats = kStatsNone;
+  acc_t<T> eps = 0, lse_tol = 0;
   bool vec_ok = false;
 };
 
 template <typename T, bool ADDR>
 __device__ __forceinline__ void load_qg(const BwdArgs<T>& a, const T* keys_h, const T* g_h, int t, const Lanes& L,
-                                        int hc, const acc_t<T> (&den)[kHP], acc_t<T> (&q)[kHP][kCPL],
+                                        unsigned vm, int hc, const acc_t<T> (&den)[kHP], acc_t<T> (&q)[kHP][kCPL],
                                         acc_t<T> (&g)[kHP][kCPL]) {
-  load_heads<T, acc_t<T>, true>(keys_h, a.D, t, L, a.vec_ok, hc, den, q);
-  if (!ADDR) load_heads<T, acc_t<T>, false>(g_h, a.D, t, L, a.vec_ok, hc, den, g);
+  load_heads<T, acc_t<T>, true>(keys_h, a.D, t, L, a.vec_ok, vm, den, q);
+  if (!ADDR) load_heads<T, acc_t<T>, false>(g_h, a.D, t, L, a.vec_ok, (1u << hc) - 1u, den, g);
+}
+
+// One slot row: its squared norm, its dots with q (and, content_read, with
+// g), and this lane's columns of tile ctile in x; q and g hold tile ctile
+// afterwards.
+template <typename T, bool ADDR>
+__device__ __forceinline__ void bwd_scan_row(const BwdArgs<T>& a, const T* row, bool valid, const Lanes& L, int ctile,
+                                             const T* keys_h, const T* g_h, unsigned vm, int hc,
+                                             const acc_t<T> (&den)[kHP], acc_t<T> (&q)[kHP][kCPL],
+                                             acc_t<T> (&g)[kHP][kCPL], acc_t<T> (&x)[kCPL], acc_t<T>& sq,
+                                             acc_t<T> (&dot)[kHP], acc_t<T> (&gd)[kHP]) {
+  using A = acc_t<T>;
+  sq = 0;
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) dot[h] = gd[h] = 0;
+#pragma unroll
+  for (int i = 0; i < kCPL; ++i) x[i] = 0;
+  for (int t = 0; t < L.ntiles; ++t) {
+    A v[kCPL];
+    load_tile(row, a.D, t, L, a.vec_ok, valid, v);
+    if (L.ntiles > 1) load_qg<T, ADDR>(a, keys_h, g_h, t, L, vm, hc, den, q, g);
+#pragma unroll
+    for (int i = 0; i < kCPL; ++i) {
+      sq += v[i] * v[i];
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        dot[h] += q[h][i] * v[i];
+        if (!ADDR) gd[h] += g[h][i] * v[i];
+      }
+    }
+    if (t == ctile) {
+#pragma unroll
+      for (int i = 0; i < kCPL; ++i) x[i] = v[i];
+    }
+  }
+  sq = group_sum(sq, L.G);
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) {
+    dot[h] = group_sum(dot[h], L.G);
+    if (!ADDR) gd[h] = group_sum(gd[h], L.G);
+  }
+  if (L.ntiles > 1) load_qg<T, ADDR>(a, keys_h, g_h, ctile, L, vm, hc, den, q, g);
 }
 
 template <typename T, bool ADDR>
@@ -418,16 +501,25 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
   const T* keys_h = a.keys + bh0 * D;
   const T* g_h = ADDR ? nullptr : a.grad_reads + bh0 * D;
 
-  A den[kHP], beta[kHP], lse[kHP], delta[kHP];
+  // vm: the finite heads (see common.cuh); the others are computed as a zero
+  // key of strength 0 and their gradients made NaN at the end.
+  A den[kHP], beta[kHP], lse[kHP], delta[kHP], wscale[kHP];
+  unsigned vm = 0;
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
     const bool hv = h < hc;
-    den[h] = dmax(row_norm<T, A>(keys_h + int64_t(h) * D, D, L, a.vec_ok, hv), a.eps);
-    beta[h] = hv ? static_cast<A>(a.str[bh0 + h]) : A(0);
+    const A nrm = row_norm<T, A>(keys_h + int64_t(h) * D, D, L, a.vec_ok, hv);
+    const bool fin = row_finite<T, A>(keys_h + int64_t(h) * D, D, L, a.vec_ok, hv);
+    const A bt = hv ? static_cast<A>(a.str[bh0 + h]) : A(0);
+    const bool ok = hv && fin && finite_value(bt);
+    if (ok) vm |= 1u << h;
+    den[h] = ok ? dmax(nrm, a.eps) : A(1);
+    beta[h] = ok ? bt : A(0);
+    wscale[h] = 1;
     if constexpr (ADDR) {
       lse[h] = 0;
       A s = 0;
-      if (hv)
+      if (hv && a.stats == kStatsNone)
         for (int sp = 0; sp < a.dsplit; ++sp) s += a.delta_part[(bh0 + h) * a.dsplit + sp];
       delta[h] = s;
     } else {
@@ -435,6 +527,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
       delta[h] = row_dot<T, A>(g_h + int64_t(h) * D, a.reads + (bh0 + h) * D, D, L, a.vec_ok, hv);
     }
   }
+  const bool all_ok = vm == (1u << hc) - 1u;
 
   A q[kHP][kCPL], g[kHP][kCPL], dq[kHP][kCPL], db[kHP];
 #pragma unroll
@@ -443,46 +536,139 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
 #pragma unroll
     for (int i = 0; i < kCPL; ++i) q[h][i] = g[h][i] = dq[h][i] = 0;
   }
-  if (L.ntiles == 1) load_qg<T, ADDR>(a, keys_h, g_h, 0, L, hc, den, q, g);
+  if (L.ntiles == 1) load_qg<T, ADDR>(a, keys_h, g_h, 0, L, vm, hc, den, q, g);
 
   const int64_t n_begin = int64_t(split) * a.chunk;
   const int64_t n_end = min(a.N, n_begin + a.chunk);
   const int S = L.nstreams();
   const int64_t iters = n_end > n_begin ? (n_end - n_begin + S - 1) / S : 0;
+
+  if (a.stats != kStatsNone) {
+    __shared__ A sh_mlt[kWarps][kHP];
+    __shared__ A sh_fin[3][kHP];  // merged M, L, T per head
+    if (a.stats != kStatsMerged) {
+      // First loop: running (max, sum of exp, sum of exp * dw) per stream.
+      A m_run[kHP], l_run[kHP], t_run[kHP];
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        m_run[h] = neg_inf<A>();
+        l_run[h] = t_run[h] = 0;
+      }
+      for (int64_t it = 0; it < iters; ++it) {
+        const int64_t n = n_begin + it * S + L.stream;
+        const bool valid = n < n_end;
+        A x[kCPL], sq, dot[kHP], gd[kHP];
+        bwd_scan_row<T, ADDR>(a, mem_b + n * D, valid, L, ctile, keys_h, g_h, vm, hc, den, q, g, x, sq, dot, gd);
+        if (!valid) continue;
+        const A mden = dmax(dsqrt(sq), a.eps);
+#pragma unroll
+        for (int h = 0; h < kHP; ++h) {
+          if (h >= hc) continue;
+          const A s = beta[h] * (dot[h] / mden);
+          const A dw = ADDR ? static_cast<A>(a.grad_w[(bh0 + h) * a.N + n]) : gd[h];
+          if (s > m_run[h]) {
+            const A sc = dexp(m_run[h] - s);
+            l_run[h] = l_run[h] * sc + A(1);
+            t_run[h] = t_run[h] * sc + dw;
+            m_run[h] = s;
+          } else {
+            const A e = dexp(s - m_run[h]);
+            l_run[h] += e;
+            t_run[h] += e * dw;
+          }
+        }
+      }
+      // Merge the streams of the block: common max, rescaled sums, fixed order.
+      A M[kHP];
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        const A mw = streams_max(m_run[h], L.G);
+        if (L.lane == 0) sh_mlt[L.warp][h] = mw;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        M[h] = sh_mlt[0][h];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) M[h] = dmax(M[h], sh_mlt[w][h]);
+        const A sc = merge_scale(m_run[h], M[h]);
+        l_run[h] *= sc;
+        t_run[h] *= sc;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        const A lw = streams_sum(l_run[h], L.G);
+        if (L.lane == 0) sh_mlt[L.warp][h] = lw;
+      }
+      __syncthreads();
+      if (threadIdx.x < kHP) {
+        A s = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += sh_mlt[w][threadIdx.x];
+        sh_fin[1][threadIdx.x] = s;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int h = 0; h < kHP; ++h) {
+        const A tw = streams_sum(t_run[h], L.G);
+        if (L.lane == 0) sh_mlt[L.warp][h] = tw;
+      }
+      __syncthreads();
+      if (threadIdx.x < kHP) {
+        const int h = threadIdx.x;
+        A s = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += sh_mlt[w][h];
+        A mh = M[0];
+#pragma unroll
+        for (int k = 1; k < kHP; ++k)
+          if (k == h) mh = M[k];
+        sh_fin[0][h] = mh;
+        sh_fin[2][h] = s;
+        if (a.stats == kStatsOnly && ctile == 0 && h < hc) {
+          a.stat_m[(bh0 + h) * a.nsplit + split] = mh;
+          a.stat_l[(bh0 + h) * a.nsplit + split] = sh_fin[1][h];
+          a.stat_t[(bh0 + h) * a.nsplit + split] = s;
+        }
+      }
+      if (a.stats == kStatsOnly) return;  // uniform across the block
+    } else if (threadIdx.x < hc) {
+      // Merge the per-split statistics in split order (the same in every block).
+      const int h = threadIdx.x;
+      const int64_t r = (bh0 + h) * a.nsplit;
+      A M = neg_inf<A>();
+      for (int sp = 0; sp < a.nsplit; ++sp) M = dmax(M, a.stat_m[r + sp]);
+      A l = 0, t = 0;
+      for (int sp = 0; sp < a.nsplit; ++sp) {
+        const A sc = merge_scale(a.stat_m[r + sp], M);
+        l += a.stat_l[r + sp] * sc;
+        t += a.stat_t[r + sp] * sc;
+      }
+      sh_fin[0][h] = M;
+      sh_fin[1][h] = l;
+      sh_fin[2][h] = t;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < kHP; ++h) {
+      if (h >= hc) continue;
+      const A M = sh_fin[0][h], l = sh_fin[1][h];
+      const A mine = M + dlog(l);
+      // content_read: only where the given lse is this memory's own.
+      if (ADDR || dabs(lse[h] - mine) <= a.lse_tol * (A(1) + dabs(mine))) {
+        lse[h] = M;
+        wscale[h] = A(1) / l;
+        delta[h] = sh_fin[2][h] * wscale[h];
+      }
+    }
+  }
+
   for (int64_t it = 0; it < iters; ++it) {
     const int64_t n = n_begin + it * S + L.stream;
     const bool valid = n < n_end;
-    const T* row = mem_b + n * D;
-    A x[kCPL], sq = 0, dot[kHP], gd[kHP];
-#pragma unroll
-    for (int h = 0; h < kHP; ++h) dot[h] = gd[h] = 0;
-#pragma unroll
-    for (int i = 0; i < kCPL; ++i) x[i] = 0;
-    for (int t = 0; t < L.ntiles; ++t) {
-      A v[kCPL];
-      load_tile(row, D, t, L, a.vec_ok, valid, v);
-      if (L.ntiles > 1) load_qg<T, ADDR>(a, keys_h, g_h, t, L, hc, den, q, g);
-#pragma unroll
-      for (int i = 0; i < kCPL; ++i) {
-        sq += v[i] * v[i];
-#pragma unroll
-        for (int h = 0; h < kHP; ++h) {
-          dot[h] += q[h][i] * v[i];
-          if (!ADDR) gd[h] += g[h][i] * v[i];
-        }
-      }
-      if (t == ctile) {
-#pragma unroll
-        for (int i = 0; i < kCPL; ++i) x[i] = v[i];
-      }
-    }
-    sq = group_sum(sq, L.G);
-#pragma unroll
-    for (int h = 0; h < kHP; ++h) {
-      dot[h] = group_sum(dot[h], L.G);
-      if (!ADDR) gd[h] = group_sum(gd[h], L.G);
-    }
-    if (L.ntiles > 1) load_qg<T, ADDR>(a, keys_h, g_h, ctile, L, hc, den, q, g);
+    A x[kCPL], sq, dot[kHP], gd[kHP];
+    bwd_scan_row<T, ADDR>(a, mem_b + n * D, valid, L, ctile, keys_h, g_h, vm, hc, den, q, g, x, sq, dot, gd);
 
     const A nm = dsqrt(sq);
     const A mden = dmax(nm, a.eps);
@@ -497,10 +683,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
         const A c = dot[h] / mden;
         A w, dw;
         if constexpr (ADDR) {
-          w = static_cast<A>(a.weights[(bh0 + h) * a.N + n]);
+          w = a.stats != kStatsNone ? dexp(beta[h] * c - lse[h]) * wscale[h]
+                                    : static_cast<A>(a.weights[(bh0 + h) * a.N + n]);
           dw = static_cast<A>(a.grad_w[(bh0 + h) * a.N + n]);
         } else {
-          w = dexp(beta[h] * c - lse[h]);
+          w = dexp(beta[h] * c - lse[h]) * wscale[h];
           dw = gd[h];
         }
         const A ds = w * (dw - delta[h]);
@@ -512,6 +699,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
           dmv[i] += r * (unclamped ? q[h][i] - c * x[i] / mden : q[h][i]);
           dq[h][i] += r * x[i];
         }
+      }
+      // A non-finite head's NaN weights reach every slot of its memory.
+      if (!all_ok) {
+#pragma unroll
+        for (int i = 0; i < kCPL; ++i) dmv[i] = quiet_nan<A>();
       }
     }
     T* dm_row = a.dm_out != nullptr ? a.dm_out + (int64_t(b) * a.N + n) * D : nullptr;
@@ -530,7 +722,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
     }
   }
 
-  // Per-split key and strength gradients, merged in a fixed order.
+  // Per-split key and strength gradients, merged in a fixed order (NaN for a
+  // non-finite head).
   __shared__ A sh_acc[kWarps][kHP][kMaxTile];
   __shared__ A sh_db[kWarps][kHP];
   warp_rows_of_tile(dq, L, sh_acc, VEC);
@@ -541,7 +734,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
     A s = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += sh_acc[w][h][c];
-    a.part_dq[((bh0 + h) * a.nsplit + split) * D + col] = s;
+    a.part_dq[((bh0 + h) * a.nsplit + split) * D + col] = ((vm >> h) & 1u) != 0 ? s : quiet_nan<A>();
   }
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
@@ -553,7 +746,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
     A s = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += sh_db[w][threadIdx.x];
-    a.part_db[(bh0 + threadIdx.x) * a.nsplit + split] = s;
+    a.part_db[(bh0 + threadIdx.x) * a.nsplit + split] = ((vm >> threadIdx.x) & 1u) != 0 ? s : quiet_nan<A>();
   }
 }
 
@@ -761,8 +954,18 @@ std::tuple<Tensor, Tensor> content_read_cuda(const Tensor& memory_, const Tensor
   return {reads, lse};
 }
 
+// Whether a backward recomputes the softmax statistics (see BwdStats): half
+// inputs always; float/double content_read over one split of at most
+// kMinChunk slots. Returns the kStats* mode.
+int backward_stats(at::ScalarType st, bool addr, int64_t N, int nsplit) {
+  const bool half = st == at::kHalf || st == at::kBFloat16;
+  if (!half && (addr || nsplit > 1 || N > kMinChunk)) return kStatsNone;
+  return nsplit == 1 ? kStatsFused : kStatsMerged;
+}
+
 // Shared tail of both backwards: the stream kernel per head group (memory
-// gradient accumulated across groups in launch order), then the finish kernel.
+// gradient accumulated across groups in launch order; with merged statistics
+// a statistics launch first), then the finish kernel.
 template <typename scalar_t, bool ADDR>
 void launch_backward(BwdArgs<scalar_t> a, const KeyShapes& s, int nt, const Tensor& memory, const Tensor& keys,
                      const Tensor& dm, const Tensor& dk, const Tensor& dbeta, cudaStream_t stream) {
@@ -772,6 +975,14 @@ void launch_backward(BwdArgs<scalar_t> a, const KeyShapes& s, int nt, const Tens
   Tensor part_db = at::empty({s.B * s.H, a.nsplit}, acc_opts);
   a.part_dq = part_dq.data_ptr<A>();
   a.part_db = part_db.data_ptr<A>();
+  a.lse_tol = static_cast<A>(std::is_same_v<A, double> ? 0x1p-44 : 0x1p-19);
+  Tensor stats;
+  if (a.stats == kStatsMerged) {
+    stats = at::empty({3, s.B * s.H, a.nsplit}, acc_opts);
+    a.stat_m = stats[0].data_ptr<A>();
+    a.stat_l = stats[1].data_ptr<A>();
+    a.stat_t = stats[2].data_ptr<A>();
+  }
   const int hg = head_groups(s.H);
   Tensor running;
   if (hg > 1) running = at::empty({s.B, s.N, s.D}, acc_opts);
@@ -782,6 +993,12 @@ void launch_backward(BwdArgs<scalar_t> a, const KeyShapes& s, int nt, const Tens
     ag.dm_prev = g > 0 ? running.data_ptr<A>() : nullptr;
     ag.dm_acc = g < hg - 1 ? running.data_ptr<A>() : nullptr;
     ag.dm_out = g == hg - 1 ? dm.data_ptr<scalar_t>() : nullptr;
+    if (a.stats == kStatsMerged) {
+      BwdArgs<scalar_t> st = ag;
+      st.stats = kStatsOnly;
+      bwd_kernel<scalar_t, ADDR><<<dim3(static_cast<unsigned>(s.B), a.nsplit, 1), kThreads, 0, stream>>>(st);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     bwd_kernel<scalar_t, ADDR><<<grid, kThreads, 0, stream>>>(ag);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -829,6 +1046,7 @@ std::tuple<Tensor, Tensor, Tensor> content_read_backward_cuda(const Tensor& grad
     a.G = G;
     a.nsplit = sp.n;
     a.eps = static_cast<A>(eps);
+    a.stats = backward_stats(memory.scalar_type(), false, s.N, sp.n);
     a.vec_ok = rows_vectorizable(s.D, sizeof(scalar_t),
                                  {a.mem, a.keys, a.grad_reads, a.reads, dm.data_ptr<scalar_t>()});
     launch_backward<scalar_t, false>(a, s, nt, memory, keys, dm, dk, dbeta, stream);
@@ -859,12 +1077,16 @@ std::tuple<Tensor, Tensor, Tensor> content_addressing_backward_cuda(const Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, memory.scalar_type(), "content_addressing_backward_cuda", [&] {
         using A = acc_t<scalar_t>;
+        const int stats = backward_stats(memory.scalar_type(), true, s.N, sp.n);
         Tensor delta_part = at::empty({s.B * s.H, dsp.n}, memory.options().dtype(acc_type(memory.scalar_type())));
-        wdot_partial_kernel<scalar_t><<<dim3(static_cast<unsigned>(s.B * s.H), dsp.n), kThreads, 0, stream>>>(
-            weights.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), s.N, dsp.chunk, dsp.n,
-            delta_part.data_ptr<A>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (stats == kStatsNone) {  // else delta comes with the recomputed weights
+          wdot_partial_kernel<scalar_t><<<dim3(static_cast<unsigned>(s.B * s.H), dsp.n), kThreads, 0, stream>>>(
+              weights.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), s.N, dsp.chunk, dsp.n,
+              delta_part.data_ptr<A>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
         BwdArgs<scalar_t> a;
+        a.stats = stats;
         a.mem = memory.data_ptr<scalar_t>();
         a.keys = keys.data_ptr<scalar_t>();
         a.str = strengths.data_ptr<scalar_t>();

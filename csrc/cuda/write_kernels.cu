@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(256)
     const int64_t b = i / N, n = i % N;
     A s = 0;
     for (int v = 0; v < W; ++v) s += static_cast<A>(w[(b * W + v) * N + n]);
-    out[i] = static_cast<T>(decay * static_cast<A>(usage[i]) + s);
+    out[i] = static_cast<T>(usage_step(decay, static_cast<A>(usage[i]), s));
   }
 }
 
@@ -334,12 +334,13 @@ struct CwArgs {
   bool vec_ok = false;
 };
 
+// q of the heads in the bit mask vm (zeros for the others), tile 0.
 template <typename T, typename A>
-__device__ __forceinline__ void norm_heads(const T* heads, int D, const Lanes& L, bool vec_ok, int hc, A (&q)[kHP][kCPL],
-                                           const A (&den)[kHP]) {
+__device__ __forceinline__ void norm_heads(const T* heads, int D, const Lanes& L, bool vec_ok, unsigned vm,
+                                           A (&q)[kHP][kCPL], const A (&den)[kHP]) {
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
-    load_tile(heads + int64_t(h) * D, D, 0, L, vec_ok, h < hc, q[h]);
+    load_tile(heads + int64_t(h) * D, D, 0, L, vec_ok, ((vm >> h) & 1u) != 0, q[h]);
 #pragma unroll
     for (int i = 0; i < kCPL; ++i) q[h][i] = q[h][i] / den[h];
   }
@@ -349,7 +350,7 @@ __device__ __forceinline__ void norm_heads(const T* heads, int D, const Lanes& L
 // passes, so the weights are normalised by exactly the sums they came from.
 template <typename T, typename A>
 __device__ __forceinline__ void cw_logits(const T* row, bool valid, int D, const Lanes& L, bool vec_ok, const T* keys_h,
-                                          int hc, const A (&den)[kHP], const A (&beta)[kHP], A eps,
+                                          unsigned vm, const A (&den)[kHP], const A (&beta)[kHP], A eps,
                                           A (&q)[kHP][kCPL], A (&x)[kCPL], A (&s)[kHP]) {
   A sq = 0, dot[kHP];
 #pragma unroll
@@ -360,7 +361,7 @@ __device__ __forceinline__ void cw_logits(const T* row, bool valid, int D, const
     if (L.ntiles > 1) {
 #pragma unroll
       for (int h = 0; h < kHP; ++h) {
-        load_tile(keys_h + int64_t(h) * D, D, t, L, vec_ok, h < hc, q[h]);
+        load_tile(keys_h + int64_t(h) * D, D, t, L, vec_ok, ((vm >> h) & 1u) != 0, q[h]);
 #pragma unroll
         for (int i = 0; i < kCPL; ++i) q[h][i] = q[h][i] / den[h];
       }
@@ -392,25 +393,37 @@ __global__ void __launch_bounds__(kThreads) content_write_kernel(const CwArgs<T>
   T* mem_b = a.mem + int64_t(b) * a.N * D;
   const T* keys_h = a.keys + bw0 * D;
 
+  // vm: the finite heads. A non-finite one (see common.cuh) is computed as a
+  // zero key of strength 0 in the statistics, and its weights are NaN: every
+  // row it writes, and the usage, become NaN, as in the reference.
   A den[kHP], beta[kHP];
+  unsigned vm = 0;
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
-    A s = 0;
+    A s = 0, z = 0;
     for (int t = 0; t < L.ntiles; ++t) {
       A v[kCPL];
       load_tile(keys_h + int64_t(h) * D, D, t, L, a.vec_ok, h < hc, v);
 #pragma unroll
-      for (int i = 0; i < kCPL; ++i) s += v[i] * v[i];
+      for (int i = 0; i < kCPL; ++i) {
+        s += v[i] * v[i];
+        z += v[i] * A(0);
+      }
     }
-    den[h] = dmax(dsqrt(group_sum(s, L.G)), a.eps);
-    beta[h] = h < hc ? static_cast<A>(a.str[bw0 + h]) : A(0);
+    s = group_sum(s, L.G);
+    z = group_sum(z, L.G);
+    const A bt = h < hc ? static_cast<A>(a.str[bw0 + h]) : A(0);
+    const bool ok = h < hc && z == A(0) && finite_value(bt);
+    if (ok) vm |= 1u << h;
+    den[h] = ok ? dmax(dsqrt(s), a.eps) : A(1);
+    beta[h] = ok ? bt : A(0);
   }
   A q[kHP][kCPL];
 #pragma unroll
   for (int h = 0; h < kHP; ++h)
 #pragma unroll
     for (int i = 0; i < kCPL; ++i) q[h][i] = 0;
-  if (L.ntiles == 1) norm_heads(keys_h, D, L, a.vec_ok, hc, q, den);
+  if (L.ntiles == 1) norm_heads(keys_h, D, L, a.vec_ok, vm, q, den);
 
   const int64_t n_begin = int64_t(split) * a.chunk;
   const int64_t n_end = min(a.N, n_begin + a.chunk);
@@ -431,7 +444,7 @@ __global__ void __launch_bounds__(kThreads) content_write_kernel(const CwArgs<T>
       const int64_t n = n_begin + it * S + L.stream;
       const bool valid = n < n_end;
       A x[kCPL], s[kHP];
-      cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, hc, den, beta, a.eps, q, x, s);
+      cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
       if (!valid) continue;
 #pragma unroll
       for (int h = 0; h < kHP; ++h) {
@@ -517,10 +530,12 @@ __global__ void __launch_bounds__(kThreads) content_write_kernel(const CwArgs<T>
     const bool valid = n < n_end;
     T* row = mem_b + n * D;
     A x[kCPL], s[kHP], wv[kHP];
-    cw_logits(row, valid, D, L, a.vec_ok, keys_h, hc, den, beta, a.eps, q, x, s);
+    cw_logits(row, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
 #pragma unroll
-    for (int h = 0; h < kHP; ++h)
+    for (int h = 0; h < kHP; ++h) {
       wv[h] = (valid && h < hc) ? static_cast<A>(static_cast<T>(dexp(s[h] - lse[h]))) : A(0);
+      if (valid && h < hc && ((vm >> h) & 1u) == 0) wv[h] = quiet_nan<A>();
+    }
     for (int t = 0; t < L.ntiles; ++t) {
       A v[kCPL];
       if (L.ntiles == 1) {
@@ -550,7 +565,7 @@ __global__ void __launch_bounds__(kThreads) content_write_kernel(const CwArgs<T>
 #pragma unroll
       for (int h = 0; h < kHP; ++h) sw += wv[h];
       T* up = a.usage + int64_t(b) * a.N + n;
-      const T un = static_cast<T>(a.decay * static_cast<A>(*up) + sw);
+      const T un = static_cast<T>(usage_step(a.decay, static_cast<A>(*up), sw));
       *up = un;
       argmin_merge(best_v, best_i, static_cast<A>(un), n);
     }

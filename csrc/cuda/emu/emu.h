@@ -37,6 +37,8 @@ struct BlockState {
 };
 inline BlockState* g_block = nullptr;
 }  // namespace emu
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 inline void __syncthreads() { emu::g_block->block->arrive_and_wait(); }
