@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import neuralmem_fast as nm
-from neuralmem_fast.agent import FastMemoryController, MemoryConfig, _fused_backward, _fused_forward
+from neuralmem_fast.config import MemoryConfig
+from neuralmem_fast.models.controller import FastMemoryController, _fused_backward, _fused_forward
 from tests.helpers import TOL, assert_close, shape_id
 
 pytestmark = pytest.mark.skipif(not nm.has_extension(), reason="native extension not built")

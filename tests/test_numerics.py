@@ -123,7 +123,7 @@ def test_half_backward_across_triton_splits(op, dtype):
     """The Triton kernels' multi-split path (partial statistics, then combined)."""
     if "triton" not in BACKENDS:
         pytest.skip("triton does not run here")
-    from neuralmem_fast import triton_ops
+    from neuralmem_fast.ops.triton import kernels as triton_ops
 
     B, N, D, H = 2, 50, 16, 3
     inputs = _near_parallel(B, N, D, H, 1000, dtype, seed=5)
@@ -211,7 +211,7 @@ def test_tied_usage_takes_the_lowest_index(backend, dtype, N):
 
 
 def _sharded_scan_worker(rank, world, init_file, backend, result_file):
-    from neuralmem_fast.distributed import ShardedMemory
+    from neuralmem_fast.nn import ShardedMemory
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
