@@ -180,9 +180,9 @@ def _logits(memory, keys, strengths, eps):
     the dots with the raw rows, divided by the clamped row norms."""
     up = (lambda t: t.float()) if memory.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
     m = up(memory)
-    q = F.normalize(up(keys), dim=-1, eps=eps)
+    q = F.normalize(up(keys), dim=-1, eps=eps) * up(strengths).unsqueeze(-1)  # (B,W,D): tiny
     inv = 1.0 / torch.linalg.vector_norm(m, dim=-1).clamp_min(eps)  # (B,n)
-    return up(strengths).unsqueeze(-1) * (torch.matmul(q, m.transpose(-1, -2)) * inv.unsqueeze(1))
+    return torch.matmul(q, m.transpose(-1, -2)) * inv.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------

@@ -59,9 +59,9 @@ Design (B memories, N slots, D slot width, H read / W write heads):
   unless forced with ``override(split_slots=...)``.
 * Backward of the softmax ops recomputes the weights (content_read; also
   content_addressing for half inputs, see above) or reads the given
-  weights, never materialises (B,H,N) in content_read, writes d(memory) per slot, and
-  reduces per-split partial grads of keys/strengths in a fixed order in a
-  second kernel: deterministic, no float atomics.
+  weights, never materialises (B,H,N) in content_read, writes d(memory) per
+  slot, and reduces per-split partial grads of keys/strengths in a fixed
+  order in a second kernel: deterministic, no float atomics.
 * memory_write backward uses exclusive prefix/suffix products over the write
   heads (``tl.cumprod`` over shifted factors), never a division by (1 - w e).
 
