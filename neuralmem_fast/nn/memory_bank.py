@@ -120,21 +120,25 @@ class _ConstMemoryRead(torch.autograd.Function):
         return None, None, dkeys, dstrengths, None
 
 
-def _unaliased(t, memory):
-    """`t`, or a copy of it when it shares storage with `memory`.
+def _unaliased(ts, memory):
+    """The tensors `ts`, each copied when it shares storage with `memory`.
 
     Under torch.compile the traced write is functionalised (it writes a copy
     of the memory), so aliasing cannot corrupt it, and storages are not
     traceable: nothing to do there."""
     if torch.compiler.is_compiling():
-        return t
-    lo = memory.data_ptr()  # memory is contiguous: its elements span [lo, lo + nbytes)
-    if t.is_contiguous():
-        a = t.data_ptr()
-        return t.clone() if (a < lo + memory.nbytes and lo < a + t.nbytes) else t
-    if t.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
-        return t.clone()
-    return t
+        return ts
+    lo = memory.data_ptr()  # memory is contiguous: its elements span [lo, hi)
+    hi = lo + memory.nbytes
+    out = []
+    for t in ts:
+        if t.is_contiguous():
+            a = t.data_ptr()
+            alias = a < hi and lo < a + t.nbytes
+        else:
+            alias = t.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr()
+        out.append(t.clone() if alias else t)
+    return out
 
 
 class NeuralMemoryBank(nn.Module):
@@ -182,13 +186,14 @@ class NeuralMemoryBank(nn.Module):
 
     def _check_tensor(self, name, t):
         """A tensor of the memory's dtype and device, or an error naming `name`."""
+        mem = self._buffers["memory"]  # one dict lookup: a small step is overhead-bound
+        if isinstance(t, torch.Tensor) and t.dtype is mem.dtype and t.device == mem.device:
+            return t
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != self.memory.dtype:
-            raise TypeError(f"{name} must have the dtype of the memory ({self.memory.dtype}), got {t.dtype}")
-        if t.device != self.memory.device:
-            raise ValueError(f"{name} must be on the device of the memory ({self.memory.device}), got {t.device}")
-        return t
+        if t.dtype != mem.dtype:
+            raise TypeError(f"{name} must have the dtype of the memory ({mem.dtype}), got {t.dtype}")
+        raise ValueError(f"{name} must be on the device of the memory ({mem.device}), got {t.device}")
 
     def _as_keys(self, name, keys, heads_name, heads=None):
         """Keys as (B, K, D) for the ops, and the leading shape to restore.
@@ -319,7 +324,7 @@ class NeuralMemoryBank(nn.Module):
             # The seed's write is out of place: a key or vector that is a view of
             # the memory (a stored row written back) is read as it was before the
             # write. The in-place op refuses such aliasing; snapshot it here.
-            keys, strengths, erase, add = (_unaliased(t.detach(), memory) for t in (keys, strengths, erase, add))
+            keys, strengths, erase, add = _unaliased([t.detach() for t in (keys, strengths, erase, add)], memory)
             if self._use_torch_path():
                 self._torch_write_(memory, usage, keys, strengths, erase, add)
             else:

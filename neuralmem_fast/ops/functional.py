@@ -19,6 +19,7 @@ strided small inputs themselves.
 import torch
 
 from ..config import DEFAULT_DECAY, DEFAULT_EPS
+from .autograd import function
 from .dispatch import choose, library
 from .inplace import check_inplace
 from .reference import (content_addressing_ref, content_read_ref, logits_ref, memory_read_ref, memory_write_ref,
@@ -31,6 +32,17 @@ __all__ = ["content_addressing", "memory_read", "content_read", "usage_update", 
 
 _NATIVE_LIB = torch.ops.neuralmem
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _differentiable(be, name, *args):
+    """The op with its gradient formula: an autograd.Function in eager mode
+    (ops/autograd.function), the registered formula under torch.compile."""
+    if torch.compiler.is_compiling():
+        return getattr(library(be), name)(*args)
+    ns = "neuralmem_triton" if be == "triton" else "neuralmem"
+    if be == "triton":
+        library(be)  # registers the Triton library on first use
+    return function(ns, name).apply(*args)
 
 
 def _no_grad_needed(*ts):
@@ -48,7 +60,7 @@ def content_addressing(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto")
     if _no_grad_needed(memory, keys, strengths):
         with _below_autograd():
             return library(be).content_addressing(memory, keys, strengths, eps)
-    return library(be).content_addressing(memory, keys, strengths, eps)
+    return _differentiable(be, "content_addressing", memory, keys, strengths, eps)
 
 
 def memory_read(memory, weights, backend="auto"):
@@ -61,7 +73,7 @@ def memory_read(memory, weights, backend="auto"):
     if _no_grad_needed(memory, weights):
         with _below_autograd():
             return library(be).memory_read(memory, weights)
-    return library(be).memory_read(memory, weights)
+    return _differentiable(be, "memory_read", memory, weights)
 
 
 def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", return_lse=False):
@@ -87,7 +99,7 @@ def content_read(memory, keys, strengths, eps=DEFAULT_EPS, backend="auto", retur
         with _below_autograd():
             reads, lse = library(be).content_read(memory, keys, strengths, eps)
     else:
-        reads, lse = library(be).content_read(memory, keys, strengths, eps)
+        reads, lse = _differentiable(be, "content_read", memory, keys, strengths, eps)
     return (reads, lse) if return_lse else reads
 
 
@@ -106,7 +118,7 @@ def usage_update(usage, weights, decay=DEFAULT_DECAY, backend="auto"):
     if _no_grad_needed(usage, weights):
         with _below_autograd():
             return library(be).usage_update(usage, weights, decay)
-    return library(be).usage_update(usage, weights, decay)
+    return _differentiable(be, "usage_update", usage, weights, decay)
 
 
 def memory_write(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, backend="auto"):
@@ -125,7 +137,7 @@ def memory_write(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, b
         memory, weights, erase, add = _c(memory), _c(weights), _c(erase), _c(add)
         if _no_grad_needed(memory, weights, erase, add):
             with _below_autograd():
-                out = library(be).memory_write(memory, weights, erase, add)
+                out = _differentiable(be, "memory_write", memory, weights, erase, add)
         else:
             out = library(be).memory_write(memory, weights, erase, add)
     if usage is None:
