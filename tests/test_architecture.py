@@ -229,3 +229,19 @@ def test_replay_native_code_does_not_depend_on_the_memory_kernels():
     for p, _ in _line_counts(os.path.join(ROOT, "csrc", "replay"), (".cpp", ".h")):
         src = open(os.path.join(ROOT, p)).read()
         assert '#include "cpu/' not in src, f"{p} includes the memory ops' CPU kernels"
+
+
+@pytest.mark.parametrize("op", ["content_addressing", "memory_read", "content_read", "memory_write", "usage_update"])
+def test_opcheck_with_inputs_that_require_grad(op):
+    """The registered gradient formulas pass opcheck's autograd checks."""
+    if not nm.has_extension():
+        pytest.skip("the native extension is not built")
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_(True)  # noqa: E731
+    m, k, s = r(2, 7, 3), r(2, 2, 3), (torch.rand(2, 2, dtype=torch.float64, generator=g) + 1).requires_grad_(True)
+    w = torch.softmax(torch.randn(2, 2, 7, dtype=torch.float64, generator=g), -1).requires_grad_(True)
+    e = torch.rand(2, 2, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    u = torch.rand(2, 7, dtype=torch.float64, generator=g).requires_grad_(True)
+    args = {"content_addressing": (m, k, s, 1e-12), "memory_read": (m, w), "content_read": (m, k, s, 1e-12),
+            "memory_write": (m, w, e, r(2, 2, 3)), "usage_update": (u, w, 0.99)}[op]
+    torch.library.opcheck(getattr(torch.ops.neuralmem, op), args)

@@ -285,7 +285,7 @@ class FastAgent:
         D, o_wk, o_wv, o_e = ctrl.D, ctrl._o_wk, ctrl._o_wv, ctrl._o_e
         key, vec = heads[:, o_wk:o_wk + D], torch.tanh(heads[:, o_wv:o_wv + D])
         erase, strength = torch.sigmoid(heads[:, o_e:o_e + D]), F.softplus(heads[:, o_wv - 1:o_wv])
-        if write_op is None or bank._memory_in_graph:
+        if write_op is None or bank.memory_in_graph:
             # the bank's own write: the torch path, or a pending graph holds the memory (it copies)
             bank.write(key, vec, erase, strength)
         else:

@@ -346,6 +346,12 @@ class NeuralMemoryBank(nn.Module):
         usage.mul_(self.decay).add_(w[:, 0] if w.shape[1] == 1 else w.sum(dim=1))
 
     # ------------------------------------------------------------ bookkeeping
+    @property
+    def memory_in_graph(self):
+        """True when a pending backward may hold the current memory tensor: the
+        next write then goes to a fresh copy instead of writing in place."""
+        return self._memory_in_graph
+
     def detach_memory(self):
         """Truncates backpropagation through time: later losses stop at this memory."""
         self.memory = self.memory.detach()
