@@ -36,4 +36,14 @@ inline int requested_isa_level() {
 
 inline int isa_level() { return std::min(supported_isa_level(), requested_isa_level()); }
 
+// The table of the best instruction set this processor supports and was
+// built, from the three accessors of one kind of table (null when not built).
+template <typename Table>
+const Table* pick_table(const Table* default_table, const Table* avx2_table, const Table* avx512_table) {
+  const int level = isa_level();
+  if (level >= 2 && avx512_table != nullptr) return avx512_table;
+  if (level >= 1 && avx2_table != nullptr) return avx2_table;
+  return default_table;
+}
+
 }  // namespace neuralmem

@@ -2,7 +2,7 @@
 // replay sum tree has its own table, csrc/replay/tree_kernel_table.h).
 //
 // memory_kernels.h holds the kernels as templates over the element type; it
-// is compiled three times (memory_kernels_{default,avx2,avx512}.cpp), each
+// is compiled three times (csrc/isa/kernels_{default,avx2,avx512}.cpp), each
 // time with at::vec::Vectorized bound to that instruction set, exactly as
 // ATen compiles its own CPU kernels per CPU_CAPABILITY. The host code in
 // memory_ops_cpu.cpp validates arguments, allocates outputs and calls the

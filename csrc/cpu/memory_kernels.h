@@ -1,6 +1,6 @@
 // CPU kernels of the memory ops, written once over at::vec::Vectorized and
 // compiled once per instruction set (see kernel_table.h). Include only from a
-// memory_kernels_*.cpp, after kernel_prelude.h and after defining
+// csrc/isa/kernels_*.cpp, after common/isa_prelude.h and after defining
 // CPU_CAPABILITY. The kernels live in kernel_common.h, read_kernels.h and
 // write_kernels.h; this file dispatches on the dtype and builds the table.
 //

@@ -32,15 +32,8 @@ namespace {
 // ---------------------------------------------------------------------------
 // instruction-set choice
 // ---------------------------------------------------------------------------
-const KernelTable* choose_table() {
-  const int level = isa_level();
-  if (level >= 2 && kernel_table_AVX512() != nullptr) return kernel_table_AVX512();
-  if (level >= 1 && kernel_table_AVX2() != nullptr) return kernel_table_AVX2();
-  return kernel_table_DEFAULT();
-}
-
 const KernelTable& kernels() {
-  static const KernelTable* table = choose_table();
+  static const KernelTable* table = pick_table(kernel_table_DEFAULT(), kernel_table_AVX2(), kernel_table_AVX512());
   return *table;
 }
 

@@ -10,15 +10,9 @@ namespace neuralmem {
 namespace replay {
 namespace {
 
-const TreeKernelTable* choose_tree_table() {
-  const int level = isa_level();
-  if (level >= 2 && tree_kernel_table_AVX512() != nullptr) return tree_kernel_table_AVX512();
-  if (level >= 1 && tree_kernel_table_AVX2() != nullptr) return tree_kernel_table_AVX2();
-  return tree_kernel_table_DEFAULT();
-}
-
 const TreeKernelTable& tree_kernels() {
-  static const TreeKernelTable* table = choose_tree_table();
+  static const TreeKernelTable* table =
+      pick_table(tree_kernel_table_DEFAULT(), tree_kernel_table_AVX2(), tree_kernel_table_AVX512());
   return *table;
 }
 

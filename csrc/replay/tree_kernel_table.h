@@ -1,5 +1,5 @@
 // The CPU inner loops of the replay sum tree, compiled once per instruction
-// set (tree_kernels.h, built by tree_kernels_{default,avx2,avx512}.cpp) like
+// set (tree_kernels.h, built by csrc/isa/kernels_{default,avx2,avx512}.cpp) like
 // the memory ops' kernels, but in a table of their own: the replay code
 // depends on csrc/common only, never on the memory ops.
 #pragma once

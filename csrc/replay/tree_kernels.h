@@ -1,5 +1,5 @@
 // CPU inner loops of the replay sum tree, written once over at::vec and
-// compiled once per instruction set (tree_kernels_{default,avx2,avx512}.cpp;
+// compiled once per instruction set (csrc/isa/kernels_{default,avx2,avx512}.cpp;
 // see tree_kernel_table.h): the priority transform and the importance
 // weights' pow, a level's parents, the batched descent. The AVX-512 forms of
 // the last two use intrinsics directly, since they shuffle within one
