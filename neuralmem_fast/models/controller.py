@@ -194,9 +194,8 @@ def _fused_forward(P, dims, X, memory3, read_op, eps):
 def _fused_backward(P, dims, cache, dpred, grads, read_op, eps, acc):
     """d(loss)/d(P) into `grads` (tensors shaped like P) given dpred = d(loss)/d(pred) (M, in).
 
-    acc=False overwrites the rows that receive a gradient (the others, the
-    forget gate's and the write heads', are left as they are: zero after
-    zero_grad); acc=True adds to them.
+    acc=False overwrites the gradients (the forget gate's rows, which get no
+    gradient, come out zero, as after zero_grad); acc=True adds to them.
     """
     X, sig, g, tc, h, rs_pre, keys, strengths, reads, lse, out_in, memory3 = cache
     _, _, _, W_h, _, W_o, _ = P
