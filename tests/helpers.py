@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 SEED_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "seed", "seed_tutorial.py")
 
@@ -85,3 +86,25 @@ def run_on_instruction_set(isa: str, script: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
+def make_inputs(B, N, D, H, W, dtype=torch.float32, device="cpu", seed=0):
+    """Controller-like values: softplus strengths, sigmoid erase, tanh add."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    t = dict(
+        memory=rnd(B, N, D),
+        keys=rnd(B, H, D),
+        strengths=F.softplus(rnd(B, H)) * 3,
+        weights=torch.softmax(rnd(B, H, N) * 2, dim=-1),
+        wweights=torch.softmax(rnd(B, W, N) * 2, dim=-1),
+        wkeys=rnd(B, W, D),
+        wstrengths=F.softplus(rnd(B, W)) * 3,
+        erase=torch.sigmoid(rnd(B, W, D)),
+        add=torch.tanh(rnd(B, W, D)),
+        usage=torch.rand(B, N, generator=g, dtype=torch.float64) * 3,
+    )
+    return {k: v.to(dtype=dtype, device=device) for k, v in t.items()}

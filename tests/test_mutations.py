@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import neuralmem_fast as nm
 from neuralmem_fast.config import MemoryConfig
 from neuralmem_fast.models.controller import FastMemoryController, _fused_backward, _fused_forward
-from tests.helpers import TOL, assert_close, shape_id
+from tests.helpers import TOL, assert_close, make_inputs, shape_id
 
 pytestmark = pytest.mark.skipif(not nm.has_extension(), reason="native extension not built")
 
@@ -35,26 +35,6 @@ BACKEND = "cpu"
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-def _inputs(B, N, D, H, W, dtype, seed=0):
-    """Controller-like values, drawn in float64 and rounded to dtype once."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    t = dict(
-        memory=rnd(B, N, D),
-        keys=rnd(B, H, D),
-        strengths=F.softplus(rnd(B, H)) * 3,
-        weights=torch.softmax(rnd(B, H, N) * 2, dim=-1),
-        wweights=torch.softmax(rnd(B, W, N) * 2, dim=-1),
-        wkeys=rnd(B, W, D),
-        wstrengths=F.softplus(rnd(B, W)) * 3,
-        erase=torch.sigmoid(rnd(B, W, D)),
-        add=torch.tanh(rnd(B, W, D)),
-        usage=torch.rand(B, N, generator=g, dtype=torch.float64) * 3,
-    )
-    return {k: v.to(dtype) for k, v in t.items()}
 
 
 def _vjp(fn, inputs, seed=1):
@@ -79,7 +59,7 @@ def _check_op(fast, ref, inputs, names, dtype, tol_scale=1.0):
 
 def _check_every_op(B, N, D, H, W, dtype, tol_scale=1.0):
     """Every CPU op, forward and backward, against the float64 references."""
-    t = _inputs(B, N, D, H, W, dtype)
+    t = make_inputs(B, N, D, H, W, dtype)
     m, k, s = t["memory"], t["keys"], t["strengths"]
     _check_op(lambda a, b, c: nm.content_addressing(a, b, c, backend=BACKEND), nm.content_addressing_ref,
               [m, k, s], ["content_addressing", "memory", "keys", "strengths"], dtype, tol_scale)
@@ -163,7 +143,7 @@ def _sharp_case(position, dtype, B=1, N=4096, D=64, H=4, strength=1e4):
     exp's range, so a combine that shifts by anything but the global max
     overflows. `position` places the slots in the first chunk of slots, in
     the middle, or at the end of the memory."""
-    t = _inputs(B, N, D, H, 1, torch.float64, seed=2)
+    t = make_inputs(B, N, D, H, 1, torch.float64, seed=2)
     start = {"first-chunk": 3, "middle": N // 2, "end": N - H}[position]
     slots = [start + h for h in range(H)]
     keys = torch.stack([t["memory"][:, n] * (1.0 + h) for h, n in enumerate(slots)], dim=1)
@@ -235,7 +215,7 @@ def test_keys_below_eps_take_the_clamped_gradient(eps, norm, dtype, N):
     """A key of norm 0 < |k| <= eps is k / eps in F.normalize, so its gradient
     is dq / eps (no projection). A key of norm exactly 0 takes the same branch
     (tested elsewhere); this one must not take the |k| > eps formula."""
-    t = _inputs(2, N, 5, 3, 1, torch.float64, seed=4)
+    t = make_inputs(2, N, 5, 3, 1, torch.float64, seed=4)
     k = t["keys"].clone()
     k[0, 1] = k[0, 1] / k[0, 1].norm() * norm
     k[1, 2] = k[1, 2] / k[1, 2].norm() * (norm / 7)
@@ -369,7 +349,7 @@ def test_half_gradients_across_blocks_of_rows(shape, dtype):
     several blocks and chunks. Against the float32 reference of the same
     rounded values, as the half backward test at N = 7."""
     B, N, D, H, W = shape
-    t = _inputs(B, N, D, H, W, dtype)
+    t = make_inputs(B, N, D, H, W, dtype)
     cases = [
         (lambda m, k, s: nm.content_read(m, k, s, backend=BACKEND), nm.content_read_ref,
          ("memory", "keys", "strengths")),
@@ -421,7 +401,7 @@ def _every_op_outputs(t):
 def test_every_op_gives_the_same_bits_on_any_thread_count(shape):
     """Chunks depend on the shape only, so that at::parallel_for's split
     cannot change a bit (the contract of the CPU kernels), for every op."""
-    t = _inputs(*shape, torch.float32)
+    t = make_inputs(*shape, torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -520,7 +500,7 @@ def test_keys_of_another_width_are_rejected_naming_the_argument(Dk, backend):
     and the expected shape, on every backend, before anything is written
     (the Triton ops do not check shapes themselves: they would read past
     the keys)."""
-    t = _inputs(2, 9, 5, 3, 1, torch.float32)
+    t = make_inputs(2, 9, 5, 3, 1, torch.float32)
     m, u = t["memory"], t["usage"].float()
     bad = torch.randn(2, 3, Dk)
     ws, e, a = t["wstrengths"], t["erase"], t["add"]

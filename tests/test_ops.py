@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import neuralmem_fast as nm
 from neuralmem_fast import ops
-from tests.helpers import TOL, assert_close, run_on_instruction_set, shape_id
+from tests.helpers import TOL, assert_close, make_inputs, run_on_instruction_set, shape_id
 
 OPS = torch.ops.neuralmem
 
@@ -55,26 +55,6 @@ def _dtype_id(dt):
 # --------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------
-def make_inputs(B, N, D, H, W, dtype=torch.float32, device="cpu", seed=0):
-    """Controller-like values: softplus strengths, sigmoid erase, tanh add."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    t = dict(
-        memory=rnd(B, N, D),
-        keys=rnd(B, H, D),
-        strengths=F.softplus(rnd(B, H)) * 3,
-        weights=torch.softmax(rnd(B, H, N) * 2, dim=-1),
-        wweights=torch.softmax(rnd(B, W, N) * 2, dim=-1),
-        wkeys=rnd(B, W, D),
-        wstrengths=F.softplus(rnd(B, W)) * 3,
-        erase=torch.sigmoid(rnd(B, W, D)),
-        add=torch.tanh(rnd(B, W, D)),
-        usage=torch.rand(B, N, generator=g, dtype=torch.float64) * 3,
-    )
-    return {k: v.to(dtype=dtype, device=device) for k, v in t.items()}
 
 
 def _leaves(*ts):
@@ -637,7 +617,7 @@ def test_cpu_results_do_not_depend_on_thread_count(device, backend):
 _ISA_SCRIPT = textwrap.dedent(
     """
     import torch, neuralmem_fast as nm
-    from tests.test_ops import make_inputs
+    from tests.helpers import make_inputs
     assert torch.ops.neuralmem.cpu_capability() == "{isa}", torch.ops.neuralmem.cpu_capability()
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
         for shape in ((3, 7, 3, 4, 2), (2, 1000, 64, 4, 2), (1, 33, 17, 5, 3)):

@@ -14,12 +14,9 @@ ops/inplace.py for the Triton one.
 import torch
 
 from .reference import content_addressing_ref, content_read_ref, memory_read_ref, memory_write_ref
+from .validation import _c
 
 __all__ = ["register_autograd", "DIFFERENTIABLE_OPS", "function"]
-
-
-def _c(t):
-    return t if t.is_contiguous() else t.contiguous()
 
 
 def _reference_grads(ctx, ref, inputs, grad_out):
