@@ -205,11 +205,19 @@ class PrioritizedSampler(_TorchRLPrioritizedSampler):
             raise RuntimeError(_EMPTY_STORAGE_ERROR)
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
             raise ValueError(f"PrioritizedSampler.sample: batch_size must be an integer >= 0, got {batch_size!r}")
-        if not self._tree.total() > 0:
-            raise RuntimeError("non-positive p_sum: every stored priority is 0; update_priority first")
-        idx, vals, _, mn = self._tree.sample(self._fractions(int(batch_size)))
-        index = torch.from_numpy(idx)
-        weight = torch.from_numpy(vals).div_(mn).pow_(-self._beta).to(self.dtype)
+        try:
+            if self.dtype is torch.float32:
+                # one C++ call: draws and (leaf / min)^-beta, as float32
+                idx, w = self._tree.sample_weighted(self._fractions(int(batch_size)), self._beta)
+                index, weight = torch.from_numpy(idx), torch.from_numpy(w)
+            else:
+                idx, vals, _, mn = self._tree.sample(self._fractions(int(batch_size)))
+                index = torch.from_numpy(idx)
+                weight = torch.from_numpy(vals).div_(mn).pow_(-self._beta)
+        except ValueError as exc:
+            if self._tree.total() > 0:
+                raise
+            raise RuntimeError("non-positive p_sum: every stored priority is 0; update_priority first") from exc
         if self._device is not None and self._device.type != "cpu":
             index, weight = index.to(self._device), weight.to(self._device)
         if storage.ndim > 1:
@@ -217,7 +225,6 @@ class PrioritizedSampler(_TorchRLPrioritizedSampler):
         return index, {"priority_weight": weight}
 
     # -- priorities --------------------------------------------------------------
-    @torch.no_grad()
     def update_priority(self, index, priority, *, storage=None) -> None:
         """Sets priorities (before alpha) for the given slots, as TorchRL's sampler.
 
@@ -226,6 +233,39 @@ class PrioritizedSampler(_TorchRLPrioritizedSampler):
         skipped. priority: one number for every index, or B numbers of any
         shape. On any error (see the module docstring) nothing is stored.
         """
+        # The learner's common case, (B,) int64 slots and (B,) float priorities
+        # on the CPU, goes straight to the tree, which checks the whole input
+        # before it writes; anything else, and any input it refuses (a -1 to
+        # skip, a bad value), takes the general path below.
+        if (type(index) is torch.Tensor and type(priority) is torch.Tensor and index.dtype is torch.int64
+                and (priority.dtype is torch.float32 or priority.dtype is torch.float64)
+                and index.dim() == 1 and priority.dim() == 1 and index.is_cpu and priority.is_cpu
+                and priority.shape[0] == index.shape[0] and index.shape[0] > 1 and not priority.requires_grad):
+            bound = self._max_capacity
+            if storage is not None and storage.ndim == 1:
+                bound = min(bound, len(storage))
+            try:
+                self._tree.update_priorities(index, priority, self._alpha, self._eps, bound)
+            except (IndexError, ValueError):
+                pass
+            else:
+                mx, j = torch.max(priority, 0)
+                self._track_max(float(mx), index, int(j))
+                return
+        self._update_priority(index, priority, storage)
+
+    def _track_max(self, mx: float, idx, j: int) -> None:
+        """The largest priority, tracked as TorchRL does (raw, before alpha), after
+        the leaves idx were written with a maximum mx at position j."""
+        cur, cur_i = self._max_priority
+        if cur is None or mx > cur:
+            cur, cur_i = mx, int(idx[j])
+            self._max_priority = (cur, cur_i)
+        if self._max_priority_within_buffer and self._alpha != 0 and bool((idx == cur_i).any()):
+            self._recompute_max_priority_from_tree()
+
+    @torch.no_grad()
+    def _update_priority(self, index, priority, storage) -> None:
         what = "PrioritizedSampler.update_priority"
         if isinstance(index, tuple):
             index = torch.stack([torch.as_tensor(i) for i in index], -1)
@@ -267,16 +307,9 @@ class PrioritizedSampler(_TorchRLPrioritizedSampler):
         _check_values(p, what, "priority")
         if idx.size == 0:
             return
-        # the largest priority, tracked as TorchRL does (raw, before alpha)
-        j = 0 if scalar else int(np.argmax(p))
-        cur, cur_i = self._max_priority
-        if cur is None or p[j] > cur:
-            cur, cur_i = float(p[j]), int(idx[j])
-            self._max_priority = (cur, cur_i)
         self._tree.update_priorities(idx, p, self._alpha, self._eps, self._max_capacity)
-        if self._max_priority_within_buffer and cur_i is not None and self._alpha != 0:
-            if (idx == cur_i).any():
-                self._recompute_max_priority_from_tree()
+        j = 0 if scalar else int(np.argmax(p))
+        self._track_max(float(p[j]), idx, j)
 
     def _flat_index(self, index: torch.Tensor, storage, what: str) -> np.ndarray:
         if index.ndim == 1:
