@@ -242,7 +242,7 @@ class PrioritizedSampler(_TorchRLPrioritizedSampler):
                 and index.dim() == 1 and priority.dim() == 1 and index.is_cpu and priority.is_cpu
                 and priority.shape[0] == index.shape[0] and index.shape[0] > 1 and not priority.requires_grad):
             bound = self._max_capacity
-            if storage is not None and storage.ndim == 1:
+            if storage is not None and getattr(storage, "ndim", 1) == 1:
                 bound = min(bound, len(storage))
             try:
                 self._tree.update_priorities(index, priority, self._alpha, self._eps, bound)
