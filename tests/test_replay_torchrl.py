@@ -336,3 +336,17 @@ print(json.dumps([s.sample(st, 16)[0].tolist() for _ in range(3)]))
     rb.set_rng(g1)
     rb2.set_rng(g2)
     assert torch.equal(rb.sample()["index"], rb2.sample()["index"])
+
+
+@needs_torchrl
+def test_replay_buffer_dumps_and_loads_with_the_sampler_inside(tmp_path):
+    def buffer(seed):
+        return TensorDictReplayBuffer(storage=LazyTensorStorage(32), batch_size=8, priority_key="td_error",
+                                      sampler=PrioritizedSampler(32, 0.6, 0.4, generator=seed))
+    rb = buffer(3)
+    rb.extend(TensorDict({"obs": torch.randn(20, 2), "td_error": torch.rand(20)}, [20]))
+    rb.dumps(tmp_path)
+    rb2 = buffer(9)
+    rb2.loads(tmp_path)
+    assert torch.equal(rb.sampler.priorities(), rb2.sampler.priorities())
+    assert torch.equal(rb.sample()["index"], rb2.sample()["index"])  # the generator travelled too
