@@ -20,12 +20,18 @@ try:
                                              TensorDictReplayBuffer)
     from torchrl.data.replay_buffers import PrioritizedSampler as TorchRLSampler
 
+    from torchrl.data.replay_buffers.samplers.prioritized import SumSegmentTreeFp32
+
     from neuralmem_fast.replay.torchrl import PrioritizedSampler
     HAVE_TORCHRL = True
+    HAVE_REFERENCE = SumSegmentTreeFp32 is not None
 except ImportError:
-    HAVE_TORCHRL = False
+    HAVE_TORCHRL = HAVE_REFERENCE = False
 
 needs_torchrl = pytest.mark.skipif(not HAVE_TORCHRL, reason="torchrl not installed (optional: pip install torchrl)")
+# TorchRL's own sampler needs its C++ extension, built for one torch version.
+needs_reference = pytest.mark.skipif(not HAVE_REFERENCE, reason="TorchRL's own PrioritizedSampler is unavailable "
+                                     "(torchrl missing, or its C++ extension did not load with this torch)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAP, B = 16, 8
 
@@ -125,7 +131,7 @@ def run_sequence(ref, ours, rbs, width=None):
 # equivalence
 
 
-@needs_torchrl
+@needs_reference
 @pytest.mark.parametrize("within", [False, True], ids=["max-ever", "max-within-buffer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_same_priorities_weights_and_distribution_as_torchrl(within, dtype):
@@ -152,14 +158,14 @@ def test_same_priorities_weights_and_distribution_as_torchrl(within, dtype):
     assert_distribution(torch.cat([ref.sample(rbs[0].storage, 1000)[0] for _ in range(20)]), probs, "torchrl")
 
 
-@needs_torchrl
+@needs_reference
 @pytest.mark.parametrize("reduction", ["max", "min", "mean", "median", "sum"])
 def test_reduction_modes_match_torchrl(reduction):
     ref, ours, rbs = make_pair(reduction=reduction)
     run_sequence(ref, ours, rbs, width=3)
 
 
-@needs_torchrl
+@needs_reference
 def test_plain_replay_buffer_with_list_storage_and_index_shapes_as_torchrl_passes_them():
     ref, ours = TorchRLSampler(CAP, 0.6, 0.4), PrioritizedSampler(CAP, 0.6, 0.4, generator=1)
     rbs = [ReplayBuffer(storage=ListStorage(CAP), sampler=s, batch_size=4, collate_fn=list) for s in (ref, ours)]
@@ -176,7 +182,7 @@ def test_plain_replay_buffer_with_list_storage_and_index_shapes_as_torchrl_passe
     assert isinstance(data, list) and info["index"].shape == (4,) and info["priority_weight"].shape == (4,)
 
 
-@needs_torchrl
+@needs_reference
 def test_two_dimensional_storage_indices_as_torchrl():
     ref, ours = TorchRLSampler(24, 0.8, 0.6), PrioritizedSampler(24, 0.8, 0.6, generator=2)
     rbs = [TensorDictReplayBuffer(storage=LazyTensorStorage(24, ndim=2), sampler=s, batch_size=6) for s in (ref, ours)]
@@ -202,7 +208,7 @@ def test_two_dimensional_storage_indices_as_torchrl():
     assert_same_state(ref, ours, n=24)
 
 
-@needs_torchrl
+@needs_reference
 def test_edges_empty_zero_priorities_and_eps_zero():
     for s in (TorchRLSampler(CAP, 0.7, 0.5), PrioritizedSampler(CAP, 0.7, 0.5)):
         with pytest.raises(RuntimeError, match="Cannot sample from an empty storage"):
@@ -288,7 +294,7 @@ def test_state_of_another_capacity_is_refused_and_nothing_is_lost(tmp_path):
 # state: round trips, TorchRL's dumps, resume in a new process
 
 
-@needs_torchrl
+@needs_reference
 def test_dumps_and_loads_interchange_with_torchrl(tmp_path):
     ref, ours, rbs = make_pair(max_priority_within_buffer=True)
     run_sequence(ref, ours, rbs)
