@@ -10,7 +10,7 @@ PKGS   := torch numpy pybind11 ninja setuptools wheel pytest pytest-benchmark ma
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: all venv build demo test test-fast bench scale gpu-check clean
+.PHONY: all venv build demo test test-fast test-peers wheel-check bench scale gpu-check clean
 
 all: build
 
@@ -40,7 +40,30 @@ build: $(EDIT)
 demo: build
 	$(PY) -m neuralmem_fast demo $(ARGS)
 
-test: build
+# TorchRL (with tensordict) for the TorchRL sampler's equivalence tests: an
+# optional extra, installed only when pip would keep the installed torch and
+# numpy (scripts/install_optional.py asks pip first); without it those tests
+# skip. TEST_PEERS=0 skips the attempt.
+TEST_PEERS ?= 1
+PEERS_TRIED := $(VENV)/.test-peers-tried
+$(PEERS_TRIED): $(DEPS)
+	@if [ "$(TEST_PEERS)" = "1" ]; then \
+		$(PY) scripts/install_optional.py torchrl tensordict && touch $@; \
+	fi
+
+test-peers: $(PEERS_TRIED)
+
+# The wheel builds, installs into a fresh virtual environment (torch from this
+# one, the package only from the wheel) and runs there. CI checks a CPU-only
+# wheel (NEURALMEM_NO_CUDA=1): the CUDA sources are compiled by `make build`.
+# pip builds in build/ like `make build`, so ninja reuses its objects when the
+# flags match (a CPU-only build); after a CUDA build it recompiles the C++
+# sources, and the next `make build` recompiles them back.
+WHEEL_NO_CUDA ?= 1
+wheel-check: $(DEPS)
+	NEURALMEM_NO_CUDA=$(WHEEL_NO_CUDA) bash scripts/wheel_check.sh $(PY)
+
+test: build test-peers
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 # The replay peers (TorchRL, cpprb) are an optional extra: installed here when

@@ -342,6 +342,30 @@ def _pick_group(by_group, verb, with_provider):
     return []
 
 
+def _combined_group(by_group, op):
+    """Rows of the first group named for the combined operation `op` at capacity 10^6, batch 256."""
+    for name, group_rows in by_group.items():
+        if op.lower() in name.lower():
+            sel = [r for r in group_rows if r in _replay_match(group_rows, op.split("+")[0], 1_000_000, 256)]
+            if sel:
+                return sel
+    return []
+
+
+def issue19_goals(rows):
+    """Issue 19: TorchRL's learner loop (TensorDictReplayBuffer + LazyTensorStorage, sample then
+    update_tensordict_priority) with neuralmem_fast's sampler vs TorchRL's PrioritizedSampler."""
+    by_group = {}
+    for r in _replay_rows(rows):
+        by_group.setdefault(r.group, []).append(r)
+    sel = _combined_group(by_group, "update_tensordict_priority")
+    if not sel:
+        return []
+    return [Goal(19, "TorchRL learner loop (TensorDictReplayBuffer, LazyTensorStorage, sample + "
+                     "update_tensordict_priority), capacity 10^6, batch 256, vs TorchRL's PrioritizedSampler",
+                 "speedup", 5, native(sel), _first(sel, "torchrl"), "torchrl row; is torchrl installed?")]
+
+
 def issue4_goals(rows):
     """Issue 4's ratios, each taken inside one group so that both rows come from the same case."""
     rr = _replay_rows(rows)
@@ -356,9 +380,13 @@ def issue4_goals(rows):
         "seed": _pick_group(by_group, "sample", ("seed",)),
     }
     goals = []
-    for verb, key in (("sample", "sample"), ("update_priorities", "update")):
-        sel = chosen.get(key, [])
-        for peer in ("torchrl", "cpprb"):
+    # cpprb recomputes its tree lazily at the next sample, so its update alone
+    # hides that cost: against cpprb the update is judged inside update+sample.
+    step = _combined_group(by_group, "update_priorities+sample")
+    for verb, sel, peers in (("sample", chosen.get("sample", []), ("torchrl", "cpprb")),
+                             ("update_priorities", chosen.get("update", []), ("torchrl",)),
+                             ("update_priorities+sample", step, ("torchrl", "cpprb"))):
+        for peer in peers:
             goals.append(Goal(4, f"replay {verb}, capacity 10^6, batch 256, vs {peer}", "speedup", 5, native(sel),
                               _first(sel, peer), f"{peer} row; is {peer} installed?"))
     sel = chosen.get("seed", [])
@@ -443,7 +471,7 @@ def issue9_goals(rows):
 
 
 def all_goals(rows):
-    return issue3_goals(rows) + issue4_goals(rows) + issue5_goals(rows) + issue9_goals(rows)
+    return issue3_goals(rows) + issue4_goals(rows) + issue5_goals(rows) + issue9_goals(rows) + issue19_goals(rows)
 
 
 def goals_table(goals):

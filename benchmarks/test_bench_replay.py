@@ -13,7 +13,12 @@ priorities, and is timed on the same operations:
   updated leaves and recomputes its tree lazily at the next sample, so its
   update_priorities alone hides that cost; this group charges it;
 * ExperienceReplay.sample: the tutorial's class against ours (same semantics,
-  without replacement) and against our PrioritizedReplayBuffer.
+  without replacement) and against our PrioritizedReplayBuffer;
+* the TorchRL learner loop: TorchRL's TensorDictReplayBuffer over its
+  LazyTensorStorage and default writer, ``sample()`` then
+  ``update_tensordict_priority()`` with 256 new TD errors, once with
+  neuralmem_fast.replay.torchrl.PrioritizedSampler and once with TorchRL's own
+  PrioritizedSampler (same alpha, beta, eps).
 
 Peers that are not installed are skipped (`pip install .[peers]`). Run:
     python -m pytest benchmarks/test_bench_replay.py --benchmark-json=bench_replay.json
@@ -97,6 +102,7 @@ SAMPLE = f"replay sample C{CAP} B{BATCH}"
 UPDATE = f"replay update_priorities C{CAP} B{BATCH}"
 STEP = f"replay update_priorities+sample C{CAP} B{BATCH}"
 SEED_SAMPLE = f"ExperienceReplay.sample C{CAP} B{BATCH}"
+LEARNER = f"replay TorchRL learner sample+update_tensordict_priority C{CAP} B{BATCH}"
 
 
 # -- sample ------------------------------------------------------------------
@@ -228,3 +234,63 @@ def test_seed_sample_ours_prioritized(benchmark, data):
     buf = _ours(data)
     _info(benchmark, SEED_SAMPLE, "neuralmem_fast PrioritizedReplayBuffer")
     benchmark(buf.sample, BATCH)
+
+
+# -- TorchRL's learner loop, with either sampler ------------------------------------
+
+
+def _torchrl_learner_buffer(data, ours):
+    pytest.importorskip("torchrl")
+    from tensordict import TensorDict
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+    if ours:
+        from neuralmem_fast.replay.torchrl import PrioritizedSampler
+
+        sampler = PrioritizedSampler(CAP, ALPHA, BETA, generator=0)
+    else:
+        from torchrl.data.replay_buffers import PrioritizedSampler
+
+        sampler = PrioritizedSampler(CAP, ALPHA, BETA)
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(CAP), sampler=sampler, batch_size=BATCH,
+                                priority_key="td_error")
+    rb.extend(TensorDict(dict(data["items"]), batch_size=[CAP]))
+    rb.update_priority(torch.arange(CAP), torch.from_numpy(data["priorities"]).float())
+    return rb
+
+
+def _learner_step(rb, data):
+    errors = itertools.cycle([torch.from_numpy(p).float() for p in data["new_priorities"]])
+
+    def step():
+        batch = rb.sample()
+        batch["td_error"] = next(errors)
+        rb.update_tensordict_priority(batch)
+        return batch
+
+    return step
+
+
+@pytest.fixture
+def one_thread():
+    """Both learner rows run with one intra-op thread: a step's tensors have 256
+    rows, where torch's thread pool only adds synchronisation (on a loaded
+    machine, a scheduler slice per parallel region: 20 ms steps were seen)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_learner_loop_ours(benchmark, data, one_thread):
+    rb = _torchrl_learner_buffer(data, ours=True)
+    _info(benchmark, LEARNER, "neuralmem_fast sampler")
+    batch = benchmark(_learner_step(rb, data))
+    assert batch["obs"].shape == (BATCH, 4) and batch["priority_weight"].max() <= 1
+
+
+def test_learner_loop_torchrl(benchmark, data, one_thread):
+    rb = _torchrl_learner_buffer(data, ours=False)
+    _info(benchmark, LEARNER, "torchrl", baseline=True)
+    batch = benchmark(_learner_step(rb, data))
+    assert batch["obs"].shape == (BATCH, 4) and batch["priority_weight"].max() <= 1

@@ -70,6 +70,15 @@ def synthetic():
                source="benchmarks/test_bench_replay.py", capacity=1_000_000, batch=256),
         _bench("replay sample capacity1000000 batch256", "seed", 38e-3,
                source="benchmarks/test_bench_replay.py", capacity=1_000_000, batch=256),
+        # update+sample (the judge of updates against cpprb) and TorchRL's learner loop (issue 19)
+        _bench("replay update_priorities+sample C1000000 B256", "neuralmem_fast", 20e-6,
+               source="benchmarks/test_bench_replay.py", N=1_000_000, B=256),
+        _bench("replay update_priorities+sample C1000000 B256", "cpprb", 150e-6,
+               source="benchmarks/test_bench_replay.py", N=1_000_000, B=256),
+        _bench("replay TorchRL learner sample+update_tensordict_priority C1000000 B256", "neuralmem_fast sampler",
+               400e-6, source="benchmarks/test_bench_replay.py", N=1_000_000, B=256),
+        _bench("replay TorchRL learner sample+update_tensordict_priority C1000000 B256", "torchrl", 500e-6,
+               source="benchmarks/test_bench_replay.py", baseline=True, N=1_000_000, B=256),
     ]
     return {
         "machine_info": {"python_implementation": "CPython", "python_version": "3.11",
@@ -135,6 +144,15 @@ def test_replay_goals_found_generically(report):
     assert cp[4] == "—" and cp[5].startswith("not measured"), cp
     seed = _goal_line(text, "ExperienceReplay.sample", "neuralmem_fast")
     assert seed[4] == "1900x faster" and seed[5] == "**met**", seed
+
+
+def test_update_is_judged_with_sample_against_cpprb_and_the_torchrl_learner_loop_is_a_goal(report):
+    _, text = report
+    step = _goal_line(text, "replay update_priorities+sample, capacity 10^6, batch 256, vs cpprb", "neuralmem_fast")
+    assert step[4] == "7.5x faster" and step[5] == "**met**", step
+    assert "replay update_priorities, capacity 10^6, batch 256, vs cpprb" not in text
+    loop = _goal_line(text, "TorchRL learner loop", "neuralmem_fast sampler")
+    assert loop[4] == "1.25x faster" and loop[5] == "not met", loop
 
 
 def test_group_tables_ratio_and_floor_fraction(report):

@@ -4,6 +4,8 @@
     storage             preallocated ring storage for tensor / tuple / dict items
     buffer              PrioritizedReplayBuffer
     experience_replay   ExperienceReplay, the tutorial's class on the tree
+    torchrl             PrioritizedSampler for TorchRL's replay buffers (needs torchrl;
+                        not imported here: `from neuralmem_fast.replay.torchrl import PrioritizedSampler`)
 """
 from .buffer import PrioritizedReplayBuffer
 from .experience_replay import ExperienceReplay

@@ -45,6 +45,7 @@ import torch
 from .._ext import _C
 
 from ._checks import _as_float_array, _as_index_array, _check_pairing, _check_values, _fast_float, _fast_index
+from ._rng import restored_rng, rng_state
 from .sum_tree import SumTree
 from .storage import _field_name, _flatten, _generation_counters, _holds_every_value, _packed_storage, _unflatten
 
@@ -343,7 +344,13 @@ class PrioritizedReplayBuffer:
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to restore the buffer exactly (storage is copied)."""
+        """Everything needed to restore the buffer exactly (storage is copied).
+
+        ``"rng"`` holds the generator's state: a buffer restored from this
+        dict, in this process or another, draws exactly the samples this one
+        draws next. (None when `generator` was an object of another kind than
+        a numpy Generator or RandomState; its draws are then not restored.)
+        """
         with self._lock:
             storage = None
             if self._storage is not None:
@@ -360,12 +367,19 @@ class PrioritizedReplayBuffer:
                 "generation": torch.from_numpy(self._gen.copy()),
                 "sampled_generation": torch.from_numpy(self._sampled_gen.copy()),
                 "storage": storage,
+                "rng": rng_state(self.generator),
             }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()``. Everything is checked first: a dict of
+        another capacity, bad priorities or counters, or a bad generator state
+        raise ValueError, and the buffer keeps what it had."""
         what = "PrioritizedReplayBuffer.load_state_dict"
         if int(state["capacity"]) != self.capacity:
-            raise ValueError(f"{what}: capacity {state['capacity']} does not match this buffer's {self.capacity}")
+            raise ValueError(
+                f"{what}: the state dict is of a buffer of capacity {state['capacity']}, this buffer's is "
+                f"{self.capacity}; build a buffer of that capacity to load it. Nothing was loaded"
+            )
         leaves = _as_float_array(state["priorities"], what, "priorities")
         if leaves.size != self.capacity:
             raise ValueError(f"{what}: `priorities` must have {self.capacity} values, got {leaves.size}")
@@ -377,6 +391,10 @@ class PrioritizedReplayBuffer:
         size, pos = int(state["size"]), int(state["position"])
         if not (0 <= size <= self.capacity and 0 <= pos < self.capacity):
             raise ValueError(f"{what}: size {size} / position {pos} out of range for capacity {self.capacity}")
+        hyper = {k: float(state[k]) for k in ("alpha", "beta", "eps", "max_priority")}
+        for k, v in hyper.items():
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{what}: `{k}` must be finite and >= 0, got {v!r}")
         storage = state["storage"]
         if storage is None:
             if size:
@@ -387,19 +405,28 @@ class PrioritizedReplayBuffer:
             for f in fields:
                 if f.dim() == 0 or f.shape[0] != self.capacity:
                     raise ValueError(f"{what}: every storage field needs a leading dimension of {self.capacity}")
+        # A dict saved before the generator was part of it keeps the current generator.
+        generator, install = (self.generator, None) if state.get("rng") is None else restored_rng(state["rng"], what)
+        if install is not None:
+            raise ValueError(f"{what}: the buffer draws from its own generator, not numpy's global one")
         with self._lock:
-            self.alpha, self.beta, self.eps = float(state["alpha"]), float(state["beta"]), float(state["eps"])
+            if fields is None:
+                new_storage = None
+            else:
+                specs = [(f.shape[1:], f.dtype) for f in fields]
+                new_storage = _packed_storage(self.capacity, specs, self.device)
+                for store, f in zip(new_storage, fields):
+                    store.copy_(f.detach())
+            # Nothing below can fail: the buffer changes only from here on.
+            self.alpha, self.beta, self.eps = hyper["alpha"], hyper["beta"], hyper["eps"]
             if fields is None:
                 self._kind = self._keys = self._specs = self._storage = None
             else:
-                self._kind, self._keys = kind, keys
-                self._specs = [(f.shape[1:], f.dtype) for f in fields]
-                self._storage = _packed_storage(self.capacity, self._specs, self.device)
-                for store, f in zip(self._storage, fields):
-                    store.copy_(f.detach())
+                self._kind, self._keys, self._specs, self._storage = kind, keys, specs, new_storage
             self._tree.assign(leaves)
             self._gen, self._sampled_gen = _generation_counters(self.capacity)
             self._gen[:] = gen
             self._sampled_gen[:] = sgen
             self._pos, self._size = pos, size
-            self._max_seen[0] = float(state["max_priority"])
+            self._max_seen[0] = hyper["max_priority"]
+            self.generator = generator

@@ -9,14 +9,15 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from .._ext import _C
 
-from ._checks import _check_pairing, _fast_float, _fast_index
+from ._checks import _as_float_array, _as_index_array, _check_pairing, _check_values, _fast_float, _fast_index
+from ._rng import restored_rng, rng_state
 from .sum_tree import SumTree
 from .storage import _generation_counters
 
@@ -86,15 +87,27 @@ class ExperienceReplay:
     (N P(i))^-beta divided by the batch maximum, as a FloatTensor. An empty
     buffer returns ([], []) as in the tutorial. With return_indices=True the
     ring slots come third; pass them to update_priorities.
+
+    generator: None (the tutorial's numpy global RNG), a numpy Generator or
+    RandomState, or an int seed for a Generator of the buffer's own.
+    state_dict() saves its state (numpy's global one when None, which
+    load_state_dict() then sets): a restored buffer draws what the saved one
+    would have drawn next.
     """
 
-    def __init__(self, capacity: int = 10000, alpha: float = 0.6, backend: str = "auto"):
+    def __init__(self, capacity: int = 10000, alpha: float = 0.6, backend: str = "auto", generator=None):
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ValueError(f"ExperienceReplay: capacity must be an integer >= 1, got {capacity!r}")
         if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"ExperienceReplay: alpha must be a finite number >= 0, got {alpha!r}")
         self.capacity = int(capacity)
         self.alpha = alpha
+        if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+            generator = np.random.default_rng(int(generator))
+        elif generator is not None and not isinstance(generator, (np.random.Generator, np.random.RandomState)):
+            raise TypeError(f"ExperienceReplay: generator must be None, an int seed or a numpy Generator/RandomState, "
+                            f"got {type(generator).__name__}")
+        self.generator = generator
         self._tree = SumTree(self.capacity, backend)
         self._items: List[Any] = [None] * self.capacity
         self._pos = 0
@@ -107,6 +120,12 @@ class ExperienceReplay:
 
     def __len__(self) -> int:
         return self._size
+
+    def _random(self, n: int) -> np.ndarray:
+        g = self.generator
+        if g is None:
+            return np.random.random_sample(n)
+        return g.random(n) if isinstance(g, np.random.Generator) else g.random_sample(n)
 
     def _leaf(self, priority, what: str) -> float:
         try:
@@ -143,11 +162,11 @@ class ExperienceReplay:
             # missing are drawn one by one from the rest of the tree.
             # When every draw was distinct (the usual case) the tree also
             # returns the weights and marks the slots as sampled.
-            idx, vals, w = self._tree.sample_distinct(np.random.random_sample(k), beta, self._gen,
+            idx, vals, w = self._tree.sample_distinct(self._random(k), beta, self._gen,
                                                       self._sampled_gen)
             if w is None:
                 more, more_vals = self._tree.sample_without_replacement(
-                    np.random.random_sample(k - idx.size), exclude=idx
+                    self._random(k - idx.size), exclude=idx
                 )
                 idx, vals = np.concatenate([idx, more]), np.concatenate([vals, more_vals])
                 self._sampled_gen[idx] = self._gen[idx]
@@ -179,3 +198,58 @@ class ExperienceReplay:
                 _fast_index(indices), _fast_float(priorities), self.alpha, 0.0, self._size,
                 self._gen, self._sampled_gen,
             )
+
+    # -- state -------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to restore the buffer exactly: the experiences (by
+        reference), the leaves, the ring, the counters and the generator's
+        state (numpy's global one when the buffer draws from it)."""
+        with self._lock:
+            return {
+                "capacity": self.capacity,
+                "alpha": self.alpha,
+                "position": self._pos,
+                "size": self._size,
+                "items": list(self._items),
+                "priorities": torch.from_numpy(self._tree.leaves()),
+                "generation": torch.from_numpy(self._gen.copy()),
+                "sampled_generation": torch.from_numpy(self._sampled_gen.copy()),
+                "rng": rng_state(self.generator),
+            }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()``; everything is checked first (a dict of
+        another capacity raises ValueError) and on any error the buffer keeps
+        what it had. When the saved buffer drew from numpy's global RNG, this
+        sets numpy's global RNG to the saved state, as its next draws need."""
+        what = "ExperienceReplay.load_state_dict"
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"{what}: the state dict is of a buffer of capacity {state['capacity']}, this buffer's is "
+                f"{self.capacity}; build a buffer of that capacity to load it. Nothing was loaded"
+            )
+        leaves = _as_float_array(state["priorities"], what, "priorities")
+        gen = _as_index_array(state["generation"], what, "generation")
+        sgen = _as_index_array(state["sampled_generation"], what, "sampled_generation")
+        items = list(state["items"])
+        if not (leaves.size == gen.size == sgen.size == len(items) == self.capacity):
+            raise ValueError(f"{what}: items, priorities and counters must have {self.capacity} entries each")
+        _check_values(leaves, what, "priorities")
+        size, pos = int(state["size"]), int(state["position"])
+        if not (0 <= size <= self.capacity and 0 <= pos < self.capacity):
+            raise ValueError(f"{what}: size {size} / position {pos} out of range for capacity {self.capacity}")
+        alpha = float(state["alpha"])
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"{what}: `alpha` must be finite and >= 0, got {alpha!r}")
+        generator, install = (self.generator, None) if state.get("rng") is None else restored_rng(state["rng"], what)
+        with self._lock:
+            self.alpha = alpha
+            self._items = items
+            self._tree.assign(leaves)
+            self._gen, self._sampled_gen = _generation_counters(self.capacity)
+            self._gen[:] = gen
+            self._sampled_gen[:] = sgen
+            self._pos, self._size = pos, size
+            self.generator = generator
+            if install is not None:
+                install()
