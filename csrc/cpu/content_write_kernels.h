@@ -96,6 +96,8 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
                                   const at::Tensor& a_t, double eps_d, at::Tensor& dm_t, at::Tensor& dk_t,
                                   at::Tensor& ds_t, at::Tensor& de_t, at::Tensor& da_t) {
   using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
   const T* g = g_t.const_data_ptr<T>();
   const A* lse = lse_t.const_data_ptr<A>();
@@ -120,8 +122,10 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
   const int64_t rec1 = W * (2 * D + 1);
   std::vector<A> part1(B * C * rec1);
   at::parallel_for(0, B * C, grain_for(ch.size * D * (6 * W + 2)), [&](int64_t t0, int64_t t1) {
-    Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), E(W * D), Ad(W * D), f(W * D), ex(W * D);
+    Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), E(W * D), Ad(W * D);
+    Scratch<A> f(W * V), S((W + 1) * V), dwacc(W * V);
     Scratch<A> rowbuf(kHalf ? BS * D : 1), gbuf(kHalf ? BS * D : 1);
+    const Vec one(A(1));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
@@ -143,39 +147,45 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
         scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
         for (int64_t k = 0; k < W; ++k) exp_shift(s.data() + k * BS, nj, lse[b * W + k]);
+        // Per row, vectorised over D as memory_write_backward: per-lane
+        // factors f_k, suffix products, and dw accumulators summed at the end.
         for (int64_t j = 0; j < nj; ++j) {
           const A* mr = rows + j * D;
           const A* gj = gr + j * D;
-          for (int64_t k = 0; k < W; ++k) {
-            const A wk = s[k * BS + j];
-            for (int64_t d = 0; d < D; ++d) f[k * D + d] = A(1) - wk * E[k * D + d];
-          }
-          for (int64_t k = 0; k < W; ++k) {
-            A* exk = ex.data() + k * D;
-            for (int64_t d = 0; d < D; ++d) exk[d] = A(1);
-            for (int64_t v = 0; v < W; ++v) {
-              if (v == k) continue;
-              for (int64_t d = 0; d < D; ++d) exk[d] *= f[v * D + d];
+          std::fill(dwacc.data(), dwacc.data() + W * V, A(0));
+          for (int64_t d = 0; d < D; d += V) {
+            const int64_t mm = std::min<int64_t>(V, D - d);
+            const Vec gg = load_n(gj + d, mm);
+            const Vec x = load_n(mr + d, mm);
+            for (int64_t k = 0; k < W; ++k) {
+              at::vec::fmadd(Vec(-s[k * BS + j]), load_n(E.data() + k * D + d, mm), one).store(f.data() + k * V);
+            }
+            Vec suffix = one;
+            suffix.store(S.data() + W * V);
+            for (int64_t k = W - 1; k >= 0; --k) {
+              suffix = Vec::loadu(f.data() + k * V) * suffix;
+              suffix.store(S.data() + k * V);
+            }
+            const Vec tm = gg * x;
+            Vec P = one;
+            for (int64_t k = 0; k < W; ++k) {
+              const A wk = s[k * BS + j];
+              const Vec te = tm * (P * Vec::loadu(S.data() + (k + 1) * V));
+              const Vec e = load_n(E.data() + k * D + d, mm);
+              const Vec acc = at::vec::fmadd(gg, load_n(Ad.data() + k * D + d, mm), Vec::loadu(dwacc.data() + k * V));
+              (acc - te * e).store(dwacc.data() + k * V);
+              store_n(at::vec::fmadd(Vec(-wk), te, load_n(dE + k * D + d, mm)), dE + k * D + d, mm);
+              store_n(at::vec::fmadd(Vec(wk), gg, load_n(dA + k * D + d, mm)), dA + k * D + d, mm);
+              P = P * Vec::loadu(f.data() + k * V);
             }
           }
           for (int64_t k = 0; k < W; ++k) {
             const A wk = s[k * BS + j];
-            const A* exk = ex.data() + k * D;
-            const A* ek = E.data() + k * D;
-            const A* ak = Ad.data() + k * D;
-            A* dek = dE + k * D;
-            A* dak = dA + k * D;
-            A acc = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              const A gme = gj[d] * mr[d] * exk[d];
-              acc += gj[d] * ak[d] - gme * ek[d];
-              dek[d] -= wk * gme;
-              dak[d] += wk * gj[d];
-            }
+            const A dw = hsum(Vec::loadu(dwacc.data() + k * V));
             const int64_t i = (b * W + k) * N + nb + j;
             wsc[i] = wk;
-            dwsc[i] = acc;
-            Tt[k] += wk * acc;
+            dwsc[i] = dw;
+            Tt[k] += wk * dw;
           }
         }
       }
