@@ -36,6 +36,13 @@ def _reference_grads(ctx, ref, inputs, grad_out):
 
 def _formulas(lib):
     """(setup_context, backward) per differentiable op of the library `lib`."""
+    native = lib is not None and getattr(lib, "__name__", None) == getattr(torch.ops.neuralmem, "__name__", 0)
+
+    def _memory_grad(g):
+        # A memory-sized incoming gradient, often expanded (the gradient of
+        # new_memory.sum()): the native CPU kernels copy it into a pooled
+        # buffer themselves; .contiguous() here would fault in a fresh one.
+        return g if native and g.device.type == "cpu" else _c(g)
 
     def addressing_setup(ctx, inputs, output):
         memory, keys, strengths, eps = inputs
@@ -89,7 +96,7 @@ def _formulas(lib):
         memory, weights, erase, add = ctx.saved_tensors
         if torch.is_grad_enabled():
             return tuple(_reference_grads(ctx, memory_write_ref, (memory, weights, erase, add), grad_out))
-        return tuple(lib.memory_write_backward(_c(grad_out), memory, weights, erase, add))
+        return tuple(lib.memory_write_backward(_memory_grad(grad_out), memory, weights, erase, add))
 
     def content_write_setup(ctx, inputs, output):
         memory, keys, strengths, erase, add, eps = inputs
@@ -105,7 +112,8 @@ def _formulas(lib):
                                       (memory, keys, strengths, erase, add), grad_out), None)
         if grad_out is None:
             return None, None, None, None, None, None
-        return (*lib.content_write_backward(_c(grad_out), lse, memory, keys, strengths, erase, add, ctx.eps), None)
+        return (*lib.content_write_backward(_memory_grad(grad_out), lse, memory, keys, strengths, erase, add,
+                                            ctx.eps), None)
 
     def usage_setup(ctx, inputs, output):
         usage, weights, decay = inputs
