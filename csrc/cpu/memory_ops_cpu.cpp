@@ -291,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_w
   check_size(lse, "lse", "(B, W)", 1, W, "W");
   at::Tensor dm = empty_like_c(memory), dk = empty_like_c(keys), ds = empty_like_c(strengths),
              de = empty_like_c(erase), da = empty_like_c(add);
-  kernels().content_write_backward(contiguous_pooled(grad_out), lse.contiguous(), memory.contiguous(), keys.contiguous(),
+  kernels().content_write_backward(contiguous_pooled(grad_out), lse.contiguous(), memory.contiguous(),
+                                   keys.contiguous(),
                                    strengths.contiguous(), erase.contiguous(), add.contiguous(), eps, dm, dk, ds,
                                    de, da);
   return {dm, dk, ds, de, da};
