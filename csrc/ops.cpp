@@ -22,14 +22,23 @@ TORCH_LIBRARY(neuralmem, m) {
   m.def("memory_read_backward(Tensor grad_reads, Tensor memory, Tensor weights) -> (Tensor, Tensor)");
   // Fused addressing + read; returns (reads, lse). lse (B,H) is the logsumexp of
   // the logits, in float32 for half inputs; it is all the backward needs.
+  // With grad_memory=False the backward returns an empty tensor (0,) for the
+  // memory's gradient and pays neither its (B,N,D) buffer nor the writes.
   m.def("content_read(Tensor memory, Tensor keys, Tensor strengths, float eps) -> (Tensor, Tensor)");
   m.def("content_read_backward(Tensor grad_reads, Tensor reads, Tensor lse, Tensor memory, Tensor keys, "
-        "Tensor strengths, float eps) -> (Tensor, Tensor, Tensor)");
+        "Tensor strengths, float eps, bool grad_memory=True) -> (Tensor, Tensor, Tensor)");
   // new = memory * prod_w (1 - w[w,n] e[w,:]) + sum_w w[w,n] a[w,:]
   m.def("memory_write(Tensor memory, Tensor weights, Tensor erase, Tensor add) -> Tensor");
   m.def("memory_write_backward(Tensor grad_out, Tensor memory, Tensor weights, Tensor erase, Tensor add) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("memory_write_(Tensor(a!) memory, Tensor weights, Tensor erase, Tensor add) -> ()");
+  // Differentiable content write, out of place: memory_write with the weights
+  // content_addressing(memory, keys, strengths, eps) gives, in one op.
+  // Returns (new memory, lse (B,W)); lse, as content_read's, is for the backward.
+  m.def("content_write(Tensor memory, Tensor keys, Tensor strengths, Tensor erase, Tensor add, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("content_write_backward(Tensor grad_out, Tensor lse, Tensor memory, Tensor keys, Tensor strengths, "
+        "Tensor erase, Tensor add, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // usage_new = decay * usage + sum_w weights[:, w, :]
   m.def("usage_update(Tensor usage, Tensor weights, float decay) -> Tensor");
   // In-place write whose weights come from content addressing of the memory

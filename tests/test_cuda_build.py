@@ -34,6 +34,8 @@ OPS = (
     "usage_update",
     "content_write_",
     "content_read_write_",
+    "content_write",
+    "content_write_backward",
 )
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -30,7 +30,9 @@ def _run(tmp_path, *extra):
 
 
 def test_tiny_sweep_writes_json_and_plot(tmp_path):
-    res, out = _run(tmp_path, "--time-budget", "60", "--mem-budget", "4")
+    # Every mode, the T-step sequences with T=3.
+    res, out = _run(tmp_path, "--time-budget", "60", "--mem-budget", "4", "--modes", ",".join(scale.MODES),
+                    "--steps", "3")
     assert set(res) >= {"config", "points", "dropped", "floor", "goals"}
     assert res["config"]["Ns"] == [1000, 10000]
     assert res["config"]["providers"] == ["torch"]

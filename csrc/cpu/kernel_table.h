@@ -46,6 +46,15 @@ struct KernelTable {
   void (*content_write)(at::Tensor& memory, at::Tensor& usage, const at::Tensor& keys,
                         const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps,
                         double decay, at::Tensor& least);
+  // Differentiable content write, out of place: out = the written memory,
+  // lse (B,W) the write heads' logsumexp (float32 for half inputs).
+  void (*content_write_fwd)(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                            const at::Tensor& erase, const at::Tensor& add, double eps, at::Tensor& out,
+                            at::Tensor& lse);
+  void (*content_write_backward)(const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& memory,
+                                 const at::Tensor& keys, const at::Tensor& strengths, const at::Tensor& erase,
+                                 const at::Tensor& add, double eps, at::Tensor& grad_memory, at::Tensor& grad_keys,
+                                 at::Tensor& grad_strengths, at::Tensor& grad_erase, at::Tensor& grad_add);
   // content_read then content_write_ on the memory before the write.
   void (*content_read_write)(at::Tensor& memory, at::Tensor& usage, const at::Tensor& read_keys,
                              const at::Tensor& read_strengths, const at::Tensor& write_keys,

@@ -35,7 +35,7 @@
 #error "define CPU_CAPABILITY before including memory_kernels.h"
 #endif
 
-#include "cpu/write_kernels.h"
+#include "cpu/content_write_kernels.h"
 
 namespace neuralmem {
 namespace cpu {
@@ -119,6 +119,23 @@ inline void content_write_k(at::Tensor& memory, at::Tensor& usage, const at::Ten
   });
 }
 
+inline void content_write_fwd_k(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                                const at::Tensor& erase, const at::Tensor& add, double eps, at::Tensor& out,
+                                at::Tensor& lse) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_write", [&] {
+    content_write_fwd_typed<scalar_t>(memory, keys, strengths, erase, add, eps, out, lse);
+  });
+}
+
+inline void content_write_backward_k(const at::Tensor& g, const at::Tensor& lse, const at::Tensor& memory,
+                                     const at::Tensor& keys, const at::Tensor& strengths, const at::Tensor& erase,
+                                     const at::Tensor& add, double eps, at::Tensor& dm, at::Tensor& dk,
+                                     at::Tensor& ds, at::Tensor& de, at::Tensor& da) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_write_backward", [&] {
+    content_write_backward_typed<scalar_t>(g, lse, memory, keys, strengths, erase, add, eps, dm, dk, ds, de, da);
+  });
+}
+
 inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at::Tensor& read_keys,
                                  const at::Tensor& read_strengths, const at::Tensor& write_keys,
                                  const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
@@ -143,6 +160,8 @@ constexpr KernelTable make_table(const char* name) {
                      &memory_write_backward_k,
                      &usage_update_k,
                      &content_write_k,
+                     &content_write_fwd_k,
+                     &content_write_backward_k,
                      &content_read_write_k};
 }
 

@@ -21,6 +21,7 @@
 
 #include "common/hugepages.h"
 #include "common/isa.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/kernel_table.h"
 #include "inplace_checks.h"
 
@@ -118,13 +119,21 @@ at::ScalarType lse_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDo
 // Outputs of the memory's size (its gradient, a written copy) are first
 // touched by our kernels. At N = 10^6 and beyond, faulting them in 4 KiB pages
 // costs more than the kernel (measured here: ~100 ms of a 126 ms backward for
-// 256 MB); asking for transparent huge pages before the first touch cuts the
-// faults 512-fold (the backward then took 50 ms). Harmless where THP is off
-// or the pages are already mapped.
-at::Tensor empty_like_c(const at::Tensor& t) {
-  at::Tensor out = at::empty(t.sizes(), t.options());
-  const size_t bytes = out.nbytes();
-  if (bytes >= (size_t{8} << 20)) advise_hugepages(out.data_ptr(), bytes);
+// 256 MB); they come from BufferPool (cpu/buffer_pool.h), which asks for
+// transparent huge pages before the first touch and keeps freed blocks mapped
+// for the next call of the same size, so that a training loop faults them in
+// once rather than at every step.
+at::Tensor empty_like_c(const at::Tensor& t) { return BufferPool::get().empty(t.sizes(), t.options()); }
+
+// A contiguous copy of a memory-sized incoming gradient, in a pooled buffer.
+// The gradient of new_memory.sum() (or of any loss that broadcasts) arrives
+// expanded, with zero strides; .contiguous() would take a fresh (B,N,D)
+// block from malloc and fault every page of it in at every step (at N = 10^6
+// 62,500 faults and 100+ ms of system time per step, measured here).
+at::Tensor contiguous_pooled(const at::Tensor& t) {
+  if (t.is_contiguous()) return t;
+  at::Tensor out = BufferPool::get().empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  out.copy_(t);
   return out;
 }
 
@@ -186,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> content_read(const at::Tensor& memory, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> content_read_backward(const at::Tensor& grad_reads,
                                                                      const at::Tensor& reads, const at::Tensor& lse,
                                                                      const at::Tensor& memory, const at::Tensor& keys,
-                                                                     const at::Tensor& strengths, double eps) {
+                                                                     const at::Tensor& strengths, double eps,
+                                                                     bool grad_memory) {
   check_keys(memory, keys, strengths, eps);
   const int64_t H = keys.size(1);
   check_heads(memory, grad_reads, "grad_reads", "(B, H, D)", H);
@@ -197,7 +207,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> content_read_backward(const at::T
                    lse.scalar_type());
   check_size(lse, "lse", "(B, H)", 0, memory.size(0), "B");
   check_size(lse, "lse", "(B, H)", 1, H, "H");
-  at::Tensor dm = empty_like_c(memory), dk = empty_like_c(keys), ds = empty_like_c(strengths);
+  // Without grad_memory: no (N, D) buffer and no pass that writes one; dm is empty.
+  at::Tensor dm = grad_memory ? empty_like_c(memory) : at::empty({0}, memory.options());
+  at::Tensor dk = empty_like_c(keys), ds = empty_like_c(strengths);
   kernels().content_read_backward(grad_reads.contiguous(), reads.contiguous(), lse.contiguous(),
                                   memory.contiguous(), keys.contiguous(), strengths.contiguous(), eps, dm, dk, ds);
   return {dm, dk, ds};
@@ -222,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_write_backward
                     ", got ", grad_out.sizes());
   at::Tensor dm = empty_like_c(memory), dw = empty_like_c(weights), de = empty_like_c(erase),
              da = empty_like_c(add);
-  kernels().memory_write_backward(grad_out.contiguous(), memory.contiguous(), weights.contiguous(),
+  kernels().memory_write_backward(contiguous_pooled(grad_out), memory.contiguous(), weights.contiguous(),
                                   erase.contiguous(), add.contiguous(), dm, dw, de, da);
   return {dm, dw, de, da};
 }
@@ -245,6 +257,45 @@ at::Tensor usage_update(const at::Tensor& usage, const at::Tensor& weights, doub
   at::Tensor out = empty_like_c(usage);
   kernels().usage_update(usage.contiguous(), weights.contiguous(), decay, out);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> content_write(const at::Tensor& memory, const at::Tensor& keys,
+                                                 const at::Tensor& strengths, const at::Tensor& erase,
+                                                 const at::Tensor& add, double eps) {
+  check_keys(memory, keys, strengths, eps, "(B, W, D)", "(B, W)");
+  const int64_t W = keys.size(1);
+  check_heads(memory, erase, "erase", "(B, W, D)", W);
+  check_heads(memory, add, "add", "(B, W, D)", W);
+  at::Tensor out = empty_like_c(memory);
+  at::Tensor lse = at::empty({memory.size(0), W}, memory.options().dtype(lse_dtype(memory.scalar_type())));
+  kernels().content_write_fwd(memory.contiguous(), keys.contiguous(), strengths.contiguous(), erase.contiguous(),
+                              add.contiguous(), eps, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_write_backward(
+    const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& memory, const at::Tensor& keys,
+    const at::Tensor& strengths, const at::Tensor& erase, const at::Tensor& add, double eps) {
+  check_keys(memory, keys, strengths, eps, "(B, W, D)", "(B, W)");
+  const int64_t W = keys.size(1);
+  check_heads(memory, erase, "erase", "(B, W, D)", W);
+  check_heads(memory, add, "add", "(B, W, D)", W);
+  check_like(grad_out, "grad_out", 3, "(B, N, D)", memory);
+  TORCH_CHECK_VALUE(grad_out.sizes() == memory.sizes(), "grad_out must have the shape of memory ", memory.sizes(),
+                    ", got ", grad_out.sizes());
+  check_tensor(lse, "lse", 2, "(B, W)");
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(memory.scalar_type()), "lse must be ",
+                   lse_dtype(memory.scalar_type()), " for memory of ", memory.scalar_type(), ", got ",
+                   lse.scalar_type());
+  check_size(lse, "lse", "(B, W)", 0, memory.size(0), "B");
+  check_size(lse, "lse", "(B, W)", 1, W, "W");
+  at::Tensor dm = empty_like_c(memory), dk = empty_like_c(keys), ds = empty_like_c(strengths),
+             de = empty_like_c(erase), da = empty_like_c(add);
+  kernels().content_write_backward(contiguous_pooled(grad_out), lse.contiguous(), memory.contiguous(),
+                                   keys.contiguous(),
+                                   strengths.contiguous(), erase.contiguous(), add.contiguous(), eps, dm, dk, ds,
+                                   de, da);
+  return {dm, dk, ds, de, da};
 }
 
 // The checks of an in-place content write; returns the usage to update
@@ -328,5 +379,7 @@ TORCH_LIBRARY_IMPL(neuralmem, CPU, m) {
   m.impl("memory_write_", &memory_write_);
   m.impl("usage_update", &usage_update);
   m.impl("content_write_", &content_write_);
+  m.impl("content_write", &content_write);
+  m.impl("content_write_backward", &content_write_backward);
   m.impl("content_read_write_", &content_read_write_);
 }

@@ -137,7 +137,11 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   const T* mem = memory_t.const_data_ptr<T>();
   const T* keys = keys_t.const_data_ptr<T>();
   const T* str = str_t.const_data_ptr<T>();
-  T* dm = dm_t.data_ptr<T>();
+  // An empty dm_t: the memory's gradient is not wanted (content_read_backward
+  // with grad_memory=false). The pass then only reads the memory, for dk and
+  // dstrengths; the chunks and every sum stay the same, so dk and dstrengths
+  // are bitwise those of the full backward.
+  T* dm = dm_t.numel() > 0 ? dm_t.data_ptr<T>() : nullptr;
   T* dk = dk_t.data_ptr<T>();
   T* dstr = ds_t.data_ptr<T>();
   const A eps = static_cast<A>(eps_d);
@@ -352,15 +356,18 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
           }
           dbeta[h] += db;
         }
-        for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
-        A* dmrow = kHalf ? dmbuf.data() : reinterpret_cast<A*>(dm + (b * N + nb) * D);
-        if constexpr (FUSED) {
-          combine_block<true, true>(dmrow, rows, nj, D, H, gam.data(), wp, vecs.data() + H * D, bq.data(), q, BS);
-        } else {
-          combine_block<false, true>(dmrow, rows, nj, D, H, gam.data(), static_cast<const A*>(nullptr),
-                                     static_cast<const A*>(nullptr), bq.data(), q, BS);
+        if (dm != nullptr) {
+          for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
+          A* dmrow = kHalf ? dmbuf.data() : reinterpret_cast<A*>(dm + (b * N + nb) * D);
+          if constexpr (FUSED) {
+            combine_block<true, true>(dmrow, rows, nj, D, H, gam.data(), wp, vecs.data() + H * D, bq.data(), q,
+                                      BS);
+          } else {
+            combine_block<false, true>(dmrow, rows, nj, D, H, gam.data(), static_cast<const A*>(nullptr),
+                                       static_cast<const A*>(nullptr), bq.data(), q, BS);
+          }
+          if constexpr (kHalf) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
         }
-        if constexpr (kHalf) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
         accumulate_block(dq, H, bq.data(), BS, rows, nj, D);
       }
     }
@@ -409,7 +416,7 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   for (const int64_t i : nonfinite_heads(keys, str, B, H, D)) {
     fill_nan(dk + i * D, D);
     dstr[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
-    fill_nan(dm + (i / H) * N * D, N * D);
+    if (dm != nullptr) fill_nan(dm + (i / H) * N * D, N * D);
   }
 }
 

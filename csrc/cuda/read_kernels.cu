@@ -773,6 +773,18 @@ std::tuple<Tensor, Tensor> memory_read_backward_cuda(const Tensor& grad_reads_, 
   return {dm, dw};
 }
 
+// grad_memory=false: the CUDA kernels still compute the memory's gradient
+// (one pass either way) and return an empty tensor in its place, as the CPU
+// kernel does.
+std::tuple<Tensor, Tensor, Tensor> content_read_backward_masked_cuda(const Tensor& grad_reads, const Tensor& reads,
+                                                                     const Tensor& lse, const Tensor& memory,
+                                                                     const Tensor& keys, const Tensor& strengths,
+                                                                     double eps, bool grad_memory) {
+  auto out = content_read_backward_cuda(grad_reads, reads, lse, memory, keys, strengths, eps);
+  if (!grad_memory) std::get<0>(out) = at::empty({0}, memory.options());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neuralmem, CUDA, m) {
@@ -781,7 +793,7 @@ TORCH_LIBRARY_IMPL(neuralmem, CUDA, m) {
   m.impl("memory_read", &memory_read_cuda);
   m.impl("memory_read_backward", &memory_read_backward_cuda);
   m.impl("content_read", &content_read_cuda);
-  m.impl("content_read_backward", &content_read_backward_cuda);
+  m.impl("content_read_backward", &content_read_backward_masked_cuda);
 }
 
 }  // namespace cuda

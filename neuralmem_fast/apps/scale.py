@@ -12,9 +12,15 @@ native kernels found by `available_backends`, the pure-PyTorch reference
             slot is the allocation answer) in two passes over the memory
   fwdbwd    one training step: content_read with gradients for memory, keys
             and strengths, plus a differentiable content-addressed
-            memory_write, then backward
+            memory_write (content_addressing, then memory_write), then backward
+  train     the same training step with the fused content_write
   read_bwd  content_read forward + backward alone (grads for memory, keys,
             strengths): the path whose peak memory should be memory + grad
+  seq       --steps T (default 64) of the train step trained through as one
+            sequence, by nn.checkpointed_scan (segments of ceil(sqrt(T))
+            steps recomputed in the backward); one "step" is the whole sequence
+  seq_full  the same sequence with plain autograd (every step's memory kept):
+            the time seq is compared with, where the T copies fit
 
 Each point records the median step time, the one-pass bandwidth floor
 (`memory.sum()` on the same tensor, in the same process) and their ratio, and
@@ -150,7 +156,9 @@ def build_parser():
     p.add_argument("--dim", type=int, default=64, help="slot width D (default 64)")
     p.add_argument("--heads", type=int, default=4, help="read heads H (default 4)")
     p.add_argument("--write-heads", type=int, default=1, help="write heads W (default 1)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default="fwd,fwdbwd,train,read_bwd",
+                   help=f"comma-separated subset of {','.join(MODES)} (default fwd,fwdbwd,train,read_bwd)")
+    p.add_argument("--steps", type=int, default=64, help="sequence length T of the seq modes (default 64)")
     p.add_argument("--backends", default=None,
                    help="comma-separated providers (default: every available backend of the device, the "
                         "'torch' reference, and 'seed' when the seed file is found)")
@@ -271,7 +279,8 @@ def sweep(args, device, log=print):
             continue
         spec = dict(provider=be, B=B, N=N, D=args.dim, H=args.heads, W=args.write_heads, mode=mode,
                     dtype=args.dtype, device=str(device), repeat=args.repeat, time_budget=args.time_budget,
-                    allocate=args.allocate, seed_path=seed_path, threads=args.threads, rng_seed=0)
+                    allocate=args.allocate, seed_path=seed_path, threads=args.threads, rng_seed=0,
+                    T=args.steps)
         if isolate == "subprocess":
             # Setup (random init, the float32 reference read) scales with the memory too.
             hard = 120 + 30 * mem_bytes / GIB * (4 / esize) + 4 * args.time_budget
@@ -411,7 +420,8 @@ def plot(result, path):
     cfg = result["config"]
     batches = cfg["batches"]
     colors = {"torch": "C0", "cpu": "C1", "cuda": "C2", "triton": "C3", "seed": "C4"}
-    styles = {"fwd": "-", "fwdbwd": "--", "read_bwd": ":"}
+    styles = {"fwd": "-", "fwdbwd": "--", "train": (0, (5, 1)), "read_bwd": ":", "seq": "-.",
+              "seq_full": (0, (1, 3))}
     esize = torch.empty((), dtype=DTYPES[cfg["dtype"]]).element_size()
     fig, axes = plt.subplots(len(batches), 2, figsize=(13, 4.8 * len(batches)), squeeze=False)
     for row, B in enumerate(batches):

@@ -19,12 +19,17 @@ import time
 
 import torch
 
-MODES = ("fwd", "fwdbwd", "read_bwd")
+MODES = ("fwd", "fwdbwd", "train", "read_bwd", "seq", "seq_full")
 MODE_DOC = {
     "fwd": "read-then-write forward, in place",
-    "fwdbwd": "content_read + memory_write, forward+backward",
+    "fwdbwd": "content_read + content_addressing + memory_write, forward+backward (the separate ops)",
+    "train": "content_read + content_write, forward+backward (the training step, fused write)",
     "read_bwd": "content_read forward+backward",
+    "seq": "T read-then-write steps trained through, checkpointed segments (nn.checkpointed_scan)",
+    "seq_full": "T read-then-write steps trained through, plain autograd (every step's memory kept)",
 }
+# Steps of the "seq" modes unless the spec says otherwise.
+SEQ_STEPS = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = float(2 ** 30)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -181,9 +186,12 @@ def _make_step(spec, memory, usage, t):
 
         return step, (lambda: memory), (lambda: usage)
 
+    if mode in ("seq", "seq_full"):
+        return _make_seq_step(spec, memory, usage, t)
+
     memory.requires_grad_(True)
     grads_of = [memory, rk, rs]
-    if mode == "fwdbwd":
+    if mode in ("fwdbwd", "train"):
         grads_of += [wk, ws, er, ad]
     for x in grads_of[1:]:
         x.requires_grad_(True)
@@ -195,10 +203,46 @@ def _make_step(spec, memory, usage, t):
         if mode == "read_bwd":
             reads.backward(gr)
             return None
-        w = ops.content_addressing(memory, wk, ws, backend=be)
-        new = ops.memory_write(memory, w, er, ad, backend=be)
+        if mode == "train":
+            new = ops.content_write(memory, wk, ws, er, ad, backend=be)
+        else:
+            w = ops.content_addressing(memory, wk, ws, backend=be)
+            new = ops.memory_write(memory, w, er, ad, backend=be)
         # new.sum()'s gradient is a broadcast scalar: the loss adds nothing of size N.
         ((reads * gr).sum().float() + new.sum().float()).backward()
+        return None
+
+    step.grads_of = grads_of
+    return step, (lambda: memory), (lambda: usage)
+
+
+def _make_seq_step(spec, memory, usage, t):
+    """T steps of content_read, then content_write, through
+    nn.checkpointed_scan; backward from the reads and the last memory."""
+    from .. import ops
+    from ..nn.scan import checkpointed_scan
+
+    be, T = spec["provider"], int(spec.get("T") or SEQ_STEPS)
+    rk, rs, wk, ws, er, ad, gr = t
+    # Per-step inputs: the point's small inputs, perturbed per step so that every step addresses differently.
+    g = torch.Generator(device=memory.device).manual_seed(1)
+    xs = tuple((x.unsqueeze(0) + 0.1 * torch.randn((T, *x.shape), generator=g, device=x.device,
+                                                      dtype=x.dtype)).requires_grad_(True)
+               for x in (rk, rs, wk, ws, er, ad))
+    memory.requires_grad_(True)
+    grads_of = [memory, *xs]
+
+    def one(x, state):
+        m = state[0]
+        reads = ops.content_read(m, x[0], x[1], backend=be)
+        return reads, (ops.content_write(m, x[2], x[3], x[4], x[5], backend=be),)
+
+    def step():
+        for x in grads_of:
+            x.grad = None
+        reads, (last,) = checkpointed_scan(one, (memory,), xs, segment=spec.get("segment"),
+                                           checkpoint_segments=spec["mode"] == "seq")
+        ((reads * gr).sum().float() + last.sum().float()).backward()
         return None
 
     step.grads_of = grads_of

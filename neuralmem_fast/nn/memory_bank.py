@@ -331,6 +331,56 @@ class NeuralMemoryBank(nn.Module):
                 ops.content_write_(memory, keys, strengths, erase, add,
                                    usage=usage, eps=self.eps, decay=self.decay, backend=self.backend)
 
+    def sequence(self, read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths,
+                 segment=None, checkpoint=True):
+        """T steps of read-then-write, differentiable, in bounded memory; returns the T reads stacked.
+
+        Each argument holds T steps along a first dimension, each step in the
+        shape `read` and `write` take. Needs `differentiable=True`. The steps
+        run through `checkpointed_scan` (nn/scan.py): only the memory at the
+        start of every `segment` steps (default ceil(sqrt(T))) is kept for
+        the backward, instead of every step's memory; `checkpoint=False`
+        keeps them all (faster, T copies of the memory). Afterwards the
+        bank's memory is the last step's, still in the graph, and usage is
+        updated (detached), as T calls of `read` and `write` would leave them.
+        """
+        from .scan import checkpointed_scan
+
+        if not self.differentiable:
+            raise RuntimeError("sequence() trains through the writes: construct the bank with differentiable=True")
+        memory, usage = self._mem3()
+
+        def step(x, state):
+            rk, rs, wk, wv, ev, ws = x
+            mem, use = state
+            keys = self._as_keys("read_keys", rk, "H", heads=self.num_read_heads)
+            reads = ops.content_read(mem, keys, self._as_strengths("read_strengths", rs, keys.shape[1]),
+                                     eps=self.eps, backend=self.backend)
+            wkeys = self._as_keys("write_keys", wk, "W")
+            wstr = self._as_strengths("write_strengths", ws, wkeys.shape[1], scalar_ok=True)
+            erase, add = self._as_keys("erase_vectors", ev, "W"), self._as_keys("write_vectors", wv, "W")
+            if erase.shape != wkeys.shape or add.shape != wkeys.shape:
+                raise ValueError(f"write_vectors and erase_vectors must have the shape of write_keys per step "
+                                 f"{tuple(wk.shape)}, got {tuple(wv.shape)} and {tuple(ev.shape)}")
+            w = ops.content_addressing(mem, wkeys, wstr, eps=self.eps, backend=self.backend)
+            new = ops.memory_write(mem, w, erase, add, backend=self.backend)
+            with torch.no_grad():
+                use = ops.usage_update(use, w.detach(), self.decay, backend=self.backend)
+            return reads.reshape(rk.shape[0], -1) if (self.batched or rk.dim() == 3) else reads.reshape(-1), \
+                (new, use)
+
+        xs = (read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths)
+        for name, x in zip(("read_keys", "read_strengths", "write_keys", "write_vectors", "erase_vectors",
+                            "write_strengths"), xs):
+            self._check_tensor(name, x)
+        reads, (new, use) = checkpointed_scan(step, (memory, usage), xs, segment=segment,
+                                              checkpoint_segments=checkpoint)
+        self.memory = new if self.batched else new.squeeze(0)
+        # A fresh tensor, not copy_: the checkpoints hold the old usage for the backward's recomputation.
+        self.usage = (use if self.batched else use.squeeze(0)).detach()
+        self._memory_in_graph = True
+        return reads
+
     def _torch_write_(self, memory, usage, keys, strengths, erase, add):
         """In-place erase-add with the seed's arithmetic (W=1: bit-for-bit its write)."""
         k_n, _ = _normalize(keys, self.eps)

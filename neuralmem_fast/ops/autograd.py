@@ -13,7 +13,8 @@ ops/inplace.py for the Triton one.
 """
 import torch
 
-from .reference import content_addressing_ref, content_read_ref, memory_read_ref, memory_write_ref
+from .reference import (content_addressing_ref, content_read_ref, content_write_ref, memory_read_ref,
+                        memory_write_ref)
 from .validation import _c
 
 __all__ = ["register_autograd", "DIFFERENTIABLE_OPS", "function"]
@@ -35,6 +36,13 @@ def _reference_grads(ctx, ref, inputs, grad_out):
 
 def _formulas(lib):
     """(setup_context, backward) per differentiable op of the library `lib`."""
+    native = lib is not None and getattr(lib, "__name__", None) == getattr(torch.ops.neuralmem, "__name__", 0)
+
+    def _memory_grad(g):
+        # A memory-sized incoming gradient, often expanded (the gradient of
+        # new_memory.sum()): the native CPU kernels copy it into a pooled
+        # buffer themselves; .contiguous() here would fault in a fresh one.
+        return g if native and g.device.type == "cpu" else _c(g)
 
     def addressing_setup(ctx, inputs, output):
         memory, keys, strengths, eps = inputs
@@ -72,8 +80,14 @@ def _formulas(lib):
                                       (memory, keys, strengths), grad_reads), None)
         if grad_reads is None:
             return None, None, None, None
-        gm, gk, gs = lib.content_read_backward(_c(grad_reads), reads, lse, memory, keys, strengths, ctx.eps)
-        return gm, gk, gs, None
+        need_m, need_k, need_s = ctx.needs_input_grad[:3]
+        if not (need_m or need_k or need_s):
+            return None, None, None, None
+        # A memory that needs no gradient (a constant memory, the read heads
+        # learning): the kernel skips the (B,N,D) buffer and its writes.
+        gm, gk, gs = lib.content_read_backward(_c(grad_reads), reads, lse, memory, keys, strengths, ctx.eps,
+                                               need_m)
+        return (gm if need_m else None), (gk if need_k else None), (gs if need_s else None), None
 
     def write_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -82,7 +96,24 @@ def _formulas(lib):
         memory, weights, erase, add = ctx.saved_tensors
         if torch.is_grad_enabled():
             return tuple(_reference_grads(ctx, memory_write_ref, (memory, weights, erase, add), grad_out))
-        return tuple(lib.memory_write_backward(_c(grad_out), memory, weights, erase, add))
+        return tuple(lib.memory_write_backward(_memory_grad(grad_out), memory, weights, erase, add))
+
+    def content_write_setup(ctx, inputs, output):
+        memory, keys, strengths, erase, add, eps = inputs
+        _, lse = output
+        ctx.save_for_backward(lse, memory, keys, strengths, erase, add)
+        ctx.mark_non_differentiable(lse)
+        ctx.eps = eps
+
+    def content_write_backward(ctx, grad_out, _grad_lse):
+        lse, memory, keys, strengths, erase, add = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, lambda m, k, s, e, a: content_write_ref(m, k, s, e, a, ctx.eps),
+                                      (memory, keys, strengths, erase, add), grad_out), None)
+        if grad_out is None:
+            return None, None, None, None, None, None
+        return (*lib.content_write_backward(_memory_grad(grad_out), lse, memory, keys, strengths, erase, add,
+                                            ctx.eps), None)
 
     def usage_setup(ctx, inputs, output):
         usage, weights, decay = inputs
@@ -98,6 +129,7 @@ def _formulas(lib):
         "memory_read": (read_setup, read_backward),
         "content_read": (content_read_setup, content_read_backward),
         "memory_write": (write_setup, write_backward),
+        "content_write": (content_write_setup, content_write_backward),
         "usage_update": (usage_setup, usage_backward),
     }
 

@@ -42,8 +42,9 @@ def register_fakes(ns):
         return reads, lse
 
     @torch.library.register_fake(lib + "content_read_backward")
-    def _(grad_reads, reads, lse, memory, keys, strengths, eps):
-        return torch.empty_like(memory), torch.empty_like(keys), torch.empty_like(strengths)
+    def _(grad_reads, reads, lse, memory, keys, strengths, eps, grad_memory=True):
+        dm = torch.empty_like(memory) if grad_memory else memory.new_empty((0,))
+        return dm, torch.empty_like(keys), torch.empty_like(strengths)
 
     @torch.library.register_fake(lib + "memory_write")
     def _(memory, weights, erase, add):
@@ -67,6 +68,16 @@ def register_fakes(ns):
         if usage is None:
             return memory.new_empty((0,), dtype=torch.int64)
         return memory.new_empty((memory.shape[0],), dtype=torch.int64)
+
+    @torch.library.register_fake(lib + "content_write")
+    def _(memory, keys, strengths, erase, add, eps):
+        lse = memory.new_empty((memory.shape[0], keys.shape[1]), dtype=_lse_dtype(memory.dtype))
+        return torch.empty_like(memory), lse
+
+    @torch.library.register_fake(lib + "content_write_backward")
+    def _(grad_out, lse, memory, keys, strengths, erase, add, eps):
+        return (torch.empty_like(memory), torch.empty_like(keys), torch.empty_like(strengths),
+                torch.empty_like(erase), torch.empty_like(add))
 
     @torch.library.register_fake(lib + "content_read_write_")
     def _(memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps, decay):

@@ -22,13 +22,13 @@ from ..config import DEFAULT_DECAY, DEFAULT_EPS
 from .autograd import function
 from .dispatch import choose, library
 from .inplace import check_inplace
-from .reference import (content_addressing_ref, content_read_ref, logits_ref, memory_read_ref, memory_write_ref,
-                        usage_update_ref)
+from .reference import (content_addressing_ref, content_read_ref, content_write_ref, logits_ref, memory_read_ref,
+                        memory_write_ref, usage_update_ref)
 from .validation import (_c, _check, _check_content_write, _check_dims, _check_keys, _check_usage,
                          _check_weights, _check_write, _keys_ok, _usage_ok, _write_vectors_ok)
 
 __all__ = ["content_addressing", "memory_read", "content_read", "usage_update", "memory_write", "memory_write_",
-           "content_write_", "content_read_write_"]
+           "content_write", "content_write_", "content_read_write_"]
 
 _NATIVE_LIB = torch.ops.neuralmem
 _below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -137,9 +137,9 @@ def memory_write(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, b
         memory, weights, erase, add = _c(memory), _c(weights), _c(erase), _c(add)
         if _no_grad_needed(memory, weights, erase, add):
             with _below_autograd():
-                out = _differentiable(be, "memory_write", memory, weights, erase, add)
+                out = library(be).memory_write(memory, weights, erase, add)
         else:
-            out = library(be).memory_write(memory, weights, erase, add)
+            out = _differentiable(be, "memory_write", memory, weights, erase, add)
     if usage is None:
         return out
     return out, usage_update(usage, weights, decay, backend=be)
@@ -175,6 +175,28 @@ def memory_write_(memory, weights, erase, add, usage=None, decay=DEFAULT_DECAY, 
         with torch.no_grad():
             usage.copy_(usage_update(usage, weights, decay, backend=be))
     return memory
+
+
+def content_write(memory, keys, strengths, erase, add, eps=DEFAULT_EPS, backend="auto"):
+    """Differentiable content-addressed erase-add write, out of place: returns the new memory (B,N,D).
+
+    The same as ``memory_write(memory, content_addressing(memory, keys,
+    strengths, eps), erase, add)``, in one op: the (B,W,N) weights never
+    exist on the CPU, the forward streams the memory twice and the backward
+    reads it twice and writes its gradient once (the two separate ops' backward
+    reads it five times and sums two gradients of its size). Keys (B,W,D),
+    strengths (B,W), erase and add (B,W,D).
+    """
+    if not (_keys_ok(memory, keys, strengths, eps) and _write_vectors_ok(memory, keys, erase, add)):
+        _check_content_write(_c(memory), keys, strengths, erase, add, None, eps, 1.0)
+    be = choose(backend, "content_write", memory.device, memory.shape[1])
+    if be == "torch":
+        return content_write_ref(memory, keys, strengths, erase, add, eps)
+    args = (_c(memory), _c(keys), _c(strengths), _c(erase), _c(add), eps)
+    if _no_grad_needed(*args[:5]):
+        with _below_autograd():
+            return library(be).content_write(*args)[0]
+    return _differentiable(be, "content_write", *args)[0]
 
 
 def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_EPS, decay=DEFAULT_DECAY,

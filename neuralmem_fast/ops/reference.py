@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..config import DEFAULT_DECAY, DEFAULT_EPS
 
 __all__ = ["logits_ref", "content_addressing_ref", "memory_read_ref", "content_read_ref", "memory_write_ref",
-           "usage_update_ref"]
+           "content_write_ref", "usage_update_ref"]
 
 
 def _up(t):
@@ -44,6 +44,11 @@ def memory_write_ref(memory, weights, erase, add):
     keep = torch.prod(1 - w.unsqueeze(-1) * e.unsqueeze(-2), dim=1)
     added = torch.sum(w.unsqueeze(-1) * a.unsqueeze(-2), dim=1)
     return (m * keep + added).to(memory.dtype)
+
+
+def content_write_ref(memory, keys, strengths, erase, add, eps=DEFAULT_EPS):
+    """Erase-add write whose weights address the memory before the write, out of place."""
+    return memory_write_ref(memory, content_addressing_ref(memory, keys, strengths, eps), erase, add)
 
 
 def usage_update_ref(usage, weights, decay=DEFAULT_DECAY):

@@ -89,6 +89,27 @@ __all__ = ["AVAILABLE", "INTERPRETED", "IMPLS", "CONFIG", "override", "compile_o
 # the kernels of each op of the neuralmem_triton library (ops/triton/__init__.py
 # registers them under the native library's schemas)
 # --------------------------------------------------------------------------
+def _logits(memory, keys, strengths, eps):
+    acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    m, k = memory.to(acc), keys.to(acc)
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(eps)
+    k = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return strengths.to(acc).unsqueeze(-1) * torch.matmul(k, m.transpose(-1, -2))
+
+
+def _content_write(memory, keys, strengths, erase, add, eps):
+    """Composed of the Triton addressing and write kernels (no fused Triton kernel yet)."""
+    w = _content_addressing(memory, keys, strengths, eps)
+    return _memory_write(memory, w, erase, add), torch.logsumexp(_logits(memory, keys, strengths, eps), dim=-1)
+
+
+def _content_write_backward(grad_out, lse, memory, keys, strengths, erase, add, eps):
+    w = _content_addressing(memory, keys, strengths, eps)
+    dm, dw, de, da = _memory_write_backward(grad_out, memory, w, erase, add)
+    dm2, dk, ds = _content_addressing_backward(dw, w, memory, keys, strengths, eps)
+    return dm + dm2, dk, ds, de, da
+
+
 IMPLS = {
     "content_addressing": _content_addressing,
     "content_addressing_backward": _content_addressing_backward,
@@ -101,6 +122,8 @@ IMPLS = {
     "memory_write_": _memory_write_,
     "usage_update": _usage_update,
     "content_write_": _content_write_,
+    "content_write": _content_write,
+    "content_write_backward": _content_write_backward,
     "content_read_write_": _content_read_write_,
 }
 

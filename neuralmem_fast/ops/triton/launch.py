@@ -109,8 +109,10 @@ def _content_read(memory, keys, strengths, eps):
     return reads, lse
 
 
-def _content_read_backward(grad_reads, reads, lse, memory, keys, strengths, eps):
-    return _content_backward(True, grad_reads, reads, lse, memory, keys, strengths, eps)
+def _content_read_backward(grad_reads, reads, lse, memory, keys, strengths, eps, grad_memory=True):
+    # grad_memory=False: the kernel still writes the memory's gradient; it is dropped, as the op's schema says.
+    dm, dk, ds = _content_backward(True, grad_reads, reads, lse, memory, keys, strengths, eps)
+    return (dm if grad_memory else memory.new_empty((0,))), dk, ds
 
 
 def _memory_read(memory, weights):

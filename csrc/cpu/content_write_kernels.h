@@ -1,0 +1,305 @@
+// CPU kernels of the differentiable content write (content_write, out of
+// place) and its backward. Part of memory_kernels.h (see its header).
+//
+//   w[k,n] = softmax_n(beta_k cos(q_k, m_n))           (k < W write heads)
+//   new_n  = m_n * prod_k (1 - w[k,n] e_k) + sum_k w[k,n] a_k
+//
+// Forward: pass 1 gathers each head's softmax (max, sum) (content_write_stats,
+// shared with content_write_), pass 2 writes new rows from old ones; lse per
+// (b, k) is returned for the backward. (B,W,N) never leaves the kernel.
+//
+// Backward, with g = d loss / d new, f_k = 1 - w_k e_k, excl_k = prod_{v!=k} f_v:
+//   pass 1 (reads m and g): w recomputed from lse; per slot
+//     dw[k,n] = g_n . a_k - (g_n m_n excl_k) . e_k, kept in a (B,W,N) scratch
+//     with w; de_k = -sum_n w g m excl_k, da_k = sum_n w g, delta_k = sum_n w dw
+//   pass 2 (reads m and g, writes dm): ds = w (dw - delta), then as
+//     content_addressing_backward: dm_n = g_n prod_k f_k + the addressing
+//     term, dq and dbeta accumulated, dk = projection of dq off q over |k|.
+// Two reads of the memory and of g and one write of dm, against the separate
+// ops' content_addressing + memory_write backward (five reads, two (B,N,D)
+// gradients and their sum).
+#pragma once
+#include "cpu/write_kernels.h"
+
+namespace neuralmem {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+template <typename T>
+void content_write_fwd_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
+                             const at::Tensor& e_t, const at::Tensor& a_t, double eps_d, at::Tensor& out_t,
+                             at::Tensor& lse_t) {
+  using A = acc_t<T>;
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
+  const auto stats = content_write_stats<T>(memory_t, keys_t, str_t, eps_d);  // (max, 1/sum)
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  const T* er = e_t.const_data_ptr<T>();
+  const T* ad = a_t.const_data_ptr<T>();
+  T* out = out_t.data_ptr<T>();
+  A* lse = lse_t.data_ptr<A>();
+  for (int64_t i = 0; i < B * W; ++i) lse[i] = stats[2 * i] - std::log(stats[2 * i + 1]);
+  const A eps = static_cast<A>(eps_d);
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * (3 * W + 2));
+  const int64_t C = ch.count;
+
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (3 * W + 2)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), wv(W), E(W * D), Ad(W * D), rowbuf(BS * D);
+    Scratch<bool> ok(W);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data(), ok.data());
+      for (int64_t i = 0; i < W * D; ++i) {
+        E[i] = static_cast<A>(er[b * W * D + i]);
+        Ad[i] = static_cast<A>(ad[b * W * D + i]);
+      }
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        // The block's old rows, in the accumulation type, written over in place (in L1).
+        A* rows = rowbuf.data();
+        const T* src = mem + (b * N + nb) * D;
+        if constexpr (std::is_same_v<T, A>) {
+          std::memcpy(rows, src, sizeof(A) * nj * D);
+        } else {
+          widen(src, rows, nj * D);
+        }
+        dots_block(q.data(), W, rows, nj, D, s.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+        scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
+        for (int64_t k = 0; k < W; ++k) {
+          const A* st = &stats[(b * W + k) * 2];
+          exp_shift(s.data() + k * BS, nj, st[0], st[1]);
+          if (!ok[k]) std::fill(s.data() + k * BS, s.data() + k * BS + nj, std::numeric_limits<A>::quiet_NaN());
+        }
+        if (!write_rows_w1_d64(rows, nj, D, W, s.data(), E.data(), Ad.data())) {
+          for (int64_t j = 0; j < nj; ++j) {
+            for (int64_t k = 0; k < W; ++k) wv[k] = s[k * BS + j];
+            write_row(rows + j * D, rows + j * D, wv.data(), E.data(), Ad.data(), W, D);
+          }
+        }
+        narrow(rows, out + (b * N + nb) * D, nj * D);
+      }
+    }
+  });
+  for (const int64_t i : nonfinite_heads(keys, str, B, W, D)) {
+    lse[i] = std::numeric_limits<A>::quiet_NaN();
+    fill_nan(out + (i / W) * N * D, N * D);
+  }
+}
+
+template <typename T>
+void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t, const at::Tensor& memory_t,
+                                  const at::Tensor& keys_t, const at::Tensor& str_t, const at::Tensor& e_t,
+                                  const at::Tensor& a_t, double eps_d, at::Tensor& dm_t, at::Tensor& dk_t,
+                                  at::Tensor& ds_t, at::Tensor& de_t, at::Tensor& da_t) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
+  const T* g = g_t.const_data_ptr<T>();
+  const A* lse = lse_t.const_data_ptr<A>();
+  const T* mem = memory_t.const_data_ptr<T>();
+  const T* keys = keys_t.const_data_ptr<T>();
+  const T* str = str_t.const_data_ptr<T>();
+  const T* er = e_t.const_data_ptr<T>();
+  const T* ad = a_t.const_data_ptr<T>();
+  T* dm = dm_t.data_ptr<T>();
+  T* dk = dk_t.data_ptr<T>();
+  T* dstr = ds_t.data_ptr<T>();
+  T* de = de_t.data_ptr<T>();
+  T* da = da_t.data_ptr<T>();
+  const A eps = static_cast<A>(eps_d);
+  const int64_t BS = block_slots(D);
+  const Chunks ch = make_chunks(N, D * (6 * W + 4));
+  const int64_t C = ch.count;
+  constexpr bool kHalf = !std::is_same_v<T, A>;
+
+  // Pass 1: w and dw per slot (scratch), and per (b, chunk) de, da, sum w dw.
+  std::vector<A> wsc(B * W * N), dwsc(B * W * N);
+  const int64_t rec1 = W * (2 * D + 1);
+  std::vector<A> part1(B * C * rec1);
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (6 * W + 2)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(W * D), beta(W), s(W * BS), nrm2(BS), inv(BS), E(W * D), Ad(W * D);
+    Scratch<A> f(W * V), S((W + 1) * V), dwacc(W * V);
+    Scratch<A> rowbuf(kHalf ? BS * D : 1), gbuf(kHalf ? BS * D : 1);
+    const Vec one(A(1));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data());
+      for (int64_t i = 0; i < W * D; ++i) {
+        E[i] = static_cast<A>(er[b * W * D + i]);
+        Ad[i] = static_cast<A>(ad[b * W * D + i]);
+      }
+      A* p = &part1[t * rec1];
+      A* dE = p;
+      A* dA = p + W * D;
+      A* Tt = p + 2 * W * D;
+      std::fill(p, p + rec1, A(0));
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        const A* gr = widen(g + (b * N + nb) * D, gbuf.data(), nj * D);
+        dots_block(q.data(), W, rows, nj, D, s.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
+        scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
+        for (int64_t k = 0; k < W; ++k) exp_shift(s.data() + k * BS, nj, lse[b * W + k]);
+        // Per row, vectorised over D as memory_write_backward: per-lane
+        // factors f_k, suffix products, and dw accumulators summed at the end.
+        for (int64_t j = 0; j < nj; ++j) {
+          const A* mr = rows + j * D;
+          const A* gj = gr + j * D;
+          std::fill(dwacc.data(), dwacc.data() + W * V, A(0));
+          for (int64_t d = 0; d < D; d += V) {
+            const int64_t mm = std::min<int64_t>(V, D - d);
+            const Vec gg = load_n(gj + d, mm);
+            const Vec x = load_n(mr + d, mm);
+            for (int64_t k = 0; k < W; ++k) {
+              at::vec::fmadd(Vec(-s[k * BS + j]), load_n(E.data() + k * D + d, mm), one).store(f.data() + k * V);
+            }
+            Vec suffix = one;
+            suffix.store(S.data() + W * V);
+            for (int64_t k = W - 1; k >= 0; --k) {
+              suffix = Vec::loadu(f.data() + k * V) * suffix;
+              suffix.store(S.data() + k * V);
+            }
+            const Vec tm = gg * x;
+            Vec P = one;
+            for (int64_t k = 0; k < W; ++k) {
+              const A wk = s[k * BS + j];
+              const Vec te = tm * (P * Vec::loadu(S.data() + (k + 1) * V));
+              const Vec e = load_n(E.data() + k * D + d, mm);
+              const Vec acc = at::vec::fmadd(gg, load_n(Ad.data() + k * D + d, mm), Vec::loadu(dwacc.data() + k * V));
+              (acc - te * e).store(dwacc.data() + k * V);
+              store_n(at::vec::fmadd(Vec(-wk), te, load_n(dE + k * D + d, mm)), dE + k * D + d, mm);
+              store_n(at::vec::fmadd(Vec(wk), gg, load_n(dA + k * D + d, mm)), dA + k * D + d, mm);
+              P = P * Vec::loadu(f.data() + k * V);
+            }
+          }
+          for (int64_t k = 0; k < W; ++k) {
+            const A wk = s[k * BS + j];
+            const A dw = hsum(Vec::loadu(dwacc.data() + k * V));
+            const int64_t i = (b * W + k) * N + nb + j;
+            wsc[i] = wk;
+            dwsc[i] = dw;
+            Tt[k] += wk * dw;
+          }
+        }
+      }
+    }
+  });
+  std::vector<A> delta(B * W, A(0));
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<A> sum(rec1, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const A* p = &part1[(b * C + c) * rec1];
+      for (int64_t i = 0; i < rec1; ++i) sum[i] += p[i];
+    }
+    narrow(sum.data(), de + b * W * D, W * D);
+    narrow(sum.data() + W * D, da + b * W * D, W * D);
+    for (int64_t k = 0; k < W; ++k) delta[b * W + k] = sum[2 * W * D + k];
+  }
+
+  // Pass 2: dm, and per (b, chunk) dq and dbeta.
+  const int64_t rec2 = W * (D + 1);
+  std::vector<A> part2(B * C * rec2);
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (4 * W + 2)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> q(W * D), beta(W), dots(W * BS), nrm2(BS), inv(BS), gate(BS), gam(BS), bq(W * BS), E(W * D);
+    Scratch<A> rowbuf(kHalf ? BS * D : 1), gbuf(kHalf ? BS * D : 1), dmbuf(kHalf ? BS * D : 1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data());
+      for (int64_t i = 0; i < W * D; ++i) E[i] = static_cast<A>(er[b * W * D + i]);
+      A* r = &part2[t * rec2];
+      A* dq = r;
+      A* dbeta = r + W * D;
+      std::fill(r, r + rec2, A(0));
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        const A* gr = widen(g + (b * N + nb) * D, gbuf.data(), nj * D);
+        dots_block(q.data(), W, rows, nj, D, dots.data(), BS, nrm2.data());
+        row_scales(nrm2.data(), nj, eps, inv.data(), gate.data());
+        for (int64_t j = 0; j < nj; ++j) gam[j] = 0;
+        for (int64_t k = 0; k < W; ++k) {
+          const A* wk = &wsc[(b * W + k) * N + nb];
+          const A* dwk = &dwsc[(b * W + k) * N + nb];
+          const A bk = beta[k], dk_ = delta[b * W + k];
+          const A* ck = dots.data() + k * BS;
+          A* bqk = bq.data() + k * BS;
+          A db = 0;
+          for (int64_t j = 0; j < nj; ++j) {
+            const A cj = ck[j] * inv[j];
+            const A dsj = wk[j] * (dwk[j] - dk_);
+            db += dsj * cj;
+            const A dc = bk * dsj;
+            bqk[j] = dc * inv[j];
+            gam[j] += dc * cj;
+          }
+          dbeta[k] += db;
+        }
+        for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
+        A* dmrow = kHalf ? dmbuf.data() : reinterpret_cast<A*>(dm + (b * N + nb) * D);
+        combine_block<false, true>(dmrow, rows, nj, D, W, gam.data(), static_cast<const A*>(nullptr),
+                                   static_cast<const A*>(nullptr), bq.data(), q.data(), BS);
+        // The write's own term: g * prod_k (1 - w_k e_k).
+        for (int64_t j = 0; j < nj; ++j) {
+          A* o = dmrow + j * D;
+          const A* gj = gr + j * D;
+          if (W == 1) {
+            const A w0 = wsc[b * N + nb + j];
+            for (int64_t d = 0; d < D; ++d) o[d] += gj[d] * (A(1) - w0 * E[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              A keep = 1;
+              for (int64_t k = 0; k < W; ++k) keep *= A(1) - wsc[(b * W + k) * N + nb + j] * E[k * D + d];
+              o[d] += gj[d] * keep;
+            }
+          }
+        }
+        if constexpr (kHalf) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
+        accumulate_block(dq, W, bq.data(), BS, rows, nj, D);
+      }
+    }
+  });
+
+  // Combine chunks in order; dk = projection of dq off q, over |k|.
+  Scratch<A> kk(W * D), kn(W), sum(rec2);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(sum.data(), sum.data() + rec2, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const A* p = &part2[(b * C + c) * rec2];
+      for (int64_t i = 0; i < rec2; ++i) sum[i] += p[i];
+    }
+    for (int64_t k = 0; k < W; ++k) dstr[b * W + k] = static_cast<T>(sum[W * D + k]);
+    normalize_keys(keys + b * W * D, W, D, eps, kk.data(), kn.data());
+    for (int64_t k = 0; k < W; ++k) {
+      const A* dqk = sum.data() + k * D;
+      const A* qk = kk.data() + k * D;
+      T* o = dk + (b * W + k) * D;
+      if (kn[k] > eps) {
+        const A proj = dot(dqk, qk, D);
+        const A sc = A(1) / kn[k];
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>((dqk[d] - proj * qk[d]) * sc);
+      } else {
+        const A sc = A(1) / eps;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(dqk[d] * sc);
+      }
+    }
+  }
+  for (const int64_t i : nonfinite_heads(keys, str, B, W, D)) {
+    fill_nan(dk + i * D, D);
+    dstr[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+    fill_nan(de + i * D, D);
+    fill_nan(da + i * D, D);
+    fill_nan(dm + (i / W) * N * D, N * D);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace neuralmem

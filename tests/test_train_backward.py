@@ -1,0 +1,148 @@
+"""The training path's backward: content_read's output mask (no memory
+gradient, no (N, D) buffer), and the CPU buffer pool's reuse of the memory's
+gradient between steps."""
+import pytest
+import torch
+
+import neuralmem_fast as nm
+from neuralmem_fast import ops
+from neuralmem_fast.ops.reference import content_read_ref
+
+pytestmark = pytest.mark.skipif(not nm.has_extension(), reason="the native extension is not built")
+OPS = torch.ops.neuralmem
+
+
+def _inputs(B, N, D, H, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(B, N, D, dtype=torch.float64, generator=g).to(dtype)
+    k = torch.randn(B, H, D, dtype=torch.float64, generator=g).to(dtype)
+    s = (1 + 4 * torch.rand(B, H, dtype=torch.float64, generator=g)).to(dtype)
+    return m, k, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 7, 3, 2), (1, 1000, 64, 4), (3, 517, 13, 1)])
+def test_masked_backward_gives_the_same_key_gradients_and_no_memory_buffer(dtype, shape):
+    B, N, D, H = shape
+    m, k, s = _inputs(B, N, D, H, dtype)
+    reads, lse = OPS.content_read(m, k, s, 1e-12)
+    gr = torch.randn_like(reads)
+    dm, dk, ds = OPS.content_read_backward(gr, reads, lse, m, k, s, 1e-12)
+    dm0, dk0, ds0 = OPS.content_read_backward(gr, reads, lse, m, k, s, 1e-12, False)
+    assert dm0.numel() == 0 and dm.shape == m.shape
+    # Same chunks and sums with or without the memory's gradient: bitwise equal.
+    assert torch.equal(dk, dk0) and torch.equal(ds, ds0)
+
+
+def test_autograd_skips_the_memory_gradient_when_memory_needs_none():
+    m, k, s = _inputs(2, 9, 4, 3)
+    k.requires_grad_(True)
+    s.requires_grad_(True)
+    reads = ops.content_read(m, k, s, backend="cpu")
+    reads.backward(torch.ones_like(reads))
+    assert m.grad is None
+    k2, s2 = k.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+    content_read_ref(m, k2, s2).backward(torch.ones_like(reads))
+    torch.testing.assert_close(k.grad, k2.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("need", ["keys", "strengths", "memory", "all"])
+def test_gradcheck_with_each_output_mask(need):
+    m, k, s = _inputs(2, 7, 3, 2)
+    args = [m, k, s]
+    for i, name in enumerate(("memory", "keys", "strengths")):
+        if need in (name, "all"):
+            args[i] = args[i].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m, k, s: ops.content_read(m, k, s, backend="cpu"), args)
+
+
+def test_opcheck_masked_backward():
+    m, k, s = _inputs(2, 7, 3, 2, torch.float32)
+    reads, lse = OPS.content_read(m, k, s, 1e-12)
+    torch.library.opcheck(OPS.content_read_backward.default,
+                          (torch.randn_like(reads), reads, lse, m, k, s, 1e-12, False))
+
+
+def test_memory_gradient_buffers_are_reused_between_steps():
+    # 8 MiB and above come from the pool: the second step's gradient reuses the first's block.
+    N, D = 1 << 15, 64
+    m, k, s = _inputs(1, N, D, 4, torch.float32)
+    m.requires_grad_(True)
+    ptrs = []
+    for _ in range(3):
+        m.grad = None
+        ops.content_read(m, k, s, backend="cpu").sum().backward()
+        assert torch.isfinite(m.grad).all()
+        ptrs.append(m.grad.data_ptr())
+    assert len(set(ptrs)) == 1, ptrs
+    # And the values are those of a fresh computation.
+    m2 = m.detach().clone().requires_grad_(True)
+    content_read_ref(m2, k, s).sum().backward()
+    torch.testing.assert_close(m.grad, m2.grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ content_write
+def _write_inputs(B, N, D, W, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(B, N, D, dtype=torch.float64, generator=g)
+    k = torch.randn(B, W, D, dtype=torch.float64, generator=g)
+    s = 1 + 4 * torch.rand(B, W, dtype=torch.float64, generator=g)
+    e = torch.rand(B, W, D, dtype=torch.float64, generator=g)
+    a = torch.randn(B, W, D, dtype=torch.float64, generator=g)
+    return [t.to(dtype) for t in (m, k, s, e, a)]
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 1), (1, 9, 4, 3), (2, 300, 5, 2)])
+def test_content_write_gradcheck(shape):
+    args = [t.requires_grad_(True) for t in _write_inputs(*shape)]
+    assert torch.autograd.gradcheck(lambda *a: ops.content_write(*a, backend="cpu"), args)
+
+
+@pytest.mark.parametrize("shape", [(1, 1000, 64, 1), (3, 517, 13, 2), (1, 70000, 8, 1)])
+def test_content_write_equals_the_separate_ops(shape):
+    from neuralmem_fast.ops.reference import content_write_ref
+
+    args = _write_inputs(*shape)
+    g = torch.randn_like(args[0])
+    x = [t.clone().requires_grad_(True) for t in args]
+    new = ops.content_write(*x, backend="cpu")
+    got = torch.autograd.grad(new, x, g)
+    y = [t.clone().requires_grad_(True) for t in args]
+    ref = content_write_ref(*y)
+    want = torch.autograd.grad(ref, y, g)
+    torch.testing.assert_close(new, ref, rtol=0, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_content_write_low_precision_forward_and_backward(dtype):
+    args = _write_inputs(2, 300, 16, 1, dtype)
+    x = [t.clone().requires_grad_(True) for t in args]
+    new = ops.content_write(*x, backend="cpu")
+    new.float().square().sum().backward()
+    y = [t.detach().double().requires_grad_(True) for t in args]
+    ref = ops.content_write(*y, backend="torch")
+    ref.square().sum().backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new.double(), ref, **tol)
+    for a, b in zip(x, y):
+        scale = b.grad.abs().max().clamp_min(1)
+        torch.testing.assert_close(a.grad.double() / scale, b.grad / scale, **tol)
+
+
+def test_content_write_opcheck_and_bad_input():
+    m, k, s, e, a = _write_inputs(2, 7, 3, 2, torch.float32)
+    new, lse = OPS.content_write(m, k, s, e, a, 1e-12)
+    torch.library.opcheck(OPS.content_write.default, (m, k, s, e, a, 1e-12))
+    torch.library.opcheck(OPS.content_write_backward.default, (torch.randn_like(m), lse, m, k, s, e, a, 1e-12))
+    x = [t.clone().requires_grad_(True) for t in (m, k, s, e, a)]
+    torch.library.opcheck(OPS.content_write.default, (*x, 1e-12))
+    with pytest.raises(ValueError, match="erase"):
+        ops.content_write(m, k, s, e[:, :1], a, backend="cpu")
+    with pytest.raises(ValueError, match="strengths"):
+        ops.content_write(m, k, s[:, :1], e, a, backend="cpu")
+    before = m.clone()
+    ops.content_write(m, k, s, e, a, backend="cpu")
+    assert torch.equal(m, before), "content_write is out of place"
