@@ -603,9 +603,24 @@ def render(data, out_dir, json_name="bench.json", plot_name="ops_vs_n.png", prov
             md += [f"### {os.path.basename(src)}", ""]
             current = src
         md += [f"#### {name}", "", group_table(grows, groups), ""]
+    md += extra_sections()
     with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
         f.write("\n".join(md))
     return os.path.join(out_dir, "REPORT.md")
+
+
+def extra_sections(folder=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sections")):
+    """Sections measured by other scripts than the pytest-benchmark suites
+    (benchmarks/sections/*.md, each with the command that produced it),
+    appended verbatim in name order so that re-rendering keeps them."""
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".md"):
+            with open(os.path.join(folder, name)) as f:
+                out += [f.read().rstrip(), ""]
+    return out
 
 
 def main(argv=None):

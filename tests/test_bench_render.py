@@ -220,3 +220,24 @@ def test_scale_sweep_is_tabulated_with_its_goals(rr, tmp_path):
     section = text.split("## Large-memory sweep")[1].split("## Results")[0]
     assert "cpu B1 3.5x (**met**)" in section
     assert "| 1 | 1e+07 | cpu | fwd | 200 ms | 3.5x | 1.05x |" in section
+
+
+def test_hand_measured_sections_are_appended_in_name_order(rr, tmp_path):
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    (folder / "b.md").write_text("## Second\n\nrow b\n")
+    (folder / "a.md").write_text("## First\n\nrow a\n")
+    (folder / "notes.txt").write_text("not a section")
+    lines = rr.extra_sections(str(folder))
+    text = "\n".join(lines)
+    assert text.index("## First") < text.index("## Second")
+    assert "not a section" not in text
+    assert rr.extra_sections(str(tmp_path / "absent")) == []
+
+
+def test_rendered_report_keeps_the_sections_folder(report):
+    _, text = report
+    for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sections"))):
+        if name.endswith(".md"):
+            heading = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sections", name)).readline()
+            assert heading.strip() in text
