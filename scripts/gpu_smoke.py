@@ -86,7 +86,8 @@ def describe(case):
     B, N, H, D, W = case.get("shape", (0,) * 5)
     extra = " misaligned" if case.get("misaligned") else ""
     kind = f" {case['kind']}" if "kind" in case else ""
-    return f"{case['part']}{kind} {case.get('backend', '')} B={B} N={N} H={H} D={D} W={W} {case.get('dtype', '')}{extra}"
+    dt = case.get("dtype", "")
+    return f"{case['part']}{kind} {case.get('backend', '')} B={B} N={N} H={H} D={D} W={W} {dt}{extra}"
 
 
 # ---------------------------------------------------------------------------
@@ -128,7 +129,8 @@ def _inputs(case, seed=0, device="cuda"):
         return t.to(device)
 
     return dict(memory=r(B, N, D), keys=r(B, H, D), strengths=r(B, H).abs() * 3, grad=r(B, H, D),
-                weights=torch.softmax(r(B, H, N).float(), -1).to(dt), wweights=torch.softmax(r(B, W, N).float(), -1).to(dt),
+                weights=torch.softmax(r(B, H, N).float(), -1).to(dt),
+                wweights=torch.softmax(r(B, W, N).float(), -1).to(dt),
                 erase=torch.sigmoid(r(B, W, D).float()).to(dt), add=r(B, W, D), wkeys=r(B, W, D),
                 wstrengths=r(B, W).abs() * 3, usage=r(B, N).abs())
 

@@ -2,8 +2,9 @@
 
 Triton: every kernel variant the ops launch on an H200 (the planners' real
 choices of blocks, warps and splits over a representative set of shapes and
-dtypes, ops/triton/variants.py) is compiled for sm_90 with Triton's bundled
-ptxas; its TTIR must hold no 32-bit product of two runtime values (an
+dtypes, ops/triton/variants.py: 179 variants, or all 389 with
+NEURALMEM_KERNEL_RESOURCES_ALL=1) is compiled for sm_90 with Triton's
+bundled ptxas; its TTIR must hold no 32-bit product of two runtime values (an
 address offset such as offs_h[:, None] * N wraps once it passes 2^31), and
 its cubin's registers, spill stores and shared memory are read back with
 cuobjdump. CUDA C++: the same figures for every kernel of the built
@@ -69,8 +70,9 @@ def triton_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("variants") / "variants.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", "neuralmem_fast.ops.triton.variants", str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=1500)
+    full = ["--full"] if os.environ.get("NEURALMEM_KERNEL_RESOURCES_ALL") == "1" else []
+    res = subprocess.run([sys.executable, "-m", "neuralmem_fast.ops.triton.variants", str(out)] + full, cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=3000)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(out.read_text())
 
