@@ -87,6 +87,14 @@ def check(only, shapes=SHAPES):
     def close(name, got, want, dt, scale=1.0):
         compared.add(name.rsplit(" ", 1)[0])
         atol, rtol = TOL[dt]
+        if name.startswith(("read_bwd dm", "addr_bwd dm")) and dt in (torch.float32, torch.float64):
+            # The zero slot's gradient is ~1/eps (1e12) per term and cancels: its
+            # elements are checked against the slot's scale, the rest as usual.
+            z = want[0, 0].abs().max().item()
+            err = (got[0, 0].to(want.dtype) - want[0, 0]).abs().max().item()
+            if not err <= rtol * scale * z:
+                fails.append(name + " (zero slot)"); print("FAIL zero slot", name, err, z)
+            got = got.clone(); got[0, 0] = want[0, 0]
         try:
             torch.testing.assert_close(got.to(want.dtype), want, atol=atol * scale, rtol=rtol * scale)
         except AssertionError as e:

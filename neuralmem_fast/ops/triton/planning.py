@@ -129,7 +129,12 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
         if CONFIG.block_n is not None:
             bn = CONFIG.block_n
     p.BN = bn
-    p.num_warps = 8 if p.BH * p.BN * p.BD > tile else 4
+    # Warps by the product tile's size against the tile bound (the backwards
+    # ask for half the tile: they hold more tiles at once): four up to half
+    # the bound, eight up to twice, sixteen beyond (the tl.dot path's 16
+    # heads). Fewer spill under MAX_REGS.
+    elems = p.BH * p.BN * p.BD
+    p.num_warps = 4 if 2 * elems <= tile else 8 if elems <= 2 * tile else 16
     nblocks = _cdiv(N, bn)
     if CONFIG.split_slots is not None:
         split = _cdiv(CONFIG.split_slots, bn) * bn
