@@ -103,7 +103,7 @@ class _Plan:
     __slots__ = ("BN", "BD", "BH", "use_dot", "S", "split", "num_warps")
 
 
-def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
+def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE, warps_tile=None):
     """Block sizes for a (heads x slots x width) tile, and the slot splits.
 
     The 3D broadcast tile is bounded by `tile` elements (backward kernels,
@@ -129,12 +129,13 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
         if CONFIG.block_n is not None:
             bn = CONFIG.block_n
     p.BN = bn
-    # Warps by the product tile's size against the tile bound (the backwards
-    # ask for half the tile: they hold more tiles at once): four up to half
-    # the bound, eight up to twice, sixteen beyond (the tl.dot path's 16
-    # heads). Fewer spill under MAX_REGS.
+    # Warps by the product tile's size against warps_tile (default: the tile
+    # bound; kernels that hold more tiles at once pass less): four up to half
+    # of it, eight up to twice, sixteen beyond (the tl.dot path's 16 heads).
+    # Fewer spill under MAX_REGS.
     elems = p.BH * p.BN * p.BD
-    p.num_warps = 4 if 2 * elems <= tile else 8 if elems <= 2 * tile else 16
+    wt = tile if warps_tile is None else warps_tile
+    p.num_warps = 4 if 2 * elems <= wt else 8 if elems <= 2 * wt else 16
     nblocks = _cdiv(N, bn)
     if CONFIG.split_slots is not None:
         split = _cdiv(CONFIG.split_slots, bn) * bn
