@@ -108,9 +108,10 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE, warps_tile=No
 
     The 3D broadcast tile is bounded by `tile` elements (backward kernels,
     which hold several such products at once, ask for half); tl.dot serves when
-    BH >= 16 (then BN and BD are padded to >= 16 too). Splits: about four
-    programs per SM in all (one split per memory under the interpreter,
-    where programs run one after another), whole blocks per split.
+    BH >= 16 (then BN and BD are padded to >= 16 too). Splits: as many
+    programs as programs_per_sm(num_warps) on every SM (one split per memory
+    under the interpreter, where programs run one after another), whole
+    blocks per split.
     """
     p = _Plan()
     p.BD = _next_pow2(D)
