@@ -10,7 +10,7 @@ PKGS   := torch numpy pybind11 ninja setuptools wheel pytest pytest-benchmark ma
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: all venv build demo test test-fast test-peers wheel-check bench scale gpu-check clean
+.PHONY: all venv build demo test test-fast test-peers wheel-check bench scale gpu-check gpu-smoke clean
 
 all: build
 
@@ -82,6 +82,15 @@ scale: build
 OUT_DIR ?= gpu-results
 gpu-check:
 	bash scripts/gpu_check.sh $(OUT_DIR)
+
+# About two minutes on one card, after a build with the CUDA kernels (make
+# build or make gpu-check): compute-sanitizer over tiny odd shapes, split-path
+# parity and repeatability, indices past 2^31, and a content_read bandwidth
+# probe; fails at once without a card or without the CUDA kernels.
+# DRY_RUN=1 prints what it would run.
+SMOKE_DIR ?= gpu-smoke
+gpu-smoke:
+	bash scripts/gpu_smoke.sh $(SMOKE_DIR) $(if $(DRY_RUN),--dry-run,)
 
 clean:
 	rm -rf build neuralmem_fast/*.so *.egg-info

@@ -6,12 +6,17 @@
 #
 # For a machine with a GPU that already has torch, triton, ninja and pytest
 # and may have no network: nothing is installed or downloaded. Uses $PYTHON,
-# else python3, else python. Fits one 10-minute call: the extension is built
-# for the visible card's architecture only, and tests and benchmarks run
-# under time limits (GPU_CHECK_TEST_LIMIT, GPU_CHECK_BENCH_LIMIT seconds).
+# else python3, else python. The extension is built for the visible card's
+# architecture only. Fails at once when no CUDA device is visible or when the
+# build has no CUDA kernels (has_cuda_kernels() false): nothing else would
+# test them. Then the tests in three parts, each under its own time limit in
+# seconds: the CUDA kernels' own tests (GPU_CHECK_CUDA_LIMIT, 120), the Triton
+# tests (GPU_CHECK_TRITON_LIMIT, 240), the rest of the suite
+# (GPU_CHECK_TEST_LIMIT, 300); then the benchmarks (GPU_CHECK_BENCH_LIMIT, 180).
 #
-# Writes OUT_DIR/{summary.txt, env.txt, nvidia-smi.txt, build.log, tests.log,
-# junit.xml, bench.log} plus whatever the benchmark command writes there:
+# Writes OUT_DIR/{summary.txt, env.txt, nvidia-smi.txt, build.log,
+# tests-{cuda,triton,rest}.log, junit-{cuda,triton,rest}.xml, bench.log}
+# plus whatever the benchmark command writes there:
 # bench.json, REPORT.md, and autotune_table.json, the per-op choice between
 # the CUDA C++ and Triton kernels that backend="auto" follows (summary.txt
 # lists it). To use that table: cp OUT_DIR/autotune_table.json neuralmem_fast/
@@ -26,6 +31,8 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$(dirname "$0")/.."
 
 TEST_LIMIT="${GPU_CHECK_TEST_LIMIT:-300}"
+CUDA_LIMIT="${GPU_CHECK_CUDA_LIMIT:-120}"
+TRITON_LIMIT="${GPU_CHECK_TRITON_LIMIT:-240}"
 BENCH_LIMIT="${GPU_CHECK_BENCH_LIMIT:-180}"
 SUMMARY="$OUT_DIR/summary.txt"
 : >"$SUMMARY"
@@ -69,6 +76,10 @@ for mod in ("triton", "ninja", "pytest", "numpy"):
         print(mod, "missing:", exc)
 EOF
 cat "$OUT_DIR/env.txt" | tee -a "$SUMMARY"
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  note "gpu-check FAILED: no CUDA device visible (torch.cuda.is_available() is False)"
+  exit 1
+fi
 
 # --- build for this card only -----------------------------------------------
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
@@ -95,15 +106,31 @@ if [ $BUILD_RC -ne 0 ]; then
   exit 1
 fi
 "$PY" -c "import neuralmem_fast as nm, torch; print('has_cuda_kernels', nm.has_cuda_kernels(), 'cuda available', torch.cuda.is_available())" 2>&1 | tee -a "$SUMMARY"
+if ! "$PY" -c "import sys, torch, neuralmem_fast as nm; sys.exit(0 if nm.has_cuda_kernels() and torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  note "gpu-check FAILED: the extension has no CUDA kernels (has_cuda_kernels() is False; is nvcc on PATH or CUDA_HOME set?)"
+  exit 1
+fi
 
-# --- the whole test suite, on CUDA -----------------------------------------------
-t0=$(date +%s)
-timeout --signal=INT --kill-after=20 "$TEST_LIMIT" \
-  "$PY" -m pytest tests -q -rfEs --junitxml="$OUT_DIR/junit.xml" >"$OUT_DIR/tests.log" 2>&1
-TEST_RC=$?
-note "tests: rc=$TEST_RC in $(( $(date +%s) - t0 )) s (log: tests.log, junit.xml)"
-[ $TEST_RC -eq 124 ] && note "tests: stopped after ${TEST_LIMIT} s (GPU_CHECK_TEST_LIMIT)"
-tail -n 5 "$OUT_DIR/tests.log" | tee -a "$SUMMARY"
+# --- the tests on CUDA: the CUDA kernels, the Triton kernels, then the rest ------------
+TEST_RC=0
+# tests NAME LIMIT VAR ARGS...: one part of the suite under its own time limit.
+tests() {
+  local name="$1" limit="$2" var="$3"
+  shift 3
+  local t0=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$limit" \
+    "$PY" -m pytest -q -rfEs --junitxml="$OUT_DIR/junit-$name.xml" "$@" >"$OUT_DIR/tests-$name.log" 2>&1
+  local rc=$?
+  note "tests ($name): rc=$rc in $(( $(date +%s) - t0 )) s (log: tests-$name.log, junit-$name.xml)"
+  [ $rc -eq 124 ] && note "tests ($name): stopped after ${limit} s ($var)"
+  tail -n 3 "$OUT_DIR/tests-$name.log" | tee -a "$SUMMARY"
+  [ $rc -ne 0 ] && TEST_RC=$rc
+  return 0
+}
+tests cuda "$CUDA_LIMIT" GPU_CHECK_CUDA_LIMIT tests/test_cuda_build.py
+tests triton "$TRITON_LIMIT" GPU_CHECK_TRITON_LIMIT tests/test_triton.py
+tests rest "$TEST_LIMIT" GPU_CHECK_TEST_LIMIT tests \
+  --ignore=tests/test_cuda_build.py --ignore=tests/test_triton.py
 
 # --- GPU benchmarks (never fatal) ------------------------------------------------
 TABLE="$OUT_DIR/autotune_table.json"

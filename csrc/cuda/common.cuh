@@ -44,7 +44,20 @@ constexpr int kMaxTile = 32 * kCPL;      // widest tile: 256 columns
 constexpr int kHP = 4;                   // heads handled together (registers per head: 8..24)
 constexpr int64_t kMinChunk = 1024;      // fewest slots worth a split of their own
 constexpr int kMaxSplits = 4096;         // bounds the combine kernels' shared scale table
-constexpr int kBlocksPerSM = 4;          // splits aim at this many resident blocks per SM
+constexpr int kBlocksPerSM = 4;          // resident blocks per SM when the runtime cannot tell (see occupancy)
+
+// Fewest resident blocks per SM a kernel of kThreads threads is built for:
+// __launch_bounds__(kThreads, min_blocks<T>(weight)) caps its registers at
+// 65536 / (blocks * kThreads). Light kernels 4 (128 registers), heavy
+// float/half kernels 3 (168), double and the heaviest kernels 2 (255, no cap
+// below the hardware's). The split planner does not assume this figure: it
+// asks the runtime for the kernel's real occupancy (occupancy below), and
+// tests/test_kernel_resources.py checks the cubins' registers against it.
+enum KernelWeight : int { kLight = 0, kHeavy = 1, kHeaviest = 2 };
+template <typename T>
+constexpr int min_blocks(int weight) {
+  return weight == kLight ? 4 : (weight == kHeavy && sizeof(T) != 8) ? 3 : 2;
+}
 
 template <typename T>
 using acc_t = at::opmath_type<T>;        // float for half/bfloat16/float, double for double
@@ -341,8 +354,39 @@ struct Split {
   int64_t chunk;  // slots per split (the last one may have fewer)
 };
 
-inline Split plan_split(int64_t N, int64_t groups, int device) {
-  const int64_t target = int64_t(kBlocksPerSM) * sm_count(device);
+// Resident blocks per SM of Kernel at kThreads threads without dynamic shared
+// memory, as the runtime computes it from the kernel's registers and shared
+// memory (cached per kernel; one GPU model per process).
+template <auto Kernel>
+inline int occupancy() {
+  static std::atomic<int> cache{0};
+  int v = cache.load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, Kernel, kThreads, 0) != cudaSuccess || v < 1) {
+      (void)cudaGetLastError();
+      v = kBlocksPerSM;
+    }
+    cache.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// occupancy of the instance of a kernel template for a tensor's dtype:
+// f(T{}) returns it for T (a lambda calling occupancy<&kernel<T, ...>>()).
+template <typename F>
+inline int occupancy_for(at::ScalarType t, F f) {
+  switch (t) {
+    case at::kDouble: return f(double{});
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: return kBlocksPerSM;
+  }
+}
+
+// per_sm: resident blocks per SM of the kernel the split feeds (occupancy).
+inline Split plan_split(int64_t N, int64_t groups, int device, int per_sm = kBlocksPerSM) {
+  const int64_t target = int64_t(std::max(per_sm, 1)) * sm_count(device);
   const int64_t want = (target + groups - 1) / std::max<int64_t>(groups, 1);
   const int64_t most = std::max<int64_t>(1, N / kMinChunk);
   int64_t s = std::max<int64_t>(1, std::min<int64_t>({want, most, int64_t(kMaxSplits)}));

@@ -110,7 +110,7 @@ __device__ __forceinline__ void bwd_scan_row(const BwdArgs<T>& a, const T* row, 
 }
 
 template <typename T, bool ADDR>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) bwd_kernel(const BwdArgs<T> a) {
   using A = acc_t<T>;
   constexpr int VEC = Vec<T>::VEC;
   const int b = blockIdx.x, split = blockIdx.y, ctile = blockIdx.z;
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdArgs<T> a) {
 // Per (b, h): sums the split partials of dq and dbeta in split order and maps
 // dq through the key normalisation.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kLight))
     bwd_finish_kernel(const T* keys, const acc_t<T>* part_dq, const acc_t<T>* part_db, int nsplit, int D,
                       acc_t<T> eps, T* dk, T* dbeta) {
   using A = acc_t<T>;
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // delta[b,h] = sum_n weights * grad_weights, per split (content_addressing backward).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kLight))
     wdot_partial_kernel(const T* w, const T* gw, int64_t N, int64_t chunk, int nsplit, acc_t<T>* out) {
   using A = acc_t<T>;
   __shared__ A red[kWarps];

@@ -162,7 +162,7 @@ struct FwdArgs {
 };
 
 template <typename T, int MODE>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) fwd_kernel(const FwdArgs<T> a) {
   using A = acc_t<T>;
   constexpr int VEC = Vec<T>::VEC;
   constexpr bool kNorm = MODE == kContentRead || MODE == kLse || MODE == kWeights;
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs<T> a) {
 // split order. SOFTMAX: rescale by exp(m_s - M), divide by the merged sum and
 // write lse; otherwise a plain sum (memory_read). out may be null (lse only).
 template <typename T, bool SOFTMAX>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kLight))
     combine_kernel(const acc_t<T>* pm, const acc_t<T>* pl, const acc_t<T>* pacc, int nsplit, int D, T* out,
                    acc_t<T>* lse_out) {
   using A = acc_t<T>;
@@ -432,7 +432,11 @@ Tensor content_addressing_cuda(const Tensor& memory_, const Tensor& keys_, const
   Tensor lse = at::empty({s.B, s.H}, memory.options().dtype(acc_type(memory.scalar_type())));
   const int dev = memory.get_device();
   const int G = lanes_per_slot(s.D), hg = head_groups(s.H);
-  const Split sp = plan_split(s.N, s.B * hg, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    using T = decltype(t);
+    return std::min(occupancy<&fwd_kernel<T, kLse>>(), occupancy<&fwd_kernel<T, kWeights>>());
+  });
+  const Split sp = plan_split(s.N, s.B * hg, dev, per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_addressing_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -487,7 +491,10 @@ std::tuple<Tensor, Tensor> content_read_cuda(const Tensor& memory_, const Tensor
   if (reads.numel() == 0) return {reads, lse};
   const int dev = memory.get_device();
   const int G = lanes_per_slot(s.D), hg = head_groups(s.H), nt = tiles_per_row(s.D, G);
-  const Split sp = plan_split(s.N, s.B * hg * nt, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&fwd_kernel<decltype(t), kContentRead>>();
+  });
+  const Split sp = plan_split(s.N, s.B * hg * nt, dev, per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_read_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -602,7 +609,10 @@ std::tuple<Tensor, Tensor, Tensor> content_read_backward_cuda(const Tensor& grad
   if (s.B == 0) return {dm, dk, dbeta};
   if (s.H == 0) return {dm.zero_(), dk, dbeta};
   const int G = lanes_per_slot(s.D), nt = tiles_per_row(s.D, G);
-  const Split sp = plan_split(s.N, s.B * nt, memory.get_device());
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&bwd_kernel<decltype(t), false>>();
+  });
+  const Split sp = plan_split(s.N, s.B * nt, memory.get_device(), per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_read_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -645,7 +655,10 @@ std::tuple<Tensor, Tensor, Tensor> content_addressing_backward_cuda(const Tensor
   if (s.H == 0) return {dm.zero_(), dk, dbeta};
   const int dev = memory.get_device();
   const int G = lanes_per_slot(s.D), nt = tiles_per_row(s.D, G);
-  const Split sp = plan_split(s.N, s.B * nt, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&bwd_kernel<decltype(t), true>>();
+  });
+  const Split sp = plan_split(s.N, s.B * nt, dev, per_sm);
   const Split dsp = plan_split(s.N, s.B * s.H, dev);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -701,7 +714,10 @@ Tensor memory_read_cuda(const Tensor& memory_, const Tensor& weights_) {
   if (reads.numel() == 0) return reads;
   const int dev = memory.get_device();
   const int G = lanes_per_slot(s.D), hg = head_groups(s.H), nt = tiles_per_row(s.D, G);
-  const Split sp = plan_split(s.N, s.B * hg * nt, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&fwd_kernel<decltype(t), kMemoryRead>>();
+  });
+  const Split sp = plan_split(s.N, s.B * hg * nt, dev, per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_read_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -747,7 +763,10 @@ std::tuple<Tensor, Tensor> memory_read_backward_cuda(const Tensor& grad_reads_, 
   if (s.H == 0) return {dm.zero_(), dw};
   const int dev = memory.get_device();
   const int G = lanes_per_slot(s.D), hg = head_groups(s.H);
-  const Split sp = plan_split(s.N, s.B * hg, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&fwd_kernel<decltype(t), kDots>>();
+  });
+  const Split sp = plan_split(s.N, s.B * hg, dev, per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_read_backward_cuda", [&] {
     FwdArgs<scalar_t> a;

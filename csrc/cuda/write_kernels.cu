@@ -122,7 +122,7 @@ __device__ __forceinline__ void block_argmin(A& v, int64_t& i) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kLight))
     argmin_partial_kernel(const T* usage, int64_t N, int64_t chunk, int nsplit, acc_t<T>* pv, int64_t* pi) {
   using A = acc_t<T>;
   const int64_t b = blockIdx.x;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<A>(kLight))
     argmin_combine_kernel(const A* pv, const int64_t* pi, int nsplit, int64_t* least) {
   const int64_t b = blockIdx.x;
   A v = static_cast<A>(INFINITY);
@@ -200,7 +200,7 @@ __device__ __forceinline__ void emit_tile_sums(A (&acc)[kHP][kCPL], const Lanes&
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) write_bwd_kernel(const WriteBwdArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) write_bwd_kernel(const WriteBwdArgs<T> a) {
   using A = acc_t<T>;
   constexpr int VEC = Vec<T>::VEC;
   const int b = blockIdx.x / a.hgroups, hgi = blockIdx.x % a.hgroups;
@@ -384,7 +384,7 @@ __device__ __forceinline__ void cw_logits(const T* row, bool valid, int D, const
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) content_write_kernel(const CwArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) content_write_kernel(const CwArgs<T> a) {
   using A = acc_t<T>;
   const int b = blockIdx.x, split = blockIdx.y;
   const int D = a.D, hc = a.W;  // hc <= kHP (host guarantees)
@@ -706,7 +706,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> memory_write_backward_cuda(const Tens
   const int dev = memory.get_device();
   const int G = lanes_per_slot(s.D), nt = tiles_per_row(s.D, G);
   const int hg = static_cast<int>((s.W + kHP - 1) / kHP);
-  const Split sp = plan_split(s.N, s.B * hg * nt, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&write_bwd_kernel<decltype(t)>>();
+  });
+  const Split sp = plan_split(s.N, s.B * hg * nt, dev, per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_write_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -798,7 +801,10 @@ Tensor content_write_cuda(Tensor& memory, const std::optional<Tensor>& usage, co
 
   const int dev = memory.get_device();
   const int G = lanes_per_slot(D);
-  const Split sp = plan_split(N, B, dev);
+  const int per_sm = occupancy_for(memory.scalar_type(), [](auto t) {
+    return occupancy<&content_write_kernel<decltype(t)>>();
+  });
+  const Split sp = plan_split(N, B, dev, per_sm);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "content_write_cuda", [&] {
     using A = acc_t<scalar_t>;

@@ -41,12 +41,18 @@ def _spread(p, v, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _hd_offsets(row64, H, D, offs_h, offs_d):
+    """Offsets of the (H,D) block at row64 * H * D, in int64."""
+    return row64 * H * D + offs_h.to(tl.int64)[:, None] * D + offs_d[None, :]
+
+
+@triton.jit
 def _load_keys(key_ptr, b64, H, D, eps, BH: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
     """Keys of memory b64 and their F.normalize'd version q = k / max(|k|, eps)."""
     offs_h = tl.arange(0, BH)
     offs_d = tl.arange(0, BD)
     mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    k = tl.load(key_ptr + b64 * H * D + offs_h[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    k = tl.load(key_ptr + _hd_offsets(b64, H, D, offs_h, offs_d), mask=mask, other=0.0).to(ACC)
     knorm = tl.sqrt(tl.sum(k * k, axis=1))
     q = k / tl.maximum(knorm, eps)[:, None]
     return k, q, knorm
@@ -84,7 +90,7 @@ def _load_hd(ptr, row64, H, D, BH: tl.constexpr, BD: tl.constexpr, ACC: tl.const
     offs_h = tl.arange(0, BH)
     offs_d = tl.arange(0, BD)
     mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    return tl.load(ptr + row64 * H * D + offs_h[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    return tl.load(ptr + _hd_offsets(row64, H, D, offs_h, offs_d), mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -92,13 +98,19 @@ def _store_hd(ptr, row64, val, H, D, BH: tl.constexpr, BD: tl.constexpr):
     offs_h = tl.arange(0, BH)
     offs_d = tl.arange(0, BD)
     mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    tl.store(ptr + row64 * H * D + offs_h[:, None] * D + offs_d[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + _hd_offsets(row64, H, D, offs_h, offs_d), val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _store_heads(ptr, row64, val, H, BH: tl.constexpr):
     offs_h = tl.arange(0, BH)
     tl.store(ptr + row64 * H + offs_h, val.to(ptr.dtype.element_ty), mask=offs_h < H)
+
+
+@triton.jit
+def _hn_offsets(b64, H, N, offs_h, offs_n):
+    """Offsets of the (heads x slots) block of memory b64 in a (B,H,N) tensor, in int64: (H-1)*N may pass 2^31."""
+    return b64 * H * N + offs_h.to(tl.int64)[:, None] * N + offs_n[None, :]
 
 
 @triton.jit
@@ -173,7 +185,7 @@ def _stats_range(base, q, beta, eps, s_ptr, b64, start, end, N, D, H,
         sc = tl.where(nmask[None, :], sc, float("-inf"))
         m_i, l_i, alpha, p = _online(m_i, l_i, sc)
         if STORE:
-            off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+            off = _hn_offsets(b64, H, N, offs_h, offs_n)
             tl.store(s_ptr + off, sc.to(s_ptr.dtype.element_ty), mask=(offs_h[:, None] < H) & nmask[None, :])
     return m_i, l_i
 
@@ -191,7 +203,7 @@ def _normalize_range(s_ptr, out_ptr, mx, tot, b64, start, end, N, H, BN: tl.cons
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask = (offs_h[:, None] < H) & (offs_n[None, :] < end)
-        off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+        off = _hn_offsets(b64, H, N, offs_h, offs_n)
         sc = tl.load(s_ptr + off, mask=mask, other=0.0).to(ACC)
         w = tl.exp(tl.where(mask, sc - mx[:, None], float("-inf"))) * inv[:, None]
         tl.store(out_ptr + off, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -205,7 +217,7 @@ def _delta_range(dw_ptr, w_ptr, b64, start, end, N, H, BN: tl.constexpr, BH: tl.
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask = (offs_h[:, None] < H) & (offs_n[None, :] < end)
-        off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+        off = _hn_offsets(b64, H, N, offs_h, offs_n)
         w = tl.load(w_ptr + off, mask=mask, other=0.0).to(ACC)
         dw = tl.load(dw_ptr + off, mask=mask, other=0.0).to(ACC)
         delta += tl.sum(w * dw, axis=1)

@@ -45,7 +45,12 @@ def _content_backward(read, g, w, lse, memory, keys, strengths, eps):
     if B == 0 or H == 0:
         return dm.zero_(), dk, db
     g, w, memory, keys, strengths = (t.contiguous() for t in (g, w, memory, keys, strengths))
-    p = _plan(B, N, D, H, memory.dtype, memory.device, dot_ok=True, tile=_TILE // 2)
+    # The whole tile outside the tl.dot path (a half tile's smaller slot blocks
+    # lose accuracy in the half strengths' gradient at large strengths), with
+    # four times the warps of a forward to hold it; half a tile on that path.
+    dot = _next_pow2(H) >= 16 and memory.dtype != torch.float64
+    p = _plan(B, N, D, H, memory.dtype, memory.device, dot_ok=True, tile=_TILE // 2 if dot else _TILE,
+              warps_tile=_TILE // 4)
     acc = _acc_torch(memory.dtype)
     ACC = _acc(memory.dtype)
     eh, el = _hi_lo(eps)

@@ -22,6 +22,10 @@ class _Config:
 
     block_n = None
     split_slots = None
+    # SM count the split planner assumes; None: the device's (a CPU tensor
+    # runs one split per memory). compile_only sets it to plan a card's real
+    # launches without one.
+    sms = None
 
 
 CONFIG = _Config()
@@ -42,9 +46,22 @@ def override(block_n=None, split_slots=None):
         CONFIG.block_n, CONFIG.split_slots = old
 
 
-# Largest 3D broadcast tile (heads x slots x width) one program holds; keeps
-# register use bounded on a GPU. Halved for float64.
-_TILE = 8192
+# Warps per SM the split planner assumes resident at once: four programs of
+# four warps or two of eight. Every launch caps the registers to match
+# (MAX_REGS, ptxas' maxnreg), and tests/test_kernel_resources.py checks that
+# no launched variant spills under that cap.
+WARPS_PER_SM = 16
+MAX_REGS = 65536 // (WARPS_PER_SM * 32)
+
+
+def programs_per_sm(num_warps):
+    """Programs of num_warps warps that the split planner assumes resident on one SM."""
+    return max(1, WARPS_PER_SM // num_warps)
+
+# Largest 3D broadcast tile (heads x slots x width) one program holds: 16
+# elements a thread at four warps, which fits MAX_REGS without spilling (an
+# 8192 tile took 255 registers and spilled). Halved for float64.
+_TILE = 2048
 
 
 # --------------------------------------------------------------------------
@@ -86,14 +103,15 @@ class _Plan:
     __slots__ = ("BN", "BD", "BH", "use_dot", "S", "split", "num_warps")
 
 
-def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
+def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE, warps_tile=None):
     """Block sizes for a (heads x slots x width) tile, and the slot splits.
 
     The 3D broadcast tile is bounded by `tile` elements (backward kernels,
     which hold several such products at once, ask for half); tl.dot serves when
-    BH >= 16 (then BN and BD are padded to >= 16 too). Splits: about four
-    programs per SM in all (one split per memory under the interpreter,
-    where programs run one after another), whole blocks per split.
+    BH >= 16 (then BN and BD are padded to >= 16 too). Splits: as many
+    programs as programs_per_sm(num_warps) on every SM (one split per memory
+    under the interpreter, where programs run one after another), whole
+    blocks per split.
     """
     p = _Plan()
     p.BD = _next_pow2(D)
@@ -112,17 +130,28 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE):
         if CONFIG.block_n is not None:
             bn = CONFIG.block_n
     p.BN = bn
+    # Warps by the product tile's size against warps_tile (default: the tile
+    # bound; kernels that hold more tiles at once pass less): four up to half
+    # of it, eight up to twice, sixteen beyond (the tl.dot path's 16 heads).
+    # Fewer spill under MAX_REGS.
+    elems = p.BH * p.BN * p.BD
+    wt = tile if warps_tile is None else warps_tile
+    p.num_warps = 4 if 2 * elems <= wt else 8 if elems <= 2 * wt else 16
     nblocks = _cdiv(N, bn)
     if CONFIG.split_slots is not None:
         split = _cdiv(CONFIG.split_slots, bn) * bn
     else:
-        programs = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
+        if CONFIG.sms is not None:
+            programs = programs_per_sm(p.num_warps) * CONFIG.sms
+        elif device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            programs = programs_per_sm(p.num_warps) * _num_sms(index)
+        else:
+            programs = 1
         s = max(1, min(nblocks, _cdiv(programs, max(B, 1))))
         split = _cdiv(nblocks, s) * bn
     p.split = split
     p.S = _cdiv(N, split)
-    p.num_warps = 8 if p.BH * p.BN * p.BD > tile else 4
     return p
 
 
@@ -137,4 +166,4 @@ def _launch(kernel, programs, *args, num_warps=4, **meta):
     if _LAUNCH_HOOK is not None:
         _LAUNCH_HOOK(kernel, args, meta, num_warps)
         return
-    kernel[(programs,)](*args, num_warps=num_warps, **meta)
+    kernel[(programs,)](*args, num_warps=num_warps, maxnreg=MAX_REGS, **meta)

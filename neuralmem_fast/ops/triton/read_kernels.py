@@ -1,8 +1,8 @@
 """Triton kernels of content addressing, the fused content read and the memory read, forward and backward."""
 from ._triton import tl, triton
-from .jit_common import (_combine_stats, _cosine, _delta_range, _finish_keys, _load_hd, _load_heads, _load_keys,
-                         _load_query, _mix, _normalize_range, _online, _rows, _rows_dot, _spread, _stats_range,
-                         _store_hd, _store_heads, _store_rows)
+from .jit_common import (_combine_stats, _cosine, _delta_range, _finish_keys, _hn_offsets, _load_hd, _load_heads,
+                         _load_keys, _load_query, _mix, _normalize_range, _online, _rows, _rows_dot, _spread,
+                         _stats_range, _store_hd, _store_heads, _store_rows)
 
 
 # --------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def _bwd_stats_range(base, q, beta, eps, g, gw_ptr, b64, start, end, N, D, H, RE
         if READ:
             dw = _rows_dot(g, m, USE_DOT)
         else:
-            off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+            off = _hn_offsets(b64, H, N, offs_h, offs_n)
             dw = tl.load(gw_ptr + off, mask=(offs_h[:, None] < H) & nmask[None, :], other=0.0).to(ACC)
         m_i, l_i, alpha, p = _online(m_i, l_i, sc)
         t_i = t_i * alpha + tl.sum(p * dw, axis=1)
@@ -265,7 +265,7 @@ def _content_bwd_kernel(g_ptr, w_ptr, lse_ptr, delta_ptr, mem_ptr, key_ptr, beta
             w = tl.exp(tl.where(hn, sc - lse[:, None], float("-inf"))) * inv_l[:, None]
             dw = _rows_dot(g, m, USE_DOT)
         else:
-            off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+            off = _hn_offsets(b64, H, N, offs_h, offs_n)
             dw = tl.load(g_ptr + off, mask=hn, other=0.0).to(ACC)
             if EXACT:
                 w = tl.exp(tl.where(hn, sc - lse[:, None], float("-inf"))) * inv_l[:, None]
@@ -328,7 +328,7 @@ def _read_fwd_kernel(mem_ptr, w_ptr, out_ptr, N, D, H, S, SPLIT,
         offs_n = n0 + tl.arange(0, BN)
         nmask = offs_n < end
         m = _rows(base, offs_n, nmask, D, BD, ACC)
-        off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+        off = _hn_offsets(b64, H, N, offs_h, offs_n)
         w = tl.load(w_ptr + off, mask=(offs_h[:, None] < H) & nmask[None, :], other=0.0).to(ACC)
         acc += _mix(w, m, USE_DOT)
     if SINGLE:
@@ -350,7 +350,7 @@ def _read_bwd_kernel(g_ptr, mem_ptr, w_ptr, dm_ptr, dw_ptr, N, D, H, NB,
     hn = (offs_h[:, None] < H) & nmask[None, :]
     g = _load_hd(g_ptr, b64, H, D, BH, BD, ACC)
     m = _rows(mem_ptr + b64 * N * D, offs_n, nmask, D, BD, ACC)
-    off = b64 * H * N + offs_h[:, None] * N + offs_n[None, :]
+    off = _hn_offsets(b64, H, N, offs_h, offs_n)
     w = tl.load(w_ptr + off, mask=hn, other=0.0).to(ACC)
     _store_rows(dm_ptr + b64 * N * D, offs_n, nmask, _spread(w, g, USE_DOT), D, BD)
     tl.store(dw_ptr + off, _rows_dot(g, m, USE_DOT).to(dw_ptr.dtype.element_ty), mask=hn)

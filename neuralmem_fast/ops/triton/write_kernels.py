@@ -1,7 +1,7 @@
 """Triton kernels of the erase-add write (forward, backward), usage, the fused content write and its argmin."""
 from ._triton import tl, triton
-from .jit_common import (_combine_stats, _cosine, _load_hd, _load_query, _mul, _rows, _stats_range, _store_hd,
-                         _store_rows)
+from .jit_common import (_combine_stats, _cosine, _hn_offsets, _load_hd, _load_query, _mul, _rows, _stats_range,
+                         _store_hd, _store_rows)
 
 
 # --------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def _write_bwd_kernel(g_ptr, mem_ptr, w_ptr, e_ptr, a_ptr, dm_ptr, dw_ptr, de_pt
     dmask = offs_d < D
     wmask = offs_w < W
     wd = wmask[:, None] & dmask[None, :]
-    wd_off = b64 * W * D + offs_w[:, None] * D + offs_d[None, :]
+    wd_off = b64 * W * D + offs_w.to(tl.int64)[:, None] * D + offs_d[None, :]
     e = tl.load(e_ptr + wd_off, mask=wd, other=0.0).to(ACC)
     a = tl.load(a_ptr + wd_off, mask=wd, other=0.0).to(ACC)
     prev_ok = (offs_w >= 1) & (offs_w - 1 < W)
@@ -67,7 +67,7 @@ def _write_bwd_kernel(g_ptr, mem_ptr, w_ptr, e_ptr, a_ptr, dm_ptr, dw_ptr, de_pt
         nmask = offs_n < end
         G = _rows(g_ptr + base, offs_n, nmask, D, BD, ACC)
         m = _rows(mem_ptr + base, offs_n, nmask, D, BD, ACC)
-        wn_off = b64 * W * N + offs_w[:, None] * N + offs_n[None, :]
+        wn_off = _hn_offsets(b64, W, N, offs_w, offs_n)
         wv = tl.load(w_ptr + wn_off, mask=wmask[:, None] & nmask[None, :], other=0.0).to(ACC)
         w_prev = tl.load(w_ptr + wn_off - N, mask=prev_ok[:, None] & nmask[None, :], other=0.0).to(ACC)
         w_next = tl.load(w_ptr + wn_off + N, mask=next_ok[:, None] & nmask[None, :], other=0.0).to(ACC)

@@ -1,0 +1,99 @@
+"""The GPU smoke check (make gpu-smoke) and the GPU check's fail-fast, as far as a machine without a GPU can check them.
+
+The scripts parse, the Python part imports, its case lists reach what they
+claim (split and multi-tile paths, misaligned views, indices past 2^31, the
+16M-slot bandwidth probe), its op sequence runs on CPU against the
+reference, and both scripts refuse to run without a card.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import neuralmem_fast as nm
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _smoke():
+    spec = importlib.util.spec_from_file_location("gpu_smoke", os.path.join(REPO, "scripts", "gpu_smoke.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_check.sh"])
+def test_scripts_parse(script):
+    res = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_makefile_targets():
+    text = open(os.path.join(REPO, "Makefile")).read()
+    assert "gpu-smoke:" in text and "scripts/gpu_smoke.sh" in text and "gpu-check:" in text
+
+
+def test_case_lists():
+    s = _smoke()
+    tiny = s.cases("tiny")
+    assert {c["backend"] for c in tiny} == {"cuda", "triton"}
+    assert {c["dtype"] for c in tiny} == {"float32", "float16"}
+    assert {c["misaligned"] for c in tiny} == {True, False}
+    # several CUDA splits (kMinChunk = 1024 slots each) and two column tiles (256 columns each)
+    assert any(c["shape"][1] >= 2 * 1024 for c in tiny)
+    assert any(c["shape"][3] > 256 for c in tiny)
+    assert any(c["shape"][2] > 4 for c in tiny)  # more heads than one CUDA head group
+    assert {c["backend"] for c in s.cases("tiny", "racecheck")} == {"cuda"}
+    parity = s.cases("parity")
+    assert {c["shape"][3] for c in parity} == {64, 300} and all(c["shape"][1] >= 300_000 for c in parity)
+    large = s.cases("large")
+    assert all(s.elements(c) >= 2**31 for c in large)
+    hn = [c for c in large if c["kind"] == "weights_hn"]
+    assert hn and all((c["shape"][2] - 1) * c["shape"][1] >= 2**31 for c in hn)
+    nd = [c for c in large if c["kind"] == "memory_nd"]
+    assert nd and all(c["shape"][1] * c["shape"][3] >= 2**31 for c in nd)
+    bw = s.cases("bandwidth")
+    assert bw and all(c["shape"][1] == 1 << 24 for c in bw)
+    assert len(s.cases("all")) == len(parity) + len(large) + len(bw)
+    with pytest.raises(ValueError):
+        s.cases("nope")
+
+
+@pytest.mark.skipif(not nm.has_extension(), reason="needs the native extension")
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_op_sequence_runs_on_cpu(misaligned):
+    """The smoke's op sequence, on CPU tensors: the native CPU kernels against the reference."""
+    s = _smoke()
+    case = dict(part="tiny", shape=(2, 37, 5, 33, 2), dtype="float32", misaligned=misaligned)
+    x = s._inputs(case, device="cpu")
+    got, want = s.run_ops(x, "cpu"), s.run_ops(x, "torch")
+    assert len(got) == len(want) == 25
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"output {i}: {m}")
+        else:
+            assert torch.equal(a, b), i
+
+
+def test_dry_run_lists_every_part(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_smoke.sh"), str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for part in ("preflight", "sanitize-memcheck", "sanitize-racecheck", "sanitize-synccheck", "parity", "large",
+                 "bandwidth"):
+        assert f"[{part}" in res.stdout, part
+    assert "would run: large weights_hn cuda" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a card")
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_check.sh"])
+def test_refuses_without_a_card(tmp_path, script):
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", os.path.join(REPO, "scripts", script), str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 1
+    assert "no CUDA device" in res.stdout + res.stderr
