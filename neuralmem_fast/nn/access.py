@@ -14,6 +14,10 @@ One step, in the order of DeepMind's `dnc/access.py` (temporal links left out):
   4. read:        w^r = content weights of the read keys over the new memory
                   (`content_addressing`), reads = w^r M (`memory_read`).
 
+Gradients flow through every step (nothing in place), except where the
+previous write weights enter the usage: DeepMind detaches them there, and
+so does this module unless `usage_grad=True`.
+
 Allocation. a_{phi_j} = (1 - u_{phi_j}) prod_{i<j} u_{phi_i} over the usage
 sorted ascending (phi); the sort's permutation carries no gradient, the
 sorted values do, as in the DNC. Usage enters as eps + (1 - eps) u with
@@ -138,13 +142,16 @@ class MemoryAccess(nn.Module):
         alloc_tol: the top-k result is used when the product of the k
             smallest usages is below this in every row (bounds its error).
         backend: backend of the memory ops ("auto", "cpu", "cuda", "triton", "torch").
+        usage_grad: False (DeepMind's choice) detaches the previous write
+            weights where they enter the usage; True keeps that path, so the
+            step is differentiable in every input exactly (gradcheck).
 
     `forward(interface, state)` returns (reads (B,R,D), new AccessState).
     The module has no parameters: the controller produces the interface.
     """
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
-                 backend="auto"):
+                 backend="auto", usage_grad=False):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):
@@ -160,6 +167,7 @@ class MemoryAccess(nn.Module):
         self.memory_size, self.word_size = memory_size, word_size
         self.num_reads, self.num_writes = num_reads, num_writes
         self.alloc_topk, self.alloc_tol, self.backend = alloc_topk, alloc_tol, backend
+        self.usage_grad = bool(usage_grad)
         R, W, D = num_reads, num_writes, word_size
         # Flat layout: identity | oneplus | sigmoid blocks, each contiguous,
         # so that parse_interface applies one nonlinearity per block.
@@ -251,8 +259,9 @@ class MemoryAccess(nn.Module):
             interface = self.check_interface(interface, state)
         memory, usage, prev_rw, prev_ww = state
         be = self.backend
-        # 1. usage after the previous write (weights detached, as in DeepMind's code), then the frees.
-        ww = prev_ww.detach()
+        # 1. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code),
+        # then the frees.
+        ww = prev_ww if self.usage_grad else prev_ww.detach()
         written = 1 - torch.prod(1 - ww, dim=1) if self.num_writes > 1 else ww[:, 0]
         usage = usage + written - usage * written
         psi = torch.prod(1 - interface.free_gates.unsqueeze(-1) * prev_rw, dim=1)
