@@ -339,3 +339,20 @@ def test_a_short_copy_run_learns(one_thread):
     with torch.no_grad():
         trained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
     assert trained < 0.5 * untrained, (untrained, trained)
+
+
+def test_train_cli_writes_curves_and_metrics(tmp_path, one_thread):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from neuralmem_fast.apps.train import main
+
+    argv = ["copy", "--model", "core,lstm", "--steps", "4", "--log-every", "2", "--max-len", "2",
+            "--memory-size", "4", "--word-size", "4", "--hidden-size", "8", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "copy_metrics.json").read_text())
+    assert [m["model"] for m in res["models"]] == ["core", "lstm"]
+    for m in res["models"]:
+        assert m["steps"] == [2, 4] and len(m["bits_wrong"]) == 2 and all(math.isfinite(v) for v in m["loss"])
+    assert abs(res["models"][0]["params"] - res["models"][1]["params"]) < 0.1 * res["models"][0]["params"]
+    assert (tmp_path / "copy_curves.png").stat().st_size > 0
