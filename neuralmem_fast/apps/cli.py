@@ -1,4 +1,4 @@
-"""`python -m neuralmem_fast demo|bench|scale|autotune`: each subcommand lives in its own module."""
+"""`python -m neuralmem_fast demo|bench|scale|autotune|train`: each subcommand lives in its own module."""
 import importlib
 import sys
 
@@ -7,6 +7,7 @@ COMMANDS = {
     "bench": ("neuralmem_fast.apps.bench", "the benchmark suites and benchmarks/REPORT.md"),
     "scale": ("neuralmem_fast.apps.scale", "the large-memory sweep (results/scale.json + plot)"),
     "autotune": ("neuralmem_fast.apps.autotune", "the GPU backend table of backend='auto', from a bench.json"),
+    "train": ("neuralmem_fast.apps.train", "train memory models on copy / associative recall (curves PNG + JSON)"),
 }
 
 

@@ -1,0 +1,167 @@
+"""The classic memory tasks (copy, associative recall) and the models trained on them.
+
+Each generator returns (x, target, mask): x (B, T, bits + 2) inputs with two
+flag channels, target (B, T, bits) and mask (B, T), 1 where the model's
+output is scored. Sequences of a batch have their own lengths and are padded
+at the end (mask 0 there).
+
+copy (Graves et al. 2014): L random vectors of `bits` bits (L uniform in
+  [min_len, max_len]), then one step with the end flag (channel bits + 1), then
+  L blank steps during which the target is the sequence. T = 2 L + 1.
+associative recall: n items (n uniform in [min_items, max_items]) of
+  `item_len` vectors of `bits` bits, each item preceded by one step with the
+  item flag (channel bits); then the query flag (channel bits + 1), a query
+  item chosen among the first n - 1, the query flag again, and `item_len`
+  blank steps whose target is the item that followed the query.
+
+Loss: sigmoid cross-entropy summed over the scored bits of a sequence and
+averaged over the batch. Bits wrong per sequence: output bits wrong after
+thresholding at 0.5 (logit 0), summed over the scored part, averaged over the
+batch.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import MemoryCore
+
+__all__ = ["copy_batch", "recall_batch", "TASKS", "sequence_loss", "bits_wrong", "LSTMModel", "DNCPackageModel",
+           "build_model", "param_count", "dnc_package_available"]
+
+
+def copy_batch(batch_size, bits=8, min_len=1, max_len=20, generator=None, dtype=torch.float32):
+    """A copy batch: (x (B, 2 L_max + 1, bits + 2), target (B, T, bits), mask (B, T))."""
+    if not (1 <= min_len <= max_len):
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    B, T = batch_size, 2 * max_len + 1
+    lens = torch.randint(min_len, max_len + 1, (B,), generator=generator)
+    seq = torch.randint(0, 2, (B, max_len, bits), generator=generator).to(dtype)
+    x = torch.zeros(B, T, bits + 2, dtype=dtype)
+    target = torch.zeros(B, T, bits, dtype=dtype)
+    mask = torch.zeros(B, T, dtype=dtype)
+    for b, L in enumerate(lens.tolist()):
+        x[b, :L, :bits] = seq[b, :L]
+        x[b, L, bits + 1] = 1
+        target[b, L + 1:2 * L + 1] = seq[b, :L]
+        mask[b, L + 1:2 * L + 1] = 1
+    return x, target, mask
+
+
+def recall_batch(batch_size, bits=6, item_len=3, min_items=2, max_items=6, generator=None, dtype=torch.float32):
+    """An associative-recall batch: (x (B, T, bits + 2), target (B, T, bits), mask (B, T))."""
+    if not (2 <= min_items <= max_items):
+        raise ValueError(f"need 2 <= min_items <= max_items, got {min_items}, {max_items}")
+    B = batch_size
+    T = max_items * (item_len + 1) + 2 + 2 * item_len
+    ns = torch.randint(min_items, max_items + 1, (B,), generator=generator)
+    items = torch.randint(0, 2, (B, max_items, item_len, bits), generator=generator).to(dtype)
+    x = torch.zeros(B, T, bits + 2, dtype=dtype)
+    target = torch.zeros(B, T, bits, dtype=dtype)
+    mask = torch.zeros(B, T, dtype=dtype)
+    for b, n in enumerate(ns.tolist()):
+        t = 0
+        for i in range(n):
+            x[b, t, bits] = 1
+            x[b, t + 1:t + 1 + item_len, :bits] = items[b, i]
+            t += item_len + 1
+        q = int(torch.randint(0, n - 1, (1,), generator=generator))
+        x[b, t, bits + 1] = 1
+        x[b, t + 1:t + 1 + item_len, :bits] = items[b, q]
+        t += item_len + 1
+        x[b, t, bits + 1] = 1
+        t += 1
+        target[b, t:t + item_len] = items[b, q + 1]
+        mask[b, t:t + item_len] = 1
+    return x, target, mask
+
+
+# name -> (generator, its keyword defaults: the issue's settings)
+TASKS = {
+    "copy": (copy_batch, {"bits": 8, "min_len": 1, "max_len": 20}),
+    "recall": (recall_batch, {"bits": 6, "item_len": 3, "min_items": 2, "max_items": 6}),
+}
+
+
+def sequence_loss(logits, target, mask):
+    """Sigmoid cross-entropy summed over the scored bits of a sequence, averaged over the batch."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (ce * mask.unsqueeze(-1)).sum() / logits.shape[0]
+
+
+@torch.no_grad()
+def bits_wrong(logits, target, mask):
+    """Output bits wrong after thresholding at 0.5, summed per sequence, averaged over the batch."""
+    wrong = ((logits > 0).to(target.dtype) != target).to(target.dtype) * mask.unsqueeze(-1)
+    return float(wrong.sum() / logits.shape[0])
+
+
+def param_count(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class LSTMModel(nn.Module):
+    """The baseline: one LSTM layer and a linear read-out; `(y, state) = model(x)` like MemoryCore."""
+
+    def __init__(self, input_size, output_size, hidden_size):
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.output = nn.Linear(hidden_size, output_size)
+
+    def forward(self, x, state=None):
+        h, state = self.lstm(x, state)
+        return self.output(h), state
+
+
+def lstm_hidden_for(params, input_size, output_size):
+    """The LSTM width whose parameter count is closest to `params`."""
+    best, h = 1, 1
+    while True:
+        n = 4 * h * (input_size + h + 2) + h * output_size + output_size
+        if abs(n - params) < abs(4 * best * (input_size + best + 2) + best * output_size + output_size - params):
+            best = h
+        if n > params:
+            return best
+        h += 1
+
+
+def dnc_package_available():
+    """True when the `dnc` package (pytorch-dnc) imports; it is an optional peer."""
+    try:
+        from dnc import DNC  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means: not available
+        return False
+    return True
+
+
+class DNCPackageModel(nn.Module):
+    """The `dnc` package's DNC (pytorch-dnc) with a fresh memory per batch.
+
+    Its output has the input's width; the first output_size channels are the model's output."""
+
+    def __init__(self, input_size, output_size, memory_size, word_size, num_reads, hidden_size):
+        super().__init__()
+        from dnc import DNC
+        if output_size > input_size:
+            raise ValueError("the dnc package's output has the input's width; output_size must be <= input_size")
+        self.output_size = output_size
+        self.dnc = DNC(input_size=input_size, hidden_size=hidden_size, rnn_type="lstm", num_layers=1,
+                       nr_cells=memory_size, cell_size=word_size, read_heads=num_reads, batch_first=True,
+                       gpu_id=-1)
+
+    def forward(self, x, state=None):
+        out, state = self.dnc(x, (None, None, None), reset_experience=True, pass_through_memory=True)
+        return out[..., :self.output_size], state
+
+
+def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
+                hidden_size=64, alloc_topk=None):
+    """'core' (MemoryCore), 'lstm' (an LSTM with about the core's parameter count) or 'dnc' (the dnc package)."""
+    if kind == "core":
+        return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
+                          hidden_size=hidden_size, alloc_topk=alloc_topk)
+    if kind == "lstm":
+        ref = MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes, hidden_size)
+        return LSTMModel(input_size, output_size, lstm_hidden_for(param_count(ref), input_size, output_size))
+    if kind == "dnc":
+        return DNCPackageModel(input_size, output_size, memory_size, word_size, num_reads, hidden_size)
+    raise ValueError(f"model must be 'core', 'lstm' or 'dnc', got {kind!r}")

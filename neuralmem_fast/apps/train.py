@@ -1,0 +1,187 @@
+"""`python -m neuralmem_fast train copy|recall`: train memory models on the classic tasks.
+
+    python -m neuralmem_fast train copy --model core,lstm --steps 20000 --out results/copy
+
+trains each model in turn (same seed, same batches) with Adam and gradient
+clipping, logs the loss and the bits wrong per sequence (means over the last
+`--log-every` steps) against steps and wall time, and writes
+OUT/<task>_metrics.json (curves, parameter counts, the first step and time at
+which the bits wrong fell below `--threshold`) and OUT/<task>_curves.png.
+`--model dnc` is the `dnc` package's DNC (pytorch-dnc), an optional peer:
+skipped with a note when it does not import. The JSON and the PNG are
+rewritten at every log point, so a run that is stopped keeps its curves.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from .memory_tasks import TASKS, bits_wrong, build_model, dnc_package_available, param_count, sequence_loss
+
+DEFAULT_THRESHOLD = {"copy": 0.1, "recall": 0.5}
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m neuralmem_fast train", description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--model", default="core,lstm", help="comma-separated: core, lstm, dnc (default core,lstm)")
+    p.add_argument("--memory-size", type=int, default=32, help="N slots")
+    p.add_argument("--word-size", type=int, default=16, help="D, the slot width")
+    p.add_argument("--num-reads", type=int, default=1)
+    p.add_argument("--num-writes", type=int, default=1)
+    p.add_argument("--hidden-size", type=int, default=64, help="the controller's LSTM units")
+    p.add_argument("--alloc-topk", type=int, default=None, help="top-k allocation (default: exact sort)")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=None, help="copy: longest sequence; recall: most items")
+    p.add_argument("--threshold", type=float, default=None, help="bits wrong per sequence to reach "
+                   "(default: copy 0.1, recall 0.5)")
+    p.add_argument("--stop-at-threshold", action="store_true", help="stop a model once it reaches the threshold")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget per model")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--out", default="results/train")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _batch_fn(args):
+    gen_fn, kw = TASKS[args.task]
+    kw = dict(kw)
+    if args.max_len is not None:
+        kw["max_len" if args.task == "copy" else "max_items"] = args.max_len
+    return gen_fn, kw
+
+
+def train_one(kind, args, log=print):
+    """Train one model; returns its record (curves and threshold crossing)."""
+    gen_fn, kw = _batch_fn(args)
+    bits = kw["bits"]
+    torch.manual_seed(args.seed)
+    model = build_model(kind, bits + 2, bits, args.memory_size, args.word_size, args.num_reads, args.num_writes,
+                        args.hidden_size, args.alloc_topk)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    threshold = DEFAULT_THRESHOLD[args.task] if args.threshold is None else args.threshold
+    rec = {"model": kind, "params": param_count(model), "steps": [], "wall_s": [], "loss": [], "bits_wrong": [],
+           "threshold": threshold, "reached_step": None, "reached_wall_s": None}
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, desc=f"{args.task}/{kind}", disable=args.no_progress, mininterval=2.0)
+    except ImportError:  # tqdm is an apps dependency; train without a bar when it is missing
+        bar = None
+    win_loss, win_bits, t0 = [], [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        x, target, mask = gen_fn(args.batch_size, generator=gen, **kw)
+        y, _ = model(x)
+        loss = sequence_loss(y, target, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        win_loss.append(loss.item())
+        win_bits.append(bits_wrong(y, target, mask))
+        if bar is not None:
+            bar.update(1)
+        if not math.isfinite(win_loss[-1]):
+            log(f"{kind}: loss is not finite at step {step}; stopping this model")
+            break
+        if step % args.log_every == 0 or step == args.steps:
+            wall = time.perf_counter() - t0
+            rec["steps"].append(step)
+            rec["wall_s"].append(wall)
+            rec["loss"].append(sum(win_loss) / len(win_loss))
+            rec["bits_wrong"].append(sum(win_bits) / len(win_bits))
+            win_loss, win_bits = [], []
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss'][-1]:.3f}", bits=f"{rec['bits_wrong'][-1]:.3f}")
+            if rec["reached_step"] is None and rec["bits_wrong"][-1] < threshold:
+                rec["reached_step"], rec["reached_wall_s"] = step, wall
+                if args.stop_at_threshold:
+                    break
+            yield rec
+            if args.max_minutes is not None and wall > 60 * args.max_minutes:
+                log(f"{kind}: wall-time budget of {args.max_minutes} min spent at step {step}")
+                break
+    if bar is not None:
+        bar.close()
+    yield rec
+
+
+def plot(result, path):
+    """Loss and bits wrong per sequence against steps and against wall time, one line per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for rec in result["models"]:
+        label = f"{rec['model']} ({rec['params']} params)"
+        for row, key in enumerate(("loss", "bits_wrong")):
+            axes[row, 0].plot(rec["steps"], rec[key], label=label)
+            axes[row, 1].plot(rec["wall_s"], rec[key], label=label)
+    for row, key in enumerate(("loss (nats per sequence)", "bits wrong per sequence")):
+        for col, xl in enumerate(("training step", "wall time (s)")):
+            ax = axes[row, col]
+            ax.set_xlabel(xl)
+            ax.set_ylabel(key)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[1, 0].axhline(result["threshold"], color="k", ls=":", lw=1)
+    axes[1, 1].axhline(result["threshold"], color="k", ls=":", lw=1)
+    axes[0, 0].legend()
+    import textwrap
+    fig.suptitle("\n".join(textwrap.wrap(f"{result['task']}: {result['settings']}", 160)), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    kinds = [k.strip() for k in args.model.split(",") if k.strip()]
+    for k in kinds:
+        if k not in ("core", "lstm", "dnc"):
+            raise SystemExit(f"unknown model {k!r}: use core, lstm or dnc")
+    _, kw = _batch_fn(args)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "model")}
+    settings.update(kw)
+    result = {"task": args.task, "settings": settings, "threshold": DEFAULT_THRESHOLD[args.task]
+              if args.threshold is None else args.threshold, "models": [], "skipped": {}}
+    json_path = os.path.join(args.out, f"{args.task}_metrics.json")
+    png_path = os.path.join(args.out, f"{args.task}_curves.png")
+
+    def save():
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        try:
+            plot(result, png_path)
+        except ImportError:
+            pass
+
+    for kind in kinds:
+        if kind == "dnc" and not dnc_package_available():
+            result["skipped"]["dnc"] = "the dnc package (pytorch-dnc) is not installed or does not import"
+            print("dnc: skipped (the dnc package does not import)")
+            continue
+        result["models"].append(None)
+        for i, rec in enumerate(train_one(kind, args)):
+            result["models"][-1] = rec
+            if i % 10 == 0:
+                save()
+        save()
+        r = result["models"][-1]
+        reached = (f"reached {r['threshold']} bits wrong at step {r['reached_step']} "
+                   f"({r['reached_wall_s']:.0f} s)" if r["reached_step"] else "did not reach the threshold")
+        last = f"last: loss {r['loss'][-1]:.3f}, bits wrong {r['bits_wrong'][-1]:.3f}" if r["loss"] else ""
+        print(f"{args.task}/{kind}: {r['params']} params, {reached}; {last}")
+    save()
+    print(f"wrote {json_path} and {png_path}")
+    return 0

@@ -1,0 +1,280 @@
+"""MemoryAccess: the DNC's memory access (Graves et al. 2016) on the fused ops.
+
+Design
+------
+One step, in the order of DeepMind's `dnc/access.py` (temporal links left out):
+
+  1. usage:       u = (u + w - u*w) * psi,  w = 1 - prod_w(1 - w^w_{t-1}) (the
+                  previous write weights, detached as in DeepMind's code),
+                  retention psi = prod_r(1 - f_r * w^r_{t-1});
+  2. write:       w^w = g_w * (g_a * a + (1 - g_a) * c), c the content weights
+                  of the write keys over the memory before the write
+                  (`content_addressing`), a the allocation weighting;
+  3. erase-add:   M = M * prod_w(1 - w^w e) + sum_w w^w v (`memory_write`);
+  4. read:        w^r = content weights of the read keys over the new memory
+                  (`content_addressing`), reads = w^r M (`memory_read`).
+
+Gradients flow through every step (nothing in place), except where the
+previous write weights enter the usage: DeepMind detaches them there, and
+so does this module unless `usage_grad=True`.
+
+Allocation. a_{phi_j} = (1 - u_{phi_j}) prod_{i<j} u_{phi_i} over the usage
+sorted ascending (phi); the sort's permutation carries no gradient, the
+sorted values do, as in the DNC. Usage enters as eps + (1 - eps) u with
+eps = 1e-6 (DeepMind's `_EPSILON`). With several write heads the heads
+allocate one after another, each raising the usage of what it took by
+(1 - u) * g_w g_a a before the next one sorts (DeepMind's
+`write_allocation_weights`), so two heads never take the same free slot.
+
+Top-k allocation. An exact sort is O(N log N) per step. With
+`alloc_topk=k`, only the k least-used slots are found (`torch.topk`) and the
+formula is applied over them; the slots beyond receive nothing. What they
+would receive sums to at most prod_{i<=k} u_{phi_i} (the mass left after the
+k first), so the top-k result is used when that product is below
+`alloc_tol` for every memory of the batch, and the exact sort otherwise.
+
+Initial state. Memory, usage, read and write weights all start at zero. A
+zero memory addresses every slot alike by content (the tutorial's slots stay
+identical for that reason), but allocation does not: with equal usage the
+sort puts one slot first and a = 1 there, about eps (1e-6) at the next and
+less after, so the first write lands in one slot and each later one in the
+next free slot. Allocation breaks the symmetry by itself; no random
+initial memory is needed.
+
+Inputs. `forward(interface, state)` takes an `AccessInterface` of tensors (a
+user may build one) and checks it: shapes, dtypes, devices, finite values,
+gates and erase vectors in [0, 1], strengths >= 0; errors name the field.
+Nothing is written in place, so a step that raises leaves the caller's state
+as it was. `parse_interface(flat)` maps a (B, interface_size) tensor to an
+interface with the DNC's nonlinearities (oneplus strengths, sigmoid gates and
+erase vectors); what it returns is in range by construction, and
+`forward(..., validate=False)` skips the checks (and their host syncs).
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+__all__ = ["AccessInterface", "AccessState", "MemoryAccess", "allocation", "write_allocation_weights"]
+
+# DeepMind's _EPSILON: usage enters the allocation as eps + (1 - eps) u.
+ALLOC_EPS = 1e-6
+
+
+class AccessState(NamedTuple):
+    """The access's recurrent state: memory (B,N,D), usage (B,N),
+    read weights (B,R,N), write weights (B,W,N)."""
+
+    memory: torch.Tensor
+    usage: torch.Tensor
+    read_weights: torch.Tensor
+    write_weights: torch.Tensor
+
+
+class AccessInterface(NamedTuple):
+    """One step's interface: keys (B,H,D), strengths (B,H), erase and write
+    vectors (B,W,D), free gates (B,R), allocation and write gates (B,W)."""
+
+    read_keys: torch.Tensor
+    read_strengths: torch.Tensor
+    write_keys: torch.Tensor
+    write_strengths: torch.Tensor
+    erase_vectors: torch.Tensor
+    write_vectors: torch.Tensor
+    free_gates: torch.Tensor
+    allocation_gates: torch.Tensor
+    write_gates: torch.Tensor
+
+
+def _sorted_allocation(sorted_usage):
+    """(1 - u_j) prod_{i<j} u_i over usage already sorted ascending."""
+    ones = torch.ones_like(sorted_usage[..., :1])
+    excl = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
+    return (1 - sorted_usage) * excl
+
+
+def allocation(usage, topk=None, tol=1e-6):
+    """The DNC's allocation weighting (B, N) of usage (B, N).
+
+    With `topk=k` (< N), the formula over the k least-used slots when the
+    product of their usages is below `tol` in every row, else the exact sort.
+    """
+    u = ALLOC_EPS + (1 - ALLOC_EPS) * usage
+    N = u.shape[-1]
+    if topk is not None and topk < N:
+        vals, idx = torch.topk(u, topk, dim=-1, largest=False, sorted=True)
+        if bool((vals.prod(dim=-1) < tol).all()):
+            return torch.zeros_like(u).scatter(-1, idx, _sorted_allocation(vals))
+    vals, idx = torch.sort(u, dim=-1, stable=True)
+    return torch.zeros_like(u).scatter(-1, idx, _sorted_allocation(vals))
+
+
+def write_allocation_weights(usage, gates, topk=None, tol=1e-6):
+    """Allocation weights (B, W, N) for W write heads, allocated one after
+    another: head i sorts the usage raised by heads < i, u += (1 - u) g_i a_i
+    with g_i = write gate * allocation gate (B, W)."""
+    out = []
+    for i in range(gates.shape[1]):
+        a = allocation(usage, topk, tol)
+        out.append(a)
+        if i + 1 < gates.shape[1]:
+            usage = usage + (1 - usage) * gates[:, i:i + 1] * a
+    return torch.stack(out, dim=1)
+
+
+def _fail(name, msg):
+    raise ValueError(f"{name}: {msg}")
+
+
+class MemoryAccess(nn.Module):
+    """The DNC's memory access for B memories of N slots of width D, with R
+    read heads and W write heads (no temporal links; see the module doc).
+
+    Args:
+        memory_size: N, the number of slots (>= num_reads and >= num_writes).
+        word_size: D, the slot width.
+        num_reads: R read heads.
+        num_writes: W write heads.
+        alloc_topk: None for the exact sort; k for the top-k allocation.
+        alloc_tol: the top-k result is used when the product of the k
+            smallest usages is below this in every row (bounds its error).
+        backend: backend of the memory ops ("auto", "cpu", "cuda", "triton", "torch").
+        usage_grad: False (DeepMind's choice) detaches the previous write
+            weights where they enter the usage; True keeps that path, so the
+            step is differentiable in every input exactly (gradcheck).
+
+    `forward(interface, state)` returns (reads (B,R,D), new AccessState).
+    The module has no parameters: the controller produces the interface.
+    """
+
+    def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
+                 backend="auto", usage_grad=False):
+        super().__init__()
+        for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
+                        ("num_writes", num_writes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if memory_size < max(num_reads, num_writes):
+            raise ValueError(f"memory_size ({memory_size}) must be at least the number of heads "
+                             f"(num_reads={num_reads}, num_writes={num_writes})")
+        if alloc_topk is not None and (not isinstance(alloc_topk, int) or alloc_topk < 1):
+            raise ValueError(f"alloc_topk must be None or a positive int, got {alloc_topk!r}")
+        if not (0.0 < alloc_tol < 1.0):
+            raise ValueError(f"alloc_tol must be in (0, 1), got {alloc_tol!r}")
+        self.memory_size, self.word_size = memory_size, word_size
+        self.num_reads, self.num_writes = num_reads, num_writes
+        self.alloc_topk, self.alloc_tol, self.backend = alloc_topk, alloc_tol, backend
+        self.usage_grad = bool(usage_grad)
+        R, W, D = num_reads, num_writes, word_size
+        # Flat layout: identity | oneplus | sigmoid blocks, each contiguous,
+        # so that parse_interface applies one nonlinearity per block.
+        self._linear_sizes = [R * D, W * D, W * D]          # read keys, write keys, write vectors
+        self._oneplus_sizes = [R, W]                        # read, write strengths
+        self._sigmoid_sizes = [W * D, R, W, W]              # erase, free, allocation, write gates
+        self.interface_size = sum(self._linear_sizes) + sum(self._oneplus_sizes) + sum(self._sigmoid_sizes)
+
+    def extra_repr(self):
+        return (f"memory_size={self.memory_size}, word_size={self.word_size}, num_reads={self.num_reads}, "
+                f"num_writes={self.num_writes}, alloc_topk={self.alloc_topk}, alloc_tol={self.alloc_tol}")
+
+    def initial_state(self, batch_size, dtype=torch.float32, device=None):
+        """All zeros (see the module doc for why that is enough)."""
+        B, N, D, R, W = batch_size, self.memory_size, self.word_size, self.num_reads, self.num_writes
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        return AccessState(z(B, N, D), z(B, N), z(B, R, N), z(B, W, N))
+
+    def parse_interface(self, flat):
+        """(B, interface_size) -> AccessInterface, with oneplus strengths and sigmoid gates."""
+        if flat.dim() != 2 or flat.shape[1] != self.interface_size:
+            raise ValueError(f"interface must be (B, {self.interface_size}), got {tuple(flat.shape)}")
+        B, R, W, D = flat.shape[0], self.num_reads, self.num_writes, self.word_size
+        n_lin, n_one = sum(self._linear_sizes), sum(self._oneplus_sizes)
+        lin = flat[:, :n_lin]
+        one = 1 + F.softplus(flat[:, n_lin:n_lin + n_one])
+        sig = torch.sigmoid(flat[:, n_lin + n_one:])
+        rk, wk, wv = lin.split(self._linear_sizes, dim=1)
+        rs, ws = one.split(self._oneplus_sizes, dim=1)
+        er, fg, ag, wg = sig.split(self._sigmoid_sizes, dim=1)
+        return AccessInterface(rk.reshape(B, R, D), rs, wk.reshape(B, W, D), ws, er.reshape(B, W, D),
+                               wv.reshape(B, W, D), fg, ag, wg)
+
+    # ------------------------------------------------------------------ checks
+    def check_state(self, state, batch_size=None):
+        """Shapes, dtype and device of an AccessState; returns its batch size."""
+        if not isinstance(state, tuple) or len(state) != 4:
+            raise TypeError(f"state must be an AccessState (memory, usage, read_weights, write_weights), "
+                            f"got {type(state).__name__}")
+        memory = state[0]
+        if not isinstance(memory, torch.Tensor) or memory.dim() != 3:
+            _fail("state.memory", f"expected a (B, N, D) tensor, got {getattr(memory, 'shape', type(memory))}")
+        B = memory.shape[0] if batch_size is None else batch_size
+        N, D, R, W = self.memory_size, self.word_size, self.num_reads, self.num_writes
+        want = {"memory": (B, N, D), "usage": (B, N), "read_weights": (B, R, N), "write_weights": (B, W, N)}
+        for name, t in zip(AccessState._fields, state):
+            if not isinstance(t, torch.Tensor):
+                _fail(f"state.{name}", f"expected a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want[name]:
+                _fail(f"state.{name}", f"expected shape {want[name]}, got {tuple(t.shape)}")
+            if not t.is_floating_point() or t.dtype != memory.dtype or t.device != memory.device:
+                _fail(f"state.{name}", f"expected {memory.dtype} on {memory.device}, got {t.dtype} on {t.device}")
+        return B
+
+    def check_interface(self, interface, state):
+        """Shapes, finiteness and ranges of a user-built interface; errors name the field."""
+        if not isinstance(interface, AccessInterface):
+            if isinstance(interface, dict):
+                interface = AccessInterface(**interface)
+            else:
+                raise TypeError(f"interface must be an AccessInterface, got {type(interface).__name__}")
+        B = self.check_state(state)
+        memory = state.memory
+        R, W, D = self.num_reads, self.num_writes, self.word_size
+        want = {"read_keys": (B, R, D), "read_strengths": (B, R), "write_keys": (B, W, D),
+                "write_strengths": (B, W), "erase_vectors": (B, W, D), "write_vectors": (B, W, D),
+                "free_gates": (B, R), "allocation_gates": (B, W), "write_gates": (B, W)}
+        unit = ("erase_vectors", "free_gates", "allocation_gates", "write_gates")
+        for name, t in zip(AccessInterface._fields, interface):
+            if not isinstance(t, torch.Tensor):
+                _fail(name, f"expected a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want[name]:
+                _fail(name, f"expected shape {want[name]}, got {tuple(t.shape)}")
+            if t.dtype != memory.dtype or t.device != memory.device:
+                _fail(name, f"expected {memory.dtype} on {memory.device} (the memory's), got {t.dtype} on {t.device}")
+            d = t.detach()
+            if not bool(torch.isfinite(d).all()):
+                _fail(name, "contains NaN or inf")
+            if name in unit and not bool(((d >= 0) & (d <= 1)).all()):
+                _fail(name, f"must lie in [0, 1], got values in [{d.min().item():.4g}, {d.max().item():.4g}]")
+            if name.endswith("strengths") and not bool((d >= 0).all()):
+                _fail(name, f"must be >= 0, got a minimum of {d.min().item():.4g}")
+        return interface
+
+    # ------------------------------------------------------------------ step
+    def forward(self, interface, state, validate=True):
+        """One access step: returns (reads (B,R,D), new AccessState)."""
+        if validate:
+            interface = self.check_interface(interface, state)
+        memory, usage, prev_rw, prev_ww = state
+        be = self.backend
+        # 1. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code),
+        # then the frees.
+        ww = prev_ww if self.usage_grad else prev_ww.detach()
+        written = 1 - torch.prod(1 - ww, dim=1) if self.num_writes > 1 else ww[:, 0]
+        usage = usage + written - usage * written
+        psi = torch.prod(1 - interface.free_gates.unsqueeze(-1) * prev_rw, dim=1)
+        usage = usage * psi
+        # 2. write weights: content of the memory before the write, and allocation.
+        content = ops.content_addressing(memory, interface.write_keys, interface.write_strengths, backend=be)
+        g_w = interface.write_gates.unsqueeze(-1)
+        g_a = interface.allocation_gates.unsqueeze(-1)
+        alloc = write_allocation_weights(usage, (g_w * g_a).squeeze(-1), self.alloc_topk, self.alloc_tol)
+        write_weights = g_w * (g_a * alloc + (1 - g_a) * content)
+        # 3. erase-add; 4. read the new memory.
+        memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
+                                  backend=be)
+        read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
+        reads = ops.memory_read(memory, read_weights, backend=be)
+        return reads, AccessState(memory, usage, read_weights, write_weights)

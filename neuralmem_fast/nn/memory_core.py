@@ -1,0 +1,117 @@
+"""MemoryCore: a DNC-class recurrent core, an LSTM controller plus MemoryAccess.
+
+Per step (DeepMind's `dnc/dnc.py`): the controller reads [x_t, reads_{t-1}];
+a linear layer of its output gives the access interface (oneplus strengths,
+sigmoid gates and erase vectors, `MemoryAccess.parse_interface`); the access
+writes and reads; y_t = Linear([h_t, reads_t]).
+
+`forward` is a plain loop over `step`, whose state is a flat NamedTuple of
+tensors (`CoreState`), so that another scan (e.g. a checkpointed one, for
+backprop in bounded memory) can replace the loop without touching `step`.
+Nothing is written in place: training runs through every write, and the
+gradient of a loss at step t reaches the write heads of every earlier step.
+Device-agnostic: the ops choose their kernels for the tensors' device.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .access import AccessState, MemoryAccess
+
+__all__ = ["CoreState", "MemoryCore"]
+
+
+class CoreState(NamedTuple):
+    """Controller state h, c (B,H); last reads (B,R,D); the access's state."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    reads: torch.Tensor
+    memory: torch.Tensor
+    usage: torch.Tensor
+    read_weights: torch.Tensor
+    write_weights: torch.Tensor
+
+    @property
+    def access(self):
+        return AccessState(self.memory, self.usage, self.read_weights, self.write_weights)
+
+
+class MemoryCore(nn.Module):
+    """An LSTM controller with a DNC memory access, reads fed back.
+
+    Args:
+        input_size, output_size: per-step input and output widths.
+        memory_size: N slots; word_size: D, the slot width.
+        num_reads: R read heads; num_writes: W write heads.
+        hidden_size: the LSTM's units.
+        alloc_topk, alloc_tol: top-k allocation (see MemoryAccess); None: the exact sort.
+        backend: backend of the memory ops.
+
+    `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
+    y is (B, T, output_size). `core.step(x_t, state)` is one step.
+    """
+
+    def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
+                 alloc_topk=None, alloc_tol=1e-6, backend="auto"):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("output_size", output_size), ("hidden_size", hidden_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend)
+        self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
+        read_size = num_reads * word_size
+        self.controller = nn.LSTMCell(input_size + read_size, hidden_size)
+        self.interface = nn.Linear(hidden_size, self.access.interface_size)
+        self.output = nn.Linear(hidden_size + read_size, output_size)
+
+    def initial_state(self, batch_size, dtype=None, device=None):
+        """Zeros throughout (MemoryAccess.initial_state says why that suffices)."""
+        p = self.output.weight
+        dtype = p.dtype if dtype is None else dtype
+        device = p.device if device is None else device
+        a = self.access
+        h = torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device)
+        reads = torch.zeros(batch_size, a.num_reads, a.word_size, dtype=dtype, device=device)
+        return CoreState(h, h.clone(), reads, *a.initial_state(batch_size, dtype, device))
+
+    def check_state(self, state, batch_size):
+        if not isinstance(state, CoreState):
+            raise TypeError(f"state must be a CoreState or None, got {type(state).__name__}")
+        B, H, R, D = batch_size, self.hidden_size, self.access.num_reads, self.access.word_size
+        for name, t, shape in (("h", state.h, (B, H)), ("c", state.c, (B, H)), ("reads", state.reads, (B, R, D))):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                raise ValueError(f"state.{name}: expected shape {shape}, got {tuple(getattr(t, 'shape', ()))}")
+        self.access.check_state(state.access, B)
+
+    def step(self, x_t, state):
+        """One step: x_t (B, input_size) -> (y_t (B, output_size), new CoreState). No input checks."""
+        B = x_t.shape[0]
+        h, c = self.controller(torch.cat([x_t, state.reads.reshape(B, -1)], dim=1), (state.h, state.c))
+        iface = self.access.parse_interface(self.interface(h))
+        reads, acc = self.access(iface, state.access, validate=False)
+        y = self.output(torch.cat([h, reads.reshape(B, -1)], dim=1))
+        return y, CoreState(h, c, reads, *acc)
+
+    def forward(self, x, state=None):
+        """x (B, T, input_size) -> (y (B, T, output_size), final CoreState)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"x must be (B, T, {self.input_size}) batch-first, got "
+                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"x must have B >= 1 and T >= 1, got {tuple(x.shape)}")
+        p = self.output.weight
+        if x.dtype != p.dtype or x.device != p.device:
+            raise ValueError(f"x must be {p.dtype} on {p.device} (the parameters'), got {x.dtype} on {x.device}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        else:
+            self.check_state(state, x.shape[0])
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t], state)
+            ys.append(y)
+        return torch.stack(ys, dim=1), state
