@@ -56,13 +56,14 @@ def reference_agent(config, hidden_dim, input_dim=64, seed_compat=False):
 
 
 def _fast_agent(replay):
-    def factory(config, hidden_dim, input_dim=64, seed_compat=False):
+    def factory(config, hidden_dim, input_dim=64, seed_compat=False, write_mode=None):
         from ..models import agent
 
         if seed_compat:
             # The fast agent never writes memory during evaluation, by design.
             raise ValueError("seed_compat (evaluation writes to memory) needs the reference agent")
-        return agent.make_agent(replay, input_dim=input_dim, hidden_dim=hidden_dim, config=config)
+        return agent.make_agent(replay, input_dim=input_dim, hidden_dim=hidden_dim, config=config,
+                                write_mode=write_mode)
 
     factory.__name__ = f"{replay}_agent"
     return factory
@@ -73,11 +74,19 @@ DEFAULT_AGENT = "batched"
 FAST_AGENTS = ("batched", "sequential")
 
 
-def build_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False):
-    """Builds the agent named `kind` (a key of AGENTS) for a memory config."""
+def build_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False, write_mode=None):
+    """Builds the agent named `kind` (a key of AGENTS) for a memory config.
+
+    write_mode (fast agents): the bank's write addressing, "allocation" (their
+    default), "content" (the tutorial's, as the reference agent) or "none"."""
     if kind not in AGENTS:
         raise ValueError(f"unknown agent {kind!r}; choose one of {sorted(AGENTS)}")
-    return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat)
+    if write_mode is None:
+        return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat)
+    if kind == "reference" and write_mode != "content":
+        raise ValueError(f"the reference agent writes as the tutorial (write_mode='content'), got {write_mode!r}")
+    kw = {} if kind == "reference" else {"write_mode": write_mode}
+    return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +135,13 @@ def parse_args(argv=None):
     p.add_argument("--train-per-task", type=int, default=None,
                    help="digits: training samples per task (default 300; all of them with 0)")
     p.add_argument("--test-per-task", type=int, default=None, help="digits: test samples per task (default all)")
+    p.add_argument("--write-mode", choices=("allocation", "content", "none"), default=None,
+                   help="fast agent's memory writes: allocation (least-used slot first; the default), content "
+                        "(the tutorial's: from the zero memory every slot gets the same write; the default with "
+                        "--compare-reference, which runs the same work as the reference) or none (reads stay zero)")
+    p.add_argument("--ablation", action="store_true",
+                   help="digits: compare memory variants (allocation writes, reads zero, the tutorial's uniform "
+                        "writes, and an episodic memory of inputs and targets) instead of replay on/off")
     p.add_argument("--seed-compat", action="store_true",
                    help="the seed's behaviour: test sets are training prefixes, evaluation writes to memory")
     # One sample per step on tensors of a few thousand elements: intra-op
@@ -149,6 +165,10 @@ def parse_args(argv=None):
         p.error("--seed-compat needs --reference (the fast agent's evaluation never writes to memory)")
     if args.compare_reference and args.agent == "reference":
         p.error("--compare-reference compares a fast agent with the reference: drop --reference")
+    if args.agent == "reference" and args.write_mode not in (None, "content"):
+        p.error("--write-mode applies to the fast agents (the reference writes as the tutorial)")
+    if args.ablation and args.dataset != "digits":
+        p.error("--ablation applies to --dataset digits")
     if args.dataset == "digits":
         if args.agent not in FAST_AGENTS:
             p.error("--dataset digits runs the fast agent (--agent batched or sequential)")
@@ -225,7 +245,14 @@ def run_one(args, use_replay, progress=None, log=print, kind=None):
     """One agent (`kind`, default args.agent), learned from scratch with seed args.seed; returns (metrics, agent)."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    agent = build_agent(kind or args.agent, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat)
+    kind = kind or args.agent
+    write_mode = args.write_mode
+    if kind == "reference":
+        write_mode = None
+    elif write_mode is None and args.compare_reference:
+        write_mode = "content"  # the same work as the reference agent
+    agent = build_agent(kind, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat,
+                        write_mode=write_mode)
     on_step = None
     if progress is not None:
         def on_step(loss, _n=[0]):
@@ -316,7 +343,8 @@ def run_demo(args):
     metrics = {
         "agent": args.agent,
         "dataset": "synthetic",
-        "settings": {k: getattr(args, k) for k in (*DEFAULTS, "seed", "seed_compat", "quick")},
+        "settings": {k: getattr(args, k) for k in (*DEFAULTS, "seed", "seed_compat", "quick", "write_mode")},
+        "write_mode": getattr(agents["with_replay"].memory_bank, "write_mode", "content"),
         "torch_threads": torch.get_num_threads(),
         "runs": runs,
         # the seed's results dict, both curves filled
@@ -342,11 +370,19 @@ def run_demo(args):
                                            "reference": ref_runs[name]["average_final_error"]}
                                     for name in runs},
         }
+    metrics["memory_slot_spread"] = slot_spread(agents["with_replay"].memory_bank.memory)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if not args.no_plot:
         plot(metrics, agents["with_replay"].memory_bank.memory, os.path.join(args.out, "neural_memory_results.png"))
     return metrics
+
+
+def slot_spread(memory):
+    """How much the slots differ: the largest, over the slot's dimensions, of
+    max - min across the slots of the (N, D) memory (0 when all slots are identical)."""
+    m = memory.detach().float()
+    return float((m.amax(dim=0) - m.amin(dim=0)).max()) if m.numel() else 0.0
 
 
 def plot(metrics, memory, path):
@@ -362,7 +398,9 @@ def plot(metrics, memory, path):
 
     ax = axes[0, 0]
     im = ax.imshow(memory.detach().cpu().float().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_title("Neural memory bank after the last task (with replay)", fontweight="bold")
+    mode = metrics.get("write_mode", "content")
+    ax.set_title(f"Neural memory bank after the last task (with replay)\n{mode} writes: slots differ by up to "
+                 f"{slot_spread(memory):.3g}", fontweight="bold")
     ax.set_xlabel("Memory dimension")
     ax.set_ylabel("Memory slot")
     fig.colorbar(im, ax=ax)
