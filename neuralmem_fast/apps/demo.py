@@ -24,6 +24,8 @@ Writes under --out:
                              with --compare-reference the reference agent's
                              runs, both training times and their ratio)
   with --dataset digits:     digits_continual.png and digits_metrics.json
+  with --ablation too:       digits_ablation.png and digits_ablation.json (the
+                             memory variants of experiments.ABLATION_VARIANTS)
 
 Agents. `AGENTS` maps a name to a factory `(config, hidden_dim, input_dim,
 seed_compat) -> agent`, and `build_agent` is the one place that builds one;
@@ -169,6 +171,8 @@ def parse_args(argv=None):
         p.error("--write-mode applies to the fast agents (the reference writes as the tutorial)")
     if args.ablation and args.dataset != "digits":
         p.error("--ablation applies to --dataset digits")
+    if args.ablation and args.write_mode is not None:
+        p.error("--ablation sets each variant's write mode: drop --write-mode")
     if args.dataset == "digits":
         if args.agent not in FAST_AGENTS:
             p.error("--dataset digits runs the fast agent (--agent batched or sequential)")
@@ -455,17 +459,21 @@ def _fmt(x):
 
 def run_digits(args):
     """The digits experiment with the chosen fast agent; returns its results dict."""
-    from .experiments import run_digits_experiment
+    from .experiments import ablation_agent, run_digits_experiment
 
     config = _config(args)
 
     def agent_factory():
-        return build_agent(args.agent, config, args.hidden, input_dim=64)
+        return build_agent(args.agent, config, args.hidden, input_dim=64, write_mode=args.write_mode)
+
+    def variant_factory(variant):
+        return ablation_agent(variant, args.agent, args.hidden, config=config)
 
     return run_digits_experiment(args.out, seeds=tuple(args.seeds), epochs=args.epochs,
                                  train_per_task=args.train_per_task, test_per_task=args.test_per_task,
                                  agent_factory=agent_factory, hidden_dim=args.hidden, replay=args.agent,
-                                 plot=not args.no_plot, verbose=True)
+                                 plot=not args.no_plot, verbose=True, ablation=args.ablation,
+                                 variant_factory=variant_factory)
 
 
 def main(argv=None):
@@ -473,8 +481,10 @@ def main(argv=None):
     metrics = run_demo(args)
     if args.dataset == "digits":
         print(f"digits experiment, {args.agent} agent, seeds {args.seeds}: {metrics['seconds']:.1f} s")
-        print(f"wrote {os.path.join(args.out, 'digits_metrics.json')}"
-              + ("" if args.no_plot else f" and {os.path.join(args.out, 'digits_continual.png')}"))
+        stem = "digits_ablation" if args.ablation else "digits_metrics"
+        png = "digits_ablation.png" if args.ablation else "digits_continual.png"
+        print(f"wrote {os.path.join(args.out, stem + '.json')}"
+              + ("" if args.no_plot else f" and {os.path.join(args.out, png)}"))
         return 0
     print(f"agent: {args.agent}")
     for name, r in metrics["runs"].items():

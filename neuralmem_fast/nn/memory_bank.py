@@ -63,7 +63,8 @@ DNC's allocation weighting (`nn.access.allocation`): each write goes to the
 least-used slot, a_j = (1 - u_j) prod_{i<j} u_i over usage sorted ascending
 (usage clamped to [0, 1] there; the bank's usage keeps the tutorial's
 update, decay then add), several heads taking distinct slots one after
-another (`write_allocation_weights`, every gate 1). The write key and
+another (`write_allocation_weights`, every gate 1), weights below
+`alloc_floor` (1e-3) dropped (the eps-tail on free slots). The write key and
 strength are then unused; erase and write vectors act as in the tutorial's
 erase-add. Allocation is what breaks the symmetry of the zero memory: the
 first write fills one slot, the next write the next free one. "none": writes
@@ -174,17 +175,21 @@ class NeuralMemoryBank(nn.Module):
             (the DNC's least-used-first allocation) or "none" (no writes: reads stay
             zero); see the module docstring.
         alloc_topk: with allocation, k of the top-k allocation (None: exact sort).
+        alloc_floor: allocation weights below it are set to zero (the DNC's
+            eps-tail on free slots would leave scaled ghost copies, see
+            `_allocation_weights`).
     """
 
     WRITE_MODES = ("content", "allocation", "none")
 
     def __init__(self, config, backend="auto", batch_size=None, differentiable=False, eps=1e-12, decay=0.99,
-                 write_mode="content", alloc_topk=None):
+                 write_mode="content", alloc_topk=None, alloc_floor=1e-3):
         super().__init__()
         if write_mode not in self.WRITE_MODES:
             raise ValueError(f"write_mode must be one of {self.WRITE_MODES}, got {write_mode!r}")
         self.write_mode = write_mode
         self.alloc_topk = alloc_topk
+        self.alloc_floor = float(alloc_floor)
         self.memory_size = config.memory_size
         self.memory_dim = config.memory_dim
         self.num_read_heads = config.num_read_heads
@@ -369,7 +374,12 @@ class NeuralMemoryBank(nn.Module):
         """(B, W, N) allocation weights of W heads, least-used slots first."""
         u = usage.detach().clamp(0.0, 1.0)
         gates = u.new_ones(u.shape[0], n_heads)
-        return write_allocation_weights(u, gates, topk=self.alloc_topk)
+        w = write_allocation_weights(u, gates, topk=self.alloc_topk)
+        # The DNC's tail: with free slots at usage ~0 the next free slots get
+        # eps, eps^2, ... (eps = 1e-6). Cosine addressing is scale invariant, so
+        # a slot holding 1e-6 v reads as v: a ghost copy that takes half the
+        # read weight of a query for v. Weights below alloc_floor are dropped.
+        return torch.where(w >= self.alloc_floor, w, torch.zeros_like(w))
 
     def _allocation_write(self, keys, erase, add):
         """Erase-add at the allocation weights, then the tutorial's usage update."""
