@@ -157,6 +157,11 @@ def test_digits_ablation_plumbing(tmp_path):
         bwts = [gem_metrics(R)["BWT"] for R in c["R_runs"]]
         assert c["ACC"]["mean"] == pytest.approx(np.mean(accs)) and c["ACC"]["std"] == pytest.approx(np.std(accs, ddof=1))
         assert c["BWT"]["mean"] == pytest.approx(np.mean(bwts))
+    for r in ("no_replay", "replay"):
+        z = saved["conditions"][f"split/{r}/zero_reads"]
+        # a memory that is always zero: zeroing it at test time changes nothing
+        assert z["ACC_memory_zeroed"]["runs"] == z["ACC"]["runs"]
+        assert len(saved["conditions"][f"split/{r}/episodic"]["ACC_memory_zeroed"]["runs"]) == 2
     assert res["conditions"] == saved["conditions"]
     with pytest.raises(ValueError, match="variants"):
         run_digits_experiment(str(tmp_path), ablation=True, variants=("bogus",))

@@ -16,7 +16,8 @@ task-by-task error matrix per run; after the last task each task is also
 evaluated after a few steps of test-time (MAML inner-loop) adaptation.
 
 Writes under --out:
-  neural_memory_results.png  memory heatmap; error on every task after learning
+  neural_memory_results.png  memory heatmap (each slot minus the mean slot:
+                             zero where the slots are identical); error on every task after learning
                              each task, with and without replay; both error
                              matrices as heatmaps
   metrics.json               error matrices, average final error, forgetting
@@ -401,10 +402,17 @@ def plot(metrics, memory, path):
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
 
     ax = axes[0, 0]
-    im = ax.imshow(memory.detach().cpu().float().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    # Each slot minus the mean slot: what tells the slots apart. (Identical
+    # slots, the tutorial's content writes from the zero memory, give zero
+    # here; the raw memory showed them as constant columns.)
+    m = memory.detach().cpu().float()
+    dev = (m - m.mean(dim=0, keepdim=True)).numpy()
+    lim = max(float(np.abs(dev).max()), 1e-3)  # rounding noise of identical slots stays white
+    im = ax.imshow(dev, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     mode = metrics.get("write_mode", "content")
-    ax.set_title(f"Neural memory bank after the last task (with replay)\n{mode} writes: slots differ by up to "
-                 f"{slot_spread(memory):.3g}", fontweight="bold")
+    ax.set_title(f"Memory bank after the last task (with replay), each slot minus the mean slot\n{mode} writes: "
+                 f"slots differ by up to {slot_spread(memory):.3g} (mean slot in "
+                 f"[{float(m.mean(0).min()):.2f}, {float(m.mean(0).max()):.2f}])", fontweight="bold", fontsize=10)
     ax.set_xlabel("Memory dimension")
     ax.set_ylabel("Memory slot")
     fig.colorbar(im, ax=ax)

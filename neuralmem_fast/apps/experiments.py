@@ -30,7 +30,10 @@ the memory stays zero, so every read is exactly zero), with the tutorial's
 content-addressed writes (uniform from the zero memory), and the same agent
 plus an episodic memory of (input, target) pairs read by content
 (`models.episodic.EpisodicAgent`), written by allocation or by the
-tutorial's addressing. Written to digits_ablation.json and
+tutorial's addressing. Each ablation run also records ACC_memory_zeroed: the
+trained agent's final ACC with its memory bank (the episodic one for the
+episodic variants) zeroed at test time, i.e. how much its predictions depend
+on what the memory holds. Written to digits_ablation.json and
 digits_ablation.png.
 """
 import json
@@ -114,8 +117,9 @@ def gem_metrics(R, baseline=None):
     return out
 
 
-def run_condition(tasks, make, use_replay, epochs, seed):
-    """Trains one agent through the tasks; returns the task-IL and class-IL matrices."""
+def run_condition(tasks, make, use_replay, epochs, seed, return_agent=False):
+    """Trains one agent through the tasks; returns the task-IL and class-IL matrices
+    and the untrained accuracies (and the trained agent with return_agent)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     agent = make()
@@ -130,7 +134,22 @@ def run_condition(tasks, make, use_replay, epochs, seed):
                 agent.train_step(x[k], y[k], use_replay=use_replay and i > 0)
         for j, other in enumerate(tasks):
             R[i, j], R_class[i, j] = _accuracy(agent, other)
+    if return_agent:
+        return R, R_class, base, agent
     return R, R_class, base
+
+
+def _acc_memory_zeroed(agent, tasks):
+    """Final task-IL accuracy over the tasks with the agent's memory bank zeroed
+    (every read then exactly zero), memory and usage restored after: how much
+    the trained agent's predictions depend on what its memory holds."""
+    bank = agent.memory_bank
+    state = bank.snapshot()
+    try:
+        bank.reset()
+        return float(np.mean([_accuracy(agent, t)[0] for t in tasks]))
+    finally:
+        bank.restore(state)
 
 
 def _summary(values):
@@ -164,13 +183,18 @@ def ablation_agent(variant, replay="batched", hidden_dim=128, config=None, episo
     return agent
 
 
-def _run_seeds(bench, seeds, factory, use_replay, epochs, train_per_task, test_per_task):
-    """One condition over `seeds`: the metrics' summaries and every run's matrices."""
+def _run_seeds(bench, seeds, factory, use_replay, epochs, train_per_task, test_per_task, zeroed=False):
+    """One condition over `seeds`: the metrics' summaries and every run's matrices.
+    zeroed: also ACC_memory_zeroed, the final ACC with the memory zeroed at test time."""
     mats, mats_class, runs = [], [], {"ACC": [], "BWT": [], "FWT": [], "ACC_class_il": [], "BWT_class_il": []}
+    if zeroed:
+        runs["ACC_memory_zeroed"] = []
     t0 = time.perf_counter()
     for s in seeds:
         tasks = load_digits_tasks(bench, s, train_per_task, test_per_task)
-        R, Rc, base = run_condition(tasks, factory, use_replay, epochs, s)
+        R, Rc, base, agent = run_condition(tasks, factory, use_replay, epochs, s, return_agent=True)
+        if zeroed:
+            runs["ACC_memory_zeroed"].append(_acc_memory_zeroed(agent, tasks))
         m, mc = gem_metrics(R, base), gem_metrics(Rc)
         for k in ("ACC", "BWT", "FWT"):
             runs[k].append(m[k])
@@ -187,9 +211,11 @@ def _run_seeds(bench, seeds, factory, use_replay, epochs, train_per_task, test_p
 
 
 def _print_entry(name, entry):
+    z = entry.get("ACC_memory_zeroed")
     print(f"{name:36s} ACC {entry['ACC']['mean']:.3f} +- {entry['ACC']['std']:.3f}   "
           f"BWT {entry['BWT']['mean']:+.3f} +- {entry['BWT']['std']:.3f}   "
-          f"({entry['seconds']:.1f} s)", flush=True)
+          + ("" if z is None else f"memory zeroed at test: ACC {z['mean']:.3f} +- {z['std']:.3f}   ")
+          + f"({entry['seconds']:.1f} s)", flush=True)
 
 
 def run_digits_experiment(out_dir="results", seeds=(0, 1, 2), benchmarks=("split", "permuted"), epochs=1,
@@ -262,7 +288,7 @@ def _run_ablation(out_dir, seeds, benchmarks, epochs, train_per_task, test_per_t
             for v in variants:
                 name = f"{bench}/{'replay' if use_replay else 'no_replay'}/{v}"
                 entry = _run_seeds(bench, seeds, lambda v=v: variant_factory(v), use_replay, epochs,
-                                   train_per_task, test_per_task)
+                                   train_per_task, test_per_task, zeroed=True)
                 results["conditions"][name] = entry
                 if verbose:
                     _print_entry(name, entry)
