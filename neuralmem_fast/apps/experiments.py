@@ -429,7 +429,7 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
                 agent.memory_bank = _NullBank(agent.config)
             return agent
         buf = buffer_factory(kind) if buffer_factory is not None else None
-        return FastAgent(replay=kind, replay_buffer=buf)
+        return FastAgent(replay=kind, replay_buffer=buf, seed_compat=True)  # the seed's writes: the same work
 
     try:
         agents = {k: make(k) for k in kinds}
