@@ -22,7 +22,7 @@ import re
 from collections import OrderedDict
 
 LARGE_N = 65536
-PEER_PROVIDERS = {"torch", "torch.compile", "seed", "torchrl", "cpprb"}
+PEER_PROVIDERS = {"torch", "torch.compile", "seed", "torchrl", "cpprb", "dnc package", "LSTM (same size)"}
 
 
 # --------------------------------------------------------------------------
@@ -442,8 +442,19 @@ def issue9_goals(rows):
     return goals
 
 
+def issue17_goals(rows):
+    goals = []
+    for N, target in ((128, 20), (1024, 200)):
+        sel = [r for r in rows if _op(r) == "memory core train step" and r.get("N") == N and r.get("B") == 16]
+        if sel:
+            goals.append(Goal(17, f"MemoryCore training step, B=16, T=22, 4 reads, D=64, hidden 64, N={N}, "
+                              "vs the dnc package", "speedup", target, native(sel), _first(sel, "dnc package"),
+                              "dnc package"))
+    return goals
+
+
 def all_goals(rows):
-    return issue3_goals(rows) + issue4_goals(rows) + issue5_goals(rows) + issue9_goals(rows)
+    return issue3_goals(rows) + issue4_goals(rows) + issue5_goals(rows) + issue9_goals(rows) + issue17_goals(rows)
 
 
 def goals_table(goals):

@@ -135,7 +135,8 @@ def plot(result, path):
     axes[1, 0].axhline(result["threshold"], color="k", ls=":", lw=1)
     axes[1, 1].axhline(result["threshold"], color="k", ls=":", lw=1)
     axes[0, 0].legend()
-    fig.suptitle(f"{result['task']}: {result['settings']}", fontsize=8)
+    import textwrap
+    fig.suptitle("\n".join(textwrap.wrap(f"{result['task']}: {result['settings']}", 160)), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
