@@ -150,7 +150,7 @@ def test_digits_ablation_plumbing(tmp_path):
     assert os.path.getsize(tmp_path / "digits_ablation.png") > 0
     saved = json.loads((tmp_path / "digits_ablation.json").read_text())
     assert set(saved["conditions"]) == {f"split/{r}/{v}" for r in ("no_replay", "replay") for v in variants}
-    assert list(saved["config"]["variants"]) == list(variants)
+    assert list(saved["config"]["variants"]) == list(variants) and saved["config"]["episodic_size"] == 64
     for c in saved["conditions"].values():
         assert np.array(c["R_runs"]).shape == (2, 5, 5)
         accs = [gem_metrics(R)["ACC"] for R in c["R_runs"]]
@@ -183,7 +183,9 @@ def test_ablation_agents_use_their_write_modes():
 
 def test_demo_cli_write_mode_and_ablation_flags(tmp_path):
     for bad in (["--ablation"], ["--dataset", "digits", "--ablation", "--write-mode", "content"],
-                ["--reference", "--write-mode", "allocation"]):
+                ["--reference", "--write-mode", "allocation"], ["--dataset", "digits", "--episodic-size", "8"],
+                ["--dataset", "digits", "--ablation", "--variants", "bogus"],
+                ["--dataset", "digits", "--ablation", "--episodic-size", "0"]):
         with pytest.raises(SystemExit):
             demo.parse_args(bad)
     spreads = {}

@@ -145,6 +145,11 @@ def parse_args(argv=None):
     p.add_argument("--ablation", action="store_true",
                    help="digits: compare memory variants (allocation writes, reads zero, the tutorial's uniform "
                         "writes, and an episodic memory of inputs and targets) instead of replay on/off")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="digits --ablation: the variants to run (default all: memory zero_reads uniform_writes "
+                        "episodic episodic_uniform)")
+    p.add_argument("--episodic-size", type=int, default=None,
+                   help="digits --ablation: slots of the episodic memory (default 2048: every training sample)")
     p.add_argument("--seed-compat", action="store_true",
                    help="the seed's behaviour: test sets are training prefixes, evaluation writes to memory")
     # One sample per step on tensors of a few thousand elements: intra-op
@@ -172,6 +177,16 @@ def parse_args(argv=None):
         p.error("--write-mode applies to the fast agents (the reference writes as the tutorial)")
     if args.ablation and args.dataset != "digits":
         p.error("--ablation applies to --dataset digits")
+    if not args.ablation and (args.variants is not None or args.episodic_size is not None):
+        p.error("--variants and --episodic-size apply to --ablation")
+    if args.episodic_size is not None and args.episodic_size < 1:
+        p.error(f"--episodic-size must be at least 1, got {args.episodic_size}")
+    if args.variants is not None:
+        from .experiments import ABLATION_VARIANTS
+
+        bad = [v for v in args.variants if v not in ABLATION_VARIANTS]
+        if bad:
+            p.error(f"--variants: unknown {bad}; choose among {sorted(ABLATION_VARIANTS)}")
     if args.ablation and args.write_mode is not None:
         p.error("--ablation sets each variant's write mode: drop --write-mode")
     if args.dataset == "digits":
@@ -475,13 +490,14 @@ def run_digits(args):
         return build_agent(args.agent, config, args.hidden, input_dim=64, write_mode=args.write_mode)
 
     def variant_factory(variant):
-        return ablation_agent(variant, args.agent, args.hidden, config=config)
+        kw = {} if args.episodic_size is None else {"episodic_size": args.episodic_size}
+        return ablation_agent(variant, args.agent, args.hidden, config=config, **kw)
 
     return run_digits_experiment(args.out, seeds=tuple(args.seeds), epochs=args.epochs,
                                  train_per_task=args.train_per_task, test_per_task=args.test_per_task,
                                  agent_factory=agent_factory, hidden_dim=args.hidden, replay=args.agent,
                                  plot=not args.no_plot, verbose=True, ablation=args.ablation,
-                                 variant_factory=variant_factory)
+                                 variants=args.variants, variant_factory=variant_factory)
 
 
 def main(argv=None):

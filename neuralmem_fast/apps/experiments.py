@@ -280,7 +280,8 @@ def _run_ablation(out_dir, seeds, benchmarks, epochs, train_per_task, test_per_t
                           "tasks": NUM_TASKS, "metric_definitions": "GEM (Lopez-Paz & Ranzato, 2017)",
                           "split_accuracy": "task-incremental (argmax over the task's two classes)",
                           "torch_threads": torch.get_num_threads(),
-                          "variants": {v: ABLATION_VARIANTS[v] for v in variants}},
+                          "variants": {v: ABLATION_VARIANTS[v] for v in variants},
+                          "episodic_size": _episodic_size(variant_factory, variants)},
                "conditions": {}}
     t_start = time.perf_counter()
     for bench in benchmarks:
@@ -298,6 +299,15 @@ def _run_ablation(out_dir, seeds, benchmarks, epochs, train_per_task, test_per_t
     if plot:
         _plot_ablation(results, os.path.join(out_dir, "digits_ablation.png"))
     return results
+
+
+def _episodic_size(factory, variants):
+    """The episodic memory's slots in this run (None without an episodic variant)."""
+    v = next((v for v in variants if v.startswith("episodic")), None)
+    if v is None:
+        return None
+    bank = getattr(factory(v), "memory_bank", None)
+    return None if bank is None else bank.memory_size
 
 
 def _plot_ablation(results, path):
