@@ -4,7 +4,7 @@ Providers, each timed on `train_step(x, y, use_replay)` of the seed's demo
 workload (D=64, hidden 128, memory N=128 x 64, 4 read heads, replay batch 8):
   "seed"                     the seed's ContinualLearningAgent (baseline)
   "seed + fast bank"         the seed's agent with neuralmem_fast.NeuralMemoryBank in place of its bank
-  "fast agent (batched)"     neuralmem_fast.models.FastAgent(replay="batched")
+  "fast agent (batched)"     neuralmem_fast.models.FastAgent(replay="batched", seed_compat=True)
   "fast agent (sequential)"  the same with replay="sequential"
 Rows whose classes do not exist yet skip with the reason. Two groups: a step
 with replay (tasks 2-4 of the demo) and one without (task 1); the report
@@ -40,7 +40,9 @@ def _fast_agent(mode):
     except ImportError as exc:
         pytest.skip(f"neuralmem_fast.models.agent is not available yet ({exc})")
     try:
-        return FastAgent(input_dim=64, hidden_dim=128, replay=mode)
+        # seed_compat: the seed's content-addressed writes, the same work as the seed's agent
+        # (the default allocation writes are a different algorithm; see docs/experiments.md)
+        return FastAgent(input_dim=64, hidden_dim=128, replay=mode, seed_compat=True)
     except TypeError as exc:
         pytest.skip(f"neuralmem_fast.models.FastAgent(replay={mode!r}) is not supported: {exc}")
 

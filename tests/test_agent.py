@@ -121,8 +121,9 @@ def test_fused_controller_backward_matches_autograd_and_gradchecks(M):
         eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("write_mode", ["content", "allocation"])
 @pytest.mark.parametrize("kind", ["batched", "sequential"])
-def test_fused_train_step_matches_autograd_train_step(kind):
+def test_fused_train_step_matches_autograd_train_step(kind, write_mode):
     """The fused step (the default) against the same agent on autograd
     (fused=False): losses, last-step gradients, memory, usage and the priority
     updates within 1e-5 over 40 steps, 30 of them with replay; parameters within
@@ -134,7 +135,7 @@ def test_fused_train_step_matches_autograd_train_step(kind):
         torch.manual_seed(0)
         np.random.seed(0)
         buf = RecordingBuffer(per_buffer())
-        agent = FastAgent(replay=kind, replay_buffer=buf, fused=fused)
+        agent = FastAgent(replay=kind, replay_buffer=buf, fused=fused, write_mode=write_mode)
         if fused:
             assert agent._fused_read_op() is not None  # the fused step is what runs
         losses = [agent.train_step(x, y, use_replay=i >= 10) for i, (x, y) in
@@ -206,7 +207,7 @@ def test_sequential_agent_reproduces_seed_agent(reference_run):
     # test pins the agent's arithmetic step for step, so it needs the seed's
     # draws. (The package's buffer is checked against the seed's in
     # test_replay.py and trains to the seed's errors below.)
-    agent = FastAgent(replay="sequential", replay_buffer=seed.ExperienceReplay(capacity=5000))
+    agent = FastAgent(replay="sequential", replay_buffer=seed.ExperienceReplay(capacity=5000), seed_compat=True)
     losses = _train_seed_tasks(agent, seed)  # FlatAdam: torch Adam's arithmetic
     np.testing.assert_allclose(losses, reference_run["losses"], atol=1e-5, rtol=0)
     grads = agent.controller.seed_layout_grads()
@@ -227,7 +228,7 @@ def test_replay_modes_train_seed_tasks_to_reference_errors(reference_run, kind):
     ref_errors = _final_errors(copy.deepcopy(ref), seed)
     torch.manual_seed(0)
     np.random.seed(0)
-    agent = fast_agent(kind, seed)
+    agent = fast_agent(kind, seed, seed_compat=True)  # the tutorial's memory
     _train_seed_tasks(agent, seed)
     errors = _final_errors(agent, seed)
     tol = 0.05
@@ -276,7 +277,7 @@ def test_batched_step_semantics_and_priority_updates():
     torch.manual_seed(0)
     np.random.seed(0)
     buf = RecordingBuffer(per_buffer())
-    agent = FastAgent(replay="batched", replay_buffer=buf)
+    agent = FastAgent(replay="batched", replay_buffer=buf, seed_compat=True)  # content-addressed writes
     data = seed.create_task_data(2, 20)
     for x, y in data[:17]:
         agent.train_step(x, y)

@@ -181,8 +181,9 @@ def test_backward_twice_without_retain_graph_raises(ckpt):
 
 
 # ------------------------------------------------------------ the drop-in bank
+@pytest.mark.parametrize("write_mode", ["content", "allocation", "none"])
 @pytest.mark.parametrize("backend", _backends())
-def test_bank_sequence_equals_its_steps(backend):
+def test_bank_sequence_equals_its_steps(backend, write_mode):
     from neuralmem_fast.config import MemoryConfig
 
     memory, xs, r, f = _inputs(3)
@@ -190,7 +191,7 @@ def test_bank_sequence_equals_its_steps(backend):
     cfg = MemoryConfig(memory_size=N, memory_dim=D, num_read_heads=H)
 
     def bank():
-        b = NeuralMemoryBank(cfg, backend=backend, batch_size=B, differentiable=True).double()
+        b = NeuralMemoryBank(cfg, backend=backend, batch_size=B, differentiable=True, write_mode=write_mode).double()
         b.memory = memory.clone().requires_grad_(True)
         return b
 

@@ -16,7 +16,8 @@ task-by-task error matrix per run; after the last task each task is also
 evaluated after a few steps of test-time (MAML inner-loop) adaptation.
 
 Writes under --out:
-  neural_memory_results.png  memory heatmap; error on every task after learning
+  neural_memory_results.png  memory heatmap (each slot minus the mean slot:
+                             zero where the slots are identical); error on every task after learning
                              each task, with and without replay; both error
                              matrices as heatmaps
   metrics.json               error matrices, average final error, forgetting
@@ -24,6 +25,8 @@ Writes under --out:
                              with --compare-reference the reference agent's
                              runs, both training times and their ratio)
   with --dataset digits:     digits_continual.png and digits_metrics.json
+  with --ablation too:       digits_ablation.png and digits_ablation.json (the
+                             memory variants of experiments.ABLATION_VARIANTS)
 
 Agents. `AGENTS` maps a name to a factory `(config, hidden_dim, input_dim,
 seed_compat) -> agent`, and `build_agent` is the one place that builds one;
@@ -56,13 +59,14 @@ def reference_agent(config, hidden_dim, input_dim=64, seed_compat=False):
 
 
 def _fast_agent(replay):
-    def factory(config, hidden_dim, input_dim=64, seed_compat=False):
+    def factory(config, hidden_dim, input_dim=64, seed_compat=False, write_mode=None):
         from ..models import agent
 
         if seed_compat:
             # The fast agent never writes memory during evaluation, by design.
             raise ValueError("seed_compat (evaluation writes to memory) needs the reference agent")
-        return agent.make_agent(replay, input_dim=input_dim, hidden_dim=hidden_dim, config=config)
+        return agent.make_agent(replay, input_dim=input_dim, hidden_dim=hidden_dim, config=config,
+                                write_mode=write_mode)
 
     factory.__name__ = f"{replay}_agent"
     return factory
@@ -73,11 +77,19 @@ DEFAULT_AGENT = "batched"
 FAST_AGENTS = ("batched", "sequential")
 
 
-def build_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False):
-    """Builds the agent named `kind` (a key of AGENTS) for a memory config."""
+def build_agent(kind, config, hidden_dim, input_dim=64, seed_compat=False, write_mode=None):
+    """Builds the agent named `kind` (a key of AGENTS) for a memory config.
+
+    write_mode (fast agents): the bank's write addressing, "allocation" (their
+    default), "content" (the tutorial's, as the reference agent) or "none"."""
     if kind not in AGENTS:
         raise ValueError(f"unknown agent {kind!r}; choose one of {sorted(AGENTS)}")
-    return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat)
+    if write_mode is None:
+        return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat)
+    if kind == "reference" and write_mode != "content":
+        raise ValueError(f"the reference agent writes as the tutorial (write_mode='content'), got {write_mode!r}")
+    kw = {} if kind == "reference" else {"write_mode": write_mode}
+    return AGENTS[kind](config, hidden_dim, input_dim=input_dim, seed_compat=seed_compat, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +138,18 @@ def parse_args(argv=None):
     p.add_argument("--train-per-task", type=int, default=None,
                    help="digits: training samples per task (default 300; all of them with 0)")
     p.add_argument("--test-per-task", type=int, default=None, help="digits: test samples per task (default all)")
+    p.add_argument("--write-mode", choices=("allocation", "content", "none"), default=None,
+                   help="fast agent's memory writes: allocation (least-used slot first; the default), content "
+                        "(the tutorial's: from the zero memory every slot gets the same write; the default with "
+                        "--compare-reference, which runs the same work as the reference) or none (reads stay zero)")
+    p.add_argument("--ablation", action="store_true",
+                   help="digits: compare memory variants (allocation writes, reads zero, the tutorial's uniform "
+                        "writes, and an episodic memory of inputs and targets) instead of replay on/off")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="digits --ablation: the variants to run (default all: memory zero_reads uniform_writes "
+                        "episodic episodic_uniform)")
+    p.add_argument("--episodic-size", type=int, default=None,
+                   help="digits --ablation: slots of the episodic memory (default 2048: every training sample)")
     p.add_argument("--seed-compat", action="store_true",
                    help="the seed's behaviour: test sets are training prefixes, evaluation writes to memory")
     # One sample per step on tensors of a few thousand elements: intra-op
@@ -149,6 +173,22 @@ def parse_args(argv=None):
         p.error("--seed-compat needs --reference (the fast agent's evaluation never writes to memory)")
     if args.compare_reference and args.agent == "reference":
         p.error("--compare-reference compares a fast agent with the reference: drop --reference")
+    if args.agent == "reference" and args.write_mode not in (None, "content"):
+        p.error("--write-mode applies to the fast agents (the reference writes as the tutorial)")
+    if args.ablation and args.dataset != "digits":
+        p.error("--ablation applies to --dataset digits")
+    if not args.ablation and (args.variants is not None or args.episodic_size is not None):
+        p.error("--variants and --episodic-size apply to --ablation")
+    if args.episodic_size is not None and args.episodic_size < 1:
+        p.error(f"--episodic-size must be at least 1, got {args.episodic_size}")
+    if args.variants is not None:
+        from .experiments import ABLATION_VARIANTS
+
+        bad = [v for v in args.variants if v not in ABLATION_VARIANTS]
+        if bad:
+            p.error(f"--variants: unknown {bad}; choose among {sorted(ABLATION_VARIANTS)}")
+    if args.ablation and args.write_mode is not None:
+        p.error("--ablation sets each variant's write mode: drop --write-mode")
     if args.dataset == "digits":
         if args.agent not in FAST_AGENTS:
             p.error("--dataset digits runs the fast agent (--agent batched or sequential)")
@@ -225,7 +265,14 @@ def run_one(args, use_replay, progress=None, log=print, kind=None):
     """One agent (`kind`, default args.agent), learned from scratch with seed args.seed; returns (metrics, agent)."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    agent = build_agent(kind or args.agent, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat)
+    kind = kind or args.agent
+    write_mode = args.write_mode
+    if kind == "reference":
+        write_mode = None
+    elif write_mode is None and args.compare_reference:
+        write_mode = "content"  # the same work as the reference agent
+    agent = build_agent(kind, _config(args), args.hidden, input_dim=64, seed_compat=args.seed_compat,
+                        write_mode=write_mode)
     on_step = None
     if progress is not None:
         def on_step(loss, _n=[0]):
@@ -316,7 +363,8 @@ def run_demo(args):
     metrics = {
         "agent": args.agent,
         "dataset": "synthetic",
-        "settings": {k: getattr(args, k) for k in (*DEFAULTS, "seed", "seed_compat", "quick")},
+        "settings": {k: getattr(args, k) for k in (*DEFAULTS, "seed", "seed_compat", "quick", "write_mode")},
+        "write_mode": getattr(agents["with_replay"].memory_bank, "write_mode", "content"),
         "torch_threads": torch.get_num_threads(),
         "runs": runs,
         # the seed's results dict, both curves filled
@@ -342,11 +390,19 @@ def run_demo(args):
                                            "reference": ref_runs[name]["average_final_error"]}
                                     for name in runs},
         }
+    metrics["memory_slot_spread"] = slot_spread(agents["with_replay"].memory_bank.memory)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if not args.no_plot:
         plot(metrics, agents["with_replay"].memory_bank.memory, os.path.join(args.out, "neural_memory_results.png"))
     return metrics
+
+
+def slot_spread(memory):
+    """How much the slots differ: the largest, over the slot's dimensions, of
+    max - min across the slots of the (N, D) memory (0 when all slots are identical)."""
+    m = memory.detach().float()
+    return float((m.amax(dim=0) - m.amin(dim=0)).max()) if m.numel() else 0.0
 
 
 def plot(metrics, memory, path):
@@ -361,8 +417,17 @@ def plot(metrics, memory, path):
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
 
     ax = axes[0, 0]
-    im = ax.imshow(memory.detach().cpu().float().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_title("Neural memory bank after the last task (with replay)", fontweight="bold")
+    # Each slot minus the mean slot: what tells the slots apart. (Identical
+    # slots, the tutorial's content writes from the zero memory, give zero
+    # here; the raw memory showed them as constant columns.)
+    m = memory.detach().cpu().float()
+    dev = (m - m.mean(dim=0, keepdim=True)).numpy()
+    lim = max(float(np.abs(dev).max()), 1e-3)  # rounding noise of identical slots stays white
+    im = ax.imshow(dev, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    mode = metrics.get("write_mode", "content")
+    ax.set_title(f"Memory bank after the last task (with replay), each slot minus the mean slot\n{mode} writes: "
+                 f"slots differ by up to {slot_spread(memory):.3g} (mean slot in "
+                 f"[{float(m.mean(0).min()):.2f}, {float(m.mean(0).max()):.2f}])", fontweight="bold", fontsize=10)
     ax.set_xlabel("Memory dimension")
     ax.set_ylabel("Memory slot")
     fig.colorbar(im, ax=ax)
@@ -417,17 +482,22 @@ def _fmt(x):
 
 def run_digits(args):
     """The digits experiment with the chosen fast agent; returns its results dict."""
-    from .experiments import run_digits_experiment
+    from .experiments import ablation_agent, run_digits_experiment
 
     config = _config(args)
 
     def agent_factory():
-        return build_agent(args.agent, config, args.hidden, input_dim=64)
+        return build_agent(args.agent, config, args.hidden, input_dim=64, write_mode=args.write_mode)
+
+    def variant_factory(variant):
+        kw = {} if args.episodic_size is None else {"episodic_size": args.episodic_size}
+        return ablation_agent(variant, args.agent, args.hidden, config=config, **kw)
 
     return run_digits_experiment(args.out, seeds=tuple(args.seeds), epochs=args.epochs,
                                  train_per_task=args.train_per_task, test_per_task=args.test_per_task,
                                  agent_factory=agent_factory, hidden_dim=args.hidden, replay=args.agent,
-                                 plot=not args.no_plot, verbose=True)
+                                 plot=not args.no_plot, verbose=True, ablation=args.ablation,
+                                 variants=args.variants, variant_factory=variant_factory)
 
 
 def main(argv=None):
@@ -435,8 +505,10 @@ def main(argv=None):
     metrics = run_demo(args)
     if args.dataset == "digits":
         print(f"digits experiment, {args.agent} agent, seeds {args.seeds}: {metrics['seconds']:.1f} s")
-        print(f"wrote {os.path.join(args.out, 'digits_metrics.json')}"
-              + ("" if args.no_plot else f" and {os.path.join(args.out, 'digits_continual.png')}"))
+        stem = "digits_ablation" if args.ablation else "digits_metrics"
+        png = "digits_ablation.png" if args.ablation else "digits_continual.png"
+        print(f"wrote {os.path.join(args.out, stem + '.json')}"
+              + ("" if args.no_plot else f" and {os.path.join(args.out, png)}"))
         return 0
     print(f"agent: {args.agent}")
     for name, r in metrics["runs"].items():

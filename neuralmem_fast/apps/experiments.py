@@ -21,6 +21,20 @@ training on tasks 0..i; with T tasks,
   FWT = 1/(T-1) sum_{j>0} (R[j-1, j] - b_j), b_j the accuracy of the untrained agent.
 Each condition (benchmark x replay on/off) runs over several seeds; the JSON
 holds every run's matrix and the mean and standard deviation of each metric.
+
+Ablation (`ablation=True`, CLI `demo --dataset digits --ablation`): does the
+agent's memory carry information? Each benchmark, with and without replay,
+for the memory variants of `ABLATION_VARIANTS`: the fast agent with
+allocation writes (its default), with reads replaced by zeros (no writes:
+the memory stays zero, so every read is exactly zero), with the tutorial's
+content-addressed writes (uniform from the zero memory), and the same agent
+plus an episodic memory of (input, target) pairs read by content
+(`models.episodic.EpisodicAgent`), written by allocation or by the
+tutorial's addressing. Each ablation run also records ACC_memory_zeroed: the
+trained agent's final ACC with its memory bank (the episodic one for the
+episodic variants) zeroed at test time, i.e. how much its predictions depend
+on what the memory holds. Written to digits_ablation.json and
+digits_ablation.png.
 """
 import json
 import os
@@ -29,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["load_digits_tasks", "gem_metrics", "run_digits_experiment"]
+__all__ = ["load_digits_tasks", "gem_metrics", "run_digits_experiment", "ABLATION_VARIANTS", "ablation_agent"]
 
 NUM_TASKS = 5
 NUM_CLASSES = 10
@@ -103,8 +117,9 @@ def gem_metrics(R, baseline=None):
     return out
 
 
-def run_condition(tasks, make, use_replay, epochs, seed):
-    """Trains one agent through the tasks; returns the task-IL and class-IL matrices."""
+def run_condition(tasks, make, use_replay, epochs, seed, return_agent=False):
+    """Trains one agent through the tasks; returns the task-IL and class-IL matrices
+    and the untrained accuracies (and the trained agent with return_agent)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     agent = make()
@@ -119,7 +134,22 @@ def run_condition(tasks, make, use_replay, epochs, seed):
                 agent.train_step(x[k], y[k], use_replay=use_replay and i > 0)
         for j, other in enumerate(tasks):
             R[i, j], R_class[i, j] = _accuracy(agent, other)
+    if return_agent:
+        return R, R_class, base, agent
     return R, R_class, base
+
+
+def _acc_memory_zeroed(agent, tasks):
+    """Final task-IL accuracy over the tasks with the agent's memory bank zeroed
+    (every read then exactly zero), memory and usage restored after: how much
+    the trained agent's predictions depend on what its memory holds."""
+    bank = agent.memory_bank
+    state = bank.snapshot()
+    try:
+        bank.reset()
+        return float(np.mean([_accuracy(agent, t)[0] for t in tasks]))
+    finally:
+        bank.restore(state)
 
 
 def _summary(values):
@@ -127,15 +157,85 @@ def _summary(values):
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
 
 
+ABLATION_VARIANTS = {
+    "memory": "agent's memory, allocation writes (the default)",
+    "zero_reads": "reads replaced by zeros (no writes)",
+    "uniform_writes": "the tutorial's content writes (uniform)",
+    "episodic": "+ episodic memory of (x, y), allocation writes",
+    "episodic_uniform": "+ episodic memory of (x, y), the tutorial's writes",
+}
+
+
+def ablation_agent(variant, replay="batched", hidden_dim=128, config=None, episodic_size=2048,
+                   episodic_strength=50.0):
+    """A fresh agent for one variant of ABLATION_VARIANTS."""
+    from ..models import make_agent
+    from ..models.episodic import EpisodicAgent
+
+    if variant not in ABLATION_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(ABLATION_VARIANTS)}, got {variant!r}")
+    mode = {"zero_reads": "none", "uniform_writes": "content"}.get(variant, "allocation")
+    agent = make_agent(replay, input_dim=64, hidden_dim=hidden_dim, config=config, write_mode=mode)
+    if variant.startswith("episodic"):
+        agent = EpisodicAgent(agent, input_dim=64, target_dim=NUM_CLASSES, memory_size=episodic_size,
+                              strength=episodic_strength,
+                              write_mode="content" if variant == "episodic_uniform" else "allocation")
+    return agent
+
+
+def _run_seeds(bench, seeds, factory, use_replay, epochs, train_per_task, test_per_task, zeroed=False):
+    """One condition over `seeds`: the metrics' summaries and every run's matrices.
+    zeroed: also ACC_memory_zeroed, the final ACC with the memory zeroed at test time."""
+    mats, mats_class, runs = [], [], {"ACC": [], "BWT": [], "FWT": [], "ACC_class_il": [], "BWT_class_il": []}
+    if zeroed:
+        runs["ACC_memory_zeroed"] = []
+    t0 = time.perf_counter()
+    for s in seeds:
+        tasks = load_digits_tasks(bench, s, train_per_task, test_per_task)
+        R, Rc, base, agent = run_condition(tasks, factory, use_replay, epochs, s, return_agent=True)
+        if zeroed:
+            runs["ACC_memory_zeroed"].append(_acc_memory_zeroed(agent, tasks))
+        m, mc = gem_metrics(R, base), gem_metrics(Rc)
+        for k in ("ACC", "BWT", "FWT"):
+            runs[k].append(m[k])
+        runs["ACC_class_il"].append(mc["ACC"])
+        runs["BWT_class_il"].append(mc["BWT"])
+        mats.append(R.tolist())
+        mats_class.append(Rc.tolist())
+    entry = {k: _summary(v) for k, v in runs.items()}
+    entry["R_mean"] = np.mean(mats, axis=0).tolist()
+    entry["R_runs"] = mats
+    entry["R_class_il_runs"] = mats_class
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
+
+
+def _print_entry(name, entry):
+    z = entry.get("ACC_memory_zeroed")
+    print(f"{name:36s} ACC {entry['ACC']['mean']:.3f} +- {entry['ACC']['std']:.3f}   "
+          f"BWT {entry['BWT']['mean']:+.3f} +- {entry['BWT']['std']:.3f}   "
+          + ("" if z is None else f"memory zeroed at test: ACC {z['mean']:.3f} +- {z['std']:.3f}   ")
+          + f"({entry['seconds']:.1f} s)", flush=True)
+
+
 def run_digits_experiment(out_dir="results", seeds=(0, 1, 2), benchmarks=("split", "permuted"), epochs=1,
                           train_per_task=300, test_per_task=None, agent_factory=None, hidden_dim=128,
-                          replay="batched", plot=True, verbose=True):
+                          replay="batched", plot=True, verbose=True, ablation=False, variants=None,
+                          variant_factory=None):
     """Runs every benchmark with and without replay over `seeds`; writes JSON and PNG.
 
     agent_factory: a callable returning a fresh agent with train_step(x, y,
     use_replay) and predict(xs); default: the fast agent (make_agent(replay)).
     Returns the results dict that is written to out_dir/digits_metrics.json.
+
+    ablation=True runs the memory variants instead (`variants`, default all of
+    ABLATION_VARIANTS; `variant_factory(variant)` builds an agent, default
+    `ablation_agent(variant, replay, hidden_dim)`); conditions are named
+    "bench/replay|no_replay/variant"; writes digits_ablation.json and .png.
     """
+    if ablation:
+        return _run_ablation(out_dir, seeds, benchmarks, epochs, train_per_task, test_per_task, hidden_dim, replay,
+                             plot, verbose, variants, variant_factory)
     if agent_factory is None:
         from ..models import make_agent
 
@@ -152,35 +252,95 @@ def run_digits_experiment(out_dir="results", seeds=(0, 1, 2), benchmarks=("split
     for bench in benchmarks:
         for use_replay in (False, True):
             name = f"{bench}/{'replay' if use_replay else 'no_replay'}"
-            mats, mats_class, runs = [], [], {"ACC": [], "BWT": [], "FWT": [], "ACC_class_il": [],
-                                              "BWT_class_il": []}
-            t0 = time.perf_counter()
-            for s in seeds:
-                tasks = load_digits_tasks(bench, s, train_per_task, test_per_task)
-                R, Rc, base = run_condition(tasks, agent_factory, use_replay, epochs, s)
-                m, mc = gem_metrics(R, base), gem_metrics(Rc)
-                for k in ("ACC", "BWT", "FWT"):
-                    runs[k].append(m[k])
-                runs["ACC_class_il"].append(mc["ACC"])
-                runs["BWT_class_il"].append(mc["BWT"])
-                mats.append(R.tolist())
-                mats_class.append(Rc.tolist())
-            entry = {k: _summary(v) for k, v in runs.items()}
-            entry["R_mean"] = np.mean(mats, axis=0).tolist()
-            entry["R_runs"] = mats
-            entry["R_class_il_runs"] = mats_class
-            entry["seconds"] = time.perf_counter() - t0
+            entry = _run_seeds(bench, seeds, agent_factory, use_replay, epochs, train_per_task, test_per_task)
             results["conditions"][name] = entry
             if verbose:
-                print(f"{name:20s} ACC {entry['ACC']['mean']:.3f} +- {entry['ACC']['std']:.3f}   "
-                      f"BWT {entry['BWT']['mean']:+.3f} +- {entry['BWT']['std']:.3f}   "
-                      f"({entry['seconds']:.1f} s)", flush=True)
+                _print_entry(name, entry)
     results["seconds"] = time.perf_counter() - t_start
     with open(os.path.join(out_dir, "digits_metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     if plot:
         _plot(results, os.path.join(out_dir, "digits_continual.png"))
     return results
+
+
+def _run_ablation(out_dir, seeds, benchmarks, epochs, train_per_task, test_per_task, hidden_dim, replay, plot,
+                  verbose, variants, variant_factory):
+    variants = list(ABLATION_VARIANTS if variants is None else variants)
+    for v in variants:
+        if v not in ABLATION_VARIANTS:
+            raise ValueError(f"variants must be among {sorted(ABLATION_VARIANTS)}, got {v!r}")
+    if variant_factory is None:
+        def variant_factory(variant):
+            return ablation_agent(variant, replay, hidden_dim)
+
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"config": {"seeds": list(seeds), "epochs": epochs, "train_per_task": train_per_task,
+                          "test_per_task": test_per_task, "hidden_dim": hidden_dim, "replay": replay,
+                          "tasks": NUM_TASKS, "metric_definitions": "GEM (Lopez-Paz & Ranzato, 2017)",
+                          "split_accuracy": "task-incremental (argmax over the task's two classes)",
+                          "torch_threads": torch.get_num_threads(),
+                          "variants": {v: ABLATION_VARIANTS[v] for v in variants},
+                          "episodic_size": _episodic_size(variant_factory, variants)},
+               "conditions": {}}
+    t_start = time.perf_counter()
+    for bench in benchmarks:
+        for use_replay in (False, True):
+            for v in variants:
+                name = f"{bench}/{'replay' if use_replay else 'no_replay'}/{v}"
+                entry = _run_seeds(bench, seeds, lambda v=v: variant_factory(v), use_replay, epochs,
+                                   train_per_task, test_per_task, zeroed=True)
+                results["conditions"][name] = entry
+                if verbose:
+                    _print_entry(name, entry)
+    results["seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(out_dir, "digits_ablation.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if plot:
+        _plot_ablation(results, os.path.join(out_dir, "digits_ablation.png"))
+    return results
+
+
+def _episodic_size(factory, variants):
+    """The episodic memory's slots in this run (None without an episodic variant)."""
+    v = next((v for v in variants if v.startswith("episodic")), None)
+    if v is None:
+        return None
+    bank = getattr(factory(v), "memory_bank", None)
+    return None if bank is None else bank.memory_size
+
+
+def _plot_ablation(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = results["conditions"]
+    variants = list(results["config"]["variants"])
+    benches = list(dict.fromkeys(k.split("/")[0] for k in conds))
+    fig, axes = plt.subplots(len(benches), 2, figsize=(12, 3.8 * len(benches)), squeeze=False)
+    width = 0.8 / len(variants)
+    for b_i, bench in enumerate(benches):
+        for m_i, metric in enumerate(("ACC", "BWT")):
+            ax = axes[b_i, m_i]
+            for v_i, v in enumerate(variants):
+                es = [conds[f"{bench}/{rep}/{v}"][metric] for rep in ("no_replay", "replay")]
+                x = np.arange(2) + (v_i - (len(variants) - 1) / 2) * width
+                ax.bar(x, [e["mean"] for e in es], width, yerr=[e["std"] for e in es], capsize=3,
+                       label=results["config"]["variants"][v])
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks([0, 1], ["no replay", "replay"])
+            ax.set_ylabel(metric)
+            if metric == "ACC":
+                ax.set_ylim(0, 1.05)
+            ax.set_title(f"{bench.capitalize()}-Digits: {metric}, mean +- std over "
+                         f"{len(results['config']['seeds'])} seeds")
+            ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot(results, path):
@@ -279,7 +439,7 @@ def time_demo_workload(seed_module, kinds=("seed", "seed+fast-bank", "sequential
                 agent.memory_bank = _NullBank(agent.config)
             return agent
         buf = buffer_factory(kind) if buffer_factory is not None else None
-        return FastAgent(replay=kind, replay_buffer=buf)
+        return FastAgent(replay=kind, replay_buffer=buf, seed_compat=True)  # the seed's writes: the same work
 
     try:
         agents = {k: make(k) for k in kinds}

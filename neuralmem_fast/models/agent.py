@@ -120,17 +120,30 @@ class FastAgent:
             2-core machine the batched step took 272 us on one thread and 378 us
             on two, and on a busy machine the parallel ops (the optimizer's
             flat buffers) waited milliseconds for the other core.
+        write_mode: the bank's write addressing (NeuralMemoryBank): "allocation"
+            (the default: the DNC's least-used slot first, so the slots differ),
+            "content" (the tutorial's; from the zero memory every write is
+            uniform and the slots stay identical) or "none" (no writes, every
+            read zero: an ablation). None: "allocation", or "content" under
+            seed_compat.
+        seed_compat: the tutorial's memory behaviour bit for bit (content-addressed
+            writes); the agent then reproduces the seed agent's losses.
     """
 
     def __init__(self, input_dim=64, hidden_dim=128, config=None, replay="batched", replay_batch=8,
                  replay_weight=0.3, replay_start=16, capacity=5000, alpha=0.6, beta=0.4, buffer=None,
                  replay_buffer=None, lr=1e-3, optimizer="flat", backend="auto", clip_norm=1.0, fused=True,
-                 num_threads=1):
+                 num_threads=1, write_mode=None, seed_compat=False):
         if replay not in ("batched", "sequential"):
             raise ValueError(f"replay must be 'batched' or 'sequential', got {replay!r}")
+        if write_mode is None:
+            write_mode = "content" if seed_compat else "allocation"
+        elif seed_compat and write_mode != "content":
+            raise ValueError(f"seed_compat=True writes as the tutorial (write_mode='content'), got {write_mode!r}")
         self.replay = replay
+        self.seed_compat = seed_compat
         self.config = config if config is not None else MemoryConfig()
-        self.memory_bank = NeuralMemoryBank(self.config, backend=backend)
+        self.memory_bank = NeuralMemoryBank(self.config, backend=backend, write_mode=write_mode)
         self.controller = FastMemoryController(input_dim, hidden_dim, self.config)
         if buffer is None:
             buffer = "seed" if replay == "sequential" else "prioritized"
@@ -285,8 +298,9 @@ class FastAgent:
         D, o_wk, o_wv, o_e = ctrl.D, ctrl._o_wk, ctrl._o_wv, ctrl._o_e
         key, vec = heads[:, o_wk:o_wk + D], torch.tanh(heads[:, o_wv:o_wv + D])
         erase, strength = torch.sigmoid(heads[:, o_e:o_e + D]), F.softplus(heads[:, o_wv - 1:o_wv])
-        if write_op is None or bank.memory_in_graph:
-            # the bank's own write: the torch path, or a pending graph holds the memory (it copies)
+        if write_op is None or bank.memory_in_graph or bank.write_mode != "content":
+            # the bank's own write: the torch path, a pending graph holds the memory (it copies),
+            # or the addressing is not the tutorial's content addressing
             bank.write(key, vec, erase, strength)
         else:
             # the bank's in-place write op, minus its per-call shape checks (shapes are ours)
@@ -414,7 +428,8 @@ def make_agent(kind="batched", **kwargs):
 
     kind: "batched" (fast agent, batched prioritized replay; the default),
     "sequential" (fast agent, the seed's replay order and buffer semantics).
-    Other keyword arguments go to FastAgent.
+    Other keyword arguments go to FastAgent (write_mode, seed_compat, ...): new
+    agents write by allocation unless seed_compat=True.
     """
     if kind in ("batched", "fast"):
         return FastAgent(replay="batched", **kwargs)

@@ -52,12 +52,31 @@ weightings after one decay). With `batch_size=B` there are B independent
 memories, (B, N, D) and (B, N): keys (B, H, D) and strengths (B, H) give
 (B, H*D), and a write takes (B, D) keys, vectors and erases and (B,) or
 (B, 1) strengths.
+
+Write addressing (`write_mode`). "content" (the default, the tutorial's):
+each write head is addressed by its key's cosine similarity to the slots.
+The bank starts all zero, where every slot is equally similar to any key, so
+the first write is spread uniformly, every slot receives the same write, and
+from then on the slots stay identical (content addressing cannot tell them
+apart): a read returns the same vector whatever its key. "allocation": the
+DNC's allocation weighting (`nn.access.allocation`): each write goes to the
+least-used slot, a_j = (1 - u_j) prod_{i<j} u_i over usage sorted ascending
+(usage clamped to [0, 1] there; the bank's usage keeps the tutorial's
+update, decay then add), several heads taking distinct slots one after
+another (`write_allocation_weights`, every gate 1), weights below
+`alloc_floor` (1e-3) dropped (the eps-tail on free slots). The write key and
+strength are then unused; erase and write vectors act as in the tutorial's
+erase-add. Allocation is what breaks the symmetry of the zero memory: the
+first write fills one slot, the next write the next free one. "none": writes
+are ignored (checked, not applied), so the memory stays zero and every read
+is exactly zero: the reads-replaced-by-zeros ablation.
 """
 import torch
 import torch.nn as nn
 
 from .. import ops
 from ..ops.dispatch import resolve
+from .access import write_allocation_weights
 
 __all__ = ["NeuralMemoryBank"]
 
@@ -152,10 +171,25 @@ class NeuralMemoryBank(nn.Module):
         differentiable: keep gradients through writes (truncated BPTT) instead of
             the seed's detach after every write.
         eps, decay: cosine-similarity epsilon and usage decay (the seed's 1e-12, 0.99).
+        write_mode: "content" (the tutorial's content-addressed writes), "allocation"
+            (the DNC's least-used-first allocation) or "none" (no writes: reads stay
+            zero); see the module docstring.
+        alloc_topk: with allocation, k of the top-k allocation (None: exact sort).
+        alloc_floor: allocation weights below it are set to zero (the DNC's
+            eps-tail on free slots would leave scaled ghost copies, see
+            `_allocation_weights`).
     """
 
-    def __init__(self, config, backend="auto", batch_size=None, differentiable=False, eps=1e-12, decay=0.99):
+    WRITE_MODES = ("content", "allocation", "none")
+
+    def __init__(self, config, backend="auto", batch_size=None, differentiable=False, eps=1e-12, decay=0.99,
+                 write_mode="content", alloc_topk=None, alloc_floor=1e-3):
         super().__init__()
+        if write_mode not in self.WRITE_MODES:
+            raise ValueError(f"write_mode must be one of {self.WRITE_MODES}, got {write_mode!r}")
+        self.write_mode = write_mode
+        self.alloc_topk = alloc_topk
+        self.alloc_floor = float(alloc_floor)
         self.memory_size = config.memory_size
         self.memory_dim = config.memory_dim
         self.num_read_heads = config.num_read_heads
@@ -306,6 +340,11 @@ class NeuralMemoryBank(nn.Module):
             raise ValueError(f"write_vector and erase_vector must have the shape of write_key "
                              f"{tuple(write_key.shape)}, got {tuple(write_vector.shape)} and "
                              f"{tuple(erase_vector.shape)}")
+        if self.write_mode == "none":
+            return
+        if self.write_mode == "allocation":
+            self._allocation_write(keys, erase, add)
+            return
         if self.differentiable:
             memory, _ = self._mem3()
             w = ops.content_addressing(memory, keys, strengths, eps=self.eps, backend=self.backend)
@@ -362,10 +401,16 @@ class NeuralMemoryBank(nn.Module):
             if erase.shape != wkeys.shape or add.shape != wkeys.shape:
                 raise ValueError(f"write_vectors and erase_vectors must have the shape of write_keys per step "
                                  f"{tuple(wk.shape)}, got {tuple(wv.shape)} and {tuple(ev.shape)}")
-            w = ops.content_addressing(mem, wkeys, wstr, eps=self.eps, backend=self.backend)
-            new = ops.memory_write(mem, w, erase, add, backend=self.backend)
-            with torch.no_grad():
-                use = ops.usage_update(use, w.detach(), self.decay, backend=self.backend)
+            if self.write_mode == "none":
+                new = mem
+            else:
+                if self.write_mode == "allocation":
+                    w = self._allocation_weights(use, wkeys.shape[1])
+                else:
+                    w = ops.content_addressing(mem, wkeys, wstr, eps=self.eps, backend=self.backend)
+                new = ops.memory_write(mem, w, erase, add, backend=self.backend)
+                with torch.no_grad():
+                    use = ops.usage_update(use, w.detach(), self.decay, backend=self.backend)
             return reads.reshape(rk.shape[0], -1) if (self.batched or rk.dim() == 3) else reads.reshape(-1), \
                 (new, use)
 
@@ -380,6 +425,38 @@ class NeuralMemoryBank(nn.Module):
         self.usage = (use if self.batched else use.squeeze(0)).detach()
         self._memory_in_graph = True
         return reads
+
+    def _allocation_weights(self, usage, n_heads):
+        """(B, W, N) allocation weights of W heads, least-used slots first."""
+        u = usage.detach().clamp(0.0, 1.0)
+        gates = u.new_ones(u.shape[0], n_heads)
+        w = write_allocation_weights(u, gates, topk=self.alloc_topk)
+        # The DNC's tail: with free slots at usage ~0 the next free slots get
+        # eps, eps^2, ... (eps = 1e-6). Cosine addressing is scale invariant, so
+        # a slot holding 1e-6 v reads as v: a ghost copy that takes half the
+        # read weight of a query for v. Weights below alloc_floor are dropped.
+        return torch.where(w >= self.alloc_floor, w, torch.zeros_like(w))
+
+    def _allocation_write(self, keys, erase, add):
+        """Erase-add at the allocation weights, then the tutorial's usage update."""
+        if self.differentiable:
+            memory, usage = self._mem3()
+            w = self._allocation_weights(usage, keys.shape[1])
+            new = ops.memory_write(memory, w, erase, add, backend=self.backend)
+            with torch.no_grad():
+                usage.mul_(self.decay).add_(w.sum(dim=1))
+            self.memory = new if self.batched else new.squeeze(0)
+            self._memory_in_graph = True
+            return
+        with torch.no_grad():
+            if self._memory_in_graph:
+                self.memory = self.memory.clone()
+                self._memory_in_graph = False
+            memory, usage = self._mem3()
+            erase, add = _unaliased([erase.detach(), add.detach()], memory)
+            w = self._allocation_weights(usage, keys.shape[1])  # (B, W, N)
+            ops.memory_write_(memory, w, erase.contiguous(), add.contiguous(), usage=usage, decay=self.decay,
+                              backend=self.backend)
 
     def _torch_write_(self, memory, usage, keys, strengths, erase, add):
         """In-place erase-add with the seed's arithmetic (W=1: bit-for-bit its write)."""
@@ -427,4 +504,5 @@ class NeuralMemoryBank(nn.Module):
         b = "" if self.batch_size is None else f"batch_size={self.batch_size}, "
         return (f"{b}memory_size={self.memory_size}, memory_dim={self.memory_dim}, "
                 f"num_read_heads={self.num_read_heads}, backend={self.backend!r}, "
-                f"differentiable={self.differentiable}")
+                f"differentiable={self.differentiable}"
+                + ("" if self.write_mode == "content" else f", write_mode={self.write_mode!r}"))
