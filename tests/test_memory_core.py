@@ -356,3 +356,42 @@ def test_train_cli_writes_curves_and_metrics(tmp_path, one_thread):
         assert m["steps"] == [2, 4] and len(m["bits_wrong"]) == 2 and all(math.isfinite(v) for v in m["loss"])
     assert abs(res["models"][0]["params"] - res["models"][1]["params"]) < 0.1 * res["models"][0]["params"]
     assert (tmp_path / "copy_curves.png").stat().st_size > 0
+
+
+# ------------------------------------------------------- bounded-memory backprop
+@pytest.mark.parametrize("segment", [None, 1, 3])
+def test_checkpointed_core_gradients_equal_plain_autograd(segment):
+    from neuralmem_fast.nn import MemoryCore
+
+    torch.manual_seed(3)
+    kw = dict(input_size=5, output_size=4, memory_size=7, word_size=3, num_reads=2, num_writes=2, hidden_size=6,
+              backend="torch")
+    plain = MemoryCore(**kw, checkpoint=False).double()
+    ckpt = MemoryCore(**kw, checkpoint=True, checkpoint_segment=segment).double()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 8, 5, dtype=torch.float64)
+    target = torch.randn(3, 8, 4, dtype=torch.float64)
+    grads = []
+    for core in (plain, ckpt):
+        y, state = core(x)
+        loss = ((y - target) ** 2).sum() + state.memory.square().sum()
+        grads.append(torch.autograd.grad(loss, list(core.parameters())))
+    assert ckpt.uses_checkpoint(3, 8, torch.float64) and not plain.uses_checkpoint(3, 8, torch.float64)
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-10)
+
+
+def test_checkpoint_auto_follows_the_copies_bytes_and_grad_mode():
+    from neuralmem_fast.nn import MemoryCore
+    from neuralmem_fast.nn.memory_core import CHECKPOINT_AUTO_BYTES
+
+    core = MemoryCore(3, 3, memory_size=1000, word_size=64, num_reads=1)
+    T = CHECKPOINT_AUTO_BYTES // (4 * 1000 * 64)  # float32 copies of one memory
+    assert not core.uses_checkpoint(1, T)
+    assert core.uses_checkpoint(1, T + 1)
+    with torch.no_grad():
+        assert not core.uses_checkpoint(1, T + 1)
+    with pytest.raises(ValueError, match="checkpoint"):
+        MemoryCore(3, 3, 8, 4, 1, checkpoint="yes")
+    with pytest.raises(ValueError, match="checkpoint_segment"):
+        MemoryCore(3, 3, 8, 4, 1, checkpoint_segment=0)

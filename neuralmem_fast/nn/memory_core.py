@@ -5,9 +5,14 @@ a linear layer of its output gives the access interface (oneplus strengths,
 sigmoid gates and erase vectors, `MemoryAccess.parse_interface`); the access
 writes and reads; y_t = Linear([h_t, reads_t]).
 
-`forward` is a plain loop over `step`, whose state is a flat NamedTuple of
-tensors (`CoreState`), so that another scan (e.g. a checkpointed one, for
-backprop in bounded memory) can replace the loop without touching `step`.
+`forward` runs `step` over the sequence, whose state is a flat NamedTuple of
+tensors (`CoreState`). Training through T steps keeps every step's memory
+for the backward (T copies of B*N*D values) unless the steps run through
+`checkpointed_scan` (nn/scan.py), which keeps the state at the start of each
+segment of ceil(sqrt(T)) steps and recomputes the segment in the backward:
+about 2*sqrt(T) copies, for one more forward of every step. `checkpoint`
+chooses: True, False, or "auto" (the default): checkpointed when autograd
+records and the T copies would exceed `CHECKPOINT_AUTO_BYTES` (256 MiB).
 Nothing is written in place: training runs through every write, and the
 gradient of a loss at step t reaches the write heads of every earlier step.
 Device-agnostic: the ops choose their kernels for the tensors' device.
@@ -18,6 +23,10 @@ import torch
 import torch.nn as nn
 
 from .access import AccessState, MemoryAccess
+from .scan import checkpointed_scan
+
+# "auto" checkpoints when plain autograd would keep more than this many bytes of memory copies.
+CHECKPOINT_AUTO_BYTES = 256 << 20
 
 __all__ = ["CoreState", "MemoryCore"]
 
@@ -48,14 +57,23 @@ class MemoryCore(nn.Module):
         hidden_size: the LSTM's units.
         alloc_topk, alloc_tol: top-k allocation (see MemoryAccess); None: the exact sort.
         backend: backend of the memory ops.
+        checkpoint: True, False or "auto" (see the module doc): backpropagation
+            through the sequence in bounded memory by checkpointed segments.
+        checkpoint_segment: steps per segment; None for ceil(sqrt(T)).
 
     `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
     y is (B, T, output_size). `core.step(x_t, state)` is one step.
     """
 
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
-                 alloc_topk=None, alloc_tol=1e-6, backend="auto"):
+                 alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None):
         super().__init__()
+        if checkpoint not in (True, False, "auto"):
+            raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")
+        if checkpoint_segment is not None and (not isinstance(checkpoint_segment, int)
+                                               or isinstance(checkpoint_segment, bool) or checkpoint_segment < 1):
+            raise ValueError(f"checkpoint_segment must be None or a positive int, got {checkpoint_segment!r}")
+        self.checkpoint, self.checkpoint_segment = checkpoint, checkpoint_segment
         for name, v in (("input_size", input_size), ("output_size", output_size), ("hidden_size", hidden_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -110,8 +128,19 @@ class MemoryCore(nn.Module):
             state = self.initial_state(x.shape[0])
         else:
             self.check_state(state, x.shape[0])
+        if self.uses_checkpoint(x.shape[0], x.shape[1], x.dtype):
+            ys, state = checkpointed_scan(self.step, state, x.transpose(0, 1), segment=self.checkpoint_segment)
+            return ys.transpose(0, 1), state
         ys = []
         for t in range(x.shape[1]):
             y, state = self.step(x[:, t], state)
             ys.append(y)
         return torch.stack(ys, dim=1), state
+
+    def uses_checkpoint(self, batch_size, seq_len, dtype=torch.float32):
+        """Whether forward() on (batch_size, seq_len) runs checkpointed segments now."""
+        if self.checkpoint == "auto":
+            a = self.access
+            copies = seq_len * batch_size * a.memory_size * a.word_size * torch.finfo(dtype).bits // 8
+            return torch.is_grad_enabled() and copies > CHECKPOINT_AUTO_BYTES
+        return bool(self.checkpoint) and torch.is_grad_enabled()
