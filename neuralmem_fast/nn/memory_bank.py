@@ -329,7 +329,7 @@ class NeuralMemoryBank(nn.Module):
         return reads.reshape(-1)
 
     def write(self, write_key, write_vector, erase_vector, write_strength):
-        """Content-addressed erase-then-add write (one fused op), then usage."""
+        """Erase-then-add write at the `write_mode` weights (content: one fused op), then usage."""
         _, usage = self._mem3()
         keys = self._as_keys("write_key", write_key, "W")
         W = keys.shape[1]
@@ -342,12 +342,13 @@ class NeuralMemoryBank(nn.Module):
                              f"{tuple(erase_vector.shape)}")
         if self.write_mode == "none":
             return
-        if self.write_mode == "allocation":
-            self._allocation_write(keys, erase, add)
-            return
+        alloc = self.write_mode == "allocation"
         if self.differentiable:
             memory, _ = self._mem3()
-            w = ops.content_addressing(memory, keys, strengths, eps=self.eps, backend=self.backend)
+            if alloc:
+                w = self._allocation_weights(usage, W)
+            else:
+                w = ops.content_addressing(memory, keys, strengths, eps=self.eps, backend=self.backend)
             new = ops.memory_write(memory, w, erase, add, backend=self.backend)
             with torch.no_grad():
                 usage.copy_(ops.usage_update(usage, w.detach(), self.decay, backend=self.backend))
@@ -364,7 +365,10 @@ class NeuralMemoryBank(nn.Module):
             # the memory (a stored row written back) is read as it was before the
             # write. The in-place op refuses such aliasing; snapshot it here.
             keys, strengths, erase, add = _unaliased([t.detach() for t in (keys, strengths, erase, add)], memory)
-            if self._use_torch_path():
+            if alloc:
+                ops.memory_write_(memory, self._allocation_weights(usage, W), erase.contiguous(), add.contiguous(),
+                                  usage=usage, decay=self.decay, backend=self.backend)
+            elif self._use_torch_path():
                 self._torch_write_(memory, usage, keys, strengths, erase, add)
             else:
                 ops.content_write_(memory, keys, strengths, erase, add,
@@ -436,27 +440,6 @@ class NeuralMemoryBank(nn.Module):
         # a slot holding 1e-6 v reads as v: a ghost copy that takes half the
         # read weight of a query for v. Weights below alloc_floor are dropped.
         return torch.where(w >= self.alloc_floor, w, torch.zeros_like(w))
-
-    def _allocation_write(self, keys, erase, add):
-        """Erase-add at the allocation weights, then the tutorial's usage update."""
-        if self.differentiable:
-            memory, usage = self._mem3()
-            w = self._allocation_weights(usage, keys.shape[1])
-            new = ops.memory_write(memory, w, erase, add, backend=self.backend)
-            with torch.no_grad():
-                usage.mul_(self.decay).add_(w.sum(dim=1))
-            self.memory = new if self.batched else new.squeeze(0)
-            self._memory_in_graph = True
-            return
-        with torch.no_grad():
-            if self._memory_in_graph:
-                self.memory = self.memory.clone()
-                self._memory_in_graph = False
-            memory, usage = self._mem3()
-            erase, add = _unaliased([erase.detach(), add.detach()], memory)
-            w = self._allocation_weights(usage, keys.shape[1])  # (B, W, N)
-            ops.memory_write_(memory, w, erase.contiguous(), add.contiguous(), usage=usage, decay=self.decay,
-                              backend=self.backend)
 
     def _torch_write_(self, memory, usage, keys, strengths, erase, add):
         """In-place erase-add with the seed's arithmetic (W=1: bit-for-bit its write)."""
