@@ -44,6 +44,23 @@ def _check_values(v: np.ndarray, what: str, arg: str, nonneg: bool = True) -> No
         raise ValueError(f"{what}: `{arg}` must be {cond}, got {v[j]!r} at position {j}")
 
 
+def _check_saved_capacity(saved, capacity: int, what: str) -> None:
+    """A state dict's capacity against the loading buffer's (checked before anything else)."""
+    if int(saved) != capacity:
+        raise ValueError(
+            f"{what}: the state dict is of a buffer of capacity {saved}, this buffer's is "
+            f"{capacity}; build a buffer of that capacity to load it. Nothing was loaded"
+        )
+
+
+def _saved_cursor(state, capacity: int, what: str) -> tuple:
+    """A state dict's (size, position), checked against the capacity."""
+    size, pos = int(state["size"]), int(state["position"])
+    if not (0 <= size <= capacity and 0 <= pos < capacity):
+        raise ValueError(f"{what}: size {size} / position {pos} out of range for capacity {capacity}")
+    return size, pos
+
+
 def _check_range(idx: np.ndarray, high: int, what: str, bound: str) -> None:
     if idx.size and (idx.min() < 0 or idx.max() >= high):
         bad = (idx < 0) | (idx >= high)

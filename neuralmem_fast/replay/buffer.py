@@ -44,7 +44,8 @@ import torch
 
 from .._ext import _C
 
-from ._checks import _as_float_array, _as_index_array, _check_pairing, _check_values, _fast_float, _fast_index
+from ._checks import (_as_float_array, _as_index_array, _check_pairing, _check_saved_capacity, _check_values,
+                      _fast_float, _fast_index, _saved_cursor)
 from ._rng import restored_rng, rng_state
 from .sum_tree import SumTree
 from .storage import _field_name, _flatten, _generation_counters, _holds_every_value, _packed_storage, _unflatten
@@ -375,11 +376,7 @@ class PrioritizedReplayBuffer:
         another capacity, bad priorities or counters, or a bad generator state
         raise ValueError, and the buffer keeps what it had."""
         what = "PrioritizedReplayBuffer.load_state_dict"
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"{what}: the state dict is of a buffer of capacity {state['capacity']}, this buffer's is "
-                f"{self.capacity}; build a buffer of that capacity to load it. Nothing was loaded"
-            )
+        _check_saved_capacity(state["capacity"], self.capacity, what)
         leaves = _as_float_array(state["priorities"], what, "priorities")
         if leaves.size != self.capacity:
             raise ValueError(f"{what}: `priorities` must have {self.capacity} values, got {leaves.size}")
@@ -388,9 +385,7 @@ class PrioritizedReplayBuffer:
         sgen = _as_index_array(state["sampled_generation"], what, "sampled_generation")
         if gen.size != self.capacity or sgen.size != self.capacity:
             raise ValueError(f"{what}: generation counters must have {self.capacity} values")
-        size, pos = int(state["size"]), int(state["position"])
-        if not (0 <= size <= self.capacity and 0 <= pos < self.capacity):
-            raise ValueError(f"{what}: size {size} / position {pos} out of range for capacity {self.capacity}")
+        size, pos = _saved_cursor(state, self.capacity, what)
         hyper = {k: float(state[k]) for k in ("alpha", "beta", "eps", "max_priority")}
         for k, v in hyper.items():
             if not (math.isfinite(v) and v >= 0):

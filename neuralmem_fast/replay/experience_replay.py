@@ -16,7 +16,8 @@ import torch
 
 from .._ext import _C
 
-from ._checks import _as_float_array, _as_index_array, _check_pairing, _check_values, _fast_float, _fast_index
+from ._checks import (_as_float_array, _as_index_array, _check_pairing, _check_saved_capacity, _check_values,
+                      _fast_float, _fast_index, _saved_cursor)
 from ._rng import restored_rng, rng_state
 from .sum_tree import SumTree
 from .storage import _generation_counters
@@ -223,11 +224,7 @@ class ExperienceReplay:
         what it had. When the saved buffer drew from numpy's global RNG, this
         sets numpy's global RNG to the saved state, as its next draws need."""
         what = "ExperienceReplay.load_state_dict"
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"{what}: the state dict is of a buffer of capacity {state['capacity']}, this buffer's is "
-                f"{self.capacity}; build a buffer of that capacity to load it. Nothing was loaded"
-            )
+        _check_saved_capacity(state["capacity"], self.capacity, what)
         leaves = _as_float_array(state["priorities"], what, "priorities")
         gen = _as_index_array(state["generation"], what, "generation")
         sgen = _as_index_array(state["sampled_generation"], what, "sampled_generation")
@@ -235,9 +232,7 @@ class ExperienceReplay:
         if not (leaves.size == gen.size == sgen.size == len(items) == self.capacity):
             raise ValueError(f"{what}: items, priorities and counters must have {self.capacity} entries each")
         _check_values(leaves, what, "priorities")
-        size, pos = int(state["size"]), int(state["position"])
-        if not (0 <= size <= self.capacity and 0 <= pos < self.capacity):
-            raise ValueError(f"{what}: size {size} / position {pos} out of range for capacity {self.capacity}")
+        size, pos = _saved_cursor(state, self.capacity, what)
         alpha = float(state["alpha"])
         if not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"{what}: `alpha` must be finite and >= 0, got {alpha!r}")
