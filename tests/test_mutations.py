@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import neuralmem_fast as nm
 from neuralmem_fast.config import MemoryConfig
 from neuralmem_fast.models.controller import FastMemoryController, _fused_backward, _fused_forward
-from tests.helpers import TOL, assert_close, make_inputs, shape_id
+from tests.helpers import assert_close, make_inputs, shape_id
 
 pytestmark = pytest.mark.skipif(not nm.has_extension(), reason="native extension not built")
 

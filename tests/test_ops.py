@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import neuralmem_fast as nm
-from neuralmem_fast import ops
-from tests.helpers import TOL, assert_close, make_inputs, run_on_instruction_set, shape_id
+from tests.helpers import assert_close, make_inputs, run_on_instruction_set, shape_id
 
 OPS = torch.ops.neuralmem
 

@@ -55,7 +55,6 @@ class _BufferView(Sequence):
         return self._o._items[slot]
 
     def __iter__(self):
-        o = self._o
         for s in self._slots():
             yield self._get(int(s))
 
