@@ -116,6 +116,17 @@ void check_decay(double decay) {
 
 at::ScalarType lse_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The log-sum-exp a forward saved for its backward: (B, heads) in lse_dtype.
+void check_lse(const at::Tensor& lse, const at::Tensor& memory, int64_t heads, const char* hint,
+               const char* heads_name) {
+  check_tensor(lse, "lse", 2, hint);
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(memory.scalar_type()), "lse must be ",
+                   lse_dtype(memory.scalar_type()), " for memory of ", memory.scalar_type(), ", got ",
+                   lse.scalar_type());
+  check_size(lse, "lse", hint, 0, memory.size(0), "B");
+  check_size(lse, "lse", hint, 1, heads, heads_name);
+}
+
 // Outputs of the memory's size (its gradient, a written copy) are first
 // touched by our kernels. At N = 10^6 and beyond, faulting them in 4 KiB pages
 // costs more than the kernel (measured here: ~100 ms of a 126 ms backward for
@@ -201,12 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> content_read_backward(const at::T
   const int64_t H = keys.size(1);
   check_heads(memory, grad_reads, "grad_reads", "(B, H, D)", H);
   check_heads(memory, reads, "reads", "(B, H, D)", H);
-  check_tensor(lse, "lse", 2, "(B, H)");
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(memory.scalar_type()), "lse must be ",
-                   lse_dtype(memory.scalar_type()), " for memory of ", memory.scalar_type(), ", got ",
-                   lse.scalar_type());
-  check_size(lse, "lse", "(B, H)", 0, memory.size(0), "B");
-  check_size(lse, "lse", "(B, H)", 1, H, "H");
+  check_lse(lse, memory, H, "(B, H)", "H");
   // Without grad_memory: no (N, D) buffer and no pass that writes one; dm is empty.
   at::Tensor dm = grad_memory ? empty_like_c(memory) : at::empty({0}, memory.options());
   at::Tensor dk = empty_like_c(keys), ds = empty_like_c(strengths);
@@ -283,12 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_w
   check_like(grad_out, "grad_out", 3, "(B, N, D)", memory);
   TORCH_CHECK_VALUE(grad_out.sizes() == memory.sizes(), "grad_out must have the shape of memory ", memory.sizes(),
                     ", got ", grad_out.sizes());
-  check_tensor(lse, "lse", 2, "(B, W)");
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(memory.scalar_type()), "lse must be ",
-                   lse_dtype(memory.scalar_type()), " for memory of ", memory.scalar_type(), ", got ",
-                   lse.scalar_type());
-  check_size(lse, "lse", "(B, W)", 0, memory.size(0), "B");
-  check_size(lse, "lse", "(B, W)", 1, W, "W");
+  check_lse(lse, memory, W, "(B, W)", "W");
   at::Tensor dm = empty_like_c(memory), dk = empty_like_c(keys), ds = empty_like_c(strengths),
              de = empty_like_c(erase), da = empty_like_c(add);
   kernels().content_write_backward(contiguous_pooled(grad_out), lse.contiguous(), memory.contiguous(),
