@@ -39,13 +39,7 @@ SUMMARY="$OUT_DIR/summary.txt"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 
-if [ -n "${PYTHON:-}" ]; then
-  PY="$PYTHON"
-elif command -v python3 >/dev/null 2>&1 && python3 -c "import torch" >/dev/null 2>&1; then
-  PY=python3
-else
-  PY=python
-fi
+. scripts/pick_python.sh
 
 note "gpu-check started $(stamp) in $(pwd)"
 note "python: $(command -v "$PY") ($("$PY" --version 2>&1))"

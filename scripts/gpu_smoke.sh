@@ -27,13 +27,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$(dirname "$0")/.."
 
-if [ -n "${PYTHON:-}" ]; then
-  PY="$PYTHON"
-elif command -v python3 >/dev/null 2>&1 && python3 -c "import torch" >/dev/null 2>&1; then
-  PY=python3
-else
-  PY=python
-fi
+. scripts/pick_python.sh
 SMOKE="scripts/gpu_smoke.py"
 SUMMARY="$OUT_DIR/summary.txt"
 : >"$SUMMARY"
