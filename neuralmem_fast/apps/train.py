@@ -59,6 +59,10 @@ def _batch_fn(args):
     return gen_fn, kw
 
 
+def _threshold(args):
+    return DEFAULT_THRESHOLD[args.task] if args.threshold is None else args.threshold
+
+
 def train_one(kind, args, log=print):
     """Train one model; returns its record (curves and threshold crossing)."""
     gen_fn, kw = _batch_fn(args)
@@ -68,7 +72,7 @@ def train_one(kind, args, log=print):
                         args.hidden_size, args.alloc_topk)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    threshold = DEFAULT_THRESHOLD[args.task] if args.threshold is None else args.threshold
+    threshold = _threshold(args)
     rec = {"model": kind, "params": param_count(model), "steps": [], "wall_s": [], "loss": [], "bits_wrong": [],
            "threshold": threshold, "reached_step": None, "reached_wall_s": None}
     try:
@@ -153,8 +157,7 @@ def main(argv=None):
     _, kw = _batch_fn(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "model")}
     settings.update(kw)
-    result = {"task": args.task, "settings": settings, "threshold": DEFAULT_THRESHOLD[args.task]
-              if args.threshold is None else args.threshold, "models": [], "skipped": {}}
+    result = {"task": args.task, "settings": settings, "threshold": _threshold(args), "models": [], "skipped": {}}
     json_path = os.path.join(args.out, f"{args.task}_metrics.json")
     png_path = os.path.join(args.out, f"{args.task}_curves.png")
 
