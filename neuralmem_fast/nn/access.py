@@ -145,13 +145,21 @@ class MemoryAccess(nn.Module):
         usage_grad: False (DeepMind's choice) detaches the previous write
             weights where they enter the usage; True keeps that path, so the
             step is differentiable in every input exactly (gradcheck).
+        sparse_k: None for the dense access; K for sparse access (nn/sparse_access.py):
+            each read head reads K candidate slots, writes go to the previous
+            reads and the least recently used slot, a step costs O(K D) and the
+            backward stores O(K D) per step whatever N. The state is then a
+            SparseAccessState.
+        index: with sparse_k, how the K candidates are found: "exact" (one
+            pass over the memory), "faiss" (an index that follows the writes),
+            "auto" (faiss when installed, else exact) or an index object.
 
     `forward(interface, state)` returns (reads (B,R,D), new AccessState).
     The module has no parameters: the controller produces the interface.
     """
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
-                 backend="auto", usage_grad=False):
+                 backend="auto", usage_grad=False, sparse_k=None, index="auto"):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):
@@ -175,13 +183,22 @@ class MemoryAccess(nn.Module):
         self._oneplus_sizes = [R, W]                        # read, write strengths
         self._sigmoid_sizes = [W * D, R, W, W]              # erase, free, allocation, write gates
         self.interface_size = sum(self._linear_sizes) + sum(self._oneplus_sizes) + sum(self._sigmoid_sizes)
+        self.sparse_k = sparse_k
+        self.sparse = None
+        if sparse_k is not None:
+            from .sparse_access import SparseAccess
+
+            self.sparse = SparseAccess(self, sparse_k, index)
 
     def extra_repr(self):
+        extra = f", sparse_k={self.sparse_k}" if self.sparse is not None else ""
         return (f"memory_size={self.memory_size}, word_size={self.word_size}, num_reads={self.num_reads}, "
-                f"num_writes={self.num_writes}, alloc_topk={self.alloc_topk}, alloc_tol={self.alloc_tol}")
+                f"num_writes={self.num_writes}, alloc_topk={self.alloc_topk}, alloc_tol={self.alloc_tol}{extra}")
 
     def initial_state(self, batch_size, dtype=torch.float32, device=None):
         """All zeros (see the module doc for why that is enough)."""
+        if self.sparse is not None:
+            return self.sparse.initial_state(batch_size, dtype, device)
         B, N, D, R, W = batch_size, self.memory_size, self.word_size, self.num_reads, self.num_writes
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         return AccessState(z(B, N, D), z(B, N), z(B, R, N), z(B, W, N))
@@ -204,6 +221,8 @@ class MemoryAccess(nn.Module):
     # ------------------------------------------------------------------ checks
     def check_state(self, state, batch_size=None):
         """Shapes, dtype and device of an AccessState; returns its batch size."""
+        if self.sparse is not None:
+            return self.sparse.check_state(state, batch_size)
         if not isinstance(state, tuple) or len(state) != 4:
             raise TypeError(f"state must be an AccessState (memory, usage, read_weights, write_weights), "
                             f"got {type(state).__name__}")
@@ -257,6 +276,8 @@ class MemoryAccess(nn.Module):
         """One access step: returns (reads (B,R,D), new AccessState)."""
         if validate:
             interface = self.check_interface(interface, state)
+        if self.sparse is not None:
+            return self.sparse.step(interface, state)
         memory, usage, prev_rw, prev_ww = state
         be = self.backend
         # 1. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code),

@@ -16,6 +16,13 @@ records and the T copies would exceed `CHECKPOINT_AUTO_BYTES` (256 MiB).
 Nothing is written in place: training runs through every write, and the
 gradient of a loss at step t reaches the write heads of every earlier step.
 Device-agnostic: the ops choose their kernels for the tensors' device.
+
+Sparse access. `sparse_k=K` gives the access of nn/sparse_access.py: K candidate slots per read head,
+writes to the previous reads and the least recently used slot, O(K D) per step and O(T K D) kept for
+the backward whatever N, so no checkpointing. Its state (`SparseCoreState`) holds the memory as a
+buffer updated in place. `forward(x)` without a state reuses the core's own buffer, zeroing the rows the
+previous call wrote (O(rows written), not O(N)); pass `state=core.initial_state(B)` for a memory of
+your own.
 """
 from typing import NamedTuple
 
@@ -28,7 +35,7 @@ from .scan import checkpointed_scan
 # "auto" checkpoints when plain autograd would keep more than this many bytes of memory copies.
 CHECKPOINT_AUTO_BYTES = 256 << 20
 
-__all__ = ["CoreState", "MemoryCore"]
+__all__ = ["CoreState", "SparseCoreState", "MemoryCore"]
 
 
 class CoreState(NamedTuple):
@@ -47,6 +54,15 @@ class CoreState(NamedTuple):
         return AccessState(self.memory, self.usage, self.read_weights, self.write_weights)
 
 
+class SparseCoreState(NamedTuple):
+    """Controller state h, c (B,H); last reads (B,R,D); the sparse access's state (SparseAccessState)."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    reads: torch.Tensor
+    access: object
+
+
 class MemoryCore(nn.Module):
     """An LSTM controller with a DNC memory access, reads fed back.
 
@@ -60,13 +76,16 @@ class MemoryCore(nn.Module):
         checkpoint: True, False or "auto" (see the module doc): backpropagation
             through the sequence in bounded memory by checkpointed segments.
         checkpoint_segment: steps per segment; None for ceil(sqrt(T)).
+        sparse_k, index: sparse access with K candidates per read head and the
+            index that finds them (see MemoryAccess and the module doc).
 
     `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
     y is (B, T, output_size). `core.step(x_t, state)` is one step.
     """
 
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
-                 alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None):
+                 alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None,
+                 sparse_k=None, index="auto"):
         super().__init__()
         if checkpoint not in (True, False, "auto"):
             raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")
@@ -77,7 +96,9 @@ class MemoryCore(nn.Module):
         for name, v in (("input_size", input_size), ("output_size", output_size), ("hidden_size", hidden_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend)
+        self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend,
+                                   sparse_k=sparse_k, index=index)
+        self._sparse_cache = None
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         read_size = num_reads * word_size
         self.controller = nn.LSTMCell(input_size + read_size, hidden_size)
@@ -92,10 +113,27 @@ class MemoryCore(nn.Module):
         a = self.access
         h = torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device)
         reads = torch.zeros(batch_size, a.num_reads, a.word_size, dtype=dtype, device=device)
+        if a.sparse is not None:
+            return SparseCoreState(h, h.clone(), reads, a.initial_state(batch_size, dtype, device))
         return CoreState(h, h.clone(), reads, *a.initial_state(batch_size, dtype, device))
 
+    def _fresh_sparse_state(self, batch_size, dtype, device):
+        """The core's own sparse buffer, reset in O(rows written), or a new one for another shape."""
+        st = self._sparse_cache
+        m = None if st is None else st.access.memory
+        if m is None or m.shape[0] != batch_size or m.dtype != dtype or m.device != device:
+            st = self.initial_state(batch_size, dtype, device)
+        else:
+            z = torch.zeros_like(st.h)
+            st = SparseCoreState(z, z.clone(), torch.zeros_like(st.reads), self.access.sparse.reset(st.access))
+        self._sparse_cache = st
+        return st
+
     def check_state(self, state, batch_size):
-        if not isinstance(state, CoreState):
+        if self.access.sparse is not None:
+            if not isinstance(state, SparseCoreState):
+                raise TypeError(f"state must be a SparseCoreState or None, got {type(state).__name__}")
+        elif not isinstance(state, CoreState):
             raise TypeError(f"state must be a CoreState or None, got {type(state).__name__}")
         B, H, R, D = batch_size, self.hidden_size, self.access.num_reads, self.access.word_size
         for name, t, shape in (("h", state.h, (B, H)), ("c", state.c, (B, H)), ("reads", state.reads, (B, R, D))):
@@ -110,6 +148,8 @@ class MemoryCore(nn.Module):
         iface = self.access.parse_interface(self.interface(h))
         reads, acc = self.access(iface, state.access, validate=False)
         y = self.output(torch.cat([h, reads.reshape(B, -1)], dim=1))
+        if self.access.sparse is not None:
+            return y, SparseCoreState(h, c, reads, acc)
         return y, CoreState(h, c, reads, *acc)
 
     def forward(self, x, state=None):
@@ -125,7 +165,10 @@ class MemoryCore(nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
         if state is None:
-            state = self.initial_state(x.shape[0])
+            if self.access.sparse is not None:
+                state = self._fresh_sparse_state(x.shape[0], x.dtype, x.device)
+            else:
+                state = self.initial_state(x.shape[0])
         else:
             self.check_state(state, x.shape[0])
         if self.uses_checkpoint(x.shape[0], x.shape[1], x.dtype):
@@ -139,6 +182,8 @@ class MemoryCore(nn.Module):
 
     def uses_checkpoint(self, batch_size, seq_len, dtype=torch.float32):
         """Whether forward() on (batch_size, seq_len) runs checkpointed segments now."""
+        if self.access.sparse is not None:
+            return False  # the sparse backward keeps O(T K D) already
         if self.checkpoint == "auto":
             a = self.access
             copies = seq_len * batch_size * a.memory_size * a.word_size * torch.finfo(dtype).bits // 8

@@ -1,0 +1,384 @@
+"""Sparse access (Sparse Access Memory, Rae et al. 2016): reads and writes that touch K slots, whatever N.
+
+Design
+------
+`MemoryAccess(..., sparse_k=K)` runs this module's `SparseAccess` instead of the dense step. Per step:
+
+  1. write. The write set is the slots the read heads read at the previous step (their weights averaged
+     over the R heads, a slot read by several heads counted once with the summed weight) and the least
+     recently used slot. Each write head h writes with
+        w[h] = g_w[h] * ((1 - g_a[h]) * w_read_prev + g_a[h] * 1_lru)
+     (the paper's w^W = alpha (gamma w^R_{t-1} + (1 - gamma) I^U), alpha the write gate and 1 - gamma the
+     allocation gate of the DNC interface), then erase-add: M[s] <- M[s] * prod_h (1 - w[h,s] e_h)
+     + sum_h w[h,s] a_h on those slots only (`memory_write` over the gathered rows, scattered back).
+  2. read. Each read head's K candidates come from the index: the exact top-K by cosine (`cosine_topk`,
+     one pass over the memory) or an approximate nearest-neighbour index that follows the writes
+     (`FaissIndex`); the read is the softmax over the K candidates (`sparse_read`).
+  3. bookkeeping. Every slot read or written moves to the recent end of the LRU list (`lru_touch_`), in
+     O(K); the least recently used slot is the list's head (`lru_oldest`). The paper counts a slot as
+     accessed only when its weight exceeds a threshold delta; here every candidate counts (delta = 0),
+     which keeps the write set's slots distinct by construction: the previous step's candidates are
+     the most recent, the write's spare slots come from the oldest end, and N >= 4 (R K + 1) keeps
+     those apart. The interface's write keys, write strengths and free gates are not used.
+
+Memory in place, gradients by a tape. The memory (B,N,D) is one buffer updated in place: a step costs
+O(K D) however large N is, and nothing memory-sized is copied. Each step records what its backward needs:
+the K rows it read (as they were), the rows it overwrote (as they were), the slots and the write
+parameters: O(T (R K + C) D) for T steps, C = R K + 1 write slots, not O(T N D). The gradient with
+respect to the memory's rows is kept in a table of the slots the sequence touched. Each step is one
+autograd Function whose outputs include a token that the next step takes as input, so the backward
+visits the steps in reverse order of time, which the table needs: step t adds the gradient of its reads
+to the rows it read, then takes the gradient of the rows it wrote and passes it through the erase-add to
+the write parameters and to the rows as they were before the write.
+
+Consequences, documented where they bite:
+  - the memory passed in (a state's memory) receives no gradient: the sequence starts from it as from
+    a constant (truncated backpropagation at the state); `state.detach()` starts a new sequence;
+  - the steps are differentiated in reverse order of time, once per backward pass (retain_graph and
+    repeated passes work); create_graph=True raises (no higher derivatives through the memory);
+  - a state is a view of buffers that later steps change: after a step, an older state's memory is the
+    newer one. `SparseAccess.reset(state)` zeroes what the sequence wrote, O(rows written).
+"""
+import torch
+
+from .. import ops
+from ..ops import sparse as sops
+
+__all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "make_index"]
+
+
+class ExactIndex:
+    """The exact top-K by cosine: `cosine_topk` over the whole memory, one pass per step (O(N D))."""
+
+    name = "exact"
+
+    def __init__(self):
+        self.memory = None
+        self.nonzero = None
+        self.stats = {"searches": 0, "updates": 0, "rebuilds": 0, "stale_rebuilds": 0, "search_s": 0.0,
+                      "update_s": 0.0}
+
+    def attach(self, memory):
+        self.memory = memory
+
+    def update(self, indices):
+        self.stats["updates"] += 1
+
+    def search(self, keys, k):
+        import time
+
+        t0 = time.perf_counter()
+        scores, idx = sops.cosine_topk(self.memory, keys, k)
+        self.stats["searches"] += 1
+        self.stats["search_s"] += time.perf_counter() - t0
+        return scores, idx
+
+    def rebuild(self):
+        pass
+
+    def check(self):
+        return 0
+
+
+def make_index(index):
+    """"exact", "faiss", "auto" (faiss when installed, else exact) or an index object."""
+    if not isinstance(index, str):
+        for attr in ("attach", "update", "search"):
+            if not callable(getattr(index, attr, None)):
+                raise TypeError(f"index must be 'exact', 'faiss', 'auto' or an object with attach/update/search, "
+                                f"got {type(index).__name__}")
+        return index
+    if index == "exact":
+        return ExactIndex()
+    if index in ("faiss", "auto"):
+        from . import sparse_index
+
+        if sparse_index.has_faiss():
+            return sparse_index.FaissIndex()
+        if index == "faiss":
+            raise ImportError("index='faiss' needs faiss: pip install faiss-cpu")
+        return ExactIndex()
+    raise ValueError(f"index must be 'exact', 'faiss', 'auto' or an index object, got {index!r}")
+
+
+class _Tape:
+    """What the steps of one sequence recorded, and the memory-row gradient table of its backward."""
+
+    def __init__(self, n_slots):
+        self.N = n_slots
+        self.steps = 0
+        self.slots = []          # per step: (write slots (B,C), read slots (B,R,K))
+        self.next_backward = None
+        self.table = None        # (U, D) gradient of the rows' current values
+        self.n_rows = 0
+        self.ids = None          # per step: (write ids (B*C,), read ids (B*R*K,)) into the table
+
+    def record(self, write_slots, read_slots):
+        self.slots.append((write_slots, read_slots))
+        self.steps += 1
+        return self.steps - 1
+
+    def begin_backward(self, t, like):
+        """Called by step t's backward. A pass runs from its latest step down to the first, one step at a
+        time (the token chain orders them); a step later than the one expected starts a new pass (a
+        backward with retain_graph, or gradcheck's), which starts from a zero table."""
+        if self.ids is None or len(self.ids) != self.steps:
+            B = self.slots[0][0].shape[0]
+            base = torch.arange(B, device=like.device).unsqueeze(1) * self.N
+            flat = [torch.cat([(w + base).reshape(-1), (r.reshape(B, -1) + base).reshape(-1)])
+                    for w, r in self.slots]
+            uniq, inv = torch.unique(torch.cat(flat), return_inverse=True)
+            self.n_rows = uniq.numel()
+            self.ids, at = [], 0
+            for (w, r), f in zip(self.slots, flat):
+                nw = w.numel()
+                self.ids.append((inv[at:at + nw], inv[at + nw:at + f.numel()]))
+                at += f.numel()
+        if self.next_backward is None or t > self.next_backward:
+            self.table = torch.zeros(self.n_rows, like.shape[-1], dtype=like.dtype, device=like.device)
+        elif t != self.next_backward:
+            raise RuntimeError(
+                "sparse access: the backward reached step %d where step %d was expected; the steps of a "
+                "sparse memory are differentiated in reverse order, each once per pass" % (t, self.next_backward))
+        self.next_backward = t - 1
+        if t == 0:
+            self.next_backward = -1
+
+
+def _read_backward(grad_reads, grad_weights, weights, rows, keys, strengths, eps):
+    if sops.has_sparse_kernels(rows.device.type):
+        return sops._lib().sparse_read_backward(grad_reads.contiguous(), grad_weights.contiguous(), weights, rows,
+                                                keys, strengths, eps)
+    ins = [t.detach().requires_grad_(True) for t in (rows, keys, strengths)]
+    with torch.enable_grad():
+        reads, w = sops.sparse_read_ref(*ins, eps)
+        return torch.autograd.grad((reads, w), ins, (grad_reads, grad_weights))
+
+
+def _write_backward(grad_new, old, w, e, a):
+    if old.device.type in ops.available_backends(old.device.type):
+        return torch.ops.neuralmem.memory_write_backward(grad_new.contiguous(), old.contiguous(), w.contiguous(),
+                                                         e.contiguous(), a.contiguous())
+    ins = [t.detach().requires_grad_(True) for t in (old, w, e, a)]
+    with torch.enable_grad():
+        return torch.autograd.grad(ops.memory_write_ref(*ins), ins, grad_new)
+
+
+class _Dirty:
+    """The slots written since the last reset (O(rows written) to undo), or `everything` past N rows."""
+
+    def __init__(self):
+        self.slots, self.count, self.everything = [], 0, False
+
+    def add(self, slots):
+        if self.everything:
+            return
+        self.slots.append(slots)
+        self.count += slots.shape[1]
+
+    def clear(self):
+        self.slots, self.count, self.everything = [], 0, False
+
+
+class _SparseStep(torch.autograd.Function):
+    """One sparse step: write, then read. Inputs beyond the first four are differentiable."""
+
+    @staticmethod
+    def forward(ctx, access, state, record, write_slots, token, write_w, erase, add, read_keys, read_strengths):
+        memory, B = state.memory, state.memory.shape[0]
+        tape = state.tape
+        D = memory.shape[2]
+        with torch.no_grad():
+            gw = write_slots.unsqueeze(-1).expand(B, write_slots.shape[1], D)
+            old = memory.gather(1, gw)
+            new = ops.memory_write(old, write_w, erase, add, backend=access.backend)
+            memory.scatter_(1, gw, new)
+            state.index.update(write_slots)
+            read_slots = access._candidates(state, read_keys)
+            R, K = read_slots.shape[1], read_slots.shape[2]
+            rows = memory.gather(1, read_slots.reshape(B, R * K, 1).expand(B, R * K, D)).reshape(B, R, K, D)
+            reads, weights = sops.sparse_read(rows, read_keys, read_strengths, access.eps)
+            sops.lru_touch_(state.links, write_slots)
+            sops.lru_touch_(state.links, read_slots.reshape(B, R * K))
+        state.written.add(write_slots)
+        if state.written.count > memory.shape[1]:
+            state.written.everything = True
+        ctx.mark_non_differentiable(read_slots)
+        if record:  # inference records nothing
+            ctx.t = tape.record(write_slots, read_slots)
+            ctx.tape, ctx.eps = tape, access.eps
+            ctx.save_for_backward(old, write_w, erase, add, rows, read_keys, read_strengths, weights)
+        return reads, weights, token.detach().clone(), read_slots
+
+    @staticmethod
+    def backward(ctx, grad_reads, grad_weights, _grad_token, _grad_slots):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sparse access: create_graph=True is not supported (no higher derivatives "
+                               "through a sparse memory)")
+        old, w, e, a, rows, keys, strengths, weights = ctx.saved_tensors
+        tape = ctx.tape
+        tape.begin_backward(ctx.t, old)
+        B, R, K, D = rows.shape
+        g_rows, g_keys, g_str = _read_backward(grad_reads, grad_weights, weights, rows, keys, strengths, ctx.eps)
+        wid, rid = tape.ids[ctx.t]
+        table = tape.table
+        table.index_add_(0, rid, g_rows.reshape(-1, D).to(table.dtype))
+        g_new = table.index_select(0, wid).reshape(old.shape).to(old.dtype)
+        g_old, g_w, g_e, g_a = _write_backward(g_new, old, w, e, a)
+        table.index_copy_(0, wid, g_old.reshape(-1, D).to(table.dtype))
+        return None, None, None, None, None, g_w, g_e, g_a, g_keys, g_str
+
+
+class SparseAccessState:
+    """The sparse access's state. memory (B,N,D) and links (the LRU list) are buffers the steps update
+    in place; read_indices (B,R,K) and read_weights (B,R,K) are the last step's candidates and weights;
+    index follows the memory; tape records the sequence for the backward."""
+
+    __slots__ = ("memory", "links", "read_indices", "read_weights", "index", "tape", "token", "written")
+
+    def __init__(self, memory, links, read_indices, read_weights, index, tape, token, written):
+        self.memory, self.links, self.index, self.tape = memory, links, index, tape
+        self.read_indices, self.read_weights, self.token = read_indices, read_weights, token
+        self.written = written  # the write slots (B,C) of every step since the last reset, shared
+
+    def _next(self, read_indices, read_weights, token):
+        return SparseAccessState(self.memory, self.links, read_indices, read_weights, self.index, self.tape,
+                                 token, self.written)
+
+    def detach(self):
+        """The same memory as the start of a new sequence (no gradient to earlier steps)."""
+        return SparseAccessState(self.memory, self.links, self.read_indices, self.read_weights.detach(),
+                                 self.index, _Tape(self.memory.shape[1]), self.token.detach(), self.written)
+
+    def __repr__(self):
+        B, N, D = self.memory.shape
+        return (f"SparseAccessState(B={B}, N={N}, D={D}, K={self.read_indices.shape[-1]}, "
+                f"index={getattr(self.index, 'name', type(self.index).__name__)}, steps={self.tape.steps})")
+
+
+class SparseAccess:
+    """The sparse step of a MemoryAccess built with sparse_k=K (see the module doc)."""
+
+    def __init__(self, access, k, index="auto", eps=1e-12):
+        R, N = access.num_reads, access.memory_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"sparse_k must be a positive int, got {k!r}")
+        if k > N:
+            raise ValueError(f"sparse_k ({k}) must be at most memory_size ({N})")
+        need = 4 * (R * k + 1)
+        if N < need:
+            raise ValueError(f"sparse_k={k} with num_reads={R} needs memory_size >= 4*(num_reads*sparse_k+1) = "
+                             f"{need}, got {N}; use the dense access (sparse_k=None) for small memories")
+        self.access, self.k, self.eps = access, k, eps
+        self.index_spec = index
+        make_index(index) if not isinstance(index, str) else None  # type check now
+        if isinstance(index, str) and index not in ("exact", "faiss", "auto"):
+            raise ValueError(f"index must be 'exact', 'faiss', 'auto' or an index object, got {index!r}")
+        self.backend = access.backend
+
+    # -------------------------------------------------------------- state
+    def initial_state(self, batch_size, dtype=torch.float32, device=None):
+        """A zero memory with a fresh LRU list and index (O(N) once; `reset` reuses one in O(rows written))."""
+        a = self.access
+        B, N, D, R, K = batch_size, a.memory_size, a.word_size, a.num_reads, self.k
+        memory = torch.zeros(B, N, D, dtype=dtype, device=device)
+        links = sops.lru_init(B, N, device)
+        index = make_index(self.index_spec)
+        index.attach(memory)
+        return SparseAccessState(memory, links, torch.full((B, R, K), -1, dtype=torch.int64, device=device),
+                                 torch.zeros(B, R, K, dtype=dtype, device=device), index, _Tape(N),
+                                 torch.zeros((), dtype=dtype, device=device), _Dirty())
+
+    def reset(self, state):
+        """Zeroes every row the state's sequences wrote since the last reset, in O(rows written); returns a
+        state at the start of a new sequence on the same buffers (the LRU order is kept)."""
+        memory = state.memory
+        B, N, D = memory.shape
+        written = state.written
+        with torch.no_grad():
+            if written.everything:
+                memory.zero_()          # as cheap as the rows by now
+                state.index.rebuild()
+            else:
+                for w in written.slots:
+                    memory.scatter_(1, w.unsqueeze(-1).expand(B, w.shape[1], D), 0.0)
+                    state.index.update(w)
+        written.clear()
+        return SparseAccessState(memory, state.links, torch.full_like(state.read_indices, -1),
+                                 torch.zeros_like(state.read_weights.detach()), state.index, _Tape(N),
+                                 torch.zeros_like(state.token.detach()), written)
+
+    def check_state(self, state, batch_size=None):
+        if not isinstance(state, SparseAccessState):
+            raise TypeError(f"state must be a SparseAccessState (from initial_state), got {type(state).__name__}")
+        a = self.access
+        memory = state.memory
+        B = memory.shape[0] if batch_size is None else batch_size
+        if tuple(memory.shape) != (B, a.memory_size, a.word_size):
+            raise ValueError(f"state.memory: expected shape {(B, a.memory_size, a.word_size)}, "
+                             f"got {tuple(memory.shape)}")
+        if memory.requires_grad:
+            raise ValueError("state.memory: a sparse memory is updated in place and cannot require grad")
+        want = (B, a.num_reads, self.k)
+        for name in ("read_indices", "read_weights"):
+            t = getattr(state, name)
+            if tuple(t.shape) != want:
+                raise ValueError(f"state.{name}: expected shape {want}, got {tuple(t.shape)}")
+        return B
+
+    # -------------------------------------------------------------- step
+    def _write_set(self, state, iface):
+        """(slots (B,C), weights (B,W,C)): the previous read slots, distinct, then spares and the LRU slot."""
+        prev_idx, prev_w = state.read_indices, state.read_weights
+        B, R, K = prev_idx.shape
+        RK = R * K
+        flat_idx = prev_idx.reshape(B, RK)
+        flat_w = prev_w.reshape(B, RK) / R
+        s_idx, order = torch.sort(flat_idx, dim=1)
+        s_w = flat_w.gather(1, order)
+        valid = s_idx >= 0
+        first = valid.clone()
+        first[:, 1:] &= s_idx[:, 1:] != s_idx[:, :-1]
+        seg = (torch.cumsum(first, dim=1) - 1).clamp(min=0)
+        nseg = first.sum(dim=1, keepdim=True)
+        cw = torch.zeros_like(s_w).scatter_add(1, seg, s_w * valid)
+        u_idx = torch.full_like(s_idx, -1).scatter_reduce(1, seg, s_idx, "amax", include_self=True)
+        oldest = sops.lru_oldest(state.links, RK + 1)
+        pad = torch.arange(RK, device=s_idx.device).unsqueeze(0) >= nseg
+        u_idx = torch.where(pad, oldest[:, 1:], u_idx)
+        cw = torch.where(pad, torch.zeros_like(cw), cw)
+        slots = torch.cat([u_idx, oldest[:, :1]], dim=1)
+        base = torch.cat([cw, torch.zeros_like(cw[:, :1])], dim=1)                    # (B, C)
+        lru = torch.zeros_like(base)
+        lru[:, -1] = 1
+        g_w = iface.write_gates.unsqueeze(-1)
+        g_a = iface.allocation_gates.unsqueeze(-1)
+        weights = g_w * ((1 - g_a) * base.unsqueeze(1) + g_a * lru.unsqueeze(1))     # (B, W, C)
+        return slots, weights
+
+    def _candidates(self, state, keys):
+        """(B,R,K) candidate slots of the read keys over the current memory."""
+        k = self.k
+        scores, idx = state.index.search(keys.detach(), k)
+        if isinstance(state.index, ExactIndex):
+            return idx
+        # The index holds the nonzero rows; all-zero rows score 0 and fill in where they beat it.
+        B, R = keys.shape[0], keys.shape[1]
+        fill = sops.lru_oldest(state.links, k, skip=state.index.nonzero)                # (B, k)
+        f_scores = torch.where(fill >= 0, 0.0, float("-inf")).to(scores.dtype)
+        all_s = torch.cat([scores, f_scores.unsqueeze(1).expand(B, R, k)], dim=2)
+        all_i = torch.cat([idx, fill.unsqueeze(1).expand(B, R, k)], dim=2)
+        best = torch.topk(all_s, k, dim=2).indices
+        out = all_i.gather(2, best)
+        if bool((out < 0).any()):
+            raise RuntimeError("sparse access: the index and the zero rows gave fewer than K candidates; "
+                               "the index is out of step with the memory")
+        return out
+
+    def step(self, iface, state):
+        """(reads (B,R,D), new SparseAccessState)."""
+        slots, weights = self._write_set(state, iface)
+        diff = (weights, iface.erase_vectors, iface.write_vectors, iface.read_keys, iface.read_strengths)
+        record = torch.is_grad_enabled() and any(t.requires_grad for t in diff)
+        reads, read_weights, token, read_slots = _SparseStep.apply(self, state, record, slots, state.token, *diff)
+        return reads, state._next(read_slots, read_weights, token)

@@ -1,0 +1,231 @@
+"""Sparse access (nn/sparse_access.py): the in-place memory and its tape against a dense, out-of-place
+reference restricted to the same slots, in float64; gradcheck; what the backward stores; the LRU write
+set; reset; bad input; and a short sparse copy run that learns."""
+import pytest
+import torch
+
+from neuralmem_fast import ops
+from neuralmem_fast.apps.memory_tasks import copy_batch, sequence_loss
+from neuralmem_fast.nn import MemoryAccess, MemoryCore
+from neuralmem_fast.nn.sparse_access import SparseAccessState
+from neuralmem_fast.ops import sparse as sops
+
+F64 = torch.float64
+
+
+def _run_sparse(acc, flat, B, init=None):
+    """T steps of the sparse access from a zero memory (or `init`); returns the reads (T,B,R,D), the slots
+    used and the state."""
+    st = acc.initial_state(B, dtype=flat.dtype)
+    if init is not None:
+        st.memory.copy_(init)
+    outs, rec = [], []
+    for t in range(flat.shape[0]):
+        r, st = acc(acc.parse_interface(flat[t]), st)
+        outs.append(r)
+        rec.append(tuple(s.clone() for s in st.tape.slots[-1]))
+    return torch.stack(outs), rec, st
+
+
+def _run_dense_reference(acc, flat, B, rec):
+    """The same steps on a dense memory, out of place, through plain autograd: dense write weights
+    (the previous reads averaged over the heads, the LRU slot), memory_write_ref over all N slots, and
+    the softmax read over the recorded candidates, which must be the exact top-K of the dense memory."""
+    N, D, R, K = acc.memory_size, acc.word_size, acc.num_reads, acc.sparse_k
+    mem = torch.zeros(B, N, D, dtype=flat.dtype)
+    prev_idx = torch.full((B, R, K), -1)
+    prev_w = torch.zeros(B, R, K, dtype=flat.dtype)
+    outs = []
+    for t in range(flat.shape[0]):
+        it = acc.parse_interface(flat[t])
+        w_slots, r_slots = rec[t]
+        valid = prev_idx >= 0
+        base = torch.zeros(B, N, dtype=flat.dtype).scatter_add(
+            1, prev_idx.clamp(min=0).reshape(B, -1), (prev_w * valid).reshape(B, -1) / R)
+        lru = torch.zeros(B, N, dtype=flat.dtype).scatter(1, w_slots[:, -1:], 1.0)
+        g_w, g_a = it.write_gates.unsqueeze(-1), it.allocation_gates.unsqueeze(-1)
+        wd = g_w * ((1 - g_a) * base.unsqueeze(1) + g_a * lru.unsqueeze(1))
+        inset = torch.zeros(B, N, dtype=torch.bool).scatter(1, w_slots, True)
+        assert not ((wd.detach().abs().sum(1) > 0) & ~inset).any(), "a dense write weight outside the write set"
+        mem = ops.memory_write_ref(mem, wd, it.erase_vectors, it.write_vectors)
+        exact, _ = sops.cosine_topk_ref(mem.detach(), it.read_keys.detach(), K)
+        got = torch.einsum("bhkd,bhd->bhk",
+                           torch.nn.functional.normalize(mem.detach(), dim=-1).gather(
+                               1, r_slots.reshape(B, -1, 1).expand(B, R * K, D)).reshape(B, R, K, D),
+                           torch.nn.functional.normalize(it.read_keys.detach(), dim=-1))
+        torch.testing.assert_close(got, exact, atol=1e-9, rtol=0)  # the candidates are the exact top-K
+        rows = mem.gather(1, r_slots.reshape(B, R * K, 1).expand(B, R * K, D)).reshape(B, R, K, D)
+        reads, w = sops.sparse_read_ref(rows, it.read_keys, it.read_strengths)
+        outs.append(reads)
+        prev_idx, prev_w = r_slots, w
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("B,N,D,R,W,K,T", [(2, 64, 5, 2, 1, 3, 6), (1, 40, 4, 1, 2, 2, 9), (3, 200, 3, 3, 1, 4, 5)])
+def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T):
+    torch.manual_seed(B * 100 + N)
+    acc = MemoryAccess(N, D, R, W, sparse_k=K, index="exact")
+    flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
+    ys, rec, st = _run_sparse(acc, flat, B)
+    yr = _run_dense_reference(acc, flat, B, rec)
+    torch.testing.assert_close(ys, yr, atol=1e-12, rtol=0)
+    g = torch.randn_like(ys)
+    gs, = torch.autograd.grad(ys, flat, g)
+    gr, = torch.autograd.grad(yr, flat, g)
+    torch.testing.assert_close(gs, gr, atol=1e-12, rtol=1e-10)
+    assert gs.abs().max() > 1e-3  # the gradient is not trivially zero
+    for w, _ in rec:
+        sops.check_unique_rows(w)   # the write set's slots are distinct
+
+
+def test_gradcheck_through_the_memory_of_several_steps():
+    """From a random memory: rows written from zero by one add vector are parallel, so their cosines tie
+    exactly and a perturbation would swap which of them make the top K (a kink, not a gradient error)."""
+    torch.manual_seed(3)
+    B, N, D, R, K, T = 2, 48, 4, 2, 3, 4
+    acc = MemoryAccess(N, D, R, 1, sparse_k=K, index="exact")
+    flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
+    init = torch.randn(B, N, D, dtype=F64)
+    assert torch.autograd.gradcheck(lambda f: _run_sparse(acc, f, B, init)[0], (flat,), atol=1e-6)
+
+
+def test_loss_at_a_late_step_reaches_the_writes_of_an_early_one():
+    torch.manual_seed(4)
+    B, N, D, R, K, T = 1, 64, 6, 1, 4, 6
+    acc = MemoryAccess(N, D, R, 1, sparse_k=K, index="exact")
+    flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
+    ys, _, _ = _run_sparse(acc, flat, B)
+    g, = torch.autograd.grad(ys[-1].sum(), flat)
+    R_, W = acc.num_reads, acc.num_writes
+    # the first step's write vector lies at [R*D + W*D, R*D + 2*W*D) of the flat interface
+    wv = g[0, :, R_ * D + W * D:R_ * D + 2 * W * D]
+    assert wv.abs().max() > 1e-6
+
+
+def test_the_backward_stores_per_step_rows_not_the_memory():
+    """The bytes autograd keeps for T steps do not grow with N (they would by N*D per step if dense)."""
+    def saved_bytes(N):
+        torch.manual_seed(0)
+        core = MemoryCore(5, 3, N, 8, 2, sparse_k=4, index="exact")
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = core(torch.randn(2, 10, 5))
+        y.sum().backward()
+        return total[0]
+
+    small, large = saved_bytes(256), saved_bytes(8192)
+    assert large == small, (small, large)
+    assert large < 2 * 10 * 8192 * 8 * 4 / 4  # far below a quarter of one dense copy per step
+
+
+def test_repeated_backward_passes_agree_and_create_graph_raises():
+    torch.manual_seed(5)
+    acc = MemoryAccess(64, 4, 2, 1, sparse_k=3, index="exact")
+    flat = torch.randn(5, 2, acc.interface_size, dtype=F64, requires_grad=True)
+    ys, _, _ = _run_sparse(acc, flat, 2)
+    g1, = torch.autograd.grad(ys.sum(), flat, retain_graph=True)
+    g2, = torch.autograd.grad(ys.sum(), flat, retain_graph=True)
+    torch.testing.assert_close(g1, g2, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(ys.sum(), flat, create_graph=True)
+
+
+def test_inference_records_nothing_and_reset_zeroes_what_was_written():
+    torch.manual_seed(6)
+    core = MemoryCore(5, 3, 512, 8, 2, sparse_k=4, index="exact")
+    with torch.no_grad():
+        _, st = core(torch.randn(3, 12, 5))
+    assert st.access.tape.steps == 0
+    assert st.access.memory.abs().sum() > 0
+    _, st2 = core(torch.randn(3, 4, 5))          # no state: the core's buffer, reset
+    assert st2.access.memory is st.access.memory
+    fresh = core.access.sparse.reset(st2.access)
+    assert fresh.memory.abs().sum() == 0
+    assert fresh.written.count == 0
+
+
+def test_the_lru_slot_is_the_least_recently_used_and_writes_touch_it():
+    acc = MemoryAccess(64, 4, 1, 1, sparse_k=2, index="exact")
+    st = acc.initial_state(1, dtype=F64)
+    flat = torch.randn(3, 1, acc.interface_size, dtype=F64)
+    seen = []
+    for t in range(3):
+        oldest = int(sops.lru_oldest(st.links, 1)[0, 0])
+        _, st = acc(acc.parse_interface(flat[t]), st)
+        w_slots, r_slots = st.tape.slots[-1] if st.tape.steps else (None, None)
+        seen.append(oldest)
+        order = sops.lru_order(st.links)
+        assert order.index(oldest) >= 64 - 2 * 3  # just touched: among the most recent
+    assert len(set(seen)) == 3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sparse_k=0), "sparse_k must be a positive int"),
+    (dict(sparse_k=100), r"sparse_k \(100\) must be at most memory_size"),
+    (dict(sparse_k=8), r"needs memory_size >= 4\*\(num_reads\*sparse_k\+1\)"),
+    (dict(sparse_k=2, index="annoy"), "index must be"),
+])
+def test_bad_sparse_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryAccess(64, 4, 2, 1, **kwargs)
+
+
+def test_bad_interface_and_state_raise_and_leave_the_memory():
+    acc = MemoryAccess(64, 4, 2, 1, sparse_k=3, index="exact")
+    st = acc.initial_state(2)
+    it = acc.parse_interface(torch.randn(2, acc.interface_size))
+    acc(it, st)
+    before = st.memory.clone()
+    bad = it._replace(read_keys=torch.full_like(it.read_keys, float("nan")))
+    with pytest.raises(ValueError, match="read_keys: contains NaN or inf"):
+        acc(bad, st)
+    torch.testing.assert_close(st.memory, before, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="SparseAccessState"):
+        acc(it, acc.__class__(64, 4, 2, 1).initial_state(2))
+    m = st.memory
+    st_bad = SparseAccessState(m.clone().requires_grad_(True), st.links, st.read_indices, st.read_weights,
+                               st.index, st.tape, st.token, st.written)
+    with pytest.raises(ValueError, match="cannot require grad"):
+        acc(it, st_bad)
+
+
+def test_exact_and_reference_candidates_agree_on_ties_of_zero_rows():
+    """A zero memory: every slot scores 0; the exact top-K takes the lowest slots, as a stable sort."""
+    mem = torch.zeros(1, 50, 4)
+    keys = torch.randn(1, 2, 4)
+    s, i = sops.cosine_topk(mem, keys, 5)
+    assert i.tolist() == [[[0, 1, 2, 3, 4]] * 2]
+    assert (s == 0).all()
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_a_short_sparse_copy_run_learns(one_thread):
+    """Lengths 1-3, 4 bits, N=256 with K=4: after 300 steps the loss is well below the untrained model's."""
+    torch.manual_seed(0)
+    core = MemoryCore(6, 4, memory_size=256, word_size=8, num_reads=1, hidden_size=32, sparse_k=4, index="exact")
+    opt = torch.optim.Adam(core.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    test = copy_batch(64, bits=4, min_len=1, max_len=3, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        untrained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
+    for _ in range(300):
+        x, target, mask = copy_batch(16, bits=4, min_len=1, max_len=3, generator=gen)
+        loss = sequence_loss(core(x)[0], target, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
+    assert trained < 0.5 * untrained, (untrained, trained)
