@@ -229,3 +229,15 @@ def test_a_short_sparse_copy_run_learns(one_thread):
     with torch.no_grad():
         trained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
     assert trained < 0.5 * untrained, (untrained, trained)
+
+
+def test_non_finite_keys_from_the_controller_raise_before_any_write():
+    acc = MemoryAccess(64, 4, 2, 1, sparse_k=3, index="exact")
+    st = acc.initial_state(2)
+    it = acc.parse_interface(torch.randn(2, acc.interface_size))
+    _, st = acc(it, st)
+    before = st.memory.clone()
+    bad = it._replace(read_keys=torch.full_like(it.read_keys, float("inf")))
+    with pytest.raises(ValueError, match="read_keys: contains NaN or inf"):
+        acc(bad, st, validate=False)
+    torch.testing.assert_close(st.memory, before, atol=0, rtol=0)

@@ -13,6 +13,12 @@ associative recall: n items (n uniform in [min_items, max_items]) of
   item flag (channel bits); then the query flag (channel bits + 1), a query
   item chosen among the first n - 1, the query flag again, and `item_len`
   blank steps whose target is the item that followed the query.
+key-value recall (kv), a task that needs capacity: n items (n uniform in [min_items, max_items]), each
+  one step holding a distinct random key of `key_bits` bits, its random value of `value_bits` bits and
+  the store flag (channel key_bits + value_bits); then `queries` steps, each the key of a stored item
+  with the query flag (the last channel), whose target at that same step is the item's value. T =
+  max_items + queries. A memory that holds the n items answers by content; an LSTM must hold them all in
+  its state.
 
 Loss: sigmoid cross-entropy summed over the scored bits of a sequence and
 averaged over the batch. Bits wrong per sequence: output bits wrong after
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 
 from ..nn import MemoryCore
 
-__all__ = ["copy_batch", "recall_batch", "TASKS", "sequence_loss", "bits_wrong", "LSTMModel", "DNCPackageModel",
+__all__ = ["copy_batch", "recall_batch", "kv_batch", "TASKS", "task_sizes", "sequence_loss", "bits_wrong", "LSTMModel", "DNCPackageModel",
            "build_model", "param_count", "dnc_package_available"]
 
 
@@ -75,11 +81,50 @@ def recall_batch(batch_size, bits=6, item_len=3, min_items=2, max_items=6, gener
     return x, target, mask
 
 
+def kv_batch(batch_size, key_bits=10, value_bits=8, min_items=2, max_items=16, queries=4, generator=None,
+             dtype=torch.float32):
+    """A key-value recall batch: (x (B, max_items + queries, key_bits + value_bits + 2), target (B, T,
+    value_bits), mask (B, T)); see the module doc."""
+    if not (1 <= min_items <= max_items):
+        raise ValueError(f"need 1 <= min_items <= max_items, got {min_items}, {max_items}")
+    if max_items > 2 ** key_bits:
+        raise ValueError(f"max_items ({max_items}) needs at most 2**key_bits ({2 ** key_bits}) distinct keys")
+    if queries < 1:
+        raise ValueError(f"queries must be >= 1, got {queries}")
+    B, T, kb, vb = batch_size, max_items + queries, key_bits, value_bits
+    x = torch.zeros(B, T, kb + vb + 2, dtype=dtype)
+    target = torch.zeros(B, T, vb, dtype=dtype)
+    mask = torch.zeros(B, T, dtype=dtype)
+    ns = torch.randint(min_items, max_items + 1, (B,), generator=generator)
+    bit = 2 ** torch.arange(kb)
+    for b, n in enumerate(ns.tolist()):
+        codes = torch.randperm(2 ** kb, generator=generator)[:n]
+        keys = ((codes.unsqueeze(1) // bit) % 2).to(dtype)
+        values = torch.randint(0, 2, (n, vb), generator=generator).to(dtype)
+        x[b, :n, :kb] = keys
+        x[b, :n, kb:kb + vb] = values
+        x[b, :n, kb + vb] = 1
+        q = torch.randint(0, n, (queries,), generator=generator)
+        x[b, max_items:, :kb] = keys[q]
+        x[b, max_items:, kb + vb + 1] = 1
+        target[b, max_items:] = values[q]
+        mask[b, max_items:] = 1
+    return x, target, mask
+
+
 # name -> (generator, its keyword defaults: the issue's settings)
 TASKS = {
     "copy": (copy_batch, {"bits": 8, "min_len": 1, "max_len": 20}),
     "recall": (recall_batch, {"bits": 6, "item_len": 3, "min_items": 2, "max_items": 6}),
+    "kv": (kv_batch, {"key_bits": 10, "value_bits": 8, "min_items": 2, "max_items": 16, "queries": 4}),
 }
+
+
+def task_sizes(task, kw):
+    """(input width, output width) of a task's batches with keyword settings kw."""
+    if task == "kv":
+        return kw["key_bits"] + kw["value_bits"] + 2, kw["value_bits"]
+    return kw["bits"] + 2, kw["bits"]
 
 
 def sequence_loss(logits, target, mask):
@@ -154,14 +199,18 @@ class DNCPackageModel(nn.Module):
 
 
 def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
-                hidden_size=64, alloc_topk=None):
-    """'core' (MemoryCore), 'lstm' (an LSTM with about the core's parameter count) or 'dnc' (the dnc package)."""
+                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto"):
+    """'core' (MemoryCore), 'sparse' (MemoryCore with sparse_k and index), 'lstm' (an LSTM with about the
+    core's parameter count) or 'dnc' (the dnc package)."""
     if kind == "core":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
                           hidden_size=hidden_size, alloc_topk=alloc_topk)
+    if kind == "sparse":
+        return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
+                          hidden_size=hidden_size, sparse_k=sparse_k, index=index)
     if kind == "lstm":
         ref = MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes, hidden_size)
         return LSTMModel(input_size, output_size, lstm_hidden_for(param_count(ref), input_size, output_size))
     if kind == "dnc":
         return DNCPackageModel(input_size, output_size, memory_size, word_size, num_reads, hidden_size)
-    raise ValueError(f"model must be 'core', 'lstm' or 'dnc', got {kind!r}")
+    raise ValueError(f"model must be 'core', 'sparse', 'lstm' or 'dnc', got {kind!r}")

@@ -19,27 +19,32 @@ import time
 
 import torch
 
-from .memory_tasks import TASKS, bits_wrong, build_model, dnc_package_available, param_count, sequence_loss
+from .memory_tasks import (TASKS, bits_wrong, build_model, dnc_package_available, param_count, sequence_loss,
+                           task_sizes)
 
-DEFAULT_THRESHOLD = {"copy": 0.1, "recall": 0.5}
+DEFAULT_THRESHOLD = {"copy": 0.1, "recall": 0.5, "kv": 0.5}
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m neuralmem_fast train", description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=sorted(TASKS))
-    p.add_argument("--model", default="core,lstm", help="comma-separated: core, lstm, dnc (default core,lstm)")
+    p.add_argument("--model", default="core,lstm",
+                   help="comma-separated: core, sparse (core with --sparse-k), lstm, dnc (default core,lstm)")
     p.add_argument("--memory-size", type=int, default=32, help="N slots")
     p.add_argument("--word-size", type=int, default=16, help="D, the slot width")
     p.add_argument("--num-reads", type=int, default=1)
     p.add_argument("--num-writes", type=int, default=1)
     p.add_argument("--hidden-size", type=int, default=64, help="the controller's LSTM units")
     p.add_argument("--alloc-topk", type=int, default=None, help="top-k allocation (default: exact sort)")
+    p.add_argument("--sparse-k", type=int, default=8, help="sparse model: candidate slots per read head")
+    p.add_argument("--index", default="auto", choices=["auto", "exact", "faiss"],
+                   help="sparse model: how candidates are found (auto: faiss when installed)")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clipping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=None, help="copy: longest sequence; recall: most items")
+    p.add_argument("--max-len", type=int, default=None, help="copy: longest sequence; recall, kv: most items")
     p.add_argument("--threshold", type=float, default=None, help="bits wrong per sequence to reach "
                    "(default: copy 0.1, recall 0.5)")
     p.add_argument("--stop-at-threshold", action="store_true", help="stop a model once it reaches the threshold")
@@ -66,10 +71,10 @@ def _threshold(args):
 def train_one(kind, args, log=print):
     """Train one model; returns its record (curves and threshold crossing)."""
     gen_fn, kw = _batch_fn(args)
-    bits = kw["bits"]
+    n_in, n_out = task_sizes(args.task, kw)
     torch.manual_seed(args.seed)
-    model = build_model(kind, bits + 2, bits, args.memory_size, args.word_size, args.num_reads, args.num_writes,
-                        args.hidden_size, args.alloc_topk)
+    model = build_model(kind, n_in, n_out, args.memory_size, args.word_size, args.num_reads, args.num_writes,
+                        args.hidden_size, args.alloc_topk, args.sparse_k, args.index)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     threshold = _threshold(args)
@@ -152,8 +157,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     kinds = [k.strip() for k in args.model.split(",") if k.strip()]
     for k in kinds:
-        if k not in ("core", "lstm", "dnc"):
-            raise SystemExit(f"unknown model {k!r}: use core, lstm or dnc")
+        if k not in ("core", "sparse", "lstm", "dnc"):
+            raise SystemExit(f"unknown model {k!r}: use core, sparse, lstm or dnc")
     _, kw = _batch_fn(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "model")}
     settings.update(kw)

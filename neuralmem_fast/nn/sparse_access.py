@@ -39,12 +39,16 @@ Consequences, documented where they bite:
   - a state is a view of buffers that later steps change: after a step, an older state's memory is the
     newer one. `SparseAccess.reset(state)` zeroes what the sequence wrote, O(rows written).
 """
+import warnings
+
 import torch
 
 from .. import ops
 from ..ops import sparse as sops
 
 __all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "make_index"]
+
+_WARNED_NO_FAISS = False
 
 
 class ExactIndex:
@@ -97,6 +101,12 @@ def make_index(index):
             return sparse_index.FaissIndex()
         if index == "faiss":
             raise ImportError("index='faiss' needs faiss: pip install faiss-cpu")
+        global _WARNED_NO_FAISS
+        if not _WARNED_NO_FAISS:
+            _WARNED_NO_FAISS = True
+            warnings.warn("sparse access: faiss is not installed, so index='auto' uses the exact top-K, one pass "
+                          "over the memory per step (O(N)); pip install faiss-cpu for the index", RuntimeWarning,
+                          stacklevel=3)
         return ExactIndex()
     raise ValueError(f"index must be 'exact', 'faiss', 'auto' or an index object, got {index!r}")
 
@@ -377,6 +387,12 @@ class SparseAccess:
 
     def step(self, iface, state):
         """(reads (B,R,D), new SparseAccessState)."""
+        # A NaN key has no nearest neighbours and a NaN write would spread through the index: refuse
+        # before anything is written (one host sync per step).
+        for name in ("read_keys", "read_strengths", "erase_vectors", "write_vectors"):
+            if not bool(torch.isfinite(getattr(iface, name)).all()):
+                raise ValueError(f"{name}: contains NaN or inf (the controller's output diverged?); the memory "
+                                 "is unchanged")
         slots, weights = self._write_set(state, iface)
         diff = (weights, iface.erase_vectors, iface.write_vectors, iface.read_keys, iface.read_strengths)
         record = torch.is_grad_enabled() and any(t.requires_grad for t in diff)
