@@ -259,3 +259,14 @@ def test_bad_input_is_refused_and_changes_nothing():
     for kw in ({"nlist": 0}, {"nprobe": -1}, {"rebuild_every": 1.5}, {"min_train": 0}, {"threads": 0}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             FaissIndex(**kw)
+
+
+def test_rebuild_refuses_a_non_finite_memory_and_keeps_the_index():
+    m = _memory(2, 60, 4)
+    ix = FaissIndex()
+    ix.attach(m)
+    before = _state(ix)
+    m[1, 5, 0] = float("nan")
+    with pytest.raises(ValueError, match="b=1, slot=5"):
+        ix.rebuild()
+    _same_state(_state(ix), before)

@@ -55,7 +55,9 @@ class _FlatStore:
             return
         if self.ntotal + m > len(self.ids):
             cap = max(64, 2 * (self.ntotal + m))
-            self.vecs = np.concatenate([self.vecs[: self.ntotal], np.empty((cap - self.ntotal, vecs.shape[1]), np.float32)])
+            grown = np.empty((cap, vecs.shape[1]), np.float32)
+            grown[: self.ntotal] = self.vecs[: self.ntotal]
+            self.vecs = grown
             self.ids = np.concatenate([self.ids[: self.ntotal], np.empty(cap - self.ntotal, np.int64)])
         at = np.arange(self.ntotal, self.ntotal + m)
         self.vecs[at] = vecs[~old]
@@ -187,6 +189,9 @@ class FaissIndex:
     it is told of, so the contract is write-then-update for every in-place write; writes that do
     not bump the version (through `.data` or a numpy view) are not detected.
 
+    `threads` sets faiss's OpenMP thread count, a process-wide setting (None: leave it). Updates
+    of fewer than 1024 rows run on one thread (cheaper than waking the others).
+
     Scores returned by search() are recomputed from the memory's current rows in the memory's
     dtype (then float32), so they match a dense cosine on the same rows.
     """
@@ -243,6 +248,14 @@ class FaissIndex:
             vecs.append(_normalize(rows[sel], self.eps).float().numpy())
         return np.concatenate(ids), np.ascontiguousarray(np.concatenate(vecs)), mask
 
+    @staticmethod
+    def _finite_or_raise(memory, chunk=1 << 16):
+        for b in range(memory.shape[0]):
+            for s in range(0, memory.shape[1], chunk):
+                bad = ~torch.isfinite(memory[b, s: s + chunk].detach()).all(-1)
+                if bad.any():
+                    raise ValueError(f"memory: row b={b}, slot={s + int(bad.nonzero()[0])} contains NaN or inf")
+
     def _build(self, n_slots, d, ids, vecs):
         if self.exact or len(ids) < self.min_train:
             store = _FlatStore(n_slots, d)
@@ -286,8 +299,7 @@ class FaissIndex:
         """Re-trains / rebuilds every memory's index from the attached memory (O(N))."""
         self._need_attached("rebuild")
         t0 = time.perf_counter()
-        for b in range(self.memory.shape[0]):
-            self._scan(self.memory, b)  # refuse non-finite rows before replacing any index
+        self._finite_or_raise(self.memory)  # before replacing any index
         for b in range(self.memory.shape[0]):
             self._rebuild_one(b)
         self._version = self.memory._version
@@ -327,16 +339,17 @@ class FaissIndex:
         idx = indices.cpu()
         if idx.numel() and (idx.min() < -1 or idx.max() >= N):
             raise ValueError(f"indices: values must lie in [-1, {N}), got range [{int(idx.min())}, {int(idx.max())}]")
-        slots, rows = [], []
-        for b in range(B):  # read and validate every row before touching any index
-            s = torch.unique(idx[b][idx[b] >= 0])
-            r = memory[b].detach().index_select(0, s.to(memory.device)).cpu()
-            bad = ~torch.isfinite(r).all(-1)
-            if bad.any():
-                raise ValueError(f"memory: row b={b}, slot={int(s[bad.nonzero()[0]])} contains NaN or inf; "
-                                 "the index was not changed")
-            slots.append(s)
-            rows.append(r)
+        # read and validate every row (one gather, one copy to the CPU) before touching any index
+        flat = torch.unique(idx[idx >= 0] + N * torch.arange(B).unsqueeze(1).expand_as(idx)[idx >= 0])
+        bb, ss = flat // N, flat % N
+        r_all = memory.detach()[bb.to(memory.device), ss.to(memory.device)].cpu()
+        bad = ~torch.isfinite(r_all).all(-1)
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            raise ValueError(f"memory: row b={int(bb[j])}, slot={int(ss[j])} contains NaN or inf; "
+                             "the index was not changed")
+        counts = torch.bincount(bb, minlength=B).tolist()
+        slots, rows = ss.split(counts), r_all.split(counts)
         for b in range(B):
             s, r = slots[b], rows[b]
             if not len(s):
