@@ -42,7 +42,7 @@ def _memory(data, B, N, D, g):
     m = torch.randn(B, N, D, generator=g)
     if data == "halfzero":
         m[torch.rand(B, N, generator=g) < 0.5] = 0
-    return _normalize(m, 1e-12)  # unit rows: the same cosines, and the exact scan needs no copy
+    return m.div_(m.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # unit rows: same cosines, no copy to scan
 
 
 def _exact(mn, keys, k):
@@ -64,10 +64,10 @@ def _search_pass(ix, mn, batches, k, with_exact):
     return statistics.median(times), (statistics.median(ex_times) if ex_times else None), statistics.fmean(recalls)
 
 
-def run_case(data, N, args, g):
+def run_case(data, N, min_train, args, g):
     B, D, H, k = args.b, args.d, args.h, args.k
     m = _memory(data, B, N, D, g)
-    ix = FaissIndex(threads=args.threads, min_train=args.min_train)
+    ix = FaissIndex(threads=args.threads, min_train=min_train)
     t = time.perf_counter()
     ix.attach(m)
     build = time.perf_counter() - t
@@ -115,7 +115,9 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=8, help="search batches per case")
     ap.add_argument("--updates", type=int, default=200, help="single-row updates per case")
     ap.add_argument("--data", default="gaussian,halfzero")
-    ap.add_argument("--min-train", type=int, default=1 << 17, help="FaissIndex min_train (the default)")
+    ap.add_argument("--min-train", type=_ints, default=[1 << 17],
+                    help="FaissIndex min_train values (default: the class default); a case runs once per "
+                         "value that changes the index's kind (exact or IVF) at that N")
     ap.add_argument("--sweep", type=_floats, default=[], help="nprobe fractions to try on the built index")
     ap.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
     ap.add_argument("--seed", type=int, default=0)
@@ -127,17 +129,24 @@ def main(argv=None):
     rows, sweeps = [], []
     for data in args.data.split(","):
         for N in args.n:
-            r, s = run_case(data, N, args, g)
-            rows.append(r)
-            sweeps += s
-            print(r, flush=True)
+            kinds = set()
+            for mt in args.min_train:
+                ivf = (N // 2 if data == "halfzero" else N) >= mt  # about as many nonzero rows
+                if ivf in kinds:
+                    continue
+                kinds.add(ivf)
+                r, s = run_case(data, N, mt, args, g)
+                rows.append(r)
+                sweeps += s
+                print(r, flush=True)
     cmd = "python benchmarks/sparse_index_recall.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = ["## Sparse-access index (faiss)", "",
           "Not rendered from `bench.json`: measured by `benchmarks/sparse_index_recall.py` "
           f"(D={args.d}, k={args.k}, B={args.b} memories with one index each, H={args.h} keys per memory, "
           f"float32, {args.threads} torch/faiss thread(s), {args.queries} query batches, "
           f"{args.updates} single-row updates; medians; {platform.machine()}, {os.cpu_count()} cores, "
-          "shared machine). Default FaissIndex settings: exact below min_train nonzero rows, "
+          "shared machine). Default FaissIndex settings (min_train = 131072 unless --min-train says "
+          "otherwise): exact below min_train nonzero rows, "
           "IVF (nlist = sqrt(n), nprobe = ceil(0.4 nlist)) from there. `exact` is the exact top-k "
           "in torch on rows normalized beforehand; speedup = exact / search.", "",
           f"`{cmd}`", "",

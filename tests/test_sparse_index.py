@@ -270,3 +270,22 @@ def test_rebuild_refuses_a_non_finite_memory_and_keeps_the_index():
     with pytest.raises(ValueError, match="b=1, slot=5"):
         ix.rebuild()
     _same_state(_state(ix), before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_memory_is_indexed_through_the_cpu():
+    m = _memory(2, 300, 8).cuda()
+    ix = FaissIndex(min_train=100)
+    ix.attach(m)
+    assert ix.nonzero.device == m.device and ix.kinds() == ["ivf", "ivf"]
+    m[0, :30] = 0
+    m[1, 30:40] = 1.0
+    ix.update(torch.arange(40, device="cuda").expand(2, 40).contiguous())
+    assert ix.check() == 0 and torch.equal(ix.nonzero, (m != 0).any(-1))
+    for st in ix._stores:
+        st.index.nprobe = st.nprobe = st.nlist  # every list probed: exact
+    keys = torch.randn(2, 3, 8, device="cuda")
+    s, i = ix.search(keys, 8)
+    assert s.device == i.device == m.device
+    _assert_exact(s.cpu(), i.cpu(), *_reference(m.cpu(), keys.cpu(), 8))

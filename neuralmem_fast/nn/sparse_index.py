@@ -462,7 +462,7 @@ def recall_at_k(index, memory, keys, k, eps=1e-12, chunk=1 << 16):
     kth = top[..., -1:]
     _, idx = index.search(keys, k)
     idx = idx.to(memory.device)
-    rows = torch.gather(memory.detach().double(), 1, idx.clamp_min(0).reshape(B, -1, 1).expand(B, idx.shape[1] * k, D))
+    rows = torch.gather(memory.detach(), 1, idx.clamp_min(0).reshape(B, -1, 1).expand(B, idx.shape[1] * k, D)).double()
     got = (_normalize(rows, eps).reshape(B, -1, k, D) * q.unsqueeze(2)).sum(-1)
     got = got.masked_fill(idx < 0, 0.0)
     hits = (got >= kth - 1e-9 * kth.abs().clamp_min(1)).sum(-1).clamp_max(k)
