@@ -289,3 +289,15 @@ def test_a_cuda_memory_is_indexed_through_the_cpu():
     s, i = ix.search(keys, 8)
     assert s.device == i.device == m.device
     _assert_exact(s.cpu(), i.cpu(), *_reference(m.cpu(), keys.cpu(), 8))
+
+
+def test_ivf_probes_every_list_when_the_probed_ones_hold_fewer_than_k_rows():
+    m = _memory(2, 300, 8, zero_every=0)
+    ix = FaissIndex(min_train=100, nlist=17, nprobe=1)
+    ix.attach(m)
+    assert ix.kinds() == ["ivf", "ivf"]
+    keys = torch.randn(2, 3, 8)
+    s, i = ix.search(keys, 150)  # one list of ~18 rows cannot hold 150: all 17 are searched, exactly
+    assert (i >= 0).all()
+    _assert_exact(s, i, *_reference(m, keys, 150))
+    assert ix._stores[0].index.nprobe == 1
