@@ -51,7 +51,16 @@ $(PEERS_TRIED): $(DEPS)
 		$(PY) scripts/install_optional.py torchrl tensordict && touch $@; \
 	fi
 
-test-peers: $(PEERS_TRIED)
+# faiss-cpu for the sparse-access index's tests (nn/sparse_index.py): the same
+# optional extra, in its own call and stamp so that a venv that already tried
+# the replay peers tries it too; without it those tests skip.
+FAISS_TRIED := $(VENV)/.test-faiss-tried
+$(FAISS_TRIED): $(DEPS)
+	@if [ "$(TEST_PEERS)" = "1" ]; then \
+		$(PY) scripts/install_optional.py faiss-cpu && touch $@; \
+	fi
+
+test-peers: $(PEERS_TRIED) $(FAISS_TRIED)
 
 # The wheel builds, installs into a fresh virtual environment (torch from this
 # one, the package only from the wheel) and runs there. CI checks a CPU-only
