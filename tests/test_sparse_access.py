@@ -61,10 +61,19 @@ def _run_dense_reference(acc, flat, B, rec):
     return torch.stack(outs)
 
 
+def _index_kinds():
+    from neuralmem_fast.nn.sparse_index import has_faiss
+
+    return ["exact"] + (["faiss"] if has_faiss() else [])
+
+
+@pytest.mark.parametrize("index", _index_kinds())
 @pytest.mark.parametrize("B,N,D,R,W,K,T", [(2, 64, 5, 2, 1, 3, 6), (1, 40, 4, 1, 2, 2, 9), (3, 200, 3, 3, 1, 4, 5)])
-def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T):
+def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T, index):
+    """With the faiss index the zero rows come from the LRU list instead of the lowest slots: other
+    slots of equal score, so the reference checks scores, not slot numbers."""
     torch.manual_seed(B * 100 + N)
-    acc = MemoryAccess(N, D, R, W, sparse_k=K, index="exact")
+    acc = MemoryAccess(N, D, R, W, sparse_k=K, index=index)
     flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
     ys, rec, st = _run_sparse(acc, flat, B)
     yr = _run_dense_reference(acc, flat, B, rec)
@@ -241,3 +250,17 @@ def test_non_finite_keys_from_the_controller_raise_before_any_write():
     with pytest.raises(ValueError, match="read_keys: contains NaN or inf"):
         acc(bad, st, validate=False)
     torch.testing.assert_close(st.memory, before, atol=0, rtol=0)
+
+
+def test_the_index_follows_the_access_writes_and_the_reset():
+    pytest.importorskip("faiss")
+    torch.manual_seed(7)
+    core = MemoryCore(5, 3, 2048, 8, 2, sparse_k=4, index="faiss")
+    y, st = core(torch.randn(3, 20, 5))
+    y.sum().backward()
+    idx = st.access.index
+    assert idx.check() == 0
+    torch.testing.assert_close(idx.nonzero, (st.access.memory != 0).any(-1), atol=0, rtol=0)
+    assert int(idx.nonzero.sum()) > 0
+    fresh = core.access.sparse.reset(st.access)
+    assert idx.check() == 0 and int(idx.nonzero.sum()) == 0 and fresh.memory.abs().sum() == 0
