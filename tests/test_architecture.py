@@ -129,7 +129,7 @@ def _run(code):
 def test_core_imports_without_the_apps_dependencies():
     _run(
         "import sys\n"
-        "for m in ('matplotlib', 'tqdm', 'sklearn', 'torchrl', 'tensordict', 'cpprb'):\n"
+        "for m in ('matplotlib', 'tqdm', 'sklearn', 'torchrl', 'tensordict', 'cpprb', 'faiss'):\n"
         "    sys.modules[m] = None  # any import of them now raises ImportError\n"
         "import neuralmem_fast, neuralmem_fast.ops, neuralmem_fast.replay, neuralmem_fast.nn, neuralmem_fast.models\n"
         "from neuralmem_fast.models import tutorial_reference\n"

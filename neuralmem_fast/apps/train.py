@@ -49,6 +49,9 @@ def _parser():
                    "(default: copy 0.1, recall 0.5)")
     p.add_argument("--stop-at-threshold", action="store_true", help="stop a model once it reaches the threshold")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget per model")
+    p.add_argument("--eval-items", default=None,
+                   help="kv: after training, accuracy on sequences of exactly these numbers of items "
+                        "(comma-separated, e.g. 4,16,64,256), 256 sequences each")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--out", default="results/train")
@@ -120,7 +123,29 @@ def train_one(kind, args, log=print):
                 break
     if bar is not None:
         bar.close()
+    if args.task == "kv" and args.eval_items:
+        rec["capacity"] = evaluate_capacity(model, kw, [int(v) for v in args.eval_items.split(",")], args.seed)
     yield rec
+
+
+@torch.no_grad()
+def evaluate_capacity(model, kw, items, seed, sequences=256, batch=64):
+    """kv: per number of stored items n, the fraction of value bits right and of queries answered exactly
+    (all bits right), over `sequences` fresh sequences of exactly n items."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    out = {}
+    for n in items:
+        kwn = dict(kw, min_items=n, max_items=n)
+        right = exact = total = 0
+        for _ in range(max(1, sequences // batch)):
+            x, target, mask = TASKS["kv"][0](batch, generator=gen, **kwn)
+            y, _ = model(x)
+            ok = ((y > 0).to(target.dtype) == target)[mask.bool()]
+            right += int(ok.sum())
+            exact += int(ok.all(dim=-1).sum())
+            total += ok.shape[0]
+        out[str(n)] = {"bit_accuracy": right / (total * target.shape[-1]), "query_accuracy": exact / total}
+    return out
 
 
 def plot(result, path):
