@@ -50,32 +50,72 @@ struct Better {
   bool operator()(const Cand<A>& a, const Cand<A>& b) const { return better(a, b); }
 };
 
-// Scores of rows [0, n) of `rows` (n x D, storage A) against H normalized keys
-// kn (H x D): out[h * n + j] = (kn[h] . row_j) / max(|row_j|, eps).
-#define NEURALMEM_SPARSE_SCORE_BODY                                                      \
-  for (int64_t j = 0; j < n; ++j) {                                                      \
-    const A* r = rows + j * D;                                                           \
-    A q[kLanes] = {};                                                                    \
-    int64_t d = 0;                                                                       \
-    for (; d + kLanes <= D; d += kLanes)                                                 \
-      for (int l = 0; l < kLanes; ++l) q[l] += r[d + l] * r[d + l];                      \
-    for (int l = 0; d < D; ++d, ++l) q[l] += r[d] * r[d];                                \
-    A nr = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));            \
-    const A den = std::max(std::sqrt(nr), eps);                                          \
-    for (int64_t h = 0; h < H; ++h) {                                                    \
-      const A* k = kn + h * D;                                                           \
-      A p[kLanes] = {};                                                                  \
-      int64_t e = 0;                                                                     \
-      for (; e + kLanes <= D; e += kLanes)                                               \
-        for (int l = 0; l < kLanes; ++l) p[l] += k[e + l] * r[e + l];                    \
-      for (int l = 0; e < D; ++e, ++l) p[l] += k[e] * r[e];                              \
-      const A dot = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));   \
-      out[h * n + j] = dot / den;                                                        \
-    }                                                                                    \
+// Scores of rows [0, n) of `rows` (n x D, storage A) against Hp normalized keys
+// kn (Hp x D, Hp a multiple of kHG, zero-padded): out[h * n + j] =
+// (kn[h] . row_j) / max(|row_j|, eps). kHG heads and the row's norm are
+// accumulated together, in independent chains of kLanes lanes (a single
+// chain would wait on the latency of every multiply-add).
+constexpr int kHG = 4;
+
+// kLanes-wide vectors (GCC vector extensions: one ymm of floats, two of
+// doubles with AVX2; pairs of xmm in the baseline build), so that the dot
+// products vectorize without reassociating a reduction.
+template <typename A>
+struct LaneVec;
+template <>
+struct LaneVec<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LaneVec<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+
+#define NEURALMEM_SPARSE_HSUM(x) ((((x)[0] + (x)[1]) + ((x)[2] + (x)[3])) + (((x)[4] + (x)[5]) + ((x)[6] + (x)[7])))
+#define NEURALMEM_SPARSE_SCORE_BODY                                                              \
+  typedef typename LaneVec<A>::type V;                                                           \
+  for (int64_t j = 0; j < n; ++j) {                                                              \
+    const A* r = rows + j * D;                                                                   \
+    A den = 0;                                                                                   \
+    for (int64_t h0 = 0; h0 < Hp; h0 += kHG) {                                                   \
+      const A* k0 = kn + h0 * D;                                                                 \
+      const A* k1 = k0 + D;                                                                      \
+      const A* k2 = k1 + D;                                                                      \
+      const A* k3 = k2 + D;                                                                      \
+      V q = {}, p0 = {}, p1 = {}, p2 = {}, p3 = {};                                              \
+      int64_t d = 0;                                                                             \
+      for (; d + kLanes <= D; d += kLanes) {                                                     \
+        V v, a0, a1, a2, a3;                                                                     \
+        __builtin_memcpy(&v, r + d, sizeof(V));                                                  \
+        __builtin_memcpy(&a0, k0 + d, sizeof(V));                                                \
+        __builtin_memcpy(&a1, k1 + d, sizeof(V));                                                \
+        __builtin_memcpy(&a2, k2 + d, sizeof(V));                                                \
+        __builtin_memcpy(&a3, k3 + d, sizeof(V));                                                \
+        q += v * v;                                                                              \
+        p0 += a0 * v;                                                                            \
+        p1 += a1 * v;                                                                            \
+        p2 += a2 * v;                                                                            \
+        p3 += a3 * v;                                                                            \
+      }                                                                                          \
+      A tq = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                  \
+      for (; d < D; ++d) {                                                                       \
+        const A v = r[d];                                                                        \
+        tq += v * v;                                                                             \
+        t0 += k0[d] * v;                                                                         \
+        t1 += k1[d] * v;                                                                         \
+        t2 += k2[d] * v;                                                                         \
+        t3 += k3[d] * v;                                                                         \
+      }                                                                                          \
+      if (h0 == 0) den = std::max(std::sqrt(NEURALMEM_SPARSE_HSUM(q) + tq), eps);                \
+      out[(h0 + 0) * n + j] = (NEURALMEM_SPARSE_HSUM(p0) + t0) / den;                            \
+      out[(h0 + 1) * n + j] = (NEURALMEM_SPARSE_HSUM(p1) + t1) / den;                            \
+      out[(h0 + 2) * n + j] = (NEURALMEM_SPARSE_HSUM(p2) + t2) / den;                            \
+      out[(h0 + 3) * n + j] = (NEURALMEM_SPARSE_HSUM(p3) + t3) / den;                            \
+    }                                                                                            \
   }
 
 template <typename A>
-void score_rows_default(const A* __restrict rows, const A* __restrict kn, int64_t n, int64_t H, int64_t D, A eps,
+void score_rows_default(const A* __restrict rows, const A* __restrict kn, int64_t n, int64_t Hp, int64_t D, A eps,
                         A* __restrict out) {
   NEURALMEM_SPARSE_SCORE_BODY
 }
@@ -83,7 +123,7 @@ void score_rows_default(const A* __restrict rows, const A* __restrict kn, int64_
 #if defined(__GNUC__) && defined(__x86_64__)
 template <typename A>
 __attribute__((target("avx2,fma"))) void score_rows_avx2(const A* __restrict rows, const A* __restrict kn,
-                                                          int64_t n, int64_t H, int64_t D, A eps,
+                                                          int64_t n, int64_t Hp, int64_t D, A eps,
                                                           A* __restrict out) {
   NEURALMEM_SPARSE_SCORE_BODY
 }
@@ -97,13 +137,14 @@ inline bool has_avx2() {
 }
 #endif
 #undef NEURALMEM_SPARSE_SCORE_BODY
+#undef NEURALMEM_SPARSE_HSUM
 
 template <typename A>
-inline void score_rows(const A* rows, const A* kn, int64_t n, int64_t H, int64_t D, A eps, A* out) {
+inline void score_rows(const A* rows, const A* kn, int64_t n, int64_t Hp, int64_t D, A eps, A* out) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  if (has_avx2()) return score_rows_avx2<A>(rows, kn, n, H, D, eps, out);
+  if (has_avx2()) return score_rows_avx2<A>(rows, kn, n, Hp, D, eps, out);
 #endif
-  score_rows_default<A>(rows, kn, n, H, D, eps, out);
+  score_rows_default<A>(rows, kn, n, Hp, D, eps, out);
 }
 
 // keys (H x D) in A, each divided by max(|key|, eps).
@@ -133,14 +174,15 @@ void cosine_topk(const at::Tensor& memory, const at::Tensor& keys, int64_t k, do
   // Chunks of at least k slots, so that the lists to merge hold at most ~2N entries.
   const int64_t L = std::max<int64_t>(k, 4096);
   const int64_t C = (N + L - 1) / L;
-  std::vector<A> kn(B * H * D);
-  for (int64_t b = 0; b < B; ++b) normalize_keys<T, A>(key + b * H * D, H, D, eps, kn.data() + b * H * D);
+  const int64_t Hp = (H + kHG - 1) / kHG * kHG;  // heads padded with zero keys to whole groups
+  std::vector<A> kn(B * Hp * D, A(0));
+  for (int64_t b = 0; b < B; ++b) normalize_keys<T, A>(key + b * H * D, H, D, eps, kn.data() + b * Hp * D);
   // lists[((b * C + c) * H + h) * k + j], counts[(b * C + c)] (every head of a chunk has the same count).
   std::vector<Cand<A>> lists(B * C * H * k);
   std::vector<int64_t> counts(B * C);
   constexpr int64_t kBlock = 64;  // slots scored at once (and converted from T when T != A)
   at::parallel_for(0, B * C, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> sc(H * kBlock);
+    std::vector<A> sc(Hp * kBlock);
     std::vector<A> conv(std::is_same<T, A>::value ? 0 : kBlock * D);
     std::vector<std::vector<Cand<A>>> heaps(H);
     for (auto& hp : heaps) hp.reserve(k);
@@ -148,7 +190,7 @@ void cosine_topk(const at::Tensor& memory, const at::Tensor& keys, int64_t k, do
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * L, n1 = std::min(N, n0 + L);
       for (auto& hp : heaps) hp.clear();
-      const A* knb = kn.data() + b * H * D;
+      const A* knb = kn.data() + b * Hp * D;
       for (int64_t j0 = n0; j0 < n1; j0 += kBlock) {
         const int64_t n = std::min(kBlock, n1 - j0);
         const T* src = mem + (b * N + j0) * D;
@@ -159,7 +201,7 @@ void cosine_topk(const at::Tensor& memory, const at::Tensor& keys, int64_t k, do
           for (int64_t e = 0; e < n * D; ++e) conv[e] = static_cast<A>(src[e]);
           rows = conv.data();
         }
-        score_rows<A>(rows, knb, n, H, D, eps, sc.data());
+        score_rows<A>(rows, knb, n, Hp, D, eps, sc.data());
         for (int64_t h = 0; h < H; ++h) {
           auto& hp = heaps[h];
           const A* s = sc.data() + h * n;
