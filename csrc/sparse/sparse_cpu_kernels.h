@@ -72,45 +72,70 @@ struct LaneVec<double> {
 };
 
 #define NEURALMEM_SPARSE_HSUM(x) ((((x)[0] + (x)[1]) + ((x)[2] + (x)[3])) + (((x)[4] + (x)[5]) + ((x)[6] + (x)[7])))
+// Two rows at a time: ten independent chains (four heads and the norm, per row).
 #define NEURALMEM_SPARSE_SCORE_BODY                                                              \
   typedef typename LaneVec<A>::type V;                                                           \
-  for (int64_t j = 0; j < n; ++j) {                                                              \
-    const A* r = rows + j * D;                                                                   \
-    A den = 0;                                                                                   \
+  for (int64_t j = 0; j < n; j += 2) {                                                           \
+    const bool two = j + 1 < n;                                                                  \
+    const A* r0 = rows + j * D;                                                                  \
+    const A* r1 = two ? r0 + D : r0;                                                             \
+    A den0 = 0, den1 = 0;                                                                        \
     for (int64_t h0 = 0; h0 < Hp; h0 += kHG) {                                                   \
       const A* k0 = kn + h0 * D;                                                                 \
       const A* k1 = k0 + D;                                                                      \
       const A* k2 = k1 + D;                                                                      \
       const A* k3 = k2 + D;                                                                      \
-      V q = {}, p0 = {}, p1 = {}, p2 = {}, p3 = {};                                              \
+      V q0 = {}, p00 = {}, p01 = {}, p02 = {}, p03 = {};                                         \
+      V q1 = {}, p10 = {}, p11 = {}, p12 = {}, p13 = {};                                         \
       int64_t d = 0;                                                                             \
       for (; d + kLanes <= D; d += kLanes) {                                                     \
-        V v, a0, a1, a2, a3;                                                                     \
-        __builtin_memcpy(&v, r + d, sizeof(V));                                                  \
-        __builtin_memcpy(&a0, k0 + d, sizeof(V));                                                \
-        __builtin_memcpy(&a1, k1 + d, sizeof(V));                                                \
-        __builtin_memcpy(&a2, k2 + d, sizeof(V));                                                \
-        __builtin_memcpy(&a3, k3 + d, sizeof(V));                                                \
-        q += v * v;                                                                              \
-        p0 += a0 * v;                                                                            \
-        p1 += a1 * v;                                                                            \
-        p2 += a2 * v;                                                                            \
-        p3 += a3 * v;                                                                            \
+        V v0, v1, a;                                                                             \
+        __builtin_memcpy(&v0, r0 + d, sizeof(V));                                                \
+        __builtin_memcpy(&v1, r1 + d, sizeof(V));                                                \
+        q0 += v0 * v0;                                                                           \
+        q1 += v1 * v1;                                                                           \
+        __builtin_memcpy(&a, k0 + d, sizeof(V));                                                 \
+        p00 += a * v0;                                                                           \
+        p10 += a * v1;                                                                           \
+        __builtin_memcpy(&a, k1 + d, sizeof(V));                                                 \
+        p01 += a * v0;                                                                           \
+        p11 += a * v1;                                                                           \
+        __builtin_memcpy(&a, k2 + d, sizeof(V));                                                 \
+        p02 += a * v0;                                                                           \
+        p12 += a * v1;                                                                           \
+        __builtin_memcpy(&a, k3 + d, sizeof(V));                                                 \
+        p03 += a * v0;                                                                           \
+        p13 += a * v1;                                                                           \
       }                                                                                          \
-      A tq = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                  \
+      A tq0 = 0, t00 = 0, t01 = 0, t02 = 0, t03 = 0;                                             \
+      A tq1 = 0, t10 = 0, t11 = 0, t12 = 0, t13 = 0;                                             \
       for (; d < D; ++d) {                                                                       \
-        const A v = r[d];                                                                        \
-        tq += v * v;                                                                             \
-        t0 += k0[d] * v;                                                                         \
-        t1 += k1[d] * v;                                                                         \
-        t2 += k2[d] * v;                                                                         \
-        t3 += k3[d] * v;                                                                         \
+        const A v0 = r0[d], v1 = r1[d];                                                          \
+        tq0 += v0 * v0;                                                                          \
+        tq1 += v1 * v1;                                                                          \
+        t00 += k0[d] * v0;                                                                       \
+        t01 += k1[d] * v0;                                                                       \
+        t02 += k2[d] * v0;                                                                       \
+        t03 += k3[d] * v0;                                                                       \
+        t10 += k0[d] * v1;                                                                       \
+        t11 += k1[d] * v1;                                                                       \
+        t12 += k2[d] * v1;                                                                       \
+        t13 += k3[d] * v1;                                                                       \
       }                                                                                          \
-      if (h0 == 0) den = std::max(std::sqrt(NEURALMEM_SPARSE_HSUM(q) + tq), eps);                \
-      out[(h0 + 0) * n + j] = (NEURALMEM_SPARSE_HSUM(p0) + t0) / den;                            \
-      out[(h0 + 1) * n + j] = (NEURALMEM_SPARSE_HSUM(p1) + t1) / den;                            \
-      out[(h0 + 2) * n + j] = (NEURALMEM_SPARSE_HSUM(p2) + t2) / den;                            \
-      out[(h0 + 3) * n + j] = (NEURALMEM_SPARSE_HSUM(p3) + t3) / den;                            \
+      if (h0 == 0) {                                                                             \
+        den0 = std::max(std::sqrt(NEURALMEM_SPARSE_HSUM(q0) + tq0), eps);                        \
+        den1 = std::max(std::sqrt(NEURALMEM_SPARSE_HSUM(q1) + tq1), eps);                        \
+      }                                                                                          \
+      out[(h0 + 0) * n + j] = (NEURALMEM_SPARSE_HSUM(p00) + t00) / den0;                         \
+      out[(h0 + 1) * n + j] = (NEURALMEM_SPARSE_HSUM(p01) + t01) / den0;                         \
+      out[(h0 + 2) * n + j] = (NEURALMEM_SPARSE_HSUM(p02) + t02) / den0;                         \
+      out[(h0 + 3) * n + j] = (NEURALMEM_SPARSE_HSUM(p03) + t03) / den0;                         \
+      if (two) {                                                                                 \
+        out[(h0 + 0) * n + j + 1] = (NEURALMEM_SPARSE_HSUM(p10) + t10) / den1;                   \
+        out[(h0 + 1) * n + j + 1] = (NEURALMEM_SPARSE_HSUM(p11) + t11) / den1;                   \
+        out[(h0 + 2) * n + j + 1] = (NEURALMEM_SPARSE_HSUM(p12) + t12) / den1;                   \
+        out[(h0 + 3) * n + j + 1] = (NEURALMEM_SPARSE_HSUM(p13) + t13) / den1;                   \
+      }                                                                                          \
     }                                                                                            \
   }
 
@@ -205,15 +230,21 @@ void cosine_topk(const at::Tensor& memory, const at::Tensor& keys, int64_t k, do
         for (int64_t h = 0; h < H; ++h) {
           auto& hp = heaps[h];
           const A* s = sc.data() + h * n;
+          // thr: the worst kept score once the heap is full; a score below it
+          // cannot enter (NaN compares false and takes the full test).
+          A thr = static_cast<int64_t>(hp.size()) < k ? -std::numeric_limits<A>::infinity() : hp.front().s;
           for (int64_t j = 0; j < n; ++j) {
+            if (s[j] < thr) continue;
             const Cand<A> cd{s[j], j0 + j};
             if (static_cast<int64_t>(hp.size()) < k) {
               hp.push_back(cd);
               std::push_heap(hp.begin(), hp.end(), Better<A>());  // the worst on top
+              if (static_cast<int64_t>(hp.size()) == k) thr = hp.front().s;
             } else if (better(cd, hp.front())) {
               std::pop_heap(hp.begin(), hp.end(), Better<A>());
               hp.back() = cd;
               std::push_heap(hp.begin(), hp.end(), Better<A>());
+              thr = hp.front().s;
             }
           }
         }
