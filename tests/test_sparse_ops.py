@@ -335,3 +335,28 @@ def test_bad_input_is_refused_by_name_and_changes_nothing():
     cyc = links.clone()
     cyc[0, 3, 1] = 1  # 0 -> 1 -> 2 -> 3 -> 1 ...
     _unchanged(lambda: O.lru_oldest(cyc, 10, None), [cyc], ValueError, "corrupted")
+
+
+# ---------------------------------------------------------------- CUDA kernels in the CPU emulator
+def test_sparse_cuda_kernels_in_the_emulator():
+    """csrc/cuda/sparse_kernels.cu run by csrc/cuda/emu (one OS thread per CUDA thread) against the references."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("needs a C++20 compiler")
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, os.path.join(repo, "csrc", "cuda", "emu", "emulate.py"), "sparse", "--quick",
+                          "--build-dir", os.path.join(repo, "build", "emu_sparse")], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    out = res.stdout + res.stderr[-3000:]
+    assert res.returncode == 0 and "FAILURES: 0" in res.stdout, out[-6000:]
+    compared = set(res.stdout.split("compared:")[1].splitlines()[0].strip().split(", "))
+    want = {"sparse_read", "sparse_read_weights", "sparse_read_backward_grad_rows", "sparse_read_backward_grad_keys",
+            "sparse_read_backward_grad_strengths", "cosine_topk", "cosine_topk_indices", "cosine_topk_chosen",
+            "cosine_topk_nan", "lru_touch", "lru_oldest", "lru_oldest_noskip"}
+    assert want <= compared, sorted(want - compared)
+    assert res.stdout.count("sparse ok ") == 4, res.stdout[-2000:]

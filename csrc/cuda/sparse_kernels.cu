@@ -39,7 +39,7 @@ namespace sparse {
 namespace cuda {
 
 constexpr int kThreads = 128;        // sparse_read blocks
-constexpr int kTopkThreads = 256;    // cosine_topk blocks
+constexpr int kTopkThreads = 256;    // cosine_topk blocks (its __launch_bounds__ spells the number)
 constexpr int kTopkWarps = kTopkThreads / 32;
 constexpr int kMaxK = 64;            // candidates per head of sparse_read; k of cosine_topk
 constexpr int kHG = 4;               // heads per cosine_topk block
@@ -204,7 +204,7 @@ __device__ __forceinline__ bool better(A a, int64_t ai, A b, int64_t bi) {
 // memory (B,N,D) T, kn (B,H,D) A normalized keys; part_s/part_i (B,H,S,k),
 // index -1 past a split's count.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kTopkThreads) topk_split_kernel(const T* __restrict__ memory,
+__global__ void __launch_bounds__(256) topk_split_kernel(const T* __restrict__ memory,
                                                                   const A* __restrict__ kn, int64_t N, int D, int H,
                                                                   int k, int64_t chunk, A eps, A* __restrict__ part_s,
                                                                   int64_t* __restrict__ part_i) {
