@@ -10,8 +10,8 @@
 //   cosine_topk: grid (memory b x group of kHG heads, split of the slots). A
 //     warp scores one slot at a time against the group's heads (one read of
 //     the row for all of them) and keeps a sorted top-k list per head in
-//     shared memory (lane 0 inserts; the warp-uniform threshold test skips
-//     almost every slot); the block merges its warps' lists into one list per
+//     shared memory (lane 0 tests the threshold, which skips almost every
+//     slot, and inserts); the block merges its warps' lists into one list per
 //     (b, h, split), and a second kernel merges the splits, a warp per (b, h)
 //     (each lane scans a stride of the split lists, a shuffle argmax picks
 //     the next best). k <= 64.
@@ -235,9 +235,13 @@ __global__ void __launch_bounds__(256) topk_split_kernel(const T* __restrict__ m
 #pragma unroll
     for (int h = 0; h < kHG; ++h) {
       if (h >= hg) break;
-      const A sc = warp_sum(p[h]) / den;  // the same bits on every lane: the branch is warp-uniform
-      if (cnt[h] < k || better(sc, n, l_s[warp][h][k - 1], l_i[warp][h][k - 1])) {
-        if (lane == 0) {
+      const A sc = warp_sum(p[h]) / den;  // the same bits on every lane
+      // Only lane 0 reads or writes the warp's lists until the block merge;
+      // it decides, and the warp follows, so that the counts stay uniform.
+      bool take = false;
+      if (lane == 0) {
+        take = cnt[h] < k || better(sc, n, l_s[warp][h][k - 1], l_i[warp][h][k - 1]);
+        if (take) {
           int j = min(cnt[h], k - 1);
           while (j > 0 && better(sc, n, l_s[warp][h][j - 1], l_i[warp][h][j - 1])) {
             l_s[warp][h][j] = l_s[warp][h][j - 1];
@@ -247,9 +251,8 @@ __global__ void __launch_bounds__(256) topk_split_kernel(const T* __restrict__ m
           l_s[warp][h][j] = sc;
           l_i[warp][h][j] = n;
         }
-        cnt[h] = min(cnt[h] + 1, k);
-        __syncwarp();
       }
+      if (__shfl_sync(kFull, take, 0)) cnt[h] = min(cnt[h] + 1, k);
     }
   }
   // every warp's counts, then warp h merges the kTopkWarps lists of head h

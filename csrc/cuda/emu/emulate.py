@@ -63,6 +63,20 @@ using std::exp;
 using std::isnan;
 using std::sqrt;
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::g_block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+template <class T>
+T __shfl_sync(unsigned, T v, int src) {
+  auto* B = emu::g_block;
+  const unsigned t = threadIdx.x, w = t / 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  B->warps[w]->arrive_and_wait();
+  B->slots[t] = bits;
+  B->warps[w]->arrive_and_wait();
+  const uint64_t ob = B->slots[w * 32 + src];
+  T r;
+  std::memcpy(&r, &ob, sizeof(T));
+  return r;
+}
 """
 
 
