@@ -12,7 +12,9 @@ D slot width, H heads and K candidates per head:
       candidate rows of each head. Gradients reach keys, strengths and those K rows only.
   cosine_topk(memory (B,N,D), keys (B,H,D), k, eps) -> (scores (B,H,k), indices (B,H,k) int64)
       the k slots of largest cosine per head, best first, equal scores in increasing slot order; one
-      pass over the memory. Not differentiable (the read differentiates the rows it gathers).
+      pass over the memory. Not differentiable (the read differentiates the rows it gathers). A NaN
+      score (a NaN in a row or a key) ranks above every number, NaNs in slot order, as in
+      torch.sort(descending=True): a NaN key gives NaN scores and slots 0..k-1.
   lru_touch_(links, indices) / lru_oldest(links, count, skip)
       the slots in order of their last access, as a doubly linked list: `links` (B, N+1, 2) int64,
       links[b, n] = (previous, next), node N the sentinel (its next is the least recently used slot,
@@ -20,7 +22,8 @@ D slot width, H heads and K candidates per head:
       order, ignoring entries -1; lru_oldest returns the `count` least recently used slots (B,count),
       skipping slots where skip (B,N) bool is true, -1 past the end. O(M) and O(count + skipped).
 
-cos(k, m) = k.m / (max(|k|, eps) * max(|m|, eps)), as the dense ops. The erase-add write to K slots is
+cos(k, m) = k.m / (max(|k|, eps) * max(|m|, eps)), as the dense ops. The CUDA kernels take K <= 64
+candidates in sparse_read and k <= 64 in cosine_topk (a larger one is refused with an error naming it). The erase-add write to K slots is
 `memory_write` over the gathered rows (the dense op's kernels and backward, on a (B,K,D) memory);
 `sparse_write_` here gathers, writes and scatters back in place.
 """

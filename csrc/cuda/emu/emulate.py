@@ -1,7 +1,7 @@
 """Runs the CUDA kernels' source on the CPU, in an emulation of the CUDA
 execution model, and compares every op with its reference.
 
-    python csrc/cuda/emu/emulate.py [read|write|all] [--build-dir DIR]
+    python csrc/cuda/emu/emulate.py [read|write|all|sparse] [--quick] [--build-dir DIR]
 
 For machines without a GPU: nvcc proves that the kernels compile, this proves
 that their logic (indexing, lane geometry, shuffles, split merges, head groups,
@@ -52,12 +52,57 @@ def make_sources(root, out):
         s, n = launch.subn(lambda m: f"emu::L({m.group(2)}).run({m.group(1)}, ", s)
         assert (n > 0 or ext == ".cuh") and "<<<" not in s, f"{f}: {n} launches rewritten, some left"
         open(f"{out}/{f}{'.cpp' if ext == '.cu' else ext}", "w").write(s)
+    make_sparse_sources(root, out, launch)
     o = open(f"{root}/csrc/ops.cpp").read()
     blk = re.search(r"TORCH_LIBRARY\(neuralmem, m\) \{.*?\n\}", o, re.S).group(0)
     open(f"{out}/schemas.cpp", "w").write("#include <torch/library.h>\n" + blk.replace("TORCH_LIBRARY(neuralmem,", "TORCH_LIBRARY(neuralmem_emu,"))
 
 
-def build(build_dir):
+SPARSE_PRELUDE = """#include "emu.h"
+using std::exp;
+using std::isnan;
+using std::sqrt;
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::g_block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+template <class T>
+T __shfl_sync(unsigned, T v, int src) {
+  auto* B = emu::g_block;
+  const unsigned t = threadIdx.x, w = t / 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  B->warps[w]->arrive_and_wait();
+  B->slots[t] = bits;
+  B->warps[w]->arrive_and_wait();
+  const uint64_t ob = B->slots[w * 32 + src];
+  T r;
+  std::memcpy(&r, &ob, sizeof(T));
+  return r;
+}
+"""
+
+
+def make_sparse_sources(root, out, launch):
+    """sparse_kernels.cu under neuralmem_sparse_emu; 8 SMs and 16-slot splits so small memories split."""
+    s = open(f"{root}/csrc/cuda/sparse_kernels.cu").read()
+    for inc in ("#include <c10/cuda/CUDAException.h>", "#include <c10/cuda/CUDAGuard.h>",
+                "#include <c10/cuda/CUDAStream.h>", "#include <cuda_runtime.h>"):
+        assert inc in s, inc; s = s.replace(inc, "")
+    s = SPARSE_PRELUDE + s
+    for a, b in (("c10::cuda::CUDAGuard", "emu::Guard"), ("c10::cuda::getCurrentCUDAStream()", "emu::Stream()"),
+                 ("C10_CUDA_KERNEL_LAUNCH_CHECK();", ";"), (".is_cuda()", ".defined()"),
+                 ("C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, t.device().index()));",
+                  "v = 8;"), ("std::max<int64_t>(1024, k)", "std::max<int64_t>(16, k)"),
+                 ("TORCH_LIBRARY_IMPL(neuralmem_sparse, CUDA, m)", "TORCH_LIBRARY_IMPL(neuralmem_sparse_emu, CPU, m)")):
+        assert a in s, a; s = s.replace(a, b)
+    s, n = launch.subn(lambda m: f"emu::L({m.group(2)}).run({m.group(1)}, ", s)
+    assert n == 6 and "<<<" not in s, f"sparse_kernels: {n} launches rewritten"
+    open(f"{out}/sparse_kernels.cpp", "w").write(s)
+    o = open(f"{root}/csrc/sparse/sparse_ops.cpp").read()
+    blk = re.search(r"TORCH_LIBRARY\(neuralmem_sparse, m\) \{.*?\n\}", o, re.S).group(0)
+    open(f"{out}/sparse_schemas.cpp", "w").write(
+        "#include <torch/library.h>\n" + blk.replace("TORCH_LIBRARY(neuralmem_sparse,", "TORCH_LIBRARY(neuralmem_sparse_emu,"))
+
+
+def build(build_dir, sparse=False):
     from torch.utils.cpp_extension import load
 
     src = os.path.join(build_dir, "src")
@@ -66,7 +111,9 @@ def build(build_dir):
         g.write(f.read())
     out = os.path.join(build_dir, "out")
     os.makedirs(out, exist_ok=True)
-    load(name="nm_emu", sources=[os.path.join(src, n) for n in ("schemas.cpp", "read_kernels.cpp", "write_kernels.cpp")],
+    names = ("sparse_schemas.cpp", "sparse_kernels.cpp") if sparse else ("schemas.cpp", "read_kernels.cpp",
+                                                                            "write_kernels.cpp")
+    load(name="nm_emu_sparse" if sparse else "nm_emu", sources=[os.path.join(src, n) for n in names],
          extra_include_paths=[src, os.path.join(ROOT, "csrc")], extra_cflags=["-O1", "-std=c++20", "-pthread", "-w"], extra_ldflags=["-pthread"],
          is_python_module=False, build_directory=out, verbose=False)
 
@@ -180,14 +227,104 @@ def check(only, shapes=SHAPES):
     return len(fails)
 
 
+def check_sparse(quick=False):
+    """The sparse ops (neuralmem_sparse_emu) against the references of neuralmem_fast.ops.sparse."""
+    from neuralmem_fast.ops import sparse as sp
+
+    E = torch.ops.neuralmem_sparse_emu
+    TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (2e-5, 2e-4), torch.float16: (3e-3, 3e-3),
+           torch.bfloat16: (2e-2, 2e-2)}
+    fails, compared, eps = [], set(), 1e-12
+
+    def close(name, got, want, dt, scale=1.0):
+        compared.add(name.split(" ")[0])
+        atol, rtol = TOL[dt]
+        try:
+            torch.testing.assert_close(got.to(want.dtype), want, atol=atol * scale, rtol=rtol * scale, equal_nan=True)
+        except AssertionError as e:
+            fails.append(name); print("FAIL", name, str(e).splitlines()[:4])
+
+    def same(name, got, want):
+        compared.add(name.split(" ")[0])
+        if not torch.equal(got, want):
+            fails.append(name); print("FAIL", name, got.tolist()[:2], want.tolist()[:2])
+
+    # (B, H, K, D) of sparse_read: K = 64 (two softmax candidates per lane), D > 128 (strided columns)
+    read_shapes = [(2, 3, 5, 13), (1, 2, 64, 150)] if not quick else [(1, 1, 64, 150)]
+    # (B, N, D, H, k): two head groups (H > 4), splits (16-slot minimum, 8 SMs: up to 16 per group), k = 64
+    topk_shapes = [(2, 300, 20, 5, 7), (1, 100, 33, 2, 64), (1, 40, 8, 1, 1)]
+    if quick:
+        topk_shapes = [(1, 120, 20, 5, 6), (1, 64, 8, 1, 64)]
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        tag = str(dt).split(".")[1]
+        for B, H, K, D in read_shapes:
+            g = torch.Generator().manual_seed(B + H + K + D)
+            rows = torch.randn(B, H, K, D, generator=g, dtype=torch.float64)
+            keys = torch.randn(B, H, D, generator=g, dtype=torch.float64)
+            s = torch.rand(B, H, generator=g, dtype=torch.float64) * 5
+            if dt in (torch.float32, torch.float64):
+                rows[0, 0, 1] = 0  # a zero row, and one of norm < eps (the clamp's derivative, 1/eps)
+                rows[0, 0, 2] *= 1e-14
+            r, k, st = rows.to(dt), keys.to(dt), s.to(dt)
+            reads, w = E.sparse_read(r, k, st, eps)
+            rr, wr = sp.sparse_read_ref(r, k, st, eps)
+            close(f"sparse_read {tag} {B,H,K,D}", reads, rr, dt)
+            close(f"sparse_read_weights {tag} {B,H,K,D}", w, wr, dt)
+            ins = [t.double().requires_grad_() for t in (r, k, st)]
+            gr, gw = torch.randn(B, H, D, dtype=torch.float64), torch.randn(B, H, K, dtype=torch.float64)
+            want = torch.autograd.grad(sp.sparse_read_ref(*ins, eps), ins, (gr, gw))
+            got = E.sparse_read_backward(gr.to(dt), gw.to(dt), w, r, k, st, eps)
+            sc = 1 if dt in (torch.float32, torch.float64) else 5
+            for nm_, x, y in zip(("grad_rows", "grad_keys", "grad_strengths"), got, want):
+                close(f"sparse_read_backward_{nm_} {tag} {B,H,K,D}", x.double(), y, dt, sc)
+        for B, N, D, H, kk in topk_shapes:
+            g = torch.Generator().manual_seed(B + N + D + H + kk)
+            memory = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+            memory[0, 3] = 0; memory[0, 17] = 0  # equal scores: slot order
+            keys = torch.randn(B, H, D, generator=g, dtype=torch.float64)
+            m, k = memory.to(dt), keys.to(dt)
+            sc_, ix = E.cosine_topk(m, k, kk, eps)
+            vals, ref_ix = sp.cosine_topk_ref(m, k, kk, eps)
+            close(f"cosine_topk {tag} {B,N,D,H,kk}", sc_, vals, dt)
+            if dt == torch.float64:
+                same(f"cosine_topk_indices {tag} {B,N,D,H,kk}", ix, ref_ix)
+            else:
+                cos = torch.nn.functional.normalize(k.double(), dim=-1, eps=eps) @ \
+                      torch.nn.functional.normalize(m.double(), dim=-1, eps=eps).transpose(-1, -2)
+                close(f"cosine_topk_chosen {tag} {B,N,D,H,kk}", cos.gather(-1, ix).to(dt), vals, dt)
+        nan_m = torch.randn(1, 50, 6, dtype=torch.float64).to(dt); nan_m[0, 30, 2] = float("nan")
+        nk = torch.randn(1, 2, 6, dtype=torch.float64).to(dt)
+        same(f"cosine_topk_nan {tag}", E.cosine_topk(nan_m, nk, 3, eps)[1], sp.cosine_topk_ref(nan_m, nk, 3, eps)[1])
+        print("sparse ok", tag, flush=True)
+    gen = torch.Generator().manual_seed(0)
+    B, N = 3, 9
+    links, ref = sp.lru_init(B, N), sp.lru_init(B, N)
+    for step in range(8):
+        idx = torch.randint(-1, N, (B, 2 + step % 4), generator=gen); idx[:, 1] = idx[:, 0]
+        E.lru_touch_(links, idx); sp.lru_touch_ref_(ref, idx)
+        same(f"lru_touch {step}", links, ref)
+        skip = torch.rand(B, N, generator=gen) < 0.3
+        for count in (0, 3, N + 2):
+            same(f"lru_oldest {step} {count}", E.lru_oldest(links, count, skip), sp.lru_oldest_ref(ref, count, skip))
+            same(f"lru_oldest_noskip {step} {count}", E.lru_oldest(links, count, None), sp.lru_oldest_ref(ref, count))
+    print("compared:", ", ".join(sorted(compared)))
+    print("FAILURES:", len(fails))
+    for f in fails:
+        print(" ", f)
+    return len(fails)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("only", nargs="?", default="all", choices=("all", "read", "write"))
+    p.add_argument("only", nargs="?", default="all", choices=("all", "read", "write", "sparse"),
+                   help="all = the dense ops (read and write); sparse = the neuralmem_sparse ops, on their own")
     p.add_argument("--build-dir", default=os.path.join(ROOT, "build", "emu"))
     p.add_argument("--quick", action="store_true", help="one shape (every op, dtype and path) instead of six")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
-    build(args.build_dir)
+    build(args.build_dir, sparse=args.only == "sparse")
+    if args.only == "sparse":
+        return 1 if check_sparse(args.quick) else 0
     global ops
     from neuralmem_fast import ops
     return 1 if check(args.only, QUICK if args.quick else SHAPES) else 0
