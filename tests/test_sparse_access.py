@@ -64,7 +64,7 @@ def _run_dense_reference(acc, flat, B, rec):
 def _index_kinds():
     from neuralmem_fast.nn.sparse_index import has_faiss
 
-    return ["exact"] + (["faiss"] if has_faiss() else [])
+    return ["exact", "rows", "auto"] + (["faiss"] if has_faiss() else [])
 
 
 @pytest.mark.parametrize("index", _index_kinds())
@@ -252,10 +252,10 @@ def test_non_finite_keys_from_the_controller_raise_before_any_write():
     torch.testing.assert_close(st.memory, before, atol=0, rtol=0)
 
 
-def test_the_index_follows_the_access_writes_and_the_reset():
-    pytest.importorskip("faiss")
+@pytest.mark.parametrize("index", [i for i in _index_kinds() if i != "exact"])
+def test_the_index_follows_the_access_writes_and_the_reset(index):
     torch.manual_seed(7)
-    core = MemoryCore(5, 3, 2048, 8, 2, sparse_k=4, index="faiss")
+    core = MemoryCore(5, 3, 2048, 8, 2, sparse_k=4, index=index)
     y, st = core(torch.randn(3, 20, 5))
     y.sum().backward()
     idx = st.access.index

@@ -46,7 +46,7 @@ import torch
 from .. import ops
 from ..ops import sparse as sops
 
-__all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "make_index"]
+__all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "RowIndex", "make_index"]
 
 _WARNED_NO_FAISS = False
 
@@ -84,8 +84,154 @@ class ExactIndex:
         return 0
 
 
+class RowIndex:
+    """The exact top-K over the nonzero rows only, batched over the memories: a table (B, cap) of the slots
+    written since they were last all zero, searched by one gather and one matmul, O(rows written) per
+    search, O(M) per update of M slots, whatever N. Every nonzero row is listed (rows never written are
+    zero, and zero rows all score 0, which the caller fills in), so the result is exact. Listed rows
+    that became zero again stay listed (as zero rows, score 0) until the table is compacted, which
+    happens when it holds more than twice the nonzero rows. With `spill=n` and faiss installed, a memory
+    whose nonzero rows pass n hands over to a FaissIndex (its IVF search) for good."""
+
+    name = "rows"
+
+    def __init__(self, spill=1 << 17, eps=1e-12):
+        self.spill, self.eps = spill, eps
+        self.memory = self.nonzero = self.table = self.count = None
+        self.delegate, self.stale = None, 0
+        self.stats = {"searches": 0, "updates": 0, "rebuilds": 0, "stale_rebuilds": 0, "search_s": 0.0,
+                      "update_s": 0.0}
+
+    def attach(self, memory):
+        self.memory = memory
+        B, N, _ = memory.shape
+        self.nonzero = torch.zeros(B, N, dtype=torch.bool, device=memory.device)  # listed (see the doc)
+        self.table = torch.full((B, 64), -1, dtype=torch.int64, device=memory.device)
+        self.count = torch.zeros(B, dtype=torch.int64, device=memory.device)
+        self.rebuild()
+
+    def rebuild(self):
+        """Lists every nonzero row of the memory (O(N))."""
+        if self.delegate is not None:
+            return self.delegate.rebuild()
+        m = self.memory
+        nz = (m.detach() != 0).any(-1)
+        self.nonzero.copy_(nz)
+        counts = nz.sum(1)
+        cap = max(64, int(counts.max()) * 2)
+        order = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :cap]
+        pos = torch.arange(order.shape[1], device=m.device).unsqueeze(0)
+        self.table = torch.where(pos < counts.unsqueeze(1), order, -1)
+        if self.table.shape[1] < cap:
+            self.table = torch.cat([self.table, self.table.new_full((m.shape[0], cap - self.table.shape[1]), -1)], 1)
+        self.count, self.stale = counts, 0
+        self.stats["rebuilds"] += 1
+        self._maybe_spill()
+
+    def _maybe_spill(self):
+        if self.delegate is None and self.spill is not None and int(self.count.max()) > self.spill:
+            from . import sparse_index
+
+            if sparse_index.has_faiss():
+                d = sparse_index.FaissIndex(min_train=self.spill)
+                d.attach(self.memory)
+                self.delegate, self.nonzero = d, d.nonzero
+
+    def update(self, indices):
+        import time
+
+        if self.delegate is not None:
+            out = self.delegate.update(indices)
+            self.nonzero = self.delegate.nonzero
+            return out
+        t0 = time.perf_counter()
+        B, M = indices.shape
+        s, _ = torch.sort(indices, dim=1)
+        valid = s >= 0
+        first = valid.clone()
+        first[:, 1:] &= s[:, 1:] != s[:, :-1]
+        sc = s.clamp(min=0)
+        listed = self.nonzero.gather(1, sc)
+        rows = self.memory.detach().gather(1, sc.unsqueeze(-1).expand(B, M, self.memory.shape[2]))
+        nz = (rows != 0).any(-1)
+        new = first & ~listed & nz          # a zero row need not be listed
+        self.stale += int((first & listed & ~nz).sum())
+        n_new = new.sum(1)
+        if bool(n_new.any()):
+            need = int((self.count + n_new).max())
+            cap = self.table.shape[1]
+            if need > cap:
+                self.table = torch.cat([self.table, self.table.new_full((B, max(need, 2 * cap) - cap), -1)], 1)
+            pos = self.count.unsqueeze(1) + torch.cumsum(new, 1) - 1
+            scratch = torch.cat([self.table, self.table.new_full((B, 1), -1)], 1)
+            scratch.scatter_(1, torch.where(new, pos, self.table.shape[1]), torch.where(new, sc, -1))
+            self.table = scratch[:, :-1].contiguous()
+            self.count += n_new
+            bi, si = new.nonzero(as_tuple=True)
+            self.nonzero[bi, sc[bi, si]] = True
+            self._maybe_spill()
+        if self.stale > max(1024, int(self.count.max()) // 2):
+            self.compact()
+        self.stats["updates"] += 1
+        self.stats["update_s"] += time.perf_counter() - t0
+
+    def compact(self):
+        """Drops the listed rows that are zero again, O(listed rows * D)."""
+        B, D = self.table.shape[0], self.memory.shape[2]
+        n = max(int(self.count.max()), 1)
+        t = self.table[:, :n]
+        rows = self.memory.detach().gather(1, t.clamp(min=0).unsqueeze(-1).expand(B, n, D))
+        keep = (t >= 0) & (rows != 0).any(-1)
+        bi, ti = ((t >= 0) & ~keep).nonzero(as_tuple=True)
+        self.nonzero[bi, t[bi, ti]] = False
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        self.count = keep.sum(1)
+        pos = torch.arange(n, device=t.device).unsqueeze(0)
+        self.table[:, :n] = torch.where(pos < self.count.unsqueeze(1), t.gather(1, order), -1)
+        self.stale = 0
+
+    def search(self, keys, k):
+        import time
+
+        if self.delegate is not None:
+            return self.delegate.search(keys, k)
+        t0 = time.perf_counter()
+        B, H, D = keys.shape
+        n = max(int(self.count.max()), 1)
+        slots = self.table[:, :n]
+        rows = self.memory.detach().gather(1, slots.clamp(min=0).unsqueeze(-1).expand(B, n, D))
+        q = keys / keys.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        r = rows / rows.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        sc = torch.bmm(q.to(r.dtype), r.transpose(1, 2))                       # (B, H, n)
+        sc = sc.masked_fill((slots < 0).unsqueeze(1), float("-inf"))
+        kk = min(k, n)
+        top, at = torch.topk(sc, kk, dim=2)
+        idx = slots.unsqueeze(1).expand(B, H, n).gather(2, at)
+        idx = torch.where(torch.isinf(top), -1, idx)
+        if kk < k:
+            top = torch.cat([top, top.new_full((B, H, k - kk), float("-inf"))], 2)
+            idx = torch.cat([idx, idx.new_full((B, H, k - kk), -1)], 2)
+        self.stats["searches"] += 1
+        self.stats["search_s"] += time.perf_counter() - t0
+        return top.float(), idx
+
+    def check(self):
+        """Nonzero rows that are not listed (0 when the index is current)."""
+        if self.delegate is not None:
+            return self.delegate.check()
+        nz = (self.memory.detach() != 0).any(-1)
+        listed = torch.zeros_like(nz)
+        t = self.table
+        bi, ti = (t >= 0).nonzero(as_tuple=True)
+        listed[bi, t[bi, ti]] = True
+        bad = int((nz & ~listed).sum()) + int((listed != self.nonzero).sum())
+        return bad
+
+
 def make_index(index):
-    """"exact", "faiss", "auto" (faiss when installed, else exact) or an index object."""
+    """"exact" (a full scan per search), "rows" (RowIndex: exact over the nonzero rows), "faiss"
+    (FaissIndex), "auto" (RowIndex, handing over to faiss's IVF past 2^17 nonzero rows per memory when
+    faiss is installed) or an index object."""
     if not isinstance(index, str):
         for attr in ("attach", "update", "search"):
             if not callable(getattr(index, attr, None)):
@@ -94,21 +240,25 @@ def make_index(index):
         return index
     if index == "exact":
         return ExactIndex()
-    if index in ("faiss", "auto"):
+    if index == "rows":
+        return RowIndex(spill=None)
+    if index == "auto":
+        from . import sparse_index
+
+        global _WARNED_NO_FAISS
+        if not sparse_index.has_faiss() and not _WARNED_NO_FAISS:
+            _WARNED_NO_FAISS = True
+            warnings.warn("sparse access: faiss is not installed, so index='auto' stays exact over the written "
+                          "rows, one pass over them per step, even past 2^17 of them; pip install faiss-cpu "
+                          "for the IVF index", RuntimeWarning, stacklevel=3)
+        return RowIndex()
+    if index == "faiss":
         from . import sparse_index
 
         if sparse_index.has_faiss():
             return sparse_index.FaissIndex()
-        if index == "faiss":
-            raise ImportError("index='faiss' needs faiss: pip install faiss-cpu")
-        global _WARNED_NO_FAISS
-        if not _WARNED_NO_FAISS:
-            _WARNED_NO_FAISS = True
-            warnings.warn("sparse access: faiss is not installed, so index='auto' uses the exact top-K, one pass "
-                          "over the memory per step (O(N)); pip install faiss-cpu for the index", RuntimeWarning,
-                          stacklevel=3)
-        return ExactIndex()
-    raise ValueError(f"index must be 'exact', 'faiss', 'auto' or an index object, got {index!r}")
+        raise ImportError("index='faiss' needs faiss: pip install faiss-cpu")
+    raise ValueError(f"index must be 'exact', 'rows', 'faiss', 'auto' or an index object, got {index!r}")
 
 
 class _Tape:
@@ -282,8 +432,8 @@ class SparseAccess:
         self.access, self.k, self.eps = access, k, eps
         self.index_spec = index
         make_index(index) if not isinstance(index, str) else None  # type check now
-        if isinstance(index, str) and index not in ("exact", "faiss", "auto"):
-            raise ValueError(f"index must be 'exact', 'faiss', 'auto' or an index object, got {index!r}")
+        if isinstance(index, str) and index not in ("exact", "rows", "faiss", "auto"):
+            raise ValueError(f"index must be 'exact', 'rows', 'faiss', 'auto' or an index object, got {index!r}")
         self.backend = access.backend
 
     # -------------------------------------------------------------- state
@@ -313,6 +463,8 @@ class SparseAccess:
                 for w in written.slots:
                     memory.scatter_(1, w.unsqueeze(-1).expand(B, w.shape[1], D), 0.0)
                     state.index.update(w)
+                if callable(getattr(state.index, "compact", None)):
+                    state.index.compact()
         written.clear()
         return SparseAccessState(memory, state.links, torch.full_like(state.read_indices, -1),
                                  torch.zeros_like(state.read_weights.detach()), state.index, _Tape(N),
