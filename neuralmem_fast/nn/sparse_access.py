@@ -114,16 +114,16 @@ class RowIndex:
         """Lists every nonzero row of the memory (O(N))."""
         if self.delegate is not None:
             return self.delegate.rebuild()
-        m = self.memory
-        nz = (m.detach() != 0).any(-1)
-        self.nonzero.copy_(nz)
-        counts = nz.sum(1)
+        m = self.memory.detach()
+        B, N, _ = m.shape
+        for a in range(0, N, 1 << 16):  # chunks: (m != 0) whole would be a B*N*D bool temporary
+            self.nonzero[:, a:a + (1 << 16)] = (m[:, a:a + (1 << 16)] != 0).any(-1)
+        counts = self.nonzero.sum(1)
         cap = max(64, int(counts.max()) * 2)
-        order = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :cap]
-        pos = torch.arange(order.shape[1], device=m.device).unsqueeze(0)
-        self.table = torch.where(pos < counts.unsqueeze(1), order, -1)
-        if self.table.shape[1] < cap:
-            self.table = torch.cat([self.table, self.table.new_full((m.shape[0], cap - self.table.shape[1]), -1)], 1)
+        bi, si = self.nonzero.nonzero(as_tuple=True)                  # row-major: slots ascending per memory
+        rank = torch.arange(bi.numel(), device=m.device) - (torch.cumsum(counts, 0) - counts)[bi]
+        self.table = torch.full((B, cap), -1, dtype=torch.int64, device=m.device)
+        self.table[bi, rank] = si
         self.count, self.stale = counts, 0
         self.stats["rebuilds"] += 1
         self._maybe_spill()
