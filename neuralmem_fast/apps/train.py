@@ -1,4 +1,5 @@
-"""`python -m neuralmem_fast train copy|recall`: train memory models on the classic tasks.
+"""`python -m neuralmem_fast train copy|recall|kv`: train memory models on the classic tasks and on a
+key-value recall that needs capacity (kv).
 
     python -m neuralmem_fast train copy --model core,lstm --steps 20000 --out results/copy
 
