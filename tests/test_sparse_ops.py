@@ -337,6 +337,26 @@ def test_bad_input_is_refused_by_name_and_changes_nothing():
     _unchanged(lambda: O.lru_oldest(cyc, 10, None), [cyc], ValueError, "corrupted")
 
 
+def test_cosine_topk_baseline_instruction_set_path():
+    """NEURALMEM_CPU_CAPABILITY=default takes the baseline copy of the scoring loop: the same slots."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from neuralmem_fast.ops import sparse as sp; g = torch.Generator().manual_seed(14); "
+            "m = torch.randn(2, 5000, 37, generator=g, dtype=torch.float64); "
+            "k = torch.randn(2, 6, 37, generator=g, dtype=torch.float64); "
+            "s, i = sp.cosine_topk(m, k, 9); v, r = sp.cosine_topk_ref(m, k, 9); "
+            "torch.testing.assert_close(s, v); assert torch.equal(i, r); "
+            "s, i = sp.cosine_topk(m.float(), k.float(), 9); v, r = sp.cosine_topk_ref(m.float(), k.float(), 9); "
+            "torch.testing.assert_close(s, v); print('ok')")
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = dict(os.environ, NEURALMEM_CPU_CAPABILITY="default",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- every device
 @pytest.mark.parametrize("device", DEVICES)
 def test_each_op_on_the_device_matches_the_reference(device):
