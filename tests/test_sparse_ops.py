@@ -11,7 +11,7 @@ import torch
 
 from neuralmem_fast.ops import sparse as sp
 
-from .helpers import TOL
+from .helpers import DEVICES, TOL
 
 pytestmark = pytest.mark.skipif(not sp.has_sparse_kernels("cpu"), reason="native sparse ops not built")
 
@@ -335,6 +335,85 @@ def test_bad_input_is_refused_by_name_and_changes_nothing():
     cyc = links.clone()
     cyc[0, 3, 1] = 1  # 0 -> 1 -> 2 -> 3 -> 1 ...
     _unchanged(lambda: O.lru_oldest(cyc, 10, None), [cyc], ValueError, "corrupted")
+
+
+def test_cosine_topk_baseline_instruction_set_path():
+    """NEURALMEM_CPU_CAPABILITY=default takes the baseline copy of the scoring loop: the same slots."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from neuralmem_fast.ops import sparse as sp; g = torch.Generator().manual_seed(14); "
+            "m = torch.randn(2, 5000, 37, generator=g, dtype=torch.float64); "
+            "k = torch.randn(2, 6, 37, generator=g, dtype=torch.float64); "
+            "s, i = sp.cosine_topk(m, k, 9); v, r = sp.cosine_topk_ref(m, k, 9); "
+            "torch.testing.assert_close(s, v); assert torch.equal(i, r); "
+            "s, i = sp.cosine_topk(m.float(), k.float(), 9); v, r = sp.cosine_topk_ref(m.float(), k.float(), 9); "
+            "torch.testing.assert_close(s, v); print('ok')")
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = dict(os.environ, NEURALMEM_CPU_CAPABILITY="default",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- every device
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_op_on_the_device_matches_the_reference(device):
+    """The device's kernels (CUDA where there is a GPU) against the references computed on the CPU."""
+    if not sp.has_sparse_kernels(torch.device(device).type):
+        pytest.skip(f"no native sparse kernels for {device}")
+    for dt in DTYPES:
+        rows, keys, s = _read_inputs(2, 5, 64, 70, dt, seed=12)  # K = 64: the CUDA limit
+        reads, w = sp.sparse_read(rows.to(device), keys.to(device), s.to(device), EPS)
+        rr, wr = sp.sparse_read_ref(rows, keys, s, EPS)
+        _close(reads.cpu(), rr, dt, f"reads {dt}")
+        _close(w.cpu(), wr, dt, f"weights {dt}")
+        g, gw = torch.randn(2, 5, 70, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64)
+        ins = [t.double().requires_grad_() for t in (rows, keys, s)]
+        want = torch.autograd.grad(sp.sparse_read_ref(*ins, EPS), ins, (g, gw))
+        got = _ops().sparse_read_backward(g.to(dt).to(device), gw.to(dt).to(device), w, rows.to(device),
+                                          keys.to(device), s.to(device), EPS)
+        for name, x, y in zip(("grad_rows", "grad_keys", "grad_strengths"), got, want):
+            _close(x.cpu(), y, dt, f"{name} {dt}", scale=1.0 if dt in (torch.float32, torch.float64) else 5.0)
+        N = 30011 if dt == torch.float32 else 3001  # float32: many splits on a GPU
+        memory = torch.randn(2, N, 33, dtype=torch.float64).to(dt)
+        memory[1, 10] = 0
+        memory[1, 2000] = 0
+        mk = torch.randn(2, 6, 33, dtype=torch.float64).to(dt)
+        for k in (1, 64):
+            scores, idx = sp.cosine_topk(memory.to(device), mk.to(device), k)
+            _check_topk(memory, mk, k, scores.cpu(), idx.cpu(), dt)
+            if dt == torch.float64:
+                assert torch.equal(idx.cpu(), sp.cosine_topk_ref(memory, mk, k, EPS)[1])
+    zero = torch.zeros(1, 100, 4, device=device)
+    zero[0, 50, 0] = 1.0
+    s0, i0 = sp.cosine_topk(zero, torch.tensor([[[1.0, 0, 0, 0]]], device=device), 5)
+    assert i0.tolist() == [[[50, 0, 1, 2, 3]]] and s0.tolist() == [[[1.0, 0, 0, 0, 0]]]
+    gen = torch.Generator().manual_seed(13)
+    links, ref = sp.lru_init(3, 10, device=device), sp.lru_init(3, 10)
+    for step in range(6):
+        idx = _random_touches(3, 10, 3 + step, gen)
+        sp.lru_touch_(links, idx.to(device))
+        sp.lru_touch_ref_(ref, idx)
+        assert torch.equal(links.cpu(), ref)
+        skip = torch.rand(3, 10, generator=gen) < 0.3
+        assert torch.equal(sp.lru_oldest(links, 12, skip.to(device)).cpu(), sp.lru_oldest_ref(ref, 12, skip))
+    v = links._version
+    _ops().lru_touch_(links, torch.tensor([[1], [2], [-1]], device=device))
+    assert links._version > v
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_limits_are_refused_by_name():
+    if not sp.has_sparse_kernels("cuda"):
+        pytest.skip("no native sparse CUDA kernels")
+    m, k = torch.randn(1, 100, 4, device="cuda"), torch.randn(1, 2, 4, device="cuda")
+    with pytest.raises(ValueError, match="k"):
+        _ops().cosine_topk(m, k, 65, EPS)
+    rows, keys, s = (t.cuda() for t in _read_inputs(1, 1, 65, 4, torch.float32))
+    with pytest.raises(ValueError, match="K=65"):
+        _ops().sparse_read(rows, keys, s, EPS)
 
 
 # ---------------------------------------------------------------- CUDA kernels in the CPU emulator

@@ -8,7 +8,8 @@
 // then the per-chunk lists of each (b, h) are merged. The dot products use 8
 // independent partial sums (lanes) so that the compiler vectorizes them
 // without reassociating a reduction; an AVX2+FMA copy of the scoring loop is
-// chosen at run time when the processor has it.
+// chosen at run time when the processor has it (and NEURALMEM_CPU_CAPABILITY
+// allows it, as for the other CPU kernels).
 #pragma once
 
 #include <algorithm>
@@ -21,6 +22,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+
+#include "common/isa.h"
 #include <type_traits>
 
 namespace neuralmem {
@@ -153,11 +156,10 @@ __attribute__((target("avx2,fma"))) void score_rows_avx2(const A* __restrict row
   NEURALMEM_SPARSE_SCORE_BODY
 }
 
+// AVX2 + FMA when the processor has it, unless NEURALMEM_CPU_CAPABILITY (or
+// ATEN_CPU_CAPABILITY) caps the extension at "default" (common/isa.h).
 inline bool has_avx2() {
-  static const bool v = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
+  static const bool v = isa_level() >= 1;
   return v;
 }
 #endif
