@@ -21,6 +21,9 @@ native kernels found by `available_backends`, the pure-PyTorch reference
             steps recomputed in the backward); one "step" is the whole sequence
   seq_full  the same sequence with plain autograd (every step's memory kept):
             the time seq is compared with, where the T copies fit
+  sparse_seq  --steps T of the sparse access (MemoryAccess(sparse_k=8), index
+            "auto") on the point's full memory, trained through: O(K D) per
+            step and O(T K D) kept, plus the index's search over the N rows
 
 Each point records the median step time, the one-pass bandwidth floor
 (`memory.sum()` on the same tensor, in the same process) and their ratio, and
@@ -421,7 +424,7 @@ def plot(result, path):
     batches = cfg["batches"]
     colors = {"torch": "C0", "cpu": "C1", "cuda": "C2", "triton": "C3", "seed": "C4"}
     styles = {"fwd": "-", "fwdbwd": "--", "train": (0, (5, 1)), "read_bwd": ":", "seq": "-.",
-              "seq_full": (0, (1, 3))}
+              "seq_full": (0, (1, 3)), "sparse_seq": (0, (3, 1, 1, 1))}
     esize = torch.empty((), dtype=DTYPES[cfg["dtype"]]).element_size()
     fig, axes = plt.subplots(len(batches), 2, figsize=(13, 4.8 * len(batches)), squeeze=False)
     for row, B in enumerate(batches):

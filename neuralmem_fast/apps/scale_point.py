@@ -19,7 +19,7 @@ import time
 
 import torch
 
-MODES = ("fwd", "fwdbwd", "train", "read_bwd", "seq", "seq_full")
+MODES = ("fwd", "fwdbwd", "train", "read_bwd", "seq", "seq_full", "sparse_seq")
 MODE_DOC = {
     "fwd": "read-then-write forward, in place",
     "fwdbwd": "content_read + content_addressing + memory_write, forward+backward (the separate ops)",
@@ -27,7 +27,10 @@ MODE_DOC = {
     "read_bwd": "content_read forward+backward",
     "seq": "T read-then-write steps trained through, checkpointed segments (nn.checkpointed_scan)",
     "seq_full": "T read-then-write steps trained through, plain autograd (every step's memory kept)",
+    "sparse_seq": "T steps of the sparse access (K=8 per head, index 'auto') trained through, on the point's memory",
 }
+# Candidates per read head of the "sparse_seq" mode.
+SPARSE_K = 8
 # Steps of the "seq" modes unless the spec says otherwise.
 SEQ_STEPS = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,6 +191,8 @@ def _make_step(spec, memory, usage, t):
 
     if mode in ("seq", "seq_full"):
         return _make_seq_step(spec, memory, usage, t)
+    if mode == "sparse_seq":
+        return _make_sparse_seq_step(spec, memory, usage, t)
 
     memory.requires_grad_(True)
     grads_of = [memory, rk, rs]
@@ -249,6 +254,39 @@ def _make_seq_step(spec, memory, usage, t):
     return step, (lambda: memory), (lambda: usage)
 
 
+def _make_sparse_seq_step(spec, memory, usage, t):
+    """T steps of MemoryAccess(sparse_k=SPARSE_K) on the point's memory (a full, long-lived memory: its
+    index lists all N rows), trained through; the memory is the state's buffer, updated in place."""
+    from ..nn import AccessInterface, MemoryAccess
+
+    be, T = spec["provider"], int(spec.get("T") or SEQ_STEPS)
+    rk, rs, wk, ws, er, ad, gr = t
+    B, N, D = memory.shape
+    H, W = rk.shape[1], wk.shape[1]
+    acc = MemoryAccess(N, D, H, W, backend=be, sparse_k=SPARSE_K, index="auto")
+    state = acc.sparse.initial_state(B, memory=memory)   # the point's memory, not a second one
+    g = torch.Generator(device=memory.device).manual_seed(1)
+    noise = lambda x: (x.unsqueeze(0) + 0.1 * torch.randn((T, *x.shape), generator=g, device=x.device,  # noqa: E731
+                                                          dtype=x.dtype)).requires_grad_(True)
+    keys, erase, add = noise(rk), noise(er).detach().clamp(0, 1).requires_grad_(True), noise(ad)
+    half = lambda *shape: torch.full(shape, 0.5, dtype=memory.dtype, device=memory.device)  # noqa: E731
+    grads_of = [keys, erase, add]
+
+    def step():
+        for x in grads_of:
+            x.grad = None
+        st, loss = state.detach(), 0
+        for i in range(T):
+            iface = AccessInterface(keys[i], rs, wk, ws, erase[i], add[i], half(B, H), half(B, W), half(B, W))
+            reads, st = acc(iface, st, validate=False)
+            loss = loss + (reads * gr).sum()
+        loss.backward()
+        return None
+
+    step.grads_of = grads_of
+    return step, (lambda: memory), (lambda: usage)
+
+
 def _finite(x):
     return x if x is None or math.isfinite(x) else None
 
@@ -286,13 +324,14 @@ def _warm_up(spec, device, dtype):
 
     B, D, H, W = (int(spec[k]) for k in ("B", "D", "H", "W"))
     g = torch.Generator(device=device).manual_seed(0)
-    memory, small = _inputs(B, WARMUP_N, D, H, W, device, g)
+    n = WARMUP_N if spec["mode"] != "sparse_seq" else 4 * (H * SPARSE_K + 1)  # the sparse access's least N
+    memory, small = _inputs(B, n, D, H, W, device, g)
     memory.sum()
     if dtype != torch.float32:
         if spec["provider"] != "seed":
             ops.content_read(memory, small[0], small[1], backend=spec["provider"])
         memory, small = memory.to(dtype), [x.to(dtype) for x in small]
-    usage = torch.zeros(B, WARMUP_N, dtype=dtype, device=device)
+    usage = torch.zeros(B, n, dtype=dtype, device=device)
     step, _, _ = _make_step(spec, memory, usage, small)
     for _ in range(2):
         out = step()

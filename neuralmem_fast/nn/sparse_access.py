@@ -437,11 +437,17 @@ class SparseAccess:
         self.backend = access.backend
 
     # -------------------------------------------------------------- state
-    def initial_state(self, batch_size, dtype=torch.float32, device=None):
-        """A zero memory with a fresh LRU list and index (O(N) once; `reset` reuses one in O(rows written))."""
+    def initial_state(self, batch_size, dtype=torch.float32, device=None, memory=None):
+        """A zero memory with a fresh LRU list and index (O(N) once; `reset` reuses one in O(rows written)).
+        With `memory` (B,N,D) given, the state is built around it (it is then updated in place)."""
         a = self.access
         B, N, D, R, K = batch_size, a.memory_size, a.word_size, a.num_reads, self.k
-        memory = torch.zeros(B, N, D, dtype=dtype, device=device)
+        if memory is None:
+            memory = torch.zeros(B, N, D, dtype=dtype, device=device)
+        elif tuple(memory.shape) != (B, N, D) or memory.requires_grad:
+            raise ValueError(f"memory must be a ({B}, {N}, {D}) tensor that does not require grad, got "
+                             f"{tuple(memory.shape)}" + (" requiring grad" if memory.requires_grad else ""))
+        dtype, device = memory.dtype, memory.device
         links = sops.lru_init(B, N, device)
         index = make_index(self.index_spec)
         index.attach(memory)
