@@ -264,3 +264,30 @@ def test_the_index_follows_the_access_writes_and_the_reset(index):
     assert int(idx.nonzero.sum()) > 0
     fresh = core.access.sparse.reset(st.access)
     assert idx.check() == 0 and int(idx.nonzero.sum()) == 0 and fresh.memory.abs().sum() == 0
+
+
+def test_kv_task_layout_and_the_cli_capacity_report(tmp_path, one_thread):
+    from neuralmem_fast.apps import train
+    from neuralmem_fast.apps.memory_tasks import kv_batch
+
+    x, target, mask = kv_batch(3, key_bits=5, value_bits=4, min_items=2, max_items=6, queries=3,
+                               generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 9, 11) and target.shape == (3, 9, 4)
+    for b in range(3):
+        n = int(x[b, :, 9].sum())
+        keys, values = x[b, :n, :5], x[b, :n, 5:9]
+        assert len({tuple(k.tolist()) for k in keys}) == n            # distinct keys
+        for t in range(6, 9):
+            assert x[b, t, 10] == 1 and mask[b, t] == 1
+            j = [i for i in range(n) if torch.equal(keys[i], x[b, t, :5])]
+            assert len(j) == 1 and torch.equal(target[b, t], values[j[0]])
+    assert mask[:, :6].sum() == 0
+    with pytest.raises(ValueError, match="distinct keys"):
+        kv_batch(1, key_bits=2, max_items=5)
+    train.main(["kv", "--model", "sparse", "--memory-size", "256", "--sparse-k", "4", "--index", "rows", "--steps",
+                "4", "--log-every", "2", "--max-len", "6", "--eval-items", "2,8", "--no-progress",
+                "--out", str(tmp_path)])
+    import json
+    rec = json.load(open(tmp_path / "kv_metrics.json"))["models"][0]
+    assert rec["model"] == "sparse" and set(rec["capacity"]) == {"2", "8"}
+    assert all(0 <= v["query_accuracy"] <= v["bit_accuracy"] <= 1 for v in rec["capacity"].values())

@@ -38,7 +38,7 @@ def _parser():
     p.add_argument("--hidden-size", type=int, default=64, help="the controller's LSTM units")
     p.add_argument("--alloc-topk", type=int, default=None, help="top-k allocation (default: exact sort)")
     p.add_argument("--sparse-k", type=int, default=8, help="sparse model: candidate slots per read head")
-    p.add_argument("--index", default="auto", choices=["auto", "exact", "faiss"],
+    p.add_argument("--index", default="auto", choices=["auto", "rows", "exact", "faiss"],
                    help="sparse model: how candidates are found (auto: faiss when installed)")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=16)

@@ -1,0 +1,128 @@
+"""Figures and tables of the sparse-access experiments, from the train CLI's metrics files.
+
+    python benchmarks/sparse_figures.py results/sparse docs/figures
+
+Reads RESULTS/*/{copy,recall,kv}_metrics.json (written by `python -m neuralmem_fast train ...`), groups
+the runs by task, model and memory size, and writes:
+  sparse_learning.png   bits wrong per sequence against training steps, copy and recall, one line per
+                        run (dense MemoryCore at its N, sparse at each N);
+  sparse_capacity.png   kv: query accuracy against the number of items stored, per model and N;
+and prints a markdown table of the steps to threshold (mean ± std over seeds) and of the capacity.
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def load(folder):
+    runs = []
+    for path in sorted(glob.glob(os.path.join(folder, "*", "*_metrics.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        for m in r["models"]:
+            if m is None:
+                continue
+            runs.append(dict(task=r["task"], model=m["model"], N=r["settings"]["memory_size"],
+                             seed=r["settings"]["seed"], rec=m, threshold=r["threshold"], path=path))
+    return runs
+
+
+def _label(run):
+    if run["model"] == "lstm":
+        return "LSTM"
+    kind = "dense" if run["model"] == "core" else "sparse K=8"
+    return f"{kind}, N={run['N']:,}"
+
+
+def steps_table(runs):
+    lines = ["| task | model | N | seeds | reached threshold | steps to threshold (each) | mean ± std | last step: "
+             "bits wrong |", "|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in runs:
+        if r["task"] in ("copy", "recall"):
+            groups.setdefault((r["task"], r["model"], r["N"]), []).append(r)
+    for (task, model, N), rs in sorted(groups.items()):
+        reached = [r["rec"]["reached_step"] for r in rs if r["rec"]["reached_step"]]
+        each = ", ".join(str(r["rec"]["reached_step"] or f">{r['rec']['steps'][-1]}") for r in rs)
+        ms = (f"{statistics.mean(reached):.0f} ± {statistics.stdev(reached):.0f}" if len(reached) > 1
+              else (str(reached[0]) if reached else "-"))
+        last = ", ".join(f"{r['rec']['bits_wrong'][-1]:.2f} @ {r['rec']['steps'][-1]}" for r in rs)
+        lines.append(f"| {task} | {'dense' if model == 'core' else model} | {N:,} | {len(rs)} | "
+                     f"{len(reached)}/{len(rs)} | {each} | {ms} | {last} |")
+    return "\n".join(lines)
+
+
+def capacity_table(runs):
+    kv = [r for r in runs if r["task"] == "kv" and "capacity" in r["rec"]]
+    if not kv:
+        return ""
+    items = sorted({int(n) for r in kv for n in r["rec"]["capacity"]})
+    lines = ["| model | N | params | " + " | ".join(f"{n} items" for n in items) + " |",
+             "|---|---|---|" + "---|" * len(items)]
+    for r in kv:
+        cap = r["rec"]["capacity"]
+        cells = [f"{cap[str(n)]['query_accuracy']:.2f} ({cap[str(n)]['bit_accuracy']:.2f})" if str(n) in cap
+                 else "" for n in items]
+        lines.append(f"| {_label(r).split(',')[0]} | {r['N'] if r['model'] != 'lstm' else '-'} | "
+                     f"{r['rec']['params']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, task in zip(axes, ("copy", "recall")):
+        for r in runs:
+            if r["task"] != task:
+                continue
+            ls = "-" if r["model"] == "sparse" else "--"
+            ax.plot(r["rec"]["steps"], r["rec"]["bits_wrong"], ls, lw=1,
+                    label=f"{_label(r)}, seed {r['seed']}")
+            ax.axhline(r["threshold"], color="k", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("bits wrong per sequence")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sparse_learning.png"), dpi=90)
+    plt.close(fig)
+    kv = [r for r in runs if r["task"] == "kv" and "capacity" in r["rec"]]
+    if kv:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in kv:
+            cap = r["rec"]["capacity"]
+            ns = sorted(int(n) for n in cap)
+            ax.plot(ns, [cap[str(n)]["query_accuracy"] for n in ns], "o-", label=_label(r))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("items stored (trained on 2-16)")
+        ax.set_ylabel("queries answered exactly")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "sparse_capacity.png"), dpi=90)
+        plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    folder = argv[0] if argv else "results/sparse"
+    out = argv[1] if len(argv) > 1 else "docs/figures"
+    runs = load(folder)
+    os.makedirs(out, exist_ok=True)
+    plot(runs, out)
+    print(steps_table(runs))
+    print()
+    print(capacity_table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
