@@ -1,6 +1,8 @@
 """Sparse access (nn/sparse_access.py): the in-place memory and its tape against a dense, out-of-place
 reference restricted to the same slots, in float64; gradcheck; what the backward stores; the LRU write
 set; reset; bad input; and a short sparse copy run that learns."""
+import functools
+
 import pytest
 import torch
 
@@ -64,7 +66,11 @@ def _run_dense_reference(acc, flat, B, rec):
 def _index_kinds():
     from neuralmem_fast.nn.sparse_index import has_faiss
 
-    return ["exact", "rows", "auto"] + (["faiss"] if has_faiss() else [])
+    from neuralmem_fast.nn.sparse_access import RowIndex
+
+    full_scan = functools.partial(RowIndex, full_scan=0.0)      # every search the in-place scan
+    full_scan.__name__ = "rows-full-scan"
+    return ["exact", "rows", "auto", full_scan] + (["faiss"] if has_faiss() else [])
 
 
 @pytest.mark.parametrize("index", _index_kinds())
@@ -252,7 +258,7 @@ def test_non_finite_keys_from_the_controller_raise_before_any_write():
     torch.testing.assert_close(st.memory, before, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("index", [i for i in _index_kinds() if i != "exact"])
+@pytest.mark.parametrize("index", [i for i in _index_kinds() if i != "exact" and isinstance(i, str)])
 def test_the_index_follows_the_access_writes_and_the_reset(index):
     torch.manual_seed(7)
     core = MemoryCore(5, 3, 2048, 8, 2, sparse_k=4, index=index)
