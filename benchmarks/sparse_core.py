@@ -58,7 +58,7 @@ def _point(spec):
     if model != "dense":
         state = core.initial_state(B)
         if init == "random":
-            state.access.memory.copy_(torch.randn(B, N, D))
+            state.access.memory.normal_()  # in place: a randn temporary would be a second memory
             state.access.index.rebuild()
     build_s = time.perf_counter() - t0
     opt = torch.optim.Adam(core.parameters(), 1e-3)
