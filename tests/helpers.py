@@ -108,3 +108,24 @@ def make_inputs(B, N, D, H, W, dtype=torch.float32, device="cpu", seed=0):
         usage=torch.rand(B, N, generator=g, dtype=torch.float64) * 3,
     )
     return {k: v.to(dtype=dtype, device=device) for k, v in t.items()}
+
+
+def short_copy_run(core, steps=300):
+    """Trains `core` on copy (lengths 1-3, 4 bits) for `steps` steps of batch 16 with Adam (lr 1e-2);
+    returns its loss on 64 held-out sequences before and after."""
+    from neuralmem_fast.apps.memory_tasks import copy_batch, sequence_loss
+
+    opt = torch.optim.Adam(core.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    test = copy_batch(64, bits=4, min_len=1, max_len=3, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        untrained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
+    for _ in range(steps):
+        x, target, mask = copy_batch(16, bits=4, min_len=1, max_len=3, generator=gen)
+        loss = sequence_loss(core(x)[0], target, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
+    return untrained, trained

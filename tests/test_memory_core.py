@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from .helpers import short_copy_run
+
 from neuralmem_fast.apps.memory_tasks import copy_batch, recall_batch, sequence_loss
 from neuralmem_fast.nn import AccessInterface, AccessState, CoreState, MemoryAccess, MemoryCore
 from neuralmem_fast.nn.access import allocation
@@ -325,19 +327,7 @@ def test_a_short_copy_run_learns(one_thread):
     (5.53 -> 1.99 nats per sequence with this seed)."""
     torch.manual_seed(0)
     core = MemoryCore(6, 4, memory_size=8, word_size=8, num_reads=1, hidden_size=32)
-    opt = torch.optim.Adam(core.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(1)
-    test = copy_batch(64, bits=4, min_len=1, max_len=3, generator=torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        untrained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
-    for _ in range(300):
-        x, target, mask = copy_batch(16, bits=4, min_len=1, max_len=3, generator=gen)
-        loss = sequence_loss(core(x)[0], target, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        trained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
+    untrained, trained = short_copy_run(core)
     assert trained < 0.5 * untrained, (untrained, trained)
 
 

@@ -6,6 +6,8 @@ import functools
 import pytest
 import torch
 
+from .helpers import short_copy_run
+
 from neuralmem_fast import ops
 from neuralmem_fast.apps.memory_tasks import copy_batch, sequence_loss
 from neuralmem_fast.nn import MemoryAccess, MemoryCore
@@ -230,19 +232,7 @@ def test_a_short_sparse_copy_run_learns(one_thread):
     """Lengths 1-3, 4 bits, N=256 with K=4: after 300 steps the loss is well below the untrained model's."""
     torch.manual_seed(0)
     core = MemoryCore(6, 4, memory_size=256, word_size=8, num_reads=1, hidden_size=32, sparse_k=4, index="exact")
-    opt = torch.optim.Adam(core.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(1)
-    test = copy_batch(64, bits=4, min_len=1, max_len=3, generator=torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        untrained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
-    for _ in range(300):
-        x, target, mask = copy_batch(16, bits=4, min_len=1, max_len=3, generator=gen)
-        loss = sequence_loss(core(x)[0], target, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        trained = float(sequence_loss(core(test[0])[0], test[1], test[2]))
+    untrained, trained = short_copy_run(core)
     assert trained < 0.5 * untrained, (untrained, trained)
 
 
