@@ -7,7 +7,7 @@ import torch
 
 from .helpers import short_copy_run
 
-from neuralmem_fast.apps.memory_tasks import copy_batch, recall_batch, sequence_loss
+from neuralmem_fast.apps.memory_tasks import copy_batch, recall_batch
 from neuralmem_fast.nn import AccessInterface, AccessState, CoreState, MemoryAccess, MemoryCore
 from neuralmem_fast.nn.access import allocation
 

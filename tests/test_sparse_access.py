@@ -9,7 +9,6 @@ import torch
 from .helpers import short_copy_run
 
 from neuralmem_fast import ops
-from neuralmem_fast.apps.memory_tasks import copy_batch, sequence_loss
 from neuralmem_fast.nn import MemoryAccess, MemoryCore
 from neuralmem_fast.nn.sparse_access import SparseAccessState
 from neuralmem_fast.ops import sparse as sops
