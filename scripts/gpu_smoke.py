@@ -12,7 +12,10 @@ PART is one of:
   large      index cases past 2^31 elements ((H-1)*N and N*D >= 2^31)
   bandwidth  content_read at N = 16M against copy_ on the same tensor; writes
              bandwidth.json and bandwidth.md to --out
-  all        parity, large and bandwidth (tiny runs under the sanitizer)
+  sparse     the sparse access ops (neuralmem_sparse: cosine_topk, sparse_read and
+             its backward, the LRU list) on CUDA against the float64 references and
+             the CPU kernels, at odd shapes with several splits of N, K = k = 64
+  all        parity, large, bandwidth and sparse (tiny runs under the sanitizer)
 
 --dry-run prints the cases a part would run, without touching a GPU. The case
 lists are plain functions (tests/test_gpu_smoke.py checks them on CPU).
@@ -47,6 +50,8 @@ LARGE_CASES = [
     ("memory_nd", 1, (1 << 25) + 3, 1, 64, "float16"),  # N*D >= 2^31 in the memory
 ]
 BANDWIDTH = dict(B=1, N=1 << 24, H=1, D=64, dtype="float32", reps=20)
+# (B, N, H, D, K): one slot; odd sizes; several splits of N with K = k = 64 (the CUDA kernels' limit).
+SPARSE_SHAPES = [(1, 1, 1, 1, 1), (2, 4099, 5, 33, 8), (1, 70_001, 4, 64, 64)]
 
 
 # compute-sanitizer tools, and the backends each runs on: racecheck and
@@ -69,8 +74,11 @@ def cases(part, tool="memcheck"):
         b = BANDWIDTH
         return [dict(part="bandwidth", backend=be, shape=(b["B"], b["N"], b["H"], b["D"], 1), dtype=b["dtype"],
                      reps=b["reps"]) for be in BACKENDS]
+    if part == "sparse":
+        return [dict(part="sparse", backend="cuda", shape=sh, dtype=dt) for sh in SPARSE_SHAPES
+                for dt in ("float32", "float16")]
     if part == "all":
-        return cases("parity") + cases("large") + cases("bandwidth")
+        return cases("parity") + cases("large") + cases("bandwidth") + cases("sparse")
     if part == "preflight":
         return [dict(part="preflight")]
     raise ValueError(f"unknown part {part!r}")
@@ -84,6 +92,8 @@ def elements(case):
 
 def describe(case):
     B, N, H, D, W = case.get("shape", (0,) * 5)
+    if case.get("part") == "sparse":
+        return f"sparse {case['backend']} B={B} N={N} H={H} D={D} K={W} {case['dtype']}"
     extra = " misaligned" if case.get("misaligned") else ""
     kind = f" {case['kind']}" if "kind" in case else ""
     dt = case.get("dtype", "")
@@ -170,6 +180,49 @@ def run_ops(x, backend):
     if x["memory"].is_cuda:
         torch.cuda.synchronize()
     return [o.detach() for o in outs]
+
+
+def check_sparse(case, device="cuda"):
+    """The sparse ops on `device` against the float64 references (and the LRU against the CPU kernels)."""
+    torch, _ = _torch()
+    from neuralmem_fast.ops import sparse as sops
+
+    B, N, H, D, K = case["shape"]
+    dt = getattr(torch, case["dtype"])
+    tol = dict(atol=2e-2, rtol=2e-2) if dt == torch.float16 else dict(atol=1e-4, rtol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    mem = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    keys = torch.randn(B, H, D, generator=g, dtype=torch.float64)
+    k = min(K, N)
+    want_s, _ = sops.cosine_topk_ref(mem, keys, k)
+    got_s, got_i = sops.cosine_topk(mem.to(dt).to(device), keys.to(dt).to(device), k)
+    torch.testing.assert_close(got_s.double().cpu(), want_s, **tol)
+    cos = torch.nn.functional.normalize(keys, dim=-1) @ torch.nn.functional.normalize(mem, dim=-1).transpose(1, 2)
+    torch.testing.assert_close(cos.gather(2, got_i.cpu()), want_s, **tol)  # the slots hold those scores
+    rows = torch.randn(B, H, K, D, generator=g, dtype=torch.float64)
+    strengths = 3 * torch.rand(B, H, generator=g, dtype=torch.float64)
+    gr, gw = torch.randn(B, H, D, generator=g, dtype=torch.float64), torch.randn(B, H, K, generator=g,
+                                                                                dtype=torch.float64)
+    ins = [t.detach().requires_grad_(True) for t in (rows, keys, strengths)]
+    reads, w = sops.sparse_read_ref(*ins)
+    want = [reads, w, *torch.autograd.grad((reads, w), ins, (gr, gw))]
+    ins = [t.to(dt).to(device).requires_grad_(True) for t in (rows, keys, strengths)]
+    reads, w = sops.sparse_read(*ins)
+    got = [reads, w, *torch.autograd.grad((reads, w), ins, (gr.to(dt).to(device), gw.to(dt).to(device)))]
+    for name, a, b in zip(("reads", "weights", "d rows", "d keys", "d strengths"), got, want):
+        torch.testing.assert_close(a.double().cpu(), b, **tol, msg=lambda m, name=name: f"{describe(case)} {name}: {m}")
+    links_cpu = sops.lru_init(B, N)
+    touches = torch.randint(-1, N, (B, 3 * K), generator=g)
+    sops.lru_touch_(links_cpu, touches)
+    links = sops.lru_init(B, N, device)
+    sops.lru_touch_(links, touches.to(device))
+    if not torch.equal(links.cpu(), links_cpu):
+        raise AssertionError(f"{describe(case)}: the LRU links differ from the CPU kernels'")
+    skip = torch.rand(B, N, generator=g) < 0.3
+    if not torch.equal(sops.lru_oldest(links, k, skip.to(device)).cpu(), sops.lru_oldest(links_cpu, k, skip)):
+        raise AssertionError(f"{describe(case)}: lru_oldest differs from the CPU kernels'")
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def check_tiny(case):
@@ -293,6 +346,8 @@ def run(part, out_dir, dry_run=False, tool="memcheck"):
             check_large(c)
         elif c["part"] == "bandwidth":
             rows.append(check_bandwidth(c, out_dir))
+        elif c["part"] == "sparse":
+            check_sparse(c)
         print(f"ok {describe(c)} ({time.time() - t0:.1f} s)", flush=True)
     if rows:
         write_bandwidth(rows, out_dir)
@@ -301,7 +356,7 @@ def run(part, out_dir, dry_run=False, tool="memcheck"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("preflight", "tiny", "parity", "large", "bandwidth", "all"))
+    p.add_argument("part", choices=("preflight", "tiny", "parity", "large", "bandwidth", "sparse", "all"))
     p.add_argument("--out", default="gpu-smoke")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--tool", choices=sorted(TOOLS), default="memcheck",

@@ -15,6 +15,7 @@
 # 4. index cases past 2^31 elements (gpu_smoke.py large).
 # 5. content_read at N = 16M against copy_ on the same tensor
 #    (gpu_smoke.py bandwidth): OUT_DIR/bandwidth.{json,md}.
+# 6. the sparse access ops against their references (gpu_smoke.py sparse).
 # Each part runs under its own time limit (GPU_SMOKE_*_LIMIT seconds) and
 # writes its log to OUT_DIR; OUT_DIR/summary.txt lists every part's result.
 # Exits non-zero when any part failed or ran out of time.
@@ -89,10 +90,11 @@ fi
 run parity "${GPU_SMOKE_PARITY_LIMIT:-45}" "$PY" "$SMOKE" parity --out "$OUT_DIR"
 run large "${GPU_SMOKE_LARGE_LIMIT:-60}" "$PY" "$SMOKE" large --out "$OUT_DIR"
 run bandwidth "${GPU_SMOKE_BANDWIDTH_LIMIT:-45}" "$PY" "$SMOKE" bandwidth --out "$OUT_DIR"
+run sparse "${GPU_SMOKE_SPARSE_LIMIT:-45}" "$PY" "$SMOKE" sparse --out "$OUT_DIR"
 [ -f "$OUT_DIR/bandwidth.md" ] && tee -a "$SUMMARY" <"$OUT_DIR/bandwidth.md"
 
 if [ $DRY -eq 1 ]; then
-  for part in tiny parity large bandwidth; do
+  for part in tiny parity large bandwidth sparse; do
     "$PY" "$SMOKE" "$part" --dry-run | tee -a "$SUMMARY"
   done
   exit 0

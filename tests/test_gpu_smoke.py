@@ -57,7 +57,9 @@ def test_case_lists():
     assert nd and all(c["shape"][1] * c["shape"][3] >= 2**31 for c in nd)
     bw = s.cases("bandwidth")
     assert bw and all(c["shape"][1] == 1 << 24 for c in bw)
-    assert len(s.cases("all")) == len(parity) + len(large) + len(bw)
+    sp = s.cases("sparse")
+    assert any(c["shape"][4] == 64 and c["shape"][1] > 65536 for c in sp)  # k at the CUDA limit, several splits
+    assert len(s.cases("all")) == len(parity) + len(large) + len(bw) + len(sp)
     with pytest.raises(ValueError):
         s.cases("nope")
 
@@ -78,13 +80,20 @@ def test_op_sequence_runs_on_cpu(misaligned):
             assert torch.equal(a, b), i
 
 
+@pytest.mark.skipif(not nm.has_extension(), reason="needs the native extension")
+def test_sparse_check_runs_on_cpu():
+    """The smoke's sparse check, on CPU tensors (the CPU kernels against the references)."""
+    s = _smoke()
+    s.check_sparse(dict(part="sparse", backend="cpu", shape=(2, 301, 3, 17, 8), dtype="float32"), device="cpu")
+
+
 def test_dry_run_lists_every_part(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     res = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_smoke.sh"), str(tmp_path), "--dry-run"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     for part in ("preflight", "sanitize-memcheck", "sanitize-racecheck", "sanitize-synccheck", "parity", "large",
-                 "bandwidth"):
+                 "bandwidth", "sparse"):
         assert f"[{part}" in res.stdout, part
     assert "would run: large weights_hn cuda" in res.stdout
 
