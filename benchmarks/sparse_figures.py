@@ -59,14 +59,14 @@ def capacity_table(runs):
     if not kv:
         return ""
     items = sorted({int(n) for r in kv for n in r["rec"]["capacity"]})
-    lines = ["| model | N | params | " + " | ".join(f"{n} items" for n in items) + " |",
-             "|---|---|---|" + "---|" * len(items)]
+    lines = ["| model | N | params | steps trained | " + " | ".join(f"{n} items" for n in items) + " |",
+             "|---|---|---|---|" + "---|" * len(items)]
     for r in kv:
         cap = r["rec"]["capacity"]
         cells = [f"{cap[str(n)]['query_accuracy']:.2f} ({cap[str(n)]['bit_accuracy']:.2f})" if str(n) in cap
                  else "" for n in items]
         lines.append(f"| {_label(r).split(',')[0]} | {r['N'] if r['model'] != 'lstm' else '-'} | "
-                     f"{r['rec']['params']:,} | " + " | ".join(cells) + " |")
+                     f"{r['rec']['params']:,} | {r['rec']['steps'][-1]:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -99,7 +99,8 @@ def plot(runs, out):
         for r in kv:
             cap = r["rec"]["capacity"]
             ns = sorted(int(n) for n in cap)
-            ax.plot(ns, [cap[str(n)]["query_accuracy"] for n in ns], "o-", label=_label(r))
+            ax.plot(ns, [cap[str(n)]["query_accuracy"] for n in ns], "o-",
+                    label=f"{_label(r)}, {r['rec']['steps'][-1]:,} steps")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("items stored (trained on 2-16)")
         ax.set_ylabel("queries answered exactly")
