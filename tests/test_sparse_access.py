@@ -286,3 +286,12 @@ def test_kv_task_layout_and_the_cli_capacity_report(tmp_path, one_thread):
     rec = json.load(open(tmp_path / "kv_metrics.json"))["models"][0]
     assert rec["model"] == "sparse" and set(rec["capacity"]) == {"2", "8"}
     assert all(0 <= v["query_accuracy"] <= v["bit_accuracy"] <= 1 for v in rec["capacity"].values())
+
+
+def test_row_index_rebuilds_when_the_memory_changed_behind_its_back():
+    acc = MemoryAccess(64, 4, 1, 1, sparse_k=2, index="rows")
+    st = acc.initial_state(1, dtype=F64)
+    st.memory[0, 40] = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64)   # no update()
+    with pytest.warns(RuntimeWarning, match="modified without update"):
+        _, idx = st.index.search(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=F64), 2)
+    assert int(idx[0, 0, 0]) == 40 and st.index.check() == 0

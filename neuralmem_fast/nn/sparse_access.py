@@ -39,6 +39,8 @@ Consequences, documented where they bite:
   - a state is a view of buffers that later steps change: after a step, an older state's memory is the
     newer one. `SparseAccess.reset(state)` zeroes what the sequence wrote, O(rows written).
 """
+import warnings
+
 import torch
 
 from .. import ops
@@ -96,7 +98,7 @@ class RowIndex:
     def __init__(self, spill=None, full_scan=0.125, eps=1e-12):
         self.spill, self.full_scan, self.eps = spill, full_scan, eps
         self.memory = self.nonzero = self.table = self.count = None
-        self.delegate, self.stale = None, 0
+        self.delegate, self.stale, self._version = None, 0, None
         self._stats = {"searches": 0, "updates": 0, "rebuilds": 0, "stale_rebuilds": 0, "search_s": 0.0,
                        "update_s": 0.0, "full_scans": 0}
 
@@ -127,6 +129,7 @@ class RowIndex:
         self.table = torch.full((B, cap), -1, dtype=torch.int64, device=m.device)
         self.table[bi, rank] = si
         self.count, self.stale = counts, 0
+        self._version = self.memory._version
         self.stats["rebuilds"] += 1
         self._maybe_spill()
 
@@ -174,6 +177,7 @@ class RowIndex:
             self._maybe_spill()
         if self.stale > max(1024, int(self.count.max()) // 2):
             self.compact()
+        self._version = self.memory._version
         self.stats["updates"] += 1
         self.stats["update_s"] += time.perf_counter() - t0
 
@@ -197,6 +201,14 @@ class RowIndex:
 
         if self.delegate is not None:
             return self.delegate.search(keys, k)
+        if self.memory._version != self._version:
+            # Written without update(): rows may be missing from the table. Rebuild (O(N)), never a
+            # silently incomplete search.
+            warnings.warn("RowIndex: the memory was modified without update(); rebuilding the index from the "
+                          "memory (O(N)). Call update(indices) after every in-place write.", RuntimeWarning,
+                          stacklevel=3)
+            self.rebuild()
+            self._stats["stale_rebuilds"] += 1
         t0 = time.perf_counter()
         B, H, D = keys.shape
         n = max(int(self.count.max()), 1)
