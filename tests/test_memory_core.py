@@ -313,14 +313,6 @@ def test_task_generators_lay_out_the_sequences():
         torch.testing.assert_close(target[b][mask[b] == 1], items[j + 1])
 
 
-@pytest.fixture
-def one_thread():
-    """Small ops on a shared machine: several threads only contend (and can be many times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_a_short_copy_run_learns(one_thread):
     """Lengths 1-3, 4 bits: after 300 steps the loss is well below the untrained model's

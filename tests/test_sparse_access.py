@@ -219,13 +219,6 @@ def test_exact_and_reference_candidates_agree_on_ties_of_zero_rows():
     assert (s == 0).all()
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_a_short_sparse_copy_run_learns(one_thread):
     """Lengths 1-3, 4 bits, N=256 with K=4: after 300 steps the loss is well below the untrained model's."""
