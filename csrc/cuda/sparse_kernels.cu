@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "sparse/lru_list.h"
 #include "sparse/sparse_checks.h"
 
 namespace neuralmem {
@@ -342,13 +343,7 @@ __global__ void lru_touch_kernel(int64_t* __restrict__ links, const int64_t* __r
     if (s < 0 || s >= N) continue;
     const int64_t p = L[2 * s], q = L[2 * s + 1], tail0 = L[2 * N];
     if (!ok(p) || !ok(q) || !ok(tail0)) return;  // corrupted links: stop rather than write out of bounds
-    L[2 * p + 1] = q;
-    L[2 * q] = p;
-    const int64_t tail = L[2 * N];
-    L[2 * s] = tail;
-    L[2 * s + 1] = N;
-    L[2 * tail + 1] = s;
-    L[2 * N] = s;
+    lru_move_to_tail(L, N, s);
   }
 }
 
@@ -378,9 +373,6 @@ void check_k_read(int64_t K) {
   TORCH_CHECK_VALUE(K <= kMaxK, "rows: the CUDA sparse_read takes at most ", kMaxK, " candidates per head, got K=",
                     K);
 }
-
-#define NEURALMEM_SPARSE_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 std::tuple<at::Tensor, at::Tensor> sparse_read_cuda(const at::Tensor& rows, const at::Tensor& keys,
                                                     const at::Tensor& strengths, double eps) {

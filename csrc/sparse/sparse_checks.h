@@ -6,6 +6,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+// The dtypes every neuralmem_sparse kernel takes, for the CPU and CUDA host code alike.
+#define NEURALMEM_SPARSE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace neuralmem {
 namespace sparse {

@@ -23,6 +23,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "sparse/lru_list.h"
+
 #include "common/isa.h"
 #include <type_traits>
 
@@ -422,15 +424,7 @@ inline void lru_touch(int64_t* links, const int64_t* idx, int64_t B, int64_t N, 
       int64_t* L = links + b * (N + 1) * 2;
       for (int64_t m = 0; m < M; ++m) {
         const int64_t s = idx[b * M + m];
-        if (s < 0) continue;
-        const int64_t p = L[2 * s], q = L[2 * s + 1];
-        L[2 * p + 1] = q;
-        L[2 * q] = p;
-        const int64_t tail = L[2 * N];
-        L[2 * s] = tail;
-        L[2 * s + 1] = N;
-        L[2 * tail + 1] = s;
-        L[2 * N] = s;
+        if (s >= 0) lru_move_to_tail(L, N, s);
       }
     }
   });

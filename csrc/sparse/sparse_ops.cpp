@@ -34,9 +34,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
                     t.device());
 }
 
-#define NEURALMEM_SPARSE_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 std::tuple<at::Tensor, at::Tensor> sparse_read_cpu(const at::Tensor& rows, const at::Tensor& keys,
                                                    const at::Tensor& strengths, double eps) {
   check_read(rows, keys, strengths, eps);
