@@ -39,6 +39,7 @@ Consequences, documented where they bite:
   - a state is a view of buffers that later steps change: after a step, an older state's memory is the
     newer one. `SparseAccess.reset(state)` zeroes what the sequence wrote, O(rows written).
 """
+import time
 import warnings
 
 import torch
@@ -48,6 +49,15 @@ from ..ops import sparse as sops
 
 __all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "RowIndex", "make_index"]
 
+
+
+def _sorted_firsts(indices):
+    """Each row of indices (B,M) sorted, and a mask of the first occurrence of every slot (-1 entries,
+    which name no slot, are never first): (sorted (B,M), first (B,M) bool, order (B,M))."""
+    s, order = torch.sort(indices, dim=1)
+    first = s >= 0
+    first[:, 1:] &= s[:, 1:] != s[:, :-1]
+    return s, first, order
 
 
 class ExactIndex:
@@ -68,8 +78,6 @@ class ExactIndex:
         self.stats["updates"] += 1
 
     def search(self, keys, k):
-        import time
-
         t0 = time.perf_counter()
         scores, idx = sops.cosine_topk(self.memory, keys, k)
         self.stats["searches"] += 1
@@ -143,18 +151,13 @@ class RowIndex:
                 self.delegate, self.nonzero = d, d.nonzero
 
     def update(self, indices):
-        import time
-
         if self.delegate is not None:
             out = self.delegate.update(indices)
             self.nonzero = self.delegate.nonzero
             return out
         t0 = time.perf_counter()
         B, M = indices.shape
-        s, _ = torch.sort(indices, dim=1)
-        valid = s >= 0
-        first = valid.clone()
-        first[:, 1:] &= s[:, 1:] != s[:, :-1]
+        s, first, _ = _sorted_firsts(indices)
         sc = s.clamp(min=0)
         listed = self.nonzero.gather(1, sc)
         rows = self.memory.detach().gather(1, sc.unsqueeze(-1).expand(B, M, self.memory.shape[2]))
@@ -197,8 +200,6 @@ class RowIndex:
         self.stale = 0
 
     def search(self, keys, k):
-        import time
-
         if self.delegate is not None:
             return self.delegate.search(keys, k)
         if self.memory._version != self._version:
@@ -522,11 +523,9 @@ class SparseAccess:
         RK = R * K
         flat_idx = prev_idx.reshape(B, RK)
         flat_w = prev_w.reshape(B, RK) / R
-        s_idx, order = torch.sort(flat_idx, dim=1)
+        s_idx, first, order = _sorted_firsts(flat_idx)
         s_w = flat_w.gather(1, order)
         valid = s_idx >= 0
-        first = valid.clone()
-        first[:, 1:] &= s_idx[:, 1:] != s_idx[:, :-1]
         seg = (torch.cumsum(first, dim=1) - 1).clamp(min=0)
         nseg = first.sum(dim=1, keepdim=True)
         cw = torch.zeros_like(s_w).scatter_add(1, seg, s_w * valid)
@@ -548,9 +547,10 @@ class SparseAccess:
         """(B,R,K) candidate slots of the read keys over the current memory."""
         k = self.k
         scores, idx = state.index.search(keys.detach(), k)
-        if isinstance(state.index, ExactIndex):
-            return idx
-        # The index holds the nonzero rows; all-zero rows score 0 and fill in where they beat it.
+        if getattr(state.index, "nonzero", None) is None:
+            return idx  # an index over every row (ExactIndex): zero rows are among its candidates
+        # An index with a `nonzero` mask holds only those rows; all-zero rows score 0 and fill in where
+        # they beat its results.
         B, R = keys.shape[0], keys.shape[1]
         fill = sops.lru_oldest(state.links, k, skip=state.index.nonzero)                # (B, k)
         f_scores = torch.where(fill >= 0, 0.0, float("-inf")).to(scores.dtype)

@@ -197,7 +197,7 @@ def lru_touch_ref_(links, indices):
 
 
 def lru_oldest_ref(links, count, skip=None):
-    B, N = links.shape[0], links.shape[1] - 1
+    B = links.shape[0]
     out = torch.full((B, count), -1, dtype=torch.int64, device=links.device)
     for b in range(B):
         order = [s for s in lru_order(links, b) if skip is None or not bool(skip[b, s])]
