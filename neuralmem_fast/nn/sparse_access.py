@@ -566,11 +566,12 @@ class SparseAccess:
     def step(self, iface, state):
         """(reads (B,R,D), new SparseAccessState)."""
         # A NaN key has no nearest neighbours and a NaN write would spread through the index: refuse
-        # before anything is written (one host sync per step).
-        for name in ("read_keys", "read_strengths", "erase_vectors", "write_vectors"):
-            if not bool(torch.isfinite(getattr(iface, name)).all()):
-                raise ValueError(f"{name}: contains NaN or inf (the controller's output diverged?); the memory "
-                                 "is unchanged")
+        # before anything is written (one host sync per step; the field is named on failure only).
+        names = ("read_keys", "read_strengths", "erase_vectors", "write_vectors")
+        if not bool(torch.stack([torch.isfinite(getattr(iface, n)).all() for n in names]).all()):
+            name = next(n for n in names if not bool(torch.isfinite(getattr(iface, n)).all()))
+            raise ValueError(f"{name}: contains NaN or inf (the controller's output diverged?); the memory "
+                             "is unchanged")
         slots, weights = self._write_set(state, iface)
         diff = (weights, iface.erase_vectors, iface.write_vectors, iface.read_keys, iface.read_strengths)
         record = torch.is_grad_enabled() and any(t.requires_grad for t in diff)
