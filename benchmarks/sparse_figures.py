@@ -3,7 +3,7 @@
     python benchmarks/sparse_figures.py results/sparse docs/figures
 
 Reads RESULTS/*/{copy,recall,kv}_metrics.json (written by `python -m neuralmem_fast train ...`), groups
-the runs by task, model and memory size, and writes:
+the runs by task, model, the sparse model's norm floor (settings' sparse_eps) and memory size, and writes:
   sparse_learning.png   bits wrong per sequence against training steps, copy and recall, one line per
                         run (dense MemoryCore at its N, sparse at each N);
   sparse_capacity.png   kv: query accuracy against the number of items stored, per model and N;
@@ -24,32 +24,34 @@ def load(folder):
         for m in r["models"]:
             if m is None:
                 continue
+            eps = r["settings"].get("sparse_eps") if m["model"] == "sparse" else None
             runs.append(dict(task=r["task"], model=m["model"], N=r["settings"]["memory_size"],
-                             seed=r["settings"]["seed"], rec=m, threshold=r["threshold"], path=path))
+                             seed=r["settings"]["seed"], rec=m, threshold=r["threshold"], path=path, eps=eps))
     return runs
 
 
 def _label(run):
     if run["model"] == "lstm":
         return "LSTM"
-    kind = "dense" if run["model"] == "core" else "sparse K=8"
+    kind = "dense" if run["model"] == "core" else "sparse K=8" + (f" eps={run['eps']:g}" if run["eps"] else "")
     return f"{kind}, N={run['N']:,}"
 
 
 def steps_table(runs):
-    lines = ["| task | model | N | seeds | reached threshold | steps to threshold (each) | mean ± std | last step: "
-             "bits wrong |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | model | sparse eps | N | seeds | reached threshold | steps to threshold (each) | mean ± std | "
+             "last step: bits wrong |", "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in runs:
         if r["task"] in ("copy", "recall"):
-            groups.setdefault((r["task"], r["model"], r["N"]), []).append(r)
-    for (task, model, N), rs in sorted(groups.items()):
+            groups.setdefault((r["task"], r["model"], r["eps"] or 0, r["N"]), []).append(r)
+    for (task, model, eps, N), rs in sorted(groups.items()):
         reached = [r["rec"]["reached_step"] for r in rs if r["rec"]["reached_step"]]
         each = ", ".join(str(r["rec"]["reached_step"] or f">{r['rec']['steps'][-1]}") for r in rs)
         ms = (f"{statistics.mean(reached):.0f} ± {statistics.stdev(reached):.0f}" if len(reached) > 1
               else (str(reached[0]) if reached else "-"))
         last = ", ".join(f"{r['rec']['bits_wrong'][-1]:.2f} @ {r['rec']['steps'][-1]}" for r in rs)
-        lines.append(f"| {task} | {'dense' if model == 'core' else model} | {N:,} | {len(rs)} | "
+        lines.append(f"| {task} | {'dense' if model == 'core' else model} | {f'{eps:g}' if eps else ''} | {N:,} | "
+                     f"{len(rs)} | "
                      f"{len(reached)}/{len(rs)} | {each} | {ms} | {last} |")
     return "\n".join(lines)
 
@@ -80,8 +82,9 @@ def plot(runs, out):
         for r in runs:
             if r["task"] != task:
                 continue
-            ls = "-" if r["model"] == "sparse" else "--"
-            ax.plot(r["rec"]["steps"], r["rec"]["bits_wrong"], ls, lw=1,
+            faint = r["model"] == "sparse" and (r["eps"] or 0) < 1e-6   # runs before the norm floor
+            ls = ("-" if r["model"] == "sparse" else "--") if not faint else ":"
+            ax.plot(r["rec"]["steps"], r["rec"]["bits_wrong"], ls, lw=1, alpha=0.5 if faint else 1.0,
                     label=f"{_label(r)}, seed {r['seed']}")
             ax.axhline(r["threshold"], color="k", ls=":", lw=0.8)
         ax.set_yscale("log")

@@ -34,7 +34,7 @@ def _run_dense_reference(acc, flat, B, rec):
     """The same steps on a dense memory, out of place, through plain autograd: dense write weights
     (the previous reads averaged over the heads, the LRU slot), memory_write_ref over all N slots, and
     the softmax read over the recorded candidates, which must be the exact top-K of the dense memory."""
-    N, D, R, K = acc.memory_size, acc.word_size, acc.num_reads, acc.sparse_k
+    N, D, R, K, eps = acc.memory_size, acc.word_size, acc.num_reads, acc.sparse_k, acc.sparse.eps
     mem = torch.zeros(B, N, D, dtype=flat.dtype)
     prev_idx = torch.full((B, R, K), -1)
     prev_w = torch.zeros(B, R, K, dtype=flat.dtype)
@@ -51,14 +51,14 @@ def _run_dense_reference(acc, flat, B, rec):
         inset = torch.zeros(B, N, dtype=torch.bool).scatter(1, w_slots, True)
         assert not ((wd.detach().abs().sum(1) > 0) & ~inset).any(), "a dense write weight outside the write set"
         mem = ops.memory_write_ref(mem, wd, it.erase_vectors, it.write_vectors)
-        exact, _ = sops.cosine_topk_ref(mem.detach(), it.read_keys.detach(), K)
+        exact, _ = sops.cosine_topk_ref(mem.detach(), it.read_keys.detach(), K, eps)
         got = torch.einsum("bhkd,bhd->bhk",
-                           torch.nn.functional.normalize(mem.detach(), dim=-1).gather(
+                           torch.nn.functional.normalize(mem.detach(), dim=-1, eps=eps).gather(
                                1, r_slots.reshape(B, -1, 1).expand(B, R * K, D)).reshape(B, R, K, D),
-                           torch.nn.functional.normalize(it.read_keys.detach(), dim=-1))
+                           torch.nn.functional.normalize(it.read_keys.detach(), dim=-1, eps=eps))
         torch.testing.assert_close(got, exact, atol=1e-9, rtol=0)  # the candidates are the exact top-K
         rows = mem.gather(1, r_slots.reshape(B, R * K, 1).expand(B, R * K, D)).reshape(B, R, K, D)
-        reads, w = sops.sparse_read_ref(rows, it.read_keys, it.read_strengths)
+        reads, w = sops.sparse_read_ref(rows, it.read_keys, it.read_strengths, eps)
         outs.append(reads)
         prev_idx, prev_w = r_slots, w
     return torch.stack(outs)
@@ -67,20 +67,26 @@ def _run_dense_reference(acc, flat, B, rec):
 def _index_kinds():
     from neuralmem_fast.nn.sparse_index import has_faiss
 
+    return ["exact", "rows", "auto", "rows-full-scan"] + (["faiss"] if has_faiss() else [])
+
+
+def _index(kind, eps):
+    """An index spec for MemoryAccess: "rows-full-scan" is a RowIndex factory whose every search is the
+    in-place scan, with the access's eps."""
     from neuralmem_fast.nn.sparse_access import RowIndex
 
-    full_scan = functools.partial(RowIndex, full_scan=0.0)      # every search the in-place scan
-    full_scan.__name__ = "rows-full-scan"
-    return ["exact", "rows", "auto", full_scan] + (["faiss"] if has_faiss() else [])
+    return functools.partial(RowIndex, full_scan=0.0, eps=eps) if kind == "rows-full-scan" else kind
 
 
+@pytest.mark.parametrize("eps", [1e-3, 0.5])
 @pytest.mark.parametrize("index", _index_kinds())
 @pytest.mark.parametrize("B,N,D,R,W,K,T", [(2, 64, 5, 2, 1, 3, 6), (1, 40, 4, 1, 2, 2, 9), (3, 200, 3, 3, 1, 4, 5)])
-def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T, index):
+def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T, index, eps):
     """With the faiss index the zero rows come from the LRU list instead of the lowest slots: other
-    slots of equal score, so the reference checks scores, not slot numbers."""
+    slots of equal score, so the reference checks scores, not slot numbers. eps=0.5 puts the rows the
+    steps write from zero on both sides of the norm floor."""
     torch.manual_seed(B * 100 + N)
-    acc = MemoryAccess(N, D, R, W, sparse_k=K, index=index)
+    acc = MemoryAccess(N, D, R, W, sparse_k=K, index=_index(index, eps), sparse_eps=eps)
     flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
     ys, rec, st = _run_sparse(acc, flat, B)
     yr = _run_dense_reference(acc, flat, B, rec)
@@ -210,6 +216,46 @@ def test_bad_interface_and_state_raise_and_leave_the_memory():
         acc(it, st_bad)
 
 
+@pytest.mark.parametrize("index", _index_kinds())
+def test_a_faint_copy_of_a_row_does_not_split_its_read(index):
+    """Slot 0 holds a row, slots 1-3 faint copies of it (what a write through a weight of 1e-5 leaves).
+    A key equal to the row reads slot 0 with the default norm floor; a plain cosine (eps=1e-12) scores
+    all four alike and splits the read four ways, which is what broke the sparse core's copy training."""
+    from neuralmem_fast.nn.access import AccessInterface
+
+    def read(eps):
+        torch.manual_seed(0)
+        N, D, K = 40, 6, 4
+        acc = MemoryAccess(N, D, 1, 1, sparse_k=K, index=_index(index, eps), sparse_eps=eps)
+        row = torch.randn(D, dtype=F64) + 2
+        mem = torch.zeros(1, N, D, dtype=F64)
+        mem[0, 0], mem[0, 1:4] = row, 1e-5 * row
+        st = acc.sparse.initial_state(1, memory=mem)
+        z = torch.zeros(1, 1, dtype=F64)
+        it = AccessInterface(row.reshape(1, 1, D), torch.full((1, 1), 10.0, dtype=F64), row.reshape(1, 1, D),
+                             z + 1, torch.zeros(1, 1, D, dtype=F64), torch.zeros(1, 1, D, dtype=F64), z, z, z)
+        reads, st = acc(it, st)
+        w = st.read_weights[0, 0]
+        return w[st.read_indices[0, 0] == 0].sum().item(), reads[0, 0], row
+
+    w0, reads, row = read(1e-3)
+    assert w0 > 0.999, w0
+    torch.testing.assert_close(reads, row, atol=1e-3 * row.norm().item(), rtol=0)
+    w_plain, _, _ = read(1e-12)
+    assert abs(w_plain - 0.25) < 1e-6, w_plain
+
+
+def test_sparse_eps_must_be_positive_and_match_the_index():
+    from neuralmem_fast.nn.sparse_access import RowIndex
+
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1e-3"):
+        with pytest.raises(ValueError, match="sparse_eps"):
+            MemoryAccess(64, 4, 1, 1, sparse_k=2, sparse_eps=bad)
+    acc = MemoryAccess(64, 4, 1, 1, sparse_k=2, index=lambda: RowIndex(eps=1e-12))
+    with pytest.raises(ValueError, match=r"index: its eps \(1e-12\) differs from sparse_eps"):
+        acc.initial_state(1)
+
+
 def test_exact_and_reference_candidates_agree_on_ties_of_zero_rows():
     """A zero memory: every slot scores 0; the exact top-K takes the lowest slots, as a stable sort."""
     mem = torch.zeros(1, 50, 4)
@@ -240,7 +286,7 @@ def test_non_finite_keys_from_the_controller_raise_before_any_write():
     torch.testing.assert_close(st.memory, before, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("index", [i for i in _index_kinds() if i != "exact" and isinstance(i, str)])
+@pytest.mark.parametrize("index", [i for i in _index_kinds() if i not in ("exact", "rows-full-scan")])
 def test_the_index_follows_the_access_writes_and_the_reset(index):
     torch.manual_seed(7)
     core = MemoryCore(5, 3, 2048, 8, 2, sparse_k=4, index=index)

@@ -199,7 +199,7 @@ class DNCPackageModel(nn.Module):
 
 
 def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
-                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto"):
+                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=1e-3):
     """'core' (MemoryCore), 'sparse' (MemoryCore with sparse_k and index), 'lstm' (an LSTM with about the
     core's parameter count) or 'dnc' (the dnc package)."""
     if kind == "core":
@@ -207,7 +207,7 @@ def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num
                           hidden_size=hidden_size, alloc_topk=alloc_topk)
     if kind == "sparse":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
-                          hidden_size=hidden_size, sparse_k=sparse_k, index=index)
+                          hidden_size=hidden_size, sparse_k=sparse_k, index=index, sparse_eps=sparse_eps)
     if kind == "lstm":
         ref = MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes, hidden_size)
         return LSTMModel(input_size, output_size, lstm_hidden_for(param_count(ref), input_size, output_size))

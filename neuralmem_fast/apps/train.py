@@ -39,7 +39,9 @@ def _parser():
     p.add_argument("--alloc-topk", type=int, default=None, help="top-k allocation (default: exact sort)")
     p.add_argument("--sparse-k", type=int, default=8, help="sparse model: candidate slots per read head")
     p.add_argument("--index", default="auto", choices=["auto", "rows", "exact", "faiss"],
-                   help="sparse model: how candidates are found (auto: faiss when installed)")
+                   help="sparse model: how candidates are found (auto: exact over the rows written)")
+    p.add_argument("--sparse-eps", type=float, default=1e-3,
+                   help="sparse model: norm floor of its cosine (default 1e-3; see nn/sparse_access.py)")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -78,7 +80,7 @@ def train_one(kind, args, log=print):
     n_in, n_out = task_sizes(args.task, kw)
     torch.manual_seed(args.seed)
     model = build_model(kind, n_in, n_out, args.memory_size, args.word_size, args.num_reads, args.num_writes,
-                        args.hidden_size, args.alloc_topk, args.sparse_k, args.index)
+                        args.hidden_size, args.alloc_topk, args.sparse_k, args.index, args.sparse_eps)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     threshold = _threshold(args)

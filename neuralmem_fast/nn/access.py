@@ -151,15 +151,21 @@ class MemoryAccess(nn.Module):
             backward stores O(K D) per step whatever N. The state is then a
             SparseAccessState.
         index: with sparse_k, how the K candidates are found: "exact" (one
-            pass over the memory), "faiss" (an index that follows the writes),
-            "auto" (faiss when installed, else exact) or an index object.
+            pass over the memory), "rows" or "auto" (exact over the rows
+            written), "faiss" (an approximate index that follows the writes)
+            or an index object.
+        sparse_eps: with sparse_k, the floor of the row and key norms in the
+            sparse cosine, k.m / (max(|k|, eps) max(|m|, eps)). The default
+            1e-3 is the floor of DeepMind's DNC (sqrt(|m|^2 + 1e-6)); it keeps
+            rows that writes barely touched from scoring like the rows they
+            are faint copies of (nn/sparse_access.py, "Faint rows").
 
     `forward(interface, state)` returns (reads (B,R,D), new AccessState).
     The module has no parameters: the controller produces the interface.
     """
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
-                 backend="auto", usage_grad=False, sparse_k=None, index="auto"):
+                 backend="auto", usage_grad=False, sparse_k=None, index="auto", sparse_eps=1e-3):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):
@@ -188,7 +194,7 @@ class MemoryAccess(nn.Module):
         if sparse_k is not None:
             from .sparse_access import SparseAccess
 
-            self.sparse = SparseAccess(self, sparse_k, index)
+            self.sparse = SparseAccess(self, sparse_k, index, eps=sparse_eps)
 
     def extra_repr(self):
         extra = f", sparse_k={self.sparse_k}" if self.sparse is not None else ""

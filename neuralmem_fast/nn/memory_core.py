@@ -76,8 +76,9 @@ class MemoryCore(nn.Module):
         checkpoint: True, False or "auto" (see the module doc): backpropagation
             through the sequence in bounded memory by checkpointed segments.
         checkpoint_segment: steps per segment; None for ceil(sqrt(T)).
-        sparse_k, index: sparse access with K candidates per read head and the
-            index that finds them (see MemoryAccess and the module doc).
+        sparse_k, index, sparse_eps: sparse access with K candidates per read
+            head, the index that finds them and the norm floor of its cosine
+            (see MemoryAccess and the module doc).
 
     `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
     y is (B, T, output_size). `core.step(x_t, state)` is one step.
@@ -85,7 +86,7 @@ class MemoryCore(nn.Module):
 
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
                  alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None,
-                 sparse_k=None, index="auto"):
+                 sparse_k=None, index="auto", sparse_eps=1e-3):
         super().__init__()
         if checkpoint not in (True, False, "auto"):
             raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")
@@ -97,7 +98,8 @@ class MemoryCore(nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend,
-                                   sparse_k=sparse_k, index=index)
+                                   sparse_k=sparse_k, index=index,
+                                   sparse_eps=sparse_eps)
         self._sparse_cache = None
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         read_size = num_reads * word_size

@@ -31,6 +31,17 @@ visits the steps in reverse order of time, which the table needs: step t adds th
 to the rows it read, then takes the gradient of the rows it wrote and passes it through the erase-add to
 the write parameters and to the rows as they were before the write.
 
+Faint rows. The write set includes every slot the previous step read, so a slot that a read head only
+brushed (weight 1e-5, say: the zero rows that fill a short candidate list, the runners-up of a sharp
+softmax) receives a faint copy of the write vector. A plain cosine cannot tell that row from the row
+written in full: the two point the same way, score the same and split the read's weight between them,
+and the cosine's gradient with respect to a row grows as 1 / |row|. The read and the index therefore
+floor the norms at `eps` (SparseAccess's, MemoryAccess's `sparse_eps`, default 1e-3, the floor of
+DeepMind's DNC, whose norms are sqrt(|m|^2 + 1e-6)): a row of norm n < eps scores at most n / eps.
+The exact indexes rank by the same floored score, and FaissIndex stores each row as row / max(|row|, eps),
+so that its inner product is that score too. With the dense ops' default (1e-12) the sparse core's copy
+training collapsed after reaching 3 bits wrong; with 1e-3 it learns (docs/sparse.md).
+
 Consequences, documented where they bite:
   - the memory passed in (a state's memory) receives no gradient: the sequence starts from it as from
     a constant (truncated backpropagation at the state); `state.detach()` starts a new sequence;
@@ -47,7 +58,10 @@ import torch
 from .. import ops
 from ..ops import sparse as sops
 
-__all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "RowIndex", "make_index"]
+__all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "RowIndex", "make_index", "DEFAULT_SPARSE_EPS"]
+
+# The norm floor of the sparse cosine (see "Faint rows" above).
+DEFAULT_SPARSE_EPS = 1e-3
 
 
 
@@ -65,7 +79,8 @@ class ExactIndex:
 
     name = "exact"
 
-    def __init__(self):
+    def __init__(self, eps=DEFAULT_SPARSE_EPS):
+        self.eps = eps
         self.memory = None
         self.nonzero = None
         self.stats = {"searches": 0, "updates": 0, "rebuilds": 0, "stale_rebuilds": 0, "search_s": 0.0,
@@ -79,7 +94,7 @@ class ExactIndex:
 
     def search(self, keys, k):
         t0 = time.perf_counter()
-        scores, idx = sops.cosine_topk(self.memory, keys, k)
+        scores, idx = sops.cosine_topk(self.memory, keys, k, self.eps)
         self.stats["searches"] += 1
         self.stats["search_s"] += time.perf_counter() - t0
         return scores, idx
@@ -103,7 +118,7 @@ class RowIndex:
 
     name = "rows"
 
-    def __init__(self, spill=None, full_scan=0.125, eps=1e-12):
+    def __init__(self, spill=None, full_scan=0.125, eps=DEFAULT_SPARSE_EPS):
         self.spill, self.full_scan, self.eps = spill, full_scan, eps
         self.memory = self.nonzero = self.table = self.count = None
         self.delegate, self.stale, self._version = None, 0, None
@@ -146,7 +161,7 @@ class RowIndex:
             from . import sparse_index
 
             if sparse_index.has_faiss():
-                d = sparse_index.FaissIndex(min_train=self.spill)
+                d = sparse_index.FaissIndex(min_train=self.spill, eps=self.eps)
                 d.attach(self.memory)
                 self.delegate, self.nonzero = d, d.nonzero
 
@@ -254,10 +269,11 @@ class RowIndex:
         return bad
 
 
-def make_index(index):
+def make_index(index, eps=DEFAULT_SPARSE_EPS):
     """"exact" (a full scan per search), "rows" or "auto" (RowIndex: exact over the nonzero rows, a full
     scan once most rows are written), "faiss" (FaissIndex: faiss's IVF past 2^17 nonzero rows per memory;
-    approximate), an index object (serving one state at a time) or a factory of them. "auto" stays exact: on this project's CPU measurements faiss's IVF
+    approximate), an index object (serving one state at a time) or a factory of them. `eps` is the
+    norm floor of the exact indexes' cosine (objects and factories bring their own). "auto" stays exact: on this project's CPU measurements faiss's IVF
     at recall 0.95 was no faster than the exact scan kernel at N=10^6 (docs/sparse.md)."""
     if not isinstance(index, str):
         if callable(index) and not hasattr(index, "attach"):
@@ -268,16 +284,14 @@ def make_index(index):
                                 f"got {type(index).__name__}")
         return index
     if index == "exact":
-        return ExactIndex()
-    if index == "rows":
-        return RowIndex()
-    if index == "auto":
-        return RowIndex()
+        return ExactIndex(eps)
+    if index in ("rows", "auto"):
+        return RowIndex(eps=eps)
     if index == "faiss":
         from . import sparse_index
 
         if sparse_index.has_faiss():
-            return sparse_index.FaissIndex()
+            return sparse_index.FaissIndex(eps=eps)
         raise ImportError("index='faiss' needs faiss: pip install faiss-cpu")
     raise ValueError(f"index must be 'exact', 'rows', 'faiss', 'auto' or an index object, got {index!r}")
 
@@ -440,8 +454,10 @@ class SparseAccessState:
 class SparseAccess:
     """The sparse step of a MemoryAccess built with sparse_k=K (see the module doc)."""
 
-    def __init__(self, access, k, index="auto", eps=1e-12):
+    def __init__(self, access, k, index="auto", eps=DEFAULT_SPARSE_EPS):
         R, N = access.num_reads, access.memory_size
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+            raise ValueError(f"sparse_eps must be a positive finite number, got {eps!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"sparse_k must be a positive int, got {k!r}")
         if k > N:
@@ -450,7 +466,7 @@ class SparseAccess:
         if N < need:
             raise ValueError(f"sparse_k={k} with num_reads={R} needs memory_size >= 4*(num_reads*sparse_k+1) = "
                              f"{need}, got {N}; use the dense access (sparse_k=None) for small memories")
-        self.access, self.k, self.eps = access, k, eps
+        self.access, self.k, self.eps = access, k, float(eps)
         self.index_spec = index
         make_index(index) if not isinstance(index, str) else None  # type check now
         if isinstance(index, str) and index not in ("exact", "rows", "faiss", "auto"):
@@ -470,7 +486,11 @@ class SparseAccess:
                              f"{tuple(memory.shape)}" + (" requiring grad" if memory.requires_grad else ""))
         dtype, device = memory.dtype, memory.device
         links = sops.lru_init(B, N, device)
-        index = make_index(self.index_spec)
+        index = make_index(self.index_spec, self.eps)
+        own = getattr(index, "eps", None)
+        if own is not None and own != self.eps:
+            raise ValueError(f"index: its eps ({own}) differs from sparse_eps ({self.eps}), so its top K would not "
+                             "be the read's; build the index with eps=sparse_eps")
         index.attach(memory)
         return SparseAccessState(memory, links, torch.full((B, R, K), -1, dtype=torch.int64, device=device),
                                  torch.zeros(B, R, K, dtype=dtype, device=device), index, _Tape(N),
