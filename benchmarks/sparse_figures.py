@@ -7,6 +7,7 @@ the runs by task, model, the sparse model's norm floor (settings' sparse_eps) an
   sparse_learning.png   bits wrong per sequence against training steps, copy and recall, one line per
                         run (dense MemoryCore at its N, sparse at each N);
   sparse_capacity.png   kv: query accuracy against the number of items stored, per model and N;
+  sparse_capacity_recall.png   the same for recall runs trained with --eval-items;
 and prints a markdown table of the steps to threshold (mean ± std over seeds) and of the capacity.
 """
 import glob
@@ -26,14 +27,15 @@ def load(folder):
                 continue
             eps = r["settings"].get("sparse_eps") if m["model"] == "sparse" else None
             runs.append(dict(task=r["task"], model=m["model"], N=r["settings"]["memory_size"],
-                             seed=r["settings"]["seed"], rec=m, threshold=r["threshold"], path=path, eps=eps))
+                             seed=r["settings"]["seed"], rec=m, threshold=r["threshold"], path=path, eps=eps,
+                             k=r["settings"].get("sparse_k")))
     return runs
 
 
 def _label(run):
     if run["model"] == "lstm":
         return "LSTM"
-    kind = "dense" if run["model"] == "core" else "sparse K=8" + (f" eps={run['eps']:g}" if run["eps"] else "")
+    kind = "dense" if run["model"] == "core" else f"sparse K={run['k']}" + (f" eps={run['eps']:g}" if run["eps"] else "")
     return f"{kind}, N={run['N']:,}"
 
 
@@ -56,18 +58,18 @@ def steps_table(runs):
     return "\n".join(lines)
 
 
-def capacity_table(runs):
-    kv = [r for r in runs if r["task"] == "kv" and "capacity" in r["rec"]]
+def capacity_table(runs, task="kv"):
+    kv = [r for r in runs if r["task"] == task and "capacity" in r["rec"]]
     if not kv:
         return ""
     items = sorted({int(n) for r in kv for n in r["rec"]["capacity"]})
-    lines = ["| model | N | params | steps trained | " + " | ".join(f"{n} items" for n in items) + " |",
-             "|---|---|---|---|" + "---|" * len(items)]
+    lines = ["| task | model | N | params | steps trained | " + " | ".join(f"{n} items" for n in items) + " |",
+             "|---|---|---|---|---|" + "---|" * len(items)]
     for r in kv:
         cap = r["rec"]["capacity"]
         cells = [f"{cap[str(n)]['query_accuracy']:.2f} ({cap[str(n)]['bit_accuracy']:.2f})" if str(n) in cap
                  else "" for n in items]
-        lines.append(f"| {_label(r).split(',')[0]} | {r['N'] if r['model'] != 'lstm' else '-'} | "
+        lines.append(f"| {task} | {_label(r).split(',')[0]} | {r['N'] if r['model'] != 'lstm' else '-'} | "
                      f"{r['rec']['params']:,} | {r['rec']['steps'][-1]:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -96,7 +98,13 @@ def plot(runs, out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "sparse_learning.png"), dpi=90)
     plt.close(fig)
-    kv = [r for r in runs if r["task"] == "kv" and "capacity" in r["rec"]]
+    for task, trained in (("kv", "2-16"), ("recall", "2-6")):
+        kv = [r for r in runs if r["task"] == task and "capacity" in r["rec"]]
+        if kv:
+            _capacity_plot(kv, task, trained, out, plt)
+
+
+def _capacity_plot(kv, task, trained, out, plt):
     if kv:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in kv:
@@ -105,13 +113,15 @@ def plot(runs, out):
             ax.plot(ns, [cap[str(n)]["query_accuracy"] for n in ns], "o-",
                     label=f"{_label(r)}, {r['rec']['steps'][-1]:,} steps")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("items stored (trained on 2-16)")
-        ax.set_ylabel("queries answered exactly")
+        ax.set_xlabel(f"items stored (trained on {trained})")
+        ax.set_ylabel("queries answered exactly" if task == "kv" else "answer steps with every bit right")
+        ax.set_title(task)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "sparse_capacity.png"), dpi=90)
+        fig.savefig(os.path.join(out, "sparse_capacity.png" if task == "kv" else f"sparse_capacity_{task}.png"),
+                    dpi=90)
         plt.close(fig)
 
 
@@ -124,7 +134,9 @@ def main(argv=None):
     plot(runs, out)
     print(steps_table(runs))
     print()
-    print(capacity_table(runs))
+    print(capacity_table(runs, "kv"))
+    print()
+    print(capacity_table(runs, "recall"))
     return 0
 
 

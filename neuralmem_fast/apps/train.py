@@ -53,7 +53,7 @@ def _parser():
     p.add_argument("--stop-at-threshold", action="store_true", help="stop a model once it reaches the threshold")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget per model")
     p.add_argument("--eval-items", default=None,
-                   help="kv: after training, accuracy on sequences of exactly these numbers of items "
+                   help="kv, recall: after training, accuracy on sequences of exactly these numbers of items "
                         "(comma-separated, e.g. 4,16,64,256), 256 sequences each")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -126,22 +126,25 @@ def train_one(kind, args, log=print):
                 break
     if bar is not None:
         bar.close()
-    if args.task == "kv" and args.eval_items:
-        rec["capacity"] = evaluate_capacity(model, kw, [int(v) for v in args.eval_items.split(",")], args.seed)
+    if args.task in ("kv", "recall") and args.eval_items:
+        rec["capacity"] = evaluate_capacity(model, kw, [int(v) for v in args.eval_items.split(",")], args.seed,
+                                            task=args.task)
     yield rec
 
 
 @torch.no_grad()
-def evaluate_capacity(model, kw, items, seed, sequences=256, batch=64):
-    """kv: per number of stored items n, the fraction of value bits right and of queries answered exactly
-    (all bits right), over `sequences` fresh sequences of exactly n items."""
+def evaluate_capacity(model, kw, items, seed, sequences=256, batch=64, task="kv"):
+    """kv or recall: per number of stored items n, the fraction of answer bits right and of answer steps
+    with every bit right (kv: queries answered exactly), over `sequences` fresh sequences of exactly n
+    items. Numbers of items beyond those trained on test how far the learned access generalizes, and
+    where a dense memory runs out of slots (recall writes about item_len + 1 rows per item)."""
     gen = torch.Generator().manual_seed(seed + 7)
     out = {}
     for n in items:
         kwn = dict(kw, min_items=n, max_items=n)
         right = exact = total = 0
         for _ in range(max(1, sequences // batch)):
-            x, target, mask = TASKS["kv"][0](batch, generator=gen, **kwn)
+            x, target, mask = TASKS[task][0](batch, generator=gen, **kwn)
             y, _ = model(x)
             ok = ((y > 0).to(target.dtype) == target)[mask.bool()]
             right += int(ok.sum())
