@@ -42,10 +42,12 @@ def _label(run):
 def steps_table(runs):
     lines = ["| task | model | sparse eps | N | seeds | reached threshold | steps to threshold (each) | mean ± std | "
              "last step: bits wrong |", "|---|---|---|---|---|---|---|---|---|"]
-    groups = {}
+    groups, seen = {}, set()
     for r in runs:
-        if r["task"] in ("copy", "recall"):
-            groups.setdefault((r["task"], r["model"], r["eps"] or 0, r["N"]), []).append(r)
+        key = (r["task"], r["model"], r["eps"] or 0, r["N"])
+        if r["task"] in ("copy", "recall") and key + (r["seed"],) not in seen:  # a rerun of a seed counts once
+            seen.add(key + (r["seed"],))
+            groups.setdefault(key, []).append(r)
     for (task, model, eps, N), rs in sorted(groups.items()):
         reached = [r["rec"]["reached_step"] for r in rs if r["rec"]["reached_step"]]
         each = ", ".join(str(r["rec"]["reached_step"] or f">{r['rec']['steps'][-1]}") for r in rs)
@@ -59,7 +61,8 @@ def steps_table(runs):
 
 
 def capacity_table(runs, task="kv"):
-    kv = [r for r in runs if r["task"] == task and "capacity" in r["rec"]]
+    kv = sorted((r for r in runs if r["task"] == task and "capacity" in r["rec"]),
+                key=lambda r: (r["model"], r["N"], r["seed"]))
     if not kv:
         return ""
     items = sorted({int(n) for r in kv for n in r["rec"]["capacity"]})
@@ -69,7 +72,8 @@ def capacity_table(runs, task="kv"):
         cap = r["rec"]["capacity"]
         cells = [f"{cap[str(n)]['query_accuracy']:.2f} ({cap[str(n)]['bit_accuracy']:.2f})" if str(n) in cap
                  else "" for n in items]
-        lines.append(f"| {task} | {_label(r).split(',')[0]} | {r['N'] if r['model'] != 'lstm' else '-'} | "
+        n_txt = f"{r['N']:,}" if r["model"] != "lstm" else "-"
+        lines.append(f"| {task} | {_label(r).split(',')[0]} | {n_txt} | "
                      f"{r['rec']['params']:,} | {r['rec']['steps'][-1]:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,10 +84,13 @@ def plot(runs, out):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    seen = set()
     for ax, task in zip(axes, ("copy", "recall")):
         for r in runs:
-            if r["task"] != task:
+            key = (r["task"], r["model"], r["eps"] or 0, r["N"], r["seed"])
+            if r["task"] != task or key in seen:   # a rerun of a seed is drawn once
                 continue
+            seen.add(key)
             faint = r["model"] == "sparse" and (r["eps"] or 0) < 1e-6   # runs before the norm floor
             ls = ("-" if r["model"] == "sparse" else "--") if not faint else ":"
             ax.plot(r["rec"]["steps"], r["rec"]["bits_wrong"], ls, lw=1, alpha=0.5 if faint else 1.0,
