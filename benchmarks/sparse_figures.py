@@ -44,17 +44,18 @@ def steps_table(runs):
              "last step: bits wrong |", "|---|---|---|---|---|---|---|---|---|"]
     groups, seen = {}, set()
     for r in runs:
-        key = (r["task"], r["model"], r["eps"] or 0, r["N"])
+        key = (r["task"], r["model"], (r["k"] or 0) if r["model"] == "sparse" else 0, r["eps"] or 0, r["N"])
         if r["task"] in ("copy", "recall") and key + (r["seed"],) not in seen:  # a rerun of a seed counts once
             seen.add(key + (r["seed"],))
             groups.setdefault(key, []).append(r)
-    for (task, model, eps, N), rs in sorted(groups.items()):
+    for (task, model, k, eps, N), rs in sorted(groups.items()):
         reached = [r["rec"]["reached_step"] for r in rs if r["rec"]["reached_step"]]
         each = ", ".join(str(r["rec"]["reached_step"] or f">{r['rec']['steps'][-1]}") for r in rs)
         ms = (f"{statistics.mean(reached):.0f} ± {statistics.stdev(reached):.0f}" if len(reached) > 1
               else (str(reached[0]) if reached else "-"))
         last = ", ".join(f"{r['rec']['bits_wrong'][-1]:.2f} @ {r['rec']['steps'][-1]}" for r in rs)
-        lines.append(f"| {task} | {'dense' if model == 'core' else model} | {f'{eps:g}' if eps else ''} | {N:,} | "
+        name = "dense" if model == "core" else (f"sparse K={k}" if model == "sparse" else model)
+        lines.append(f"| {task} | {name} | {f'{eps:g}' if eps else ''} | {N:,} | "
                      f"{len(rs)} | "
                      f"{len(reached)}/{len(rs)} | {each} | {ms} | {last} |")
     return "\n".join(lines)
@@ -87,7 +88,7 @@ def plot(runs, out):
     seen = set()
     for ax, task in zip(axes, ("copy", "recall")):
         for r in runs:
-            key = (r["task"], r["model"], r["eps"] or 0, r["N"], r["seed"])
+            key = (r["task"], r["model"], r["k"], r["eps"] or 0, r["N"], r["seed"])
             if r["task"] != task or key in seen:   # a rerun of a seed is drawn once
                 continue
             seen.add(key)
