@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import DEFAULT_SPARSE_EPS
 from ..nn import MemoryCore
 
 __all__ = ["copy_batch", "recall_batch", "kv_batch", "TASKS", "task_sizes", "sequence_loss", "bits_wrong", "LSTMModel", "DNCPackageModel",
@@ -199,7 +200,7 @@ class DNCPackageModel(nn.Module):
 
 
 def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
-                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=1e-3):
+                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=DEFAULT_SPARSE_EPS):
     """'core' (MemoryCore), 'sparse' (MemoryCore with sparse_k and index), 'lstm' (an LSTM with about the
     core's parameter count) or 'dnc' (the dnc package)."""
     if kind == "core":

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ..config import DEFAULT_SPARSE_EPS
 from .memory_tasks import (TASKS, bits_wrong, build_model, dnc_package_available, param_count, sequence_loss,
                            task_sizes)
 
@@ -40,8 +41,9 @@ def _parser():
     p.add_argument("--sparse-k", type=int, default=8, help="sparse model: candidate slots per read head")
     p.add_argument("--index", default="auto", choices=["auto", "rows", "exact", "faiss"],
                    help="sparse model: how candidates are found (auto: exact over the rows written)")
-    p.add_argument("--sparse-eps", type=float, default=1e-3,
-                   help="sparse model: norm floor of its cosine (default 1e-3; see nn/sparse_access.py)")
+    p.add_argument("--sparse-eps", type=float, default=DEFAULT_SPARSE_EPS,
+                   help=f"sparse model: norm floor of its cosine (default {DEFAULT_SPARSE_EPS:g}; see "
+                        "nn/sparse_access.py)")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)

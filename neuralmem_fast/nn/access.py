@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import DEFAULT_SPARSE_EPS
 
 __all__ = ["AccessInterface", "AccessState", "MemoryAccess", "allocation", "write_allocation_weights"]
 
@@ -165,7 +166,8 @@ class MemoryAccess(nn.Module):
     """
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
-                 backend="auto", usage_grad=False, sparse_k=None, index="auto", sparse_eps=1e-3):
+                 backend="auto", usage_grad=False, sparse_k=None, index="auto",
+                 sparse_eps=DEFAULT_SPARSE_EPS):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ..config import DEFAULT_SPARSE_EPS
 from .access import AccessState, MemoryAccess
 from .scan import checkpointed_scan
 
@@ -86,7 +87,7 @@ class MemoryCore(nn.Module):
 
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
                  alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None,
-                 sparse_k=None, index="auto", sparse_eps=1e-3):
+                 sparse_k=None, index="auto", sparse_eps=DEFAULT_SPARSE_EPS):
         super().__init__()
         if checkpoint not in (True, False, "auto"):
             raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")
@@ -98,8 +99,7 @@ class MemoryCore(nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend,
-                                   sparse_k=sparse_k, index=index,
-                                   sparse_eps=sparse_eps)
+                                   sparse_k=sparse_k, index=index, sparse_eps=sparse_eps)
         self._sparse_cache = None
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         read_size = num_reads * word_size

@@ -56,13 +56,10 @@ import warnings
 import torch
 
 from .. import ops
+from ..config import DEFAULT_SPARSE_EPS
 from ..ops import sparse as sops
 
 __all__ = ["SparseAccessState", "SparseAccess", "ExactIndex", "RowIndex", "make_index", "DEFAULT_SPARSE_EPS"]
-
-# The norm floor of the sparse cosine (see "Faint rows" above).
-DEFAULT_SPARSE_EPS = 1e-3
-
 
 
 def _sorted_firsts(indices):
@@ -273,8 +270,9 @@ def make_index(index, eps=DEFAULT_SPARSE_EPS):
     """"exact" (a full scan per search), "rows" or "auto" (RowIndex: exact over the nonzero rows, a full
     scan once most rows are written), "faiss" (FaissIndex: faiss's IVF past 2^17 nonzero rows per memory;
     approximate), an index object (serving one state at a time) or a factory of them. `eps` is the
-    norm floor of the exact indexes' cosine (objects and factories bring their own). "auto" stays exact: on this project's CPU measurements faiss's IVF
-    at recall 0.95 was no faster than the exact scan kernel at N=10^6 (docs/sparse.md)."""
+    norm floor of the cosine of the indexes built here (objects and factories bring their own). "auto"
+    stays exact: on this project's CPU measurements faiss's IVF at recall 0.95 was no faster than the
+    exact scan kernel at N=10^6 (docs/sparse.md)."""
     if not isinstance(index, str):
         if callable(index) and not hasattr(index, "attach"):
             index = index()  # a factory: one index per state
