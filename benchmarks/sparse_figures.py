@@ -32,11 +32,21 @@ def load(folder):
     return runs
 
 
+def _model(run):
+    """The model's name in tables and legends: dense, sparse K=.., LSTM."""
+    return {"core": "dense", "lstm": "LSTM", "sparse": f"sparse K={run['k']}"}.get(run["model"], run["model"])
+
+
 def _label(run):
     if run["model"] == "lstm":
         return "LSTM"
-    kind = "dense" if run["model"] == "core" else f"sparse K={run['k']}" + (f" eps={run['eps']:g}" if run["eps"] else "")
-    return f"{kind}, N={run['N']:,}"
+    eps = f" eps={run['eps']:g}" if run["eps"] else ""
+    return f"{_model(run)}{eps}, N={run['N']:,}"
+
+
+def _group(run):
+    """What runs of one row (or one line set) share: task, model, K, norm floor, N."""
+    return run["task"], run["model"], run["k"] if run["model"] == "sparse" else 0, run["eps"] or 0, run["N"]
 
 
 def steps_table(runs):
@@ -44,19 +54,17 @@ def steps_table(runs):
              "last step: bits wrong |", "|---|---|---|---|---|---|---|---|---|"]
     groups, seen = {}, set()
     for r in runs:
-        key = (r["task"], r["model"], (r["k"] or 0) if r["model"] == "sparse" else 0, r["eps"] or 0, r["N"])
+        key = _group(r)
         if r["task"] in ("copy", "recall") and key + (r["seed"],) not in seen:  # a rerun of a seed counts once
             seen.add(key + (r["seed"],))
             groups.setdefault(key, []).append(r)
-    for (task, model, k, eps, N), rs in sorted(groups.items()):
+    for (task, _, _, eps, N), rs in sorted(groups.items()):
         reached = [r["rec"]["reached_step"] for r in rs if r["rec"]["reached_step"]]
         each = ", ".join(str(r["rec"]["reached_step"] or f">{r['rec']['steps'][-1]}") for r in rs)
         ms = (f"{statistics.mean(reached):.0f} ± {statistics.stdev(reached):.0f}" if len(reached) > 1
               else (str(reached[0]) if reached else "-"))
         last = ", ".join(f"{r['rec']['bits_wrong'][-1]:.2f} @ {r['rec']['steps'][-1]}" for r in rs)
-        name = "dense" if model == "core" else (f"sparse K={k}" if model == "sparse" else model)
-        lines.append(f"| {task} | {name} | {f'{eps:g}' if eps else ''} | {N:,} | "
-                     f"{len(rs)} | "
+        lines.append(f"| {task} | {_model(rs[0])} | {f'{eps:g}' if eps else ''} | {N:,} | {len(rs)} | "
                      f"{len(reached)}/{len(rs)} | {each} | {ms} | {last} |")
     return "\n".join(lines)
 
@@ -88,7 +96,7 @@ def plot(runs, out):
     seen = set()
     for ax, task in zip(axes, ("copy", "recall")):
         for r in runs:
-            key = (r["task"], r["model"], r["k"], r["eps"] or 0, r["N"], r["seed"])
+            key = _group(r) + (r["seed"],)
             if r["task"] != task or key in seen:   # a rerun of a seed is drawn once
                 continue
             seen.add(key)
@@ -113,24 +121,22 @@ def plot(runs, out):
 
 
 def _capacity_plot(kv, task, trained, out, plt):
-    if kv:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in kv:
-            cap = r["rec"]["capacity"]
-            ns = sorted(int(n) for n in cap)
-            ax.plot(ns, [cap[str(n)]["query_accuracy"] for n in ns], "o-",
-                    label=f"{_label(r)}, {r['rec']['steps'][-1]:,} steps")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"items stored (trained on {trained})")
-        ax.set_ylabel("queries answered exactly" if task == "kv" else "answer steps with every bit right")
-        ax.set_title(task)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "sparse_capacity.png" if task == "kv" else f"sparse_capacity_{task}.png"),
-                    dpi=90)
-        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in kv:
+        cap = r["rec"]["capacity"]
+        ns = sorted(int(n) for n in cap)
+        ax.plot(ns, [cap[str(n)]["query_accuracy"] for n in ns], "o-",
+                label=f"{_label(r)}, {r['rec']['steps'][-1]:,} steps")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"items stored (trained on {trained})")
+    ax.set_ylabel("queries answered exactly" if task == "kv" else "answer steps with every bit right")
+    ax.set_title(task)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sparse_capacity.png" if task == "kv" else f"sparse_capacity_{task}.png"), dpi=90)
+    plt.close(fig)
 
 
 def main(argv=None):
