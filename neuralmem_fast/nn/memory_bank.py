@@ -374,24 +374,52 @@ class NeuralMemoryBank(nn.Module):
                 ops.content_write_(memory, keys, strengths, erase, add,
                                    usage=usage, eps=self.eps, decay=self.decay, backend=self.backend)
 
+    BACKPROP = ("auto", "reverse", "checkpoint", "full")
+
     def sequence(self, read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths,
-                 segment=None, checkpoint=True):
+                 segment=None, checkpoint=True, backprop="auto", max_amplification=None):
         """T steps of read-then-write, differentiable, in bounded memory; returns the T reads stacked.
 
         Each argument holds T steps along a first dimension, each step in the
-        shape `read` and `write` take. Needs `differentiable=True`. The steps
-        run through `checkpointed_scan` (nn/scan.py): only the memory at the
-        start of every `segment` steps (default ceil(sqrt(T))) is kept for
-        the backward, instead of every step's memory; `checkpoint=False`
-        keeps them all (faster, T copies of the memory). Afterwards the
-        bank's memory is the last step's, still in the graph, and usage is
-        updated (detached), as T calls of `read` and `write` would leave them.
+        shape `read` and `write` take. Needs `differentiable=True`. How the
+        backward gets each step's memory (`backprop`, docs/training.md):
+
+        - "reverse": none is kept; the backward rebuilds each one from the
+          next by undoing the erase-add write with the saved write weights
+          (`reversible_read_write`, nn/reversible.py; rows that a write
+          nearly erases are saved exactly, see `max_amplification`).
+          About 6 copies of the memory at T = 64 (T*W*N weights kept), and
+          no recomputed forward. Float32/float64, "content" and "allocation" writes.
+        - "checkpoint": `checkpointed_scan` (nn/scan.py) keeps the memory at
+          the start of every `segment` steps (default ceil(sqrt(T))) and
+          recomputes the segment in the backward: about 2 sqrt(T) copies.
+        - "full": plain autograd, every step's memory kept (T+1 copies).
+        - "auto" (default): "reverse" where it applies, else "checkpoint";
+          `checkpoint=False` means "full", as it did before `backprop` existed.
+
+        Afterwards the bank's memory is the last step's, still in the graph,
+        and usage is updated (detached), as T calls of `read` and `write`
+        would leave them.
         """
         from .scan import checkpointed_scan
 
         if not self.differentiable:
             raise RuntimeError("sequence() trains through the writes: construct the bank with differentiable=True")
+        if backprop not in self.BACKPROP:
+            raise ValueError(f"backprop must be one of {self.BACKPROP}, got {backprop!r}")
         memory, usage = self._mem3()
+        if backprop == "auto":
+            if not checkpoint:
+                backprop = "full"
+            elif self.write_mode != "none" and memory.dtype in (torch.float32, torch.float64):
+                backprop = "reverse"
+            else:
+                backprop = "checkpoint"
+        if backprop == "reverse":
+            return self._reverse_sequence(memory, usage, read_keys, read_strengths, write_keys, write_vectors,
+                                          erase_vectors, write_strengths, max_amplification)
+        if max_amplification is not None:
+            raise ValueError("max_amplification applies to backprop='reverse' only")
 
         def step(x, state):
             rk, rs, wk, wv, ev, ws = x
@@ -423,12 +451,61 @@ class NeuralMemoryBank(nn.Module):
                             "write_strengths"), xs):
             self._check_tensor(name, x)
         reads, (new, use) = checkpointed_scan(step, (memory, usage), xs, segment=segment,
-                                              checkpoint_segments=checkpoint)
+                                              checkpoint_segments=backprop == "checkpoint")
         self.memory = new if self.batched else new.squeeze(0)
         # A fresh tensor, not copy_: the checkpoints hold the old usage for the backward's recomputation.
         self.usage = (use if self.batched else use.squeeze(0)).detach()
         self._memory_in_graph = True
         return reads
+
+    def _reverse_sequence(self, memory, usage, read_keys, read_strengths, write_keys, write_vectors, erase_vectors,
+                          write_strengths, max_amplification):
+        """sequence(backprop="reverse"): the per-step inputs in the ops' shapes, stacked, through
+        reversible_read_write."""
+        from .reversible import DEFAULT_MAX_AMPLIFICATION, reversible_read_write
+
+        if self.write_mode == "none":
+            raise ValueError("backprop='reverse' undoes the writes; write_mode='none' has none: use 'checkpoint'")
+        names = ("read_keys", "read_strengths", "write_keys", "write_vectors", "erase_vectors", "write_strengths")
+        xs = (read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths)
+        for name, x in zip(names, xs):
+            self._check_tensor(name, x)
+            if x.dim() == 0 or x.shape[0] != read_keys.shape[0]:
+                raise ValueError(f"every input must hold T={read_keys.shape[0]} steps in its first dimension; "
+                                 f"{name} has shape {tuple(x.shape)}")
+        T = read_keys.shape[0]
+        if T == 0:
+            raise ValueError("sequence length T must be at least 1, got inputs with 0 steps")
+        rk, rs, wk, ws, er, ad = [], [], [], [], [], []
+        for t in range(T):
+            keys = self._as_keys("read_keys", read_keys[t], "H", heads=self.num_read_heads)
+            rk.append(keys)
+            rs.append(self._as_strengths("read_strengths", read_strengths[t], keys.shape[1]))
+            wkeys = self._as_keys("write_keys", write_keys[t], "W")
+            wk.append(wkeys)
+            ws.append(self._as_strengths("write_strengths", write_strengths[t], wkeys.shape[1], scalar_ok=True))
+            erase, add = self._as_keys("erase_vectors", erase_vectors[t], "W"), \
+                self._as_keys("write_vectors", write_vectors[t], "W")
+            if erase.shape != wkeys.shape or add.shape != wkeys.shape:
+                raise ValueError(f"write_vectors and erase_vectors must have the shape of write_keys per step "
+                                 f"{tuple(write_keys[t].shape)}, got {tuple(write_vectors[t].shape)} and "
+                                 f"{tuple(erase_vectors[t].shape)}")
+            er.append(erase)
+            ad.append(add)
+        W = wk[0].shape[1]
+        alloc = self.write_mode == "allocation"
+        reads, new, use = reversible_read_write(
+            memory, torch.stack(rk), torch.stack(rs), None if alloc else torch.stack(wk),
+            None if alloc else torch.stack(ws), torch.stack(er), torch.stack(ad), eps=self.eps, backend=self.backend,
+            max_amplification=DEFAULT_MAX_AMPLIFICATION if max_amplification is None else max_amplification,
+            weights_fn=(lambda u: self._allocation_weights(u, W)) if alloc else None, usage=usage, decay=self.decay)
+        self.memory = new if self.batched else new.squeeze(0)
+        self.usage = (use if self.batched else use.squeeze(0)).detach()
+        self._memory_in_graph = True
+        rk0 = read_keys[0]
+        if self.batched or rk0.dim() == 3:
+            return reads.reshape(T, rk0.shape[0], -1)
+        return reads.reshape(T, -1)
 
     def _allocation_weights(self, usage, n_heads):
         """(B, W, N) allocation weights of W heads, least-used slots first."""
