@@ -19,6 +19,9 @@ native kernels found by `available_backends`, the pure-PyTorch reference
   seq       --steps T (default 64) of the train step trained through as one
             sequence, by nn.checkpointed_scan (segments of ceil(sqrt(T))
             steps recomputed in the backward); one "step" is the whole sequence
+  seq_rev   the same sequence through nn.reversible_read_write: no memory
+            kept per step, each one rebuilt in the backward by reversing the
+            write from the saved write weights (T*W*N values)
   seq_full  the same sequence with plain autograd (every step's memory kept):
             the time seq is compared with, where the T copies fit
   sparse_seq  --steps T of the sparse access (MemoryAccess(sparse_k=8), index
@@ -424,7 +427,7 @@ def plot(result, path):
     batches = cfg["batches"]
     colors = {"torch": "C0", "cpu": "C1", "cuda": "C2", "triton": "C3", "seed": "C4"}
     styles = {"fwd": "-", "fwdbwd": "--", "train": (0, (5, 1)), "read_bwd": ":", "seq": "-.",
-              "seq_full": (0, (1, 3)), "sparse_seq": (0, (3, 1, 1, 1))}
+              "seq_rev": (0, (3, 1)), "seq_full": (0, (1, 3)), "sparse_seq": (0, (3, 1, 1, 1))}
     esize = torch.empty((), dtype=DTYPES[cfg["dtype"]]).element_size()
     fig, axes = plt.subplots(len(batches), 2, figsize=(13, 4.8 * len(batches)), squeeze=False)
     for row, B in enumerate(batches):

@@ -19,13 +19,15 @@ import time
 
 import torch
 
-MODES = ("fwd", "fwdbwd", "train", "read_bwd", "seq", "seq_full", "sparse_seq")
+MODES = ("fwd", "fwdbwd", "train", "read_bwd", "seq", "seq_rev", "seq_full", "sparse_seq")
 MODE_DOC = {
     "fwd": "read-then-write forward, in place",
     "fwdbwd": "content_read + content_addressing + memory_write, forward+backward (the separate ops)",
     "train": "content_read + content_write, forward+backward (the training step, fused write)",
     "read_bwd": "content_read forward+backward",
     "seq": "T read-then-write steps trained through, checkpointed segments (nn.checkpointed_scan)",
+    "seq_rev": "T read-then-write steps trained through, each memory rebuilt by reversing the write "
+               "(nn.reversible_read_write)",
     "seq_full": "T read-then-write steps trained through, plain autograd (every step's memory kept)",
     "sparse_seq": "T steps of the sparse access (K=8 per head, index 'auto') trained through, on the point's memory",
 }
@@ -191,6 +193,8 @@ def _make_step(spec, memory, usage, t):
 
     if mode in ("seq", "seq_full"):
         return _make_seq_step(spec, memory, usage, t)
+    if mode == "seq_rev":
+        return _make_seq_rev_step(spec, memory, usage, t)
     if mode == "sparse_seq":
         return _make_sparse_seq_step(spec, memory, usage, t)
 
@@ -247,6 +251,30 @@ def _make_seq_step(spec, memory, usage, t):
             x.grad = None
         reads, (last,) = checkpointed_scan(one, (memory,), xs, segment=spec.get("segment"),
                                            checkpoint_segments=spec["mode"] == "seq")
+        ((reads * gr).sum().float() + last.sum().float()).backward()
+        return None
+
+    step.grads_of = grads_of
+    return step, (lambda: memory), (lambda: usage)
+
+
+def _make_seq_rev_step(spec, memory, usage, t):
+    """The "seq" sequence (same inputs, same loss) through nn.reversible_read_write."""
+    from ..nn.reversible import reversible_read_write
+
+    be, T = spec["provider"], int(spec.get("T") or SEQ_STEPS)
+    rk, rs, wk, ws, er, ad, gr = t
+    g = torch.Generator(device=memory.device).manual_seed(1)
+    xs = tuple((x.unsqueeze(0) + 0.1 * torch.randn((T, *x.shape), generator=g, device=x.device,
+                                                      dtype=x.dtype)).requires_grad_(True)
+               for x in (rk, rs, wk, ws, er, ad))
+    memory.requires_grad_(True)
+    grads_of = [memory, *xs]
+
+    def step():
+        for x in grads_of:
+            x.grad = None
+        reads, last = reversible_read_write(memory, *xs, backend=be)
         ((reads * gr).sum().float() + last.sum().float()).backward()
         return None
 
