@@ -8,7 +8,8 @@ PART is one of:
              split and multi-tile paths, float32 and float16, with misaligned
              views (what gpu_smoke.sh runs under compute-sanitizer)
   parity     the split path at N ~ 3e5, D 64 and 300, against float64, and
-             bit-for-bit repeatability of forward and backward
+             bit-for-bit repeatability of forward and backward; then, per
+             backend, nn.reversible_read_write's gradients against plain autograd
   large      index cases past 2^31 elements ((H-1)*N and N*D >= 2^31)
   bandwidth  content_read at N = 16M against copy_ on the same tensor; writes
              bandwidth.json and bandwidth.md to --out
@@ -252,6 +253,40 @@ def check_parity(case):
     print(f"  {describe(case)}: repeatable, content_read max error {err:.3g}")
 
 
+def check_reversible(backend, device="cuda"):
+    """nn.reversible_read_write through `backend`'s backward kernels (T=8 steps, W=2, float64) against
+    plain autograd over the same steps: the rebuilt memories must give the same gradients."""
+    torch, nm = _torch()
+    from neuralmem_fast import ops
+    from neuralmem_fast.nn import reversible_read_write
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    T, B, N, D, H, W = 8, 2, 4099, 64, 4, 2
+
+    def r(*s, lo=None):
+        x = torch.randn(*s, generator=g, dtype=torch.float64) if lo is None else \
+            lo + 4 * torch.rand(*s, generator=g, dtype=torch.float64)
+        return x.to(device)
+
+    ins = [r(B, N, D), r(T, B, H, D), r(T, B, H, lo=1.0), r(T, B, W, D), r(T, B, W, lo=1.0),
+           torch.rand(T, B, W, D, generator=g, dtype=torch.float64).to(device), r(T, B, W, D)]
+    gr, gm = r(T, B, H, D), r(B, N, D)
+    leaves = [x.clone().requires_grad_(True) for x in ins]
+    reads, last = reversible_read_write(*leaves, backend=backend)
+    got = torch.autograd.grad((reads * gr).sum() + (last * gm).sum(), leaves)
+    leaves = [x.clone().requires_grad_(True) for x in ins]
+    m, loss = leaves[0], 0
+    for t in range(T):
+        rk, rs, wk, ws, er, ad = (x[t] for x in leaves[1:])
+        loss = loss + (ops.content_read(m, rk, rs, backend=backend) * gr[t]).sum()
+        m = ops.memory_write(m, ops.content_addressing(m, wk, ws, backend=backend), er, ad, backend=backend)
+    want = torch.autograd.grad(loss + (m * gm).sum(), leaves)
+    err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(got, want))
+    if not err <= 1e-9:
+        raise AssertionError(f"reversible_read_write on {backend}: gradients off plain autograd by {err:.3g}")
+    print(f"  reversible_read_write {backend}: gradients match plain autograd (max relative error {err:.3g})")
+
+
 def check_large(case):
     """Only the last slots match the key: whatever they read or weigh must come from past 2^31 elements."""
     torch, nm = _torch()
@@ -330,9 +365,14 @@ def write_bandwidth(rows, out_dir):
 
 def run(part, out_dir, dry_run=False, tool="memcheck"):
     todo = cases(part, tool)
+    # After the parity cases, the reversible backward through each backend's kernels.
+    reversible = [c["backend"] for c in todo if c["part"] == "parity"]
+    reversible = sorted(set(reversible), key=reversible.index)
     if dry_run:
         for c in todo:
             print("would run:", describe(c))
+        for be in reversible:
+            print("would run: reversible_read_write", be)
         return 0
     preflight()
     rows = []
@@ -349,6 +389,10 @@ def run(part, out_dir, dry_run=False, tool="memcheck"):
         elif c["part"] == "sparse":
             check_sparse(c)
         print(f"ok {describe(c)} ({time.time() - t0:.1f} s)", flush=True)
+    for be in reversible:
+        t0 = time.time()
+        check_reversible(be)
+        print(f"ok reversible_read_write {be} ({time.time() - t0:.1f} s)", flush=True)
     if rows:
         write_bandwidth(rows, out_dir)
     return 0

@@ -87,6 +87,12 @@ def test_sparse_check_runs_on_cpu():
     s.check_sparse(dict(part="sparse", backend="cpu", shape=(2, 301, 3, 17, 8), dtype="float32"), device="cpu")
 
 
+@pytest.mark.skipif(not nm.has_extension(), reason="needs the native extension")
+def test_reversible_check_runs_on_cpu():
+    """The smoke's reversible check, on CPU tensors through the CPU kernels."""
+    _smoke().check_reversible("cpu", device="cpu")
+
+
 def test_dry_run_lists_every_part(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     res = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_smoke.sh"), str(tmp_path), "--dry-run"],
@@ -96,6 +102,7 @@ def test_dry_run_lists_every_part(tmp_path):
                  "bandwidth", "sparse"):
         assert f"[{part}" in res.stdout, part
     assert "would run: large weights_hn cuda" in res.stdout
+    assert "would run: reversible_read_write cuda" in res.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a card")
