@@ -124,7 +124,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) bwd_kernel
 
   // vm: the finite heads (see common.cuh); the others are computed as a zero
   // key of strength 0 and their gradients made NaN at the end.
-  A den[kHP], beta[kHP], lse[kHP], delta[kHP], wscale[kHP];
+  // The key norms (read only where q is loaded) and the softmax scales (one
+  // broadcast read per head and row) live in shared memory: float32
+  // content_read spilled at the 255-register limit with them in registers.
+  __shared__ A den[kHP], wscale[kHP];
+  A beta[kHP], lse[kHP], delta[kHP];
   unsigned vm = 0;
 #pragma unroll
   for (int h = 0; h < kHP; ++h) {
@@ -134,9 +138,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) bwd_kernel
     const A bt = hv ? static_cast<A>(a.str[bh0 + h]) : A(0);
     const bool ok = hv && fin && finite_value(bt);
     if (ok) vm |= 1u << h;
-    den[h] = ok ? dmax(nrm, a.eps) : A(1);
+    if (threadIdx.x == 0) {
+      den[h] = ok ? dmax(nrm, a.eps) : A(1);
+      wscale[h] = 1;
+    }
     beta[h] = ok ? bt : A(0);
-    wscale[h] = 1;
     if constexpr (ADDR) {
       lse[h] = 0;
       A s = 0;
@@ -149,6 +155,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) bwd_kernel
     }
   }
   const bool all_ok = vm == (1u << hc) - 1u;
+  __syncthreads();  // den, wscale
 
   A q[kHP][kCPL], g[kHP][kCPL], dq[kHP][kCPL], db[kHP];
 #pragma unroll
@@ -278,11 +285,13 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) bwd_kernel
       const A mine = M + dlog(l);
       // content_read: only where the given lse is this memory's own.
       if (ADDR || dabs(lse[h] - mine) <= a.lse_tol * (A(1) + dabs(mine))) {
+        const A inv = A(1) / l;
         lse[h] = M;
-        wscale[h] = A(1) / l;
-        delta[h] = sh_fin[2][h] * wscale[h];
+        delta[h] = sh_fin[2][h] * inv;
+        if (threadIdx.x == 0) wscale[h] = inv;
       }
     }
+    __syncthreads();  // wscale
   }
 
   for (int64_t it = 0; it < iters; ++it) {
