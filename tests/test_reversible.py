@@ -296,3 +296,28 @@ def test_bank_backprop_bad_values():
         _bank("torch", "none", memory).sequence(*args, backprop="reverse")
     with pytest.raises(ValueError, match="max_amplification applies"):
         _bank("torch", "content", memory).sequence(*args, backprop="checkpoint", max_amplification=4.0)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_bank_unbatched_reverse_equals_checkpoint(backend):
+    """One (N, D) memory, (T, H, D) read keys, one write key per step and a strength per step."""
+    from neuralmem_fast.config import MemoryConfig
+
+    t, n, d, h = 5, 11, 4, 2
+    cfg = MemoryConfig(memory_size=n, memory_dim=d, num_read_heads=h)
+    g = torch.Generator().manual_seed(8)
+    rk, rs = torch.randn(t, h, d, dtype=DT, generator=g), 3 * torch.rand(t, h, dtype=DT, generator=g)
+    wk, ad = torch.randn(t, d, dtype=DT, generator=g), torch.randn(t, d, dtype=DT, generator=g)
+    er, ws = torch.rand(t, d, dtype=DT, generator=g), torch.full((t,), 2.0, dtype=DT)
+    m0 = torch.randn(n, d, dtype=DT, generator=g)
+    got = {}
+    for scheme in ("reverse", "checkpoint"):
+        b = NeuralMemoryBank(cfg, backend=backend, differentiable=True).double()
+        b.memory = m0.clone().requires_grad_(True)
+        m = b.memory
+        reads = b.sequence(rk, rs, wk, ad, er, ws, backprop=scheme)
+        assert reads.shape == (t, h * d) and b.memory.shape == (n, d)
+        loss = (reads ** 2).sum() + (b.memory ** 3).sum()
+        got[scheme] = (torch.autograd.grad(loss, m)[0], b.usage.clone())
+    torch.testing.assert_close(got["reverse"][0], got["checkpoint"][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got["reverse"][1], got["checkpoint"][1], rtol=0, atol=1e-12)
