@@ -205,21 +205,22 @@ def test_callers_tensors_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(xs, xs0))
 
 
-def test_backward_twice_raises():
+def _loss_on_a_leaf():
     memory, xs, r, f = _inputs(1)
     m0 = memory.clone().requires_grad_(True)
     reads, last = reversible_read_write(m0, *xs, backend="torch")
-    loss = (reads * r).sum() + (last * f).sum()
+    return m0, last, (reads * r).sum() + (last * f).sum()
+
+
+def test_backward_twice_raises():
+    _, _, loss = _loss_on_a_leaf()
     loss.backward()
     with pytest.raises(RuntimeError, match="second time|already been freed|retain_graph"):
         loss.backward()
 
 
 def test_last_memory_modified_in_place_before_backward_raises():
-    memory, xs, r, f = _inputs(1)
-    m0 = memory.clone().requires_grad_(True)
-    reads, last = reversible_read_write(m0, *xs, backend="torch")
-    loss = (reads * r).sum() + (last * f).sum()
+    _, last, loss = _loss_on_a_leaf()
     with torch.no_grad():
         last.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -227,11 +228,9 @@ def test_last_memory_modified_in_place_before_backward_raises():
 
 
 def test_create_graph_refused():
-    memory, xs, r, f = _inputs(1)
-    m0 = memory.clone().requires_grad_(True)
-    reads, last = reversible_read_write(m0, *xs, backend="torch")
+    m0, _, loss = _loss_on_a_leaf()
     with pytest.raises(RuntimeError, match="no second derivative"):
-        torch.autograd.grad((reads * r).sum() + (last * f).sum(), m0, create_graph=True)
+        torch.autograd.grad(loss, m0, create_graph=True)
 
 
 def test_bad_input_names_the_argument():

@@ -191,10 +191,8 @@ def _make_step(spec, memory, usage, t):
 
         return step, (lambda: memory), (lambda: usage)
 
-    if mode in ("seq", "seq_full"):
+    if mode in ("seq", "seq_rev", "seq_full"):
         return _make_seq_step(spec, memory, usage, t)
-    if mode == "seq_rev":
-        return _make_seq_rev_step(spec, memory, usage, t)
     if mode == "sparse_seq":
         return _make_sparse_seq_step(spec, memory, usage, t)
 
@@ -226,12 +224,15 @@ def _make_step(spec, memory, usage, t):
 
 
 def _make_seq_step(spec, memory, usage, t):
-    """T steps of content_read, then content_write, through
-    nn.checkpointed_scan; backward from the reads and the last memory."""
+    """T steps of content_read, then content_write, trained through as one
+    sequence: nn.checkpointed_scan ("seq": checkpointed segments; "seq_full":
+    plain autograd) or nn.reversible_read_write ("seq_rev"); backward from the
+    reads and the last memory."""
     from .. import ops
+    from ..nn.reversible import reversible_read_write
     from ..nn.scan import checkpointed_scan
 
-    be, T = spec["provider"], int(spec.get("T") or SEQ_STEPS)
+    be, T, mode = spec["provider"], int(spec.get("T") or SEQ_STEPS), spec["mode"]
     rk, rs, wk, ws, er, ad, gr = t
     # Per-step inputs: the point's small inputs, perturbed per step so that every step addresses differently.
     g = torch.Generator(device=memory.device).manual_seed(1)
@@ -249,32 +250,11 @@ def _make_seq_step(spec, memory, usage, t):
     def step():
         for x in grads_of:
             x.grad = None
-        reads, (last,) = checkpointed_scan(one, (memory,), xs, segment=spec.get("segment"),
-                                           checkpoint_segments=spec["mode"] == "seq")
-        ((reads * gr).sum().float() + last.sum().float()).backward()
-        return None
-
-    step.grads_of = grads_of
-    return step, (lambda: memory), (lambda: usage)
-
-
-def _make_seq_rev_step(spec, memory, usage, t):
-    """The "seq" sequence (same inputs, same loss) through nn.reversible_read_write."""
-    from ..nn.reversible import reversible_read_write
-
-    be, T = spec["provider"], int(spec.get("T") or SEQ_STEPS)
-    rk, rs, wk, ws, er, ad, gr = t
-    g = torch.Generator(device=memory.device).manual_seed(1)
-    xs = tuple((x.unsqueeze(0) + 0.1 * torch.randn((T, *x.shape), generator=g, device=x.device,
-                                                      dtype=x.dtype)).requires_grad_(True)
-               for x in (rk, rs, wk, ws, er, ad))
-    memory.requires_grad_(True)
-    grads_of = [memory, *xs]
-
-    def step():
-        for x in grads_of:
-            x.grad = None
-        reads, last = reversible_read_write(memory, *xs, backend=be)
+        if mode == "seq_rev":
+            reads, last = reversible_read_write(memory, *xs, backend=be)
+        else:
+            reads, (last,) = checkpointed_scan(one, (memory,), xs, segment=spec.get("segment"),
+                                               checkpoint_segments=mode == "seq")
         ((reads * gr).sum().float() + last.sum().float()).backward()
         return None
 
