@@ -408,6 +408,10 @@ class NeuralMemoryBank(nn.Module):
         if backprop not in self.BACKPROP:
             raise ValueError(f"backprop must be one of {self.BACKPROP}, got {backprop!r}")
         memory, usage = self._mem3()
+        names = ("read_keys", "read_strengths", "write_keys", "write_vectors", "erase_vectors", "write_strengths")
+        xs = (read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths)
+        for name, x in zip(names, xs):
+            self._check_tensor(name, x)
         if backprop == "auto":
             if not checkpoint:
                 backprop = "full"
@@ -416,23 +420,14 @@ class NeuralMemoryBank(nn.Module):
             else:
                 backprop = "checkpoint"
         if backprop == "reverse":
-            return self._reverse_sequence(memory, usage, read_keys, read_strengths, write_keys, write_vectors,
-                                          erase_vectors, write_strengths, max_amplification)
+            return self._reverse_sequence(memory, usage, names, xs, max_amplification)
         if max_amplification is not None:
             raise ValueError("max_amplification applies to backprop='reverse' only")
 
         def step(x, state):
-            rk, rs, wk, wv, ev, ws = x
             mem, use = state
-            keys = self._as_keys("read_keys", rk, "H", heads=self.num_read_heads)
-            reads = ops.content_read(mem, keys, self._as_strengths("read_strengths", rs, keys.shape[1]),
-                                     eps=self.eps, backend=self.backend)
-            wkeys = self._as_keys("write_keys", wk, "W")
-            wstr = self._as_strengths("write_strengths", ws, wkeys.shape[1], scalar_ok=True)
-            erase, add = self._as_keys("erase_vectors", ev, "W"), self._as_keys("write_vectors", wv, "W")
-            if erase.shape != wkeys.shape or add.shape != wkeys.shape:
-                raise ValueError(f"write_vectors and erase_vectors must have the shape of write_keys per step "
-                                 f"{tuple(wk.shape)}, got {tuple(wv.shape)} and {tuple(ev.shape)}")
+            keys, rstr, wkeys, wstr, erase, add = self._step_inputs(*x)
+            reads = ops.content_read(mem, keys, rstr, eps=self.eps, backend=self.backend)
             if self.write_mode == "none":
                 new = mem
             else:
@@ -443,65 +438,59 @@ class NeuralMemoryBank(nn.Module):
                 new = ops.memory_write(mem, w, erase, add, backend=self.backend)
                 with torch.no_grad():
                     use = ops.usage_update(use, w.detach(), self.decay, backend=self.backend)
+            rk = x[0]
             return reads.reshape(rk.shape[0], -1) if (self.batched or rk.dim() == 3) else reads.reshape(-1), \
                 (new, use)
 
-        xs = (read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths)
-        for name, x in zip(("read_keys", "read_strengths", "write_keys", "write_vectors", "erase_vectors",
-                            "write_strengths"), xs):
-            self._check_tensor(name, x)
         reads, (new, use) = checkpointed_scan(step, (memory, usage), xs, segment=segment,
                                               checkpoint_segments=backprop == "checkpoint")
+        self._end_sequence(new, use)
+        return reads
+
+    def _end_sequence(self, new, use):
+        """The last step's memory (still in the graph) and usage (detached) become the bank's."""
         self.memory = new if self.batched else new.squeeze(0)
         # A fresh tensor, not copy_: the checkpoints hold the old usage for the backward's recomputation.
         self.usage = (use if self.batched else use.squeeze(0)).detach()
         self._memory_in_graph = True
-        return reads
 
-    def _reverse_sequence(self, memory, usage, read_keys, read_strengths, write_keys, write_vectors, erase_vectors,
-                          write_strengths, max_amplification):
+    def _step_inputs(self, rk, rs, wk, wv, ev, ws):
+        """One step's inputs as `read` and `write` take them, in the ops' shapes: read keys (B,H,D) and
+        strengths (B,H), write keys (B,W,D) and strengths (B,W), erase and add (B,W,D)."""
+        keys = self._as_keys("read_keys", rk, "H", heads=self.num_read_heads)
+        rstr = self._as_strengths("read_strengths", rs, keys.shape[1])
+        wkeys = self._as_keys("write_keys", wk, "W")
+        wstr = self._as_strengths("write_strengths", ws, wkeys.shape[1], scalar_ok=True)
+        erase, add = self._as_keys("erase_vectors", ev, "W"), self._as_keys("write_vectors", wv, "W")
+        if erase.shape != wkeys.shape or add.shape != wkeys.shape:
+            raise ValueError(f"write_vectors and erase_vectors must have the shape of write_keys per step "
+                             f"{tuple(wk.shape)}, got {tuple(wv.shape)} and {tuple(ev.shape)}")
+        return keys, rstr, wkeys, wstr, erase, add
+
+    def _reverse_sequence(self, memory, usage, names, xs, max_amplification):
         """sequence(backprop="reverse"): the per-step inputs in the ops' shapes, stacked, through
         reversible_read_write."""
         from .reversible import DEFAULT_MAX_AMPLIFICATION, reversible_read_write
 
         if self.write_mode == "none":
             raise ValueError("backprop='reverse' undoes the writes; write_mode='none' has none: use 'checkpoint'")
-        names = ("read_keys", "read_strengths", "write_keys", "write_vectors", "erase_vectors", "write_strengths")
-        xs = (read_keys, read_strengths, write_keys, write_vectors, erase_vectors, write_strengths)
+        read_keys = xs[0]
+        T = read_keys.shape[0] if read_keys.dim() else 0
         for name, x in zip(names, xs):
-            self._check_tensor(name, x)
-            if x.dim() == 0 or x.shape[0] != read_keys.shape[0]:
-                raise ValueError(f"every input must hold T={read_keys.shape[0]} steps in its first dimension; "
+            if x.dim() == 0 or x.shape[0] != T:
+                raise ValueError(f"every input must hold T={T} steps in its first dimension; "
                                  f"{name} has shape {tuple(x.shape)}")
-        T = read_keys.shape[0]
         if T == 0:
             raise ValueError("sequence length T must be at least 1, got inputs with 0 steps")
-        rk, rs, wk, ws, er, ad = [], [], [], [], [], []
-        for t in range(T):
-            keys = self._as_keys("read_keys", read_keys[t], "H", heads=self.num_read_heads)
-            rk.append(keys)
-            rs.append(self._as_strengths("read_strengths", read_strengths[t], keys.shape[1]))
-            wkeys = self._as_keys("write_keys", write_keys[t], "W")
-            wk.append(wkeys)
-            ws.append(self._as_strengths("write_strengths", write_strengths[t], wkeys.shape[1], scalar_ok=True))
-            erase, add = self._as_keys("erase_vectors", erase_vectors[t], "W"), \
-                self._as_keys("write_vectors", write_vectors[t], "W")
-            if erase.shape != wkeys.shape or add.shape != wkeys.shape:
-                raise ValueError(f"write_vectors and erase_vectors must have the shape of write_keys per step "
-                                 f"{tuple(write_keys[t].shape)}, got {tuple(write_vectors[t].shape)} and "
-                                 f"{tuple(erase_vectors[t].shape)}")
-            er.append(erase)
-            ad.append(add)
-        W = wk[0].shape[1]
+        per_step = [self._step_inputs(*(x[t] for x in xs)) for t in range(T)]
+        rk, rs, wk, ws, er, ad = (torch.stack(steps) for steps in zip(*per_step))
+        W = wk.shape[2]
         alloc = self.write_mode == "allocation"
         reads, new, use = reversible_read_write(
-            memory, torch.stack(rk), torch.stack(rs), None if alloc else torch.stack(wk),
-            None if alloc else torch.stack(ws), torch.stack(er), torch.stack(ad), eps=self.eps, backend=self.backend,
+            memory, rk, rs, None if alloc else wk, None if alloc else ws, er, ad, eps=self.eps, backend=self.backend,
             max_amplification=DEFAULT_MAX_AMPLIFICATION if max_amplification is None else max_amplification,
             weights_fn=(lambda u: self._allocation_weights(u, W)) if alloc else None, usage=usage, decay=self.decay)
-        self.memory = new if self.batched else new.squeeze(0)
-        self.usage = (use if self.batched else use.squeeze(0)).detach()
-        self._memory_in_graph = True
+        self._end_sequence(new, use)
         rk0 = read_keys[0]
         if self.batched or rk0.dim() == 3:
             return reads.reshape(T, rk0.shape[0], -1)
