@@ -122,6 +122,11 @@ def test_triton_no_spills_and_occupancy(triton_records):
         if fit < plan:
             bad.append(f"{r['name']} {r['dtype']} ({_tag(r)}): {r['regs']} registers, {r['shared']} B shared "
                        f"fit {fit} programs per SM, the plan assumes {plan}")
+        flight = _triton_in_flight(r, min(fit, plan))
+        if (r["name"] in _PREFETCH_NEXT and r["dtype"] == "*fp32" and list(r["shape"]) == STREAMING_SHAPE
+                and flight < GOAL_IN_FLIGHT):
+            bad.append(f"{r['name']} {r['dtype']} ({_tag(r)}): {flight / 1024:.0f} KB in flight per SM at "
+                       f"{STREAMING_SHAPE}, under the {GOAL_IN_FLIGHT // 1024} KB goal")
         rows.append((r, fit, plan))
     SECTIONS["triton"] = _triton_table(rows)
     assert not bad, "\n".join(bad)
@@ -135,11 +140,24 @@ _STREAMING = {"_read_fused_fwd_kernel", "_address_fwd_kernel", "_content_bwd_ker
 _ELEM = {"*fp16": 2, "*bf16": 2, "*fp32": 4, "*fp64": 8}
 
 
+# Loads in flight per SM that content_read's forward and content_write_ must
+# reach in float32 (CUDA at every launch; Triton at the streaming shape: one
+# head, D = 64, N = 2^24, where the memory tile is widest), about what HBM3e
+# needs per SM: bandwidth x latency / SMs.
+GOAL_IN_FLIGHT = 32 * 1024
+STREAMING_SHAPE = [1, 1 << 24, 1, 64, 1]
+
+# Kernels whose main loop issues the next tile's loads before it uses this
+# one (content_read's forward, content_write_): two tiles in flight.
+_PREFETCH_NEXT = {"_read_fused_fwd_kernel", "_content_write_kernel"}
+
+
 def _triton_in_flight(r, resident):
     c = r["consts"]
     if r["name"] not in _STREAMING or "BN" not in c or "BD" not in c:
         return None
-    return int(c["BN"]) * int(c["BD"]) * _ELEM.get(r["dtype"], 4) * resident
+    tiles = 2 if r["name"] in _PREFETCH_NEXT else 1
+    return int(c["BN"]) * int(c["BD"]) * _ELEM.get(r["dtype"], 4) * tiles * resident
 
 
 def _triton_table(rows):
@@ -205,15 +223,26 @@ def min_blocks(expr, dtype):
     return 3 if weight == "kHeavy" and dtype != "float64" else 2
 
 
+# Streaming kernels whose one-tile rows (D <= 256) are loaded kUnroll at a
+# time before the first is used (common.cuh); the others load one row at a time.
+_CUDA_UNROLLED = ("fwd_kernel", "content_write_kernel")
+
+
+def _cuda_unroll():
+    common = open(os.path.join(REPO, "csrc", "cuda", "common.cuh")).read()
+    return int(re.search(r"constexpr int kUnroll = (\d+);", common).group(1))
+
+
 def _cuda_in_flight(name, dtype, threads, resident, src_dir):
-    """Streaming kernels: kCPL columns a lane loads per iteration, times lanes, times resident blocks."""
+    """Streaming kernels: kCPL columns a lane loads per iteration (times kUnroll rows where the loop is
+    unrolled), times lanes, times resident blocks."""
     if name not in ("fwd_kernel", "bwd_kernel", "write_bwd_kernel", "content_write_kernel"):
         return None
     common = open(os.path.join(src_dir, "common.cuh")).read()
     cpl = int(re.search(r"constexpr int kCPL = (\d+);", common).group(1))
-    unroll = re.search(r"constexpr int kUnroll = (\d+);", common)
+    unroll = int(re.search(r"constexpr int kUnroll = (\d+);", common).group(1)) if name in _CUDA_UNROLLED else 1
     elem = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-    return threads * cpl * elem * (int(unroll.group(1)) if unroll else 1) * resident
+    return threads * cpl * elem * unroll * resident
 
 
 # Spills left open, by mangled-name fragment: the most spill stores allowed
@@ -262,6 +291,9 @@ def test_cuda_resources():
             full = subprocess.run([demangle, mangled], capture_output=True, text=True).stdout.strip()
             full = re.sub(r"neuralmem::cuda::(\(anonymous namespace\)::)?", "", full).split("(")[0]
         flight = _cuda_in_flight(name, dtype, threads, fit, src)
+        if name in _CUDA_UNROLLED and dtype == "float32" and flight < GOAL_IN_FLIGHT:
+            bad.append(f"{mangled} ({dtype}): {flight / 1024:.0f} KB in flight per SM, under the "
+                       f"{GOAL_IN_FLIGHT // 1024} KB goal")
         rows.append((full, dtype, threads, r, st, fit, want, flight, known is not None))
     assert rows, "no neuralmem kernel found in the extension's sm_90 cubins"
     lines = ["| kernel | dtype | threads | regs | spill stores | stack B | shared B | blocks/SM fit | "
@@ -290,8 +322,12 @@ def test_write_report():
         "allow on an H100/H200 (64K registers, 2048 threads, 228 KB shared memory), the figure "
         "`cudaOccupancyMaxActiveBlocksPerMultiprocessor` returns at run time. "
         "KB in flight/SM: an estimate of the memory loads one SM keeps outstanding in a streaming loop, "
-        "resident blocks x the bytes one block's iteration loads (Triton: the BN x BD memory tile; CUDA: "
-        "kThreads lanes x kCPL columns each).",
+        "resident blocks x the bytes one block's iteration loads (Triton: the BN x BD memory tile, two of them "
+        "where the loop loads the next tile before it uses this one: content_read's forward and content_write_; "
+        f"CUDA: kThreads lanes x kCPL columns each, times kUnroll = {_cuda_unroll()} rows for content_read's forward "
+        "(`fwd_kernel`, every mode) and `content_write_kernel`, whose loops load four rows before they use the "
+        "first, at D <= 256). The goal is 32 KB for those two ops in float32, about what HBM3e needs per SM "
+        "(bandwidth x latency / SMs); it is an estimate from the code, not a measurement on a card.",
         "",
         "Float64 kernels may spill (their accumulators are twice as wide); the tables mark it. Half and "
         "bfloat16 kernels keep half the bytes in flight of their float32 twins at the same tile.",

@@ -116,17 +116,25 @@ __device__ __forceinline__ void scan_row(const T* row, bool valid, int D, const 
     A v[kCPL];
     load_tile(row, D, t, L, vec_ok, valid, v);
     if (L.ntiles > 1) load_heads<T, A, NORMALIZE>(heads, D, t, L, vec_ok, vm, den, q);
-#pragma unroll
-    for (int i = 0; i < kCPL; ++i) {
-      sq += v[i] * v[i];
-#pragma unroll
-      for (int h = 0; h < kHP; ++h) dot[h] += q[h][i] * v[i];
-    }
+    tile_dots(v, q, sq, dot);
     if (t == keep) {
 #pragma unroll
       for (int i = 0; i < kCPL; ++i) x[i] = v[i];
     }
   }
+  sq = group_sum(sq, L.G);
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) dot[h] = group_sum(dot[h], L.G);
+}
+
+// scan_row of a one-tile row already loaded into x (the unrolled loops).
+template <typename A>
+__device__ __forceinline__ void scan_loaded_row(const A (&x)[kCPL], const Lanes& L, const A (&q)[kHP][kCPL], A& sq,
+                                                A (&dot)[kHP]) {
+  sq = 0;
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) dot[h] = 0;
+  tile_dots(x, q, sq, dot);
   sq = group_sum(sq, L.G);
 #pragma unroll
   for (int h = 0; h < kHP; ++h) dot[h] = group_sum(dot[h], L.G);
@@ -162,7 +170,7 @@ struct FwdArgs {
 };
 
 template <typename T, int MODE>
-__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) fwd_kernel(const FwdArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) fwd_kernel(const FwdArgs<T> a) {
   using A = acc_t<T>;
   constexpr int VEC = Vec<T>::VEC;
   constexpr bool kNorm = MODE == kContentRead || MODE == kLse || MODE == kWeights;
@@ -223,16 +231,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) fwd_kernel(co
   const int64_t n_end = min(a.N, n_begin + a.chunk);
   const int S = L.nstreams();
   const int64_t iters = n_end > n_begin ? (n_end - n_begin + S - 1) / S : 0;
-  for (int64_t it = 0; it < iters; ++it) {
-    const int64_t n = n_begin + it * S + L.stream;
-    const bool valid = n < n_end;
-    const T* row = mem_b + n * D;
-    A x[kCPL], sq = 0, dot[kHP];
-    if constexpr (kNeedDots) {
-      scan_row<T, A, kNorm>(row, valid, D, L, a.vec_ok, ctile, heads, vm, den, q, x, sq, dot);
-    } else {
-      load_tile(row, D, ctile, L, a.vec_ok, valid, x);
-    }
+  // What one row adds, rows in slot order: x its kept tile, sq and dot its
+  // squared norm and dot products (content modes).
+  auto use_row = [&](int64_t n, bool valid, const A (&x)[kCPL], A sq, const A (&dot)[kHP]) {
     if constexpr (kSoftmax) {
       const A mden = dmax(dsqrt(sq), a.eps);
       if (valid) {
@@ -281,6 +282,45 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) fwd_kernel(co
           for (int i = 0; i < kCPL; ++i) acc[h][i] += w * x[i];
         }
       }
+    }
+  };
+  // kUnroll rows per stream in flight (common.cuh): their loads first, then
+  // their use in slot order; VEC_OK chooses the kind of load at compile time.
+  auto unrolled = [&](auto vec_ok) {
+    for (int64_t it = 0; it < iters; it += kUnroll) {
+      A xs[kUnroll][kCPL];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t n = n_begin + (it + u) * S + L.stream;
+        load_tile_as<decltype(vec_ok)::value>(mem_b + n * D, D, 0, L, n < n_end, xs[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t n = n_begin + (it + u) * S + L.stream;
+        A sq = 0, dot[kHP] = {};
+        if constexpr (kNeedDots) scan_loaded_row(xs[u], L, q, sq, dot);
+        use_row(n, n < n_end, xs[u], sq, dot);
+      }
+    }
+  };
+  if (L.ntiles == 1) {
+    if (a.vec_ok) {
+      unrolled(std::true_type{});
+    } else {
+      unrolled(std::false_type{});
+    }
+  } else {
+    for (int64_t it = 0; it < iters; ++it) {
+      const int64_t n = n_begin + it * S + L.stream;
+      const bool valid = n < n_end;
+      const T* row = mem_b + n * D;
+      A x[kCPL], sq = 0, dot[kHP] = {};
+      if constexpr (kNeedDots) {
+        scan_row<T, A, kNorm>(row, valid, D, L, a.vec_ok, ctile, heads, vm, den, q, x, sq, dot);
+      } else {
+        load_tile(row, D, ctile, L, a.vec_ok, valid, x);
+      }
+      use_row(n, valid, x, sq, dot);
     }
   }
 

@@ -346,6 +346,16 @@ __device__ __forceinline__ void norm_heads(const T* heads, int D, const Lanes& L
   }
 }
 
+// The logits of one slot from its squared norm and dot products (this lane's share).
+template <typename A>
+__device__ __forceinline__ void cw_scores(A sq, A (&dot)[kHP], const Lanes& L, const A (&beta)[kHP], A eps,
+                                          A (&s)[kHP]) {
+  sq = group_sum(sq, L.G);
+  const A mden = dmax(dsqrt(sq), eps);
+#pragma unroll
+  for (int h = 0; h < kHP; ++h) s[h] = beta[h] * (group_sum(dot[h], L.G) / mden);
+}
+
 // Logits of one slot for the kHP write heads; identical arithmetic in both
 // passes, so the weights are normalised by exactly the sums they came from.
 template <typename T, typename A>
@@ -366,25 +376,52 @@ __device__ __forceinline__ void cw_logits(const T* row, bool valid, int D, const
         for (int i = 0; i < kCPL; ++i) q[h][i] = q[h][i] / den[h];
       }
     }
-#pragma unroll
-    for (int i = 0; i < kCPL; ++i) {
-      sq += v[i] * v[i];
-#pragma unroll
-      for (int h = 0; h < kHP; ++h) dot[h] += q[h][i] * v[i];
-    }
+    tile_dots(v, q, sq, dot);
     if (t == 0) {
 #pragma unroll
       for (int i = 0; i < kCPL; ++i) x[i] = v[i];
     }
   }
-  sq = group_sum(sq, L.G);
-  const A mden = dmax(dsqrt(sq), eps);
+  cw_scores(sq, dot, L, beta, eps, s);
+}
+
+// cw_logits of a one-tile row already loaded into x (the unrolled loops).
+template <typename A>
+__device__ __forceinline__ void cw_loaded_logits(const A (&x)[kCPL], const Lanes& L, const A (&beta)[kHP], A eps,
+                                                 const A (&q)[kHP][kCPL], A (&s)[kHP]) {
+  A sq = 0, dot[kHP];
 #pragma unroll
-  for (int h = 0; h < kHP; ++h) s[h] = beta[h] * (group_sum(dot[h], L.G) / mden);
+  for (int h = 0; h < kHP; ++h) dot[h] = 0;
+  tile_dots(x, q, sq, dot);
+  cw_scores(sq, dot, L, beta, eps, s);
+}
+
+// Walks a stream's one-tile rows kUnroll at a time (common.cuh): the loads of
+// kUnroll rows first, then use(n, valid, x, s) on each in slot order, with
+// its logits s; VEC_OK chooses the kind of load at compile time.
+template <bool VEC_OK, typename T, typename A, typename F>
+__device__ __forceinline__ void cw_unrolled(const T* mem_b, int64_t n_begin, int64_t n_end, int64_t iters, int S,
+                                            int D, const Lanes& L, const A (&beta)[kHP], A eps,
+                                            const A (&q)[kHP][kCPL], F&& use) {
+  for (int64_t it = 0; it < iters; it += kUnroll) {
+    A xs[kUnroll][kCPL];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t n = n_begin + (it + u) * S + L.stream;
+      load_tile_as<VEC_OK>(mem_b + n * D, D, 0, L, n < n_end, xs[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t n = n_begin + (it + u) * S + L.stream;
+      A s[kHP];
+      cw_loaded_logits(xs[u], L, beta, eps, q, s);
+      use(n, n < n_end, xs[u], s);
+    }
+  }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) content_write_kernel(const CwArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) content_write_kernel(const CwArgs<T> a) {
   using A = acc_t<T>;
   const int b = blockIdx.x, split = blockIdx.y;
   const int D = a.D, hc = a.W;  // hc <= kHP (host guarantees)
@@ -440,12 +477,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) content_write
       m_run[h] = neg_inf<A>();
       l_run[h] = 0;
     }
-    for (int64_t it = 0; it < iters; ++it) {
-      const int64_t n = n_begin + it * S + L.stream;
-      const bool valid = n < n_end;
-      A x[kCPL], s[kHP];
-      cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
-      if (!valid) continue;
+    auto stat_row = [&](int64_t, bool valid, const A (&)[kCPL], const A (&s)[kHP]) {
+      if (!valid) return;
 #pragma unroll
       for (int h = 0; h < kHP; ++h) {
         if (h >= hc) continue;
@@ -455,6 +488,19 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) content_write
         } else {
           l_run[h] += dexp(s[h] - m_run[h]);
         }
+      }
+    };
+    if (L.ntiles == 1 && a.vec_ok) {
+      cw_unrolled<true>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, stat_row);
+    } else if (L.ntiles == 1) {
+      cw_unrolled<false>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, stat_row);
+    } else {
+      for (int64_t it = 0; it < iters; ++it) {
+        const int64_t n = n_begin + it * S + L.stream;
+        const bool valid = n < n_end;
+        A x[kCPL], s[kHP];
+        cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
+        stat_row(n, valid, x, s);
       }
     }
     A M[kHP];
@@ -525,12 +571,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) content_write
   }
   A best_v = static_cast<A>(INFINITY);
   int64_t best_i = std::numeric_limits<int64_t>::max();
-  for (int64_t it = 0; it < iters; ++it) {
-    const int64_t n = n_begin + it * S + L.stream;
-    const bool valid = n < n_end;
+  // Rewrites row n from its old values (x: its first tile) and its logits s.
+  auto write_row = [&](int64_t n, bool valid, const A (&x)[kCPL], const A (&s)[kHP]) {
     T* row = mem_b + n * D;
-    A x[kCPL], s[kHP], wv[kHP];
-    cw_logits(row, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
+    A wv[kHP];
 #pragma unroll
     for (int h = 0; h < kHP; ++h) {
       wv[h] = (valid && h < hc) ? static_cast<A>(static_cast<T>(dexp(s[h] - lse[h]))) : A(0);
@@ -568,6 +612,19 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeavy)) content_write
       const T un = static_cast<T>(usage_step(a.decay, static_cast<A>(*up), sw));
       *up = un;
       argmin_merge(best_v, best_i, static_cast<A>(un), n);
+    }
+  };
+  if (L.ntiles == 1 && a.vec_ok) {
+    cw_unrolled<true>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, write_row);
+  } else if (L.ntiles == 1) {
+    cw_unrolled<false>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, write_row);
+  } else {
+    for (int64_t it = 0; it < iters; ++it) {
+      const int64_t n = n_begin + it * S + L.stream;
+      const bool valid = n < n_end;
+      A x[kCPL], s[kHP];
+      cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
+      write_row(n, valid, x, s);
     }
   }
   if (a.usage != nullptr) {

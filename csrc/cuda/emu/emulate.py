@@ -125,14 +125,23 @@ SHAPES = [(2, 7, 64, 4), (1, 100, 3, 1), (1, 40, 1, 6), (2, 20, 300, 5), (1, 70,
 QUICK = [(1, 40, 300, 5)]
 
 
-def check(only, shapes=SHAPES):
+def check(only, shapes=SHAPES, save=None, against=None):
+    """Compares every op with its reference. save: a path to write every output to (torch.save);
+    against: such a file, whose outputs this run must equal bit for bit (a kernel change that
+    should not change the arithmetic, such as an unrolled loop, is checked this way)."""
     E = torch.ops.neuralmem_emu
     fails = []
+    outputs = {}
+    before = torch.load(against) if against else None
     TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (2e-5, 2e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
     compared = set()
 
     def close(name, got, want, dt, scale=1.0):
         compared.add(name.rsplit(" ", 1)[0])
+        outputs[name] = got.detach().clone()
+        if before is not None and not (name in before and before[name].dtype == got.dtype
+                                       and torch.equal(before[name], got)):
+            fails.append(name + " (not bit for bit)"); print("FAIL bitwise", name)
         atol, rtol = TOL[dt]
         if name.startswith(("read_bwd dm", "addr_bwd dm")) and dt in (torch.float32, torch.float64):
             # The zero slot's gradient is ~1/eps (1e12) per term and cancels: its
@@ -221,6 +230,10 @@ def check(only, shapes=SHAPES):
                 fails.append("rw least " + tag); print("FAIL rw least", tag, least5, torch.argmin(u5, 1))
         print("done", tag, flush=True)
     print("compared:", ", ".join(sorted(compared)))
+    if save:
+        torch.save(outputs, save)
+    if before is not None:
+        print(f"bit for bit against {against}: {len(outputs)} outputs compared")
     print("FAILURES:", len(fails))
     for f in fails:
         print(" ", f)
@@ -320,6 +333,8 @@ def main():
                    help="all = the dense ops (read and write); sparse = the neuralmem_sparse ops, on their own")
     p.add_argument("--build-dir", default=os.path.join(ROOT, "build", "emu"))
     p.add_argument("--quick", action="store_true", help="one shape (every op, dtype and path) instead of six")
+    p.add_argument("--save", help="write every output of the dense ops to this file (torch.save)")
+    p.add_argument("--against", help="a file written by --save: every output must equal it bit for bit")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
     build(args.build_dir, sparse=args.only == "sparse")
@@ -327,7 +342,7 @@ def main():
         return 1 if check_sparse(args.quick) else 0
     global ops
     from neuralmem_fast import ops
-    return 1 if check(args.only, QUICK if args.quick else SHAPES) else 0
+    return 1 if check(args.only, QUICK if args.quick else SHAPES, args.save, args.against) else 0
 
 
 if __name__ == "__main__":

@@ -70,10 +70,15 @@ def _read_fused_fwd_kernel(mem_ptr, key_ptr, beta_ptr, out_ptr, m_out_ptr, l_out
     m_i = tl.full((BH,), float("-inf"), ACC)
     l_i = tl.zeros((BH,), ACC)
     acc = tl.zeros((BH, BD), ACC)
+    # The next tile's loads are issued before this tile is used (two tiles in
+    # flight, as two tiles of registers would be, without doubling the
+    # product tiles); the arithmetic is that of one tile at a time.
+    m_next = _rows(base, start + tl.arange(0, BN), start + tl.arange(0, BN) < end, D, BD, ACC)
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         nmask = offs_n < end
-        m = _rows(base, offs_n, nmask, D, BD, ACC)
+        m = m_next
+        m_next = _rows(base, offs_n + BN, offs_n + BN < end, D, BD, ACC)
         c, sc, inv_n, big = _cosine(m, q, beta, eps, USE_DOT)
         sc = tl.where(nmask[None, :], sc, float("-inf"))
         m_i, l_i, alpha, p = _online(m_i, l_i, sc)

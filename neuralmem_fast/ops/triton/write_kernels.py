@@ -153,10 +153,14 @@ def _content_write_kernel(mem_ptr, u_ptr, key_ptr, beta_ptr, e_ptr, a_ptr, pm_pt
     inv = tl.where(ok, 1.0 / tot, float("nan"))
     best_v = tl.full((1,), float("inf"), ACC)
     best_i = tl.zeros((1,), tl.int32)
+    # The next tile's loads are issued before this tile is used and written
+    # (two tiles in flight; they are other rows, so no write is read early).
+    m_next = _rows(base, start + tl.arange(0, BN), start + tl.arange(0, BN) < end, D, BD, ACC)
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         nmask = offs_n < end
-        m = _rows(base, offs_n, nmask, D, BD, ACC)
+        m = m_next
+        m_next = _rows(base, offs_n + BN, offs_n + BN < end, D, BD, ACC)
         c, sc, inv_n, big = _cosine(m, q, beta, eps, False)
         w = tl.exp(tl.where(wmask[:, None] & nmask[None, :], sc - mx[:, None], float("-inf"))) * inv[:, None]
         keep = tl.reduce(1.0 - w[:, :, None] * e[:, None, :], 0, _mul)
