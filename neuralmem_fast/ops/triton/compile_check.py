@@ -48,7 +48,7 @@ def compile_only(arch=90, sms=None, inspect=False):
     target = GPUTarget("cuda", arch, 32)
     done, seen = [], set()
 
-    def hook(kernel, args, meta, num_warps):
+    def hook(kernel, args, meta, num_warps, num_stages=None):
         names = kernel.arg_names
         sig, consts = {}, {}
         for name, val in zip(names, args):
@@ -66,13 +66,17 @@ def compile_only(arch=90, sms=None, inspect=False):
             sig[name] = "constexpr"
             consts[name] = val
         key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
-               num_warps)
+               num_warps, num_stages)
         if key in seen:
             return
         seen.add(key)
+        options = {"num_warps": num_warps, "maxnreg": planning.MAX_REGS}
+        if num_stages is not None:
+            options["num_stages"] = num_stages
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
-                                  options={"num_warps": num_warps, "maxnreg": planning.MAX_REGS})
+                                  options=options)
         rec = {"name": kernel.__name__, "consts": {k: str(v) for k, v in consts.items()}, "num_warps": num_warps,
+               "num_stages": num_stages,
                "dtype": next((v for k, v in sig.items() if k == "mem_ptr" or k == "g_ptr"), None)
                or next((v for v in sig.values() if v.startswith("*f")), "?")}
         if inspect:

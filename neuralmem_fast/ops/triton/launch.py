@@ -61,6 +61,13 @@ def _content_backward(read, g, w, lse, memory, keys, strengths, eps):
     exact = memory.dtype in (torch.float16, torch.bfloat16) or (read and N <= p.BN)
     lse_tol = 2.0 ** -44 if memory.dtype == torch.float64 else 2.0 ** -19
     meta = dict(BN=p.BN, BD=p.BD, BH=p.BH, USE_DOT=p.use_dot, READ=read, EXACT=exact, LSE_TOL=lse_tol, ACC=ACC)
+    if p.use_dot and read:
+        # Triton's pipelining of the memory tile that feeds tl.dot keeps more
+        # live state: at sixteen heads under 128 registers the float32
+        # content_read backward spilled 3 stores with it and none without
+        # (content_addressing's backward is the other way round, 0 and 1;
+        # tests/test_kernel_resources.py).
+        meta["num_stages"] = 1
     lse = lse if lse is not None else strengths
     if p.S == 1:
         _launch(_content_bwd_kernel, B, g, w, lse, strengths, memory, keys, strengths, dm, dk, db,

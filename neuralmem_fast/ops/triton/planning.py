@@ -160,10 +160,13 @@ def _plan(B, N, D, heads, dtype, device, dot_ok=False, tile=_TILE, warps_tile=No
 _LAUNCH_HOOK = None
 
 
-def _launch(kernel, programs, *args, num_warps=4, **meta):
+def _launch(kernel, programs, *args, num_warps=4, num_stages=None, **meta):
+    """num_stages: Triton's software pipelining depth of the kernel's loops (None: Triton's default)."""
     if programs <= 0:
         return
     if _LAUNCH_HOOK is not None:
-        _LAUNCH_HOOK(kernel, args, meta, num_warps)
+        _LAUNCH_HOOK(kernel, args, meta, num_warps, num_stages)
         return
+    if num_stages is not None:
+        meta["num_stages"] = num_stages
     kernel[(programs,)](*args, num_warps=num_warps, maxnreg=MAX_REGS, **meta)
