@@ -320,3 +320,25 @@ def test_bank_unbatched_reverse_equals_checkpoint(backend):
         got[scheme] = (torch.autograd.grad(loss, m)[0], b.usage.clone())
     torch.testing.assert_close(got["reverse"][0], got["checkpoint"][0], rtol=0, atol=1e-10)
     torch.testing.assert_close(got["reverse"][1], got["checkpoint"][1], rtol=0, atol=1e-12)
+
+
+def test_bank_segment_means_checkpoint():
+    """An explicit segment is a checkpointing choice: "auto" takes "checkpoint" for it (same gradients as
+    the reversed writes), and the schemes that keep no segments refuse one."""
+    memory, xs, r, f = _inputs(1)
+    rk, rs, wk, ws, er, ad = xs
+    args = (rk, rs, wk[:, :, 0], ad[:, :, 0], er[:, :, 0], ws)
+    grads, kinds = {}, {}
+    for name, kw in (("auto+segment", dict(segment=2)), ("checkpoint", dict(backprop="checkpoint", segment=2)),
+                     ("reverse", dict(backprop="reverse"))):
+        b = _bank("torch", "content", memory)
+        m = b.memory
+        reads = b.sequence(*args, **kw)
+        kinds[name] = type(reads.grad_fn).__name__
+        loss = (reads * r.reshape(T, B, -1)).sum() + (b.memory * f).sum()
+        grads[name] = torch.autograd.grad(loss, m)[0]
+    assert kinds["auto+segment"] == kinds["checkpoint"] != kinds["reverse"], kinds
+    torch.testing.assert_close(grads["auto+segment"], grads["reverse"], rtol=0, atol=1e-10)
+    for kw in (dict(backprop="reverse"), dict(backprop="full"), dict(checkpoint=False)):
+        with pytest.raises(ValueError, match="segment=2 applies to backprop='checkpoint' only"):
+            _bank("torch", "content", memory).sequence(*args, segment=2, **kw)

@@ -395,7 +395,9 @@ class NeuralMemoryBank(nn.Module):
           recomputes the segment in the backward: about 2 sqrt(T) copies.
         - "full": plain autograd, every step's memory kept (T+1 copies).
         - "auto" (default): "reverse" where it applies, else "checkpoint";
-          `checkpoint=False` means "full", as it did before `backprop` existed.
+          `checkpoint=False` means "full", as it did before `backprop` existed,
+          and an explicit `segment` means "checkpoint" (a segment length is a
+          checkpointing choice; "reverse" and "full" refuse one).
 
         Afterwards the bank's memory is the last step's, still in the graph,
         and usage is updated (detached), as T calls of `read` and `write`
@@ -415,10 +417,15 @@ class NeuralMemoryBank(nn.Module):
         if backprop == "auto":
             if not checkpoint:
                 backprop = "full"
+            elif segment is not None:
+                backprop = "checkpoint"
             elif self.write_mode != "none" and memory.dtype in (torch.float32, torch.float64):
                 backprop = "reverse"
             else:
                 backprop = "checkpoint"
+        if segment is not None and backprop != "checkpoint":
+            raise ValueError(f"segment={segment!r} applies to backprop='checkpoint' only; backprop is {backprop!r}"
+                             + (" (checkpoint=False)" if not checkpoint else ""))
         if backprop == "reverse":
             return self._reverse_sequence(memory, usage, names, xs, max_amplification)
         if max_amplification is not None:
