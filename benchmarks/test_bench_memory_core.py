@@ -10,6 +10,12 @@ squared loss, backward and an Adam step. Providers:
   "MemoryCore top-k"  the same with alloc_topk=64
   "LSTM (same size)"  nn.LSTM of 64 units and a linear read-out, no memory
                       (baseline when the dnc package is absent)
+  "MemoryCore, no access"  MemoryCore with its memory access replaced by
+                      reads = read keys: the controller, interface and output
+                      layers step by step as in MemoryCore, no memory touched.
+                      What MemoryCore's step costs before any memory op, so a
+                      floor for every access implementation under this
+                      eager, step-by-step controller (N = 128 only)
 N = 128 and 1,024 for all; N = 10^5 for MemoryCore only (the dnc package's
 N x N links would need 16 x 10^10 floats), with batch 4: every step keeps its
 memory for the backward (22 x 16 x 10^5 x 64 floats would be 9 GB at batch 16).
@@ -23,7 +29,7 @@ import torch
 
 SETTING = dict(batch=16, steps=22, reads=4, word=64, hidden=64, io=10)
 CASES = [(128, 16), (1024, 16), (100_000, 4)]
-PROVIDERS = ("dnc package", "MemoryCore", "MemoryCore top-k", "LSTM (same size)")
+PROVIDERS = ("dnc package", "MemoryCore", "MemoryCore top-k", "LSTM (same size)", "MemoryCore, no access")
 
 
 def has_dnc_package():
@@ -64,6 +70,13 @@ def make_model(provider, N):
         net = _LSTM(s["io"], s["hidden"])
         return net, net
     from neuralmem_fast.nn import MemoryCore
+    if provider == "MemoryCore, no access":
+        if N != 128:
+            pytest.skip("no memory: its step does not depend on N (measured at N=128)")
+        net = MemoryCore(s["io"], s["io"], N, s["word"], s["reads"], 1, hidden_size=s["hidden"])
+        # The state passes through untouched; the reads are the read keys, so the interface stays in the graph.
+        net.access.forward = lambda iface, state, validate=True: (iface.read_keys, state)
+        return net, lambda x: net(x)[0]
     topk = 64 if provider.endswith("top-k") else None
     net = MemoryCore(s["io"], s["io"], N, s["word"], s["reads"], 1, hidden_size=s["hidden"], alloc_topk=topk)
     return net, lambda x: net(x)[0]
