@@ -143,9 +143,9 @@ _ELEM = {"*fp16": 2, "*bf16": 2, "*fp32": 4, "*fp64": 8}
 
 
 # Loads in flight per SM that content_read's forward and content_write_ must
-# reach in float32 (CUDA at every launch; Triton at the streaming shape: one
-# head, D = 64, N = 2^24, where the memory tile is widest), about what HBM3e
-# needs per SM: bandwidth x latency / SMs.
+# reach (CUDA: every dtype, at D <= 256; Triton: float32 at the streaming
+# shape, one head, D = 64, N = 2^24, where the memory tile is widest), about
+# what HBM3e needs per SM: bandwidth x latency / SMs.
 GOAL_IN_FLIGHT = 32 * 1024
 STREAMING_SHAPE = [1, 1 << 24, 1, 64, 1]
 
@@ -225,26 +225,27 @@ def min_blocks(expr, dtype):
     return 3 if weight == "kHeavy" and dtype != "float64" else 2
 
 
-# Streaming kernels whose one-tile rows (D <= 256) are loaded kUnroll at a
-# time before the first is used (common.cuh); the others load one row at a time.
+# Streaming kernels whose one-tile rows (D <= 256) are loaded kUnrollBytes
+# per lane at a time before the first is used (common.cuh); the others load
+# one tile (kCPL elements) per lane at a time.
 _CUDA_UNROLLED = ("fwd_kernel", "content_write_kernel")
 
 
-def _cuda_unroll():
+def _cuda_unroll_bytes():
     common = open(os.path.join(REPO, "csrc", "cuda", "common.cuh")).read()
-    return int(re.search(r"constexpr int kUnroll = (\d+);", common).group(1))
+    return int(re.search(r"constexpr int kUnrollBytes = (\d+);", common).group(1))
 
 
 def _cuda_in_flight(name, dtype, threads, resident, src_dir):
-    """Streaming kernels: kCPL columns a lane loads per iteration (times kUnroll rows where the loop is
-    unrolled), times lanes, times resident blocks."""
+    """Streaming kernels: the bytes a lane loads before it uses them (kUnrollBytes where the loop is unrolled,
+    else its kCPL columns of one row), times lanes, times resident blocks."""
     if name not in ("fwd_kernel", "bwd_kernel", "write_bwd_kernel", "content_write_kernel"):
         return None
     common = open(os.path.join(src_dir, "common.cuh")).read()
     cpl = int(re.search(r"constexpr int kCPL = (\d+);", common).group(1))
-    unroll = int(re.search(r"constexpr int kUnroll = (\d+);", common).group(1)) if name in _CUDA_UNROLLED else 1
     elem = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-    return threads * cpl * elem * unroll * resident
+    per_lane = _cuda_unroll_bytes() if name in _CUDA_UNROLLED else cpl * elem
+    return threads * per_lane * resident
 
 
 # Spills left open, by mangled-name fragment: the most spill stores allowed
@@ -293,7 +294,7 @@ def test_cuda_resources():
             full = subprocess.run([demangle, mangled], capture_output=True, text=True).stdout.strip()
             full = re.sub(r"neuralmem::cuda::(\(anonymous namespace\)::)?", "", full).split("(")[0]
         flight = _cuda_in_flight(name, dtype, threads, fit, src)
-        if name in _CUDA_UNROLLED and dtype == "float32" and flight < GOAL_IN_FLIGHT:
+        if name in _CUDA_UNROLLED and flight < GOAL_IN_FLIGHT:
             bad.append(f"{mangled} ({dtype}): {flight / 1024:.0f} KB in flight per SM, under the "
                        f"{GOAL_IN_FLIGHT // 1024} KB goal")
         rows.append((full, dtype, threads, r, st, fit, want, flight, known is not None))
@@ -326,10 +327,12 @@ def test_write_report():
         "KB in flight/SM: an estimate of the memory loads one SM keeps outstanding in a streaming loop, "
         "resident blocks x the bytes one block's iteration loads (Triton: the BN x BD memory tile, two of them "
         "where the loop loads the next tile before it uses this one: content_read's forward and content_write_; "
-        f"CUDA: kThreads lanes x kCPL columns each, times kUnroll = {_cuda_unroll()} rows for content_read's forward "
-        "(`fwd_kernel`, every mode) and `content_write_kernel`, whose loops load four rows before they use the "
-        "first, at D <= 256). The goal is 32 KB for those two ops in float32, about what HBM3e needs per SM "
-        "(bandwidth x latency / SMs); it is an estimate from the code, not a measurement on a card.",
+        "CUDA: kThreads lanes x kCPL columns each; for content_read's forward (`fwd_kernel`, every mode) and "
+        f"`content_write_kernel`, whose loops load {_cuda_unroll_bytes()} bytes of rows per lane before they use "
+        "the first (4 rows of float, 8 of half, 2 of double, at D <= 256), kThreads x that). The goal is 32 KB "
+        "for those two ops (CUDA: every dtype; Triton: float32 at one head, D = 64, N = 2^24), about what "
+        "HBM3e needs per SM (bandwidth x latency / SMs); it is an estimate from the code, not a measurement "
+        "on a card.",
         "",
         "Float64 kernels may spill (their accumulators are twice as wide); the tables mark it. Half and "
         "bfloat16 kernels keep half the bytes in flight of their float32 twins at the same tile.",

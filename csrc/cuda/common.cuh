@@ -45,14 +45,19 @@ constexpr int kHP = 4;                   // heads handled together (registers pe
 constexpr int64_t kMinChunk = 1024;      // fewest slots worth a split of their own
 constexpr int kMaxSplits = 4096;         // bounds the combine kernels' shared scale table
 constexpr int kBlocksPerSM = 4;          // resident blocks per SM when the runtime cannot tell (see occupancy)
-// Rows a stream of the content streaming kernels (content_read's forward,
-// content_write_) loads before it uses the first: the loads of kUnroll rows
-// are issued back to back, then the rows are used in slot order, so the
-// arithmetic (and every result bit) is that of one row at a time while a
-// block keeps kThreads * kCPL * kUnroll elements in flight, 16 KB in float32.
-// At the two resident blocks these kernels are built for that is 32 KB per SM,
-// about what HBM3e needs to run at its bandwidth (bandwidth x latency / SMs).
-constexpr int kUnroll = 4;
+// Bytes of memory a lane of the content streaming kernels (content_read's
+// forward, content_write_) loads before it uses the first row: the loads of
+// unroll_rows<T>() rows are issued back to back, kept as loaded (not yet
+// widened), then the rows are used in slot order, so the arithmetic (and
+// every result bit) is that of one row at a time while a block keeps
+// kThreads * kUnrollBytes = 16 KB in flight in every dtype. At the two
+// resident blocks these kernels are built for that is 32 KB per SM, about
+// what HBM3e needs to run at its bandwidth (bandwidth x latency / SMs).
+constexpr int kUnrollBytes = 128;
+template <typename T>
+constexpr int unroll_rows() {  // 4 rows of float, 8 of half or bfloat16, 2 of double
+  return kUnrollBytes / (kCPL * static_cast<int>(sizeof(T)));
+}
 
 // Fewest resident blocks per SM a kernel of kThreads threads is built for:
 // __launch_bounds__(kThreads, min_blocks<T>(weight)) caps its registers at
@@ -160,33 +165,45 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ row, int D, int 
   }
 }
 
-// load_tile with the vector-or-scalar choice made at compile time: the
-// unrolled streaming loops are instantiated for both and pick one per block,
-// so each of their loads is one predicated instruction (VEC_OK: a 16-byte
-// load or zeros) instead of a branch between the two kinds. Same values as
-// load_tile with vec_ok == VEC_OK.
-template <bool VEC_OK, typename T, typename A>
-__device__ __forceinline__ void load_tile_as(const T* __restrict__ row, int D, int t, const Lanes& L, bool valid,
-                                             A (&x)[kCPL]) {
+// This lane's kCPL elements of a tile, as loaded (T, not yet widened).
+template <typename T>
+struct RawTile {
+  Pack<T, Vec<T>::VEC> p[Vec<T>::UPL];
+};
+
+// load_tile's loads into a RawTile, with the vector-or-scalar choice made at
+// compile time: the unrolled streaming loops are instantiated for both and
+// pick one per block, so each of their loads is one predicated instruction
+// (VEC_OK: a 16-byte load or zeros) instead of a branch between the two
+// kinds. widen_tile(load_raw_tile<vec_ok>(...)) gives load_tile's values.
+template <bool VEC_OK, typename T>
+__device__ __forceinline__ void load_raw_tile(const T* __restrict__ row, int D, int t, const Lanes& L, bool valid,
+                                              RawTile<T>& r) {
   constexpr int VEC = Vec<T>::VEC;
 #pragma unroll
   for (int j = 0; j < Vec<T>::UPL; ++j) {
     const int c0 = t * L.tile_cols + (L.lig + j * L.G) * VEC;
     if constexpr (VEC_OK) {
-      Pack<T, VEC> p;
       if (valid && c0 + VEC <= D) {
-        p = *reinterpret_cast<const Pack<T, VEC>*>(row + c0);
+        r.p[j] = *reinterpret_cast<const Pack<T, VEC>*>(row + c0);
       } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) p.v[k] = T(0);
+        for (int k = 0; k < VEC; ++k) r.p[j].v[k] = T(0);
       }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) x[j * VEC + k] = static_cast<A>(p.v[k]);
     } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) x[j * VEC + k] = (valid && c0 + k < D) ? static_cast<A>(row[c0 + k]) : A(0);
+      for (int k = 0; k < VEC; ++k) r.p[j].v[k] = (valid && c0 + k < D) ? row[c0 + k] : T(0);
     }
   }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void widen_tile(const RawTile<T>& r, A (&x)[kCPL]) {
+  constexpr int VEC = Vec<T>::VEC;
+#pragma unroll
+  for (int j = 0; j < Vec<T>::UPL; ++j)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) x[j * VEC + k] = static_cast<A>(r.p[j].v[k]);
 }
 
 // Adds one tile of a slot row (this lane's columns v) to its squared norm

@@ -284,22 +284,25 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) fwd_kernel
       }
     }
   };
-  // kUnroll rows per stream in flight (common.cuh): their loads first, then
-  // their use in slot order; VEC_OK chooses the kind of load at compile time.
+  // unroll_rows<T>() rows per stream in flight (kUnrollBytes, common.cuh):
+  // their loads first, then their use in slot order; VEC_OK chooses the
+  // kind of load at compile time.
   auto unrolled = [&](auto vec_ok) {
-    for (int64_t it = 0; it < iters; it += kUnroll) {
-      A xs[kUnroll][kCPL];
+    constexpr int U = unroll_rows<T>();
+    for (int64_t it = 0; it < iters; it += U) {
+      RawTile<T> raw[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int64_t n = n_begin + (it + u) * S + L.stream;
-        load_tile_as<decltype(vec_ok)::value>(mem_b + n * D, D, 0, L, n < n_end, xs[u]);
+        load_raw_tile<decltype(vec_ok)::value>(mem_b + n * D, D, 0, L, n < n_end, raw[u]);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int64_t n = n_begin + (it + u) * S + L.stream;
-        A sq = 0, dot[kHP] = {};
-        if constexpr (kNeedDots) scan_loaded_row(xs[u], L, q, sq, dot);
-        use_row(n, n < n_end, xs[u], sq, dot);
+        A x[kCPL], sq = 0, dot[kHP] = {};
+        widen_tile(raw[u], x);
+        if constexpr (kNeedDots) scan_loaded_row(x, L, q, sq, dot);
+        use_row(n, n < n_end, x, sq, dot);
       }
     }
   };

@@ -396,26 +396,29 @@ __device__ __forceinline__ void cw_loaded_logits(const A (&x)[kCPL], const Lanes
   cw_scores(sq, dot, L, beta, eps, s);
 }
 
-// Walks a stream's one-tile rows kUnroll at a time (common.cuh): the loads of
-// kUnroll rows first, then use(n, valid, x, s) on each in slot order, with
-// its logits s; VEC_OK chooses the kind of load at compile time.
+// Walks a stream's one-tile rows unroll_rows<T>() at a time (kUnrollBytes,
+// common.cuh): the loads of those rows first, then use(n, valid, x, s) on
+// each in slot order, with its logits s; VEC_OK chooses the kind of load at
+// compile time.
 template <bool VEC_OK, typename T, typename A, typename F>
 __device__ __forceinline__ void cw_unrolled(const T* mem_b, int64_t n_begin, int64_t n_end, int64_t iters, int S,
                                             int D, const Lanes& L, const A (&beta)[kHP], A eps,
                                             const A (&q)[kHP][kCPL], F&& use) {
-  for (int64_t it = 0; it < iters; it += kUnroll) {
-    A xs[kUnroll][kCPL];
+  constexpr int U = unroll_rows<T>();
+  for (int64_t it = 0; it < iters; it += U) {
+    RawTile<T> raw[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t n = n_begin + (it + u) * S + L.stream;
-      load_tile_as<VEC_OK>(mem_b + n * D, D, 0, L, n < n_end, xs[u]);
+      load_raw_tile<VEC_OK>(mem_b + n * D, D, 0, L, n < n_end, raw[u]);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t n = n_begin + (it + u) * S + L.stream;
-      A s[kHP];
-      cw_loaded_logits(xs[u], L, beta, eps, q, s);
-      use(n, n < n_end, xs[u], s);
+      A x[kCPL], s[kHP];
+      widen_tile(raw[u], x);
+      cw_loaded_logits(x, L, beta, eps, q, s);
+      use(n, n < n_end, x, s);
     }
   }
 }
