@@ -197,6 +197,18 @@ __device__ __forceinline__ void load_raw_tile(const T* __restrict__ row, int D, 
   }
 }
 
+// The U one-tile rows n_begin + (it + u) * S + stream (u < U) of a stream,
+// each loaded as load_raw_tile does (zeros from n_end on), loads only.
+template <bool VEC_OK, int U, typename T>
+__device__ __forceinline__ void load_raw_rows(const T* mem_b, int64_t n_begin, int64_t it, int S, int64_t n_end,
+                                              int D, const Lanes& L, RawTile<T> (&raw)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t n = n_begin + (it + u) * S + L.stream;
+    load_raw_tile<VEC_OK>(mem_b + n * D, D, 0, L, n < n_end, raw[u]);
+  }
+}
+
 template <typename T, typename A>
 __device__ __forceinline__ void widen_tile(const RawTile<T>& r, A (&x)[kCPL]) {
   constexpr int VEC = Vec<T>::VEC;

@@ -291,11 +291,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) fwd_kernel
     constexpr int U = unroll_rows<T>();
     for (int64_t it = 0; it < iters; it += U) {
       RawTile<T> raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t n = n_begin + (it + u) * S + L.stream;
-        load_raw_tile<decltype(vec_ok)::value>(mem_b + n * D, D, 0, L, n < n_end, raw[u]);
-      }
+      load_raw_rows<decltype(vec_ok)::value, U>(mem_b, n_begin, it, S, n_end, D, L, raw);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t n = n_begin + (it + u) * S + L.stream;

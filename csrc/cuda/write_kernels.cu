@@ -407,11 +407,7 @@ __device__ __forceinline__ void cw_unrolled(const T* mem_b, int64_t n_begin, int
   constexpr int U = unroll_rows<T>();
   for (int64_t it = 0; it < iters; it += U) {
     RawTile<T> raw[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t n = n_begin + (it + u) * S + L.stream;
-      load_raw_tile<VEC_OK>(mem_b + n * D, D, 0, L, n < n_end, raw[u]);
-    }
+    load_raw_rows<VEC_OK, U>(mem_b, n_begin, it, S, n_end, D, L, raw);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t n = n_begin + (it + u) * S + L.stream;
@@ -470,6 +466,24 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) content_wr
   const int S = L.nstreams();
   const int64_t iters = n_end > n_begin ? (n_end - n_begin + S - 1) / S : 0;
 
+  // Every row of this split, in slot order, to use(n, valid, x, s): x the
+  // row's first tile, s its logits (both passes run the same arithmetic).
+  auto for_rows = [&](auto&& use) {
+    if (L.ntiles == 1 && a.vec_ok) {
+      cw_unrolled<true>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, use);
+    } else if (L.ntiles == 1) {
+      cw_unrolled<false>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, use);
+    } else {
+      for (int64_t it = 0; it < iters; ++it) {
+        const int64_t n = n_begin + it * S + L.stream;
+        const bool valid = n < n_end;
+        A x[kCPL], s[kHP];
+        cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
+        use(n, valid, x, s);
+      }
+    }
+  };
+
   __shared__ A sh_stat[kWarps][kHP];
   __shared__ A sh_lse[kHP];
   if (a.phase != kUpdate) {
@@ -493,19 +507,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) content_wr
         }
       }
     };
-    if (L.ntiles == 1 && a.vec_ok) {
-      cw_unrolled<true>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, stat_row);
-    } else if (L.ntiles == 1) {
-      cw_unrolled<false>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, stat_row);
-    } else {
-      for (int64_t it = 0; it < iters; ++it) {
-        const int64_t n = n_begin + it * S + L.stream;
-        const bool valid = n < n_end;
-        A x[kCPL], s[kHP];
-        cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
-        stat_row(n, valid, x, s);
-      }
-    }
+    for_rows(stat_row);
     A M[kHP];
 #pragma unroll
     for (int h = 0; h < kHP; ++h) {
@@ -617,19 +619,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>(kHeaviest)) content_wr
       argmin_merge(best_v, best_i, static_cast<A>(un), n);
     }
   };
-  if (L.ntiles == 1 && a.vec_ok) {
-    cw_unrolled<true>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, write_row);
-  } else if (L.ntiles == 1) {
-    cw_unrolled<false>(mem_b, n_begin, n_end, iters, S, D, L, beta, a.eps, q, write_row);
-  } else {
-    for (int64_t it = 0; it < iters; ++it) {
-      const int64_t n = n_begin + it * S + L.stream;
-      const bool valid = n < n_end;
-      A x[kCPL], s[kHP];
-      cw_logits(mem_b + n * D, valid, D, L, a.vec_ok, keys_h, vm, den, beta, a.eps, q, x, s);
-      write_row(n, valid, x, s);
-    }
-  }
+  for_rows(write_row);
   if (a.usage != nullptr) {
     block_argmin(best_v, best_i);
     if (threadIdx.x == 0) {
