@@ -105,7 +105,8 @@ def _ids(shapes, dtype=None):
 # (B, N, D, H, W). At D = 64 the CPU kernels split N = 2048 into 2 to 11
 # chunks per memory depending on the op (memory_read included, which N = 1000
 # keeps in one chunk), and B = 2 puts two memories' partials side by side.
-MULTI_CHUNK = [(2, 2048, 64, 4, 2)]
+# W = 1 takes the CPU write backward's register path (its chunk sums kept in registers).
+MULTI_CHUNK = [(2, 2048, 64, 4, 2), (2, 2048, 64, 4, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: shape_id(dtype=d))

@@ -274,7 +274,8 @@ def test_half_backward(device, backend, dtype):
 # --------------------------------------------------------------------------
 # gradcheck (float64) of every differentiable op
 # --------------------------------------------------------------------------
-GRAD_SHAPES = [(1, 1, 1, 1, 1), (2, 7, 3, 2, 2), (1, 128, 3, 4, 1)]
+# (1, 9, 16, 2, 1): whole vectors and one write head, the CPU write backward's register path
+GRAD_SHAPES = [(1, 1, 1, 1, 1), (2, 7, 3, 2, 2), (1, 128, 3, 4, 1), (1, 9, 16, 2, 1)]
 GRAD_IDS = [shape_id(B=b, N=n, D=d, H=h, W=w) for b, n, d, h, w in GRAD_SHAPES]
 
 

@@ -105,6 +105,48 @@ void memory_write_typed(const at::Tensor& memory_t, const at::Tensor& w_t, const
 // never a division, so w e = 1 is fine):
 //   dm = g keep; da_w = sum_n w_w g; de_w = -sum_n w_w g m excl_w;
 //   dw_w = sum_d g a_w - g m e_w excl_w.
+// memory_write_backward's rows [n0, n1) of memory b for one write head and
+// D = NV lanes-wide vectors: the general loop below with its factors of
+// exactly 1 written out (suffix f * 1, te = tm * (1 * 1)), so the same
+// operations in the same order and the same bits; what it drops are the
+// per-vector stores and reloads of those factors and of the dE, dA
+// accumulators, which stay in registers for the chunk (dE, dA: its sums).
+template <int NV, typename T, typename A>
+void write_bwd_rows_w1(const T* g, const T* mem, const T* w, const A* E, const A* Ad, int64_t b, int64_t N,
+                       int64_t n0, int64_t n1, T* dm, T* dw, A* dE, A* dA, A* gbuf, A* mbuf, A* dmbuf) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t D = NV * V;
+  const Vec one(A(1));
+  Vec accE[NV], accA[NV];
+  for (int i = 0; i < NV; ++i) accE[i] = accA[i] = Vec(A(0));
+  for (int64_t n = n0; n < n1; ++n) {
+    const A wn = static_cast<A>(w[b * N + n]);
+    const A* gr = widen(g + (b * N + n) * D, gbuf, D);
+    const A* mr = widen(mem + (b * N + n) * D, mbuf, D);
+    A* dmr = std::is_same_v<T, A> ? reinterpret_cast<A*>(dm + (b * N + n) * D) : dmbuf;
+    Vec dwv(A(0));
+    for (int i = 0; i < NV; ++i) {
+      const Vec gg = Vec::loadu(gr + i * V);
+      const Vec x = Vec::loadu(mr + i * V);
+      const Vec e = Vec::loadu(E + i * V);
+      const Vec f = at::vec::fmadd(Vec(-wn), e, one);
+      (gg * (f * one)).store(dmr + i * V);
+      const Vec te = (gg * x) * (one * one);
+      const Vec acc = at::vec::fmadd(gg, Vec::loadu(Ad + i * V), dwv);
+      dwv = acc - te * e;
+      accE[i] = at::vec::fmadd(Vec(-wn), te, accE[i]);
+      accA[i] = at::vec::fmadd(Vec(wn), gg, accA[i]);
+    }
+    dw[b * N + n] = static_cast<T>(hsum(dwv));
+    if constexpr (!std::is_same_v<T, A>) narrow(dmbuf, dm + (b * N + n) * D, D);
+  }
+  for (int i = 0; i < NV; ++i) {
+    accE[i].store(dE + i * V);
+    accA[i].store(dA + i * V);
+  }
+}
+
 template <typename T>
 void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory_t, const at::Tensor& w_t,
                                  const at::Tensor& e_t, const at::Tensor& a_t, at::Tensor& dm_t, at::Tensor& dw_t,
@@ -148,6 +190,17 @@ void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory
       A* dE = &part[t * rec];
       A* dA = dE + W * D;
       std::fill(dE, dE + rec, A(0));
+      if (W == 1 && D % V == 0) {  // one write head, whole vectors: the fast path of the same arithmetic
+        const auto rows = [&](auto nv) {
+          write_bwd_rows_w1<decltype(nv)::value>(g, mem, w, E.data(), Ad.data(), b, N, n0, n1, dm, dw, dE, dA,
+                                                 gbuf.data(), mbuf.data(), dmbuf.data());
+        };
+        const int64_t nv = D / V;
+        if (nv == 1) { rows(std::integral_constant<int, 1>{}); continue; }
+        if (nv == 2) { rows(std::integral_constant<int, 2>{}); continue; }
+        if (nv == 4) { rows(std::integral_constant<int, 4>{}); continue; }
+        if (nv == 8) { rows(std::integral_constant<int, 8>{}); continue; }
+      }
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t k = 0; k < W; ++k) wv[k] = static_cast<A>(w[(b * W + k) * N + n]);
         const A* gr = widen(g + (b * N + n) * D, gbuf.data(), D);
