@@ -93,7 +93,8 @@ def _write_inputs(B, N, D, W, dtype=torch.float64, seed=0):
     return [t.to(dtype) for t in (m, k, s, e, a)]
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 3, 1), (1, 9, 4, 3), (2, 300, 5, 2)])
+# (1, 9, 16, 1): one write head and whole vectors, the CPU backward's register path
+@pytest.mark.parametrize("shape", [(2, 7, 3, 1), (1, 9, 4, 3), (2, 300, 5, 2), (1, 9, 16, 1)])
 def test_content_write_gradcheck(shape):
     args = [t.requires_grad_(True) for t in _write_inputs(*shape)]
     assert torch.autograd.gradcheck(lambda *a: ops.content_write(*a, backend="cpu"), args)

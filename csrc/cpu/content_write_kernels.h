@@ -139,14 +139,60 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
       A* dA = p + W * D;
       A* Tt = p + 2 * W * D;
       std::fill(p, p + rec1, A(0));
-      for (int64_t nb = n0; nb < n1; nb += BS) {
-        const int64_t nj = std::min(BS, n1 - nb);
-        const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
-        const A* gr = widen(g + (b * N + nb) * D, gbuf.data(), nj * D);
+      // The block at nb: its rows and g (widened), and its weights in s.
+      auto block = [&](int64_t nb, int64_t nj, const A*& rows, const A*& gr) {
+        rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
+        gr = widen(g + (b * N + nb) * D, gbuf.data(), nj * D);
         dots_block(q.data(), W, rows, nj, D, s.data(), BS, nrm2.data());
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
         scale_logits(s.data(), W, nj, BS, beta.data(), inv.data());
         for (int64_t k = 0; k < W; ++k) exp_shift(s.data() + k * BS, nj, lse[b * W + k]);
+      };
+      // One write head, whole vectors: the loop below with its factors of 1
+      // written out and the chunk's dE, dA sums in registers (the same bits,
+      // as memory_write_backward's write_bwd_rows_w1).
+      auto chunk_w1 = [&](auto nvc) {
+        constexpr int NV = decltype(nvc)::value;
+        Vec accE[NV], accA[NV];
+        for (int i = 0; i < NV; ++i) accE[i] = accA[i] = Vec(A(0));
+        for (int64_t nb = n0; nb < n1; nb += BS) {
+          const int64_t nj = std::min(BS, n1 - nb);
+          const A *rows, *gr;
+          block(nb, nj, rows, gr);
+          for (int64_t j = 0; j < nj; ++j) {
+            const A wk = s[j];
+            Vec dwv(A(0));
+            for (int i = 0; i < NV; ++i) {
+              const Vec gg = Vec::loadu(gr + j * D + i * V);
+              const Vec te = (gg * Vec::loadu(rows + j * D + i * V)) * (one * one);
+              const Vec acc = at::vec::fmadd(gg, Vec::loadu(Ad.data() + i * V), dwv);
+              dwv = acc - te * Vec::loadu(E.data() + i * V);
+              accE[i] = at::vec::fmadd(Vec(-wk), te, accE[i]);
+              accA[i] = at::vec::fmadd(Vec(wk), gg, accA[i]);
+            }
+            const A dw = hsum(dwv);
+            const int64_t i = b * N + nb + j;
+            wsc[i] = wk;
+            dwsc[i] = dw;
+            Tt[0] += wk * dw;
+          }
+        }
+        for (int i = 0; i < NV; ++i) {
+          accE[i].store(dE + i * V);
+          accA[i].store(dA + i * V);
+        }
+      };
+      if (W == 1 && D % V == 0) {
+        const int64_t nv = D / V;
+        if (nv == 1) { chunk_w1(std::integral_constant<int, 1>{}); continue; }
+        if (nv == 2) { chunk_w1(std::integral_constant<int, 2>{}); continue; }
+        if (nv == 4) { chunk_w1(std::integral_constant<int, 4>{}); continue; }
+        if (nv == 8) { chunk_w1(std::integral_constant<int, 8>{}); continue; }
+      }
+      for (int64_t nb = n0; nb < n1; nb += BS) {
+        const int64_t nj = std::min(BS, n1 - nb);
+        const A *rows, *gr;
+        block(nb, nj, rows, gr);
         // Per row, vectorised over D as memory_write_backward: per-lane
         // factors f_k, suffix products, and dw accumulators summed at the end.
         for (int64_t j = 0; j < nj; ++j) {
