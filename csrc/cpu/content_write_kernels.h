@@ -163,12 +163,9 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
             const A wk = s[j];
             Vec dwv(A(0));
             for (int i = 0; i < NV; ++i) {
-              const Vec gg = Vec::loadu(gr + j * D + i * V);
-              const Vec te = (gg * Vec::loadu(rows + j * D + i * V)) * (one * one);
-              const Vec acc = at::vec::fmadd(gg, Vec::loadu(Ad.data() + i * V), dwv);
-              dwv = acc - te * Vec::loadu(E.data() + i * V);
-              accE[i] = at::vec::fmadd(Vec(-wk), te, accE[i]);
-              accA[i] = at::vec::fmadd(Vec(wk), gg, accA[i]);
+              write_bwd_vec_w1(Vec::loadu(gr + j * D + i * V), Vec::loadu(rows + j * D + i * V),
+                               Vec::loadu(E.data() + i * V), Vec::loadu(Ad.data() + i * V), wk, dwv, accE[i],
+                               accA[i]);
             }
             const A dw = hsum(dwv);
             const int64_t i = b * N + nb + j;
@@ -182,13 +179,7 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
           accA[i].store(dA + i * V);
         }
       };
-      if (W == 1 && D % V == 0) {
-        const int64_t nv = D / V;
-        if (nv == 1) { chunk_w1(std::integral_constant<int, 1>{}); continue; }
-        if (nv == 2) { chunk_w1(std::integral_constant<int, 2>{}); continue; }
-        if (nv == 4) { chunk_w1(std::integral_constant<int, 4>{}); continue; }
-        if (nv == 8) { chunk_w1(std::integral_constant<int, 8>{}); continue; }
-      }
+      if (with_w1_vectors<A>(W, D, chunk_w1)) continue;
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A *rows, *gr;

@@ -101,10 +101,38 @@ void memory_write_typed(const at::Tensor& memory_t, const at::Tensor& w_t, const
   });
 }
 
-// With f_w = 1 - w_w e_w and excl_w = prod_{v != w} f_v (prefix times suffix,
-// never a division, so w e = 1 is fine):
-//   dm = g keep; da_w = sum_n w_w g; de_w = -sum_n w_w g m excl_w;
-//   dw_w = sum_d g a_w - g m e_w excl_w.
+// One write head and D = NV whole vectors, the write backwards' fast case
+// (memory_write_backward, content_write's pass 1): calls f with
+// std::integral_constant<int, NV> and returns true, or returns false.
+template <typename A, typename F>
+bool with_w1_vectors(int64_t W, int64_t D, F&& f) {
+  constexpr int64_t V = Vectorized<A>::size();
+  if (W != 1 || D % V != 0) return false;
+  switch (D / V) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
+// One vector of a row in that case: g (gg), the row (x), erase (e) and add
+// (a) lanes, weight w; adds to the row's dw lanes (dwv) and to the chunk's
+// dE, dA sums. The general loop's operations with its factors of exactly 1
+// written out (te = g m (1 * 1)), so the same bits.
+template <typename A>
+C10_ALWAYS_INLINE void write_bwd_vec_w1(const Vectorized<A>& gg, const Vectorized<A>& x, const Vectorized<A>& e,
+                                        const Vectorized<A>& a, A w, Vectorized<A>& dwv, Vectorized<A>& accE,
+                                        Vectorized<A>& accA) {
+  const Vectorized<A> one(A(1));
+  const Vectorized<A> te = (gg * x) * (one * one);
+  const Vectorized<A> acc = at::vec::fmadd(gg, a, dwv);
+  dwv = acc - te * e;
+  accE = at::vec::fmadd(Vectorized<A>(-w), te, accE);
+  accA = at::vec::fmadd(Vectorized<A>(w), gg, accA);
+}
+
 // memory_write_backward's rows [n0, n1) of memory b for one write head and
 // D = NV lanes-wide vectors: the general loop below with its factors of
 // exactly 1 written out (suffix f * 1, te = tm * (1 * 1)), so the same
@@ -128,15 +156,10 @@ void write_bwd_rows_w1(const T* g, const T* mem, const T* w, const A* E, const A
     Vec dwv(A(0));
     for (int i = 0; i < NV; ++i) {
       const Vec gg = Vec::loadu(gr + i * V);
-      const Vec x = Vec::loadu(mr + i * V);
       const Vec e = Vec::loadu(E + i * V);
       const Vec f = at::vec::fmadd(Vec(-wn), e, one);
       (gg * (f * one)).store(dmr + i * V);
-      const Vec te = (gg * x) * (one * one);
-      const Vec acc = at::vec::fmadd(gg, Vec::loadu(Ad + i * V), dwv);
-      dwv = acc - te * e;
-      accE[i] = at::vec::fmadd(Vec(-wn), te, accE[i]);
-      accA[i] = at::vec::fmadd(Vec(wn), gg, accA[i]);
+      write_bwd_vec_w1(gg, Vec::loadu(mr + i * V), e, Vec::loadu(Ad + i * V), wn, dwv, accE[i], accA[i]);
     }
     dw[b * N + n] = static_cast<T>(hsum(dwv));
     if constexpr (!std::is_same_v<T, A>) narrow(dmbuf, dm + (b * N + n) * D, D);
@@ -147,6 +170,10 @@ void write_bwd_rows_w1(const T* g, const T* mem, const T* w, const A* E, const A
   }
 }
 
+// With f_w = 1 - w_w e_w and excl_w = prod_{v != w} f_v (prefix times suffix,
+// never a division, so w e = 1 is fine):
+//   dm = g keep; da_w = sum_n w_w g; de_w = -sum_n w_w g m excl_w;
+//   dw_w = sum_d g a_w - g m e_w excl_w.
 template <typename T>
 void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory_t, const at::Tensor& w_t,
                                  const at::Tensor& e_t, const at::Tensor& a_t, at::Tensor& dm_t, at::Tensor& dw_t,
@@ -190,16 +217,12 @@ void memory_write_backward_typed(const at::Tensor& g_t, const at::Tensor& memory
       A* dE = &part[t * rec];
       A* dA = dE + W * D;
       std::fill(dE, dE + rec, A(0));
-      if (W == 1 && D % V == 0) {  // one write head, whole vectors: the fast path of the same arithmetic
-        const auto rows = [&](auto nv) {
-          write_bwd_rows_w1<decltype(nv)::value>(g, mem, w, E.data(), Ad.data(), b, N, n0, n1, dm, dw, dE, dA,
-                                                 gbuf.data(), mbuf.data(), dmbuf.data());
-        };
-        const int64_t nv = D / V;
-        if (nv == 1) { rows(std::integral_constant<int, 1>{}); continue; }
-        if (nv == 2) { rows(std::integral_constant<int, 2>{}); continue; }
-        if (nv == 4) { rows(std::integral_constant<int, 4>{}); continue; }
-        if (nv == 8) { rows(std::integral_constant<int, 8>{}); continue; }
+      // One write head, whole vectors: the fast path of the same arithmetic.
+      if (with_w1_vectors<A>(W, D, [&](auto nv) {
+            write_bwd_rows_w1<decltype(nv)::value>(g, mem, w, E.data(), Ad.data(), b, N, n0, n1, dm, dw, dE, dA,
+                                                   gbuf.data(), mbuf.data(), dmbuf.data());
+          })) {
+        continue;
       }
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t k = 0; k < W; ++k) wv[k] = static_cast<A>(w[(b * W + k) * N + n]);
