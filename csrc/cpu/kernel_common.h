@@ -177,6 +177,22 @@ inline A exp_shift(A* x, int64_t n, A shift, A scale = A(1)) {
   return hsum(acc);
 }
 
+// The sum of exp(x[j] - shift), x unchanged: exp_shift's sum without its stores.
+template <typename A>
+inline A exp_sum(const A* x, int64_t n, A shift) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec vs(shift);
+  Vec acc(A(0));
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t m = std::min<int64_t>(V, n - j);
+    Vec e = (load_n(x + j, m) - vs).exp();
+    if (m < V) e = Vec::set(Vec(A(0)), e, m);
+    acc = acc + e;
+  }
+  return hsum(acc);
+}
+
 template <typename A>
 inline void scale_(A* x, int64_t n, A s) {
   using Vec = Vectorized<A>;

@@ -46,10 +46,8 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
       for (int64_t h = 0; h < H; ++h) {
         const A* sh = lg + h * N + n0;
         const A m = max_of(sh, n1 - n0);
-        A l = 0;
-        for (int64_t j = 0; j < n1 - n0; ++j) l += std::exp(sh[j] - m);
         part[(t * H + h) * 2] = m;
-        part[(t * H + h) * 2 + 1] = l;
+        part[(t * H + h) * 2 + 1] = exp_sum(sh, n1 - n0, m);
       }
     }
   });
