@@ -200,12 +200,17 @@ class DNCPackageModel(nn.Module):
 
 
 def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
-                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=DEFAULT_SPARSE_EPS):
+                hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=DEFAULT_SPARSE_EPS,
+                read_topk=None, write_rule="content"):
     """'core' (MemoryCore), 'sparse' (MemoryCore with sparse_k and index), 'lstm' (an LSTM with about the
-    core's parameter count) or 'dnc' (the dnc package)."""
+    core's parameter count) or 'dnc' (the dnc package). read_topk, write_rule: ablations of the core's
+    access (see MemoryAccess; 'core' only)."""
+    if (read_topk is not None or write_rule != "content") and kind != "core":
+        raise ValueError(f"read_topk and write_rule apply to the 'core' model only, got model {kind!r}")
     if kind == "core":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
-                          hidden_size=hidden_size, alloc_topk=alloc_topk)
+                          hidden_size=hidden_size, alloc_topk=alloc_topk, read_topk=read_topk,
+                          write_rule=write_rule)
     if kind == "sparse":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
                           hidden_size=hidden_size, sparse_k=sparse_k, index=index, sparse_eps=sparse_eps)

@@ -44,6 +44,12 @@ def _parser():
     p.add_argument("--sparse-eps", type=float, default=DEFAULT_SPARSE_EPS,
                    help=f"sparse model: norm floor of its cosine (default {DEFAULT_SPARSE_EPS:g}; see "
                         "nn/sparse_access.py)")
+    p.add_argument("--read-topk", type=int, default=None,
+                   help="core model: each read head's weights restricted to its K best slots, as a sparse "
+                        "read's (an ablation; default: the DNC's dense read)")
+    p.add_argument("--write-rule", default="content", choices=["content", "previous_reads"],
+                   help="core model: write by the write key's content (the DNC's) or to the previous step's "
+                        "reads (Sparse Access Memory's rule; an ablation)")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -82,7 +88,9 @@ def train_one(kind, args, log=print):
     n_in, n_out = task_sizes(args.task, kw)
     torch.manual_seed(args.seed)
     model = build_model(kind, n_in, n_out, args.memory_size, args.word_size, args.num_reads, args.num_writes,
-                        args.hidden_size, args.alloc_topk, args.sparse_k, args.index, args.sparse_eps)
+                        args.hidden_size, args.alloc_topk, args.sparse_k, args.index, args.sparse_eps,
+                        read_topk=args.read_topk if kind == "core" else None,
+                        write_rule=args.write_rule if kind == "core" else "content")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     threshold = _threshold(args)
@@ -192,6 +200,8 @@ def main(argv=None):
     for k in kinds:
         if k not in ("core", "sparse", "lstm", "dnc"):
             raise SystemExit(f"unknown model {k!r}: use core, sparse, lstm or dnc")
+    if (args.read_topk is not None or args.write_rule != "content") and "core" not in kinds:
+        raise SystemExit("--read-topk and --write-rule apply to the core model only: add core to --model")
     _, kw = _batch_fn(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "model")}
     settings.update(kw)

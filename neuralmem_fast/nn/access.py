@@ -58,12 +58,12 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import DEFAULT_SPARSE_EPS
+from ..ops.dnc import ALLOC_EPS, allocation, write_allocation_weights, write_weights_ref
+from ..ops.dnc import write_weights as fused_write_weights
+
+# allocation, write_allocation_weights and ALLOC_EPS live in ops/dnc.py with the fused op; re-exported here.
 
 __all__ = ["AccessInterface", "AccessState", "MemoryAccess", "allocation", "write_allocation_weights"]
-
-# DeepMind's _EPSILON: usage enters the allocation as eps + (1 - eps) u.
-ALLOC_EPS = 1e-6
-
 
 class AccessState(NamedTuple):
     """The access's recurrent state: memory (B,N,D), usage (B,N),
@@ -88,42 +88,6 @@ class AccessInterface(NamedTuple):
     free_gates: torch.Tensor
     allocation_gates: torch.Tensor
     write_gates: torch.Tensor
-
-
-def _sorted_allocation(sorted_usage):
-    """(1 - u_j) prod_{i<j} u_i over usage already sorted ascending."""
-    ones = torch.ones_like(sorted_usage[..., :1])
-    excl = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
-    return (1 - sorted_usage) * excl
-
-
-def allocation(usage, topk=None, tol=1e-6):
-    """The DNC's allocation weighting (B, N) of usage (B, N).
-
-    With `topk=k` (< N), the formula over the k least-used slots when the
-    product of their usages is below `tol` in every row, else the exact sort.
-    """
-    u = ALLOC_EPS + (1 - ALLOC_EPS) * usage
-    N = u.shape[-1]
-    if topk is not None and topk < N:
-        vals, idx = torch.topk(u, topk, dim=-1, largest=False, sorted=True)
-        if bool((vals.prod(dim=-1) < tol).all()):
-            return torch.zeros_like(u).scatter(-1, idx, _sorted_allocation(vals))
-    vals, idx = torch.sort(u, dim=-1, stable=True)
-    return torch.zeros_like(u).scatter(-1, idx, _sorted_allocation(vals))
-
-
-def write_allocation_weights(usage, gates, topk=None, tol=1e-6):
-    """Allocation weights (B, W, N) for W write heads, allocated one after
-    another: head i sorts the usage raised by heads < i, u += (1 - u) g_i a_i
-    with g_i = write gate * allocation gate (B, W)."""
-    out = []
-    for i in range(gates.shape[1]):
-        a = allocation(usage, topk, tol)
-        out.append(a)
-        if i + 1 < gates.shape[1]:
-            usage = usage + (1 - usage) * gates[:, i:i + 1] * a
-    return torch.stack(out, dim=1)
 
 
 def _fail(name, msg):
@@ -160,6 +124,18 @@ class MemoryAccess(nn.Module):
             1e-3 is the floor of DeepMind's DNC (sqrt(|m|^2 + 1e-6)); it keeps
             rows that writes barely touched from scoring like the rows they
             are faint copies of (nn/sparse_access.py, "Faint rows").
+        read_topk: None (the DNC's read) or K: each dense read head's weights
+            restricted to its K best slots by content, the softmax over those
+            K logits (top-K of the weights, renormalised; the gradient reaches
+            those K entries only), as a sparse read's. An ablation: the dense
+            write (content and allocation) with the sparse access's read, to
+            tell the two apart (docs/sparse.md). Not with sparse_k.
+        write_rule: "content" (the DNC's: the write key's content weights,
+            interpolated with the allocation) or "previous_reads" (Sparse
+            Access Memory's rule on the dense memory: the previous step's read
+            weights, averaged over the read heads, in place of the content
+            weights; the write keys and strengths are then unused). An
+            ablation, as read_topk. Not with sparse_k.
 
     `forward(interface, state)` returns (reads (B,R,D), new AccessState).
     The module has no parameters: the controller produces the interface.
@@ -167,7 +143,7 @@ class MemoryAccess(nn.Module):
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
                  backend="auto", usage_grad=False, sparse_k=None, index="auto",
-                 sparse_eps=DEFAULT_SPARSE_EPS):
+                 sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None, write_rule="content"):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):
@@ -191,6 +167,17 @@ class MemoryAccess(nn.Module):
         self._oneplus_sizes = [R, W]                        # read, write strengths
         self._sigmoid_sizes = [W * D, R, W, W]              # erase, free, allocation, write gates
         self.interface_size = sum(self._linear_sizes) + sum(self._oneplus_sizes) + sum(self._sigmoid_sizes)
+        if read_topk is not None:
+            if not isinstance(read_topk, int) or isinstance(read_topk, bool) or not 1 <= read_topk <= memory_size:
+                raise ValueError(f"read_topk must be None or an int in [1, memory_size={memory_size}], "
+                                 f"got {read_topk!r}")
+            if sparse_k is not None:
+                raise ValueError("read_topk is for the dense access; sparse_k already reads K slots per head")
+        if write_rule not in ("content", "previous_reads"):
+            raise ValueError(f"write_rule must be 'content' or 'previous_reads', got {write_rule!r}")
+        if write_rule != "content" and sparse_k is not None:
+            raise ValueError("write_rule is for the dense access; sparse_k writes to the previous reads already")
+        self.read_topk, self.write_rule = read_topk, write_rule
         self.sparse_k = sparse_k
         self.sparse = None
         if sparse_k is not None:
@@ -200,6 +187,8 @@ class MemoryAccess(nn.Module):
 
     def extra_repr(self):
         extra = f", sparse_k={self.sparse_k}" if self.sparse is not None else ""
+        extra += f", read_topk={self.read_topk}" if self.read_topk is not None else ""
+        extra += f", write_rule={self.write_rule!r}" if self.write_rule != "content" else ""
         return (f"memory_size={self.memory_size}, word_size={self.word_size}, num_reads={self.num_reads}, "
                 f"num_writes={self.num_writes}, alloc_topk={self.alloc_topk}, alloc_tol={self.alloc_tol}{extra}")
 
@@ -288,22 +277,28 @@ class MemoryAccess(nn.Module):
             return self.sparse.step(interface, state)
         memory, usage, prev_rw, prev_ww = state
         be = self.backend
-        # 1. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code),
-        # then the frees.
-        ww = prev_ww if self.usage_grad else prev_ww.detach()
-        written = 1 - torch.prod(1 - ww, dim=1) if self.num_writes > 1 else ww[:, 0]
-        usage = usage + written - usage * written
-        psi = torch.prod(1 - interface.free_gates.unsqueeze(-1) * prev_rw, dim=1)
-        usage = usage * psi
-        # 2. write weights: content of the memory before the write, and allocation.
-        content = ops.content_addressing(memory, interface.write_keys, interface.write_strengths, backend=be)
-        g_w = interface.write_gates.unsqueeze(-1)
-        g_a = interface.allocation_gates.unsqueeze(-1)
-        alloc = write_allocation_weights(usage, (g_w * g_a).squeeze(-1), self.alloc_topk, self.alloc_tol)
-        write_weights = g_w * (g_a * alloc + (1 - g_a) * content)
+        # 1.-2. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code)
+        # and the frees; write weights from the content of the memory before the write and the allocation.
+        if self.write_rule == "content":
+            content = ops.content_addressing(memory, interface.write_keys, interface.write_strengths, backend=be)
+        else:
+            content = prev_rw.mean(dim=1, keepdim=True).expand(-1, self.num_writes, -1).contiguous()
+        args = (usage, prev_ww, interface.free_gates, prev_rw, content, interface.write_gates,
+                interface.allocation_gates)
+        if self.usage_grad or self.alloc_topk is not None or be not in ("auto", "cpu"):
+            # The reference's PyTorch ops: the gradient through the previous write weights, top-k
+            # allocation, and the devices and backends that the fused op has no kernel for.
+            ww = prev_ww if self.usage_grad else prev_ww.detach()
+            usage, write_weights = write_weights_ref(*args[:1], ww, *args[2:], topk=self.alloc_topk,
+                                                     tol=self.alloc_tol)
+        else:
+            usage, write_weights = fused_write_weights(*args)  # one op (float32/64 on the CPU), else the reference
         # 3. erase-add; 4. read the new memory.
         memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
                                   backend=be)
         read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
+        if self.read_topk is not None and self.read_topk < self.memory_size:
+            vals, idx = torch.topk(read_weights, self.read_topk, dim=-1)
+            read_weights = torch.zeros_like(read_weights).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
         reads = ops.memory_read(memory, read_weights, backend=be)
         return reads, AccessState(memory, usage, read_weights, write_weights)

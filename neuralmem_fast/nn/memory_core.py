@@ -80,6 +80,9 @@ class MemoryCore(nn.Module):
         sparse_k, index, sparse_eps: sparse access with K candidates per read
             head, the index that finds them and the norm floor of its cosine
             (see MemoryAccess and the module doc).
+        read_topk, write_rule: ablations of the dense access: reads
+            restricted to each head's K best slots, writes to the previous
+            reads instead of by content (see MemoryAccess).
 
     `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
     y is (B, T, output_size). `core.step(x_t, state)` is one step.
@@ -87,7 +90,8 @@ class MemoryCore(nn.Module):
 
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
                  alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None,
-                 sparse_k=None, index="auto", sparse_eps=DEFAULT_SPARSE_EPS):
+                 sparse_k=None, index="auto", sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None,
+                 write_rule="content"):
         super().__init__()
         if checkpoint not in (True, False, "auto"):
             raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")
@@ -99,7 +103,8 @@ class MemoryCore(nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend,
-                                   sparse_k=sparse_k, index=index, sparse_eps=sparse_eps)
+                                   sparse_k=sparse_k, index=index, sparse_eps=sparse_eps, read_topk=read_topk,
+                                   write_rule=write_rule)
         self._sparse_cache = None
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         read_size = num_reads * word_size

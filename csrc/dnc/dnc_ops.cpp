@@ -1,0 +1,400 @@
+// The neuralmem_dnc ops: the DNC access's usage and write weights (usage,
+// free gates, allocation, gates) as one op with a hand-written backward, in
+// place of the few dozen (B, N)-sized PyTorch ops and autograd nodes per step
+// that nn/access.py would otherwise run. Semantics, the gradient formula's
+// registration, the fake kernels and the reference: neuralmem_fast/ops/dnc.py.
+// CPU kernels only: other devices take the reference (PyTorch ops).
+//
+// write_weights(usage (B,N), prev_write_weights (B,W,N), free_gates (B,R),
+//               prev_read_weights (B,R,N), content (B,W,N), write_gates (B,W),
+//               allocation_gates (B,W), eps)
+//   -> (usage (B,N), write_weights (B,W,N), head_usage (B,W,N), order (B,W,N) int64)
+//   written = 1 - prod_w (1 - prev_write_weights)          (no gradient)
+//   usage   = (usage + written - usage * written) * prod_r (1 - free_r * prev_read_r)
+//   head i (in order): u_i = the usage raised by heads < i (u_0 = usage),
+//       s = eps + (1 - eps) u_i sorted ascending (stable; order[i] the slots),
+//       a_i[order_j] = (1 - s_j) prod_{k<j} s_k,
+//       u_{i+1} = u_i + (1 - u_i) g_w g_a a_i
+//   write_weights_i = g_w (g_a a_i + (1 - g_a) content_i)
+// head_usage (u_i) and order are what the backward needs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+TORCH_LIBRARY(neuralmem_dnc, m) {
+  m.def("write_weights(Tensor usage, Tensor prev_write_weights, Tensor free_gates, Tensor prev_read_weights, "
+        "Tensor content, Tensor write_gates, Tensor allocation_gates, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (grad_usage_in (B,N), grad_free_gates (B,R), grad_prev_read_weights (B,R,N), grad_content (B,W,N),
+  //  grad_write_gates (B,W), grad_allocation_gates (B,W)); prev_write_weights gets no gradient.
+  m.def("write_weights_backward(Tensor grad_usage, Tensor grad_write_weights, Tensor usage, "
+        "Tensor prev_write_weights, Tensor free_gates, Tensor prev_read_weights, Tensor content, "
+        "Tensor write_gates, Tensor allocation_gates, Tensor head_usage, Tensor order, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace neuralmem {
+namespace dnc {
+namespace {
+
+void check_t(const at::Tensor& t, const char* name, std::initializer_list<int64_t> want, const at::Tensor& ref,
+             const char* hint) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor of shape ", hint);
+  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(want.size()), name, " must have shape ", hint, ", got ",
+                    t.sizes());
+  int64_t i = 0;
+  for (int64_t w : want) {
+    TORCH_CHECK_VALUE(t.size(i) == w, name, " must have shape ", hint, " = ", c10::IntArrayRef(want), ", got ",
+                      t.sizes());
+    ++i;
+  }
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of usage (",
+                   ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+struct Dims {
+  int64_t B, N, W, R;
+};
+
+Dims check_inputs(const at::Tensor& usage, const at::Tensor& ww, const at::Tensor& fg, const at::Tensor& rw,
+                  const at::Tensor& content, const at::Tensor& gw, const at::Tensor& ga, double eps) {
+  TORCH_CHECK_VALUE(usage.defined() && usage.dim() == 2, "usage must have shape (B, N), got ",
+                    usage.defined() ? usage.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK_TYPE(usage.scalar_type() == at::kFloat || usage.scalar_type() == at::kDouble,
+                   "usage must be float32 or float64 for the CPU kernel, got ", usage.scalar_type());
+  TORCH_CHECK_VALUE(usage.device().is_cpu(), "usage must be a CPU tensor for the CPU kernel, got ", usage.device());
+  TORCH_CHECK_VALUE(eps >= 0 && eps < 1, "eps must lie in [0, 1), got ", eps);
+  TORCH_CHECK_VALUE(ww.dim() == 3, "prev_write_weights must have shape (B, W, N), got ", ww.sizes());
+  TORCH_CHECK_VALUE(rw.dim() == 3, "prev_read_weights must have shape (B, R, N), got ", rw.sizes());
+  const Dims d{usage.size(0), usage.size(1), ww.size(1), rw.size(1)};
+  TORCH_CHECK_VALUE(d.N >= 1, "usage must have N >= 1 slots, got ", d.N);
+  check_t(ww, "prev_write_weights", {d.B, d.W, d.N}, usage, "(B, W, N)");
+  check_t(fg, "free_gates", {d.B, d.R}, usage, "(B, R)");
+  check_t(rw, "prev_read_weights", {d.B, d.R, d.N}, usage, "(B, R, N)");
+  check_t(content, "content", {d.B, d.W, d.N}, usage, "(B, W, N)");
+  check_t(gw, "write_gates", {d.B, d.W}, usage, "(B, W)");
+  check_t(ga, "allocation_gates", {d.B, d.W}, usage, "(B, W)");
+  return d;
+}
+
+// The usage after the previous write and the frees, for slots of memory b:
+// u1 (before the frees) and psi (the retention) kept when asked.
+template <typename T>
+void retained_usage(const T* u0, const T* ww, const T* fg, const T* rw, const Dims& d, T* u, T* u1, T* psi,
+                    T* written) {
+  for (int64_t n = 0; n < d.N; ++n) {
+    T wr;
+    if (d.W == 1) {
+      wr = ww[n];
+    } else {
+      T keep = 1;
+      for (int64_t w = 0; w < d.W; ++w) keep *= T(1) - ww[w * d.N + n];
+      wr = T(1) - keep;
+    }
+    const T a = u0[n] + wr - u0[n] * wr;
+    T p = 1;
+    for (int64_t r = 0; r < d.R; ++r) p *= T(1) - fg[r] * rw[r * d.N + n];
+    u[n] = a * p;
+    if (u1 != nullptr) u1[n] = a;
+    if (psi != nullptr) psi[n] = p;
+    if (written != nullptr) written[n] = wr;
+  }
+}
+
+// Unsigned keys in the order of the values, as torch.sort orders them:
+// -inf < ... < -0 = +0 < ... < +inf < NaN (every NaN last, alike).
+template <typename T>
+struct SortKey {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static U of(T v) {
+    if (std::isnan(v)) return ~U(0);
+    if (v == T(0)) v = T(0);  // -0 and +0 tie, as they compare equal
+    U b;
+    std::memcpy(&b, &v, sizeof(T));
+    constexpr U sign = U(1) << (8 * sizeof(T) - 1);
+    return (b & sign) ? ~b : (b | sign);
+  }
+};
+
+// order = the slots sorted by s ascending, ties in slot order (a stable LSD
+// radix sort of the keys, 8 bits a pass; passes in which every key has the
+// same byte are skipped). O(N) a pass, where a comparison sort of slots was
+// most of the op's time at N >= 128.
+template <typename T, typename O>
+void stable_order(const T* s, int64_t N, O* order, std::vector<typename SortKey<T>::U>& keys,
+                  std::vector<typename SortKey<T>::U>& keys2, std::vector<int64_t>& tmp) {
+  using U = typename SortKey<T>::U;
+  keys.resize(N);
+  keys2.resize(N);
+  tmp.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    keys[n] = SortKey<T>::of(s[n]);
+    order[n] = n;
+  }
+  U* kin = keys.data();
+  U* kout = keys2.data();
+  int64_t* oin = order;
+  int64_t* oout = tmp.data();
+  for (size_t shift = 0; shift < 8 * sizeof(U); shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t n = 0; n < N; ++n) ++count[((kin[n] >> shift) & 0xff) + 1];
+    if (count[((kin[0] >> shift) & 0xff) + 1] == N) continue;  // one byte value: the pass keeps the order
+    for (int i = 0; i < 256; ++i) count[i + 1] += count[i];
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t at = count[(kin[n] >> shift) & 0xff]++;
+      kout[at] = kin[n];
+      oout[at] = oin[n];
+    }
+    std::swap(kin, kout);
+    std::swap(oin, oout);
+  }
+  if (oin != order) std::copy(oin, oin + N, order);
+}
+
+// s = eps + (1 - eps) uc for the N slots; the allocation weighting
+// a[order_j] = (1 - s_j) prod_{k<j} s_k over the slots in `order`.
+template <typename T, typename O>
+void allocation(const T* uc, int64_t N, T eps, const O* order, T* s, T* a) {
+  const T keep = T(1) - eps;
+  for (int64_t n = 0; n < N; ++n) s[n] = eps + keep * uc[n];
+  T P = 1;
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t n = order[j];
+    a[n] = (T(1) - s[n]) * P;
+    P *= s[n];
+  }
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& usage, const at::Tensor& ww, const at::Tensor& fg, const at::Tensor& rw,
+                    const at::Tensor& content, const at::Tensor& gw, const at::Tensor& ga, double eps_d,
+                    const Dims& d, at::Tensor& u_out, at::Tensor& w_out, at::Tensor& hu_out, at::Tensor& ord_out) {
+  const T eps = static_cast<T>(eps_d);
+  const T* U = usage.const_data_ptr<T>();
+  const T* WW = ww.const_data_ptr<T>();
+  const T* FG = fg.const_data_ptr<T>();
+  const T* RW = rw.const_data_ptr<T>();
+  const T* C = content.const_data_ptr<T>();
+  const T* GW = gw.const_data_ptr<T>();
+  const T* GA = ga.const_data_ptr<T>();
+  T* UO = u_out.data_ptr<T>();
+  T* WO = w_out.data_ptr<T>();
+  T* HU = hu_out.data_ptr<T>();
+  int64_t* OR = ord_out.data_ptr<int64_t>();
+  const int64_t N = d.N, W = d.W, R = d.R;
+  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> s(N), a(N);
+    std::vector<typename SortKey<T>::U> k1, k2;
+    std::vector<int64_t> tmp;
+    for (int64_t b = b0; b < b1; ++b) {
+      T* u = UO + b * N;
+      retained_usage(U + b * N, WW + b * W * N, FG + b * R, RW + b * R * N, d, u, static_cast<T*>(nullptr),
+                     static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      std::copy(u, u + N, HU + b * W * N);
+      for (int64_t i = 0; i < W; ++i) {
+        T* uc = HU + (b * W + i) * N;
+        int64_t* order = OR + (b * W + i) * N;
+        const T keep = T(1) - eps;
+        for (int64_t n = 0; n < N; ++n) s[n] = eps + keep * uc[n];
+        stable_order(s.data(), N, order, k1, k2, tmp);
+        allocation(uc, N, eps, order, s.data(), a.data());
+        const T g_w = GW[b * W + i], g_a = GA[b * W + i];
+        const T* c = C + (b * W + i) * N;
+        T* wo = WO + (b * W + i) * N;
+        for (int64_t n = 0; n < N; ++n) wo[n] = g_w * (g_a * a[n] + (T(1) - g_a) * c[n]);
+        if (i + 1 < W) {
+          const T g = g_w * g_a;
+          T* un = uc + N;
+          for (int64_t n = 0; n < N; ++n) un[n] = uc[n] + (T(1) - uc[n]) * g * a[n];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& gu_t, const at::Tensor& gww_t, const at::Tensor& usage, const at::Tensor& ww,
+                     const at::Tensor& fg, const at::Tensor& rw, const at::Tensor& content, const at::Tensor& gw,
+                     const at::Tensor& ga, const at::Tensor& hu, const at::Tensor& ord, double eps_d, const Dims& d,
+                     at::Tensor& du0_t, at::Tensor& dfg_t, at::Tensor& drw_t, at::Tensor& dc_t, at::Tensor& dgw_t,
+                     at::Tensor& dga_t) {
+  const T eps = static_cast<T>(eps_d);
+  const T* GU = gu_t.const_data_ptr<T>();
+  const T* GWW = gww_t.const_data_ptr<T>();
+  const T* U = usage.const_data_ptr<T>();
+  const T* WW = ww.const_data_ptr<T>();
+  const T* FG = fg.const_data_ptr<T>();
+  const T* RW = rw.const_data_ptr<T>();
+  const T* C = content.const_data_ptr<T>();
+  const T* GW = gw.const_data_ptr<T>();
+  const T* GA = ga.const_data_ptr<T>();
+  const T* HU = hu.const_data_ptr<T>();
+  const int64_t* OR = ord.const_data_ptr<int64_t>();
+  T* DU0 = du0_t.data_ptr<T>();
+  T* DFG = dfg_t.data_ptr<T>();
+  T* DRW = drw_t.data_ptr<T>();
+  T* DC = dc_t.data_ptr<T>();
+  T* DGW = dgw_t.data_ptr<T>();
+  T* DGA = dga_t.data_ptr<T>();
+  const int64_t N = d.N, W = d.W, R = d.R;
+  const T keep = T(1) - eps;
+  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> s(N), a(N * W), da(N), dU(N), u(N), u1(N), psi(N), written(N), prefix(N), suffix((R + 1) * N);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* hub = HU + b * W * N;
+      const int64_t* orb = OR + b * W * N;
+      for (int64_t i = 0; i < W; ++i) {
+        allocation(hub + i * N, N, eps, orb + i * N, s.data(), a.data() + i * N);
+      }
+      std::fill(dU.begin(), dU.end(), T(0));
+      for (int64_t i = W - 1; i >= 0; --i) {
+        const int64_t bi = b * W + i;
+        const T g_w = GW[bi], g_a = GA[bi];
+        const T* c = C + bi * N;
+        const T* gwi = GWW + bi * N;
+        const T* ai = a.data() + i * N;
+        const T* ui = hub + i * N;
+        T dgw = 0, dga = 0;
+        T* dc = DC + bi * N;
+        for (int64_t n = 0; n < N; ++n) {
+          const T g = gwi[n];
+          dgw += g * (g_a * ai[n] + (T(1) - g_a) * c[n]);
+          dga += g * g_w * (ai[n] - c[n]);
+          dc[n] = g * g_w * (T(1) - g_a);
+          da[n] = g * g_w * g_a;
+        }
+        if (i + 1 < W) {
+          // u_{i+1} = u_i + (1 - u_i) g a_i; dU holds the gradient of u_{i+1}.
+          const T g = g_w * g_a;
+          T dg = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            dg += dU[n] * (T(1) - ui[n]) * ai[n];
+            da[n] += dU[n] * (T(1) - ui[n]) * g;
+            dU[n] *= T(1) - g * ai[n];
+          }
+          dgw += dg * g_a;
+          dga += dg * g_w;
+        }
+        DGW[bi] = dgw;
+        DGA[bi] = dga;
+        // Through the sorted product: with s sorted, P_j = prod_{k<j} s_k,
+        // a_j = (1 - s_j) P_j, ds_j = P_j (R_j - da_j),
+        // R_j = sum_{l>j} da_l (1 - s_l) prod_{j<k<l} s_k (no division).
+        const int64_t* o = orb + i * N;
+        for (int64_t n = 0; n < N; ++n) s[n] = eps + keep * ui[n];
+        T P = 1;
+        std::vector<T>& Pj = u;  // reuse: prefix products in sorted order
+        for (int64_t j = 0; j < N; ++j) {
+          Pj[j] = P;
+          P *= s[o[j]];
+        }
+        T Rj = 0;
+        for (int64_t j = N - 1; j >= 0; --j) {
+          const int64_t n = o[j];
+          dU[n] += Pj[j] * (Rj - da[n]) * keep;
+          Rj = da[n] * (T(1) - s[n]) + s[n] * Rj;
+        }
+      }
+      // The usage output's own gradient, then usage = u1 * psi.
+      const T* gu = GU + b * N;
+      retained_usage(U + b * N, WW + b * W * N, FG + b * R, RW + b * R * N, d, u.data(), u1.data(), psi.data(),
+                     written.data());
+      const T* f = FG + b * R;
+      const T* rwb = RW + b * R * N;
+      T* drw = DRW + b * R * N;
+      T* du0 = DU0 + b * N;
+      T* dpsi = dU.data();  // dU is read for the last time here
+      for (int64_t n = 0; n < N; ++n) {
+        const T g = dU[n] + gu[n];
+        du0[n] = g * psi[n] * (T(1) - written[n]);
+        dpsi[n] = g * u1[n];
+      }
+      // psi = prod_r (1 - f_r rw_r): the product over the other heads as prefix * suffix (exact at zeros),
+      // the suffixes in sfx ((R+1) x N), the prefix in pre, head by head.
+      T* sfx = suffix.data();
+      std::fill(sfx + R * N, sfx + (R + 1) * N, T(1));
+      for (int64_t r = R - 1; r >= 0; --r) {
+        const T fr = f[r];
+        const T* rr = rwb + r * N;
+        T* sr = sfx + r * N;
+        const T* sn = sfx + (r + 1) * N;
+        for (int64_t n = 0; n < N; ++n) sr[n] = sn[n] * (T(1) - fr * rr[n]);
+      }
+      T* pre = prefix.data();
+      std::fill(pre, pre + N, T(1));
+      for (int64_t r = 0; r < R; ++r) {
+        const T fr = f[r];
+        const T* rr = rwb + r * N;
+        const T* sn = sfx + (r + 1) * N;
+        T* dr = drw + r * N;
+        T acc = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const T v = dpsi[n] * (pre[n] * sn[n]);
+          dr[n] = -v * fr;
+          acc -= v * rr[n];
+          pre[n] *= T(1) - fr * rr[n];
+        }
+        DFG[b * R + r] = acc;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_weights_cpu(
+    const at::Tensor& usage, const at::Tensor& ww, const at::Tensor& fg, const at::Tensor& rw,
+    const at::Tensor& content, const at::Tensor& gw, const at::Tensor& ga, double eps) {
+  const Dims d = check_inputs(usage, ww, fg, rw, content, gw, ga, eps);
+  at::Tensor u_out = at::empty({d.B, d.N}, usage.options());
+  at::Tensor w_out = at::empty({d.B, d.W, d.N}, usage.options());
+  at::Tensor hu = at::empty({d.B, d.W, d.N}, usage.options());
+  at::Tensor ord = at::empty({d.B, d.W, d.N}, usage.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(usage.scalar_type(), "write_weights", [&] {
+    forward_kernel<scalar_t>(usage.contiguous(), ww.contiguous(), fg.contiguous(), rw.contiguous(),
+                             content.contiguous(), gw.contiguous(), ga.contiguous(), eps, d, u_out, w_out, hu, ord);
+  });
+  return {u_out, w_out, hu, ord};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_weights_backward_cpu(
+    const at::Tensor& grad_usage, const at::Tensor& grad_ww, const at::Tensor& usage, const at::Tensor& ww,
+    const at::Tensor& fg, const at::Tensor& rw, const at::Tensor& content, const at::Tensor& gw,
+    const at::Tensor& ga, const at::Tensor& hu, const at::Tensor& ord, double eps) {
+  const Dims d = check_inputs(usage, ww, fg, rw, content, gw, ga, eps);
+  check_t(grad_usage, "grad_usage", {d.B, d.N}, usage, "(B, N)");
+  check_t(grad_ww, "grad_write_weights", {d.B, d.W, d.N}, usage, "(B, W, N)");
+  check_t(hu, "head_usage", {d.B, d.W, d.N}, usage, "(B, W, N)");
+  TORCH_CHECK_VALUE(ord.dim() == 3 && ord.size(0) == d.B && ord.size(1) == d.W && ord.size(2) == d.N,
+                    "order must have shape (B, W, N) = (", d.B, ", ", d.W, ", ", d.N, "), got ", ord.sizes());
+  TORCH_CHECK_TYPE(ord.scalar_type() == at::kLong, "order must be int64, got ", ord.scalar_type());
+  const at::Tensor o = ord.contiguous();
+  // A permutation of the slots per (b, head), else the kernel would read out of bounds.
+  TORCH_CHECK_VALUE(o.numel() == 0 || (o.min().item<int64_t>() >= 0 && o.max().item<int64_t>() < d.N),
+                    "order must hold slot indices in [0, N) (the forward's output)");
+  at::Tensor du0 = at::empty({d.B, d.N}, usage.options());
+  at::Tensor dfg = at::empty({d.B, d.R}, usage.options());
+  at::Tensor drw = at::empty({d.B, d.R, d.N}, usage.options());
+  at::Tensor dc = at::empty({d.B, d.W, d.N}, usage.options());
+  at::Tensor dgw = at::empty({d.B, d.W}, usage.options());
+  at::Tensor dga = at::empty({d.B, d.W}, usage.options());
+  AT_DISPATCH_FLOATING_TYPES(usage.scalar_type(), "write_weights_backward", [&] {
+    backward_kernel<scalar_t>(grad_usage.contiguous(), grad_ww.contiguous(), usage.contiguous(), ww.contiguous(),
+                              fg.contiguous(), rw.contiguous(), content.contiguous(), gw.contiguous(),
+                              ga.contiguous(), hu.contiguous(), o, eps, d, du0, dfg, drw, dc, dgw, dga);
+  });
+  return {du0, dfg, drw, dc, dgw, dga};
+}
+
+}  // namespace
+}  // namespace dnc
+}  // namespace neuralmem
+
+TORCH_LIBRARY_IMPL(neuralmem_dnc, CPU, m) {
+  m.impl("write_weights", &neuralmem::dnc::write_weights_cpu);
+  m.impl("write_weights_backward", &neuralmem::dnc::write_weights_backward_cpu);
+}

@@ -1,0 +1,176 @@
+"""The DNC access's usage and write weights as one op (namespace `torch.ops.neuralmem_dnc`).
+
+One step of `MemoryAccess` (nn/access.py) computes, before it writes, the usage and the write weights:
+
+  written = 1 - prod_w (1 - prev_write_weights[w])          (no gradient, as in DeepMind's code)
+  usage   = (usage + written - usage * written) * prod_r (1 - free_gates[r] * prev_read_weights[r])
+  head i = 0 .. W-1: a_i = allocation(u_i), u_0 = usage, u_{i+1} = u_i + (1 - u_i) g_w[i] g_a[i] a_i
+  write_weights[i] = g_w[i] (g_a[i] a_i + (1 - g_a[i]) content[i])
+
+with allocation(u)[phi_j] = (1 - s_j) prod_{k<j} s_k over s = eps + (1 - eps) u sorted ascending
+(DeepMind's `_EPSILON` = 1e-6; the sort's permutation carries no gradient, the sorted values do).
+Written with PyTorch ops (`write_weights_ref`, the reference), that is a few dozen (B, N)-sized ops and as
+many autograd nodes per step, which at the memory sizes of the classic tasks (N = 128, B = 16) cost more
+than the memory ops themselves. `write_weights` runs it as one op: a C++ CPU kernel (csrc/dnc/dnc_ops.cpp)
+and a hand-written backward (one more op), float32 and float64. Other devices and dtypes, and
+`backend="torch"`, take the reference; under create_graph=True the backward differentiates the reference,
+so higher derivatives keep every term.
+
+Shapes: usage (B,N), prev_write_weights (B,W,N), free_gates (B,R), prev_read_weights (B,R,N),
+content (B,W,N), write_gates (B,W), allocation_gates (B,W). Returns (usage (B,N), write_weights (B,W,N)).
+"""
+import functools
+
+import torch
+
+from .validation import _c
+
+NAMESPACE = "neuralmem_dnc"
+
+# DeepMind's _EPSILON: usage enters the allocation as eps + (1 - eps) u.
+ALLOC_EPS = 1e-6
+
+__all__ = ["NAMESPACE", "ALLOC_EPS", "has_dnc_kernels", "allocation", "write_allocation_weights", "write_weights",
+           "write_weights_ref"]
+
+
+@functools.lru_cache(maxsize=None)
+def has_dnc_kernels():
+    """True when the native write_weights op (CPU kernel) is built."""
+    from .._ext import has_extension
+
+    if not has_extension():
+        return False
+    name = f"{NAMESPACE}::write_weights"
+    return (name in torch._C._dispatch_get_all_op_names()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
+
+
+def _sorted_allocation(sorted_usage):
+    """(1 - u_j) prod_{i<j} u_i over usage already sorted ascending."""
+    ones = torch.ones_like(sorted_usage[..., :1])
+    excl = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
+    return (1 - sorted_usage) * excl
+
+
+def allocation(usage, topk=None, tol=1e-6):
+    """The DNC's allocation weighting (B, N) of usage (B, N).
+
+    With `topk=k` (< N), the formula over the k least-used slots when the
+    product of their usages is below `tol` in every row, else the exact sort.
+    """
+    u = ALLOC_EPS + (1 - ALLOC_EPS) * usage
+    N = u.shape[-1]
+    if topk is not None and topk < N:
+        vals, idx = torch.topk(u, topk, dim=-1, largest=False, sorted=True)
+        if bool((vals.prod(dim=-1) < tol).all()):
+            return torch.zeros_like(u).scatter(-1, idx, _sorted_allocation(vals))
+    vals, idx = torch.sort(u, dim=-1, stable=True)
+    return torch.zeros_like(u).scatter(-1, idx, _sorted_allocation(vals))
+
+
+def write_allocation_weights(usage, gates, topk=None, tol=1e-6):
+    """Allocation weights (B, W, N) for W write heads, allocated one after
+    another: head i sorts the usage raised by heads < i, u += (1 - u) g_i a_i
+    with g_i = write gate * allocation gate (B, W)."""
+    out = []
+    for i in range(gates.shape[1]):
+        a = allocation(usage, topk, tol)
+        out.append(a)
+        if i + 1 < gates.shape[1]:
+            usage = usage + (1 - usage) * gates[:, i:i + 1] * a
+    return torch.stack(out, dim=1)
+
+
+def write_weights_ref(usage, prev_write_weights, free_gates, prev_read_weights, content, write_gates,
+                      allocation_gates, topk=None, tol=1e-6):
+    """The reference: PyTorch ops, differentiable in every input (detach prev_write_weights to follow
+    DeepMind's code). Returns (usage (B,N), write_weights (B,W,N))."""
+    ww = prev_write_weights
+    written = 1 - torch.prod(1 - ww, dim=1) if ww.shape[1] > 1 else ww[:, 0]
+    usage = usage + written - usage * written
+    psi = torch.prod(1 - free_gates.unsqueeze(-1) * prev_read_weights, dim=1)
+    usage = usage * psi
+    g_w = write_gates.unsqueeze(-1)
+    g_a = allocation_gates.unsqueeze(-1)
+    alloc = write_allocation_weights(usage, (g_w * g_a).squeeze(-1), topk, tol)
+    return usage, g_w * (g_a * alloc + (1 - g_a) * content)
+
+
+def _lib():
+    return getattr(torch.ops, NAMESPACE)
+
+
+def write_weights(usage, prev_write_weights, free_gates, prev_read_weights, content, write_gates,
+                  allocation_gates, backend="auto"):
+    """Usage and write weights of one DNC access step (module doc); prev_write_weights gets no gradient.
+
+    The native op runs for CPU tensors of float32 or float64 (backend "auto" or "cpu"); "torch", other
+    devices and dtypes run the reference. Shapes are checked by the kernel, with errors naming the argument.
+    """
+    if backend not in ("auto", "cpu", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cpu' or 'torch' for write_weights, got {backend!r}")
+    native = (backend != "torch" and usage.device.type == "cpu" and usage.dtype in (torch.float32, torch.float64)
+              and has_dnc_kernels())
+    if backend == "cpu" and not native:
+        raise RuntimeError("backend='cpu': write_weights needs float32/float64 CPU tensors and the native build")
+    if not native:
+        return write_weights_ref(usage, prev_write_weights.detach(), free_gates, prev_read_weights, content,
+                                 write_gates, allocation_gates)
+    u, w, _, _ = _lib().write_weights(usage, prev_write_weights.detach(), free_gates, prev_read_weights, content,
+                                      write_gates, allocation_gates, ALLOC_EPS)
+    return u, w
+
+
+def _register():
+    if not has_dnc_kernels():
+        return False
+    lib = f"{NAMESPACE}::"
+
+    @torch.library.register_fake(lib + "write_weights")
+    def _(usage, prev_write_weights, free_gates, prev_read_weights, content, write_gates, allocation_gates, eps):
+        B, W, N = content.shape
+        return (usage.new_empty((B, N)), content.new_empty((B, W, N)), content.new_empty((B, W, N)),
+                content.new_empty((B, W, N), dtype=torch.int64))
+
+    @torch.library.register_fake(lib + "write_weights_backward")
+    def _(grad_usage, grad_write_weights, usage, prev_write_weights, free_gates, prev_read_weights, content,
+          write_gates, allocation_gates, head_usage, order, eps):
+        return (torch.empty_like(usage), torch.empty_like(free_gates), torch.empty_like(prev_read_weights),
+                torch.empty_like(content), torch.empty_like(write_gates), torch.empty_like(allocation_gates))
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7], output[2], output[3])
+        ctx.eps = inputs[7]
+        ctx.mark_non_differentiable(output[2], output[3])
+
+    def backward(ctx, grad_usage, grad_ww, _grad_hu, _grad_order):
+        usage, pww, fg, prw, content, gw, ga, hu, order = ctx.saved_tensors
+        ins = (usage, pww, fg, prw, content, gw, ga)
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference, every term kept
+            need = [i for i, t in enumerate(ins) if i != 1 and ctx.needs_input_grad[i] and t.requires_grad]
+            res = [None] * 8
+            if not need:
+                return tuple(res)
+            with torch.enable_grad():
+                leaves = [t for t in ins]
+                outs = write_weights_ref(leaves[0], pww.detach(), *leaves[2:])
+                pairs = [(o, g) for o, g in zip(outs, (grad_usage, grad_ww)) if g is not None]
+                grads = torch.autograd.grad([o for o, _ in pairs], [ins[i] for i in need], [g for _, g in pairs],
+                                            create_graph=True, allow_unused=True)
+            for i, g in zip(need, grads):
+                res[i] = g
+            return tuple(res)
+        if grad_usage is None:
+            grad_usage = torch.zeros_like(usage)
+        if grad_ww is None:
+            grad_ww = torch.zeros_like(content)
+        du, dfg, drw, dc, dgw, dga = _lib().write_weights_backward(_c(grad_usage), _c(grad_ww), usage, pww, fg, prw,
+                                                                  content, gw, ga, hu, order, ctx.eps)
+        return du, None, dfg, drw, dc, dgw, dga, None
+
+    torch.library.register_autograd(lib + "write_weights", backward, setup_context=setup)
+    return True
+
+
+_REGISTERED = _register()
