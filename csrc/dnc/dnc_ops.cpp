@@ -171,18 +171,24 @@ void allocation(const T* uc, int64_t N, T eps, const O* order, T* s, T* a) {
   }
 }
 
+// The op's seven inputs (contiguous), as pointers.
+template <typename T>
+struct Inputs {
+  const T *usage, *ww, *fg, *rw, *content, *gw, *ga;
+  Inputs(const at::Tensor& u, const at::Tensor& w, const at::Tensor& f, const at::Tensor& r, const at::Tensor& c,
+         const at::Tensor& g_w, const at::Tensor& g_a)
+      : usage(u.const_data_ptr<T>()), ww(w.const_data_ptr<T>()), fg(f.const_data_ptr<T>()),
+        rw(r.const_data_ptr<T>()), content(c.const_data_ptr<T>()), gw(g_w.const_data_ptr<T>()),
+        ga(g_a.const_data_ptr<T>()) {}
+};
+
 template <typename T>
 void forward_kernel(const at::Tensor& usage, const at::Tensor& ww, const at::Tensor& fg, const at::Tensor& rw,
                     const at::Tensor& content, const at::Tensor& gw, const at::Tensor& ga, double eps_d,
                     const Dims& d, at::Tensor& u_out, at::Tensor& w_out, at::Tensor& hu_out, at::Tensor& ord_out) {
   const T eps = static_cast<T>(eps_d);
-  const T* U = usage.const_data_ptr<T>();
-  const T* WW = ww.const_data_ptr<T>();
-  const T* FG = fg.const_data_ptr<T>();
-  const T* RW = rw.const_data_ptr<T>();
-  const T* C = content.const_data_ptr<T>();
-  const T* GW = gw.const_data_ptr<T>();
-  const T* GA = ga.const_data_ptr<T>();
+  const Inputs<T> in(usage, ww, fg, rw, content, gw, ga);
+  const T *U = in.usage, *WW = in.ww, *FG = in.fg, *RW = in.rw, *C = in.content, *GW = in.gw, *GA = in.ga;
   T* UO = u_out.data_ptr<T>();
   T* WO = w_out.data_ptr<T>();
   T* HU = hu_out.data_ptr<T>();
@@ -227,13 +233,8 @@ void backward_kernel(const at::Tensor& gu_t, const at::Tensor& gww_t, const at::
   const T eps = static_cast<T>(eps_d);
   const T* GU = gu_t.const_data_ptr<T>();
   const T* GWW = gww_t.const_data_ptr<T>();
-  const T* U = usage.const_data_ptr<T>();
-  const T* WW = ww.const_data_ptr<T>();
-  const T* FG = fg.const_data_ptr<T>();
-  const T* RW = rw.const_data_ptr<T>();
-  const T* C = content.const_data_ptr<T>();
-  const T* GW = gw.const_data_ptr<T>();
-  const T* GA = ga.const_data_ptr<T>();
+  const Inputs<T> in(usage, ww, fg, rw, content, gw, ga);
+  const T *U = in.usage, *WW = in.ww, *FG = in.fg, *RW = in.rw, *C = in.content, *GW = in.gw, *GA = in.ga;
   const T* HU = hu.const_data_ptr<T>();
   const int64_t* OR = ord.const_data_ptr<int64_t>();
   T* DU0 = du0_t.data_ptr<T>();

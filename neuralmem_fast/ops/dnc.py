@@ -153,8 +153,7 @@ def _register():
             if not need:
                 return tuple(res)
             with torch.enable_grad():
-                leaves = [t for t in ins]
-                outs = write_weights_ref(leaves[0], pww.detach(), *leaves[2:])
+                outs = write_weights_ref(usage, pww.detach(), *ins[2:])
                 pairs = [(o, g) for o, g in zip(outs, (grad_usage, grad_ww)) if g is not None]
                 grads = torch.autograd.grad([o for o, _ in pairs], [ins[i] for i in need], [g for _, g in pairs],
                                             create_graph=True, allow_unused=True)
