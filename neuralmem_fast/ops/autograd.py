@@ -21,13 +21,17 @@ __all__ = ["register_autograd", "DIFFERENTIABLE_OPS", "function"]
 
 
 def _reference_grads(ctx, ref, inputs, grad_out):
-    """Backward by autograd over the reference, for create_graph=True."""
+    """Backward by autograd over the reference, for create_graph=True. A reference with several outputs
+    returns a tuple; grad_out is then the matching tuple, None for an output that got no gradient."""
     need = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t.requires_grad]
     out = [None] * len(inputs)
     if not need:
         return out
     with torch.enable_grad():
         y = ref(*inputs)
+        if isinstance(y, tuple):
+            pairs = [(o, g) for o, g in zip(y, grad_out) if g is not None]
+            y, grad_out = [o for o, _ in pairs], [g for _, g in pairs]
         grads = torch.autograd.grad(y, [inputs[i] for i in need], grad_out, create_graph=True, allow_unused=True)
     for i, g in zip(need, grads):
         out[i] = g

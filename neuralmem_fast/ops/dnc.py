@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from .autograd import _reference_grads
 from .validation import _c
 
 NAMESPACE = "neuralmem_dnc"
@@ -148,18 +149,9 @@ def _register():
         usage, pww, fg, prw, content, gw, ga, hu, order = ctx.saved_tensors
         ins = (usage, pww, fg, prw, content, gw, ga)
         if torch.is_grad_enabled():  # create_graph: differentiate the reference, every term kept
-            need = [i for i, t in enumerate(ins) if i != 1 and ctx.needs_input_grad[i] and t.requires_grad]
-            res = [None] * 8
-            if not need:
-                return tuple(res)
-            with torch.enable_grad():
-                outs = write_weights_ref(usage, pww.detach(), *ins[2:])
-                pairs = [(o, g) for o, g in zip(outs, (grad_usage, grad_ww)) if g is not None]
-                grads = torch.autograd.grad([o for o, _ in pairs], [ins[i] for i in need], [g for _, g in pairs],
-                                            create_graph=True, allow_unused=True)
-            for i, g in zip(need, grads):
-                res[i] = g
-            return tuple(res)
+            # (the previous write weights, detached, get None, as from the op's own backward)
+            ref = lambda u, p, *rest: write_weights_ref(u, p.detach(), *rest)  # noqa: E731
+            return (*_reference_grads(ctx, ref, ins, (grad_usage, grad_ww)), None)
         if grad_usage is None:
             grad_usage = torch.zeros_like(usage)
         if grad_ww is None:

@@ -32,6 +32,7 @@ import functools
 import torch
 
 from ..config import DEFAULT_EPS
+from .autograd import _reference_grads
 from .reference import memory_write_ref
 from .validation import _c, _check
 
@@ -332,23 +333,8 @@ def _register():
     def backward(ctx, grad_reads, grad_weights):
         weights, rows, keys, strengths = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the reference, every term kept
-            ins = (rows, keys, strengths)
-            need = [i for i, t in enumerate(ins) if ctx.needs_input_grad[i] and t.requires_grad]
-            if not need:
-                return None, None, None, None
-            with torch.enable_grad():
-                reads, w = sparse_read_ref(*ins, ctx.eps)
-                outs, gs = [], []
-                for o, g in ((reads, grad_reads), (w, grad_weights)):
-                    if g is not None:
-                        outs.append(o)
-                        gs.append(g)
-                grads = torch.autograd.grad(outs, [ins[i] for i in need], gs, create_graph=True,
-                                            allow_unused=True)
-            res = [None, None, None, None]
-            for i, g in zip(need, grads):
-                res[i] = g
-            return tuple(res)
+            return (*_reference_grads(ctx, lambda r, k, s: sparse_read_ref(r, k, s, ctx.eps), (rows, keys, strengths),
+                                      (grad_reads, grad_weights)), None)
         if grad_reads is None:
             grad_reads = torch.zeros_like(keys)
         if grad_weights is None:
