@@ -157,17 +157,24 @@ void stable_order(const T* s, int64_t N, O* order, std::vector<typename SortKey<
   if (oin != order) std::copy(oin, oin + N, order);
 }
 
-// s = eps + (1 - eps) uc for the N slots; the allocation weighting
-// a[order_j] = (1 - s_j) prod_{k<j} s_k over the slots in `order`.
-template <typename T, typename O>
-void allocation(const T* uc, int64_t N, T eps, const O* order, T* s, T* a) {
+// s = eps + (1 - eps) uc: the usage as the allocation sorts and multiplies it.
+template <typename T>
+void shifted_usage(const T* uc, int64_t N, T eps, T* s) {
   const T keep = T(1) - eps;
   for (int64_t n = 0; n < N; ++n) s[n] = eps + keep * uc[n];
-  T P = 1;
+}
+
+// The allocation weighting a[order_j] = (1 - s_j) prod_{k<j} s_k over the
+// slots in `order`; with P, also the products P[j] = prod_{k<j} s_k (in the
+// sorted order), which the backward needs.
+template <typename T, typename O>
+void allocation(const T* s, int64_t N, const O* order, T* a, T* P = nullptr) {
+  T p = 1;
   for (int64_t j = 0; j < N; ++j) {
     const int64_t n = order[j];
-    a[n] = (T(1) - s[n]) * P;
-    P *= s[n];
+    if (P != nullptr) P[j] = p;
+    a[n] = (T(1) - s[n]) * p;
+    p *= s[n];
   }
 }
 
@@ -206,10 +213,9 @@ void forward_kernel(const at::Tensor& usage, const at::Tensor& ww, const at::Ten
       for (int64_t i = 0; i < W; ++i) {
         T* uc = HU + (b * W + i) * N;
         int64_t* order = OR + (b * W + i) * N;
-        const T keep = T(1) - eps;
-        for (int64_t n = 0; n < N; ++n) s[n] = eps + keep * uc[n];
+        shifted_usage(uc, N, eps, s.data());
         stable_order(s.data(), N, order, k1, k2, tmp);
-        allocation(uc, N, eps, order, s.data(), a.data());
+        allocation(s.data(), N, order, a.data());
         const T g_w = GW[b * W + i], g_a = GA[b * W + i];
         const T* c = C + (b * W + i) * N;
         T* wo = WO + (b * W + i) * N;
@@ -246,21 +252,22 @@ void backward_kernel(const at::Tensor& gu_t, const at::Tensor& gww_t, const at::
   const int64_t N = d.N, W = d.W, R = d.R;
   const T keep = T(1) - eps;
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> s(N), a(N * W), da(N), dU(N), u(N), u1(N), psi(N), written(N), prefix(N), suffix((R + 1) * N);
+    std::vector<T> s(N), a(N), Ps(N), da(N), dU(N), u(N), u1(N), psi(N), written(N), prefix(N), suffix((R + 1) * N);
     for (int64_t b = b0; b < b1; ++b) {
       const T* hub = HU + b * W * N;
       const int64_t* orb = OR + b * W * N;
-      for (int64_t i = 0; i < W; ++i) {
-        allocation(hub + i * N, N, eps, orb + i * N, s.data(), a.data() + i * N);
-      }
       std::fill(dU.begin(), dU.end(), T(0));
       for (int64_t i = W - 1; i >= 0; --i) {
         const int64_t bi = b * W + i;
         const T g_w = GW[bi], g_a = GA[bi];
         const T* c = C + bi * N;
         const T* gwi = GWW + bi * N;
-        const T* ai = a.data() + i * N;
         const T* ui = hub + i * N;
+        const int64_t* o = orb + i * N;
+        // Head i's allocation again, from the usage it sorted and its order.
+        shifted_usage(ui, N, eps, s.data());
+        allocation(s.data(), N, o, a.data(), Ps.data());
+        const T* ai = a.data();
         T dgw = 0, dga = 0;
         T* dc = DC + bi * N;
         for (int64_t n = 0; n < N; ++n) {
@@ -287,14 +294,7 @@ void backward_kernel(const at::Tensor& gu_t, const at::Tensor& gww_t, const at::
         // Through the sorted product: with s sorted, P_j = prod_{k<j} s_k,
         // a_j = (1 - s_j) P_j, ds_j = P_j (R_j - da_j),
         // R_j = sum_{l>j} da_l (1 - s_l) prod_{j<k<l} s_k (no division).
-        const int64_t* o = orb + i * N;
-        for (int64_t n = 0; n < N; ++n) s[n] = eps + keep * ui[n];
-        T P = 1;
-        std::vector<T>& Pj = u;  // reuse: prefix products in sorted order
-        for (int64_t j = 0; j < N; ++j) {
-          Pj[j] = P;
-          P *= s[o[j]];
-        }
+        const T* Pj = Ps.data();
         T Rj = 0;
         for (int64_t j = N - 1; j >= 0; --j) {
           const int64_t n = o[j];
