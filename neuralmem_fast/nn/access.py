@@ -65,6 +65,7 @@ from ..ops.dnc import write_weights as fused_write_weights
 
 __all__ = ["AccessInterface", "AccessState", "MemoryAccess", "allocation", "write_allocation_weights"]
 
+
 class AccessState(NamedTuple):
     """The access's recurrent state: memory (B,N,D), usage (B,N),
     read weights (B,R,N), write weights (B,W,N)."""
@@ -283,16 +284,16 @@ class MemoryAccess(nn.Module):
             content = ops.content_addressing(memory, interface.write_keys, interface.write_strengths, backend=be)
         else:
             content = prev_rw.mean(dim=1, keepdim=True).expand(-1, self.num_writes, -1).contiguous()
-        args = (usage, prev_ww, interface.free_gates, prev_rw, content, interface.write_gates,
-                interface.allocation_gates)
+        gates = (interface.write_gates, interface.allocation_gates)
         if self.usage_grad or self.alloc_topk is not None or be not in ("auto", "cpu"):
             # The reference's PyTorch ops: the gradient through the previous write weights, top-k
             # allocation, and the devices and backends that the fused op has no kernel for.
             ww = prev_ww if self.usage_grad else prev_ww.detach()
-            usage, write_weights = write_weights_ref(*args[:1], ww, *args[2:], topk=self.alloc_topk,
-                                                     tol=self.alloc_tol)
-        else:
-            usage, write_weights = fused_write_weights(*args)  # one op (float32/64 on the CPU), else the reference
+            usage, write_weights = write_weights_ref(usage, ww, interface.free_gates, prev_rw, content, *gates,
+                                                     topk=self.alloc_topk, tol=self.alloc_tol)
+        else:  # one op (float32/64 on the CPU; the reference elsewhere), prev_ww without a gradient
+            usage, write_weights = fused_write_weights(usage, prev_ww, interface.free_gates, prev_rw, content,
+                                                       *gates)
         # 3. erase-add; 4. read the new memory.
         memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
                                   backend=be)
