@@ -159,38 +159,35 @@ inline A max_of(const A* x, int64_t n) {
   return m;
 }
 
-// x[j] = exp(x[j] - shift) * scale; returns the sum of the new x.
-template <typename A>
-inline A exp_shift(A* x, int64_t n, A shift, A scale = A(1)) {
+// The sum of e_j = exp(in[j] - shift) * scale over j < n; with STORE also
+// out[j] = e_j (out may be in).
+template <bool STORE, typename A>
+inline A exp_shift_sum(const A* in, A* out, int64_t n, A shift, A scale) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const Vec vs(shift), vc(scale);
   Vec acc(A(0));
   for (int64_t j = 0; j < n; j += V) {
     const int64_t m = std::min<int64_t>(V, n - j);
-    Vec e = (load_n(x + j, m) - vs).exp() * vc;
+    Vec e = (load_n(in + j, m) - vs).exp() * vc;
     // Padded lanes hold exp(-shift): keep them out of the sum.
     if (m < V) e = Vec::set(Vec(A(0)), e, m);
-    store_n(e, x + j, m);
+    if constexpr (STORE) store_n(e, out + j, m);
     acc = acc + e;
   }
   return hsum(acc);
 }
 
-// The sum of exp(x[j] - shift), x unchanged: exp_shift's sum without its stores.
+// x[j] = exp(x[j] - shift) * scale; returns the sum of the new x.
+template <typename A>
+inline A exp_shift(A* x, int64_t n, A shift, A scale = A(1)) {
+  return exp_shift_sum<true>(x, x, n, shift, scale);
+}
+
+// The sum of exp(x[j] - shift), x unchanged.
 template <typename A>
 inline A exp_sum(const A* x, int64_t n, A shift) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  const Vec vs(shift);
-  Vec acc(A(0));
-  for (int64_t j = 0; j < n; j += V) {
-    const int64_t m = std::min<int64_t>(V, n - j);
-    Vec e = (load_n(x + j, m) - vs).exp();
-    if (m < V) e = Vec::set(Vec(A(0)), e, m);
-    acc = acc + e;
-  }
-  return hsum(acc);
+  return exp_shift_sum<false>(x, static_cast<A*>(nullptr), n, shift, A(1));
 }
 
 template <typename A>
