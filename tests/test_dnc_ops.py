@@ -186,3 +186,5 @@ def test_train_cli_refuses_ablation_flags_without_the_core(tmp_path):
 
     with pytest.raises(SystemExit, match="core"):
         main(["recall", "--model", "lstm", "--read-topk", "4", "--out", str(tmp_path), "--no-progress"])
+    with pytest.raises(SystemExit, match="core and sparse"):
+        main(["recall", "--model", "lstm", "--write-rule", "content", "--out", str(tmp_path), "--no-progress"])

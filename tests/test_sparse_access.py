@@ -24,41 +24,55 @@ def _run_sparse(acc, flat, B, init=None):
         st.memory.copy_(init)
     outs, rec = [], []
     for t in range(flat.shape[0]):
+        oldest = sops.lru_oldest(st.links, 1)      # the slot the step allocates
         r, st = acc(acc.parse_interface(flat[t]), st)
         outs.append(r)
-        rec.append(tuple(s.clone() for s in st.tape.slots[-1]))
+        rec.append((oldest,) + tuple(s.clone() for s in st.tape.slots[-1]))
     return torch.stack(outs), rec, st
 
 
 def _run_dense_reference(acc, flat, B, rec):
     """The same steps on a dense memory, out of place, through plain autograd: dense write weights
-    (the previous reads averaged over the heads, the LRU slot), memory_write_ref over all N slots, and
-    the softmax read over the recorded candidates, which must be the exact top-K of the dense memory."""
+    (the previous reads averaged over the heads, or each write key's softmax over its recorded
+    candidates, and the LRU slot), memory_write_ref over all N slots, and the softmax read over the
+    recorded candidates. Candidates must be the exact top-K of the dense memory."""
     N, D, R, K, eps = acc.memory_size, acc.word_size, acc.num_reads, acc.sparse_k, acc.sparse.eps
+    W = acc.num_writes
     mem = torch.zeros(B, N, D, dtype=flat.dtype)
     prev_idx = torch.full((B, R, K), -1)
     prev_w = torch.zeros(B, R, K, dtype=flat.dtype)
     outs = []
+
+    def gather(slots, keys):
+        """The rows of slots (B,H,K) of the dense memory, after checking they are the keys' exact top K."""
+        H = slots.shape[1]
+        exact, _ = sops.cosine_topk_ref(mem.detach(), keys.detach(), K, eps)
+        got = torch.einsum("bhkd,bhd->bhk",
+                           torch.nn.functional.normalize(mem.detach(), dim=-1, eps=eps).gather(
+                               1, slots.reshape(B, -1, 1).expand(B, H * K, D)).reshape(B, H, K, D),
+                           torch.nn.functional.normalize(keys.detach(), dim=-1, eps=eps))
+        torch.testing.assert_close(got, exact, atol=1e-9, rtol=0)
+        return mem.gather(1, slots.reshape(B, H * K, 1).expand(B, H * K, D)).reshape(B, H, K, D)
+
     for t in range(flat.shape[0]):
         it = acc.parse_interface(flat[t])
-        w_slots, r_slots = rec[t]
-        valid = prev_idx >= 0
-        base = torch.zeros(B, N, dtype=flat.dtype).scatter_add(
-            1, prev_idx.clamp(min=0).reshape(B, -1), (prev_w * valid).reshape(B, -1) / R)
-        lru = torch.zeros(B, N, dtype=flat.dtype).scatter(1, w_slots[:, -1:], 1.0)
+        oldest, w_slots, r_slots = rec[t][:3]
+        if acc.write_rule == "content":
+            cand = rec[t][3]
+            _, cw = sops.sparse_read_ref(gather(cand, it.write_keys), it.write_keys, it.write_strengths, eps)
+            base = torch.zeros(B, W, N, dtype=flat.dtype).scatter_add(2, cand, cw)
+        else:
+            assert torch.equal(oldest[:, 0], w_slots[:, -1])
+            valid = prev_idx >= 0
+            base = torch.zeros(B, N, dtype=flat.dtype).scatter_add(
+                1, prev_idx.clamp(min=0).reshape(B, -1), (prev_w * valid).reshape(B, -1) / R).unsqueeze(1)
+        lru = torch.zeros(B, N, dtype=flat.dtype).scatter(1, oldest, 1.0)
         g_w, g_a = it.write_gates.unsqueeze(-1), it.allocation_gates.unsqueeze(-1)
-        wd = g_w * ((1 - g_a) * base.unsqueeze(1) + g_a * lru.unsqueeze(1))
+        wd = g_w * ((1 - g_a) * base + g_a * lru.unsqueeze(1))
         inset = torch.zeros(B, N, dtype=torch.bool).scatter(1, w_slots, True)
         assert not ((wd.detach().abs().sum(1) > 0) & ~inset).any(), "a dense write weight outside the write set"
         mem = ops.memory_write_ref(mem, wd, it.erase_vectors, it.write_vectors)
-        exact, _ = sops.cosine_topk_ref(mem.detach(), it.read_keys.detach(), K, eps)
-        got = torch.einsum("bhkd,bhd->bhk",
-                           torch.nn.functional.normalize(mem.detach(), dim=-1, eps=eps).gather(
-                               1, r_slots.reshape(B, -1, 1).expand(B, R * K, D)).reshape(B, R, K, D),
-                           torch.nn.functional.normalize(it.read_keys.detach(), dim=-1, eps=eps))
-        torch.testing.assert_close(got, exact, atol=1e-9, rtol=0)  # the candidates are the exact top-K
-        rows = mem.gather(1, r_slots.reshape(B, R * K, 1).expand(B, R * K, D)).reshape(B, R, K, D)
-        reads, w = sops.sparse_read_ref(rows, it.read_keys, it.read_strengths, eps)
+        reads, w = sops.sparse_read_ref(gather(r_slots, it.read_keys), it.read_keys, it.read_strengths, eps)
         outs.append(reads)
         prev_idx, prev_w = r_slots, w
     return torch.stack(outs)
@@ -78,15 +92,16 @@ def _index(kind, eps):
     return functools.partial(RowIndex, full_scan=0.0, eps=eps) if kind == "rows-full-scan" else kind
 
 
+@pytest.mark.parametrize("rule", ["previous_reads", "content"])
 @pytest.mark.parametrize("eps", [1e-3, 0.5])
 @pytest.mark.parametrize("index", _index_kinds())
 @pytest.mark.parametrize("B,N,D,R,W,K,T", [(2, 64, 5, 2, 1, 3, 6), (1, 40, 4, 1, 2, 2, 9), (3, 200, 3, 3, 1, 4, 5)])
-def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T, index, eps):
+def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W, K, T, index, eps, rule):
     """With the faiss index the zero rows come from the LRU list instead of the lowest slots: other
     slots of equal score, so the reference checks scores, not slot numbers. eps=0.5 puts the rows the
     steps write from zero on both sides of the norm floor."""
     torch.manual_seed(B * 100 + N)
-    acc = MemoryAccess(N, D, R, W, sparse_k=K, index=_index(index, eps), sparse_eps=eps)
+    acc = MemoryAccess(N, D, R, W, sparse_k=K, index=_index(index, eps), sparse_eps=eps, write_rule=rule)
     flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
     ys, rec, st = _run_sparse(acc, flat, B)
     yr = _run_dense_reference(acc, flat, B, rec)
@@ -96,16 +111,20 @@ def test_sparse_steps_equal_the_dense_reference_on_the_same_slots(B, N, D, R, W,
     gr, = torch.autograd.grad(yr, flat, g)
     torch.testing.assert_close(gs, gr, atol=1e-12, rtol=1e-10)
     assert gs.abs().max() > 1e-3  # the gradient is not trivially zero
-    for w, _ in rec:
+    for _, w, *_ in rec:
         sops.check_unique_rows(w)   # the write set's slots are distinct
+    if rule == "content":           # the write keys and strengths receive a gradient
+        wk = gs[..., R * D:R * D + W * D]
+        assert wk.abs().max() > 1e-6
 
 
-def test_gradcheck_through_the_memory_of_several_steps():
+@pytest.mark.parametrize("rule", ["previous_reads", "content"])
+def test_gradcheck_through_the_memory_of_several_steps(rule):
     """From a random memory: rows written from zero by one add vector are parallel, so their cosines tie
     exactly and a perturbation would swap which of them make the top K (a kink, not a gradient error)."""
     torch.manual_seed(3)
     B, N, D, R, K, T = 2, 48, 4, 2, 3, 4
-    acc = MemoryAccess(N, D, R, 1, sparse_k=K, index="exact")
+    acc = MemoryAccess(N, D, R, 1, sparse_k=K, index="exact", write_rule=rule)
     flat = torch.randn(T, B, acc.interface_size, dtype=F64, requires_grad=True)
     init = torch.randn(B, N, D, dtype=F64)
     assert torch.autograd.gradcheck(lambda f: _run_sparse(acc, f, B, init)[0], (flat,), atol=1e-6)
@@ -274,16 +293,48 @@ def test_a_short_sparse_copy_run_learns(one_thread):
     assert trained < 0.5 * untrained, (untrained, trained)
 
 
-def test_non_finite_keys_from_the_controller_raise_before_any_write():
-    acc = MemoryAccess(64, 4, 2, 1, sparse_k=3, index="exact")
+@pytest.mark.parametrize("rule,field", [("previous_reads", "read_keys"), ("content", "read_keys"),
+                                        ("content", "write_keys"), ("content", "write_strengths")])
+def test_non_finite_keys_from_the_controller_raise_before_any_write(rule, field):
+    acc = MemoryAccess(64, 4, 2, 1, sparse_k=3, index="exact", write_rule=rule)
     st = acc.initial_state(2)
     it = acc.parse_interface(torch.randn(2, acc.interface_size))
     _, st = acc(it, st)
     before = st.memory.clone()
-    bad = it._replace(read_keys=torch.full_like(it.read_keys, float("inf")))
-    with pytest.raises(ValueError, match="read_keys: contains NaN or inf"):
+    bad = it._replace(**{field: torch.full_like(getattr(it, field), float("inf"))})
+    with pytest.raises(ValueError, match=f"{field}: contains NaN or inf"):
         acc(bad, st, validate=False)
     torch.testing.assert_close(st.memory, before, atol=0, rtol=0)
+
+
+def test_the_content_write_set_holds_every_candidate_and_the_lru_slot_once():
+    """Candidates shared by the two write heads and the least recently used slot among them: the set
+    still has W K + 1 distinct slots, each candidate on exactly one position and the LRU mark on one."""
+    acc = MemoryAccess(64, 4, 1, 2, sparse_k=3, index="exact", write_rule="content")
+    st = acc.initial_state(2, dtype=F64)
+    order = sops.lru_order(st.links)
+    o0, o1 = order[0], order[1]                 # the two least recently used slots of batch 0
+    cand = torch.tensor([[[o0, 9, 12], [12, 9, o1]],     # batch 0: LRU slot and a shared pair
+                         [[30, 31, 32], [33, 34, 35]]])  # batch 1: distinct, LRU slot not among them
+    slots, onehot, lru = acc.sparse._content_write_set(st, cand, F64)
+    assert slots.shape == (2, 7)
+    sops.check_unique_rows(slots)
+    for b in range(2):
+        assert set(cand[b].reshape(-1).tolist()) <= set(slots[b].tolist())
+        assert int(slots[b][lru[b].bool()]) == int(sops.lru_oldest(st.links, 1)[b, 0])
+    assert torch.equal(lru.sum(1), torch.ones(2, dtype=F64))
+    assert torch.equal(onehot.sum(-1), torch.ones(2, 2, 3, dtype=F64))
+    placed = slots.unsqueeze(1).unsqueeze(1).expand(2, 2, 3, 7)[onehot.bool()].reshape(2, 2, 3)
+    assert torch.equal(placed, cand)
+
+
+def test_bad_write_rule_settings_raise():
+    with pytest.raises(ValueError, match="write_rule must be"):
+        MemoryAccess(64, 4, 1, 1, sparse_k=2, write_rule="lru")
+    with pytest.raises(ValueError, match=r"needs memory_size >= 2\*num_writes\*sparse_k\+1 = 57"):
+        MemoryAccess(40, 4, 1, 4, sparse_k=7, write_rule="content")
+    assert MemoryAccess(64, 4, 1, 1, sparse_k=2).write_rule == "previous_reads"
+    assert MemoryAccess(64, 4, 1, 1).write_rule == "content"
 
 
 @pytest.mark.parametrize("index", [i for i in _index_kinds() if i not in ("exact", "rows-full-scan")])

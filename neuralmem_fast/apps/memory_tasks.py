@@ -201,19 +201,23 @@ class DNCPackageModel(nn.Module):
 
 def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
                 hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=DEFAULT_SPARSE_EPS,
-                read_topk=None, write_rule="content"):
+                read_topk=None, write_rule=None):
     """'core' (MemoryCore), 'sparse' (MemoryCore with sparse_k and index), 'lstm' (an LSTM with about the
-    core's parameter count) or 'dnc' (the dnc package). read_topk, write_rule: ablations of the core's
-    access (see MemoryAccess; 'core' only)."""
-    if (read_topk is not None or write_rule != "content") and kind != "core":
-        raise ValueError(f"read_topk and write_rule apply to the 'core' model only, got model {kind!r}")
+    core's parameter count) or 'dnc' (the dnc package). read_topk: an ablation of the core's read ('core'
+    only); write_rule: None for each access's default, or 'content' / 'previous_reads' ('core' and
+    'sparse'; see MemoryAccess)."""
+    if read_topk is not None and kind != "core":
+        raise ValueError(f"read_topk applies to the 'core' model only, got model {kind!r}")
+    if write_rule is not None and kind not in ("core", "sparse"):
+        raise ValueError(f"write_rule applies to the 'core' and 'sparse' models only, got model {kind!r}")
     if kind == "core":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
                           hidden_size=hidden_size, alloc_topk=alloc_topk, read_topk=read_topk,
                           write_rule=write_rule)
     if kind == "sparse":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
-                          hidden_size=hidden_size, sparse_k=sparse_k, index=index, sparse_eps=sparse_eps)
+                          hidden_size=hidden_size, sparse_k=sparse_k, index=index, sparse_eps=sparse_eps,
+                          write_rule=write_rule)
     if kind == "lstm":
         ref = MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes, hidden_size)
         return LSTMModel(input_size, output_size, lstm_hidden_for(param_count(ref), input_size, output_size))

@@ -47,9 +47,11 @@ def _parser():
     p.add_argument("--read-topk", type=int, default=None,
                    help="core model: each read head's weights restricted to its K best slots, as a sparse "
                         "read's (an ablation; default: the DNC's dense read)")
-    p.add_argument("--write-rule", default="content", choices=["content", "previous_reads"],
-                   help="core model: write by the write key's content (the DNC's) or to the previous step's "
-                        "reads (Sparse Access Memory's rule; an ablation)")
+    p.add_argument("--write-rule", default=None, choices=["content", "previous_reads"],
+                   help="core and sparse models: write by the write key's content (the core's default, the "
+                        "DNC's) or to the previous step's reads (the sparse model's default, Sparse Access "
+                        "Memory's rule); with the sparse model, content writes go to the write key's K "
+                        "candidates")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -90,7 +92,7 @@ def train_one(kind, args, log=print):
     model = build_model(kind, n_in, n_out, args.memory_size, args.word_size, args.num_reads, args.num_writes,
                         args.hidden_size, args.alloc_topk, args.sparse_k, args.index, args.sparse_eps,
                         read_topk=args.read_topk if kind == "core" else None,
-                        write_rule=args.write_rule if kind == "core" else "content")
+                        write_rule=args.write_rule if kind in ("core", "sparse") else None)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     threshold = _threshold(args)
@@ -200,8 +202,10 @@ def main(argv=None):
     for k in kinds:
         if k not in ("core", "sparse", "lstm", "dnc"):
             raise SystemExit(f"unknown model {k!r}: use core, sparse, lstm or dnc")
-    if (args.read_topk is not None or args.write_rule != "content") and "core" not in kinds:
-        raise SystemExit("--read-topk and --write-rule apply to the core model only: add core to --model")
+    if args.read_topk is not None and "core" not in kinds:
+        raise SystemExit("--read-topk applies to the core model only: add core to --model")
+    if args.write_rule is not None and not {"core", "sparse"} & set(kinds):
+        raise SystemExit("--write-rule applies to the core and sparse models only: add one to --model")
     _, kw = _batch_fn(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "model")}
     settings.update(kw)

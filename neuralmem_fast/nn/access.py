@@ -113,7 +113,8 @@ class MemoryAccess(nn.Module):
             step is differentiable in every input exactly (gradcheck).
         sparse_k: None for the dense access; K for sparse access (nn/sparse_access.py):
             each read head reads K candidate slots, writes go to the previous
-            reads and the least recently used slot, a step costs O(K D) and the
+            reads (or, with write_rule="content", to the write keys' K
+            candidates) and the least recently used slot, a step costs O(K D) and the
             backward stores O(K D) per step whatever N. The state is then a
             SparseAccessState.
         index: with sparse_k, how the K candidates are found: "exact" (one
@@ -133,10 +134,13 @@ class MemoryAccess(nn.Module):
             tell the two apart (docs/sparse.md). Not with sparse_k.
         write_rule: "content" (the DNC's: the write key's content weights,
             interpolated with the allocation) or "previous_reads" (Sparse
-            Access Memory's rule on the dense memory: the previous step's read
-            weights, averaged over the read heads, in place of the content
-            weights; the write keys and strengths are then unused). An
-            ablation, as read_topk. Not with sparse_k.
+            Access Memory's rule: the previous step's read weights, averaged
+            over the read heads, in place of the content weights; the write
+            keys and strengths are then unused). None (the default) is
+            "content" for the dense access and "previous_reads" with
+            sparse_k. On the dense access "previous_reads" is an ablation, as
+            read_topk; with sparse_k, "content" writes to the write keys' own
+            K candidates, found as the reads' are (docs/sparse.md).
 
     `forward(interface, state)` returns (reads (B,R,D), new AccessState).
     The module has no parameters: the controller produces the interface.
@@ -144,7 +148,7 @@ class MemoryAccess(nn.Module):
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
                  backend="auto", usage_grad=False, sparse_k=None, index="auto",
-                 sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None, write_rule="content"):
+                 sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None, write_rule=None):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):
@@ -174,22 +178,23 @@ class MemoryAccess(nn.Module):
                                  f"got {read_topk!r}")
             if sparse_k is not None:
                 raise ValueError("read_topk is for the dense access; sparse_k already reads K slots per head")
+        if write_rule is None:
+            write_rule = "content" if sparse_k is None else "previous_reads"
         if write_rule not in ("content", "previous_reads"):
-            raise ValueError(f"write_rule must be 'content' or 'previous_reads', got {write_rule!r}")
-        if write_rule != "content" and sparse_k is not None:
-            raise ValueError("write_rule is for the dense access; sparse_k writes to the previous reads already")
+            raise ValueError(f"write_rule must be None, 'content' or 'previous_reads', got {write_rule!r}")
         self.read_topk, self.write_rule = read_topk, write_rule
         self.sparse_k = sparse_k
         self.sparse = None
         if sparse_k is not None:
             from .sparse_access import SparseAccess
 
-            self.sparse = SparseAccess(self, sparse_k, index, eps=sparse_eps)
+            self.sparse = SparseAccess(self, sparse_k, index, eps=sparse_eps, write_rule=write_rule)
 
     def extra_repr(self):
         extra = f", sparse_k={self.sparse_k}" if self.sparse is not None else ""
         extra += f", read_topk={self.read_topk}" if self.read_topk is not None else ""
-        extra += f", write_rule={self.write_rule!r}" if self.write_rule != "content" else ""
+        default_rule = "content" if self.sparse is None else "previous_reads"
+        extra += f", write_rule={self.write_rule!r}" if self.write_rule != default_rule else ""
         return (f"memory_size={self.memory_size}, word_size={self.word_size}, num_reads={self.num_reads}, "
                 f"num_writes={self.num_writes}, alloc_topk={self.alloc_topk}, alloc_tol={self.alloc_tol}{extra}")
 

@@ -80,9 +80,11 @@ class MemoryCore(nn.Module):
         sparse_k, index, sparse_eps: sparse access with K candidates per read
             head, the index that finds them and the norm floor of its cosine
             (see MemoryAccess and the module doc).
-        read_topk, write_rule: ablations of the dense access: reads
-            restricted to each head's K best slots, writes to the previous
-            reads instead of by content (see MemoryAccess).
+        read_topk: an ablation of the dense access: reads restricted to
+            each head's K best slots (see MemoryAccess).
+        write_rule: None (the DNC's content write on the dense access,
+            Sparse Access Memory's previous-reads write with sparse_k),
+            "content" or "previous_reads" (see MemoryAccess).
 
     `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
     y is (B, T, output_size). `core.step(x_t, state)` is one step.
@@ -91,7 +93,7 @@ class MemoryCore(nn.Module):
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
                  alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None,
                  sparse_k=None, index="auto", sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None,
-                 write_rule="content"):
+                 write_rule=None):
         super().__init__()
         if checkpoint not in (True, False, "auto"):
             raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")

@@ -11,6 +11,13 @@ Design
      (the paper's w^W = alpha (gamma w^R_{t-1} + (1 - gamma) I^U), alpha the write gate and 1 - gamma the
      allocation gate of the DNC interface), then erase-add: M[s] <- M[s] * prod_h (1 - w[h,s] e_h)
      + sum_h w[h,s] a_h on those slots only (`memory_write` over the gathered rows, scattered back).
+     With write_rule="content" (MemoryAccess's option) the write set is instead each write head's own
+     K candidates, found for its write key by the index as a read head's are, over the memory before
+     the write, and the LRU slot: C = W K + 1 distinct slots (spares from the oldest end of the LRU
+     list when heads share candidates or the LRU slot is one), and
+        w[h] = g_w[h] * ((1 - g_a[h]) * softmax_K(beta_h cos(k_h, M[cand_h])) + g_a[h] * 1_lru),
+     the DNC's write with its content weights restricted to K slots. The gradient reaches the write
+     keys and strengths, and the candidate rows as they were before the write.
   2. read. Each read head's K candidates come from the index: the exact top-K by cosine (`cosine_topk`,
      one pass over the memory) or an approximate nearest-neighbour index that follows the writes
      (`FaissIndex`); the read is the softmax over the K candidates (`sparse_read`).
@@ -19,13 +26,15 @@ Design
      accessed only when its weight exceeds a threshold delta; here every candidate counts (delta = 0),
      which keeps the write set's slots distinct by construction: the previous step's candidates are
      the most recent, the write's spare slots come from the oldest end, and N >= 4 (R K + 1) keeps
-     those apart. The interface's write keys, write strengths and free gates are not used.
+     those apart. The interface's free gates are not used, nor, with the previous-reads rule, its write
+     keys and strengths.
 
 Memory in place, gradients by a tape. The memory (B,N,D) is one buffer updated in place: a step costs
 O(K D) however large N is, and nothing memory-sized is copied. Each step records what its backward needs:
 the K rows it read (as they were), the rows it overwrote (as they were), the slots and the write
-parameters: O(T (R K + C) D) for T steps, C = R K + 1 write slots, not O(T N D). The gradient with
-respect to the memory's rows is kept in a table of the slots the sequence touched. Each step is one
+parameters: O(T (R K + C) D) for T steps, C = R K + 1 write slots (W K + 1, and the W K candidate
+rows, with the content rule), not O(T N D). The gradient with respect to the memory's rows is kept in a
+table of the slots the sequence touched. Each step is one
 autograd Function whose outputs include a token that the next step takes as input, so the backward
 visits the steps in reverse order of time, which the table needs: step t adds the gradient of its reads
 to the rows it read, then takes the gradient of the rows it wrote and passes it through the erase-add to
@@ -300,14 +309,14 @@ class _Tape:
     def __init__(self, n_slots):
         self.N = n_slots
         self.steps = 0
-        self.slots = []          # per step: (write slots (B,C), read slots (B,R,K))
+        self.slots = []          # per step: (write slots (B,C), read slots (B,R,K)[, write candidates (B,W,K)])
         self.next_backward = None
         self.table = None        # (U, D) gradient of the rows' current values
         self.n_rows = 0
         self.ids = None          # per step: (write ids (B*C,), read ids (B*R*K,)) into the table
 
-    def record(self, write_slots, read_slots):
-        self.slots.append((write_slots, read_slots))
+    def record(self, *slots):
+        self.slots.append(slots)
         self.steps += 1
         return self.steps - 1
 
@@ -318,15 +327,16 @@ class _Tape:
         if self.ids is None or len(self.ids) != self.steps:
             B = self.slots[0][0].shape[0]
             base = torch.arange(B, device=like.device).unsqueeze(1) * self.N
-            flat = [torch.cat([(w + base).reshape(-1), (r.reshape(B, -1) + base).reshape(-1)])
-                    for w, r in self.slots]
-            uniq, inv = torch.unique(torch.cat(flat), return_inverse=True)
+            parts = [[(x.reshape(B, -1) + base).reshape(-1) for x in step] for step in self.slots]
+            uniq, inv = torch.unique(torch.cat([p for step in parts for p in step]), return_inverse=True)
             self.n_rows = uniq.numel()
             self.ids, at = [], 0
-            for (w, r), f in zip(self.slots, flat):
-                nw = w.numel()
-                self.ids.append((inv[at:at + nw], inv[at + nw:at + f.numel()]))
-                at += f.numel()
+            for step in parts:    # per step, the table rows of each of its slot tensors
+                ids = []
+                for p in step:
+                    ids.append(inv[at:at + p.numel()])
+                    at += p.numel()
+                self.ids.append(tuple(ids))
         if self.next_backward is None or t > self.next_backward:
             self.table = torch.zeros(self.n_rows, like.shape[-1], dtype=like.dtype, device=like.device)
         elif t != self.next_backward:
@@ -373,17 +383,38 @@ class _Dirty:
         self.slots, self.count, self.everything = [], 0, False
 
 
+def _mix_write(content_w, onehot, lru, write_gates, alloc_gates):
+    """The content rule's write weights (B,W,C): each head's softmax over its K candidates (B,W,K) placed
+    on the write set's positions (onehot (B,W,K,C)), interpolated with the LRU slot (lru (B,C), one 1)."""
+    content = torch.einsum("bwk,bwkc->bwc", content_w, onehot)
+    g_w, g_a = write_gates.unsqueeze(-1), alloc_gates.unsqueeze(-1)
+    return g_w * ((1 - g_a) * content + g_a * lru.unsqueeze(1))
+
+
 class _SparseStep(torch.autograd.Function):
-    """One sparse step: write, then read. Inputs beyond the first four are differentiable."""
+    """One sparse step: write, then read. Inputs from write_w on are differentiable.
+
+    `content` is None for the previous-reads rule (write_w (B,W,C) given, the last four inputs None), or
+    (candidates (B,W,K), onehot (B,W,K,C), lru (B,C)) for the content rule: write_w is None and the step
+    computes it from the write keys' softmax over their candidate rows as they are before the write."""
 
     @staticmethod
-    def forward(ctx, access, state, record, write_slots, token, write_w, erase, add, read_keys, read_strengths):
+    def forward(ctx, access, state, record, write_slots, content, token, write_w, erase, add, read_keys,
+                read_strengths, write_keys, write_strengths, write_gates, alloc_gates):
         memory, B = state.memory, state.memory.shape[0]
         tape = state.tape
         D = memory.shape[2]
+        saved = ()
         with torch.no_grad():
             gw = write_slots.unsqueeze(-1).expand(B, write_slots.shape[1], D)
             old = memory.gather(1, gw)
+            if content is not None:
+                cand, onehot, lru = content
+                W, K = cand.shape[1], cand.shape[2]
+                crow = memory.gather(1, cand.reshape(B, W * K, 1).expand(B, W * K, D)).reshape(B, W, K, D)
+                _, cw = sops.sparse_read(crow, write_keys, write_strengths, access.eps)
+                write_w = _mix_write(cw, onehot, lru, write_gates, alloc_gates)
+                saved = (crow, write_keys, write_strengths, cw, onehot, lru, write_gates, alloc_gates)
             new = ops.memory_write(old, write_w, erase, add, backend=access.backend)
             memory.scatter_(1, gw, new)
             state.index.update(write_slots)
@@ -398,9 +429,9 @@ class _SparseStep(torch.autograd.Function):
             state.written.everything = True
         ctx.mark_non_differentiable(read_slots)
         if record:  # inference records nothing
-            ctx.t = tape.record(write_slots, read_slots)
-            ctx.tape, ctx.eps = tape, access.eps
-            ctx.save_for_backward(old, write_w, erase, add, rows, read_keys, read_strengths, weights)
+            ctx.t = tape.record(write_slots, read_slots, *(() if content is None else (content[0],)))
+            ctx.tape, ctx.eps, ctx.content = tape, access.eps, content is not None
+            ctx.save_for_backward(old, write_w, erase, add, rows, read_keys, read_strengths, weights, *saved)
         return reads, weights, token.detach().clone(), read_slots
 
     @staticmethod
@@ -408,18 +439,29 @@ class _SparseStep(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("sparse access: create_graph=True is not supported (no higher derivatives "
                                "through a sparse memory)")
-        old, w, e, a, rows, keys, strengths, weights = ctx.saved_tensors
+        old, w, e, a, rows, keys, strengths, weights, *cs = ctx.saved_tensors
         tape = ctx.tape
         tape.begin_backward(ctx.t, old)
         B, R, K, D = rows.shape
         g_rows, g_keys, g_str = _read_backward(grad_reads, grad_weights, weights, rows, keys, strengths, ctx.eps)
-        wid, rid = tape.ids[ctx.t]
+        wid, rid = tape.ids[ctx.t][:2]
         table = tape.table
         table.index_add_(0, rid, g_rows.reshape(-1, D).to(table.dtype))
         g_new = table.index_select(0, wid).reshape(old.shape).to(old.dtype)
         g_old, g_w, g_e, g_a = _write_backward(g_new, old, w, e, a)
         table.index_copy_(0, wid, g_old.reshape(-1, D).to(table.dtype))
-        return None, None, None, None, None, g_w, g_e, g_a, g_keys, g_str
+        g_content = (None,) * 4
+        if ctx.content:
+            # The write weights came from the write keys' softmax over rows as they were before the
+            # write: their gradient joins the rows' (already the pre-write gradient) at the candidates.
+            crow, wk, ws, cw, onehot, lru, wg, ag = cs
+            leaves = [t.detach().requires_grad_(True) for t in (cw, wg, ag)]
+            with torch.enable_grad():
+                g_cw, g_wg, g_ag = torch.autograd.grad(_mix_write(leaves[0], onehot, lru, *leaves[1:]), leaves, g_w)
+            g_crow, g_wk, g_ws = _read_backward(torch.zeros_like(wk), g_cw, cw, crow, wk, ws, ctx.eps)
+            table.index_add_(0, tape.ids[ctx.t][2], g_crow.reshape(-1, D).to(table.dtype))
+            g_content, g_w = (g_wk, g_ws, g_wg, g_ag), None
+        return (None, None, None, None, None, None, g_w, g_e, g_a, g_keys, g_str) + g_content
 
 
 class SparseAccessState:
@@ -452,8 +494,8 @@ class SparseAccessState:
 class SparseAccess:
     """The sparse step of a MemoryAccess built with sparse_k=K (see the module doc)."""
 
-    def __init__(self, access, k, index="auto", eps=DEFAULT_SPARSE_EPS):
-        R, N = access.num_reads, access.memory_size
+    def __init__(self, access, k, index="auto", eps=DEFAULT_SPARSE_EPS, write_rule="previous_reads"):
+        R, W, N = access.num_reads, access.num_writes, access.memory_size
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
             raise ValueError(f"sparse_eps must be a positive finite number, got {eps!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -464,6 +506,12 @@ class SparseAccess:
         if N < need:
             raise ValueError(f"sparse_k={k} with num_reads={R} needs memory_size >= 4*(num_reads*sparse_k+1) = "
                              f"{need}, got {N}; use the dense access (sparse_k=None) for small memories")
+        if write_rule not in ("previous_reads", "content"):
+            raise ValueError(f"write_rule must be 'previous_reads' or 'content', got {write_rule!r}")
+        if write_rule == "content" and N < 2 * W * k + 1:
+            raise ValueError(f"write_rule='content' with sparse_k={k} and num_writes={W} needs memory_size >= "
+                             f"2*num_writes*sparse_k+1 = {2 * W * k + 1}, got {N}")
+        self.write_rule = write_rule
         self.access, self.k, self.eps = access, k, float(eps)
         self.index_spec = index
         make_index(index) if not isinstance(index, str) else None  # type check now
@@ -561,6 +609,26 @@ class SparseAccess:
         weights = g_w * ((1 - g_a) * base.unsqueeze(1) + g_a * lru.unsqueeze(1))     # (B, W, C)
         return slots, weights
 
+    def _content_write_set(self, state, cand, dtype):
+        """The content rule's write set: (slots (B,C), onehot (B,W,K,C), lru (B,C)), C = W K + 1. The slots
+        are the write heads' candidates, distinct, then the least recently used slot (which may be one
+        of them) and as many of the next oldest slots as fill C; onehot places each candidate on its
+        slot's position and lru marks the least recently used slot's."""
+        B, W, K = cand.shape
+        WK = W * K
+        flat = cand.reshape(B, WK)
+        s_idx, first, _ = _sorted_firsts(flat)
+        distinct = torch.where(first, s_idx, torch.full_like(s_idx, -1))
+        oldest = sops.lru_oldest(state.links, 2 * WK + 1)        # W K of these at most are candidates
+        spare = torch.where((oldest.unsqueeze(-1) == flat.unsqueeze(1)).any(-1), torch.full_like(oldest, -1),
+                            oldest)
+        pool = torch.cat([distinct, spare], dim=1)
+        pick = torch.sort((pool < 0).to(torch.uint8), dim=1, stable=True).indices[:, :WK + 1]
+        slots = pool.gather(1, pick)
+        onehot = (cand.unsqueeze(-1) == slots[:, None, None, :]).to(dtype)
+        lru = (slots == oldest[:, :1]).to(dtype)
+        return slots, onehot, lru
+
     def _candidates(self, state, keys):
         """(B,R,K) candidate slots of the read keys over the current memory."""
         k = self.k
@@ -586,12 +654,21 @@ class SparseAccess:
         # A NaN key has no nearest neighbours and a NaN write would spread through the index: refuse
         # before anything is written (one host sync per step; the field is named on failure only).
         names = ("read_keys", "read_strengths", "erase_vectors", "write_vectors")
+        if self.write_rule == "content":
+            names += ("write_keys", "write_strengths")
         if not bool(torch.stack([torch.isfinite(getattr(iface, n)).all() for n in names]).all()):
             name = next(n for n in names if not bool(torch.isfinite(getattr(iface, n)).all()))
             raise ValueError(f"{name}: contains NaN or inf (the controller's output diverged?); the memory "
                              "is unchanged")
-        slots, weights = self._write_set(state, iface)
-        diff = (weights, iface.erase_vectors, iface.write_vectors, iface.read_keys, iface.read_strengths)
-        record = torch.is_grad_enabled() and any(t.requires_grad for t in diff)
-        reads, read_weights, token, read_slots = _SparseStep.apply(self, state, record, slots, state.token, *diff)
+        if self.write_rule == "content":
+            cand = self._candidates(state, iface.write_keys)     # over the memory before the write
+            slots, onehot, lru = self._content_write_set(state, cand, state.memory.dtype)
+            content, weights = (cand, onehot, lru), None
+            extra = (iface.write_keys, iface.write_strengths, iface.write_gates, iface.allocation_gates)
+        else:
+            (slots, weights), content, extra = self._write_set(state, iface), None, (None,) * 4
+        diff = (weights, iface.erase_vectors, iface.write_vectors, iface.read_keys, iface.read_strengths) + extra
+        record = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in diff)
+        reads, read_weights, token, read_slots = _SparseStep.apply(self, state, record, slots, content, state.token,
+                                                                   *diff)
         return reads, state._next(read_slots, read_weights, token)
