@@ -194,8 +194,11 @@ def test_small_n_peak_counts_the_point_not_the_process(tmp_path, capsys):
     assert [p["mode"] for p in res["points"]] == ["fwd", "read_bwd"]
     for p in res["points"]:
         assert p["status"] == "ok", p.get("error")
-        # The reference holds a few memory-sized temporaries; 20x is generous for RSS at 256 kB.
-        assert p["peak_ratio"] < 20, (p["mode"], p["peak_ratio"])
+        # The reference holds a few memory-sized temporaries (about 1 MB here). On top of them, RSS counts
+        # the pages of library code that the point's sizes run first (the warm-up runs N=16): 6.9-7.9 MB
+        # (27-31x) measured on one machine, 5 MB or less on another. The failure this guards against
+        # counted the process's first steps, ~90 MB (350x): 16 MB tells the two apart.
+        assert p["peak_bytes"] < 16 << 20, (p["mode"], p["peak_bytes"], p["peak_ratio"])
         # What was left out is reported, not hidden.
         assert p["warmup_bytes"] > 0 and p["baseline_bytes"] > p["warmup_bytes"]
     assert "baseline" in res["config"]["memory_accounting"]
