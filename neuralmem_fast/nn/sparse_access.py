@@ -149,12 +149,17 @@ class _Dirty:
         self.slots, self.count, self.everything = [], 0, False
 
 
+def _gated(base, lru, write_gates, alloc_gates):
+    """Write weights (B,W,C) of either rule: g_w * ((1 - g_a) * base + g_a * lru), base (B,W,C) or (B,1,C)
+    over the write set's positions, lru (B,C) one 1 at the least recently used slot's."""
+    g_w, g_a = write_gates.unsqueeze(-1), alloc_gates.unsqueeze(-1)
+    return g_w * ((1 - g_a) * base + g_a * lru.unsqueeze(1))
+
+
 def _mix_write(content_w, onehot, lru, write_gates, alloc_gates):
     """The content rule's write weights (B,W,C): each head's softmax over its K candidates (B,W,K) placed
-    on the write set's positions (onehot (B,W,K,C)), interpolated with the LRU slot (lru (B,C), one 1)."""
-    content = torch.einsum("bwk,bwkc->bwc", content_w, onehot)
-    g_w, g_a = write_gates.unsqueeze(-1), alloc_gates.unsqueeze(-1)
-    return g_w * ((1 - g_a) * content + g_a * lru.unsqueeze(1))
+    on the write set's positions (onehot (B,W,K,C)), interpolated with the LRU slot."""
+    return _gated(torch.einsum("bwk,bwkc->bwc", content_w, onehot), lru, write_gates, alloc_gates)
 
 
 class _SparseStep(torch.autograd.Function):
@@ -370,10 +375,7 @@ class SparseAccess:
         base = torch.cat([cw, torch.zeros_like(cw[:, :1])], dim=1)                    # (B, C)
         lru = torch.zeros_like(base)
         lru[:, -1] = 1
-        g_w = iface.write_gates.unsqueeze(-1)
-        g_a = iface.allocation_gates.unsqueeze(-1)
-        weights = g_w * ((1 - g_a) * base.unsqueeze(1) + g_a * lru.unsqueeze(1))     # (B, W, C)
-        return slots, weights
+        return slots, _gated(base.unsqueeze(1), lru, iface.write_gates, iface.allocation_gates)
 
     def _content_write_set(self, state, cand, dtype):
         """The content rule's write set: (slots (B,C), onehot (B,W,K,C), lru (B,C)), C = W K + 1. The slots
