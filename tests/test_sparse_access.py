@@ -17,17 +17,27 @@ F64 = torch.float64
 
 
 def _run_sparse(acc, flat, B, init=None):
-    """T steps of the sparse access from a zero memory (or `init`); returns the reads (T,B,R,D), the slots
-    used and the state."""
+    """T steps of the sparse access from a zero memory (or `init`); returns the reads (T,B,R,D), per step
+    (LRU slot, write slots, read slots[, the write keys' candidates]) and the state."""
     st = acc.initial_state(B, dtype=flat.dtype)
     if init is not None:
         st.memory.copy_(init)
-    outs, rec = [], []
-    for t in range(flat.shape[0]):
-        oldest = sops.lru_oldest(st.links, 1)      # the slot the step allocates
-        r, st = acc(acc.parse_interface(flat[t]), st)
-        outs.append(r)
-        rec.append((oldest,) + tuple(s.clone() for s in st.tape.slots[-1]))
+    outs, rec, cands = [], [], []
+    write_set = acc.sparse._content_write_set
+
+    def spy(state, cand, dtype):
+        cands.append(cand.clone())
+        return write_set(state, cand, dtype)
+
+    acc.sparse._content_write_set = spy
+    try:
+        for t in range(flat.shape[0]):
+            oldest = sops.lru_oldest(st.links, 1)      # the slot the step allocates
+            r, st = acc(acc.parse_interface(flat[t]), st)
+            outs.append(r)
+            rec.append((oldest,) + tuple(s.clone() for s in st.tape.slots[-1]) + tuple(cands[t:]))
+    finally:
+        del acc.sparse._content_write_set
     return torch.stack(outs), rec, st
 
 
@@ -309,23 +319,21 @@ def test_non_finite_keys_from_the_controller_raise_before_any_write(rule, field)
 
 def test_the_content_write_set_holds_every_candidate_and_the_lru_slot_once():
     """Candidates shared by the two write heads and the least recently used slot among them: the set
-    still has W K + 1 distinct slots, each candidate on exactly one position and the LRU mark on one."""
+    still has W K + 1 distinct slots, each candidate's position holds it, and the LRU mark is on one."""
     acc = MemoryAccess(64, 4, 1, 2, sparse_k=3, index="exact", write_rule="content")
     st = acc.initial_state(2, dtype=F64)
     order = sops.lru_order(st.links)
     o0, o1 = order[0], order[1]                 # the two least recently used slots of batch 0
     cand = torch.tensor([[[o0, 9, 12], [12, 9, o1]],     # batch 0: LRU slot and a shared pair
                          [[30, 31, 32], [33, 34, 35]]])  # batch 1: distinct, LRU slot not among them
-    slots, onehot, lru = acc.sparse._content_write_set(st, cand, F64)
+    slots, pos, lru = acc.sparse._content_write_set(st, cand, F64)
     assert slots.shape == (2, 7)
     sops.check_unique_rows(slots)
     for b in range(2):
         assert set(cand[b].reshape(-1).tolist()) <= set(slots[b].tolist())
         assert int(slots[b][lru[b].bool()]) == int(sops.lru_oldest(st.links, 1)[b, 0])
     assert torch.equal(lru.sum(1), torch.ones(2, dtype=F64))
-    assert torch.equal(onehot.sum(-1), torch.ones(2, 2, 3, dtype=F64))
-    placed = slots.unsqueeze(1).unsqueeze(1).expand(2, 2, 3, 7)[onehot.bool()].reshape(2, 2, 3)
-    assert torch.equal(placed, cand)
+    assert torch.equal(slots.gather(1, pos.reshape(2, 6)).reshape(2, 2, 3), cand)
 
 
 def test_bad_write_rule_settings_raise():

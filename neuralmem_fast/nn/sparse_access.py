@@ -32,8 +32,8 @@ Design
 Memory in place, gradients by a tape. The memory (B,N,D) is one buffer updated in place: a step costs
 O(K D) however large N is, and nothing memory-sized is copied. Each step records what its backward needs:
 the K rows it read (as they were), the rows it overwrote (as they were), the slots and the write
-parameters: O(T (R K + C) D) for T steps, C = R K + 1 write slots (W K + 1, and the W K candidate
-rows, with the content rule), not O(T N D). The gradient with respect to the memory's rows is kept in a
+parameters: O(T (R K + C) D) for T steps, C = R K + 1 write slots (W K + 1 with the content rule, whose
+candidate rows are among them), not O(T N D). The gradient with respect to the memory's rows is kept in a
 table of the slots the sequence touched. Each step is one
 autograd Function whose outputs include a token that the next step takes as input, so the backward
 visits the steps in reverse order of time, which the table needs: step t adds the gradient of its reads
@@ -75,7 +75,7 @@ class _Tape:
     def __init__(self, n_slots):
         self.N = n_slots
         self.steps = 0
-        self.slots = []          # per step: (write slots (B,C), read slots (B,R,K)[, write candidates (B,W,K)])
+        self.slots = []          # per step: (write slots (B,C), read slots (B,R,K))
         self.next_backward = None
         self.table = None        # (U, D) gradient of the rows' current values
         self.n_rows = 0
@@ -156,18 +156,29 @@ def _gated(base, lru, write_gates, alloc_gates):
     return g_w * ((1 - g_a) * base + g_a * lru.unsqueeze(1))
 
 
-def _mix_write(content_w, onehot, lru, write_gates, alloc_gates):
+def _mix_write(content_w, pos, lru, write_gates, alloc_gates):
     """The content rule's write weights (B,W,C): each head's softmax over its K candidates (B,W,K) placed
-    on the write set's positions (onehot (B,W,K,C)), interpolated with the LRU slot."""
-    return _gated(torch.einsum("bwk,bwkc->bwc", content_w, onehot), lru, write_gates, alloc_gates)
+    at their positions in the write set (pos (B,W,K); a head's candidates are distinct), interpolated
+    with the LRU slot."""
+    B, W = pos.shape[0], pos.shape[1]
+    base = content_w.new_zeros(B, W, lru.shape[1]).scatter(2, pos, content_w)
+    return _gated(base, lru, write_gates, alloc_gates)
+
+
+def _rows_at(rows, pos):
+    """rows (B,C,D) at positions pos (B,W,K): (B,W,K,D)."""
+    B, W, K = pos.shape
+    D = rows.shape[-1]
+    return rows.gather(1, pos.reshape(B, W * K, 1).expand(B, W * K, D)).reshape(B, W, K, D)
 
 
 class _SparseStep(torch.autograd.Function):
     """One sparse step: write, then read. Inputs from write_w on are differentiable.
 
     `content` is None for the previous-reads rule (write_w (B,W,C) given, the last four inputs None), or
-    (candidates (B,W,K), onehot (B,W,K,C), lru (B,C)) for the content rule: write_w is None and the step
-    computes it from the write keys' softmax over their candidate rows as they are before the write."""
+    (candidates' positions in the write set (B,W,K), lru (B,C)) for the content rule: write_w is None
+    and the step computes it from the write keys' softmax over their candidate rows as they are before
+    the write (rows of `old`, the write set's rows before the write, which the backward keeps anyway)."""
 
     @staticmethod
     def forward(ctx, access, state, record, write_slots, content, token, write_w, erase, add, read_keys,
@@ -180,12 +191,10 @@ class _SparseStep(torch.autograd.Function):
             gw = write_slots.unsqueeze(-1).expand(B, write_slots.shape[1], D)
             old = memory.gather(1, gw)
             if content is not None:
-                cand, onehot, lru = content
-                W, K = cand.shape[1], cand.shape[2]
-                crow = memory.gather(1, cand.reshape(B, W * K, 1).expand(B, W * K, D)).reshape(B, W, K, D)
-                _, cw = sops.sparse_read(crow, write_keys, write_strengths, access.eps)
-                write_w = _mix_write(cw, onehot, lru, write_gates, alloc_gates)
-                saved = (crow, write_keys, write_strengths, cw, onehot, lru, write_gates, alloc_gates)
+                pos, lru = content
+                _, cw = sops.sparse_read(_rows_at(old, pos), write_keys, write_strengths, access.eps)
+                write_w = _mix_write(cw, pos, lru, write_gates, alloc_gates)
+                saved = (write_keys, write_strengths, cw, pos, lru, write_gates, alloc_gates)
             new = ops.memory_write(old, write_w, erase, add, backend=access.backend)
             memory.scatter_(1, gw, new)
             state.index.update(write_slots)
@@ -200,7 +209,7 @@ class _SparseStep(torch.autograd.Function):
             state.written.everything = True
         ctx.mark_non_differentiable(read_slots)
         if record:  # inference records nothing
-            ctx.t = tape.record(write_slots, read_slots, *(() if content is None else (content[0],)))
+            ctx.t = tape.record(write_slots, read_slots)
             ctx.tape, ctx.eps, ctx.content = tape, access.eps, content is not None
             ctx.save_for_backward(old, write_w, erase, add, rows, read_keys, read_strengths, weights, *saved)
         return reads, weights, token.detach().clone(), read_slots
@@ -220,18 +229,20 @@ class _SparseStep(torch.autograd.Function):
         table.index_add_(0, rid, g_rows.reshape(-1, D).to(table.dtype))
         g_new = table.index_select(0, wid).reshape(old.shape).to(old.dtype)
         g_old, g_w, g_e, g_a = _write_backward(g_new, old, w, e, a)
-        table.index_copy_(0, wid, g_old.reshape(-1, D).to(table.dtype))
         g_content = (None,) * 4
         if ctx.content:
             # The write weights came from the write keys' softmax over rows as they were before the
-            # write: their gradient joins the rows' (already the pre-write gradient) at the candidates.
-            crow, wk, ws, cw, onehot, lru, wg, ag = cs
+            # write, rows of `old`: their gradient joins the one the erase-add gives those rows.
+            wk, ws, cw, pos, lru, wg, ag = cs
             leaves = [t.detach().requires_grad_(True) for t in (cw, wg, ag)]
             with torch.enable_grad():
-                g_cw, g_wg, g_ag = torch.autograd.grad(_mix_write(leaves[0], onehot, lru, *leaves[1:]), leaves, g_w)
-            g_crow, g_wk, g_ws = _read_backward(torch.zeros_like(wk), g_cw, cw, crow, wk, ws, ctx.eps)
-            table.index_add_(0, tape.ids[ctx.t][2], g_crow.reshape(-1, D).to(table.dtype))
+                g_cw, g_wg, g_ag = torch.autograd.grad(_mix_write(leaves[0], pos, lru, *leaves[1:]), leaves, g_w)
+            g_crow, g_wk, g_ws = _read_backward(torch.zeros_like(wk), g_cw, cw, _rows_at(old, pos), wk, ws, ctx.eps)
+            W, K = pos.shape[1], pos.shape[2]
+            g_old = g_old.scatter_add(1, pos.reshape(B, W * K, 1).expand(B, W * K, D),
+                                      g_crow.reshape(B, W * K, D).to(g_old.dtype))
             g_content, g_w = (g_wk, g_ws, g_wg, g_ag), None
+        table.index_copy_(0, wid, g_old.reshape(-1, D).to(table.dtype))
         return (None, None, None, None, None, None, g_w, g_e, g_a, g_keys, g_str) + g_content
 
 
@@ -378,10 +389,10 @@ class SparseAccess:
         return slots, _gated(base.unsqueeze(1), lru, iface.write_gates, iface.allocation_gates)
 
     def _content_write_set(self, state, cand, dtype):
-        """The content rule's write set: (slots (B,C), onehot (B,W,K,C), lru (B,C)), C = W K + 1. The slots
+        """The content rule's write set: (slots (B,C), pos (B,W,K), lru (B,C)), C = W K + 1. The slots
         are the write heads' candidates, distinct, then the least recently used slot (which may be one
-        of them) and as many of the next oldest slots as fill C; onehot places each candidate on its
-        slot's position and lru marks the least recently used slot's."""
+        of them) and as many of the next oldest slots as fill C; pos is each candidate's position in
+        slots and lru marks the least recently used slot's."""
         B, W, K = cand.shape
         WK = W * K
         flat = cand.reshape(B, WK)
@@ -393,9 +404,9 @@ class SparseAccess:
         pool = torch.cat([distinct, spare], dim=1)
         pick = torch.sort((pool < 0).to(torch.uint8), dim=1, stable=True).indices[:, :WK + 1]
         slots = pool.gather(1, pick)
-        onehot = (cand.unsqueeze(-1) == slots[:, None, None, :]).to(dtype)
+        pos = (cand.unsqueeze(-1) == slots[:, None, None, :]).to(torch.uint8).argmax(-1)
         lru = (slots == oldest[:, :1]).to(dtype)
-        return slots, onehot, lru
+        return slots, pos, lru
 
     def _candidates(self, state, keys):
         """(B,R,K) candidate slots of the read keys over the current memory."""
@@ -430,8 +441,8 @@ class SparseAccess:
                              "is unchanged")
         if self.write_rule == "content":
             cand = self._candidates(state, iface.write_keys)     # over the memory before the write
-            slots, onehot, lru = self._content_write_set(state, cand, state.memory.dtype)
-            content, weights = (cand, onehot, lru), None
+            slots, pos, lru = self._content_write_set(state, cand, state.memory.dtype)
+            content, weights = (pos, lru), None
             extra = (iface.write_keys, iface.write_strengths, iface.write_gates, iface.allocation_gates)
         else:
             (slots, weights), content, extra = self._write_set(state, iface), None, (None,) * 4
