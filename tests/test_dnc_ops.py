@@ -1,8 +1,9 @@
 """The fused DNC usage and write-weights op (ops/dnc.py, csrc/dnc/dnc_ops.cpp) against its reference,
-and the dense access's ablation options (read_topk, write_rule)."""
+and the dense access's ablation options (read_topk, write_topk, write_rule)."""
 import pytest
 import torch
 
+from neuralmem_fast import ops
 from neuralmem_fast.nn import MemoryAccess, MemoryCore
 from neuralmem_fast.ops import dnc
 
@@ -167,6 +168,65 @@ def test_read_topk_reads_the_k_best_slots_renormalised():
         MemoryAccess(100, 4, 1, 1, read_topk=2, sparse_k=2)
 
 
+def test_write_topk_writes_to_the_write_keys_k_best_slots_renormalised():
+    """With the allocation gate closed, the write weights are the write gate times the content weights
+    restricted to the write key's 3 best slots and renormalised; elsewhere they are 0."""
+    torch.manual_seed(0)
+    acc = MemoryAccess(12, 4, 1, 2, write_topk=3)
+    state = acc.initial_state(2, F64)
+    state = state._replace(memory=torch.randn(2, 12, 4, dtype=F64))
+    iface = acc.parse_interface(torch.randn(2, acc.interface_size, dtype=F64))
+    iface = iface._replace(allocation_gates=torch.zeros(2, 2, dtype=F64))
+    _, st = acc(iface, state)
+    content = ops.content_addressing(state.memory, iface.write_keys, iface.write_strengths)
+    top = content.topk(3, dim=-1)
+    want = torch.zeros_like(content).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(st.write_weights, iface.write_gates.unsqueeze(-1) * want)
+    assert ((st.write_weights > 0).sum(-1) <= 3).all()
+    assert "write_topk=3" in repr(acc)
+    with pytest.raises(ValueError, match="write_topk"):
+        MemoryAccess(12, 4, 1, 1, write_topk=0)
+    with pytest.raises(ValueError, match="write_topk"):
+        MemoryAccess(12, 4, 1, 1, write_topk=2, write_rule="previous_reads")
+    with pytest.raises(ValueError, match="write_topk"):
+        MemoryAccess(100, 4, 1, 1, write_topk=2, sparse_k=2)
+
+
+def test_lru_allocation_takes_the_least_recently_accessed_slot():
+    """allocation="lru" with read_topk=2, write_topk=2 at N=8, one read and one write head: each step's
+    allocated slot is the one whose last access (a read or write candidate, or an allocation) is oldest,
+    the lowest index among never-accessed ones; checked against stamps kept here by hand."""
+    torch.manual_seed(0)
+    N = 8
+    acc = MemoryAccess(N, 3, 1, 1, read_topk=2, write_topk=2, allocation="lru")
+    assert "allocation='lru'" in repr(acc)
+    state = acc.initial_state(1, F64)
+    last = [-1.0] * N                                       # -1: never accessed
+    for t in range(6):
+        iface = acc.parse_interface(torch.randn(1, acc.interface_size, dtype=F64))
+        iface = iface._replace(allocation_gates=torch.full((1, 1), 0.5, dtype=F64))
+        content = ops.content_addressing(state.memory, iface.write_keys, iface.write_strengths)
+        want_alloc = min(range(N), key=lambda j: (last[j], j))
+        _, new = acc(iface, state)
+        w = new.write_weights[0, 0]
+        top = content[0, 0].topk(2).indices.tolist()
+        assert w[want_alloc] >= 0.5 * float(iface.write_gates) - 1e-12
+        assert set(torch.nonzero(w).reshape(-1).tolist()) <= set(top) | {want_alloc}
+        for j in top + [want_alloc]:
+            last[j] = 2 * t
+        for j in torch.nonzero(new.read_weights[0, 0]).reshape(-1).tolist():
+            last[j] = 2 * t + 1
+        assert (new.read_weights[0, 0] > 0).sum() <= 2
+        state = new
+    with pytest.raises(ValueError, match="allocation='lru'"):
+        MemoryAccess(N, 3, 1, 1, allocation="lru")              # a dense read touches every slot
+    with pytest.raises(ValueError, match="allocation='lru'"):
+        MemoryAccess(N, 3, 1, 1, read_topk=2, allocation="lru")  # so does a dense content write
+    with pytest.raises(ValueError, match="allocation must be"):
+        MemoryAccess(N, 3, 1, 1, allocation="lfu")
+    MemoryAccess(N, 3, 1, 1, read_topk=2, write_rule="previous_reads", allocation="lru")
+
+
 def test_write_rule_previous_reads_writes_where_the_last_step_read():
     torch.manual_seed(0)
     acc = MemoryAccess(10, 4, 2, 1, write_rule="previous_reads")
@@ -186,5 +246,7 @@ def test_train_cli_refuses_ablation_flags_without_the_core(tmp_path):
 
     with pytest.raises(SystemExit, match="core"):
         main(["recall", "--model", "lstm", "--read-topk", "4", "--out", str(tmp_path), "--no-progress"])
+    with pytest.raises(SystemExit, match="core"):
+        main(["recall", "--model", "sparse", "--write-topk", "4", "--out", str(tmp_path), "--no-progress"])
     with pytest.raises(SystemExit, match="core and sparse"):
         main(["recall", "--model", "lstm", "--write-rule", "content", "--out", str(tmp_path), "--no-progress"])

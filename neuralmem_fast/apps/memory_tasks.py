@@ -201,19 +201,21 @@ class DNCPackageModel(nn.Module):
 
 def build_model(kind, input_size, output_size, memory_size=32, word_size=16, num_reads=1, num_writes=1,
                 hidden_size=64, alloc_topk=None, sparse_k=8, index="auto", sparse_eps=DEFAULT_SPARSE_EPS,
-                read_topk=None, write_rule=None):
+                read_topk=None, write_rule=None, write_topk=None, allocation="usage"):
     """'core' (MemoryCore), 'sparse' (MemoryCore with sparse_k and index), 'lstm' (an LSTM with about the
-    core's parameter count) or 'dnc' (the dnc package). read_topk: an ablation of the core's read ('core'
-    only); write_rule: None for each access's default, or 'content' / 'previous_reads' ('core' and
-    'sparse'; see MemoryAccess)."""
-    if read_topk is not None and kind != "core":
-        raise ValueError(f"read_topk applies to the 'core' model only, got model {kind!r}")
+    core's parameter count) or 'dnc' (the dnc package). read_topk, write_topk, allocation: ablations of the
+    core's read, content write and allocation ('core' only; see MemoryAccess); write_rule: None for each
+    access's default, or 'content' / 'previous_reads' ('core' and 'sparse'; see MemoryAccess)."""
+    for name, v in (("read_topk", read_topk), ("write_topk", write_topk),
+                    ("allocation", None if allocation == "usage" else allocation)):
+        if v is not None and kind != "core":
+            raise ValueError(f"{name} applies to the 'core' model only, got model {kind!r}")
     if write_rule is not None and kind not in ("core", "sparse"):
         raise ValueError(f"write_rule applies to the 'core' and 'sparse' models only, got model {kind!r}")
     if kind == "core":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
                           hidden_size=hidden_size, alloc_topk=alloc_topk, read_topk=read_topk,
-                          write_rule=write_rule)
+                          write_rule=write_rule, write_topk=write_topk, allocation=allocation)
     if kind == "sparse":
         return MemoryCore(input_size, output_size, memory_size, word_size, num_reads, num_writes,
                           hidden_size=hidden_size, sparse_k=sparse_k, index=index, sparse_eps=sparse_eps,

@@ -47,6 +47,13 @@ def _parser():
     p.add_argument("--read-topk", type=int, default=None,
                    help="core model: each read head's weights restricted to its K best slots, as a sparse "
                         "read's (an ablation; default: the DNC's dense read)")
+    p.add_argument("--write-topk", type=int, default=None,
+                   help="core model: each write head's content weights restricted to its K best slots, as the "
+                        "sparse model's content-keyed write (an ablation; default: the DNC's dense write)")
+    p.add_argument("--allocation", default="usage", choices=["usage", "lru"],
+                   help="core model: the DNC's allocation by usage (default) or the least recently used slot, "
+                        "as the sparse model allocates (an ablation; needs --read-topk, and --write-topk or "
+                        "--write-rule previous_reads)")
     p.add_argument("--write-rule", default=None, choices=["content", "previous_reads"],
                    help="core and sparse models: write by the write key's content (the core's default, the "
                         "DNC's) or to the previous step's reads (the sparse model's default, Sparse Access "
@@ -92,6 +99,8 @@ def train_one(kind, args, log=print):
     model = build_model(kind, n_in, n_out, args.memory_size, args.word_size, args.num_reads, args.num_writes,
                         args.hidden_size, args.alloc_topk, args.sparse_k, args.index, args.sparse_eps,
                         read_topk=args.read_topk if kind == "core" else None,
+                        write_topk=args.write_topk if kind == "core" else None,
+                        allocation=args.allocation if kind == "core" else "usage",
                         write_rule=args.write_rule if kind in ("core", "sparse") else None)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -204,6 +213,10 @@ def main(argv=None):
             raise SystemExit(f"unknown model {k!r}: use core, sparse, lstm or dnc")
     if args.read_topk is not None and "core" not in kinds:
         raise SystemExit("--read-topk applies to the core model only: add core to --model")
+    if args.write_topk is not None and "core" not in kinds:
+        raise SystemExit("--write-topk applies to the core model only: add core to --model")
+    if args.allocation != "usage" and "core" not in kinds:
+        raise SystemExit("--allocation applies to the core model only: add core to --model")
     if args.write_rule is not None and not {"core", "sparse"} & set(kinds):
         raise SystemExit("--write-rule applies to the core and sparse models only: add one to --model")
     _, kw = _batch_fn(args)

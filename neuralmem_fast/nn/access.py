@@ -41,6 +41,16 @@ less after, so the first write lands in one slot and each later one in the
 next free slot. Allocation breaks the symmetry by itself; no random
 initial memory is needed.
 
+Ablations (docs/sparse.md). `read_topk`, `write_topk`, `write_rule=
+"previous_reads"` and `allocation="lru"` make the dense access behave as the
+sparse one in one respect at a time: reads or content writes restricted to
+K slots, Sparse Access Memory's write to the previous reads, and the least
+recently used slot in place of the usage allocation. With "lru" the usage
+field holds each slot's last-access stamp: the slots of the restricted
+reads and writes and the allocated slot are accessed (the sparse access's
+rule, every candidate counts), and the slot with the oldest stamp (the
+lowest index among equals) is allocated. Free gates are then unused.
+
 Inputs. `forward(interface, state)` takes an `AccessInterface` of tensors (a
 user may build one) and checks it: shapes, dtypes, devices, finite values,
 gates and erase vectors in [0, 1], strengths >= 0; errors name the field.
@@ -89,6 +99,13 @@ class AccessInterface(NamedTuple):
     free_gates: torch.Tensor
     allocation_gates: torch.Tensor
     write_gates: torch.Tensor
+
+
+def _restrict_topk(weights, k):
+    """(weights, indices): softmax weights (..., N) restricted to their k largest entries (indices
+    (..., k)) and renormalised, the softmax over those k logits; the gradient reaches those k only."""
+    vals, idx = torch.topk(weights, k, dim=-1)
+    return torch.zeros_like(weights).scatter(-1, idx, vals / vals.sum(-1, keepdim=True)), idx
 
 
 def _fail(name, msg):
@@ -141,6 +158,17 @@ class MemoryAccess(nn.Module):
             sparse_k. On the dense access "previous_reads" is an ablation, as
             read_topk; with sparse_k, "content" writes to the write keys' own
             K candidates, found as the reads' are (docs/sparse.md).
+        write_topk: None (the DNC's write) or K: each dense write head's
+            content weights restricted to its K best slots and renormalised,
+            as read_topk does for the reads, before the interpolation with the
+            allocation. An ablation: the sparse access's content-keyed write
+            (write_rule="content" with sparse_k) on the dense access. Only
+            with the dense access's content rule.
+        allocation: "usage" (the DNC's allocation by usage and free gates)
+            or "lru": the least recently used slot, as the sparse access
+            allocates (see the module doc); an ablation that needs read_topk
+            and a restricted write (write_topk or write_rule="previous_reads"),
+            since a dense read or write accesses every slot. Dense only.
 
     `forward(interface, state)` returns (reads (B,R,D), new AccessState).
     The module has no parameters: the controller produces the interface.
@@ -148,7 +176,7 @@ class MemoryAccess(nn.Module):
 
     def __init__(self, memory_size, word_size, num_reads, num_writes=1, alloc_topk=None, alloc_tol=1e-6,
                  backend="auto", usage_grad=False, sparse_k=None, index="auto",
-                 sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None, write_rule=None):
+                 sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None, write_rule=None, write_topk=None, allocation="usage"):
         super().__init__()
         for name, v in (("memory_size", memory_size), ("word_size", word_size), ("num_reads", num_reads),
                         ("num_writes", num_writes)):
@@ -182,7 +210,21 @@ class MemoryAccess(nn.Module):
             write_rule = "content" if sparse_k is None else "previous_reads"
         if write_rule not in ("content", "previous_reads"):
             raise ValueError(f"write_rule must be None, 'content' or 'previous_reads', got {write_rule!r}")
-        self.read_topk, self.write_rule = read_topk, write_rule
+        if write_topk is not None:
+            if not isinstance(write_topk, int) or isinstance(write_topk, bool) or not 1 <= write_topk <= memory_size:
+                raise ValueError(f"write_topk must be None or an int in [1, memory_size={memory_size}], "
+                                 f"got {write_topk!r}")
+            if sparse_k is not None or write_rule != "content":
+                raise ValueError("write_topk is for the dense access's content write (write_rule='content', "
+                                 "no sparse_k)")
+        if allocation not in ("usage", "lru"):
+            raise ValueError(f"allocation must be 'usage' or 'lru', got {allocation!r}")
+        if allocation == "lru" and (sparse_k is not None or read_topk is None
+                                    or (write_topk is None and write_rule != "previous_reads")):
+            raise ValueError("allocation='lru' is an ablation of the dense access: it needs read_topk and a "
+                             "restricted write (write_topk or write_rule='previous_reads'), no sparse_k")
+        self.read_topk, self.write_rule, self.write_topk = read_topk, write_rule, write_topk
+        self.allocation = allocation
         self.sparse_k = sparse_k
         self.sparse = None
         if sparse_k is not None:
@@ -193,6 +235,8 @@ class MemoryAccess(nn.Module):
     def extra_repr(self):
         extra = f", sparse_k={self.sparse_k}" if self.sparse is not None else ""
         extra += f", read_topk={self.read_topk}" if self.read_topk is not None else ""
+        extra += f", write_topk={self.write_topk}" if self.write_topk is not None else ""
+        extra += f", allocation={self.allocation!r}" if self.allocation != "usage" else ""
         default_rule = "content" if self.sparse is None else "previous_reads"
         extra += f", write_rule={self.write_rule!r}" if self.write_rule != default_rule else ""
         return (f"memory_size={self.memory_size}, word_size={self.word_size}, num_reads={self.num_reads}, "
@@ -285,10 +329,15 @@ class MemoryAccess(nn.Module):
         be = self.backend
         # 1.-2. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code)
         # and the frees; write weights from the content of the memory before the write and the allocation.
+        write_idx = None
         if self.write_rule == "content":
             content = ops.content_addressing(memory, interface.write_keys, interface.write_strengths, backend=be)
+            if self.write_topk is not None:
+                content, write_idx = _restrict_topk(content, self.write_topk)
         else:
             content = prev_rw.mean(dim=1, keepdim=True).expand(-1, self.num_writes, -1).contiguous()
+        if self.allocation == "lru":
+            return self._lru_step(interface, state, content, write_idx)
         gates = (interface.write_gates, interface.allocation_gates)
         if self.usage_grad or self.alloc_topk is not None or be not in ("auto", "cpu"):
             # The reference's PyTorch ops: the gradient through the previous write weights, top-k
@@ -303,8 +352,32 @@ class MemoryAccess(nn.Module):
         memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
                                   backend=be)
         read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
-        if self.read_topk is not None and self.read_topk < self.memory_size:
-            vals, idx = torch.topk(read_weights, self.read_topk, dim=-1)
-            read_weights = torch.zeros_like(read_weights).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
+        if self.read_topk is not None:
+            read_weights, _ = _restrict_topk(read_weights, self.read_topk)
         reads = ops.memory_read(memory, read_weights, backend=be)
         return reads, AccessState(memory, usage, read_weights, write_weights)
+
+    def _lru_step(self, interface, state, content, write_idx):
+        """allocation="lru": write with the restricted content weights (write_idx (B,W,K) their slots) or
+        the previous reads' (write_idx None: the slots the previous step read, already the most recent)
+        and the least recently used slot, then read; the usage field holds last-access stamps."""
+        memory, stamp = state.memory, state.usage
+        be = self.backend
+        oldest = stamp.argmin(-1, keepdim=True)                                       # (B,1), first of equals
+        alloc = torch.zeros_like(stamp).scatter(1, oldest, 1.0).unsqueeze(1)          # (B,1,N)
+        g_w, g_a = interface.write_gates.unsqueeze(-1), interface.allocation_gates.unsqueeze(-1)
+        write_weights = g_w * ((1 - g_a) * content + g_a * alloc)
+        memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
+                                  backend=be)
+        read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
+        read_weights, read_idx = _restrict_topk(read_weights, self.read_topk)
+        reads = ops.memory_read(memory, read_weights, backend=be)
+        with torch.no_grad():
+            B = stamp.shape[0]
+            written = torch.zeros_like(stamp, dtype=torch.bool).scatter_(1, oldest, True)
+            if write_idx is not None:
+                written.scatter_(1, write_idx.reshape(B, -1), True)
+            read = torch.zeros_like(written).scatter_(1, read_idx.reshape(B, -1), True)
+            base = stamp.amax(-1, keepdim=True) + 1                                 # reads after the write
+            stamp = torch.where(read, base + 1, torch.where(written, base, stamp))
+        return reads, AccessState(memory, stamp, read_weights, write_weights)

@@ -85,6 +85,9 @@ class MemoryCore(nn.Module):
         write_rule: None (the DNC's content write on the dense access,
             Sparse Access Memory's previous-reads write with sparse_k),
             "content" or "previous_reads" (see MemoryAccess).
+        write_topk, allocation: ablations of the dense access: the content
+            write weights restricted to each write head's K best slots, and
+            "lru" allocation, the least recently used slot (see MemoryAccess).
 
     `y, state = core(x, state=None)` on batch-first x (B, T, input_size);
     y is (B, T, output_size). `core.step(x_t, state)` is one step.
@@ -93,7 +96,7 @@ class MemoryCore(nn.Module):
     def __init__(self, input_size, output_size, memory_size, word_size, num_reads, num_writes=1, hidden_size=64,
                  alloc_topk=None, alloc_tol=1e-6, backend="auto", checkpoint="auto", checkpoint_segment=None,
                  sparse_k=None, index="auto", sparse_eps=DEFAULT_SPARSE_EPS, read_topk=None,
-                 write_rule=None):
+                 write_rule=None, write_topk=None, allocation="usage"):
         super().__init__()
         if checkpoint not in (True, False, "auto"):
             raise ValueError(f"checkpoint must be True, False or 'auto', got {checkpoint!r}")
@@ -106,7 +109,8 @@ class MemoryCore(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.access = MemoryAccess(memory_size, word_size, num_reads, num_writes, alloc_topk, alloc_tol, backend,
                                    sparse_k=sparse_k, index=index, sparse_eps=sparse_eps, read_topk=read_topk,
-                                   write_rule=write_rule)
+                                   write_rule=write_rule, write_topk=write_topk,
+                                   allocation=allocation)
         self._sparse_cache = None
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         read_size = num_reads * word_size
