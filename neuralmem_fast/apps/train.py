@@ -211,12 +211,10 @@ def main(argv=None):
     for k in kinds:
         if k not in ("core", "sparse", "lstm", "dnc"):
             raise SystemExit(f"unknown model {k!r}: use core, sparse, lstm or dnc")
-    if args.read_topk is not None and "core" not in kinds:
-        raise SystemExit("--read-topk applies to the core model only: add core to --model")
-    if args.write_topk is not None and "core" not in kinds:
-        raise SystemExit("--write-topk applies to the core model only: add core to --model")
-    if args.allocation != "usage" and "core" not in kinds:
-        raise SystemExit("--allocation applies to the core model only: add core to --model")
+    for flag, given in (("--read-topk", args.read_topk is not None), ("--write-topk", args.write_topk is not None),
+                        ("--allocation", args.allocation != "usage")):
+        if given and "core" not in kinds:
+            raise SystemExit(f"{flag} applies to the core model only: add core to --model")
     if args.write_rule is not None and not {"core", "sparse"} & set(kinds):
         raise SystemExit("--write-rule applies to the core and sparse models only: add one to --model")
     _, kw = _batch_fn(args)

@@ -70,6 +70,7 @@ from .. import ops
 from ..config import DEFAULT_SPARSE_EPS
 from ..ops.dnc import ALLOC_EPS, allocation, write_allocation_weights, write_weights_ref
 from ..ops.dnc import write_weights as fused_write_weights
+from .sparse_access import _gated
 
 # allocation, write_allocation_weights and ALLOC_EPS live in ops/dnc.py with the fused op; re-exported here.
 
@@ -106,6 +107,20 @@ def _restrict_topk(weights, k):
     (..., k)) and renormalised, the softmax over those k logits; the gradient reaches those k only."""
     vals, idx = torch.topk(weights, k, dim=-1)
     return torch.zeros_like(weights).scatter(-1, idx, vals / vals.sum(-1, keepdim=True)), idx
+
+
+@torch.no_grad()
+def _lru_stamps(stamp, oldest, write_idx, read_idx):
+    """allocation="lru": the access stamps (B,N) after a step that allocated `oldest` (B,1), wrote with
+    restricted content weights on write_idx (B,W,K) (None for the previous-reads write: those slots were
+    read at the previous step, already the most recent) and read read_idx (B,R,K), after the write."""
+    B = stamp.shape[0]
+    written = torch.zeros_like(stamp, dtype=torch.bool).scatter_(1, oldest, True)
+    if write_idx is not None:
+        written.scatter_(1, write_idx.reshape(B, -1), True)
+    read = torch.zeros_like(written).scatter_(1, read_idx.reshape(B, -1), True)
+    base = stamp.amax(-1, keepdim=True) + 1
+    return torch.where(read, base + 1, torch.where(written, base, stamp))
 
 
 def _fail(name, msg):
@@ -200,23 +215,19 @@ class MemoryAccess(nn.Module):
         self._oneplus_sizes = [R, W]                        # read, write strengths
         self._sigmoid_sizes = [W * D, R, W, W]              # erase, free, allocation, write gates
         self.interface_size = sum(self._linear_sizes) + sum(self._oneplus_sizes) + sum(self._sigmoid_sizes)
+        for name, k in (("read_topk", read_topk), ("write_topk", write_topk)):
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= memory_size):
+                raise ValueError(f"{name} must be None or an int in [1, memory_size={memory_size}], got {k!r}")
         if read_topk is not None:
-            if not isinstance(read_topk, int) or isinstance(read_topk, bool) or not 1 <= read_topk <= memory_size:
-                raise ValueError(f"read_topk must be None or an int in [1, memory_size={memory_size}], "
-                                 f"got {read_topk!r}")
             if sparse_k is not None:
                 raise ValueError("read_topk is for the dense access; sparse_k already reads K slots per head")
         if write_rule is None:
             write_rule = "content" if sparse_k is None else "previous_reads"
         if write_rule not in ("content", "previous_reads"):
             raise ValueError(f"write_rule must be None, 'content' or 'previous_reads', got {write_rule!r}")
-        if write_topk is not None:
-            if not isinstance(write_topk, int) or isinstance(write_topk, bool) or not 1 <= write_topk <= memory_size:
-                raise ValueError(f"write_topk must be None or an int in [1, memory_size={memory_size}], "
-                                 f"got {write_topk!r}")
-            if sparse_k is not None or write_rule != "content":
-                raise ValueError("write_topk is for the dense access's content write (write_rule='content', "
-                                 "no sparse_k)")
+        if write_topk is not None and (sparse_k is not None or write_rule != "content"):
+            raise ValueError("write_topk is for the dense access's content write (write_rule='content', "
+                             "no sparse_k)")
         if allocation not in ("usage", "lru"):
             raise ValueError(f"allocation must be 'usage' or 'lru', got {allocation!r}")
         if allocation == "lru" and (sparse_k is not None or read_topk is None
@@ -336,10 +347,11 @@ class MemoryAccess(nn.Module):
                 content, write_idx = _restrict_topk(content, self.write_topk)
         else:
             content = prev_rw.mean(dim=1, keepdim=True).expand(-1, self.num_writes, -1).contiguous()
-        if self.allocation == "lru":
-            return self._lru_step(interface, state, content, write_idx)
         gates = (interface.write_gates, interface.allocation_gates)
-        if self.usage_grad or self.alloc_topk is not None or be not in ("auto", "cpu"):
+        if self.allocation == "lru":  # the least recently used slot; the usage field holds access stamps
+            oldest = usage.argmin(-1, keepdim=True)                                    # (B,1), first of equals
+            write_weights = _gated(content, torch.zeros_like(usage).scatter(1, oldest, 1.0), *gates)
+        elif self.usage_grad or self.alloc_topk is not None or be not in ("auto", "cpu"):
             # The reference's PyTorch ops: the gradient through the previous write weights, top-k
             # allocation, and the devices and backends that the fused op has no kernel for.
             ww = prev_ww if self.usage_grad else prev_ww.detach()
@@ -353,31 +365,8 @@ class MemoryAccess(nn.Module):
                                   backend=be)
         read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
         if self.read_topk is not None:
-            read_weights, _ = _restrict_topk(read_weights, self.read_topk)
+            read_weights, read_idx = _restrict_topk(read_weights, self.read_topk)
         reads = ops.memory_read(memory, read_weights, backend=be)
+        if self.allocation == "lru":
+            usage = _lru_stamps(usage, oldest, write_idx, read_idx)
         return reads, AccessState(memory, usage, read_weights, write_weights)
-
-    def _lru_step(self, interface, state, content, write_idx):
-        """allocation="lru": write with the restricted content weights (write_idx (B,W,K) their slots) or
-        the previous reads' (write_idx None: the slots the previous step read, already the most recent)
-        and the least recently used slot, then read; the usage field holds last-access stamps."""
-        memory, stamp = state.memory, state.usage
-        be = self.backend
-        oldest = stamp.argmin(-1, keepdim=True)                                       # (B,1), first of equals
-        alloc = torch.zeros_like(stamp).scatter(1, oldest, 1.0).unsqueeze(1)          # (B,1,N)
-        g_w, g_a = interface.write_gates.unsqueeze(-1), interface.allocation_gates.unsqueeze(-1)
-        write_weights = g_w * ((1 - g_a) * content + g_a * alloc)
-        memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
-                                  backend=be)
-        read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
-        read_weights, read_idx = _restrict_topk(read_weights, self.read_topk)
-        reads = ops.memory_read(memory, read_weights, backend=be)
-        with torch.no_grad():
-            B = stamp.shape[0]
-            written = torch.zeros_like(stamp, dtype=torch.bool).scatter_(1, oldest, True)
-            if write_idx is not None:
-                written.scatter_(1, write_idx.reshape(B, -1), True)
-            read = torch.zeros_like(written).scatter_(1, read_idx.reshape(B, -1), True)
-            base = stamp.amax(-1, keepdim=True) + 1                                 # reads after the write
-            stamp = torch.where(read, base + 1, torch.where(written, base, stamp))
-        return reads, AccessState(memory, stamp, read_weights, write_weights)

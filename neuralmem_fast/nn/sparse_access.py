@@ -151,7 +151,8 @@ class _Dirty:
 
 def _gated(base, lru, write_gates, alloc_gates):
     """Write weights (B,W,C) of either rule: g_w * ((1 - g_a) * base + g_a * lru), base (B,W,C) or (B,1,C)
-    over the write set's positions, lru (B,C) one 1 at the least recently used slot's."""
+    over the write set's positions, lru (B,C) one 1 at the least recently used slot's. The dense access's
+    allocation="lru" ablation calls it with C = N."""
     g_w, g_a = write_gates.unsqueeze(-1), alloc_gates.unsqueeze(-1)
     return g_w * ((1 - g_a) * base + g_a * lru.unsqueeze(1))
 
