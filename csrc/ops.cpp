@@ -39,6 +39,18 @@ TORCH_LIBRARY(neuralmem, m) {
         "-> (Tensor, Tensor)");
   m.def("content_write_backward(Tensor grad_out, Tensor lse, Tensor memory, Tensor keys, Tensor strengths, "
         "Tensor erase, Tensor add, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Differentiable content_read, then content_write, both addressing the
+  // memory before the write, out of place: one step of a memory that reads
+  // and then writes. Returns (reads, new memory, read lse (B,H), write lse
+  // (B,W)). The backward returns the sum of the two ops' memory gradients and
+  // the gradients of read_keys, read_strengths, write_keys, write_strengths,
+  // erase and add.
+  m.def("content_read_write(Tensor memory, Tensor read_keys, Tensor read_strengths, Tensor write_keys, "
+        "Tensor write_strengths, Tensor erase, Tensor add, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("content_read_write_backward(Tensor grad_reads, Tensor grad_out, Tensor reads, Tensor read_lse, "
+        "Tensor write_lse, Tensor memory, Tensor read_keys, Tensor read_strengths, Tensor write_keys, "
+        "Tensor write_strengths, Tensor erase, Tensor add, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // usage_new = decay * usage + sum_w weights[:, w, :]
   m.def("usage_update(Tensor usage, Tensor weights, float decay) -> Tensor");
   // In-place write whose weights come from content addressing of the memory

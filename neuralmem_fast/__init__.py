@@ -2,7 +2,8 @@
 
 Public ops (see neuralmem_fast.ops for shapes and semantics):
     content_addressing, memory_read, content_read, memory_write,
-    memory_write_, usage_update, content_write, content_write_, content_read_write_
+    memory_write_, usage_update, content_write, content_write_, content_read_write,
+    content_read_write_
 each with backend="auto" | "cpu" | "cuda" | "triton" | "torch".
 
 Layers, whose imports run one way only (docs/architecture.md):
@@ -16,6 +17,7 @@ from .ops import (
     content_addressing_ref,
     content_read,
     content_read_ref,
+    content_read_write,
     content_read_write_,
     content_write,
     content_write_,
@@ -56,6 +58,7 @@ __all__ = [
     "usage_update_ref",
     "content_write",
     "content_write_",
+    "content_read_write",
     "content_read_write_",
     "make_agent",
 ]

@@ -166,6 +166,11 @@ def run_ops(x, backend):
     outs.append(new)
     outs += list(torch.autograd.grad(new, args, x["memory"]))
     outs.append(nm.usage_update(x["usage"], x["wweights"], backend=backend))
+    names = ("memory", "keys", "strengths", "wkeys", "wstrengths", "erase", "add")
+    args = [x[n].detach().clone().requires_grad_() for n in names]
+    rw = nm.content_read_write(*args, backend=backend)
+    outs += list(rw)
+    outs += list(torch.autograd.grad(rw, args, (x["grad"], x["memory"])))
     with torch.no_grad():
         m2 = x["memory"].clone()
         nm.memory_write_(m2, x["wweights"], x["erase"], x["add"], backend=backend)

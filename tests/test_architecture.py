@@ -158,7 +158,7 @@ def test_registry_reads_the_ops_csrc_declares():
     assert set(registry.inplace_ops()) == {"memory_write_", "content_write_", "content_read_write_"}
     assert set(registry.backward_ops()) == {f"{op}_backward" for op in
                                             ("content_addressing", "memory_read", "content_read", "memory_write",
-                                                     "content_write")}
+                                             "content_write", "content_read_write")}
     assert registry.utility_ops() == ("cpu_capability",)
 
 

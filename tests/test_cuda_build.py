@@ -36,6 +36,8 @@ OPS = (
     "content_read_write_",
     "content_write",
     "content_write_backward",
+    "content_read_write",
+    "content_read_write_backward",
 )
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

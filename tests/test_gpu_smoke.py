@@ -72,7 +72,7 @@ def test_op_sequence_runs_on_cpu(misaligned):
     case = dict(part="tiny", shape=(2, 37, 5, 33, 2), dtype="float32", misaligned=misaligned)
     x = s._inputs(case, device="cpu")
     got, want = s.run_ops(x, "cpu"), s.run_ops(x, "torch")
-    assert len(got) == len(want) == 25
+    assert len(got) == len(want) == 34
     for i, (a, b) in enumerate(zip(got, want)):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"output {i}: {m}")

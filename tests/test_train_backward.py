@@ -175,3 +175,137 @@ def test_content_write_opcheck_and_bad_input():
     before = m.clone()
     ops.content_write(m, k, s, e, a, backend="cpu")
     assert torch.equal(m, before), "content_write is out of place"
+
+
+# ------------------------------------------------------------------ content_read_write
+def _rw_inputs(B, N, D, H, W, dtype=torch.float64, seed=0):
+    """memory, read keys, read strengths, write keys, write strengths, erase, add."""
+    g = torch.Generator().manual_seed(seed + 1)
+    rk = torch.randn(B, H, D, dtype=torch.float64, generator=g)
+    rs = 1 + 4 * torch.rand(B, H, dtype=torch.float64, generator=g)
+    m, wk, ws, e, a = _write_inputs(B, N, D, W, torch.float64, seed)
+    return [t.to(dtype) for t in (m, rk, rs, wk, ws, e, a)]
+
+
+def _rw_grads(fn, args, gr, gn, create_graph=False):
+    x = [t.clone().requires_grad_(True) for t in args]
+    reads, new = fn(*x)
+    return (reads, new), torch.autograd.grad((reads, new), x, (gr, gn), create_graph=create_graph)
+
+
+# (B, N, D, H, W); (1, 9, 16, 4, 1): one write head and whole vectors (the
+# CPU write backward's register path); (2, 300, 5, 3, 2): several blocks.
+@pytest.mark.parametrize("shape", [(2, 7, 3, 1, 1), (1, 9, 4, 2, 3), (2, 300, 5, 3, 2), (1, 9, 16, 4, 1)])
+def test_content_read_write_gradcheck(shape):
+    args = [t.requires_grad_(True) for t in _rw_inputs(*shape)]
+    assert torch.autograd.gradcheck(lambda *a: ops.content_read_write(*a, backend="cpu"), args)
+
+
+@pytest.mark.parametrize("shape", [(1, 1000, 64, 4, 1), (3, 517, 13, 2, 2), (1, 70000, 8, 3, 1)])
+def test_content_read_write_equals_the_two_ops(shape):
+    from neuralmem_fast.ops.reference import content_read_write_ref
+
+    args = _rw_inputs(*shape)
+    B, N, D, H, W = shape
+    gr, gn = torch.randn(B, H, D, dtype=torch.float64), torch.randn(B, N, D, dtype=torch.float64)
+    (reads, new), got = _rw_grads(lambda *a: ops.content_read_write(*a, backend="cpu"), args, gr, gn)
+    (r_ref, n_ref), want = _rw_grads(content_read_write_ref, args, gr, gn)
+    torch.testing.assert_close(reads, r_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(new, n_ref, rtol=0, atol=1e-12)
+    names = ("memory", "read_keys", "read_strengths", "write_keys", "write_strengths", "erase", "add")
+    for n, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, n=n: f"grad {n}: {m}")
+    # The same as the two public ops, each with its own backward kernel.
+    _, sep = _rw_grads(lambda m, rk, rs, wk, ws, e, a: (ops.content_read(m, rk, rs, backend="cpu"),
+                                                         ops.content_write(m, wk, ws, e, a, backend="cpu")),
+                       args, gr, gn)
+    for n, a, b in zip(names, got, sep):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("used", ["reads", "memory"])
+def test_content_read_write_with_one_output_unused(used):
+    from neuralmem_fast.ops.reference import content_read_write_ref
+
+    args = _rw_inputs(2, 300, 5, 3, 2)
+    res = []
+    for fn in (lambda *a: ops.content_read_write(*a, backend="cpu"), content_read_write_ref):
+        x = [t.clone().requires_grad_(True) for t in args]
+        reads, new = fn(*x)
+        out = reads if used == "reads" else new
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        res.append([t.grad for t in x])
+    for a, b in zip(*res):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_content_read_write_create_graph_matches_the_reference():
+    from neuralmem_fast.ops.reference import content_read_write_ref
+
+    args = _rw_inputs(1, 9, 4, 2, 1)
+    gr, gn = torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 9, 4, dtype=torch.float64)
+    second = []
+    for fn in (lambda *a: ops.content_read_write(*a, backend="cpu"), content_read_write_ref):
+        x = [t.clone().requires_grad_(True) for t in args]
+        reads, new = fn(*x)
+        g = torch.autograd.grad((reads, new), x, (gr, gn), create_graph=True)
+        second.append(torch.autograd.grad(sum(t.square().sum() for t in g), x))
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_content_read_write_low_precision(dtype):
+    args = _rw_inputs(2, 300, 16, 4, 1, dtype)
+    x = [t.clone().requires_grad_(True) for t in args]
+    reads, new = ops.content_read_write(*x, backend="cpu")
+    (reads.float().square().sum() + new.float().square().sum()).backward()
+    y = [t.detach().double().requires_grad_(True) for t in args]
+    r_ref, n_ref = ops.content_read_write(*y, backend="torch")
+    (r_ref.square().sum() + n_ref.square().sum()).backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reads.double(), r_ref, **tol)
+    torch.testing.assert_close(new.double(), n_ref, **tol)
+    for a, b in zip(x, y):
+        scale = b.grad.abs().max().clamp_min(1)
+        torch.testing.assert_close(a.grad.double() / scale, b.grad / scale, **tol)
+
+
+def test_content_read_write_non_finite_read_key_poisons_its_memory_only():
+    from neuralmem_fast.ops.reference import content_read_write_ref
+
+    args = _rw_inputs(2, 40, 5, 2, 1)
+    args[1][1, 0, 2] = float("inf")
+    gr, gn = torch.randn(2, 2, 5, dtype=torch.float64), torch.randn(2, 40, 5, dtype=torch.float64)
+    (reads, new), got = _rw_grads(lambda *a: ops.content_read_write(*a, backend="cpu"), args, gr, gn)
+    (r_ref, n_ref), want = _rw_grads(content_read_write_ref, args, gr, gn)
+    torch.testing.assert_close(reads, r_ref, equal_nan=True)
+    assert torch.isnan(got[0][1]).all() and torch.isfinite(got[0][0]).all()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, equal_nan=True)
+
+
+def test_content_read_write_opcheck_and_bad_input():
+    m, rk, rs, wk, ws, e, a = _rw_inputs(2, 7, 3, 2, 2, torch.float32)
+    reads, new, rlse, wlse = OPS.content_read_write(m, rk, rs, wk, ws, e, a, 1e-12)
+    torch.library.opcheck(OPS.content_read_write.default, (m, rk, rs, wk, ws, e, a, 1e-12))
+    torch.library.opcheck(OPS.content_read_write_backward.default,
+                          (torch.randn_like(reads), torch.randn_like(m), reads, rlse, wlse, m, rk, rs, wk, ws, e, a,
+                           1e-12))
+    x = [t.clone().requires_grad_(True) for t in (m, rk, rs, wk, ws, e, a)]
+    torch.library.opcheck(OPS.content_read_write.default, (*x, 1e-12))
+    with pytest.raises(ValueError, match="read_strengths"):
+        ops.content_read_write(m, rk, rs[:, :1], wk, ws, e, a, backend="cpu")
+    with pytest.raises(ValueError, match="write_keys"):
+        ops.content_read_write(m, rk, rs, wk[..., :2], ws, e, a, backend="cpu")
+    with pytest.raises(ValueError, match="erase"):
+        ops.content_read_write(m, rk, rs, wk, ws, e[:, :1], a, backend="cpu")
+    with pytest.raises(ValueError, match="write_lse"):
+        OPS.content_read_write_backward(torch.randn_like(reads), torch.randn_like(m), reads, rlse, wlse[:, :1], m, rk,
+                                        rs, wk, ws, e, a, 1e-12)
+    before = m.clone()
+    ops.content_read_write(m, rk, rs, wk, ws, e, a, backend="cpu")
+    assert torch.equal(m, before), "content_read_write is out of place"

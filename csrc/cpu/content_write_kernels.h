@@ -25,13 +25,14 @@ namespace neuralmem {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
+// Pass 2 of the forward, given each head's (max, 1/sum): the written rows
+// into out, lse per (b, k).
 template <typename T>
-void content_write_fwd_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
-                             const at::Tensor& e_t, const at::Tensor& a_t, double eps_d, at::Tensor& out_t,
-                             at::Tensor& lse_t) {
+void content_write_out(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
+                       const at::Tensor& e_t, const at::Tensor& a_t, double eps_d,
+                       const std::vector<acc_t<T>>& stats, at::Tensor& out_t, at::Tensor& lse_t) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), W = keys_t.size(1);
-  const auto stats = content_write_stats<T>(memory_t, keys_t, str_t, eps_d);  // (max, 1/sum)
   const T* mem = memory_t.const_data_ptr<T>();
   const T* keys = keys_t.const_data_ptr<T>();
   const T* str = str_t.const_data_ptr<T>();
@@ -91,10 +92,50 @@ void content_write_fwd_typed(const at::Tensor& memory_t, const at::Tensor& keys_
 }
 
 template <typename T>
+void content_write_fwd_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
+                             const at::Tensor& e_t, const at::Tensor& a_t, double eps_d, at::Tensor& out_t,
+                             at::Tensor& lse_t) {
+  const auto stats = content_write_stats<T>(memory_t, keys_t, str_t, eps_d);  // (max, 1/sum)
+  content_write_out<T>(memory_t, keys_t, str_t, e_t, a_t, eps_d, stats, out_t, lse_t);
+}
+
+// content_read_write (out of place): the read's pass also gathers the write
+// heads' statistics (content_read_typed with write heads), then pass 2 of the
+// write. Two passes over the memory, against three for the two ops.
+template <typename T>
+void content_read_write_fwd_typed(const at::Tensor& memory_t, const at::Tensor& rkeys_t, const at::Tensor& rstr_t,
+                                  const at::Tensor& wkeys_t, const at::Tensor& wstr_t, const at::Tensor& e_t,
+                                  const at::Tensor& a_t, double eps_d, at::Tensor& reads_t, at::Tensor& rlse_t,
+                                  at::Tensor& out_t, at::Tensor& wlse_t) {
+  std::vector<acc_t<T>> wpart;
+  int64_t wchunks = 0;
+  content_read_typed<T>(memory_t, rkeys_t, rstr_t, eps_d, reads_t, rlse_t, &wkeys_t, &wstr_t, &wpart, &wchunks);
+  const auto stats = combine_max_sum(wpart, memory_t.size(0), wchunks, wkeys_t.size(1));
+  content_write_out<T>(memory_t, wkeys_t, wstr_t, e_t, a_t, eps_d, stats, out_t, wlse_t);
+}
+
+// The read side of content_read_write_backward: H read heads of the memory
+// before the write, whose gradient the write's second pass adds into dm.
+struct ReadSide {
+  const at::Tensor& grad_reads;  // (B,H,D)
+  const at::Tensor& reads;       // (B,H,D)
+  const at::Tensor& lse;         // (B,H), the forward's
+  const at::Tensor& keys;        // (B,H,D)
+  const at::Tensor& strengths;   // (B,H)
+  at::Tensor& dk;
+  at::Tensor& ds;
+};
+
+// content_write_backward, and with `rd` content_read_write_backward: pass 2
+// then also takes the H read heads' gradient, as content_read_backward with
+// the given lse and delta = g . reads, so that one pass writes the sum of
+// the two memory gradients.
+template <typename T>
 void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t, const at::Tensor& memory_t,
                                   const at::Tensor& keys_t, const at::Tensor& str_t, const at::Tensor& e_t,
                                   const at::Tensor& a_t, double eps_d, at::Tensor& dm_t, at::Tensor& dk_t,
-                                  at::Tensor& ds_t, at::Tensor& de_t, at::Tensor& da_t) {
+                                  at::Tensor& ds_t, at::Tensor& de_t, at::Tensor& da_t,
+                                  const ReadSide* rd = nullptr) {
   using A = acc_t<T>;
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
@@ -240,32 +281,58 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
     for (int64_t k = 0; k < W; ++k) delta[b * W + k] = sum[2 * W * D + k];
   }
 
-  // Pass 2: dm, and per (b, chunk) dq and dbeta.
-  const int64_t rec2 = W * (D + 1);
+  // Pass 2: dm, and per (b, chunk) dq and dbeta of HW = W + H heads: the
+  // write heads, then the read heads (none without rd). Head vectors: q of
+  // the W + H heads, then the H read gradients, whose dots with a row are
+  // the read weights' gradient dw.
+  const int64_t H = rd != nullptr ? rd->keys.size(1) : 0, HW = W + H, NV = W + 2 * H;
+  const T* rkeys = H > 0 ? rd->keys.const_data_ptr<T>() : nullptr;
+  const T* rstr = H > 0 ? rd->strengths.const_data_ptr<T>() : nullptr;
+  const T* rg = H > 0 ? rd->grad_reads.const_data_ptr<T>() : nullptr;
+  const A* rlse = H > 0 ? rd->lse.const_data_ptr<A>() : nullptr;
+  std::vector<A> rdelta(B * H);
+  for (int64_t i = 0; i < B * H; ++i) {
+    const T* rr = rd->reads.const_data_ptr<T>() + i * D;
+    A sum = 0;
+    for (int64_t d = 0; d < D; ++d) sum += static_cast<A>(rg[i * D + d]) * static_cast<A>(rr[d]);
+    rdelta[i] = sum;
+  }
+  const int64_t rec2 = HW * (D + 1);
   std::vector<A> part2(B * C * rec2);
-  at::parallel_for(0, B * C, grain_for(ch.size * D * (4 * W + 2)), [&](int64_t t0, int64_t t1) {
-    Scratch<A> q(W * D), beta(W), dots(W * BS), nrm2(BS), inv(BS), gate(BS), gam(BS), bq(W * BS), E(W * D);
+  at::parallel_for(0, B * C, grain_for(ch.size * D * (4 * W + 5 * H + 2)), [&](int64_t t0, int64_t t1) {
+    Scratch<A> vecs(NV * D), beta(HW), dots(NV * BS), nrm2(BS), inv(BS), gate(BS), gam(BS), bq(HW * BS), E(W * D);
     Scratch<A> rowbuf(kHalf ? BS * D : 1), gbuf(kHalf ? BS * D : 1), dmbuf(kHalf ? BS * D : 1);
+    // The read term of dm, sum_h w[h,n] g_h, as combine_block's first term
+    // over all HW heads: weights ca and vectors U, zero for the write heads.
+    Scratch<A> ca(H > 0 ? HW * BS : 1), U(H > 0 ? HW * D : 1);
+    if (H > 0) {
+      std::fill(ca.data(), ca.data() + W * BS, A(0));
+      std::fill(U.data(), U.data() + W * D, A(0));
+    }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
-      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q.data(), beta.data());
+      A* q = vecs.data();
+      prepare_heads(keys + b * W * D, str + b * W, W, D, eps, q, beta.data());
+      if (H > 0) {
+        prepare_heads(rkeys + b * H * D, rstr + b * H, H, D, eps, q + W * D, beta.data() + W);
+        for (int64_t i = 0; i < H * D; ++i) U[W * D + i] = q[HW * D + i] = static_cast<A>(rg[b * H * D + i]);
+      }
       for (int64_t i = 0; i < W * D; ++i) E[i] = static_cast<A>(er[b * W * D + i]);
       A* r = &part2[t * rec2];
       A* dq = r;
-      A* dbeta = r + W * D;
+      A* dbeta = r + HW * D;
       std::fill(r, r + rec2, A(0));
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
         const A* gr = widen(g + (b * N + nb) * D, gbuf.data(), nj * D);
-        dots_block(q.data(), W, rows, nj, D, dots.data(), BS, nrm2.data());
+        dots_block(q, NV, rows, nj, D, dots.data(), BS, nrm2.data());
         row_scales(nrm2.data(), nj, eps, inv.data(), gate.data());
         for (int64_t j = 0; j < nj; ++j) gam[j] = 0;
-        for (int64_t k = 0; k < W; ++k) {
-          const A* wk = &wsc[(b * W + k) * N + nb];
-          const A* dwk = &dwsc[(b * W + k) * N + nb];
-          const A bk = beta[k], dk_ = delta[b * W + k];
+        // Head k's ds = w (dw - delta) into bq, gam and dbeta.
+        auto head = [&](int64_t k, const A* wk, const A* dwk, A dk_) {
+          const A bk = beta[k];
           const A* ck = dots.data() + k * BS;
           A* bqk = bq.data() + k * BS;
           A db = 0;
@@ -278,11 +345,26 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
             gam[j] += dc * cj;
           }
           dbeta[k] += db;
+        };
+        for (int64_t k = 0; k < W; ++k) {
+          head(k, &wsc[(b * W + k) * N + nb], &dwsc[(b * W + k) * N + nb], delta[b * W + k]);
+        }
+        if (H > 0) {
+          A* wr = ca.data() + W * BS;
+          block_logits(wr, dots.data() + W * BS, inv.data(), beta.data() + W, H, nj, BS);
+          for (int64_t h = 0; h < H; ++h) {
+            exp_shift(wr + h * BS, nj, rlse[b * H + h]);
+            head(W + h, wr + h * BS, dots.data() + (HW + h) * BS, rdelta[b * H + h]);
+          }
         }
         for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
         A* dmrow = kHalf ? dmbuf.data() : reinterpret_cast<A*>(dm + (b * N + nb) * D);
-        combine_block<false, true>(dmrow, rows, nj, D, W, gam.data(), static_cast<const A*>(nullptr),
-                                   static_cast<const A*>(nullptr), bq.data(), q.data(), BS);
+        if (H > 0) {
+          combine_block<true, true>(dmrow, rows, nj, D, HW, gam.data(), ca.data(), U.data(), bq.data(), q, BS);
+        } else {
+          combine_block<false, true>(dmrow, rows, nj, D, W, gam.data(), static_cast<const A*>(nullptr),
+                                     static_cast<const A*>(nullptr), bq.data(), q, BS);
+        }
         // The write's own term: g * prod_k (1 - w_k e_k).
         for (int64_t j = 0; j < nj; ++j) {
           A* o = dmrow + j * D;
@@ -299,25 +381,20 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
           }
         }
         if constexpr (kHalf) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
-        accumulate_block(dq, W, bq.data(), BS, rows, nj, D);
+        accumulate_block(dq, HW, bq.data(), BS, rows, nj, D);
       }
     }
   });
 
   // Combine chunks in order; dk = projection of dq off q, over |k|.
-  Scratch<A> kk(W * D), kn(W), sum(rec2);
-  for (int64_t b = 0; b < B; ++b) {
-    std::fill(sum.data(), sum.data() + rec2, A(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const A* p = &part2[(b * C + c) * rec2];
-      for (int64_t i = 0; i < rec2; ++i) sum[i] += p[i];
-    }
-    for (int64_t k = 0; k < W; ++k) dstr[b * W + k] = static_cast<T>(sum[W * D + k]);
-    normalize_keys(keys + b * W * D, W, D, eps, kk.data(), kn.data());
-    for (int64_t k = 0; k < W; ++k) {
-      const A* dqk = sum.data() + k * D;
+  Scratch<A> kk(HW * D), kn(HW), sum(rec2);
+  auto finish = [&](const T* kin, int64_t K, const A* dqs, const A* dbs, T* dko, T* dso) {
+    normalize_keys(kin, K, D, eps, kk.data(), kn.data());
+    for (int64_t k = 0; k < K; ++k) {
+      dso[k] = static_cast<T>(dbs[k]);
+      const A* dqk = dqs + k * D;
       const A* qk = kk.data() + k * D;
-      T* o = dk + (b * W + k) * D;
+      T* o = dko + k * D;
       if (kn[k] > eps) {
         const A proj = dot(dqk, qk, D);
         const A sc = A(1) / kn[k];
@@ -327,6 +404,18 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(dqk[d] * sc);
       }
     }
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(sum.data(), sum.data() + rec2, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const A* p = &part2[(b * C + c) * rec2];
+      for (int64_t i = 0; i < rec2; ++i) sum[i] += p[i];
+    }
+    finish(keys + b * W * D, W, sum.data(), sum.data() + HW * D, dk + b * W * D, dstr + b * W);
+    if (H > 0) {
+      finish(rkeys + b * H * D, H, sum.data() + W * D, sum.data() + HW * D + W,
+             rd->dk.data_ptr<T>() + b * H * D, rd->ds.data_ptr<T>() + b * H);
+    }
   }
   for (const int64_t i : nonfinite_heads(keys, str, B, W, D)) {
     fill_nan(dk + i * D, D);
@@ -334,6 +423,13 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
     fill_nan(de + i * D, D);
     fill_nan(da + i * D, D);
     fill_nan(dm + (i / W) * N * D, N * D);
+  }
+  if (H > 0) {
+    for (const int64_t i : nonfinite_heads(rkeys, rstr, B, H, D)) {
+      fill_nan(rd->dk.data_ptr<T>() + i * D, D);
+      rd->ds.data_ptr<T>()[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+      fill_nan(dm + (i / H) * N * D, N * D);
+    }
   }
 }
 

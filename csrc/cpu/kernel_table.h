@@ -55,6 +55,24 @@ struct KernelTable {
                                  const at::Tensor& keys, const at::Tensor& strengths, const at::Tensor& erase,
                                  const at::Tensor& add, double eps, at::Tensor& grad_memory, at::Tensor& grad_keys,
                                  at::Tensor& grad_strengths, at::Tensor& grad_erase, at::Tensor& grad_add);
+  // Differentiable content_read then content_write, both on the memory
+  // before the write, out of place: reads and lse (B,H), out and lse (B,W).
+  void (*content_read_write_fwd)(const at::Tensor& memory, const at::Tensor& read_keys,
+                                 const at::Tensor& read_strengths, const at::Tensor& write_keys,
+                                 const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
+                                 double eps, at::Tensor& reads, at::Tensor& read_lse, at::Tensor& out,
+                                 at::Tensor& write_lse);
+  // Its backward: the gradients of the read heads (grad_read_keys,
+  // grad_read_strengths), of the write's inputs, and one memory gradient.
+  void (*content_read_write_backward)(const at::Tensor& grad_reads, const at::Tensor& grad_out,
+                                      const at::Tensor& reads, const at::Tensor& read_lse,
+                                      const at::Tensor& write_lse, const at::Tensor& memory,
+                                      const at::Tensor& read_keys, const at::Tensor& read_strengths,
+                                      const at::Tensor& write_keys, const at::Tensor& write_strengths,
+                                      const at::Tensor& erase, const at::Tensor& add, double eps,
+                                      at::Tensor& grad_memory, at::Tensor& grad_read_keys,
+                                      at::Tensor& grad_read_strengths, at::Tensor& grad_write_keys,
+                                      at::Tensor& grad_write_strengths, at::Tensor& grad_erase, at::Tensor& grad_add);
   // content_read then content_write_ on the memory before the write.
   void (*content_read_write)(at::Tensor& memory, at::Tensor& usage, const at::Tensor& read_keys,
                              const at::Tensor& read_strengths, const at::Tensor& write_keys,

@@ -136,6 +136,27 @@ inline void content_write_backward_k(const at::Tensor& g, const at::Tensor& lse,
   });
 }
 
+inline void content_read_write_fwd_k(const at::Tensor& memory, const at::Tensor& rk, const at::Tensor& rs,
+                                     const at::Tensor& wk, const at::Tensor& ws, const at::Tensor& erase,
+                                     const at::Tensor& add, double eps, at::Tensor& reads, at::Tensor& rlse,
+                                     at::Tensor& out, at::Tensor& wlse) {
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_read_write", [&] {
+    content_read_write_fwd_typed<scalar_t>(memory, rk, rs, wk, ws, erase, add, eps, reads, rlse, out, wlse);
+  });
+}
+
+inline void content_read_write_backward_k(const at::Tensor& gr, const at::Tensor& g, const at::Tensor& reads,
+                                          const at::Tensor& rlse, const at::Tensor& wlse, const at::Tensor& memory,
+                                          const at::Tensor& rk, const at::Tensor& rs, const at::Tensor& wk,
+                                          const at::Tensor& ws, const at::Tensor& erase, const at::Tensor& add,
+                                          double eps, at::Tensor& dm, at::Tensor& drk, at::Tensor& drs,
+                                          at::Tensor& dwk, at::Tensor& dws, at::Tensor& de, at::Tensor& da) {
+  const ReadSide rd{gr, reads, rlse, rk, rs, drk, drs};
+  NEURALMEM_DISPATCH(memory.scalar_type(), "content_read_write_backward", [&] {
+    content_write_backward_typed<scalar_t>(g, wlse, memory, wk, ws, erase, add, eps, dm, dwk, dws, de, da, &rd);
+  });
+}
+
 inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at::Tensor& read_keys,
                                  const at::Tensor& read_strengths, const at::Tensor& write_keys,
                                  const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
@@ -162,6 +183,8 @@ constexpr KernelTable make_table(const char* name) {
                      &content_write_k,
                      &content_write_fwd_k,
                      &content_write_backward_k,
+                     &content_read_write_fwd_k,
+                     &content_read_write_backward_k,
                      &content_read_write_k};
 }
 

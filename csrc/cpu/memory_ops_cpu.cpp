@@ -118,13 +118,13 @@ at::ScalarType lse_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDo
 
 // The log-sum-exp a forward saved for its backward: (B, heads) in lse_dtype.
 void check_lse(const at::Tensor& lse, const at::Tensor& memory, int64_t heads, const char* hint,
-               const char* heads_name) {
-  check_tensor(lse, "lse", 2, hint);
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(memory.scalar_type()), "lse must be ",
+               const char* heads_name, const char* name = "lse") {
+  check_tensor(lse, name, 2, hint);
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(memory.scalar_type()), name, " must be ",
                    lse_dtype(memory.scalar_type()), " for memory of ", memory.scalar_type(), ", got ",
                    lse.scalar_type());
-  check_size(lse, "lse", hint, 0, memory.size(0), "B");
-  check_size(lse, "lse", hint, 1, heads, heads_name);
+  check_size(lse, name, hint, 0, memory.size(0), "B");
+  check_size(lse, name, hint, 1, heads, heads_name);
 }
 
 // Outputs of the memory's size (its gradient, a written copy) are first
@@ -299,6 +299,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_w
   return {dm, dk, ds, de, da};
 }
 
+// The inputs of content_read_write: read heads (B,H,D), (B,H); write heads,
+// erase and add (B,W,D), (B,W).
+void check_read_write(const at::Tensor& memory, const at::Tensor& read_keys, const at::Tensor& read_strengths,
+                      const at::Tensor& write_keys, const at::Tensor& write_strengths, const at::Tensor& erase,
+                      const at::Tensor& add, double eps) {
+  check_keys(memory, read_keys, read_strengths, eps, "(B, H, D)", "(B, H)", "read_keys", "read_strengths");
+  check_keys(memory, write_keys, write_strengths, eps, "(B, W, D)", "(B, W)", "write_keys", "write_strengths");
+  const int64_t W = write_keys.size(1);
+  check_heads(memory, erase, "erase", "(B, W, D)", W);
+  check_heads(memory, add, "add", "(B, W, D)", W);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_read_write(
+    const at::Tensor& memory, const at::Tensor& read_keys, const at::Tensor& read_strengths,
+    const at::Tensor& write_keys, const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
+    double eps) {
+  check_read_write(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps);
+  const int64_t B = memory.size(0), H = read_keys.size(1), W = write_keys.size(1), D = memory.size(2);
+  const auto lse_opts = memory.options().dtype(lse_dtype(memory.scalar_type()));
+  at::Tensor reads = at::empty({B, H, D}, memory.options()), rlse = at::empty({B, H}, lse_opts);
+  at::Tensor out = empty_like_c(memory), wlse = at::empty({B, W}, lse_opts);
+  kernels().content_read_write_fwd(memory.contiguous(), read_keys.contiguous(), read_strengths.contiguous(),
+                                   write_keys.contiguous(), write_strengths.contiguous(), erase.contiguous(),
+                                   add.contiguous(), eps, reads, rlse, out, wlse);
+  return {reads, out, rlse, wlse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+content_read_write_backward(const at::Tensor& grad_reads, const at::Tensor& grad_out, const at::Tensor& reads,
+                            const at::Tensor& read_lse, const at::Tensor& write_lse, const at::Tensor& memory,
+                            const at::Tensor& read_keys, const at::Tensor& read_strengths,
+                            const at::Tensor& write_keys, const at::Tensor& write_strengths, const at::Tensor& erase,
+                            const at::Tensor& add, double eps) {
+  check_read_write(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps);
+  const int64_t H = read_keys.size(1), W = write_keys.size(1);
+  check_heads(memory, grad_reads, "grad_reads", "(B, H, D)", H);
+  check_heads(memory, reads, "reads", "(B, H, D)", H);
+  check_like(grad_out, "grad_out", 3, "(B, N, D)", memory);
+  TORCH_CHECK_VALUE(grad_out.sizes() == memory.sizes(), "grad_out must have the shape of memory ", memory.sizes(),
+                    ", got ", grad_out.sizes());
+  check_lse(read_lse, memory, H, "(B, H)", "H", "read_lse");
+  check_lse(write_lse, memory, W, "(B, W)", "W", "write_lse");
+  if (memory.scalar_type() == at::kHalf || memory.scalar_type() == at::kBFloat16) {
+    // Half: the two backwards, so that the read's keeps recomputing its
+    // weights and delta in float (read_kernels.h) instead of taking delta
+    // from half-precision reads.
+    auto [dm, drk, drs] = content_read_backward(grad_reads, reads, read_lse, memory, read_keys, read_strengths, eps,
+                                                true);
+    auto [dm2, dwk, dws, de, da] =
+        content_write_backward(grad_out, write_lse, memory, write_keys, write_strengths, erase, add, eps);
+    dm2.add_(dm);
+    return {dm2, drk, drs, dwk, dws, de, da};
+  }
+  at::Tensor dm = empty_like_c(memory), drk = empty_like_c(read_keys), drs = empty_like_c(read_strengths),
+             dwk = empty_like_c(write_keys), dws = empty_like_c(write_strengths), de = empty_like_c(erase),
+             da = empty_like_c(add);
+  kernels().content_read_write_backward(
+      grad_reads.contiguous(), contiguous_pooled(grad_out), reads.contiguous(), read_lse.contiguous(),
+      write_lse.contiguous(), memory.contiguous(), read_keys.contiguous(), read_strengths.contiguous(),
+      write_keys.contiguous(), write_strengths.contiguous(), erase.contiguous(), add.contiguous(), eps, dm, drk, drs,
+      dwk, dws, de, da);
+  return {dm, drk, drs, dwk, dws, de, da};
+}
+
 // The checks of an in-place content write; returns the usage to update
 // (undefined when none is given) and sets `least` to its output.
 at::Tensor check_content_write(const at::Tensor& memory, const std::optional<at::Tensor>& usage_opt,
@@ -383,4 +447,6 @@ TORCH_LIBRARY_IMPL(neuralmem, CPU, m) {
   m.impl("content_write", &content_write);
   m.impl("content_write_backward", &content_write_backward);
   m.impl("content_read_write_", &content_read_write_);
+  m.impl("content_read_write", &content_read_write);
+  m.impl("content_read_write_backward", &content_read_write_backward);
 }

@@ -1,6 +1,6 @@
 // The differentiable content write (content_write, content_write_backward)
-// for CUDA tensors, composed of the CUDA kernels of content_addressing and
-// memory_write through the dispatcher: the (B,W,N) weights exist here, and
+// and content_read_write for CUDA tensors, composed of the CUDA kernels of
+// content_read, content_addressing and memory_write through the dispatcher: the (B,W,N) weights exist here, and
 // the backward pays both ops' passes. A fused CUDA kernel, as the CPU one
 // (csrc/cpu/content_write_kernels.h), would read the memory twice instead.
 // Plain C++ over ATen: compiled with or without the CUDA toolkit.
@@ -60,6 +60,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> content_write_backward_compos
   return {dm, dk, ds, de, da};
 }
 
+// content_read_write: the CUDA content_read, then content_write above; its
+// backward the two backwards and the sum of their memory gradients.
+std::tuple<Tensor, Tensor, Tensor, Tensor> content_read_write_composite(const Tensor& memory, const Tensor& rkeys,
+                                                                        const Tensor& rstr, const Tensor& wkeys,
+                                                                        const Tensor& wstr, const Tensor& erase,
+                                                                        const Tensor& add, double eps) {
+  static auto read = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("neuralmem::content_read", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)>();
+  auto [reads, rlse] = read.call(memory, rkeys, rstr, eps);
+  auto [out, wlse] = content_write_composite(memory, wkeys, wstr, erase, add, eps);
+  return {reads, out, rlse, wlse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> content_read_write_backward_composite(
+    const Tensor& grad_reads, const Tensor& grad_out, const Tensor& reads, const Tensor& rlse, const Tensor& wlse,
+    const Tensor& memory, const Tensor& rkeys, const Tensor& rstr, const Tensor& wkeys, const Tensor& wstr,
+    const Tensor& erase, const Tensor& add, double eps) {
+  static auto read_bwd =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("neuralmem::content_read_backward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, const Tensor&, double, bool)>();
+  auto [dm, drk, drs] = read_bwd.call(grad_reads, reads, rlse, memory, rkeys, rstr, eps, true);
+  auto [dm2, dwk, dws, de, da] = content_write_backward_composite(grad_out, wlse, memory, wkeys, wstr, erase, add,
+                                                                  eps);
+  dm2.add_(dm);
+  return {dm2, drk, drs, dwk, dws, de, da};
+}
+
 }  // namespace
 }  // namespace composite
 }  // namespace neuralmem
@@ -67,4 +97,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> content_write_backward_compos
 TORCH_LIBRARY_IMPL(neuralmem, CUDA, m) {
   m.impl("content_write", &neuralmem::composite::content_write_composite);
   m.impl("content_write_backward", &neuralmem::composite::content_write_backward_composite);
+  m.impl("content_read_write", &neuralmem::composite::content_read_write_composite);
+  m.impl("content_read_write_backward", &neuralmem::composite::content_read_write_backward_composite);
 }

@@ -18,11 +18,11 @@ from ..config import DEFAULT_DECAY, DEFAULT_EPS
 from . import autograd as _autograd
 from . import fake as _fake
 from .dispatch import available_backends, choose, has_triton
-from .functional import (content_addressing, content_read, content_read_write_, content_write, content_write_,
-                         memory_read, memory_write, memory_write_, usage_update)
+from .functional import (content_addressing, content_read, content_read_write, content_read_write_, content_write,
+                         content_write_, memory_read, memory_write, memory_write_, usage_update)
 from .inplace import check_inplace
-from .reference import (content_addressing_ref, content_read_ref, content_write_ref, logits_ref, memory_read_ref,
-                        memory_write_ref, usage_update_ref)
+from .reference import (content_addressing_ref, content_read_ref, content_read_write_ref, content_write_ref, logits_ref,
+                        memory_read_ref, memory_write_ref, usage_update_ref)
 
 if _ext.has_extension():
     _fake.register_fakes("neuralmem")
@@ -31,7 +31,7 @@ if _ext.has_extension():
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_DECAY", "available_backends", "has_triton", "choose", "check_inplace",
     "content_addressing", "memory_read", "content_read", "memory_write", "memory_write_", "usage_update",
-    "content_write", "content_write_", "content_read_write_",
+    "content_write", "content_write_", "content_read_write", "content_read_write_",
     "logits_ref", "content_addressing_ref", "memory_read_ref", "content_read_ref", "memory_write_ref",
-    "content_write_ref", "usage_update_ref",
+    "content_write_ref", "content_read_write_ref", "usage_update_ref",
 ]

@@ -13,8 +13,8 @@ ops/inplace.py for the Triton one.
 """
 import torch
 
-from .reference import (content_addressing_ref, content_read_ref, content_write_ref, memory_read_ref,
-                        memory_write_ref)
+from .reference import (content_addressing_ref, content_read_ref, content_read_write_ref, content_write_ref,
+                        memory_read_ref, memory_write_ref)
 from .validation import _c
 
 __all__ = ["register_autograd", "DIFFERENTIABLE_OPS", "function"]
@@ -119,6 +119,31 @@ def _formulas(lib):
         return (*lib.content_write_backward(_memory_grad(grad_out), lse, memory, keys, strengths, erase, add,
                                             ctx.eps), None)
 
+    def read_write_setup(ctx, inputs, output):
+        memory, rk, rs, wk, ws, erase, add, eps = inputs
+        reads, _, rlse, wlse = output
+        ctx.save_for_backward(reads, rlse, wlse, memory, rk, rs, wk, ws, erase, add)
+        ctx.mark_non_differentiable(rlse, wlse)
+        ctx.eps = eps
+
+    def read_write_backward(ctx, grad_reads, grad_out, _grad_rlse, _grad_wlse):
+        reads, rlse, wlse, memory, rk, rs, wk, ws, erase, add = ctx.saved_tensors
+        inputs = (memory, rk, rs, wk, ws, erase, add)
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, lambda *a: content_read_write_ref(*a, ctx.eps), inputs,
+                                      (grad_reads, grad_out)), None)
+        if grad_reads is None and grad_out is None:
+            return (None,) * 8
+        if grad_out is None:  # only the reads are used: the read's backward alone
+            gm, gk, gs = lib.content_read_backward(_c(grad_reads), reads, rlse, memory, rk, rs, ctx.eps, True)
+            return gm, gk, gs, None, None, None, None, None
+        if grad_reads is None:  # only the new memory: the write's backward alone
+            gm, gk, gs, ge, ga = lib.content_write_backward(_memory_grad(grad_out), wlse, memory, wk, ws, erase, add,
+                                                            ctx.eps)
+            return gm, None, None, gk, gs, ge, ga, None
+        return (*lib.content_read_write_backward(_c(grad_reads), _memory_grad(grad_out), reads, rlse, wlse, memory,
+                                                 rk, rs, wk, ws, erase, add, ctx.eps), None)
+
     def usage_setup(ctx, inputs, output):
         usage, weights, decay = inputs
         ctx.decay, ctx.W = decay, weights.shape[1]
@@ -134,6 +159,7 @@ def _formulas(lib):
         "content_read": (content_read_setup, content_read_backward),
         "memory_write": (write_setup, write_backward),
         "content_write": (content_write_setup, content_write_backward),
+        "content_read_write": (read_write_setup, read_write_backward),
         "usage_update": (usage_setup, usage_backward),
     }
 

@@ -79,6 +79,20 @@ def register_fakes(ns):
         return (torch.empty_like(memory), torch.empty_like(keys), torch.empty_like(strengths),
                 torch.empty_like(erase), torch.empty_like(add))
 
+    @torch.library.register_fake(lib + "content_read_write")
+    def _(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps):
+        B, H, W = memory.shape[0], read_keys.shape[1], write_keys.shape[1]
+        lse_dtype = _lse_dtype(memory.dtype)
+        return (memory.new_empty((B, H, memory.shape[2])), torch.empty_like(memory),
+                memory.new_empty((B, H), dtype=lse_dtype), memory.new_empty((B, W), dtype=lse_dtype))
+
+    @torch.library.register_fake(lib + "content_read_write_backward")
+    def _(grad_reads, grad_out, reads, read_lse, write_lse, memory, read_keys, read_strengths, write_keys,
+          write_strengths, erase, add, eps):
+        return (torch.empty_like(memory), torch.empty_like(read_keys), torch.empty_like(read_strengths),
+                torch.empty_like(write_keys), torch.empty_like(write_strengths), torch.empty_like(erase),
+                torch.empty_like(add))
+
     @torch.library.register_fake(lib + "content_read_write_")
     def _(memory, usage, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps, decay):
         B, H = read_keys.shape[0], read_keys.shape[1]

@@ -22,13 +22,13 @@ from ..config import DEFAULT_DECAY, DEFAULT_EPS
 from .autograd import function
 from .dispatch import choose, library
 from .inplace import check_inplace
-from .reference import (content_addressing_ref, content_read_ref, content_write_ref, logits_ref, memory_read_ref,
-                        memory_write_ref, usage_update_ref)
+from .reference import (content_addressing_ref, content_read_ref, content_read_write_ref, content_write_ref, logits_ref,
+                        memory_read_ref, memory_write_ref, usage_update_ref)
 from .validation import (_c, _check, _check_content_write, _check_dims, _check_keys, _check_usage,
                          _check_weights, _check_write, _keys_ok, _usage_ok, _write_vectors_ok)
 
 __all__ = ["content_addressing", "memory_read", "content_read", "usage_update", "memory_write", "memory_write_",
-           "content_write", "content_write_", "content_read_write_"]
+           "content_write", "content_write_", "content_read_write", "content_read_write_"]
 
 _NATIVE_LIB = torch.ops.neuralmem
 _below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -238,6 +238,36 @@ def content_write_(memory, keys, strengths, erase, add, usage=None, eps=DEFAULT_
         # triton: its Autograd kernel (inplace_autograd_kernel) has checked; it bumps the versions
         least = library(be).content_write_(memory, usage, _c(keys), _c(strengths), _c(erase), _c(add), eps, decay)
     return least if usage is not None else None
+
+
+def content_read_write(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps=DEFAULT_EPS,
+                       backend="auto"):
+    """One read-then-write step, differentiable and out of place: returns (reads, new memory).
+
+    The same as ``content_read(memory, read_keys, read_strengths)`` and
+    ``content_write(memory, write_keys, write_strengths, erase, add)``: both
+    address the memory before the write. On the CPU, in float32/float64, the
+    forward streams the memory twice (the read's pass also gathers the write
+    heads' softmax statistics) and the backward reads it twice and writes one
+    memory gradient, the sum of the two ops' (the separate ops: 3 passes, and
+    2 + 5 plus a sum of two gradients). Half inputs run the two backwards.
+    The CUDA and Triton ops run the two ops. Read keys (B,H,D), strengths
+    (B,H); write keys, erase and add (B,W,D), strengths (B,W).
+    """
+    if not (_keys_ok(memory, read_keys, read_strengths, eps) and _keys_ok(memory, write_keys, write_strengths, eps)
+            and _write_vectors_ok(memory, write_keys, erase, add)):
+        _check_keys(_c(memory), read_keys, read_strengths, eps, prefix="read_")
+        _check_content_write(_c(memory), write_keys, write_strengths, erase, add, None, eps, 1.0, prefix="write_")
+    be = choose(backend, "content_read_write", memory.device, memory.shape[1])
+    if be == "torch":
+        return content_read_write_ref(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps)
+    args = tuple(_c(t) for t in (memory, read_keys, read_strengths, write_keys, write_strengths, erase, add)) + (eps,)
+    if _no_grad_needed(*args[:7]):
+        with _below_autograd():
+            out = library(be).content_read_write(*args)
+    else:
+        out = _differentiable(be, "content_read_write", *args)
+    return out[0], out[1]
 
 
 def content_read_write_(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, usage=None,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..config import DEFAULT_DECAY, DEFAULT_EPS
 
 __all__ = ["logits_ref", "content_addressing_ref", "memory_read_ref", "content_read_ref", "memory_write_ref",
-           "content_write_ref", "usage_update_ref"]
+           "content_write_ref", "content_read_write_ref", "usage_update_ref"]
 
 
 def _up(t):
@@ -49,6 +49,13 @@ def memory_write_ref(memory, weights, erase, add):
 def content_write_ref(memory, keys, strengths, erase, add, eps=DEFAULT_EPS):
     """Erase-add write whose weights address the memory before the write, out of place."""
     return memory_write_ref(memory, content_addressing_ref(memory, keys, strengths, eps), erase, add)
+
+
+def content_read_write_ref(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add,
+                           eps=DEFAULT_EPS):
+    """content_read, then content_write, both addressing the memory before the write: (reads, new memory)."""
+    return (content_read_ref(memory, read_keys, read_strengths, eps),
+            content_write_ref(memory, write_keys, write_strengths, erase, add, eps))
 
 
 def usage_update_ref(usage, weights, decay=DEFAULT_DECAY):

@@ -110,6 +110,21 @@ def _content_write_backward(grad_out, lse, memory, keys, strengths, erase, add, 
     return dm + dm2, dk, ds, de, da
 
 
+def _content_read_write(memory, read_keys, read_strengths, write_keys, write_strengths, erase, add, eps):
+    """The Triton content_read, then the composed content_write above."""
+    reads, rlse = _content_read(memory, read_keys, read_strengths, eps)
+    new, wlse = _content_write(memory, write_keys, write_strengths, erase, add, eps)
+    return reads, new, rlse, wlse
+
+
+def _content_read_write_backward(grad_reads, grad_out, reads, read_lse, write_lse, memory, read_keys,
+                                 read_strengths, write_keys, write_strengths, erase, add, eps):
+    dm, drk, drs = _content_read_backward(grad_reads, reads, read_lse, memory, read_keys, read_strengths, eps)
+    dm2, dwk, dws, de, da = _content_write_backward(grad_out, write_lse, memory, write_keys, write_strengths, erase,
+                                                    add, eps)
+    return dm + dm2, drk, drs, dwk, dws, de, da
+
+
 IMPLS = {
     "content_addressing": _content_addressing,
     "content_addressing_backward": _content_addressing_backward,
@@ -125,6 +140,8 @@ IMPLS = {
     "content_write": _content_write,
     "content_write_backward": _content_write_backward,
     "content_read_write_": _content_read_write_,
+    "content_read_write": _content_read_write,
+    "content_read_write_backward": _content_read_write_backward,
 }
 
 
