@@ -16,6 +16,7 @@ median repeat (what a fresh (N, D) buffer costs shows up there). Cases:
   content_write_fb the fused content_write forward + backward
   step_separate    the training step: content_read, content_addressing + memory_write
   step_fused       the training step: content_read, content_write
+  step_read_write  the training step in one op: content_read_write
 """
 import argparse
 import json
@@ -84,9 +85,14 @@ def cases(memory, s, gr):
         new = ops.content_write(m, s["wk"], s["ws"], s["er"], s["ad"], backend="cpu")
         ((reads * gr).sum() + new.sum()).backward()
 
+    def step_read_write():
+        zero()
+        reads, new = ops.content_read_write(m, s["rk"], s["rs"], s["wk"], s["ws"], s["er"], s["ad"], backend="cpu")
+        ((reads * gr).sum() + new.sum()).backward()
+
     return dict(floor=lambda: memory.sum(), read_fb=read_fb, read_fb_const=read_fb_const,
                 addr_write_fb=addr_write_fb, content_write_fb=content_write_fb, step_separate=step_separate,
-                step_fused=step_fused)
+                step_fused=step_fused, step_read_write=step_read_write)
 
 
 def _usage():

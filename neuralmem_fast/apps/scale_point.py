@@ -23,7 +23,7 @@ MODES = ("fwd", "fwdbwd", "train", "read_bwd", "seq", "seq_rev", "seq_full", "sp
 MODE_DOC = {
     "fwd": "read-then-write forward, in place",
     "fwdbwd": "content_read + content_addressing + memory_write, forward+backward (the separate ops)",
-    "train": "content_read + content_write, forward+backward (the training step, fused write)",
+    "train": "content_read_write, forward+backward (the training step: the read and the content write in one op)",
     "read_bwd": "content_read forward+backward",
     "seq": "T read-then-write steps trained through, checkpointed segments (nn.checkpointed_scan)",
     "seq_rev": "T read-then-write steps trained through, each memory rebuilt by reversing the write "
@@ -206,13 +206,14 @@ def _make_step(spec, memory, usage, t):
     def step():
         for x in grads_of:
             x.grad = None  # free the previous step's gradients before this one allocates
-        reads = ops.content_read(memory, rk, rs, backend=be)
+        if mode == "train":
+            reads, new = ops.content_read_write(memory, rk, rs, wk, ws, er, ad, backend=be)
+        else:
+            reads = ops.content_read(memory, rk, rs, backend=be)
         if mode == "read_bwd":
             reads.backward(gr)
             return None
-        if mode == "train":
-            new = ops.content_write(memory, wk, ws, er, ad, backend=be)
-        else:
+        if mode != "train":
             w = ops.content_addressing(memory, wk, ws, backend=be)
             new = ops.memory_write(memory, w, er, ad, backend=be)
         # new.sum()'s gradient is a broadcast scalar: the loss adds nothing of size N.
@@ -224,7 +225,7 @@ def _make_step(spec, memory, usage, t):
 
 
 def _make_seq_step(spec, memory, usage, t):
-    """T steps of content_read, then content_write, trained through as one
+    """T steps of content_read_write (a read, then a content write), trained through as one
     sequence: nn.checkpointed_scan ("seq": checkpointed segments; "seq_full":
     plain autograd) or nn.reversible_read_write ("seq_rev"); backward from the
     reads and the last memory."""
@@ -243,9 +244,8 @@ def _make_seq_step(spec, memory, usage, t):
     grads_of = [memory, *xs]
 
     def one(x, state):
-        m = state[0]
-        reads = ops.content_read(m, x[0], x[1], backend=be)
-        return reads, (ops.content_write(m, x[2], x[3], x[4], x[5], backend=be),)
+        reads, new = ops.content_read_write(state[0], *x, backend=be)
+        return reads, (new,)
 
     def step():
         for x in grads_of:
