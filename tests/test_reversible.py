@@ -342,3 +342,15 @@ def test_bank_segment_means_checkpoint():
     for kw in (dict(backprop="reverse"), dict(backprop="full"), dict(checkpoint=False)):
         with pytest.raises(ValueError, match="segment=2 applies to backprop='checkpoint' only"):
             _bank("torch", "content", memory).sequence(*args, segment=2, **kw)
+
+
+@pytest.mark.parametrize("strength", [0.5, 4.0, 300.0])
+def test_write_lse_from_the_heaviest_slot_is_the_logsumexp(strength):
+    """The forward's write logsumexp, taken from one row per head, equals the logsumexp over every slot."""
+    from neuralmem_fast.ops.reference import logits_ref
+
+    memory, xs, _, _ = _inputs(W=2, strength=strength)
+    wk, ws = xs[2][0], xs[3][0]
+    w = content_addressing_ref(memory, wk, ws)
+    want = torch.logsumexp(logits_ref(memory, wk, ws), dim=-1)
+    torch.testing.assert_close(rev._write_lse(memory, w, wk, ws, 1e-12), want, rtol=0, atol=1e-12)
