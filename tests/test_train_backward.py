@@ -309,3 +309,48 @@ def test_content_read_write_opcheck_and_bad_input():
     before = m.clone()
     ops.content_read_write(m, rk, rs, wk, ws, e, a, backend="cpu")
     assert torch.equal(m, before), "content_read_write is out of place"
+
+
+@pytest.mark.parametrize("strength", [100.0, 1e4])
+def test_content_read_write_one_block_large_strength_is_as_exact_as_content_read(strength):
+    """A memory of one block: the read heads' weights and delta come from the recomputed softmax, as
+    content_read_backward's do, not from delta = g . reads, which cancels in a peaked softmax
+    (float32, strength 1e4: 6e-4 of error in the read keys' gradient, whose true value is ~1e-175)."""
+    args = _rw_inputs(2, 7, 16, 3, 1)
+    args[2].fill_(strength)
+    args[4].fill_(strength)
+    gr, gn = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    f32 = [t.float() for t in args]
+    _, fused = _rw_grads(lambda *a: ops.content_read_write(*a, backend="cpu"), f32, gr.float(), gn.float())
+    _, sep = _rw_grads(lambda m, rk, rs, wk, ws, e, a: (ops.content_read(m, rk, rs, backend="cpu"),
+                                                         ops.content_write(m, wk, ws, e, a, backend="cpu")),
+                       f32, gr.float(), gn.float())
+    _, want = _rw_grads(lambda *a: ops.content_read_write(*a, backend="torch"), args, gr, gn)
+    names = ("memory", "read_keys", "read_strengths", "write_keys", "write_strengths", "erase", "add")
+    for n, a, b, c in zip(names, fused, sep, want):
+        err_fused = (a.double() - c).abs().max().item()
+        err_sep = (b.double() - c).abs().max().item()
+        assert err_fused <= 2 * err_sep + 1e-6 * c.abs().max().item() + 1e-30, (n, err_fused, err_sep)
+
+
+def test_content_read_write_aliased_heads_and_strided_memory_gradcheck():
+    """The same tensor as read and write keys (and strengths), and a transposed (strided) memory."""
+    g = torch.Generator().manual_seed(3)
+    B, N, D = 2, 50, 8
+    m = torch.randn(B, D, N, dtype=torch.float64, generator=g).transpose(1, 2)
+    k = torch.randn(B, 1, D, dtype=torch.float64, generator=g)
+    s = 1 + torch.rand(B, 1, dtype=torch.float64, generator=g)
+    e = torch.rand(B, 1, D, dtype=torch.float64, generator=g)
+    a = torch.randn(B, 1, D, dtype=torch.float64, generator=g)
+    ins = [t.requires_grad_(True) for t in (m, k, s, e, a)]
+    assert torch.autograd.gradcheck(lambda m_, k_, s_, e_, a_: ops.content_read_write(m_, k_, s_, k_, s_, e_, a_,
+                                                                                      backend="cpu"), ins)
+
+
+def test_content_read_write_single_slot_read_gradient_is_zero():
+    """N = 1: every read weight is 1 whatever the key, so the read keys and strengths get exactly 0."""
+    m, rk, rs, wk, ws, e, a = _rw_inputs(2, 1, 8, 2, 1, torch.float32)
+    x = [t.clone().requires_grad_(True) for t in (rk, rs)]
+    reads, _ = ops.content_read_write(m, *x, wk, ws, e, a, backend="cpu")
+    grads = torch.autograd.grad(reads, x, torch.randn_like(reads))
+    assert all(not g.any() for g in grads)

@@ -127,9 +127,10 @@ struct ReadSide {
 };
 
 // content_write_backward, and with `rd` content_read_write_backward: pass 2
-// then also takes the H read heads' gradient, as content_read_backward with
-// the given lse and delta = g . reads, so that one pass writes the sum of
-// the two memory gradients.
+// then also takes the H read heads' gradient, as content_read_backward does
+// (float and double: the given lse and delta = g . reads, or, when the
+// memory is one block, the recomputed max and normaliser), so that one pass
+// writes the sum of the two memory gradients.
 template <typename T>
 void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t, const at::Tensor& memory_t,
                                   const at::Tensor& keys_t, const at::Tensor& str_t, const at::Tensor& e_t,
@@ -299,6 +300,7 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
   }
   const int64_t rec2 = HW * (D + 1);
   std::vector<A> part2(B * C * rec2);
+  const bool one_block = C == 1 && N <= BS;
   at::parallel_for(0, B * C, grain_for(ch.size * D * (4 * W + 5 * H + 2)), [&](int64_t t0, int64_t t1) {
     Scratch<A> vecs(NV * D), beta(HW), dots(NV * BS), nrm2(BS), inv(BS), gate(BS), gam(BS), bq(HW * BS), E(W * D);
     Scratch<A> rowbuf(kHalf ? BS * D : 1), gbuf(kHalf ? BS * D : 1), dmbuf(kHalf ? BS * D : 1);
@@ -353,8 +355,26 @@ void content_write_backward_typed(const at::Tensor& g_t, const at::Tensor& lse_t
           A* wr = ca.data() + W * BS;
           block_logits(wr, dots.data() + W * BS, inv.data(), beta.data() + W, H, nj, BS);
           for (int64_t h = 0; h < H; ++h) {
-            exp_shift(wr + h * BS, nj, rlse[b * H + h]);
-            head(W + h, wr + h * BS, dots.data() + (HW + h) * BS, rdelta[b * H + h]);
+            A* wh = wr + h * BS;
+            const A* dwh = dots.data() + (HW + h) * BS;
+            const int64_t i = b * H + h;
+            if (one_block) {
+              // Every slot is in this block: as content_read_backward, the weights and delta
+              // from the recomputed max and normaliser where the given lse is this memory's
+              // own, so that no delta = g . reads cancels in a peaked softmax.
+              const A M = max_of(wh, nj);
+              const A L = exp_shift(wh, nj, M);
+              if (same_lse(rlse[i], M, L)) {
+                const A sc = A(1) / L;
+                const A Tt = dot(wh, dwh, nj);
+                scale_(wh, nj, sc);
+                head(W + h, wh, dwh, Tt * sc);
+                continue;
+              }
+              block_logits(wh, dots.data() + (W + h) * BS, inv.data(), beta.data() + W + h, 1, nj, BS);
+            }
+            exp_shift(wh, nj, rlse[i]);
+            head(W + h, wh, dwh, rdelta[i]);
           }
         }
         for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
