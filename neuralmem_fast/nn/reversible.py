@@ -73,7 +73,7 @@ def _unwrite(m, w, e, a, n0, n1):
     """Rows n0:n1 of m_t into m_{t-1} = (m_t - sum_w w a) / prod_w(1 - w e), in place, one chunk at a
     time so that the erase factor's buffer stays in cache: an addcmul per head for each term. (A
     baddbmm over the whole memory, then a broadcast product and a .prod(1) over the heads, took about
-    18 memory passes per step at N = 10^6; this takes about 4.)"""
+    18 memory passes per step at N = 10^6; this takes 4 to 6.)"""
     one = torch.ones((), dtype=w.dtype, device=w.device)
     rows = m[:, n0:n1]
     wt = w[:, :, n0:n1].unsqueeze(-1)  # (B, W, rows, 1)
