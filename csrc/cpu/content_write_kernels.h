@@ -18,6 +18,12 @@
 // Two reads of the memory and of g and one write of dm, against the separate
 // ops' content_addressing + memory_write backward (five reads, two (B,N,D)
 // gradients and their sum).
+//
+// content_read_write (a read, then this write, both of the memory before the
+// write): the forward's first pass is content_read's, which also gathers the
+// write heads' (max, sum); the backward's pass 2 also takes the H read heads
+// (their weights from the saved lse, dw = g_r . m_n from H more dots per row,
+// delta = g_r . reads), so that its one dm holds both ops' terms.
 #pragma once
 #include "cpu/write_kernels.h"
 
