@@ -210,10 +210,9 @@ def _make_step(spec, memory, usage, t):
             reads, new = ops.content_read_write(memory, rk, rs, wk, ws, er, ad, backend=be)
         else:
             reads = ops.content_read(memory, rk, rs, backend=be)
-        if mode == "read_bwd":
-            reads.backward(gr)
-            return None
-        if mode != "train":
+            if mode == "read_bwd":
+                reads.backward(gr)
+                return None
             w = ops.content_addressing(memory, wk, ws, backend=be)
             new = ops.memory_write(memory, w, er, ad, backend=be)
         # new.sum()'s gradient is a broadcast scalar: the loss adds nothing of size N.
