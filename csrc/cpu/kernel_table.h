@@ -78,6 +78,19 @@ struct KernelTable {
                              const at::Tensor& read_strengths, const at::Tensor& write_keys,
                              const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
                              double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least);
+  // neuralmem_dnc::write_read (csrc/dnc/write_read.cpp), float32/float64: the
+  // erase-add write, then content read weights over the new memory and reads.
+  void (*dnc_write_read)(const at::Tensor& memory, const at::Tensor& write_weights, const at::Tensor& erase,
+                         const at::Tensor& add, const at::Tensor& read_keys, const at::Tensor& read_strengths,
+                         double eps, at::Tensor& new_memory, at::Tensor& read_weights, at::Tensor& reads);
+  // Its backward; an undefined incoming gradient counts as zeros.
+  void (*dnc_write_read_backward)(const at::Tensor& grad_new_memory, const at::Tensor& grad_read_weights,
+                                  const at::Tensor& grad_reads, const at::Tensor& memory,
+                                  const at::Tensor& write_weights, const at::Tensor& erase, const at::Tensor& add,
+                                  const at::Tensor& read_keys, const at::Tensor& read_strengths,
+                                  const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
+                                  at::Tensor& grad_memory, at::Tensor& grad_write_weights, at::Tensor& grad_erase,
+                                  at::Tensor& grad_add, at::Tensor& grad_read_keys, at::Tensor& grad_read_strengths);
 };
 
 // Null when the compiler could not build that instruction set.

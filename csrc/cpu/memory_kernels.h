@@ -36,6 +36,7 @@
 #endif
 
 #include "cpu/content_write_kernels.h"
+#include "cpu/dnc_write_read_kernels.h"
 
 namespace neuralmem {
 namespace cpu {
@@ -167,6 +168,29 @@ inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at
   });
 }
 
+inline void dnc_write_read_k(const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
+                             const at::Tensor& add, const at::Tensor& rk, const at::Tensor& rs, double eps,
+                             at::Tensor& out, at::Tensor& rw, at::Tensor& reads) {
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), W = ww.size(1), R = rk.size(1);
+  AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "write_read", [&] {
+    dnc_write_read_typed<scalar_t>(memory, ww, erase, add, rk, rs, eps, B, N, D, W, R, out, rw, reads);
+  });
+}
+
+inline void dnc_write_read_backward_k(const at::Tensor& gmo, const at::Tensor& grw, const at::Tensor& grd,
+                                      const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
+                                      const at::Tensor& add, const at::Tensor& rk, const at::Tensor& rs,
+                                      const at::Tensor& out, const at::Tensor& rw, double eps, at::Tensor& dm,
+                                      at::Tensor& dww, at::Tensor& de, at::Tensor& da, at::Tensor& dk,
+                                      at::Tensor& ds) {
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), W = ww.size(1), R = rk.size(1);
+  AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "write_read_backward", [&] {
+    dnc_write_read_backward_typed<scalar_t>(gmo.defined() ? &gmo : nullptr, grw.defined() ? &grw : nullptr,
+                                            grd.defined() ? &grd : nullptr, memory, ww, erase, add, rk, rs, out,
+                                            rw, eps, B, N, D, W, R, dm, dww, de, da, dk, ds);
+  });
+}
+
 #undef NEURALMEM_DISPATCH
 
 constexpr KernelTable make_table(const char* name) {
@@ -185,7 +209,9 @@ constexpr KernelTable make_table(const char* name) {
                      &content_write_backward_k,
                      &content_read_write_fwd_k,
                      &content_read_write_backward_k,
-                     &content_read_write_k};
+                     &content_read_write_k,
+                     &dnc_write_read_k,
+                     &dnc_write_read_backward_k};
 }
 
 }  // namespace CPU_CAPABILITY

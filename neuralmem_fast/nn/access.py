@@ -13,6 +13,7 @@ One step, in the order of DeepMind's `dnc/access.py` (temporal links left out):
   3. erase-add:   M = M * prod_w(1 - w^w e) + sum_w w^w v (`memory_write`);
   4. read:        w^r = content weights of the read keys over the new memory
                   (`content_addressing`), reads = w^r M (`memory_read`).
+                  3 and 4 run as one op, `ops.dnc.write_read`, native on the CPU.
 
 Gradients flow through every step (nothing in place), except where the
 previous write weights enter the usage: DeepMind detaches them there, and
@@ -69,6 +70,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import DEFAULT_SPARSE_EPS
 from ..ops.dnc import ALLOC_EPS, allocation, write_allocation_weights, write_weights_ref
+from ..ops.dnc import write_read
 from ..ops.dnc import write_weights as fused_write_weights
 from .sparse_access import _gated
 
@@ -361,12 +363,16 @@ class MemoryAccess(nn.Module):
             usage, write_weights = fused_write_weights(usage, prev_ww, interface.free_gates, prev_rw, content,
                                                        *gates)
         # 3. erase-add; 4. read the new memory.
-        memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
-                                  backend=be)
-        read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
-        if self.read_topk is not None:
+        if self.read_topk is None:  # one op on the CPU (ops/dnc.py), the three ops elsewhere
+            memory, read_weights, reads = write_read(memory, write_weights, interface.erase_vectors,
+                                                     interface.write_vectors, interface.read_keys,
+                                                     interface.read_strengths, backend=be)
+        else:
+            memory = ops.memory_write(memory, write_weights, interface.erase_vectors, interface.write_vectors,
+                                      backend=be)
+            read_weights = ops.content_addressing(memory, interface.read_keys, interface.read_strengths, backend=be)
             read_weights, read_idx = _restrict_topk(read_weights, self.read_topk)
-        reads = ops.memory_read(memory, read_weights, backend=be)
+            reads = ops.memory_read(memory, read_weights, backend=be)
         if self.allocation == "lru":
             usage = _lru_stamps(usage, oldest, write_idx, read_idx)
         return reads, AccessState(memory, usage, read_weights, write_weights)

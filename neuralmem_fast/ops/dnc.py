@@ -1,4 +1,5 @@
-"""The DNC access's usage and write weights as one op (namespace `torch.ops.neuralmem_dnc`).
+"""The DNC access step's native ops (namespace `torch.ops.neuralmem_dnc`): the usage and write weights as one
+op, and the write then the read as another (`write_read`, at the end of this doc).
 
 One step of `MemoryAccess` (nn/access.py) computes, before it writes, the usage and the write weights:
 
@@ -18,12 +19,22 @@ so higher derivatives keep every term.
 
 Shapes: usage (B,N), prev_write_weights (B,W,N), free_gates (B,R), prev_read_weights (B,R,N),
 content (B,W,N), write_gates (B,W), allocation_gates (B,W). Returns (usage (B,N), write_weights (B,W,N)).
+
+`write_read(memory, write_weights, erase, add, read_keys, read_strengths)` is the rest of the step: the
+erase-add write, the read heads' content weights over the new memory and the reads, (new_memory (B,N,D),
+read_weights (B,R,N), reads (B,R,D)), as `memory_write`, `content_addressing` and `memory_read` give them
+(`write_read_ref`). Those are three ops and three autograd nodes, and the new memory has three uses whose
+gradients autograd adds up in (B,N,D) buffers; the native op (csrc/dnc/write_read.cpp, CPU, float32 and
+float64) visits each slot once forward and once backward, taking the gradients of all three outputs at once.
+Elsewhere it runs the three ops of the chosen backend.
 """
 import functools
 
 import torch
 
+from ..config import DEFAULT_EPS
 from .autograd import _reference_grads
+from .reference import content_addressing_ref, memory_read_ref, memory_write_ref
 from .validation import _c
 
 NAMESPACE = "neuralmem_dnc"
@@ -32,7 +43,7 @@ NAMESPACE = "neuralmem_dnc"
 ALLOC_EPS = 1e-6
 
 __all__ = ["NAMESPACE", "ALLOC_EPS", "has_dnc_kernels", "allocation", "write_allocation_weights", "write_weights",
-           "write_weights_ref"]
+           "write_weights_ref", "write_read", "write_read_ref"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,6 +54,16 @@ def has_dnc_kernels():
     if not has_extension():
         return False
     name = f"{NAMESPACE}::write_weights"
+    return (name in torch._C._dispatch_get_all_op_names()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
+
+
+@functools.lru_cache(maxsize=None)
+def has_write_read_kernel():
+    """True when the native write_read op (CPU kernel) is built."""
+    if not has_dnc_kernels():
+        return False
+    name = f"{NAMESPACE}::write_read"
     return (name in torch._C._dispatch_get_all_op_names()
             and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
 
@@ -123,6 +144,31 @@ def write_weights(usage, prev_write_weights, free_gates, prev_read_weights, cont
     return u, w
 
 
+def write_read_ref(memory, write_weights, erase, add, read_keys, read_strengths, eps=DEFAULT_EPS):
+    """The reference: (new_memory, read_weights, reads) by the PyTorch formulas of the three ops."""
+    new = memory_write_ref(memory, write_weights, erase, add)
+    weights = content_addressing_ref(new, read_keys, read_strengths, eps)
+    return new, weights, memory_read_ref(new, weights)
+
+
+def write_read(memory, write_weights, erase, add, read_keys, read_strengths, eps=DEFAULT_EPS, backend="auto"):
+    """Erase-add write, then the read heads' content weights over the new memory and the reads (module doc).
+
+    Returns (new_memory (B,N,D), read_weights (B,R,N), reads (B,R,D)), differentiable in every input. The
+    native op runs for float32/float64 CPU tensors with backend "auto" or "cpu"; otherwise the three ops
+    `memory_write`, `content_addressing` and `memory_read` run with `backend`, which checks the inputs
+    (the native kernel checks them too, with errors naming the argument).
+    """
+    if (backend in ("auto", "cpu") and memory.device.type == "cpu"
+            and memory.dtype in (torch.float32, torch.float64) and has_write_read_kernel()):
+        return _lib().write_read(memory, write_weights, erase, add, read_keys, read_strengths, eps)
+    from . import functional as F
+
+    new = F.memory_write(memory, write_weights, erase, add, backend=backend)
+    weights = F.content_addressing(new, read_keys, read_strengths, eps, backend=backend)
+    return new, weights, F.memory_read(new, weights, backend=backend)
+
+
 def _register():
     if not has_dnc_kernels():
         return False
@@ -161,7 +207,36 @@ def _register():
         return du, None, dfg, drw, dc, dgw, dga, None
 
     torch.library.register_autograd(lib + "write_weights", backward, setup_context=setup)
+    if has_write_read_kernel():
+        _register_write_read(lib)
     return True
+
+
+def _register_write_read(lib):
+    @torch.library.register_fake(lib + "write_read")
+    def _(memory, write_weights, erase, add, read_keys, read_strengths, eps):
+        B, N, D = memory.shape
+        R = read_keys.shape[1]
+        return memory.new_empty((B, N, D)), memory.new_empty((B, R, N)), memory.new_empty((B, R, D))
+
+    @torch.library.register_fake(lib + "write_read_backward")
+    def _(grad_new_memory, grad_read_weights, grad_reads, memory, write_weights, erase, add, read_keys,
+          read_strengths, new_memory, read_weights, eps):
+        return (torch.empty_like(memory), torch.empty_like(write_weights), torch.empty_like(erase),
+                torch.empty_like(add), torch.empty_like(read_keys), torch.empty_like(read_strengths))
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6], output[0], output[1])
+        ctx.eps = inputs[6]
+
+    def backward(ctx, grad_new, grad_weights, grad_reads):
+        *ins, new, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference, every term kept
+            ref = lambda *t: write_read_ref(*t, ctx.eps)  # noqa: E731
+            return (*_reference_grads(ctx, ref, tuple(ins), (grad_new, grad_weights, grad_reads)), None)
+        return (*_lib().write_read_backward(grad_new, grad_weights, grad_reads, *ins, new, weights, ctx.eps), None)
+
+    torch.library.register_autograd(lib + "write_read", backward, setup_context=setup)
 
 
 _REGISTERED = _register()

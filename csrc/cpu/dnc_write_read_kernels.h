@@ -1,0 +1,350 @@
+// CPU kernels of neuralmem_dnc::write_read (host code, checks and semantics:
+// csrc/dnc/write_read.cpp): the erase-add write, then the read heads' content
+// weights over the new memory and the reads, and the backward of all three.
+// Part of memory_kernels.h, compiled once per instruction set; float32 and
+// float64 only. One memory per task: the access step's memories are small
+// (N = 128 to a few thousand slots at B = 16), so each memory's rows stay in
+// cache between the loops over its slots.
+#pragma once
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including cpu/dnc_write_read_kernels.h"
+#endif
+
+#include "cpu/kernel_common.h"
+
+namespace neuralmem {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// Unit keys k / max(|k|, eps) of memory b into kh (R*D); their norms |k| into kn (R).
+// Unit keys k / max(|k|, eps) of memory b into kh (R*D); their norms |k| into kn (R).
+template <typename T>
+void wr_unit_keys(const T* k, int64_t R, int64_t D, T eps, T* kh, T* kn) {
+  for (int64_t r = 0; r < R; ++r) {
+    kn[r] = std::sqrt(dot(k + r * D, k + r * D, D));
+    const T inv = T(1) / std::max(kn[r], eps);
+    for (int64_t j = 0; j < D; ++j) kh[r * D + j] = k[r * D + j] * inv;
+  }
+}
+
+// acc[0, VL) += x * y lane by lane; acc is a plain (unaligned) buffer.
+template <typename T>
+C10_ALWAYS_INLINE void wr_fma_acc(T* acc, const Vectorized<T>& x, const Vectorized<T>& y) {
+  at::vec::fmadd(x, y, Vectorized<T>::loadu(acc)).store(acc);
+}
+
+template <typename T>
+C10_ALWAYS_INLINE T wr_lanes_sum(const T* acc) {
+  return hsum(Vectorized<T>::loadu(acc));
+}
+
+// out[0..4) = the dots of the row x (D lanes, in cache) with the rows q[0..4) (the same pointer repeated
+// for a group of fewer than four heads).
+template <typename T>
+C10_ALWAYS_INLINE void wr_dots4(const T* x, const T* const* q, int64_t D, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  Vec c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
+  for (int64_t d = 0; d < D; d += VL) {
+    const int64_t k = std::min<int64_t>(VL, D - d);
+    const Vec v = load_n(x + d, k);
+    c0 = at::vec::fmadd(load_n(q[0] + d, k), v, c0);
+    c1 = at::vec::fmadd(load_n(q[1] + d, k), v, c1);
+    c2 = at::vec::fmadd(load_n(q[2] + d, k), v, c2);
+    c3 = at::vec::fmadd(load_n(q[3] + d, k), v, c3);
+  }
+  hsum4(c0, c1, c2, c3, out);
+}
+
+// The dots of the row x with the H rows of base (stride D), into out[h * ld]: four at a time.
+template <typename T>
+C10_ALWAYS_INLINE void wr_dots(const T* x, const T* base, int64_t H, int64_t D, T* out, int64_t ld) {
+  for (int64_t h0 = 0; h0 < H; h0 += 4) {
+    const int64_t nh = std::min<int64_t>(4, H - h0);
+    const T* q[4];
+    for (int64_t i = 0; i < 4; ++i) q[i] = base + (h0 + std::min(i, nh - 1)) * D;
+    T t[4];
+    wr_dots4(x, q, D, t);
+    for (int64_t i = 0; i < nh; ++i) out[(h0 + i) * ld] = t[i];
+  }
+}
+
+// The keep factor prod_w (1 - a_w e_w) of one slot over lanes [d, d + m), a_w its write weights; skip = w
+// leaves head w out (the product over the other heads), -1 none.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> wr_keep(const T* a, const T* e, int64_t W, int64_t D, int64_t d, int64_t m,
+                                        int64_t skip) {
+  using Vec = Vectorized<T>;
+  Vec keep(T(1));
+  for (int64_t w = 0; w < W; ++w)
+    if (w != skip) keep = keep * (Vec(T(1)) - Vec(a[w]) * load_n(e + w * D + d, m));
+  return keep;
+}
+
+// Forward, per memory: (1) each slot's new row and its norm in one sweep of its D lanes, then the R read
+// logits from the row still in L1; (2) the softmax of each head over the slots; (3) the reads from the
+// new rows, still in cache.
+template <typename T>
+void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const at::Tensor& e_t,
+                          const at::Tensor& a_t, const at::Tensor& k_t, const at::Tensor& s_t, double eps_d,
+                          int64_t B, int64_t N_, int64_t D_, int64_t W_, int64_t R_, at::Tensor& out_t,
+                          at::Tensor& rw_t, at::Tensor& rd_t) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  const T eps_ = static_cast<T>(eps_d);
+  const T* M_ = mem_t.const_data_ptr<T>();
+  const T* WW_ = ww_t.const_data_ptr<T>();
+  const T* E_ = e_t.const_data_ptr<T>();
+  const T* V_ = a_t.const_data_ptr<T>();
+  const T* K_ = k_t.const_data_ptr<T>();
+  const T* S_ = s_t.const_data_ptr<T>();
+  T* MO_ = out_t.data_ptr<T>();
+  T* RW_ = rw_t.data_ptr<T>();
+  T* RD_ = rd_t.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Locals, not captures: the build has no strict aliasing, so captured values are reloaded after
+    // every store of the loops below.
+    const int64_t N = N_, D = D_, W = W_, R = R_;
+    const T eps = eps_;
+    const T* M = M_;
+    const T* WW = WW_;
+    const T* E = E_;
+    const T* V = V_;
+    const T* K = K_;
+    const T* S = S_;
+    T* MO = MO_;
+    T* RW = RW_;
+    T* RD = RD_;
+    std::vector<T> buf(R * D + R + W);
+    T* const kh = buf.data();
+    T* const kn = kh + R * D;
+    T* const a = kn + R;
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* m = M + b * N * D;
+      const T* ww = WW + b * W * N;
+      const T* e = E + b * W * D;
+      const T* v = V + b * W * D;
+      const T* beta = S + b * R;
+      T* mo = MO + b * N * D;
+      T* rw = RW + b * R * N;
+      T* rd = RD + b * R * D;
+      wr_unit_keys(K + b * R * D, R, D, eps, kh, kn);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
+        const T* row = m + n * D;
+        T* o = mo + n * D;
+        Vec nn(T(0));
+        for (int64_t d = 0; d < D; d += VL) {
+          const int64_t k = std::min<int64_t>(VL, D - d);
+          Vec x = load_n(row + d, k) * wr_keep(a, e, W, D, d, k, -1);
+          for (int64_t w = 0; w < W; ++w) x = at::vec::fmadd(Vec(a[w]), load_n(v + w * D + d, k), x);
+          store_n(x, o + d, k);
+          nn = at::vec::fmadd(x, x, nn);
+        }
+        wr_dots(o, kh, R, D, rw + n, N);  // the row, just written, is in L1
+        const T inv = T(1) / std::max(std::sqrt(hsum(nn)), eps);
+        for (int64_t r = 0; r < R; ++r) rw[r * N + n] *= beta[r] * inv;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        T* x = rw + r * N;
+        const T sum = exp_shift(x, N, max_of(x, N));
+        scale_(x, N, T(1) / sum);
+      }
+      // reads: four heads at a time, their accumulators in registers, the slots' lanes streaming past.
+      for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const int64_t nr = std::min<int64_t>(4, R - r0);
+        const T* p0 = rw + r0 * N;
+        const T* p1 = rw + (r0 + std::min<int64_t>(1, nr - 1)) * N;
+        const T* p2 = rw + (r0 + std::min<int64_t>(2, nr - 1)) * N;
+        const T* p3 = rw + (r0 + std::min<int64_t>(3, nr - 1)) * N;
+        for (int64_t d = 0; d < D; d += VL) {
+          const int64_t k = std::min<int64_t>(VL, D - d);
+          Vec y0(T(0)), y1(T(0)), y2(T(0)), y3(T(0));
+          for (int64_t n = 0; n < N; ++n) {
+            const Vec x = load_n(mo + n * D + d, k);
+            y0 = at::vec::fmadd(Vec(p0[n]), x, y0);
+            y1 = at::vec::fmadd(Vec(p1[n]), x, y1);
+            y2 = at::vec::fmadd(Vec(p2[n]), x, y2);
+            y3 = at::vec::fmadd(Vec(p3[n]), x, y3);
+          }
+          const Vec ys[4] = {y0, y1, y2, y3};
+          for (int64_t i = 0; i < nr; ++i) store_n(ys[i], rd + (r0 + i) * D + d, k);
+        }
+      }
+    }
+  });
+}
+
+// Backward, per memory: (1) the read weights' gradient dw = given + g_reads . new row, and the softmax's
+// delta = sum_n w dw per head, from one sweep of each new row (its norm, cosines and the dots with the
+// reads' gradient); (2) per slot, in one sweep of the D lanes, the new row's gradient (given + read +
+// addressing terms), the memory's gradient through the keep factor, and the write's gradients; (3) the
+// keys' gradient through k / max(|k|, eps).
+template <typename T>
+void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g_rw_t, const at::Tensor* g_rd_t,
+                                   const at::Tensor& mem_t, const at::Tensor& ww_t, const at::Tensor& e_t,
+                                   const at::Tensor& a_t, const at::Tensor& k_t, const at::Tensor& s_t,
+                                   const at::Tensor& mo_t, const at::Tensor& rw_t, double eps_d, int64_t B,
+                                   int64_t N_, int64_t D_, int64_t W_, int64_t R_, at::Tensor& dm_t, at::Tensor& dww_t,
+                                   at::Tensor& de_t, at::Tensor& da_t, at::Tensor& dk_t, at::Tensor& ds_t) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  const T eps_ = static_cast<T>(eps_d);
+  const T* GMO_ = g_mo_t ? g_mo_t->const_data_ptr<T>() : nullptr;
+  const T* GRW_ = g_rw_t ? g_rw_t->const_data_ptr<T>() : nullptr;
+  const T* GRD_ = g_rd_t ? g_rd_t->const_data_ptr<T>() : nullptr;
+  const T* M_ = mem_t.const_data_ptr<T>();
+  const T* WW_ = ww_t.const_data_ptr<T>();
+  const T* E_ = e_t.const_data_ptr<T>();
+  const T* V_ = a_t.const_data_ptr<T>();
+  const T* K_ = k_t.const_data_ptr<T>();
+  const T* S_ = s_t.const_data_ptr<T>();
+  const T* MO_ = mo_t.const_data_ptr<T>();
+  const T* RWS_ = rw_t.const_data_ptr<T>();
+  T* DM_ = dm_t.data_ptr<T>();
+  T* DWW_ = dww_t.data_ptr<T>();
+  T* DE_ = de_t.data_ptr<T>();
+  T* DA_ = da_t.data_ptr<T>();
+  T* DK_ = dk_t.data_ptr<T>();
+  T* DS_ = ds_t.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Locals, not captures: the build has no strict aliasing, so captured values are reloaded after
+    // every store of the loops below.
+    const int64_t N = N_, D = D_, W = W_, R = R_;
+    const T eps = eps_;
+    const T* GMO = GMO_;
+    const T* GRW = GRW_;
+    const T* GRD = GRD_;
+    const T* M = M_;
+    const T* WW = WW_;
+    const T* E = E_;
+    const T* V = V_;
+    const T* K = K_;
+    const T* S = S_;
+    const T* MO = MO_;
+    const T* RWS = RWS_;
+    T* DM = DM_;
+    T* DWW = DWW_;
+    T* DE = DE_;
+    T* DA = DA_;
+    T* DK = DK_;
+    T* DS = DS_;
+    // cs: each head's cosine numerator k . new row, then the cosine; dr: the read weights' gradient.
+    std::vector<T> buf(2 * R * D + 2 * R * N + N + 4 * R + W + W * VL);
+    T* const kh = buf.data();
+    T* const dkh = kh + R * D;
+    T* const dr = dkh + R * D;
+    T* const cs = dr + R * N;
+    T* const nr = cs + R * N;
+    T* const kn = nr + N;
+    T* const delta = kn + R;
+    T* const cp = delta + R;
+    T* const ck = cp + R;
+    T* const a = ck + R;
+    T* const sw = a + W;  // per-lane accumulators (unaligned)
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* m = M + b * N * D;
+      const T* ww = WW + b * W * N;
+      const T* e = E + b * W * D;
+      const T* v = V + b * W * D;
+      const T* beta = S + b * R;
+      const T* mo = MO + b * N * D;
+      const T* rw = RWS + b * R * N;
+      const T* grd = GRD ? GRD + b * R * D : nullptr;
+      const T* gmo = GMO ? GMO + b * N * D : nullptr;
+      T* de = DE + b * W * D;
+      T* da = DA + b * W * D;
+      T* ds = DS + b * R;
+      wr_unit_keys(K + b * R * D, R, D, eps, kh, kn);
+      // (1) one sweep of each new row: its norm, the R cosines and the R dots with the reads' gradient.
+      for (int64_t n = 0; n < N; ++n) {
+        const T* o = mo + n * D;
+        nr[n] = std::sqrt(dot(o, o, D));
+        wr_dots(o, kh, R, D, cs + n, N);
+        if (grd) {
+          wr_dots(o, grd, R, D, dr + n, N);
+        } else {
+          for (int64_t r = 0; r < R; ++r) dr[r * N + n] = T(0);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const T* p = rw + r * N;
+        T* x = dr + r * N;
+        T* c = cs + r * N;
+        if (GRW) {
+          const T* gw = GRW + (b * R + r) * N;
+          for (int64_t n = 0; n < N; ++n) x[n] += gw[n];
+        }
+        T sum = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          sum += p[n] * x[n];
+          c[n] /= std::max(nr[n], eps);
+        }
+        delta[r] = sum;
+      }
+      std::fill(dkh, dkh + R * D, T(0));
+      std::fill(ds, ds + R, T(0));
+      std::fill(de, de + W * D, T(0));
+      std::fill(da, da + W * D, T(0));
+      // (2) per slot: the new row's gradient, the memory's, the write's.
+      for (int64_t n = 0; n < N; ++n) {
+        const T* o = mo + n * D;
+        const T* row = m + n * D;
+        for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
+        const T inv = T(1) / std::max(nr[n], eps);
+        const bool above = nr[n] >= eps;  // clamp_min passes the gradient at equality
+        // The slot's gradient: g = given + sum_r (p_r g_reads_r + dc_r inv k_r) - co * o, with
+        // dc_r = beta_r * (gradient of the logit) and, above eps (F.normalize), co = sum_r dc_r cos_r inv^2.
+        T co = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          const T p = rw[r * N + n];
+          const T dl = p * (dr[r * N + n] - delta[r]);
+          const T c = cs[r * N + n];
+          ds[r] += dl * c;
+          const T dc = dl * beta[r];
+          cp[r] = p;
+          ck[r] = dc * inv;
+          if (above) co += dc * c * inv * inv;
+        }
+        std::fill(sw, sw + W * VL, T(0));
+        T* dm = DM + (b * N + n) * D;
+        for (int64_t d = 0; d < D; d += VL) {
+          const int64_t k = std::min<int64_t>(VL, D - d);
+          const Vec x = load_n(o + d, k);
+          Vec g = gmo ? load_n(gmo + n * D + d, k) : Vec(T(0));
+          g = g - Vec(co) * x;
+          for (int64_t r = 0; r < R; ++r) {
+            if (grd) g = at::vec::fmadd(Vec(cp[r]), load_n(grd + r * D + d, k), g);
+            g = at::vec::fmadd(Vec(ck[r]), load_n(kh + r * D + d, k), g);
+            T* dk = dkh + r * D + d;
+            store_n(at::vec::fmadd(Vec(ck[r]), x, load_n(dk, k)), dk, k);
+          }
+          // The erase-add write: new = row * keep + sum_w a_w add_w.
+          const Vec rv = load_n(row + d, k);
+          store_n(g * wr_keep(a, e, W, D, d, k, -1), dm + d, k);
+          for (int64_t w = 0; w < W; ++w) {
+            const Vec ev = load_n(e + w * D + d, k);
+            const Vec re = rv * wr_keep(a, e, W, D, d, k, w);
+            wr_fma_acc(sw + w * VL, g, load_n(v + w * D + d, k) - re * ev);
+            store_n(load_n(de + w * D + d, k) - g * re * Vec(a[w]), de + w * D + d, k);
+            store_n(at::vec::fmadd(g, Vec(a[w]), load_n(da + w * D + d, k)), da + w * D + d, k);
+          }
+        }
+        for (int64_t w = 0; w < W; ++w) DWW[(b * W + w) * N + n] = wr_lanes_sum(sw + w * VL);
+      }
+      // Through k / max(|k|, eps).
+      for (int64_t r = 0; r < R; ++r) {
+        const T* k = kh + r * D;
+        const T* dk = dkh + r * D;
+        T* out = DK + (b * R + r) * D;
+        const T proj = kn[r] >= eps ? dot(dk, k, D) : T(0);
+        const T inv = T(1) / std::max(kn[r], eps);
+        for (int64_t j = 0; j < D; ++j) out[j] = (dk[j] - proj * k[j]) * inv;
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace neuralmem

@@ -1,0 +1,149 @@
+// neuralmem_dnc::write_read: the second half of a DNC access step as one op.
+//
+//   new_memory   = memory * prod_w (1 - write_weights[w] erase[w]) + sum_w write_weights[w] add[w]
+//   read_weights = softmax_n(strengths[r] * cos(read_keys[r], new_memory[n]))
+//   reads        = read_weights @ new_memory
+//
+// which nn/access.py otherwise runs as memory_write, content_addressing and
+// memory_read: three ops, three autograd nodes, and three uses of the new
+// memory whose gradients autograd adds up in (B, N, D) buffers. Here the
+// forward visits each slot once (erase-add, norm and read logits while the
+// row is in cache; a softmax over (R, N); the reads from the rows just
+// written), and the backward takes the gradients of all three outputs at
+// once and writes the memory's gradient in one visit of each slot.
+//
+// The cosine follows F.normalize: x / max(|x|, eps) for keys and slots, so a
+// slot of norm below eps has a gradient of (key term) / eps, as in the
+// reference (neuralmem_fast/ops/dnc.py, write_read_ref) and content_addressing.
+// CPU kernels only (cpu/dnc_write_read_kernels.h, in the per-instruction-set
+// kernel table), float32 and float64; other devices and dtypes run the three
+// ops. Semantics, the gradient formula's registration and the fake
+// kernels: neuralmem_fast/ops/dnc.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/isa.h"
+#include "cpu/buffer_pool.h"
+#include "cpu/kernel_table.h"
+
+TORCH_LIBRARY_FRAGMENT(neuralmem_dnc, m) {
+  m.def("write_read(Tensor memory, Tensor write_weights, Tensor erase, Tensor add, Tensor read_keys, "
+        "Tensor read_strengths, float eps) -> (Tensor, Tensor, Tensor)");
+  // (grad_memory, grad_write_weights, grad_erase, grad_add, grad_read_keys, grad_read_strengths);
+  // a gradient given as None counts as zeros.
+  m.def("write_read_backward(Tensor? grad_new_memory, Tensor? grad_read_weights, Tensor? grad_reads, "
+        "Tensor memory, Tensor write_weights, Tensor erase, Tensor add, Tensor read_keys, Tensor read_strengths, "
+        "Tensor new_memory, Tensor read_weights, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace neuralmem {
+namespace dnc {
+namespace {
+
+struct WRDims {
+  int64_t B, N, D, W, R;
+};
+
+void check_shape(const at::Tensor& t, const char* name, std::initializer_list<int64_t> want, const at::Tensor& memory,
+                 const char* hint) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor of shape ", hint);
+  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(want.size()) &&
+                        std::equal(want.begin(), want.end(), t.sizes().begin()),
+                    name, " must have shape ", hint, " = ", c10::IntArrayRef(want), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == memory.scalar_type(), name, " must have the dtype of memory (",
+                   memory.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add,
+                    const at::Tensor& keys, const at::Tensor& str, double eps) {
+  TORCH_CHECK_VALUE(memory.defined() && memory.dim() == 3, "memory must have shape (B, N, D), got ",
+                    memory.defined() ? memory.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK_TYPE(memory.scalar_type() == at::kFloat || memory.scalar_type() == at::kDouble,
+                   "memory must be float32 or float64 for the CPU kernel, got ", memory.scalar_type());
+  TORCH_CHECK_VALUE(memory.device().is_cpu(), "memory must be a CPU tensor for the CPU kernel, got ",
+                    memory.device());
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(ww.dim() == 3, "write_weights must have shape (B, W, N), got ", ww.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 3, "read_keys must have shape (B, R, D), got ", keys.sizes());
+  const WRDims d{memory.size(0), memory.size(1), memory.size(2), ww.size(1), keys.size(1)};
+  TORCH_CHECK_VALUE(d.N >= 1 && d.D >= 1, "memory must have at least one slot and one dimension, got ",
+                    memory.sizes());
+  check_shape(ww, "write_weights", {d.B, d.W, d.N}, memory, "(B, W, N)");
+  check_shape(erase, "erase", {d.B, d.W, d.D}, memory, "(B, W, D)");
+  check_shape(add, "add", {d.B, d.W, d.D}, memory, "(B, W, D)");
+  check_shape(keys, "read_keys", {d.B, d.R, d.D}, memory, "(B, R, D)");
+  check_shape(str, "read_strengths", {d.B, d.R}, memory, "(B, R)");
+  return d;
+}
+
+const cpu::KernelTable& kernels() {
+  static const cpu::KernelTable* table =
+      pick_table(cpu::kernel_table_DEFAULT(), cpu::kernel_table_AVX2(), cpu::kernel_table_AVX512());
+  return *table;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> write_read_cpu(const at::Tensor& memory, const at::Tensor& ww,
+                                                              const at::Tensor& erase, const at::Tensor& add,
+                                                              const at::Tensor& keys, const at::Tensor& str,
+                                                              double eps) {
+  const WRDims d = check_inputs(memory, ww, erase, add, keys, str, eps);
+  // Memory-sized outputs from the pool (cpu/buffer_pool.h): a recurrent step keeps one per time step and
+  // frees them together; fresh pages would fault in at every step.
+  at::Tensor out = cpu::BufferPool::get().empty({d.B, d.N, d.D}, memory.options());
+  at::Tensor rw = at::empty({d.B, d.R, d.N}, memory.options());
+  at::Tensor rd = at::empty({d.B, d.R, d.D}, memory.options());
+  kernels().dnc_write_read(memory.contiguous(), ww.contiguous(), erase.contiguous(), add.contiguous(),
+                           keys.contiguous(), str.contiguous(), eps, out, rw, rd);
+  return {out, rw, rd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_backward_cpu(
+    const std::optional<at::Tensor>& g_mo, const std::optional<at::Tensor>& g_rw,
+    const std::optional<at::Tensor>& g_rd, const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
+    const at::Tensor& add, const at::Tensor& keys, const at::Tensor& str, const at::Tensor& new_memory,
+    const at::Tensor& read_weights, double eps) {
+  const WRDims d = check_inputs(memory, ww, erase, add, keys, str, eps);
+  check_shape(new_memory, "new_memory", {d.B, d.N, d.D}, memory, "(B, N, D)");
+  check_shape(read_weights, "read_weights", {d.B, d.R, d.N}, memory, "(B, R, N)");
+  at::Tensor gmo, grw, grd;
+  if (g_mo.has_value() && g_mo->defined()) {
+    check_shape(*g_mo, "grad_new_memory", {d.B, d.N, d.D}, memory, "(B, N, D)");
+    gmo = *g_mo;
+    if (!gmo.is_contiguous()) {  // often expanded (the gradient of a sum): copied into a pooled buffer
+      gmo = cpu::BufferPool::get().empty(gmo.sizes(), gmo.options().memory_format(at::MemoryFormat::Contiguous));
+      gmo.copy_(*g_mo);
+    }
+  }
+  if (g_rw.has_value() && g_rw->defined()) {
+    check_shape(*g_rw, "grad_read_weights", {d.B, d.R, d.N}, memory, "(B, R, N)");
+    grw = g_rw->contiguous();
+  }
+  if (g_rd.has_value() && g_rd->defined()) {
+    check_shape(*g_rd, "grad_reads", {d.B, d.R, d.D}, memory, "(B, R, D)");
+    grd = g_rd->contiguous();
+  }
+  at::Tensor dm = cpu::BufferPool::get().empty({d.B, d.N, d.D}, memory.options());
+  at::Tensor dww = at::empty({d.B, d.W, d.N}, memory.options());
+  at::Tensor de = at::empty({d.B, d.W, d.D}, memory.options());
+  at::Tensor da = at::empty({d.B, d.W, d.D}, memory.options());
+  at::Tensor dk = at::empty({d.B, d.R, d.D}, memory.options());
+  at::Tensor ds = at::empty({d.B, d.R}, memory.options());
+  kernels().dnc_write_read_backward(gmo, grw, grd, memory.contiguous(), ww.contiguous(), erase.contiguous(),
+                                    add.contiguous(), keys.contiguous(), str.contiguous(), new_memory.contiguous(),
+                                    read_weights.contiguous(), eps, dm, dww, de, da, dk, ds);
+  return {dm, dww, de, da, dk, ds};
+}
+
+}  // namespace
+}  // namespace dnc
+}  // namespace neuralmem
+
+TORCH_LIBRARY_IMPL(neuralmem_dnc, CPU, m) {
+  m.impl("write_read", &neuralmem::dnc::write_read_cpu);
+  m.impl("write_read_backward", &neuralmem::dnc::write_read_backward_cpu);
+}
