@@ -38,37 +38,6 @@ C10_ALWAYS_INLINE T wr_lanes_sum(const T* acc) {
   return hsum(Vectorized<T>::loadu(acc));
 }
 
-// out[0..4) = the dots of the row x (D lanes, in cache) with the rows q[0..4) (the same pointer repeated
-// for a group of fewer than four heads).
-template <typename T>
-C10_ALWAYS_INLINE void wr_dots4(const T* x, const T* const* q, int64_t D, T* out) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t VL = Vec::size();
-  Vec c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
-  for (int64_t d = 0; d < D; d += VL) {
-    const int64_t k = std::min<int64_t>(VL, D - d);
-    const Vec v = load_n(x + d, k);
-    c0 = at::vec::fmadd(load_n(q[0] + d, k), v, c0);
-    c1 = at::vec::fmadd(load_n(q[1] + d, k), v, c1);
-    c2 = at::vec::fmadd(load_n(q[2] + d, k), v, c2);
-    c3 = at::vec::fmadd(load_n(q[3] + d, k), v, c3);
-  }
-  hsum4(c0, c1, c2, c3, out);
-}
-
-// The dots of the row x with the H rows of base (stride D), into out[h * ld]: four at a time.
-template <typename T>
-C10_ALWAYS_INLINE void wr_dots(const T* x, const T* base, int64_t H, int64_t D, T* out, int64_t ld) {
-  for (int64_t h0 = 0; h0 < H; h0 += 4) {
-    const int64_t nh = std::min<int64_t>(4, H - h0);
-    const T* q[4];
-    for (int64_t i = 0; i < 4; ++i) q[i] = base + (h0 + std::min(i, nh - 1)) * D;
-    T t[4];
-    wr_dots4(x, q, D, t);
-    for (int64_t i = 0; i < nh; ++i) out[(h0 + i) * ld] = t[i];
-  }
-}
-
 // The keep factor prod_w (1 - a_w e_w) of one slot over lanes [d, d + m), a_w its write weights; skip = w
 // leaves head w out (the product over the other heads), -1 none.
 template <typename T>
@@ -81,8 +50,8 @@ C10_ALWAYS_INLINE Vectorized<T> wr_keep(const T* a, const T* e, int64_t W, int64
   return keep;
 }
 
-// Forward, per memory: (1) each slot's new row and its norm in one sweep of its D lanes, then the R read
-// logits from the row still in L1; (2) the softmax of each head over the slots; (3) the reads from the
+// Forward, per memory: (1) by blocks of slots, each slot's new row, then the block's norms and R read
+// logits (dots_block) from the rows still in L1; (2) the softmax of each head over the slots; (3) the reads from the
 // new rows, still in cache.
 template <typename T>
 void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const at::Tensor& e_t,
@@ -115,10 +84,12 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
     T* MO = MO_;
     T* RW = RW_;
     T* RD = RD_;
-    std::vector<T> buf(R * D + R + W);
+    const int64_t BS = block_slots(D);
+    std::vector<T> buf(R * D + R + W + BS);
     T* const kh = buf.data();
     T* const kn = kh + R * D;
     T* const a = kn + R;
+    T* const nr = a + W;  // the block's squared row norms
     for (int64_t b = b0; b < b1; ++b) {
       const T* m = M + b * N * D;
       const T* ww = WW + b * W * N;
@@ -129,21 +100,23 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
       T* rw = RW + b * R * N;
       T* rd = RD + b * R * D;
       wr_unit_keys(K + b * R * D, R, D, eps, kh, kn);
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
-        const T* row = m + n * D;
-        T* o = mo + n * D;
-        Vec nn(T(0));
-        for (int64_t d = 0; d < D; d += VL) {
-          const int64_t k = std::min<int64_t>(VL, D - d);
-          Vec x = load_n(row + d, k) * wr_keep(a, e, W, D, d, k, -1);
-          for (int64_t w = 0; w < W; ++w) x = at::vec::fmadd(Vec(a[w]), load_n(v + w * D + d, k), x);
-          store_n(x, o + d, k);
-          nn = at::vec::fmadd(x, x, nn);
+      for (int64_t n0 = 0; n0 < N; n0 += BS) {
+        const int64_t nj = std::min<int64_t>(BS, N - n0);
+        for (int64_t n = n0; n < n0 + nj; ++n) {
+          for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
+          const T* row = m + n * D;
+          T* o = mo + n * D;
+          for (int64_t d = 0; d < D; d += VL) {
+            const int64_t k = std::min<int64_t>(VL, D - d);
+            Vec x = load_n(row + d, k) * wr_keep(a, e, W, D, d, k, -1);
+            for (int64_t w = 0; w < W; ++w) x = at::vec::fmadd(Vec(a[w]), load_n(v + w * D + d, k), x);
+            store_n(x, o + d, k);
+          }
         }
-        wr_dots(o, kh, R, D, rw + n, N);  // the row, just written, is in L1
-        const T inv = T(1) / std::max(std::sqrt(hsum(nn)), eps);
-        for (int64_t r = 0; r < R; ++r) rw[r * N + n] *= beta[r] * inv;
+        // The block's rows, just written, are in L1: their norms and read logits.
+        dots_block(kh, R, mo + n0 * D, nj, D, rw + n0, N, nr);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < nj; ++j) rw[r * N + n0 + j] *= beta[r] / std::max(std::sqrt(nr[j]), eps);
       }
       for (int64_t r = 0; r < R; ++r) {
         T* x = rw + r * N;
@@ -176,7 +149,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
 }
 
 // Backward, per memory: (1) the read weights' gradient dw = given + g_reads . new row, and the softmax's
-// delta = sum_n w dw per head, from one sweep of each new row (its norm, cosines and the dots with the
+// delta = sum_n w dw per head, from one sweep of the new rows (their norms, cosines and dots with the
 // reads' gradient); (2) per slot, in one sweep of the D lanes, the new row's gradient (given + read +
 // addressing terms), the memory's gradient through the keep factor, and the write's gradients; (3) the
 // keys' gradient through k / max(|k|, eps).
@@ -229,13 +202,15 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     T* DA = DA_;
     T* DK = DK_;
     T* DS = DS_;
-    // cs: each head's cosine numerator k . new row, then the cosine; dr: the read weights' gradient.
-    std::vector<T> buf(2 * R * D + 2 * R * N + N + 4 * R + W + W * VL);
+    // vecs: the unit keys, then the reads' gradient (R x D each); cs: each head's cosine numerator
+    // k . new row, then the cosine, and after it dr: the read weights' gradient (R x N each).
+    std::vector<T> buf(3 * R * D + 2 * R * N + N + 4 * R + W + W * VL);
     T* const kh = buf.data();
-    T* const dkh = kh + R * D;
-    T* const dr = dkh + R * D;
-    T* const cs = dr + R * N;
-    T* const nr = cs + R * N;
+    T* const gv = kh + R * D;
+    T* const dkh = gv + R * D;
+    T* const cs = dkh + R * D;
+    T* const dr = cs + R * N;
+    T* const nr = dr + R * N;
     T* const kn = nr + N;
     T* const delta = kn + R;
     T* const cp = delta + R;
@@ -256,17 +231,12 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       T* da = DA + b * W * D;
       T* ds = DS + b * R;
       wr_unit_keys(K + b * R * D, R, D, eps, kh, kn);
-      // (1) one sweep of each new row: its norm, the R cosines and the R dots with the reads' gradient.
-      for (int64_t n = 0; n < N; ++n) {
-        const T* o = mo + n * D;
-        nr[n] = std::sqrt(dot(o, o, D));
-        wr_dots(o, kh, R, D, cs + n, N);
-        if (grd) {
-          wr_dots(o, grd, R, D, dr + n, N);
-        } else {
-          for (int64_t r = 0; r < R; ++r) dr[r * N + n] = T(0);
-        }
-      }
+      // (1) one sweep of the new rows (dots_block, blocked over rows): their squared norms, the R cosine
+      // numerators and the R dots with the reads' gradient.
+      if (grd) std::copy(grd, grd + R * D, gv);
+      dots_block(kh, grd ? 2 * R : R, mo, N, D, cs, N, nr);
+      if (!grd) std::fill(dr, dr + R * N, T(0));
+      for (int64_t n = 0; n < N; ++n) nr[n] = std::sqrt(nr[n]);
       for (int64_t r = 0; r < R; ++r) {
         const T* p = rw + r * N;
         T* x = dr + r * N;
