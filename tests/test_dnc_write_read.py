@@ -183,3 +183,14 @@ def test_memory_core_through_the_op_equals_the_three_ops(monkeypatch):
     assert len(calls) == 4
     for a, b in zip(native, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,N,D,W,R", [(2, 5, 3, 1, 0), (2, 5, 3, 0, 2), (0, 4, 3, 1, 2)])
+def test_no_heads_and_no_memories(B, N, D, W, R):
+    x = _inputs(B, N, D, W, R) if B else [torch.zeros(*s, dtype=F64) for s in
+                                         ((0, N, D), (0, W, N), (0, W, D), (0, W, D), (0, R, D), (0, R))]
+    for a, b in zip(dnc.write_read(*x), _ref(*x)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    up = _upstream(B, N, D, R)
+    for a, b in zip(_grads(dnc.write_read, x, up), _grads(_ref, x, up)):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=1e-10, atol=1e-12)

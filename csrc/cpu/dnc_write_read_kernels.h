@@ -38,6 +38,24 @@ C10_ALWAYS_INLINE T wr_lanes_sum(const T* acc) {
   return hsum(Vectorized<T>::loadu(acc));
 }
 
+// The inputs both kernels read, as raw pointers, copied into each task's locals (see below).
+template <typename T>
+struct WRInputs {
+  const T* m;   // memory (B,N,D)
+  const T* ww;  // write weights (B,W,N)
+  const T* e;   // erase (B,W,D)
+  const T* v;   // add (B,W,D)
+  const T* k;   // read keys (B,R,D)
+  const T* s;   // read strengths (B,R)
+};
+
+template <typename T>
+WRInputs<T> wr_inputs(const at::Tensor& m, const at::Tensor& ww, const at::Tensor& e, const at::Tensor& v,
+                      const at::Tensor& k, const at::Tensor& s) {
+  return {m.const_data_ptr<T>(), ww.const_data_ptr<T>(), e.const_data_ptr<T>(), v.const_data_ptr<T>(),
+          k.const_data_ptr<T>(), s.const_data_ptr<T>()};
+}
+
 // The keep factor prod_w (1 - a_w e_w) of one slot over lanes [d, d + m), a_w its write weights; skip = w
 // leaves head w out (the product over the other heads), -1 none.
 template <typename T>
@@ -61,12 +79,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const T eps_ = static_cast<T>(eps_d);
-  const T* M_ = mem_t.const_data_ptr<T>();
-  const T* WW_ = ww_t.const_data_ptr<T>();
-  const T* E_ = e_t.const_data_ptr<T>();
-  const T* V_ = a_t.const_data_ptr<T>();
-  const T* K_ = k_t.const_data_ptr<T>();
-  const T* S_ = s_t.const_data_ptr<T>();
+  const WRInputs<T> in_ = wr_inputs<T>(mem_t, ww_t, e_t, a_t, k_t, s_t);
   T* MO_ = out_t.data_ptr<T>();
   T* RW_ = rw_t.data_ptr<T>();
   T* RD_ = rd_t.data_ptr<T>();
@@ -75,12 +88,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
     // every store of the loops below.
     const int64_t N = N_, D = D_, W = W_, R = R_;
     const T eps = eps_;
-    const T* M = M_;
-    const T* WW = WW_;
-    const T* E = E_;
-    const T* V = V_;
-    const T* K = K_;
-    const T* S = S_;
+    const WRInputs<T> in = in_;
     T* MO = MO_;
     T* RW = RW_;
     T* RD = RD_;
@@ -91,15 +99,15 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
     T* const a = kn + R;
     T* const nr = a + W;  // the block's squared row norms
     for (int64_t b = b0; b < b1; ++b) {
-      const T* m = M + b * N * D;
-      const T* ww = WW + b * W * N;
-      const T* e = E + b * W * D;
-      const T* v = V + b * W * D;
-      const T* beta = S + b * R;
+      const T* m = in.m + b * N * D;
+      const T* ww = in.ww + b * W * N;
+      const T* e = in.e + b * W * D;
+      const T* v = in.v + b * W * D;
+      const T* beta = in.s + b * R;
       T* mo = MO + b * N * D;
       T* rw = RW + b * R * N;
       T* rd = RD + b * R * D;
-      wr_unit_keys(K + b * R * D, R, D, eps, kh, kn);
+      wr_unit_keys(in.k + b * R * D, R, D, eps, kh, kn);
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
         for (int64_t n = n0; n < n0 + nj; ++n) {
@@ -166,12 +174,7 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
   const T* GMO_ = g_mo_t ? g_mo_t->const_data_ptr<T>() : nullptr;
   const T* GRW_ = g_rw_t ? g_rw_t->const_data_ptr<T>() : nullptr;
   const T* GRD_ = g_rd_t ? g_rd_t->const_data_ptr<T>() : nullptr;
-  const T* M_ = mem_t.const_data_ptr<T>();
-  const T* WW_ = ww_t.const_data_ptr<T>();
-  const T* E_ = e_t.const_data_ptr<T>();
-  const T* V_ = a_t.const_data_ptr<T>();
-  const T* K_ = k_t.const_data_ptr<T>();
-  const T* S_ = s_t.const_data_ptr<T>();
+  const WRInputs<T> in_ = wr_inputs<T>(mem_t, ww_t, e_t, a_t, k_t, s_t);
   const T* MO_ = mo_t.const_data_ptr<T>();
   const T* RWS_ = rw_t.const_data_ptr<T>();
   T* DM_ = dm_t.data_ptr<T>();
@@ -188,12 +191,7 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     const T* GMO = GMO_;
     const T* GRW = GRW_;
     const T* GRD = GRD_;
-    const T* M = M_;
-    const T* WW = WW_;
-    const T* E = E_;
-    const T* V = V_;
-    const T* K = K_;
-    const T* S = S_;
+    const WRInputs<T> in = in_;
     const T* MO = MO_;
     const T* RWS = RWS_;
     T* DM = DM_;
@@ -218,11 +216,11 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     T* const a = ck + R;
     T* const sw = a + W;  // per-lane accumulators (unaligned)
     for (int64_t b = b0; b < b1; ++b) {
-      const T* m = M + b * N * D;
-      const T* ww = WW + b * W * N;
-      const T* e = E + b * W * D;
-      const T* v = V + b * W * D;
-      const T* beta = S + b * R;
+      const T* m = in.m + b * N * D;
+      const T* ww = in.ww + b * W * N;
+      const T* e = in.e + b * W * D;
+      const T* v = in.v + b * W * D;
+      const T* beta = in.s + b * R;
       const T* mo = MO + b * N * D;
       const T* rw = RWS + b * R * N;
       const T* grd = GRD ? GRD + b * R * D : nullptr;
@@ -230,7 +228,7 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       T* de = DE + b * W * D;
       T* da = DA + b * W * D;
       T* ds = DS + b * R;
-      wr_unit_keys(K + b * R * D, R, D, eps, kh, kn);
+      wr_unit_keys(in.k + b * R * D, R, D, eps, kh, kn);
       // (1) one sweep of the new rows (dots_block, blocked over rows): their squared norms, the R cosine
       // numerators and the R dots with the reads' gradient.
       if (grd) std::copy(grd, grd + R * D, gv);

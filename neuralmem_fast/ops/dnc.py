@@ -47,25 +47,24 @@ __all__ = ["NAMESPACE", "ALLOC_EPS", "has_dnc_kernels", "allocation", "write_all
 
 
 @functools.lru_cache(maxsize=None)
-def has_dnc_kernels():
-    """True when the native write_weights op (CPU kernel) is built."""
+def _has_cpu_kernel(op):
     from .._ext import has_extension
 
     if not has_extension():
         return False
-    name = f"{NAMESPACE}::write_weights"
+    name = f"{NAMESPACE}::{op}"
     return (name in torch._C._dispatch_get_all_op_names()
             and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
 
 
-@functools.lru_cache(maxsize=None)
+def has_dnc_kernels():
+    """True when the native write_weights op (CPU kernel) is built."""
+    return _has_cpu_kernel("write_weights")
+
+
 def has_write_read_kernel():
     """True when the native write_read op (CPU kernel) is built."""
-    if not has_dnc_kernels():
-        return False
-    name = f"{NAMESPACE}::write_read"
-    return (name in torch._C._dispatch_get_all_op_names()
-            and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
+    return _has_cpu_kernel("write_read")
 
 
 def _sorted_allocation(sorted_usage):
