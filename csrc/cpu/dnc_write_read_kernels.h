@@ -2,9 +2,9 @@
 // csrc/dnc/write_read.cpp): the erase-add write, then the read heads' content
 // weights over the new memory and the reads, and the backward of all three.
 // Part of memory_kernels.h, compiled once per instruction set; float32 and
-// float64 only. One memory per task: the access step's memories are small
-// (N = 128 to a few thousand slots at B = 16), so each memory's rows stay in
-// cache between the loops over its slots.
+// float64 only. One memory per task. At the classic tasks' sizes (N = 128 to
+// a few thousand slots, B = 16) a memory's rows stay in cache between the
+// loops over its slots; at large N each of those loops is one more pass.
 #pragma once
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY before including cpu/dnc_write_read_kernels.h"
@@ -16,7 +16,6 @@ namespace neuralmem {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-// Unit keys k / max(|k|, eps) of memory b into kh (R*D); their norms |k| into kn (R).
 // Unit keys k / max(|k|, eps) of memory b into kh (R*D); their norms |k| into kn (R).
 template <typename T>
 void wr_unit_keys(const T* k, int64_t R, int64_t D, T eps, T* kh, T* kn) {
