@@ -1,0 +1,140 @@
+"""The DNC access's write-then-read op (`neuralmem_dnc::write_read`) against the three ops it replaces.
+
+    python benchmarks/dnc_write_read.py [--n 128,1024] [--repeat 50] [--steps 7] [--json out.json]
+
+One torch thread, float32, the pytorch-dnc setting of MemoryCore's benchmark
+(B=16, D=64, R=4 read heads, W=1 write head). Two parts, each alternating
+the two sides within one process so that they see the same machine load:
+
+  ops    write_read's forward and its backward (the gradients of all three
+         outputs given) against memory_write + content_addressing +
+         memory_read and their three backwards plus the two adds of the new
+         memory's gradients; medians of --repeat calls, and each in passes of
+         one memory.sum() over the same (B, N, D) memory, timed in the same
+         loop.
+  step   MemoryCore's training step (B=16, T=22, forward, backward, Adam)
+         with MemoryAccess calling write_read, and with it calling the three
+         ops; medians of --steps pairs.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import neuralmem_fast.nn.access as access_mod  # noqa: E402
+from neuralmem_fast import ops  # noqa: E402
+from neuralmem_fast.nn import MemoryCore  # noqa: E402
+from neuralmem_fast.ops import dnc  # noqa: E402
+
+B, D, R, W, T = 16, 64, 4, 1, 22
+EPS = 1e-12
+
+
+def three_ops(memory, write_weights, erase, add, read_keys, read_strengths, backend="auto"):
+    """What MemoryAccess ran before write_read: three ops of `backend`."""
+    new = ops.memory_write(memory, write_weights, erase, add, backend=backend)
+    weights = ops.content_addressing(new, read_keys, read_strengths, backend=backend)
+    return new, weights, ops.memory_read(new, weights, backend=backend)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_ops(N, repeat):
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(B, N, D, generator=g)
+    ww = torch.softmax(torch.randn(B, W, N, generator=g), -1)
+    e, a = torch.rand(B, W, D, generator=g), torch.randn(B, W, D, generator=g)
+    k, s = torch.randn(B, R, D, generator=g), 1 + torch.rand(B, R, generator=g)
+    x = (m, ww, e, a, k, s)
+    lib, mem = torch.ops.neuralmem_dnc, torch.ops.neuralmem
+    new, rw, _ = lib.write_read(*x, EPS)
+    gm, grw, grd = torch.randn(B, N, D, generator=g), torch.randn(B, R, N, generator=g), torch.randn(B, R, D, generator=g)
+
+    def three_bwd():
+        dm_read, dw = mem.memory_read_backward(grd, new, rw)
+        dm_addr, _, _ = mem.content_addressing_backward(grw + dw, rw, new, k, s, EPS)
+        return mem.memory_write_backward(gm + dm_read + dm_addr, m, ww, e, a)
+
+    cases = {
+        "pass": lambda: m.sum(),
+        "fwd": lambda: lib.write_read(*x, EPS),
+        "fwd_three": lambda: three_ops(*x),
+        "bwd": lambda: lib.write_read_backward(gm, grw, grd, *x, new, rw, EPS),
+        "bwd_three": three_bwd,
+    }
+    times = {name: [] for name in cases}
+    for i in range(repeat + 1):
+        for name, fn in cases.items():
+            dt = _timed(fn)
+            if i:  # the first round warms up
+                times[name].append(dt)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {"N": N, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
+            **{f"{k}_passes": med[k] / med["pass"] for k in ("fwd", "fwd_three", "bwd", "bwd_three")}}
+
+
+def bench_step(N, steps):
+    torch.manual_seed(0)
+    net = MemoryCore(10, 10, N, D, R, W, hidden_size=64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.rand(B, T, 10, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        loss = net(x)[0].pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    native = access_mod.write_read
+    times = {"write_read": [], "three_ops": []}
+    try:
+        for i in range(steps + 1):
+            for name, fn in (("write_read", native), ("three_ops", three_ops)):
+                access_mod.write_read = fn
+                dt = _timed(step)
+                if i:
+                    times[name].append(dt)
+    finally:
+        access_mod.write_read = native
+    a, b = statistics.median(times["write_read"]), statistics.median(times["three_ops"])
+    return {"N": N, "step_write_read_ms": a * 1e3, "step_three_ops_ms": b * 1e3, "speedup": b / a}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", default="128,1024", help="memory sizes, comma-separated")
+    p.add_argument("--repeat", type=int, default=50, help="op calls per side")
+    p.add_argument("--steps", type=int, default=7, help="MemoryCore step pairs")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.steps < 1:
+        p.error("--repeat and --steps must be at least 1")
+    if not dnc.has_write_read_kernel():
+        sys.exit("the native extension is not built (make build): write_read has no CPU kernel")
+    torch.set_num_threads(1)
+    sizes = [int(float(v)) for v in args.n.split(",")]
+    rows = []
+    print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | step | three ops step | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for N in sizes:
+        r = {**bench_ops(N, args.repeat), **bench_step(N, args.steps)}
+        rows.append(r)
+        print(f"| {N:,} | {r['fwd_ms']:.3f} ms | {r['fwd_three_ms']:.3f} ms | {r['bwd_ms']:.3f} ms | "
+              f"{r['bwd_three_ms']:.3f} ms | {r['fwd_passes']:.1f} | {r['bwd_passes']:.1f} | "
+              f"{r['step_write_read_ms']:.1f} ms | {r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
