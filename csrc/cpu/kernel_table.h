@@ -98,5 +98,9 @@ const KernelTable* kernel_table_DEFAULT();
 const KernelTable* kernel_table_AVX2();
 const KernelTable* kernel_table_AVX512();
 
+// The table of the best instruction set this processor supports (and
+// NEURALMEM_CPU_CAPABILITY allows), chosen once (memory_ops_cpu.cpp).
+const KernelTable& kernels();
+
 }  // namespace cpu
 }  // namespace neuralmem

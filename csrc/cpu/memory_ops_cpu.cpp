@@ -28,7 +28,6 @@
 
 namespace neuralmem {
 namespace cpu {
-namespace {
 
 // ---------------------------------------------------------------------------
 // instruction-set choice
@@ -37,6 +36,8 @@ const KernelTable& kernels() {
   static const KernelTable* table = pick_table(kernel_table_DEFAULT(), kernel_table_AVX2(), kernel_table_AVX512());
   return *table;
 }
+
+namespace {
 
 std::string cpu_capability() { return kernels().name; }
 
@@ -125,27 +126,6 @@ void check_lse(const at::Tensor& lse, const at::Tensor& memory, int64_t heads, c
                    lse.scalar_type());
   check_size(lse, name, hint, 0, memory.size(0), "B");
   check_size(lse, name, hint, 1, heads, heads_name);
-}
-
-// Outputs of the memory's size (its gradient, a written copy) are first
-// touched by our kernels. At N = 10^6 and beyond, faulting them in 4 KiB pages
-// costs more than the kernel (measured here: ~100 ms of a 126 ms backward for
-// 256 MB); they come from BufferPool (cpu/buffer_pool.h), which asks for
-// transparent huge pages before the first touch and keeps freed blocks mapped
-// for the next call of the same size, so that a training loop faults them in
-// once rather than at every step.
-at::Tensor empty_like_c(const at::Tensor& t) { return BufferPool::get().empty(t.sizes(), t.options()); }
-
-// A contiguous copy of a memory-sized incoming gradient, in a pooled buffer.
-// The gradient of new_memory.sum() (or of any loss that broadcasts) arrives
-// expanded, with zero strides; .contiguous() would take a fresh (B,N,D)
-// block from malloc and fault every page of it in at every step (at N = 10^6
-// 62,500 faults and 100+ ms of system time per step, measured here).
-at::Tensor contiguous_pooled(const at::Tensor& t) {
-  if (t.is_contiguous()) return t;
-  at::Tensor out = BufferPool::get().empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-  out.copy_(t);
-  return out;
 }
 
 // ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "dnc/checks.h"
+
 TORCH_LIBRARY(neuralmem_dnc, m) {
   m.def("write_weights(Tensor usage, Tensor prev_write_weights, Tensor free_gates, Tensor prev_read_weights, "
         "Tensor content, Tensor write_gates, Tensor allocation_gates, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -42,20 +44,10 @@ namespace neuralmem {
 namespace dnc {
 namespace {
 
-void check_t(const at::Tensor& t, const char* name, std::initializer_list<int64_t> want, const at::Tensor& ref,
+// t: shape `want`, the dtype of usage, on the CPU (checks.h).
+void check_t(const at::Tensor& t, const char* name, std::initializer_list<int64_t> want, const at::Tensor& usage,
              const char* hint) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor of shape ", hint);
-  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(want.size()), name, " must have shape ", hint, ", got ",
-                    t.sizes());
-  int64_t i = 0;
-  for (int64_t w : want) {
-    TORCH_CHECK_VALUE(t.size(i) == w, name, " must have shape ", hint, " = ", c10::IntArrayRef(want), ", got ",
-                      t.sizes());
-    ++i;
-  }
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of usage (",
-                   ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  check_tensor(t, name, want, usage, "usage", hint);
 }
 
 struct Dims {

@@ -20,15 +20,13 @@
 // ops. Semantics, the gradient formula's registration and the fake
 // kernels: neuralmem_fast/ops/dnc.py.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "common/isa.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/kernel_table.h"
+#include "dnc/checks.h"
 
 TORCH_LIBRARY_FRAGMENT(neuralmem_dnc, m) {
   m.def("write_read(Tensor memory, Tensor write_weights, Tensor erase, Tensor add, Tensor read_keys, "
@@ -48,15 +46,10 @@ struct WRDims {
   int64_t B, N, D, W, R;
 };
 
+// t: shape `want`, the dtype of memory, on the CPU (checks.h).
 void check_shape(const at::Tensor& t, const char* name, std::initializer_list<int64_t> want, const at::Tensor& memory,
                  const char* hint) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor of shape ", hint);
-  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(want.size()) &&
-                        std::equal(want.begin(), want.end(), t.sizes().begin()),
-                    name, " must have shape ", hint, " = ", c10::IntArrayRef(want), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == memory.scalar_type(), name, " must have the dtype of memory (",
-                   memory.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  check_tensor(t, name, want, memory, "memory", hint);
 }
 
 WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add,
@@ -81,12 +74,6 @@ WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Te
   return d;
 }
 
-const cpu::KernelTable& kernels() {
-  static const cpu::KernelTable* table =
-      pick_table(cpu::kernel_table_DEFAULT(), cpu::kernel_table_AVX2(), cpu::kernel_table_AVX512());
-  return *table;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> write_read_cpu(const at::Tensor& memory, const at::Tensor& ww,
                                                               const at::Tensor& erase, const at::Tensor& add,
                                                               const at::Tensor& keys, const at::Tensor& str,
@@ -94,10 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> write_read_cpu(const at::Tensor& 
   const WRDims d = check_inputs(memory, ww, erase, add, keys, str, eps);
   // Memory-sized outputs from the pool (cpu/buffer_pool.h): a recurrent step keeps one per time step and
   // frees them together; fresh pages would fault in at every step.
-  at::Tensor out = cpu::BufferPool::get().empty({d.B, d.N, d.D}, memory.options());
+  at::Tensor out = cpu::empty_like_c(memory);
   at::Tensor rw = at::empty({d.B, d.R, d.N}, memory.options());
   at::Tensor rd = at::empty({d.B, d.R, d.D}, memory.options());
-  kernels().dnc_write_read(memory.contiguous(), ww.contiguous(), erase.contiguous(), add.contiguous(),
+  cpu::kernels().dnc_write_read(memory.contiguous(), ww.contiguous(), erase.contiguous(), add.contiguous(),
                            keys.contiguous(), str.contiguous(), eps, out, rw, rd);
   return {out, rw, rd};
 }
@@ -113,11 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gmo, grw, grd;
   if (g_mo.has_value() && g_mo->defined()) {
     check_shape(*g_mo, "grad_new_memory", {d.B, d.N, d.D}, memory, "(B, N, D)");
-    gmo = *g_mo;
-    if (!gmo.is_contiguous()) {  // often expanded (the gradient of a sum): copied into a pooled buffer
-      gmo = cpu::BufferPool::get().empty(gmo.sizes(), gmo.options().memory_format(at::MemoryFormat::Contiguous));
-      gmo.copy_(*g_mo);
-    }
+    gmo = cpu::contiguous_pooled(*g_mo);  // often expanded (the gradient of a sum)
   }
   if (g_rw.has_value() && g_rw->defined()) {
     check_shape(*g_rw, "grad_read_weights", {d.B, d.R, d.N}, memory, "(B, R, N)");
@@ -127,13 +110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_shape(*g_rd, "grad_reads", {d.B, d.R, d.D}, memory, "(B, R, D)");
     grd = g_rd->contiguous();
   }
-  at::Tensor dm = cpu::BufferPool::get().empty({d.B, d.N, d.D}, memory.options());
+  at::Tensor dm = cpu::empty_like_c(memory);
   at::Tensor dww = at::empty({d.B, d.W, d.N}, memory.options());
   at::Tensor de = at::empty({d.B, d.W, d.D}, memory.options());
   at::Tensor da = at::empty({d.B, d.W, d.D}, memory.options());
   at::Tensor dk = at::empty({d.B, d.R, d.D}, memory.options());
   at::Tensor ds = at::empty({d.B, d.R}, memory.options());
-  kernels().dnc_write_read_backward(gmo, grw, grd, memory.contiguous(), ww.contiguous(), erase.contiguous(),
+  cpu::kernels().dnc_write_read_backward(gmo, grw, grd, memory.contiguous(), ww.contiguous(), erase.contiguous(),
                                     add.contiguous(), keys.contiguous(), str.contiguous(), new_memory.contiguous(),
                                     read_weights.contiguous(), eps, dm, dww, de, da, dk, ds);
   return {dm, dww, de, da, dk, ds};
