@@ -16,16 +16,6 @@ namespace neuralmem {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-// Unit keys k / max(|k|, eps) of memory b into kh (R*D); their norms |k| into kn (R).
-template <typename T>
-void wr_unit_keys(const T* k, int64_t R, int64_t D, T eps, T* kh, T* kn) {
-  for (int64_t r = 0; r < R; ++r) {
-    kn[r] = std::sqrt(dot(k + r * D, k + r * D, D));
-    const T inv = T(1) / std::max(kn[r], eps);
-    for (int64_t j = 0; j < D; ++j) kh[r * D + j] = k[r * D + j] * inv;
-  }
-}
-
 // acc[0, VL) += x * y lane by lane; acc is a plain (unaligned) buffer.
 template <typename T>
 C10_ALWAYS_INLINE void wr_fma_acc(T* acc, const Vectorized<T>& x, const Vectorized<T>& y) {
@@ -92,10 +82,9 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
     T* RW = RW_;
     T* RD = RD_;
     const int64_t BS = block_slots(D);
-    std::vector<T> buf(R * D + R + W + BS);
+    std::vector<T> buf(R * D + W + BS);
     T* const kh = buf.data();
-    T* const kn = kh + R * D;
-    T* const a = kn + R;
+    T* const a = kh + R * D;
     T* const nr = a + W;  // the block's squared row norms
     for (int64_t b = b0; b < b1; ++b) {
       const T* m = in.m + b * N * D;
@@ -106,7 +95,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
       T* mo = MO + b * N * D;
       T* rw = RW + b * R * N;
       T* rd = RD + b * R * D;
-      wr_unit_keys(in.k + b * R * D, R, D, eps, kh, kn);
+      normalize_keys(in.k + b * R * D, R, D, eps, kh, static_cast<T*>(nullptr));
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
         for (int64_t n = n0; n < n0 + nj; ++n) {
@@ -130,27 +119,9 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
         const T sum = exp_shift(x, N, max_of(x, N));
         scale_(x, N, T(1) / sum);
       }
-      // reads: four heads at a time, their accumulators in registers, the slots' lanes streaming past.
-      for (int64_t r0 = 0; r0 < R; r0 += 4) {
-        const int64_t nr = std::min<int64_t>(4, R - r0);
-        const T* p0 = rw + r0 * N;
-        const T* p1 = rw + (r0 + std::min<int64_t>(1, nr - 1)) * N;
-        const T* p2 = rw + (r0 + std::min<int64_t>(2, nr - 1)) * N;
-        const T* p3 = rw + (r0 + std::min<int64_t>(3, nr - 1)) * N;
-        for (int64_t d = 0; d < D; d += VL) {
-          const int64_t k = std::min<int64_t>(VL, D - d);
-          Vec y0(T(0)), y1(T(0)), y2(T(0)), y3(T(0));
-          for (int64_t n = 0; n < N; ++n) {
-            const Vec x = load_n(mo + n * D + d, k);
-            y0 = at::vec::fmadd(Vec(p0[n]), x, y0);
-            y1 = at::vec::fmadd(Vec(p1[n]), x, y1);
-            y2 = at::vec::fmadd(Vec(p2[n]), x, y2);
-            y3 = at::vec::fmadd(Vec(p3[n]), x, y3);
-          }
-          const Vec ys[4] = {y0, y1, y2, y3};
-          for (int64_t i = 0; i < nr; ++i) store_n(ys[i], rd + (r0 + i) * D + d, k);
-        }
-      }
+      // reads = w @ new rows, still in cache.
+      std::fill(rd, rd + R * D, T(0));
+      accumulate_block(rd, R, rw, N, mo, N, D);
     }
   });
 }
@@ -227,7 +198,7 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       T* de = DE + b * W * D;
       T* da = DA + b * W * D;
       T* ds = DS + b * R;
-      wr_unit_keys(in.k + b * R * D, R, D, eps, kh, kn);
+      normalize_keys(in.k + b * R * D, R, D, eps, kh, kn);
       // (1) one sweep of the new rows (dots_block, blocked over rows): their squared norms, the R cosine
       // numerators and the R dots with the reads' gradient.
       if (grd) std::copy(grd, grd + R * D, gv);
