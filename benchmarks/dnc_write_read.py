@@ -27,19 +27,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import neuralmem_fast.nn.access as access_mod  # noqa: E402
-from neuralmem_fast import ops  # noqa: E402
 from neuralmem_fast.nn import MemoryCore  # noqa: E402
 from neuralmem_fast.ops import dnc  # noqa: E402
 
 B, D, R, W, T = 16, 64, 4, 1, 22
 EPS = 1e-12
-
-
-def three_ops(memory, write_weights, erase, add, read_keys, read_strengths, backend="auto"):
-    """What MemoryAccess ran before write_read: three ops of `backend`."""
-    new = ops.memory_write(memory, write_weights, erase, add, backend=backend)
-    weights = ops.content_addressing(new, read_keys, read_strengths, backend=backend)
-    return new, weights, ops.memory_read(new, weights, backend=backend)
 
 
 def _timed(fn):
@@ -67,7 +59,7 @@ def bench_ops(N, repeat):
     cases = {
         "pass": lambda: m.sum(),
         "fwd": lambda: lib.write_read(*x, EPS),
-        "fwd_three": lambda: three_ops(*x),
+        "fwd_three": lambda: dnc.write_read_unfused(*x),
         "bwd": lambda: lib.write_read_backward(gm, grw, grd, *x, new, rw, EPS),
         "bwd_three": three_bwd,
     }
@@ -98,7 +90,7 @@ def bench_step(N, steps):
     times = {"write_read": [], "three_ops": []}
     try:
         for i in range(steps + 1):
-            for name, fn in (("write_read", native), ("three_ops", three_ops)):
+            for name, fn in (("write_read", native), ("three_ops", dnc.write_read_unfused)):
                 access_mod.write_read = fn
                 dt = _timed(step)
                 if i:

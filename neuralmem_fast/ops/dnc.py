@@ -161,6 +161,13 @@ def write_read(memory, write_weights, erase, add, read_keys, read_strengths, eps
     if (backend in ("auto", "cpu") and memory.device.type == "cpu"
             and memory.dtype in (torch.float32, torch.float64) and has_write_read_kernel()):
         return _lib().write_read(memory, write_weights, erase, add, read_keys, read_strengths, eps)
+    return write_read_unfused(memory, write_weights, erase, add, read_keys, read_strengths, eps, backend)
+
+
+def write_read_unfused(memory, write_weights, erase, add, read_keys, read_strengths, eps=DEFAULT_EPS,
+                       backend="auto"):
+    """What `write_read` computes, as the three ops `memory_write`, `content_addressing` and `memory_read` of
+    `backend`: its path where the native op does not run, and the baseline it is measured against."""
     from . import functional as F
 
     new = F.memory_write(memory, write_weights, erase, add, backend=backend)
