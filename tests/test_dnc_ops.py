@@ -66,6 +66,47 @@ def test_float32_matches_the_reference():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_full_memory_allocation_flushes_products_below_the_smallest_normal(dtype):
+    # Every slot used (s near 1 after a run of small ones): the allocation's product falls below the
+    # smallest normal number part-way through the sorted slots. The op takes it as 0 from there (a
+    # subnormal product would stick at the smallest subnormal and make every later multiply slow), so
+    # no weight is subnormal, and every weight equals the float64 reference to within that floor.
+    B, N, W, R = 3, 400, 2, 2
+    x = _inputs(B, N, W, R, dtype=dtype, seed=5)
+    g = torch.Generator().manual_seed(5)
+    small = 40 if dtype == torch.float32 else 340  # enough for the product to pass below the smallest normal
+    x[0] = torch.cat([torch.rand(B, small, generator=g) * 0.2, 0.6 + 0.4 * torch.rand(B, N - small, generator=g)],
+                     1).to(dtype)
+    x[5], x[6] = torch.ones(B, W, dtype=dtype), torch.ones(B, W, dtype=dtype)  # write weights = allocation
+    tiny = torch.finfo(dtype).tiny
+    _, w, _, _ = torch.ops.neuralmem_dnc.write_weights(*x, dnc.ALLOC_EPS)
+    want = dnc.write_weights_ref(*[t.double() for t in x])[1]
+    assert bool(((want > 0) & (want < tiny)).any())  # the regime is reached: the exact weights pass below tiny
+    assert not bool(((w != 0) & (w.abs() < tiny)).any())       # and no subnormal comes out
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(w.double(), want, **tol)
+    # gradients too (the backward reuses the flushed products)
+    x[5], x[6] = 0.9 * x[5], 0.75 * x[6]  # gates inside (0, 1) for the gradients
+    xs = [t.clone().requires_grad_(i in (0, 2, 3, 4, 5, 6)) for i, t in enumerate(x)]
+    xr = [t.detach().double().requires_grad_(t.requires_grad) for t in xs]
+    gw = torch.randn(B, W, N, generator=g).to(dtype)
+    got = torch.autograd.grad(dnc.write_weights(*xs)[1], [xs[i] for i in (0, 2, 3, 4, 5, 6)], gw)
+    ref = torch.autograd.grad(dnc.write_weights_ref(*xr)[1], [xr[i] for i in (0, 2, 3, 4, 5, 6)], gw.double())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, **(dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else tol))
+
+
+def test_nan_usage_still_gives_nan_weights_past_the_flush():
+    x = _inputs(1, 8, 1, 1)
+    x[0] = torch.tensor([[0.9, float("nan"), 0.95, 0.8, 0.99, 0.97, 0.85, 0.9]], dtype=F64)
+    x[2] = torch.zeros(1, 1, dtype=F64)
+    _, w, _, _ = torch.ops.neuralmem_dnc.write_weights(*x, dnc.ALLOC_EPS)
+    want = dnc.write_weights_ref(*x)[1]
+    assert torch.equal(torch.isnan(w), torch.isnan(want))
+    torch.testing.assert_close(w, want, equal_nan=True)
+
+
 def test_order_is_torch_sorts_stable_order_with_nan_last():
     u = torch.tensor([[0.5, float("nan"), 0.0, -0.0, 0.5, 1.0, float("-inf"), 0.25]], dtype=F64)
     x = _inputs(1, 8, 1, 1)

@@ -23,7 +23,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -159,14 +161,25 @@ void shifted_usage(const T* uc, int64_t N, T eps, T* s) {
 // The allocation weighting a[order_j] = (1 - s_j) prod_{k<j} s_k over the
 // slots in `order`; with P, also the products P[j] = prod_{k<j} s_k (in the
 // sorted order), which the backward needs.
+// A product below the smallest normal number in magnitude is taken as 0, and so is every
+// weight after it. Without that, a full memory (every s_j near 1) keeps the
+// product at the smallest subnormal, each multiplication rounding back up to
+// it, and every remaining slot costs a subnormal multiply (about 100 cycles
+// each; 2-3.5x the op at N = 128). The weights so dropped are below 1.2e-38
+// (float32) or 2.3e-308 (float64).
 template <typename T, typename O>
 void allocation(const T* s, int64_t N, const O* order, T* a, T* P = nullptr) {
   T p = 1;
-  for (int64_t j = 0; j < N; ++j) {
+  int64_t j = 0;
+  for (; j < N && !(std::abs(p) < std::numeric_limits<T>::min()); ++j) {  // NaN carries on
     const int64_t n = order[j];
     if (P != nullptr) P[j] = p;
     a[n] = (T(1) - s[n]) * p;
     p *= s[n];
+  }
+  for (; j < N; ++j) {
+    a[order[j]] = T(0);
+    if (P != nullptr) P[j] = T(0);
   }
 }
 
