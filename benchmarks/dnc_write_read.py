@@ -1,10 +1,11 @@
-"""The DNC access's write-then-read op (`neuralmem_dnc::write_read`) against the three ops it replaces.
+"""The DNC access's write-then-read op (`neuralmem_dnc::write_read`) against the three ops it replaces, and
+the access step as one autograd node (`ops.dnc.access_step`) against the ops one by one.
 
     python benchmarks/dnc_write_read.py [--n 128,1024] [--repeat 50] [--steps 7] [--json out.json]
 
 One torch thread, float32, the pytorch-dnc setting of MemoryCore's benchmark
 (B=16, D=64, R=4 read heads, W=1 write head). Two parts, each alternating
-the two sides within one process so that they see the same machine load:
+its sides within one process so that they see the same machine load:
 
   ops    write_read's forward and its backward (the gradients of all three
          outputs given) against memory_write + content_addressing +
@@ -12,9 +13,13 @@ the two sides within one process so that they see the same machine load:
          memory's gradients; medians of --repeat calls, and each in passes of
          one memory.sum() over the same (B, N, D) memory, timed in the same
          loop.
+         Also the write addressing's backward with its memory gradient added
+         to another (`addressing_backward_add`, as access_step's backward
+         runs it) against content_addressing_backward and an add.
   step   MemoryCore's training step (B=16, T=22, forward, backward, Adam)
-         with MemoryAccess calling write_read, and with it calling the three
-         ops; medians of --steps pairs.
+         with MemoryAccess running the step as one node (`access_step`, the
+         default), calling write_read after the other ops one by one, and
+         calling the three ops instead; medians of --steps rounds.
 """
 import argparse
 import json
@@ -56,8 +61,16 @@ def bench_ops(N, repeat):
         dm_addr, _, _ = mem.content_addressing_backward(grw + dw, rw, new, k, s, EPS)
         return mem.memory_write_backward(gm + dm_read + dm_addr, m, ww, e, a)
 
+    # The write addressing's backward: its memory gradient added to another by the native op, against
+    # content_addressing_backward and autograd's add.
+    wk, ws = torch.randn(B, W, D, generator=g), 1 + torch.rand(B, W, generator=g)
+    c = mem.content_addressing(m, wk, ws, EPS)
+    dc = torch.randn(B, W, N, generator=g)
+
     cases = {
         "pass": lambda: m.sum(),
+        "addr_add": lambda: lib.addressing_backward_add(gm, dc, c, m, wk, ws, EPS),
+        "addr_then_add": lambda: gm + mem.content_addressing_backward(dc, c, m, wk, ws, EPS)[0],
         "fwd": lambda: lib.write_read(*x, EPS),
         "fwd_three": lambda: dnc.write_read_unfused(*x),
         "bwd": lambda: lib.write_read_backward(gm, grw, grd, *x, new, rw, EPS),
@@ -71,7 +84,8 @@ def bench_ops(N, repeat):
                 times[name].append(dt)
     med = {name: statistics.median(v) for name, v in times.items()}
     return {"N": N, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
-            **{f"{k}_passes": med[k] / med["pass"] for k in ("fwd", "fwd_three", "bwd", "bwd_three")}}
+            **{f"{k}_passes": med[k] / med["pass"]
+               for k in ("fwd", "fwd_three", "bwd", "bwd_three", "addr_add", "addr_then_add")}}
 
 
 def bench_step(N, steps):
@@ -86,19 +100,23 @@ def bench_step(N, steps):
         loss.backward()
         opt.step()
 
-    native = access_mod.write_read
-    times = {"write_read": [], "three_ops": []}
+    native, one_node = access_mod.write_read, access_mod.has_access_step_kernels
+    no_node = lambda: False  # noqa: E731
+    sides = (("access_step", native, one_node), ("write_read", native, no_node),
+             ("three_ops", dnc.write_read_unfused, no_node))
+    times = {name: [] for name, _, _ in sides}
     try:
         for i in range(steps + 1):
-            for name, fn in (("write_read", native), ("three_ops", dnc.write_read_unfused)):
-                access_mod.write_read = fn
+            for name, fn, node in sides:
+                access_mod.write_read, access_mod.has_access_step_kernels = fn, node
                 dt = _timed(step)
                 if i:
                     times[name].append(dt)
     finally:
-        access_mod.write_read = native
-    a, b = statistics.median(times["write_read"]), statistics.median(times["three_ops"])
-    return {"N": N, "step_write_read_ms": a * 1e3, "step_three_ops_ms": b * 1e3, "speedup": b / a}
+        access_mod.write_read, access_mod.has_access_step_kernels = native, one_node
+    a, b, c = (statistics.median(times[k]) for k in ("access_step", "write_read", "three_ops"))
+    return {"N": N, "step_access_step_ms": a * 1e3, "step_write_read_ms": b * 1e3, "step_three_ops_ms": c * 1e3,
+            "speedup": c / b, "speedup_node": b / a, "speedup_node_vs_three": c / a}
 
 
 def main(argv=None):
@@ -115,14 +133,19 @@ def main(argv=None):
     torch.set_num_threads(1)
     sizes = [int(float(v)) for v in args.n.split(",")]
     rows = []
-    print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | step | three ops step | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | addressing bwd + add "
+          "(passes) | separate (passes) | step, one node | step, write_read | step, three ops | write_read vs "
+          "three ops | one node vs write_read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for N in sizes:
         r = {**bench_ops(N, args.repeat), **bench_step(N, args.steps)}
         rows.append(r)
         print(f"| {N:,} | {r['fwd_ms']:.3f} ms | {r['fwd_three_ms']:.3f} ms | {r['bwd_ms']:.3f} ms | "
               f"{r['bwd_three_ms']:.3f} ms | {r['fwd_passes']:.1f} | {r['bwd_passes']:.1f} | "
-              f"{r['step_write_read_ms']:.1f} ms | {r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x |", flush=True)
+              f"{r['addr_add_ms']:.3f} ms ({r['addr_add_passes']:.1f}) | "
+              f"{r['addr_then_add_ms']:.3f} ms ({r['addr_then_add_passes']:.1f}) | {r['step_access_step_ms']:.1f} ms | "
+              f"{r['step_write_read_ms']:.1f} ms | {r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x | "
+              f"{r['speedup_node']:.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

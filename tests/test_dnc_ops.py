@@ -170,6 +170,8 @@ def test_access_with_the_fused_op_equals_the_reference_path(monkeypatch):
 
     torch.manual_seed(0)
     B, N, D, R, W = 2, 9, 4, 2, 2
+    # the step's ops one by one (not the one-node access_step), so that the patch below takes effect
+    monkeypatch.setattr(access_mod, "has_access_step_kernels", lambda: False)
 
     def run():
         core = MemoryCore(3, 3, N, D, R, W, hidden_size=8).double()

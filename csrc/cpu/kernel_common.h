@@ -455,10 +455,11 @@ inline void accumulate_block(A* acc, int64_t H, const A* p, int64_t ldp, const A
 }
 
 // out_j = init_j + sum_k ca[k*ld + j] U[k] + cb[k*ld + j] Q[k] for j < nj,
-// where init_j = -gamma[j] row_j (first group; 0 without gamma) or out_j.
+// where init_j = -gamma[j] row_j (first group; 0 without gamma) or out_j;
+// with `accum` the first group starts from out_j too (out_j - gamma[j] row_j).
 template <int K, bool HAS_A, bool HAS_B, typename A>
 inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool first, const A* gamma, const A* ca,
-                         const A* const* U, const A* cb, const A* const* Q, int64_t ld) {
+                         const A* const* U, const A* cb, const A* const* Q, int64_t ld, bool accum = false) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   for (int64_t d = 0; d < D; d += V) {
@@ -472,6 +473,9 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
       Vec o;
       if (!first) {
         o = load_n(out + j * D + d, m);
+      } else if (accum) {
+        o = load_n(out + j * D + d, m);
+        if (gamma != nullptr) o = at::vec::fmadd(Vec(-gamma[j]), load_n(rows + j * D + d, m), o);
       } else if (gamma != nullptr) {
         o = Vec(-gamma[j]) * load_n(rows + j * D + d, m);
       } else {
@@ -486,9 +490,10 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
   }
 }
 
+// combine_rows over H heads in groups; `accum` adds to what out holds.
 template <bool HAS_A, bool HAS_B, typename A>
 inline void combine_block(A* out, const A* rows, int64_t nj, int64_t D, int64_t H, const A* gamma, const A* ca,
-                          const A* Ubase, const A* cb, const A* Qbase, int64_t ld) {
+                          const A* Ubase, const A* cb, const A* Qbase, int64_t ld, bool accum = false) {
   for_head_groups(H, [&](auto G, int64_t h0) {
     constexpr int K = decltype(G)::value;
     const A* u[K];
@@ -498,10 +503,14 @@ inline void combine_block(A* out, const A* rows, int64_t nj, int64_t D, int64_t 
       q[k] = HAS_B ? Qbase + (h0 + k) * D : nullptr;
     }
     combine_rows<K, HAS_A, HAS_B>(out, rows, nj, D, h0 == 0, gamma, HAS_A ? ca + h0 * ld : nullptr, u,
-                                  HAS_B ? cb + h0 * ld : nullptr, q, ld);
+                                  HAS_B ? cb + h0 * ld : nullptr, q, ld, accum);
   });
   if (H == 0) {
-    for (int64_t i = 0; i < nj * D; ++i) out[i] = gamma ? -gamma[i / D] * rows[i] : A(0);
+    if (accum) {
+      if (gamma) for (int64_t i = 0; i < nj * D; ++i) out[i] -= gamma[i / D] * rows[i];
+    } else {
+      for (int64_t i = 0; i < nj * D; ++i) out[i] = gamma ? -gamma[i / D] * rows[i] : A(0);
+    }
   }
 }
 

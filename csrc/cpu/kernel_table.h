@@ -91,6 +91,13 @@ struct KernelTable {
                                   const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
                                   at::Tensor& grad_memory, at::Tensor& grad_write_weights, at::Tensor& grad_erase,
                                   at::Tensor& grad_add, at::Tensor& grad_read_keys, at::Tensor& grad_read_strengths);
+  // content_addressing_backward whose memory gradient is added to grad_memory
+  // (grad_memory_out = grad_memory + that gradient): float and double only.
+  void (*content_addressing_backward_add)(const at::Tensor& grad_memory, const at::Tensor& grad_weights,
+                                          const at::Tensor& weights, const at::Tensor& memory,
+                                          const at::Tensor& keys, const at::Tensor& strengths, double eps,
+                                          at::Tensor& grad_memory_out, at::Tensor& grad_keys,
+                                          at::Tensor& grad_strengths);
 };
 
 // Null when the compiler could not build that instruction set.

@@ -64,6 +64,17 @@ inline void content_addressing_backward_k(const at::Tensor& gw, const at::Tensor
   });
 }
 
+// dm = grad_memory + content addressing's memory gradient (float and double).
+inline void content_addressing_backward_add_k(const at::Tensor& gm, const at::Tensor& gw, const at::Tensor& w,
+                                              const at::Tensor& memory, const at::Tensor& keys,
+                                              const at::Tensor& strengths, double eps, at::Tensor& dm,
+                                              at::Tensor& dk, at::Tensor& ds) {
+  AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "addressing_backward_add", [&] {
+    addressing_backward_typed<scalar_t, false>(nullptr, nullptr, nullptr, &gw, &w, memory, keys, strengths, eps,
+                                               dm, dk, ds, &gm);
+  });
+}
+
 inline void memory_read_k(const at::Tensor& memory, const at::Tensor& weights, at::Tensor& reads) {
   NEURALMEM_DISPATCH(memory.scalar_type(), "memory_read", [&] { memory_read_typed<scalar_t>(memory, weights, reads); });
 }
@@ -211,7 +222,8 @@ constexpr KernelTable make_table(const char* name) {
                      &content_read_write_backward_k,
                      &content_read_write_k,
                      &dnc_write_read_k,
-                     &dnc_write_read_backward_k};
+                     &dnc_write_read_backward_k,
+                     &content_addressing_backward_add_k};
 }
 
 }  // namespace CPU_CAPABILITY

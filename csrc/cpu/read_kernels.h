@@ -129,7 +129,7 @@ template <typename T, bool FUSED>
 void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor* reads_t, const at::Tensor* lse_t,
                                const at::Tensor* grad_w_t, const at::Tensor* w_t, const at::Tensor& memory_t,
                                const at::Tensor& keys_t, const at::Tensor& str_t, double eps_d, at::Tensor& dm_t,
-                               at::Tensor& dk_t, at::Tensor& ds_t) {
+                               at::Tensor& dk_t, at::Tensor& ds_t, const at::Tensor* dm_in_t = nullptr) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
   const T* mem = memory_t.const_data_ptr<T>();
@@ -140,6 +140,11 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   // dstrengths; the chunks and every sum stay the same, so dk and dstrengths
   // are bitwise those of the full backward.
   T* dm = dm_t.numel() > 0 ? dm_t.data_ptr<T>() : nullptr;
+  // dm_in (float and double, not fused): dm = dm_in + this gradient, each
+  // block of dm_in copied into dm while in cache, then added to (one pass
+  // where a separate gradient and an add would take two).
+  const T* dm_in = dm_in_t != nullptr ? dm_in_t->const_data_ptr<T>() : nullptr;
+  TORCH_INTERNAL_ASSERT(dm_in == nullptr || (!FUSED && std::is_same_v<T, acc_t<T>> && dm != nullptr));
   T* dk = dk_t.data_ptr<T>();
   T* dstr = ds_t.data_ptr<T>();
   const A eps = static_cast<A>(eps_d);
@@ -361,8 +366,11 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
             combine_block<true, true>(dmrow, rows, nj, D, H, gam.data(), wp, vecs.data() + H * D, bq.data(), q,
                                       BS);
           } else {
+            if (dm_in != nullptr && dm_in != dm) {
+              std::memcpy(dmrow, dm_in + (b * N + nb) * D, sizeof(T) * nj * D);
+            }
             combine_block<false, true>(dmrow, rows, nj, D, H, gam.data(), static_cast<const A*>(nullptr),
-                                       static_cast<const A*>(nullptr), bq.data(), q, BS);
+                                       static_cast<const A*>(nullptr), bq.data(), q, BS, dm_in != nullptr);
           }
           if constexpr (kHalf) narrow(dmbuf.data(), dm + (b * N + nb) * D, nj * D);
         }

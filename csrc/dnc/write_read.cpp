@@ -36,6 +36,11 @@ TORCH_LIBRARY_FRAGMENT(neuralmem_dnc, m) {
   m.def("write_read_backward(Tensor? grad_new_memory, Tensor? grad_read_weights, Tensor? grad_reads, "
         "Tensor memory, Tensor write_weights, Tensor erase, Tensor add, Tensor read_keys, Tensor read_strengths, "
         "Tensor new_memory, Tensor read_weights, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // content_addressing_backward (neuralmem::) with the memory's gradient added to grad_memory:
+  // (grad_memory + d/dmemory, grad_keys, grad_strengths). The access step's backward (ops/dnc.py) adds the
+  // write addressing's gradient to write_read's this way: one pass where a gradient and an add took two.
+  m.def("addressing_backward_add(Tensor grad_memory, Tensor grad_weights, Tensor weights, Tensor memory, "
+        "Tensor keys, Tensor strengths, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace neuralmem {
@@ -122,6 +127,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dm, dww, de, da, dk, ds};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> addressing_backward_add_cpu(
+    const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
+    const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
+  TORCH_CHECK_VALUE(memory.defined() && memory.dim() == 3, "memory must have shape (B, N, D), got ",
+                    memory.defined() ? memory.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK_TYPE(memory.scalar_type() == at::kFloat || memory.scalar_type() == at::kDouble,
+                   "memory must be float32 or float64 for the CPU kernel, got ", memory.scalar_type());
+  TORCH_CHECK_VALUE(memory.device().is_cpu(), "memory must be a CPU tensor for the CPU kernel, got ",
+                    memory.device());
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
+                    keys.defined() ? keys.sizes() : c10::IntArrayRef{});
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), H = keys.size(1);
+  TORCH_CHECK_VALUE(N >= 1 && D >= 1, "memory must have at least one slot and one dimension, got ", memory.sizes());
+  check_shape(keys, "keys", {B, H, D}, memory, "(B, H, D)");
+  check_shape(str, "strengths", {B, H}, memory, "(B, H)");
+  check_shape(weights, "weights", {B, H, N}, memory, "(B, H, N)");
+  check_shape(grad_weights, "grad_weights", {B, H, N}, memory, "(B, H, N)");
+  check_shape(grad_memory, "grad_memory", {B, N, D}, memory, "(B, N, D)");
+  at::Tensor dm = cpu::empty_like_c(memory);
+  at::Tensor dk = at::empty({B, H, D}, memory.options());
+  at::Tensor ds = at::empty({B, H}, memory.options());
+  cpu::kernels().content_addressing_backward_add(cpu::contiguous_pooled(grad_memory), grad_weights.contiguous(),
+                                                 weights.contiguous(), memory.contiguous(), keys.contiguous(),
+                                                 str.contiguous(), eps, dm, dk, ds);
+  return {dm, dk, ds};
+}
+
 }  // namespace
 }  // namespace dnc
 }  // namespace neuralmem
@@ -129,4 +162,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(neuralmem_dnc, CPU, m) {
   m.impl("write_read", &neuralmem::dnc::write_read_cpu);
   m.impl("write_read_backward", &neuralmem::dnc::write_read_backward_cpu);
+  m.impl("addressing_backward_add", &neuralmem::dnc::addressing_backward_add_cpu);
 }

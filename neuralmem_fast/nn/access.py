@@ -14,6 +14,10 @@ One step, in the order of DeepMind's `dnc/access.py` (temporal links left out):
   4. read:        w^r = content weights of the read keys over the new memory
                   (`content_addressing`), reads = w^r M (`memory_read`).
                   3 and 4 run as one op, `ops.dnc.write_read`, native on the CPU.
+                  With the DNC's own rules (no ablation option, exact sort, usage_grad
+                  False) on the CPU, 2-4 are one autograd node, `ops.dnc.access_step`,
+                  whose backward adds the write addressing's memory gradient to the
+                  write's in one pass.
 
 Gradients flow through every step (nothing in place), except where the
 previous write weights enter the usage: DeepMind detaches them there, and
@@ -70,7 +74,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import DEFAULT_SPARSE_EPS
 from ..ops.dnc import ALLOC_EPS, allocation, write_allocation_weights, write_weights_ref
-from ..ops.dnc import write_read
+from ..ops.dnc import access_step, has_access_step_kernels, write_read
 from ..ops.dnc import write_weights as fused_write_weights
 from .sparse_access import _gated
 
@@ -332,6 +336,15 @@ class MemoryAccess(nn.Module):
         return interface
 
     # ------------------------------------------------------------------ step
+    def _one_node(self, memory):
+        """Whether this step runs as `access_step`: the DNC's own rules (content write, usage allocation by
+        the exact sort, no ablation, previous write weights detached) on float32/float64 CPU tensors with
+        the native ops built; anything else runs the ops one by one below."""
+        return (self.write_rule == "content" and self.write_topk is None and self.read_topk is None
+                and self.allocation == "usage" and not self.usage_grad and self.alloc_topk is None
+                and self.backend in ("auto", "cpu") and memory.device.type == "cpu"
+                and memory.dtype in (torch.float32, torch.float64) and has_access_step_kernels())
+
     def forward(self, interface, state, validate=True):
         """One access step: returns (reads (B,R,D), new AccessState)."""
         if validate:
@@ -340,6 +353,12 @@ class MemoryAccess(nn.Module):
             return self.sparse.step(interface, state)
         memory, usage, prev_rw, prev_ww = state
         be = self.backend
+        if self._one_node(memory):  # the whole step as one autograd node (ops/dnc.py, access_step)
+            i = interface
+            memory, usage, write_weights, read_weights, reads = access_step(
+                memory, usage, prev_rw, prev_ww, i.write_keys, i.write_strengths, i.free_gates, i.write_gates,
+                i.allocation_gates, i.erase_vectors, i.write_vectors, i.read_keys, i.read_strengths)
+            return reads, AccessState(memory, usage, read_weights, write_weights)
         # 1.-2. usage after the previous write (weights detached unless usage_grad, as in DeepMind's code)
         # and the frees; write weights from the content of the memory before the write and the allocation.
         write_idx = None

@@ -43,7 +43,8 @@ NAMESPACE = "neuralmem_dnc"
 ALLOC_EPS = 1e-6
 
 __all__ = ["NAMESPACE", "ALLOC_EPS", "has_dnc_kernels", "allocation", "write_allocation_weights", "write_weights",
-           "write_weights_ref", "write_read", "write_read_ref"]
+           "write_weights_ref", "write_read", "write_read_ref", "access_step", "access_step_ref",
+           "has_access_step_kernels"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,6 +66,11 @@ def has_dnc_kernels():
 def has_write_read_kernel():
     """True when the native write_read op (CPU kernel) is built."""
     return _has_cpu_kernel("write_read")
+
+
+def has_access_step_kernels():
+    """True when the native ops of `access_step` (write_weights, write_read, addressing_backward_add) are built."""
+    return has_dnc_kernels() and has_write_read_kernel() and _has_cpu_kernel("addressing_backward_add")
 
 
 def _sorted_allocation(sorted_usage):
@@ -175,6 +181,67 @@ def write_read_unfused(memory, write_weights, erase, add, read_keys, read_streng
     return new, weights, F.memory_read(new, weights, backend=backend)
 
 
+def access_step_ref(memory, usage, prev_read_weights, prev_write_weights, write_keys, write_strengths, free_gates,
+                    write_gates, allocation_gates, erase, add, read_keys, read_strengths, eps=DEFAULT_EPS):
+    """The reference of `access_step`: the DNC access step by the PyTorch formulas (prev_write_weights detached)."""
+    content = content_addressing_ref(memory, write_keys, write_strengths, eps)
+    usage, ww = write_weights_ref(usage, prev_write_weights.detach(), free_gates, prev_read_weights, content,
+                                  write_gates, allocation_gates)
+    new, rw, reads = write_read_ref(memory, ww, erase, add, read_keys, read_strengths, eps)
+    return new, usage, ww, rw, reads
+
+
+def access_step(memory, usage, prev_read_weights, prev_write_weights, write_keys, write_strengths, free_gates,
+                write_gates, allocation_gates, erase, add, read_keys, read_strengths, eps=DEFAULT_EPS):
+    """One dense DNC access step (nn/access.py, the content write rule) as one autograd node.
+
+    The write keys' content weights over `memory` (`content_addressing`), the usage and write weights
+    (`write_weights`), then the write and the read (`write_read`): returns (new_memory (B,N,D), usage (B,N),
+    write_weights (B,W,N), read_weights (B,R,N), reads (B,R,D)), differentiable in every input but
+    prev_write_weights (detached, as in DeepMind's code). The three native ops run forward as they would one
+    by one; backward, one node takes the gradients of all five outputs, and the write addressing's memory
+    gradient is added to write_read's in the same pass that computes it (`addressing_backward_add`), where
+    three nodes and autograd's add of two (B,N,D) gradients took two passes more. Float32/float64 CPU tensors
+    and the native build only (`has_access_step_kernels`); under create_graph=True the backward differentiates
+    `access_step_ref`.
+    """
+    return _AccessStep.apply(memory, usage, prev_read_weights, prev_write_weights, write_keys, write_strengths,
+                             free_gates, write_gates, allocation_gates, erase, add, read_keys, read_strengths, eps)
+
+
+class _AccessStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, usage, prw, pww, wk, ws, fg, gw, ga, erase, add, rk, rs, eps):
+        lib = _lib()
+        content = torch.ops.neuralmem.content_addressing(memory, wk, ws, eps)
+        u, w, hu, order = lib.write_weights(usage, pww, fg, prw, content, gw, ga, ALLOC_EPS)
+        new, rw, reads = lib.write_read(memory, w, erase, add, rk, rs, eps)
+        ctx.save_for_backward(memory, usage, prw, pww, wk, ws, fg, gw, ga, erase, add, rk, rs, content, hu, order,
+                              w, new, rw)
+        ctx.eps = eps
+        return new, u, w, rw, reads
+
+    @staticmethod
+    def backward(ctx, g_new, g_u, g_w, g_rw, g_reads):
+        saved = ctx.saved_tensors
+        ins = saved[:13]
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference, every term kept
+            ref = lambda *t: access_step_ref(*t, ctx.eps)  # noqa: E731
+            return (*_reference_grads(ctx, ref, ins, (g_new, g_u, g_w, g_rw, g_reads)), None)
+        memory, usage, prw, pww, wk, ws, fg, gw, ga, erase, add, rk, rs, content, hu, order, w, new, rw = saved
+        lib = _lib()
+        dm, dww, de, da, drk, drs = lib.write_read_backward(g_new, g_rw, g_reads, memory, w, erase, add, rk, rs, new,
+                                                            rw, ctx.eps)
+        if g_w is not None:
+            dww = dww + g_w
+        if g_u is None:
+            g_u = torch.zeros_like(usage)
+        du, dfg, dprw, dc, dgw, dga = lib.write_weights_backward(_c(g_u), dww, usage, pww, fg, prw, content, gw, ga,
+                                                                 hu, order, ALLOC_EPS)
+        dm, dwk, dws = lib.addressing_backward_add(dm, dc, content, memory, wk, ws, ctx.eps)
+        return dm, du, dprw, None, dwk, dws, dfg, dgw, dga, de, da, drk, drs, None
+
+
 def _register():
     if not has_dnc_kernels():
         return False
@@ -243,6 +310,11 @@ def _register_write_read(lib):
         return (*_lib().write_read_backward(grad_new, grad_weights, grad_reads, *ins, new, weights, ctx.eps), None)
 
     torch.library.register_autograd(lib + "write_read", backward, setup_context=setup)
+
+    if _has_cpu_kernel("addressing_backward_add"):
+        @torch.library.register_fake(lib + "addressing_backward_add")
+        def _(grad_memory, grad_weights, weights, memory, keys, strengths, eps):
+            return memory.new_empty(memory.shape), keys.new_empty(keys.shape), strengths.new_empty(strengths.shape)
 
 
 _REGISTERED = _register()
