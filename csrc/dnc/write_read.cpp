@@ -57,8 +57,8 @@ void check_shape(const at::Tensor& t, const char* name, std::initializer_list<in
   check_tensor(t, name, want, memory, "memory", hint);
 }
 
-WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add,
-                    const at::Tensor& keys, const at::Tensor& str, double eps) {
+// memory: (B, N, D) float32/float64 on the CPU; eps > 0.
+void check_memory_eps(const at::Tensor& memory, double eps) {
   TORCH_CHECK_VALUE(memory.defined() && memory.dim() == 3, "memory must have shape (B, N, D), got ",
                     memory.defined() ? memory.sizes() : c10::IntArrayRef{});
   TORCH_CHECK_TYPE(memory.scalar_type() == at::kFloat || memory.scalar_type() == at::kDouble,
@@ -66,6 +66,11 @@ WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Te
   TORCH_CHECK_VALUE(memory.device().is_cpu(), "memory must be a CPU tensor for the CPU kernel, got ",
                     memory.device());
   TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+}
+
+WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add,
+                    const at::Tensor& keys, const at::Tensor& str, double eps) {
+  check_memory_eps(memory, eps);
   TORCH_CHECK_VALUE(ww.dim() == 3, "write_weights must have shape (B, W, N), got ", ww.sizes());
   TORCH_CHECK_VALUE(keys.dim() == 3, "read_keys must have shape (B, R, D), got ", keys.sizes());
   const WRDims d{memory.size(0), memory.size(1), memory.size(2), ww.size(1), keys.size(1)};
@@ -130,13 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> addressing_backward_add_cpu(
     const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
     const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
-  TORCH_CHECK_VALUE(memory.defined() && memory.dim() == 3, "memory must have shape (B, N, D), got ",
-                    memory.defined() ? memory.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK_TYPE(memory.scalar_type() == at::kFloat || memory.scalar_type() == at::kDouble,
-                   "memory must be float32 or float64 for the CPU kernel, got ", memory.scalar_type());
-  TORCH_CHECK_VALUE(memory.device().is_cpu(), "memory must be a CPU tensor for the CPU kernel, got ",
-                    memory.device());
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  check_memory_eps(memory, eps);
   TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
                     keys.defined() ? keys.sizes() : c10::IntArrayRef{});
   const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), H = keys.size(1);
