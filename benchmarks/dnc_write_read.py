@@ -14,8 +14,9 @@ its sides within one process so that they see the same machine load:
          one memory.sum() over the same (B, N, D) memory, timed in the same
          loop.
          Also the write addressing's backward with its memory gradient added
-         to another (`addressing_backward_add`, as access_step's backward
-         runs it) against content_addressing_backward and an add.
+         to another: in place (`addressing_backward_add_`, as access_step's
+         backward runs it), into a new tensor (`addressing_backward_add`),
+         and as content_addressing_backward and an add.
   step   MemoryCore's training step (B=16, T=22, forward, backward, Adam)
          with MemoryAccess running the step as one node (`access_step`, the
          default), calling write_read after the other ops one by one, and
@@ -66,9 +67,11 @@ def bench_ops(N, repeat):
     wk, ws = torch.randn(B, W, D, generator=g), 1 + torch.rand(B, W, generator=g)
     c = mem.content_addressing(m, wk, ws, EPS)
     dc = torch.randn(B, W, N, generator=g)
+    gm_inplace = gm.clone()  # summed into at every call (the timing does not depend on its values)
 
     cases = {
         "pass": lambda: m.sum(),
+        "addr_add_inplace": lambda: lib.addressing_backward_add_(gm_inplace, dc, c, m, wk, ws, EPS),
         "addr_add": lambda: lib.addressing_backward_add(gm, dc, c, m, wk, ws, EPS),
         "addr_then_add": lambda: gm + mem.content_addressing_backward(dc, c, m, wk, ws, EPS)[0],
         "fwd": lambda: lib.write_read(*x, EPS),
@@ -85,7 +88,7 @@ def bench_ops(N, repeat):
     med = {name: statistics.median(v) for name, v in times.items()}
     return {"N": N, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
             **{f"{k}_passes": med[k] / med["pass"]
-               for k in ("fwd", "fwd_three", "bwd", "bwd_three", "addr_add", "addr_then_add")}}
+               for k in ("fwd", "fwd_three", "bwd", "bwd_three", "addr_add_inplace", "addr_add", "addr_then_add")}}
 
 
 def bench_step(N, steps):
@@ -133,15 +136,16 @@ def main(argv=None):
     torch.set_num_threads(1)
     sizes = [int(float(v)) for v in args.n.split(",")]
     rows = []
-    print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | addressing bwd + add "
-          "(passes) | separate (passes) | step, one node | step, write_read | step, three ops | write_read vs "
+    print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | addressing bwd + add, "
+          "in place (passes) | into a new tensor (passes) | separate (passes) | step, one node | step, write_read | step, three ops | write_read vs "
           "three ops | one node vs write_read |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for N in sizes:
         r = {**bench_ops(N, args.repeat), **bench_step(N, args.steps)}
         rows.append(r)
         print(f"| {N:,} | {r['fwd_ms']:.3f} ms | {r['fwd_three_ms']:.3f} ms | {r['bwd_ms']:.3f} ms | "
               f"{r['bwd_three_ms']:.3f} ms | {r['fwd_passes']:.1f} | {r['bwd_passes']:.1f} | "
+              f"{r['addr_add_inplace_ms']:.3f} ms ({r['addr_add_inplace_passes']:.1f}) | "
               f"{r['addr_add_ms']:.3f} ms ({r['addr_add_passes']:.1f}) | "
               f"{r['addr_then_add_ms']:.3f} ms ({r['addr_then_add_passes']:.1f}) | {r['step_access_step_ms']:.1f} ms | "
               f"{r['step_write_read_ms']:.1f} ms | {r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x | "

@@ -18,38 +18,14 @@
 // inference mode too, where this kernel is skipped.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include "inplace_autograd.h"
 
 namespace neuralmem {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-
-bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
-
-void check_mutated(const char* op, const at::Tensor& t, const char* name) {
-  if (!c10::GradMode::is_enabled() || !requires_grad(t)) return;
-  TORCH_CHECK(!t.is_leaf(), "neuralmem::", op, ": ", name,
-              " is a leaf Variable that requires grad: a leaf Variable that requires grad is being used in an "
-              "in-place operation.");
-}
-
-// `alternative` names the differentiable op(s) to use instead.
-void check_forward_only(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs,
-                        const char* alternative) {
-  if (!c10::GradMode::is_enabled()) return;
-  for (const auto& [name, t] : inputs) {
-    TORCH_CHECK(!requires_grad(*t), "neuralmem::", op, " is forward-only (it overwrites the memory in place and has ",
-                "no gradient), but ", name, " requires grad. For a differentiable write use ", alternative,
-                "; to write without gradients, detach the inputs or run under torch.no_grad().");
-  }
-}
-
-void bump(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
-}
 
 void memory_write_autograd(at::Tensor& memory, const at::Tensor& weights, const at::Tensor& erase,
                            const at::Tensor& add) {

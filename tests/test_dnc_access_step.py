@@ -86,6 +86,65 @@ def test_addressing_backward_add_bad_input_names_the_argument():
         op(*x, 0.0)
 
 
+# ---------------------------------------------------------------- addressing_backward_add_ (in place)
+@pytest.mark.parametrize("B,N,D,H", [(2, 7, 4, 1), (1, 1, 2, 3), (2, 700, 3, 2), (2, 6, 5, 0)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_addressing_backward_add_inplace_is_the_out_of_place_op(B, N, D, H, dtype):
+    gm, gw, w, m, k, s = (t.to(dtype) for t in _addressing(B, N, D, H))
+    want_dm, want_dk, want_ds = torch.ops.neuralmem_dnc.addressing_backward_add(gm, gw, w, m, k, s, EPS)
+    ptr, version = gm.data_ptr(), gm._version
+    dk, ds = torch.ops.neuralmem_dnc.addressing_backward_add_(gm, gw, w, m, k, s, EPS)
+    assert gm.data_ptr() == ptr and gm._version > version
+    assert torch.equal(gm, want_dm) and torch.equal(dk, want_dk) and torch.equal(ds, want_ds)
+
+
+def test_addressing_backward_add_inplace_strided_grad_memory():
+    gm, gw, w, m, k, s = _addressing(2, 9, 4, 2)
+    want = torch.ops.neuralmem_dnc.addressing_backward_add(gm, gw, w, m, k, s, EPS)[0]
+    base = gm.transpose(1, 2).contiguous()
+    strided = base.transpose(1, 2)  # (B,N,D), not contiguous
+    torch.ops.neuralmem_dnc.addressing_backward_add_(strided, gw, w, m, k, s, EPS)
+    assert torch.equal(strided, want) and torch.equal(base.transpose(1, 2), want)
+
+
+def test_addressing_backward_add_inplace_refuses_overlap_and_differentiable_inputs():
+    op = torch.ops.neuralmem_dnc.addressing_backward_add_
+    gm, gw, w, m, k, s = _addressing(2, 5, 3, 2)
+    with pytest.raises(RuntimeError, match="memory shares memory with grad_memory"):
+        op(m, gw, w, m, k, s, EPS)
+    big = torch.randn(2 * 5 * 3 + 6, dtype=F64)
+    aliased = big[:30].view(2, 5, 3)
+    before = big.clone()
+    with pytest.raises(RuntimeError, match="keys shares memory with grad_memory"):
+        op(aliased, gw, w, m, big[24:36].view(2, 2, 3), s, EPS)
+    assert torch.equal(big, before)  # nothing written
+    leaf = gm.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="grad_memory is a leaf Variable that requires grad"):
+        op(leaf, gw, w, m, k, s, EPS)
+    with pytest.raises(RuntimeError, match="keys requires grad"):
+        op(gm.clone(), gw, w, m, k.clone().requires_grad_(True), s, EPS)
+    with torch.no_grad():  # no gradient is recorded, so inputs that require grad are fine
+        op(gm.clone(), gw, w, m, k.clone().requires_grad_(True), s, EPS)
+
+
+def test_addressing_backward_add_inplace_opcheck_and_bad_input():
+    x = _addressing(2, 6, 3, 2)
+    op = torch.ops.neuralmem_dnc.addressing_backward_add_
+    torch.library.opcheck(op, (x[0].clone(), *x[1:], EPS))
+    for i, bad, name in [(0, torch.zeros(2, 6, 4, dtype=F64), "grad_memory"),
+                         (1, torch.zeros(2, 2, 4, dtype=F64), "grad_weights"),
+                         (4, torch.zeros(3, 2, 3, dtype=F64), "keys"),
+                         (5, torch.zeros(2, 3, dtype=F64), "strengths")]:
+        y = [t.clone() for t in x]
+        y[i] = bad
+        gm_before = y[0].clone()
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
+            op(*y, EPS)
+        assert torch.equal(y[0], gm_before)  # a refused call writes nothing
+    with pytest.raises((ValueError, RuntimeError), match="eps"):
+        op(x[0].clone(), *x[1:], 0.0)
+
+
 # ---------------------------------------------------------------- access_step
 def _step_inputs(B, N, D, W, R, dtype=F64, seed=0):
     """memory, usage, prev_read_weights, prev_write_weights, write_keys, write_strengths, free_gates,

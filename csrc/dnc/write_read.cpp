@@ -20,11 +20,14 @@
 // ops. Semantics, the gradient formula's registration and the fake
 // kernels: neuralmem_fast/ops/dnc.py.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "cpu/buffer_pool.h"
+#include "inplace_autograd.h"
+#include "inplace_checks.h"
 #include "cpu/kernel_table.h"
 #include "dnc/checks.h"
 
@@ -41,6 +44,11 @@ TORCH_LIBRARY_FRAGMENT(neuralmem_dnc, m) {
   // write addressing's gradient to write_read's this way: one pass where a gradient and an add took two.
   m.def("addressing_backward_add(Tensor grad_memory, Tensor grad_weights, Tensor weights, Tensor memory, "
         "Tensor keys, Tensor strengths, float eps) -> (Tensor, Tensor, Tensor)");
+  // The same with the sum written over grad_memory in place: (grad_keys, grad_strengths). Without the
+  // out-of-place op's copy of grad_memory into a new buffer, one pass over (B, N, D) less; the access step's
+  // backward runs it on the memory gradient that write_read_backward has just made.
+  m.def("addressing_backward_add_(Tensor(a!) grad_memory, Tensor grad_weights, Tensor weights, Tensor memory, "
+        "Tensor keys, Tensor strengths, float eps) -> (Tensor, Tensor)");
 }
 
 namespace neuralmem {
@@ -132,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dm, dww, de, da, dk, ds};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> addressing_backward_add_cpu(
-    const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
-    const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
+// The checks of both addressing_backward_add ops; returns H.
+int64_t check_addressing_add(const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
+                             const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
   check_memory_eps(memory, eps);
   TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
                     keys.defined() ? keys.sizes() : c10::IntArrayRef{});
@@ -145,13 +153,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> addressing_backward_add_cpu(
   check_shape(weights, "weights", {B, H, N}, memory, "(B, H, N)");
   check_shape(grad_weights, "grad_weights", {B, H, N}, memory, "(B, H, N)");
   check_shape(grad_memory, "grad_memory", {B, N, D}, memory, "(B, N, D)");
+  return H;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> addressing_backward_add_cpu(
+    const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
+    const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
+  const int64_t H = check_addressing_add(grad_memory, grad_weights, weights, memory, keys, str, eps);
   at::Tensor dm = cpu::empty_like_c(memory);
-  at::Tensor dk = at::empty({B, H, D}, memory.options());
-  at::Tensor ds = at::empty({B, H}, memory.options());
+  at::Tensor dk = at::empty({memory.size(0), H, memory.size(2)}, memory.options());
+  at::Tensor ds = at::empty({memory.size(0), H}, memory.options());
   cpu::kernels().content_addressing_backward_add(cpu::contiguous_pooled(grad_memory), grad_weights.contiguous(),
                                                  weights.contiguous(), memory.contiguous(), keys.contiguous(),
                                                  str.contiguous(), eps, dm, dk, ds);
   return {dm, dk, ds};
+}
+
+// In place: the kernel adds each block of the gradient to what grad_memory holds (it skips the copy when
+// the incoming and outgoing buffers are one). A strided grad_memory is summed in a contiguous buffer and
+// copied back.
+std::tuple<at::Tensor, at::Tensor> addressing_backward_add_inplace_cpu(
+    at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory,
+    const at::Tensor& keys, const at::Tensor& str, double eps) {
+  const int64_t H = check_addressing_add(grad_memory, grad_weights, weights, memory, keys, str, eps);
+  check_no_overlap("addressing_backward_add_", grad_memory, "grad_memory",
+                   {{"grad_weights", &grad_weights}, {"weights", &weights}, {"memory", &memory}, {"keys", &keys},
+                    {"strengths", &str}});
+  at::Tensor dk = at::empty({memory.size(0), H, memory.size(2)}, memory.options());
+  at::Tensor ds = at::empty({memory.size(0), H}, memory.options());
+  at::Tensor dm = grad_memory.is_contiguous() ? grad_memory : cpu::contiguous_pooled(grad_memory);
+  cpu::kernels().content_addressing_backward_add(dm, grad_weights.contiguous(), weights.contiguous(),
+                                                 memory.contiguous(), keys.contiguous(), str.contiguous(), eps, dm,
+                                                 dk, ds);
+  if (!dm.is_same(grad_memory)) grad_memory.copy_(dm);
+  return {dk, ds};
+}
+
+// Autograd key: a gradient op with no gradient of its own. With grad mode on, a grad_memory that is a leaf
+// requiring grad, or any input that requires grad, is refused; the version counter of grad_memory moves.
+std::tuple<at::Tensor, at::Tensor> addressing_backward_add_inplace_autograd(
+    at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory,
+    const at::Tensor& keys, const at::Tensor& str, double eps) {
+  const char* op_name = "addressing_backward_add_";
+  check_mutated(op_name, grad_memory, "grad_memory");
+  if (c10::GradMode::is_enabled()) {
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_memory", &grad_memory},
+                                  {"grad_weights", &grad_weights}, {"weights", &weights}, {"memory", &memory},
+                                  {"keys", &keys}, {"strengths", &str}}) {
+      TORCH_CHECK(!requires_grad(*t), "neuralmem_dnc::addressing_backward_add_ has no gradient of its own, but ",
+                  name, " requires grad. For a gradient that can be differentiated again, differentiate "
+                  "neuralmem_fast.ops.content_addressing with create_graph=True; otherwise run under torch.no_grad().");
+    }
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neuralmem_dnc::addressing_backward_add_", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, double)>();
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.call(grad_memory, grad_weights, weights, memory, keys, str, eps);
+  }
+  bump(grad_memory);
+  return out;
 }
 
 }  // namespace
@@ -162,4 +227,9 @@ TORCH_LIBRARY_IMPL(neuralmem_dnc, CPU, m) {
   m.impl("write_read", &neuralmem::dnc::write_read_cpu);
   m.impl("write_read_backward", &neuralmem::dnc::write_read_backward_cpu);
   m.impl("addressing_backward_add", &neuralmem::dnc::addressing_backward_add_cpu);
+  m.impl("addressing_backward_add_", &neuralmem::dnc::addressing_backward_add_inplace_cpu);
+}
+
+TORCH_LIBRARY_IMPL(neuralmem_dnc, Autograd, m) {
+  m.impl("addressing_backward_add_", &neuralmem::dnc::addressing_backward_add_inplace_autograd);
 }

@@ -69,8 +69,8 @@ def has_write_read_kernel():
 
 
 def has_access_step_kernels():
-    """True when the native ops of `access_step` (write_weights, write_read, addressing_backward_add) are built."""
-    return has_dnc_kernels() and has_write_read_kernel() and _has_cpu_kernel("addressing_backward_add")
+    """True when the native ops of `access_step` (write_weights, write_read, addressing_backward_add_) are built."""
+    return has_dnc_kernels() and has_write_read_kernel() and _has_cpu_kernel("addressing_backward_add_")
 
 
 def _sorted_allocation(sorted_usage):
@@ -200,8 +200,8 @@ def access_step(memory, usage, prev_read_weights, prev_write_weights, write_keys
     write_weights (B,W,N), read_weights (B,R,N), reads (B,R,D)), differentiable in every input but
     prev_write_weights (detached, as in DeepMind's code). The three native ops run forward as they would one
     by one; backward, one node takes the gradients of all five outputs, and the write addressing's memory
-    gradient is added to write_read's in the same pass that computes it (`addressing_backward_add`), where
-    three nodes and autograd's add of two (B,N,D) gradients took two passes more. Float32/float64 CPU tensors
+    gradient is added to write_read's, in place, in the same pass that computes it (`addressing_backward_add_`),
+    where three nodes and autograd's add of two (B,N,D) gradients took two passes more. Float32/float64 CPU tensors
     and the native build only (`has_access_step_kernels`); under create_graph=True the backward differentiates
     `access_step_ref`.
     """
@@ -238,7 +238,7 @@ class _AccessStep(torch.autograd.Function):
             g_u = torch.zeros_like(usage)
         du, dfg, dprw, dc, dgw, dga = lib.write_weights_backward(_c(g_u), dww, usage, pww, fg, prw, content, gw, ga,
                                                                  hu, order, ALLOC_EPS)
-        dm, dwk, dws = lib.addressing_backward_add(dm, dc, content, memory, wk, ws, ctx.eps)
+        dwk, dws = lib.addressing_backward_add_(dm, dc, content, memory, wk, ws, ctx.eps)  # dm: a new tensor
         return dm, du, dprw, None, dwk, dws, dfg, dgw, dga, de, da, drk, drs, None
 
 
@@ -315,6 +315,11 @@ def _register_write_read(lib):
         @torch.library.register_fake(lib + "addressing_backward_add")
         def _(grad_memory, grad_weights, weights, memory, keys, strengths, eps):
             return memory.new_empty(memory.shape), keys.new_empty(keys.shape), strengths.new_empty(strengths.shape)
+
+    if _has_cpu_kernel("addressing_backward_add_"):
+        @torch.library.register_fake(lib + "addressing_backward_add_")
+        def _(grad_memory, grad_weights, weights, memory, keys, strengths, eps):
+            return keys.new_empty(keys.shape), strengths.new_empty(strengths.shape)
 
 
 _REGISTERED = _register()
