@@ -19,8 +19,10 @@ its sides within one process so that they see the same machine load:
          and as content_addressing_backward and an add.
   step   MemoryCore's training step (B=16, T=22, forward, backward, Adam)
          with MemoryAccess running the step as one node (`access_step`, the
-         default), calling write_read after the other ops one by one, and
-         calling the three ops instead; medians of --steps rounds.
+         default), the same node with the write addressing's gradient added
+         into a new tensor (`addressing_backward_add`) instead of in place,
+         calling write_read after the other ops one by one, and calling the
+         three ops instead; medians of --steps rounds.
 """
 import argparse
 import json
@@ -105,21 +107,26 @@ def bench_step(N, steps):
 
     native, one_node = access_mod.write_read, access_mod.has_access_step_kernels
     no_node = lambda: False  # noqa: E731
-    sides = (("access_step", native, one_node), ("write_read", native, no_node),
-             ("three_ops", dnc.write_read_unfused, no_node))
-    times = {name: [] for name, _, _ in sides}
+    # (name, write_read, whether the node runs, whether its last op adds in place)
+    sides = (("access_step", native, one_node, True), ("access_step_copy", native, one_node, False),
+             ("write_read", native, no_node, True), ("three_ops", dnc.write_read_unfused, no_node, True))
+    times = {name: [] for name, _, _, _ in sides}
     try:
         for i in range(steps + 1):
-            for name, fn, node in sides:
+            for name, fn, node, in_place in sides:
                 access_mod.write_read, access_mod.has_access_step_kernels = fn, node
+                dnc._AccessStep.add_in_place = in_place
                 dt = _timed(step)
                 if i:
                     times[name].append(dt)
     finally:
         access_mod.write_read, access_mod.has_access_step_kernels = native, one_node
-    a, b, c = (statistics.median(times[k]) for k in ("access_step", "write_read", "three_ops"))
-    return {"N": N, "step_access_step_ms": a * 1e3, "step_write_read_ms": b * 1e3, "step_three_ops_ms": c * 1e3,
-            "speedup": c / b, "speedup_node": b / a, "speedup_node_vs_three": c / a}
+        dnc._AccessStep.add_in_place = True
+    a, a2, b, c = (statistics.median(times[k]) for k in ("access_step", "access_step_copy", "write_read",
+                                                          "three_ops"))
+    return {"N": N, "step_access_step_ms": a * 1e3, "step_access_step_copy_ms": a2 * 1e3,
+            "step_write_read_ms": b * 1e3, "step_three_ops_ms": c * 1e3, "speedup": c / b, "speedup_node": b / a,
+            "speedup_node_vs_three": c / a, "speedup_in_place": a2 / a}
 
 
 def main(argv=None):
@@ -137,9 +144,10 @@ def main(argv=None):
     sizes = [int(float(v)) for v in args.n.split(",")]
     rows = []
     print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | addressing bwd + add, "
-          "in place (passes) | into a new tensor (passes) | separate (passes) | step, one node | step, write_read | step, three ops | write_read vs "
-          "three ops | one node vs write_read |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "in place (passes) | into a new tensor (passes) | separate (passes) | step, one node | step, one node, "
+          "add into a new tensor | step, write_read | step, three ops | write_read vs three ops | one node vs "
+          "write_read | in place vs a new tensor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for N in sizes:
         r = {**bench_ops(N, args.repeat), **bench_step(N, args.steps)}
         rows.append(r)
@@ -148,8 +156,9 @@ def main(argv=None):
               f"{r['addr_add_inplace_ms']:.3f} ms ({r['addr_add_inplace_passes']:.1f}) | "
               f"{r['addr_add_ms']:.3f} ms ({r['addr_add_passes']:.1f}) | "
               f"{r['addr_then_add_ms']:.3f} ms ({r['addr_then_add_passes']:.1f}) | {r['step_access_step_ms']:.1f} ms | "
-              f"{r['step_write_read_ms']:.1f} ms | {r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x | "
-              f"{r['speedup_node']:.2f}x |", flush=True)
+              f"{r['step_access_step_copy_ms']:.1f} ms | {r['step_write_read_ms']:.1f} ms | "
+              f"{r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x | {r['speedup_node']:.2f}x | "
+              f"{r['speedup_in_place']:.3f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -183,6 +183,16 @@ def test_access_step_equals_the_reference(B, N, D, W, R):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("B,N,D,W,R", STEP_SHAPES)
+def test_access_step_adds_in_place_as_into_a_new_tensor(B, N, D, W, R, monkeypatch):
+    """The benchmark's baseline (the out-of-place add) gives the same gradients, bit for bit."""
+    x, up = _step_inputs(B, N, D, W, R), _upstream(B, N, D, W, R)
+    in_place = _step_grads(dnc.access_step, x, up)
+    monkeypatch.setattr(dnc._AccessStep, "add_in_place", False)
+    for a, b in zip(in_place, _step_grads(dnc.access_step, x, up)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (3,), (4,), (0, 4), (1, 3)])
 def test_access_step_some_outputs_unused(which):
     B, N, D, W, R = 2, 6, 3, 2, 2

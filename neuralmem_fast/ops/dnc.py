@@ -210,6 +210,8 @@ def access_step(memory, usage, prev_read_weights, prev_write_weights, write_keys
 
 
 class _AccessStep(torch.autograd.Function):
+    add_in_place = True  # the backward's last op: addressing_backward_add_ (True) or addressing_backward_add
+
     @staticmethod
     def forward(ctx, memory, usage, prw, pww, wk, ws, fg, gw, ga, erase, add, rk, rs, eps):
         lib = _lib()
@@ -238,7 +240,10 @@ class _AccessStep(torch.autograd.Function):
             g_u = torch.zeros_like(usage)
         du, dfg, dprw, dc, dgw, dga = lib.write_weights_backward(_c(g_u), dww, usage, pww, fg, prw, content, gw, ga,
                                                                  hu, order, ALLOC_EPS)
-        dwk, dws = lib.addressing_backward_add_(dm, dc, content, memory, wk, ws, ctx.eps)  # dm: a new tensor
+        if _AccessStep.add_in_place:  # dm is write_read_backward's new tensor
+            dwk, dws = lib.addressing_backward_add_(dm, dc, content, memory, wk, ws, ctx.eps)
+        else:  # the same sum into a new tensor: what benchmarks/dnc_write_read.py measures the in-place op against
+            dm, dwk, dws = lib.addressing_backward_add(dm, dc, content, memory, wk, ws, ctx.eps)
         return dm, du, dprw, None, dwk, dws, dfg, dgw, dga, de, da, drk, drs, None
 
 
