@@ -1,11 +1,11 @@
 """Figures and tables of the sparse-access experiments, from the train CLI's metrics files.
 
-    python benchmarks/sparse_figures.py results/sparse docs/figures
+    python benchmarks/sparse_figures.py results/sparse docs/figures [NAME]
 
 Reads RESULTS/*/{copy,recall,kv}_metrics.json (written by `python -m neuralmem_fast train ...`), groups
 the runs by task, model, the sparse model's norm floor (settings' sparse_eps) and memory size, and writes:
   sparse_learning.png   bits wrong per sequence against training steps, copy and recall, one line per
-                        run (dense MemoryCore at its N, sparse at each N);
+                        run (dense MemoryCore at its N, sparse at each N); NAME.png instead when given;
   sparse_capacity.png   kv: query accuracy against the number of items stored, per model and N;
   sparse_capacity_recall.png   the same for recall runs trained with --eval-items;
 and prints a markdown table of the steps to threshold (mean ± std over seeds) and of the capacity.
@@ -87,7 +87,7 @@ def capacity_table(runs, task="kv"):
     return "\n".join(lines)
 
 
-def plot(runs, out):
+def plot(runs, out, name="sparse_learning"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,7 +112,7 @@ def plot(runs, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sparse_learning.png"), dpi=90)
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=90)
     plt.close(fig)
     for task, trained in (("kv", "2-16"), ("recall", "2-6")):
         kv = [r for r in runs if r["task"] == task and "capacity" in r["rec"]]
@@ -143,9 +143,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     folder = argv[0] if argv else "results/sparse"
     out = argv[1] if len(argv) > 1 else "docs/figures"
+    name = argv[2] if len(argv) > 2 else "sparse_learning"
     runs = load(folder)
     os.makedirs(out, exist_ok=True)
-    plot(runs, out)
+    plot(runs, out, name)
     print(steps_table(runs))
     print()
     print(capacity_table(runs, "kv"))
