@@ -1,5 +1,6 @@
-"""The DNC access's write-then-read op (`neuralmem_dnc::write_read`) against the three ops it replaces, and
-the access step as one autograd node (`ops.dnc.access_step`) against the ops one by one.
+"""The DNC access's write-then-read op (`neuralmem_dnc::write_read`) against the three ops it replaces, the
+access step as one autograd node (`ops.dnc.access_step`) against the ops one by one, and MemoryCore's whole
+sequence as one node (nn/core_sequence.py) against one node per step.
 
     python benchmarks/dnc_write_read.py [--n 128,1024] [--repeat 50] [--steps 7] [--json out.json]
 
@@ -18,8 +19,9 @@ its sides within one process so that they see the same machine load:
          backward runs it), into a new tensor (`addressing_backward_add`),
          and as content_addressing_backward and an add.
   step   MemoryCore's training step (B=16, T=22, forward, backward, Adam)
-         with MemoryAccess running the step as one node (`access_step`, the
-         default), the same node with the write addressing's gradient added
+         with the whole sequence as one node (nn/core_sequence.py, the
+         default), with MemoryAccess running each step as one node
+         (`access_step`), the same node with the write addressing's gradient added
          into a new tensor (`addressing_backward_add`) instead of in place,
          calling write_read after the other ops one by one, and calling the
          three ops instead; medians of --steps rounds.
@@ -36,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import neuralmem_fast.nn.access as access_mod  # noqa: E402
 from neuralmem_fast.nn import MemoryCore  # noqa: E402
+from neuralmem_fast.nn.core_sequence import CoreSequence  # noqa: E402
 from neuralmem_fast.ops import dnc  # noqa: E402
 
 B, D, R, W, T = 16, 64, 4, 1, 22
@@ -107,24 +110,27 @@ def bench_step(N, steps):
 
     native, one_node = access_mod.write_read, access_mod.has_access_step_kernels
     no_node = lambda: False  # noqa: E731
-    # (name, write_read, whether the node runs, whether its last op adds in place)
-    sides = (("access_step", native, one_node, True), ("access_step_copy", native, one_node, False),
-             ("write_read", native, no_node, True), ("three_ops", dnc.write_read_unfused, no_node, True))
-    times = {name: [] for name, _, _, _ in sides}
+    # (name, write_read, whether the node runs, whether its last op adds in place, the sequence as one node)
+    sides = (("sequence", native, one_node, True, True), ("access_step", native, one_node, True, False),
+             ("access_step_copy", native, one_node, False, False), ("write_read", native, no_node, True, False),
+             ("three_ops", dnc.write_read_unfused, no_node, True, False))
+    times = {name: [] for name, *_ in sides}
     try:
         for i in range(steps + 1):
-            for name, fn, node, in_place in sides:
+            for name, fn, node, in_place, seq in sides:
                 access_mod.write_read, access_mod.has_access_step_kernels = fn, node
                 dnc._AccessStep.add_in_place = in_place
+                CoreSequence.enabled = seq
                 dt = _timed(step)
                 if i:
                     times[name].append(dt)
     finally:
         access_mod.write_read, access_mod.has_access_step_kernels = native, one_node
         dnc._AccessStep.add_in_place = True
-    a, a2, b, c = (statistics.median(times[k]) for k in ("access_step", "access_step_copy", "write_read",
-                                                          "three_ops"))
-    return {"N": N, "step_access_step_ms": a * 1e3, "step_access_step_copy_ms": a2 * 1e3,
+        CoreSequence.enabled = True
+    q, a, a2, b, c = (statistics.median(times[k]) for k in ("sequence", "access_step", "access_step_copy",
+                                                             "write_read", "three_ops"))
+    return {"N": N, "step_sequence_ms": q * 1e3, "speedup_sequence": a / q, "step_access_step_ms": a * 1e3, "step_access_step_copy_ms": a2 * 1e3,
             "step_write_read_ms": b * 1e3, "step_three_ops_ms": c * 1e3, "speedup": c / b, "speedup_node": b / a,
             "speedup_node_vs_three": c / a, "speedup_in_place": a2 / a}
 
@@ -146,8 +152,8 @@ def main(argv=None):
     print("| N | fwd | three ops fwd | bwd | three ops bwd | fwd passes | bwd passes | addressing bwd + add, "
           "in place (passes) | into a new tensor (passes) | separate (passes) | step, one node | step, one node, "
           "add into a new tensor | step, write_read | step, three ops | write_read vs three ops | one node vs "
-          "write_read | in place vs a new tensor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "write_read | in place vs a new tensor | step, sequence as one node | sequence vs one node per step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for N in sizes:
         r = {**bench_ops(N, args.repeat), **bench_step(N, args.steps)}
         rows.append(r)
@@ -158,7 +164,8 @@ def main(argv=None):
               f"{r['addr_then_add_ms']:.3f} ms ({r['addr_then_add_passes']:.1f}) | {r['step_access_step_ms']:.1f} ms | "
               f"{r['step_access_step_copy_ms']:.1f} ms | {r['step_write_read_ms']:.1f} ms | "
               f"{r['step_three_ops_ms']:.1f} ms | {r['speedup']:.2f}x | {r['speedup_node']:.2f}x | "
-              f"{r['speedup_in_place']:.3f}x |", flush=True)
+              f"{r['speedup_in_place']:.3f}x | {r['step_sequence_ms']:.1f} ms | {r['speedup_sequence']:.2f}x |",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -232,8 +232,12 @@ def _core_run(B=2, N=9, D=4, R=2, W=2, T=4, **kw):
 
 def test_memory_core_through_the_node_equals_the_ops_one_by_one(monkeypatch):
     """Four steps of MemoryCore, float64: the one-node step, the native ops one by one, and the
-    "torch" backend's references give the same outputs, final state and parameter gradients."""
+    "torch" backend's references give the same outputs, final state and parameter gradients. Step by step:
+    the whole sequence as one node is tests/test_core_sequence.py's."""
     import neuralmem_fast.nn.access as access_mod
+    from neuralmem_fast.nn.core_sequence import CoreSequence
+
+    monkeypatch.setattr(CoreSequence, "enabled", False)
 
     calls = []
     real = access_mod.access_step

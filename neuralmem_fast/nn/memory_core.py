@@ -6,7 +6,10 @@ sigmoid gates and erase vectors, `MemoryAccess.parse_interface`); the access
 writes and reads; y_t = Linear([h_t, reads_t]).
 
 `forward` runs `step` over the sequence, whose state is a flat NamedTuple of
-tensors (`CoreState`). Training through T steps keeps every step's memory
+tensors (`CoreState`). Where the access runs the DNC's own rules on float32/64
+CPU tensors without checkpointing (`runs_as_one_node`), the whole sequence is
+one autograd node with a hand-written backward instead (nn/core_sequence.py):
+the same formulas, without autograd's cost per op. Training through T steps keeps every step's memory
 for the backward (T copies of B*N*D values) unless the steps run through
 `checkpointed_scan` (nn/scan.py), which keeps the state at the start of each
 segment of ceil(sqrt(T)) steps and recomputes the segment in the backward:
@@ -31,6 +34,8 @@ import torch.nn as nn
 
 from ..config import DEFAULT_SPARSE_EPS
 from .access import AccessState, MemoryAccess
+from .core_sequence import applies as core_sequence_applies
+from .core_sequence import core_sequence
 from .scan import checkpointed_scan
 
 # "auto" checkpoints when plain autograd would keep more than this many bytes of memory copies.
@@ -184,6 +189,9 @@ class MemoryCore(nn.Module):
                 state = self.initial_state(x.shape[0])
         else:
             self.check_state(state, x.shape[0])
+        if self.runs_as_one_node(x, state):  # the whole sequence as one node (nn/core_sequence.py)
+            y, final = core_sequence(self, x, state)
+            return y, CoreState(*final)
         if self.uses_checkpoint(x.shape[0], x.shape[1], x.dtype):
             ys, state = checkpointed_scan(self.step, state, x.transpose(0, 1), segment=self.checkpoint_segment)
             return ys.transpose(0, 1), state
@@ -192,6 +200,13 @@ class MemoryCore(nn.Module):
             y, state = self.step(x[:, t], state)
             ys.append(y)
         return torch.stack(ys, dim=1), state
+
+    def runs_as_one_node(self, x, state):
+        """Whether forward(x, state) runs the whole sequence as one autograd node (nn/core_sequence.py): the
+        dense access with the DNC's own rules on float32/64 CPU tensors, no checkpointing, no hooks, and
+        neither `step` nor the access's `forward` overridden."""
+        return (type(self).step is MemoryCore.step and "step" not in self.__dict__
+                and core_sequence_applies(self, x, state))
 
     def uses_checkpoint(self, batch_size, seq_len, dtype=torch.float32):
         """Whether forward() on (batch_size, seq_len) runs checkpointed segments now."""

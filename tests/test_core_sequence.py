@@ -1,0 +1,186 @@
+"""MemoryCore's whole sequence as one autograd node (nn/core_sequence.py) against the step-by-step path.
+
+The step path (every step's ops under autograd, the access as `access_step`) is itself checked against the
+DNC formulas in float64 (tests/test_dnc_access_step.py, tests/test_memory_core.py); here the one node must
+give the same outputs, final state and gradients of every input and parameter, to float64 rounding.
+"""
+import pytest
+import torch
+
+from neuralmem_fast.nn import MemoryCore
+from neuralmem_fast.nn import core_sequence as cs
+from neuralmem_fast.nn.core_sequence import CoreSequence
+from neuralmem_fast.ops.dnc import has_access_step_kernels
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(not has_access_step_kernels(), reason="the native DNC ops are not built")
+
+
+def _core(I=3, O=2, N=9, D=4, R=2, W=1, H=6, dtype=F64, **kw):
+    torch.manual_seed(0)
+    return MemoryCore(I, O, N, D, R, W, hidden_size=H, **kw).to(dtype)
+
+
+def _state(core, B, random, dtype=F64):
+    """The zero initial state, or a random one (memory, usages and weights in range), every tensor a leaf."""
+    st = core.initial_state(B, dtype=dtype)
+    if random:  # drawn in float64 whatever the dtype, so that both dtypes start alike
+        g = torch.Generator().manual_seed(1)
+        st = type(st)(*[(torch.rand(t.shape, generator=g, dtype=F64) * (1 if i >= 4 else 0.5)).to(dtype)
+                        for i, t in enumerate(st)])
+    return type(st)(*[t.clone().requires_grad_() for t in st])
+
+
+def _run(core, x, st, enabled, create_graph=False):
+    """Outputs, final state, and the gradients of a loss that uses every output."""
+    old = CoreSequence.enabled
+    CoreSequence.enabled = enabled
+    try:
+        assert core.runs_as_one_node(x, st) == enabled
+        core.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y, fin = core(xx, st)
+        g = torch.Generator().manual_seed(2)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)).sum() for t in (y, *fin))
+        leaves = [xx, *st, *core.parameters()]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, create_graph=create_graph)
+    finally:
+        CoreSequence.enabled = old
+    return [y, *fin], list(grads), leaves
+
+
+def _close(a, b, rtol, atol):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        if u is None or v is None:
+            assert u is None and v is None, i
+        else:
+            torch.testing.assert_close(u, v, rtol=rtol, atol=atol, msg=lambda m: f"entry {i}: {m}")
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(R=1, W=2, N=5), dict(R=3, W=2, N=17, D=3, H=4),
+                                   dict(R=1, W=1, N=1, D=2, I=1, O=1)], ids=["R2W1", "R1W2", "R3W2", "N1"])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("random", [False, True], ids=["zero-state", "random-state"])
+def test_one_node_equals_step_by_step_float64(shape, T, random):
+    core = _core(**shape)
+    x = torch.randn(3, T, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(3))
+    out_a, grads_a, _ = _run(core, x, _state(core, 3, random), True)
+    out_b, grads_b, _ = _run(core, x, _state(core, 3, random), False)
+    _close(out_a, out_b, 1e-10, 1e-12)
+    # a zero memory's cosine has gradients near 1/eps: relative agreement
+    _close(grads_a, grads_b, 1e-9, 1e-11)
+    assert grads_a[7] is None  # the initial write weights enter only the usage, detached, as step by step
+
+
+def test_float32_matches_float64():
+    c64, c32 = _core(), _core(dtype=torch.float32)
+    x = torch.randn(2, 5, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    out_a, grads_a, _ = _run(c64, x, _state(c64, 2, True), True)
+    out_b, grads_b, _ = _run(c32, x.float(), _state(c32, 2, True, torch.float32), True)
+    _close([t.double() for t in out_b], out_a, 1e-4, 1e-5)
+    _close([None if t is None else t.double() for t in grads_b], grads_a, 1e-3, 1e-4)
+
+
+def test_gradcheck_one_step():
+    """One step: over several, the write weights reach the next step's usage detached (DeepMind's rule, the
+    step path's too), so finite differences of the whole sequence differ from its gradient by design; the
+    sequences are checked against the step path above."""
+    core = _core(N=5, D=3, R=2, W=1, H=4)
+    st = _state(core, 2, True)
+    x = torch.randn(2, 1, 3, dtype=F64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in
+              (core.controller.weight_ih, core.controller.bias_ih, core.controller.weight_hh, core.controller.bias_hh,
+               core.interface.weight, core.interface.bias, core.output.weight, core.output.bias)]
+    n_lin, n_one, _ = cs._layout(core.access)
+    sizes = (2, 1, 3, n_lin, n_one)
+
+    def f(x, *t):
+        return CoreSequence.apply(x, *t[:7], *t[7:], sizes, 1e-8)
+
+    inputs = [x, *st[:7], *params]
+    inputs[7] = inputs[7].detach()  # the initial write weights: detached by design (usage)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)  # create_graph differentiates the same formulas eagerly
+
+
+def test_create_graph_equals_step_by_step():
+    """Second derivatives (a MAML-style outer step): the gradient's own gradient, both ways."""
+    core = _core()
+    x = torch.randn(2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(6))
+    res = []
+    for enabled in (True, False):
+        _, grads, leaves = _run(core, x, _state(core, 2, True), enabled, create_graph=True)
+        params = list(core.parameters())
+        gp = grads[-len(params):]
+        res.append(torch.autograd.grad(sum(g.square().sum() for g in gp), params, allow_unused=True))
+    _close(res[0], res[1], 1e-9, 1e-11)
+
+
+def test_no_grad_and_default_state():
+    core = _core()
+    x = torch.randn(2, 4, 3, dtype=F64)
+    with torch.no_grad():
+        CoreSequence.enabled = True
+        a = core(x)
+        CoreSequence.enabled = False
+        b = core(x)
+        CoreSequence.enabled = True
+    _close([a[0], *a[1]], [b[0], *b[1]], 1e-12, 1e-13)
+
+
+def test_inputs_left_unchanged_and_in_place_writes_to_outputs_refused():
+    core = _core()
+    st = _state(core, 2, True)
+    before = [t.detach().clone() for t in st]
+    x = torch.randn(2, 4, 3, dtype=F64)
+    y, fin = core(x, st)
+    assert fin.memory.grad_fn is not None and type(fin.memory.grad_fn).__name__ == "CoreSequenceBackward"
+    (y.sum() + fin.memory.sum()).backward(retain_graph=True)
+    for a, b in zip(st, before):
+        assert torch.equal(a.detach(), b)
+    with torch.no_grad():
+        fin.memory.mul_(2)  # the final memory is saved for the backward: autograd must refuse it now
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y.sum() + fin.memory.sum()).backward()
+
+
+def test_parameters_changed_before_backward_are_refused():
+    core = _core()
+    y, _ = core(torch.randn(2, 3, 3, dtype=F64))
+    with torch.no_grad():
+        core.interface.weight.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("kw", [dict(alloc_topk=4), dict(usage_grad=True), dict(backend="torch"), dict(read_topk=2),
+                                dict(write_rule="previous_reads"), dict(allocation="lru", read_topk=2, write_topk=2), dict(checkpoint=True),
+                                dict(sparse_k=2, index="exact", N=20)])
+def test_other_configurations_run_step_by_step(kw):
+    kw = dict(kw)
+    usage_grad = kw.pop("usage_grad", None)
+    core = _core(**kw)
+    if usage_grad:
+        core.access.usage_grad = True
+    x = torch.randn(2, 3, 3, dtype=F64)
+    st = core.initial_state(2)
+    assert not core.runs_as_one_node(x, st)
+
+
+def test_hooks_and_overrides_run_step_by_step():
+    core = _core()
+    x = torch.randn(2, 3, 3, dtype=F64)
+    st = core.initial_state(2)
+    assert core.runs_as_one_node(x, st)
+    h = core.controller.register_forward_hook(lambda *a: None)
+    assert not core.runs_as_one_node(x, st)
+    h.remove()
+    core.step = lambda *a: None
+    assert not core.runs_as_one_node(x, st)
+    del core.step
+    core.access.forward = lambda iface, state, validate=True: (iface.read_keys, state)
+    assert not core.runs_as_one_node(x, st)
+    del core.access.forward
+    assert core.runs_as_one_node(x, st)
+    assert not core.runs_as_one_node(x, core.initial_state(2, dtype=torch.float32))  # the state's dtype is not x's
