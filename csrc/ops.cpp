@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "dnc/core_sequence.h"
 #include "replay/sum_tree.h"
 
 TORCH_LIBRARY(neuralmem, m) {
@@ -82,4 +83,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "neuralmem_fast native extension: memory-op kernels and the sum tree";
   m.def("built_with_cuda", &neuralmem::built_with_cuda, "whether the CUDA kernels were compiled in");
   neuralmem::replay::bind(m);
+  neuralmem::dnc::bind_core_sequence(m);
 }

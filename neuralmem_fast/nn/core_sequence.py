@@ -4,8 +4,10 @@
 autograd nodes: the LSTM cell, the interface layer and its nonlinearities, the
 access (one node, `ops.dnc.access_step`) and the output layer. At the
 `dnc` package's setting (B = 16, N = 128, T = 22) that per-op and per-node
-cost is about as large as the arithmetic. `core_sequence` runs the same
-formulas over the whole sequence under one `torch.autograd.Function`:
+cost is about as large as the arithmetic. `CoreSequence` runs the same
+formulas over the whole sequence under one `torch.autograd.Function` whose
+forward and backward are two C++ loops (csrc/dnc/core_sequence.cpp), out of
+the interpreter:
 
   forward   the input's share of the LSTM gates for every step in one matmul;
             per step, one matmul for [reads_{t-1}, h_{t-1}], the LSTM cell,
@@ -23,20 +25,24 @@ formulas over the whole sequence under one `torch.autograd.Function`:
 It computes what the step-by-step path computes (tests/test_core_sequence.py
 compares outputs, final state and every gradient in float64) and keeps the
 same tensors for the backward: T copies of the memory, so it runs only where
-the step path would not checkpoint. Under create_graph=True the backward
-differentiates `_eager`, the same formulas through differentiable ops.
-`MemoryCore.runs_as_one_node(x, state)` says when MemoryCore takes this path: the access runs as
-`access_step` would (the DNC's own rules on float32/64 CPU tensors), no
-checkpointing, no hooks on the core's layers and no overridden `step` or
-access `forward`. `CoreSequence.enabled = False` turns it off (the
-step-by-step path, for comparisons: benchmarks/dnc_write_read.py).
+the step path would not checkpoint. Everything it keeps goes through
+save_for_backward: writing in place to an input, a parameter or the returned
+final state before the backward raises, and the lot is freed by the backward.
+Under create_graph=True the backward differentiates `_eager`, the same
+formulas through differentiable ops. `MemoryCore.runs_as_one_node(x, state)`
+says when MemoryCore takes this path: the access runs as `access_step` would
+(the DNC's own rules on float32/64 CPU tensors), no checkpointing, no hooks on
+the core's layers and no overridden `step` or access `forward`.
+`CoreSequence.enabled = False` turns it off (the step-by-step path, for
+comparisons: benchmarks/dnc_write_read.py).
 """
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from ..config import DEFAULT_EPS
 from ..ops.autograd import _reference_grads
-from ..ops.dnc import ALLOC_EPS, _lib, access_step
+from ..ops.dnc import ALLOC_EPS, access_step
 
 __all__ = ["CoreSequence", "applies", "core_sequence"]
 
@@ -85,119 +91,27 @@ class CoreSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, c, reads, memory, usage, rw, ww, w_ih, b_ih, w_hh, b_hh, w_if, b_if, w_o, b_o, sizes,
                 eps):
-        lib = _lib()
-        content_addressing = torch.ops.neuralmem.content_addressing
-        initial = (h, c, reads, memory, usage, rw, ww)
-        B, T, I = x.shape
         R, W, D, n_lin, n_one = sizes
-        H, RD = h.shape[1], R * D
-        # [reads_{t-1}, h_{t-1}] for every step, and [reads_t, h_t] for the output layer: one buffer, time-major.
-        rh = x.new_empty(T + 1, B, RD + H)
-        rh[0, :, :RD] = reads.reshape(B, RD)
-        rh[0, :, RD:] = h
-        w_rh = torch.cat([w_ih[:, I:], w_hh], 1)                                        # (4H, RD+H)
-        xg = torch.addmm(b_ih + b_hh, x.transpose(0, 1).reshape(T * B, I), w_ih[:, :I].t()).view(T, B, 4 * H)
-        sig_g, tanh_g, tanh_c, c_prev, fac, access_saved = [], [], [], [], [], []
-        for t in range(T):
-            gates = torch.addmm(xg[t], rh[t], w_rh.t())
-            s = torch.sigmoid(gates)
-            g = torch.tanh(gates[:, 2 * H:3 * H])
-            c_prev.append(c)
-            c = torch.addcmul(s[:, H:2 * H] * c, s[:, :H], g)
-            tc = torch.tanh(c)
-            h = s[:, 3 * H:] * tc
-            sig_g.append(s)
-            tanh_g.append(g)
-            tanh_c.append(tc)
-            raw = torch.addmm(b_if, h, w_if.t())
-            # activated interface, and d act / d raw: 1 (linear), sigmoid (oneplus), s (1 - s) (sigmoid)
-            one_s = torch.sigmoid(raw[:, n_lin:n_lin + n_one])
-            sig = torch.sigmoid(raw[:, n_lin + n_one:])
-            act = torch.cat([raw[:, :n_lin], 1 + F.softplus(raw[:, n_lin:n_lin + n_one]), sig], 1)
-            fac.append(torch.cat([torch.ones_like(raw[:, :n_lin]), one_s, sig * (1 - sig)], 1))
-            rk, wk, wv, rs, ws, er, fg, ag, wg = _split(act, B, R, W, D)
-            content = content_addressing(memory, wk, ws, eps)
-            new_usage, new_ww, hu, order = lib.write_weights(usage, ww, fg, rw, content, wg, ag, ALLOC_EPS)
-            new, new_rw, reads = lib.write_read(memory, new_ww, er, wv, rk, rs, eps)
-            access_saved.append((memory, usage, rw, ww, wk, ws, fg, wg, ag, er, wv, rk, rs, content, hu, order,
-                                 new_ww, new, new_rw))
-            memory, usage, rw, ww = new, new_usage, new_rw, new_ww
-            rh[t + 1, :, :RD] = reads.reshape(B, RD)
-            rh[t + 1, :, RD:] = h
-        # the output layer over [reads_t, h_t]: its weight's columns are [h, reads]
-        w_o_rh = torch.cat([w_o[:, H:], w_o[:, :H]], 1)
-        y = torch.addmm(b_o, rh[1:].reshape(T * B, RD + H), w_o_rh.t()).view(T, B, -1).transpose(0, 1).contiguous()
-        final = (h, c, reads, memory, usage, rw, ww)
+        inputs = (x, h, c, reads, memory, usage, rw, ww, w_ih, b_ih, w_hh, b_hh, w_if, b_if, w_o, b_o)
+        out = _ext._C.core_sequence_forward(list(inputs), R, W, D, n_lin, n_one, eps, ALLOC_EPS)
+        final = out[1:8]
         # Everything through save_for_backward: the version counters of the inputs, the parameters and the
         # returned final state are checked, and autograd frees the lot after a backward without retain_graph.
-        ctx.save_for_backward(x, *initial, w_ih, b_ih, w_hh, b_hh, w_if, b_if, w_o, b_o, *final, rh, w_rh, w_o_rh,
-                              *sig_g, *tanh_g, *tanh_c, *c_prev, *fac, *[t for step in access_saved for t in step])
+        # out[8:]: rh, the weights rearranged, and 24 tensors per step (csrc/dnc/core_sequence.cpp).
+        ctx.save_for_backward(*inputs, *final, *out[8:])
         ctx.sizes, ctx.eps = sizes, eps
-        return (y, *final)
+        return (out[0], *final)
 
     @staticmethod
     def backward(ctx, g_y, g_h, g_c, g_reads, g_memory, g_usage, g_rw, g_ww):
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the same formulas through autograd
             return _eager_grads(ctx, (g_y, g_h, g_c, g_reads, g_memory, g_usage, g_rw, g_ww))
-        x, w_ih, w_if, w_o = saved[0], saved[8], saved[12], saved[14]
-        B, T, I = x.shape
-        rh, w_rh, w_o_rh = saved[23:26]
-        sig_g, tanh_g, tanh_c, c_prev, fac = (saved[26 + k * T:26 + (k + 1) * T] for k in range(5))
-        access_saved = saved[26 + 5 * T:]
-        lib = _lib()
-        eps = ctx.eps
-        R, W, D, n_lin, n_one = ctx.sizes
-        H, RD = g_h.shape[1], R * D
-        # the output layer
-        g_y_tb = g_y.transpose(0, 1).reshape(T * B, -1)
-        d_w_o_rh = g_y_tb.t() @ rh[1:].reshape(T * B, RD + H)
-        d_rh_out = (g_y_tb @ w_o_rh).view(T, B, RD + H)
-        d_gates = x.new_empty(T, B, 4 * H)
-        d_raw = x.new_empty(T, B, w_if.shape[0])
-        d_rh = torch.cat([g_reads.reshape(B, RD), g_h], 1)                             # d [reads_t, h_t]
-        dc = g_c
-        d_mem, d_usage, d_rw = g_memory, g_usage, g_rw
-        for t in range(T - 1, -1, -1):
-            d_rh = d_rh + d_rh_out[t]
-            (memory, usage, rw, ww, wk, ws, fg, wg, ag, er, wv, rk, rs, content, hu, order, new_ww, new,
-             new_rw) = access_saved[19 * t:19 * (t + 1)]
-            dm, dww, de, da, drk, drs = lib.write_read_backward(
-                d_mem.contiguous(), d_rw.contiguous(), d_rh[:, :RD].reshape(B, R, D).contiguous(), memory, new_ww,
-                er, wv, rk, rs, new, new_rw, eps)
-            if t == T - 1:  # the write weights reach later steps only detached (the usage): the final state's
-                dww = dww + g_ww
-            d_usage, dfg, d_rw, dc_w, dgw, dga = lib.write_weights_backward(
-                d_usage.contiguous(), dww, usage, ww, fg, rw, content, wg, ag, hu, order, ALLOC_EPS)
-            dwk, dws = lib.addressing_backward_add_(dm, dc_w, content, memory, wk, ws, eps)
-            d_mem = dm
-            d_act = torch.cat([drk.reshape(B, -1), dwk.reshape(B, -1), da.reshape(B, -1), drs, dws,
-                               de.reshape(B, -1), dfg, dga, dgw], 1)
-            torch.mul(d_act, fac[t], out=d_raw[t])
-            dh = torch.addmm(d_rh[:, RD:], d_raw[t], w_if)
-            # the LSTM cell: c_t = f c_{t-1} + i g, h_t = o tanh(c_t)
-            s, g, tc = sig_g[t], tanh_g[t], tanh_c[t]
-            i, f, o = s[:, :H], s[:, H:2 * H], s[:, 3 * H:]
-            dct = torch.addcmul(dc, dh * o, 1 - tc * tc)
-            dg_t = d_gates[t]
-            torch.mul(dh * tc, o * (1 - o), out=dg_t[:, 3 * H:])
-            torch.mul(dct * g, i * (1 - i), out=dg_t[:, :H])
-            torch.mul(dct * i, 1 - g * g, out=dg_t[:, 2 * H:3 * H])
-            torch.mul(dct * c_prev[t], f * (1 - f), out=dg_t[:, H:2 * H])
-            dc = dct * f
-            d_rh = dg_t @ w_rh                                                          # d [reads_{t-1}, h_{t-1}]
-        need = ctx.needs_input_grad
-        dg2 = d_gates.view(T * B, 4 * H)
-        d_w_rh = dg2.t() @ rh[:-1].reshape(T * B, RD + H)
-        d_w_ih = torch.cat([dg2.t() @ x.transpose(0, 1).reshape(T * B, I), d_w_rh[:, :RD]], 1) if need[8] else None
-        d_b = dg2.sum(0)
-        dr2 = d_raw.view(T * B, -1)
-        d_w_if = dr2.t() @ rh[1:, :, RD:].reshape(T * B, H) if need[12] else None
-        dx = (d_gates @ w_ih[:, :I]).transpose(0, 1) if need[0] else None
-        d_w_o = torch.cat([d_w_o_rh[:, RD:], d_w_o_rh[:, :RD]], 1) if need[14] else None
-        return (dx, d_rh[:, RD:], dc, d_rh[:, :RD].reshape(B, R, D), d_mem, d_usage, d_rw, None,
-                d_w_ih, d_b, d_w_rh[:, RD:] if need[10] else None, d_b, d_w_if, dr2.sum(0), d_w_o,
-                g_y_tb.sum(0), None, None)
+        R, W, D, _, _ = ctx.sizes
+        grads = _ext._C.core_sequence_backward([g_y, g_h, g_c, g_reads, g_memory, g_usage, g_rw, g_ww], saved[0],
+                                               saved[8], saved[12], list(saved[23:]), R, W, D, ctx.eps, ALLOC_EPS)
+        # the initial write weights enter only the usage, detached: no gradient, as step by step
+        return (*grads[:7], None, *grads[7:], None, None)
 
 
 def _eager_grads(ctx, grads_out):
@@ -223,7 +137,8 @@ def applies(core, x, state):
     from .access import MemoryAccess
 
     a = core.access
-    return (CoreSequence.enabled and a.sparse is None and a._one_node(state.memory)
+    return (CoreSequence.enabled and hasattr(_ext._C, "core_sequence_forward")
+            and a.sparse is None and a._one_node(state.memory)
             and not core.uses_checkpoint(x.shape[0], x.shape[1], x.dtype)
             and type(a).forward is MemoryAccess.forward and "forward" not in a.__dict__
             and _plain(core.controller, torch.nn.LSTMCell) and _plain(core.interface, torch.nn.Linear)
