@@ -13,9 +13,12 @@ squared loss, backward and an Adam step. Providers:
   "MemoryCore, no access"  MemoryCore with its memory access replaced by
                       reads = read keys: the controller, interface and output
                       layers step by step as in MemoryCore, no memory touched.
-                      What MemoryCore's step costs before any memory op, so a
-                      floor for every access implementation under this
-                      eager, step-by-step controller (N = 128 only)
+                      What MemoryCore's step-by-step path costs before any
+                      memory op, so a floor for every access under that
+                      eager controller (N = 128 only). The replaced forward
+                      keeps it step by step: MemoryCore itself now runs the
+                      whole sequence as one node (nn/core_sequence.py) and
+                      can be faster than this
 N = 128 and 1,024 for all; N = 10^5 for MemoryCore only (the dnc package's
 N x N links would need 16 x 10^10 floats), with batch 4: every step keeps its
 memory for the backward (22 x 16 x 10^5 x 64 floats would be 9 GB at batch 16).
