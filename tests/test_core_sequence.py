@@ -184,3 +184,18 @@ def test_hooks_and_overrides_run_step_by_step():
     del core.access.forward
     assert core.runs_as_one_node(x, st)
     assert not core.runs_as_one_node(x, core.initial_state(2, dtype=torch.float32))  # the state's dtype is not x's
+
+
+def test_strided_inputs_and_batch_of_one():
+    """x every other step of a longer sequence, a memory stored (B, D, N) and transposed, B = 1."""
+    core = _core()
+    for B in (1, 2):
+        x = torch.randn(B, 8, 3, dtype=F64, generator=torch.Generator().manual_seed(7))[:, ::2]
+        st = _state(core, B, True)
+        mem = st.memory.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        st = st._replace(memory=mem)
+        assert not x.is_contiguous() and not st.memory.is_contiguous()
+        out_a, grads_a, _ = _run(core, x, st, True)
+        out_b, grads_b, _ = _run(core, x, st, False)
+        _close(out_a, out_b, 1e-10, 1e-12)
+        _close(grads_a, grads_b, 1e-9, 1e-11)
