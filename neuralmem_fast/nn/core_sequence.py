@@ -48,7 +48,7 @@ __all__ = ["CoreSequence", "applies", "core_sequence"]
 
 
 def _layout(access):
-    """Interface widths: (n_lin, n_one, n_sig) and the per-field widths, as MemoryAccess.parse_interface."""
+    """The interface's block widths (linear, oneplus, sigmoid), as MemoryAccess.parse_interface splits it."""
     n_lin, n_one = sum(access._linear_sizes), sum(access._oneplus_sizes)
     return n_lin, n_one, access.interface_size - n_lin - n_one
 
