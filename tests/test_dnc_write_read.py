@@ -62,6 +62,29 @@ def test_forward_and_gradients_equal_the_reference(B, N, D, W, R, faint):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("faint", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_blocks_of_slots_equal_the_reference(dtype, faint):
+    """Width 64: the kernels go by blocks of 64 slots, here two whole blocks and a partial one, with the
+    lanes in whole vectors and the gradients of all three outputs, in both dtypes."""
+    B, N, D, W, R = 2, 150, 64, 2, 3
+    x = _inputs(B, N, D, W, R, dtype=dtype, faint=faint)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(dnc.write_read(*x), _ref(*x)):
+        torch.testing.assert_close(a, b, **tol)
+    up = _upstream(B, N, D, R, dtype=dtype)
+    for which in ((0, 1, 2), (1, 2), (0,)):
+        for a, b in zip(_grads(dnc.write_read, x, up, which), _grads(_ref, x, up, which)):
+            if b is None:  # the new memory alone does not depend on the read keys and strengths
+                assert a is None or not a.any()
+                continue
+            scale = max(1.0, b.abs().max().item())
+            if dtype == F64:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11 * scale)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize("B,N,D,W,R", SHAPES)
 def test_gradcheck_and_second_derivatives(B, N, D, W, R):
     x = [t.requires_grad_() for t in _inputs(B, N, D, W, R)]

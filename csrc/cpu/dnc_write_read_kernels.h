@@ -16,17 +16,6 @@ namespace neuralmem {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-// acc[0, VL) += x * y lane by lane; acc is a plain (unaligned) buffer.
-template <typename T>
-C10_ALWAYS_INLINE void wr_fma_acc(T* acc, const Vectorized<T>& x, const Vectorized<T>& y) {
-  at::vec::fmadd(x, y, Vectorized<T>::loadu(acc)).store(acc);
-}
-
-template <typename T>
-C10_ALWAYS_INLINE T wr_lanes_sum(const T* acc) {
-  return hsum(Vectorized<T>::loadu(acc));
-}
-
 // The inputs both kernels read, as raw pointers, copied into each task's locals (see below).
 template <typename T>
 struct WRInputs {
@@ -85,7 +74,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
     std::vector<T> buf(R * D + W + BS);
     T* const kh = buf.data();
     T* const a = kh + R * D;
-    T* const nr = a + W;  // the block's squared row norms
+    T* const nr = a + W;  // the block's squared row norms, then their inverse norms
     for (int64_t b = b0; b < b1; ++b) {
       const T* m = in.m + b * N * D;
       const T* ww = in.ww + b * W * N;
@@ -111,8 +100,13 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
         }
         // The block's rows, just written, are in L1: their norms and read logits.
         dots_block(kh, R, mo + n0 * D, nj, D, rw + n0, N, nr);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t j = 0; j < nj; ++j) rw[r * N + n0 + j] *= beta[r] / std::max(std::sqrt(nr[j]), eps);
+        // One square root and division per slot, not per slot and head.
+        for (int64_t j = 0; j < nj; ++j) nr[j] = T(1) / std::max(std::sqrt(nr[j]), eps);
+        for (int64_t r = 0; r < R; ++r) {
+          const T br = beta[r];
+          T* x = rw + r * N + n0;
+          for (int64_t j = 0; j < nj; ++j) x[j] *= br * nr[j];
+        }
       }
       for (int64_t r = 0; r < R; ++r) {
         T* x = rw + r * N;
@@ -171,8 +165,10 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     T* DK = DK_;
     T* DS = DS_;
     // vecs: the unit keys, then the reads' gradient (R x D each); cs: each head's cosine numerator
-    // k . new row, then the cosine, and after it dr: the read weights' gradient (R x N each).
-    std::vector<T> buf(3 * R * D + 2 * R * N + N + 4 * R + W + W * VL);
+    // k . new row, then the cosine, and after it dr: the read weights' gradient (R x N each); gs: a block
+    // of slots' gradients (BS x D), cob their coefficients of the new row.
+    const int64_t BS = block_slots(D);
+    std::vector<T> buf(3 * R * D + 2 * R * N + N + 2 * R + W + BS * D + BS);
     T* const kh = buf.data();
     T* const gv = kh + R * D;
     T* const dkh = gv + R * D;
@@ -181,10 +177,9 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     T* const nr = dr + R * N;
     T* const kn = nr + N;
     T* const delta = kn + R;
-    T* const cp = delta + R;
-    T* const ck = cp + R;
-    T* const a = ck + R;
-    T* const sw = a + W;  // per-lane accumulators (unaligned)
+    T* const a = delta + R;
+    T* const gs = a + W;
+    T* const cob = gs + BS * D;
     for (int64_t b = b0; b < b1; ++b) {
       const T* m = in.m + b * N * D;
       const T* ww = in.ww + b * W * N;
@@ -224,51 +219,70 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       std::fill(ds, ds + R, T(0));
       std::fill(de, de + W * D, T(0));
       std::fill(da, da + W * D, T(0));
-      // (2) per slot: the new row's gradient, the memory's, the write's.
-      for (int64_t n = 0; n < N; ++n) {
-        const T* o = mo + n * D;
-        const T* row = m + n * D;
-        for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
-        const T inv = T(1) / std::max(nr[n], eps);
-        const bool above = nr[n] >= eps;  // clamp_min passes the gradient at equality
-        // The slot's gradient: g = given + sum_r (p_r g_reads_r + dc_r inv k_r) - co * o, with
-        // dc_r = beta_r * (gradient of the logit) and, above eps (F.normalize), co = sum_r dc_r cos_r inv^2.
-        T co = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          const T p = rw[r * N + n];
-          const T dl = p * (dr[r * N + n] - delta[r]);
-          const T c = cs[r * N + n];
-          ds[r] += dl * c;
-          const T dc = dl * beta[r];
-          cp[r] = p;
-          ck[r] = dc * inv;
-          if (above) co += dc * c * inv * inv;
-        }
-        std::fill(sw, sw + W * VL, T(0));
-        T* dm = DM + (b * N + n) * D;
-        for (int64_t d = 0; d < D; d += VL) {
-          const int64_t k = std::min<int64_t>(VL, D - d);
-          const Vec x = load_n(o + d, k);
-          Vec g = gmo ? load_n(gmo + n * D + d, k) : Vec(T(0));
-          g = g - Vec(co) * x;
+      // (2) by blocks of slots, the block's rows in L1: per slot the scalars of the addressing's gradient
+      // (dr[r, n] becomes dc_r inv, the coefficient of the unit key in the slot's gradient); the slots'
+      // gradients g_n = given - co_n o_n + sum_r (p_r g_reads_r + dc_r inv k_r) as one blocked product
+      // (combine_block); the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the
+      // memory's gradient through the keep factor and the write's gradients.
+      for (int64_t n0 = 0; n0 < N; n0 += BS) {
+        const int64_t nj = std::min<int64_t>(BS, N - n0);
+        for (int64_t j = 0; j < nj; ++j) {
+          const int64_t n = n0 + j;
+          const T inv = T(1) / std::max(nr[n], eps);
+          const bool above = nr[n] >= eps;  // clamp_min passes the gradient at equality
+          // dc_r = beta_r * (gradient of the logit) and, above eps (F.normalize), co = sum_r dc_r cos_r inv^2.
+          T co = 0;
           for (int64_t r = 0; r < R; ++r) {
-            if (grd) g = at::vec::fmadd(Vec(cp[r]), load_n(grd + r * D + d, k), g);
-            g = at::vec::fmadd(Vec(ck[r]), load_n(kh + r * D + d, k), g);
-            T* dk = dkh + r * D + d;
-            store_n(at::vec::fmadd(Vec(ck[r]), x, load_n(dk, k)), dk, k);
+            const T p = rw[r * N + n];
+            const T dl = p * (dr[r * N + n] - delta[r]);
+            const T c = cs[r * N + n];
+            ds[r] += dl * c;
+            const T dc = dl * beta[r];
+            dr[r * N + n] = dc * inv;
+            if (above) co += dc * c * inv * inv;
           }
+          cob[j] = co;
+        }
+        const T* ob = mo + n0 * D;
+        if (gmo) std::copy(gmo + n0 * D, gmo + (n0 + nj) * D, gs);
+        if (grd) {
+          combine_block<true, true>(gs, ob, nj, D, R, cob, rw + n0, grd, dr + n0, kh, N, gmo != nullptr);
+        } else {
+          combine_block<false, true>(gs, ob, nj, D, R, cob, static_cast<const T*>(nullptr),
+                                     static_cast<const T*>(nullptr), dr + n0, kh, N, gmo != nullptr);
+        }
+        accumulate_block(dkh, R, dr + n0, N, ob, nj, D);
+        for (int64_t j = 0; j < nj; ++j) {
+          const int64_t n = n0 + j;
+          const T* g = gs + j * D;
+          const T* row = m + n * D;
+          T* dm = DM + (b * N + n) * D;
+          for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
           // The erase-add write: new = row * keep + sum_w a_w add_w.
-          const Vec rv = load_n(row + d, k);
-          store_n(g * wr_keep(a, e, W, D, d, k, -1), dm + d, k);
+          for (int64_t d = 0; d < D; d += VL) {
+            const int64_t k = std::min<int64_t>(VL, D - d);
+            store_n(load_n(g + d, k) * wr_keep(a, e, W, D, d, k, -1), dm + d, k);
+          }
           for (int64_t w = 0; w < W; ++w) {
-            const Vec ev = load_n(e + w * D + d, k);
-            const Vec re = rv * wr_keep(a, e, W, D, d, k, w);
-            wr_fma_acc(sw + w * VL, g, load_n(v + w * D + d, k) - re * ev);
-            store_n(load_n(de + w * D + d, k) - g * re * Vec(a[w]), de + w * D + d, k);
-            store_n(at::vec::fmadd(g, Vec(a[w]), load_n(da + w * D + d, k)), da + w * D + d, k);
+            const Vec aw(a[w]);
+            Vec s0(T(0)), s1(T(0));  // two accumulators: half the dependent chain
+            int64_t i = 0;
+            for (int64_t d = 0; d < D; d += VL, ++i) {
+              const int64_t k = std::min<int64_t>(VL, D - d);
+              const Vec gv = load_n(g + d, k);
+              const Vec re = load_n(row + d, k) * wr_keep(a, e, W, D, d, k, w);
+              const Vec t = load_n(v + w * D + d, k) - re * load_n(e + w * D + d, k);
+              if (i & 1) {
+                s1 = at::vec::fmadd(gv, t, s1);
+              } else {
+                s0 = at::vec::fmadd(gv, t, s0);
+              }
+              store_n(load_n(de + w * D + d, k) - gv * re * aw, de + w * D + d, k);
+              store_n(at::vec::fmadd(gv, aw, load_n(da + w * D + d, k)), da + w * D + d, k);
+            }
+            DWW[(b * W + w) * N + n] = hsum(s0 + s1);
           }
         }
-        for (int64_t w = 0; w < W; ++w) DWW[(b * W + w) * N + n] = wr_lanes_sum(sw + w * VL);
       }
       // Through k / max(|k|, eps).
       for (int64_t r = 0; r < R; ++r) {
