@@ -98,6 +98,14 @@ struct KernelTable {
                                           const at::Tensor& keys, const at::Tensor& strengths, double eps,
                                           at::Tensor& grad_memory_out, at::Tensor& grad_keys,
                                           at::Tensor& grad_strengths);
+  // MemoryCore's sequence node (csrc/dnc/core_sequence.cpp), float and double, contiguous (B, .) inputs: one
+  // step's LSTM cell from its pre-activations gates (B, 4H) and c_prev (B, H): s (B, 4H) the sigmoids of
+  // all four blocks, g = tanh of the cell block, the new cell c, tc = tanh(c) and h.
+  void (*lstm_cell)(const at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& s, at::Tensor& g, at::Tensor& c,
+                    at::Tensor& tc, at::Tensor& h);
+  // The interface's activations act (B, S) from raw (B, S): n_lin linear columns, n_one oneplus, the rest
+  // sigmoid; fac (B, S) their derivatives.
+  void (*dnc_interface)(const at::Tensor& raw, int64_t n_lin, int64_t n_one, at::Tensor& act, at::Tensor& fac);
 };
 
 // Null when the compiler could not build that instruction set.

@@ -36,6 +36,7 @@
 #endif
 
 #include "cpu/content_write_kernels.h"
+#include "cpu/dnc_controller_kernels.h"
 #include "cpu/dnc_write_read_kernels.h"
 
 namespace neuralmem {
@@ -202,6 +203,22 @@ inline void dnc_write_read_backward_k(const at::Tensor& gmo, const at::Tensor& g
   });
 }
 
+inline void lstm_cell_k(const at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& s, at::Tensor& g,
+                        at::Tensor& c, at::Tensor& tc, at::Tensor& h) {
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell", [&] {
+    lstm_cell_typed<scalar_t>(gates.const_data_ptr<scalar_t>(), c_prev.const_data_ptr<scalar_t>(), c_prev.size(0),
+                              c_prev.size(1), s.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                              tc.data_ptr<scalar_t>(), h.data_ptr<scalar_t>());
+  });
+}
+
+inline void dnc_interface_k(const at::Tensor& raw, int64_t n_lin, int64_t n_one, at::Tensor& act, at::Tensor& fac) {
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "dnc_interface", [&] {
+    dnc_interface_typed<scalar_t>(raw.const_data_ptr<scalar_t>(), raw.size(0), raw.size(1), n_lin, n_one,
+                                  act.data_ptr<scalar_t>(), fac.data_ptr<scalar_t>());
+  });
+}
+
 #undef NEURALMEM_DISPATCH
 
 constexpr KernelTable make_table(const char* name) {
@@ -223,7 +240,9 @@ constexpr KernelTable make_table(const char* name) {
                      &content_read_write_k,
                      &dnc_write_read_k,
                      &dnc_write_read_backward_k,
-                     &content_addressing_backward_add_k};
+                     &content_addressing_backward_add_k,
+                     &lstm_cell_k,
+                     &dnc_interface_k};
 }
 
 }  // namespace CPU_CAPABILITY

@@ -1,0 +1,80 @@
+// CPU kernels of MemoryCore's sequence node (csrc/dnc/core_sequence.cpp): the
+// nonlinearities of one time step's LSTM cell and interface layer, each one
+// pass where ATen took six and eight calls (about 2 µs each from C++ at the
+// classic tasks' B = 16, as much as their arithmetic). Part of
+// memory_kernels.h, compiled once per instruction set so that exp and tanh
+// are ATen's vectorised ones; float32 and float64 only. The formulas are
+// ATen's own (sigmoid as 1 / (1 + exp(-x)), softplus with threshold 20), so
+// that the node equals the step-by-step path (tests/test_core_sequence.py).
+#pragma once
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including cpu/dnc_controller_kernels.h"
+#endif
+
+#include "cpu/kernel_common.h"
+
+namespace neuralmem {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// The LSTM cell from its pre-activations gates (B, 4H), blocks i, f, g, o:
+// s = sigmoid(gates) (all four blocks), g = tanh(gates_g), c = s_f c_prev + s_i g, tc = tanh(c), h = s_o tc.
+template <typename T>
+void lstm_cell_typed(const T* gates, const T* c_prev, int64_t B, int64_t H, T* s, T* g, T* c, T* tc, T* h) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t b = 0; b < B; ++b) {
+    const T* x = gates + b * 4 * H;
+    T* sb = s + b * 4 * H;
+    for (int64_t j = 0; j < 4 * H; j += VL) {
+      const int64_t k = std::min<int64_t>(VL, 4 * H - j);
+      store_n(((Vec(T(0)) - load_n(x + j, k)).exp() + Vec(T(1))).reciprocal(), sb + j, k);
+    }
+    const int64_t o = b * H;
+    for (int64_t j = 0; j < H; j += VL) {
+      const int64_t k = std::min<int64_t>(VL, H - j);
+      const Vec gv = load_n(x + 2 * H + j, k).tanh();
+      store_n(gv, g + o + j, k);
+      const Vec cv = load_n(sb + H + j, k) * load_n(c_prev + o + j, k) + load_n(sb + j, k) * gv;
+      store_n(cv, c + o + j, k);
+      const Vec t = cv.tanh();
+      store_n(t, tc + o + j, k);
+      store_n(load_n(sb + 3 * H + j, k) * t, h + o + j, k);
+    }
+  }
+}
+
+// The interface's activations from its pre-activations raw (B, S), columns [0, n_lin) linear, [n_lin, n_lin +
+// n_one) oneplus, the rest sigmoid: act = [raw, 1 + softplus(raw), sigmoid(raw)], and fac, the derivative of
+// act by raw: [1, softplus'(raw), s (1 - s)] with softplus'(x) = 1 above the threshold 20, as ATen's.
+template <typename T>
+void dnc_interface_typed(const T* raw, int64_t B, int64_t S, int64_t n_lin, int64_t n_one, T* act, T* fac) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  const Vec one(T(1)), thr(T(20));
+  for (int64_t b = 0; b < B; ++b) {
+    const T* x = raw + b * S;
+    T* a = act + b * S;
+    T* f = fac + b * S;
+    std::copy(x, x + n_lin, a);
+    std::fill(f, f + n_lin, T(1));
+    for (int64_t j = n_lin; j < n_lin + n_one; j += VL) {
+      const int64_t k = std::min<int64_t>(VL, n_lin + n_one - j);
+      const Vec v = load_n(x + j, k);
+      const Vec above = v > thr;
+      const Vec z = v.exp();
+      store_n(Vec::blendv(z.log1p(), v, above) + one, a + j, k);
+      store_n(Vec::blendv(z / (z + one), one, above), f + j, k);
+    }
+    for (int64_t j = n_lin + n_one; j < S; j += VL) {
+      const int64_t k = std::min<int64_t>(VL, S - j);
+      const Vec sg = ((Vec(T(0)) - load_n(x + j, k)).exp() + one).reciprocal();
+      store_n(sg, a + j, k);
+      store_n(sg * (one - sg), f + j, k);
+    }
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace neuralmem
