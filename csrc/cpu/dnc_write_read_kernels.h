@@ -221,8 +221,8 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       std::fill(da, da + W * D, T(0));
       // (2) by blocks of slots, the block's rows in L1: per slot the scalars of the addressing's gradient
       // (dr[r, n] becomes dc_r inv, the coefficient of the unit key in the slot's gradient); the slots'
-      // gradients g_n = given - co_n o_n + sum_r (p_r g_reads_r + dc_r inv k_r) as one blocked product
-      // (combine_block); the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the
+      // gradients g_n = given - co_n o_n + sum_r (p_r g_reads_r + dc_r inv k_r), all but the given term as one
+      // blocked product (combine_block); the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the
       // memory's gradient through the keep factor and the write's gradients.
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
@@ -244,24 +244,30 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
           cob[j] = co;
         }
         const T* ob = mo + n0 * D;
-        if (gmo) std::copy(gmo + n0 * D, gmo + (n0 + nj) * D, gs);
         if (grd) {
-          combine_block<true, true>(gs, ob, nj, D, R, cob, rw + n0, grd, dr + n0, kh, N, gmo != nullptr);
+          combine_block<true, true>(gs, ob, nj, D, R, cob, rw + n0, grd, dr + n0, kh, N);
         } else {
           combine_block<false, true>(gs, ob, nj, D, R, cob, static_cast<const T*>(nullptr),
-                                     static_cast<const T*>(nullptr), dr + n0, kh, N, gmo != nullptr);
+                                     static_cast<const T*>(nullptr), dr + n0, kh, N);
         }
         accumulate_block(dkh, R, dr + n0, N, ob, nj, D);
         for (int64_t j = 0; j < nj; ++j) {
           const int64_t n = n0 + j;
-          const T* g = gs + j * D;
+          T* g = gs + j * D;
           const T* row = m + n * D;
+          const T* gn = gmo ? gmo + n * D : nullptr;
           T* dm = DM + (b * N + n) * D;
           for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
-          // The erase-add write: new = row * keep + sum_w a_w add_w.
+          // The given gradient of the new row joins here (not copied in first: one pass less over it). The
+          // erase-add write: new = row * keep + sum_w a_w add_w.
           for (int64_t d = 0; d < D; d += VL) {
             const int64_t k = std::min<int64_t>(VL, D - d);
-            store_n(load_n(g + d, k) * wr_keep(a, e, W, D, d, k, -1), dm + d, k);
+            Vec gt = load_n(g + d, k);
+            if (gn) {
+              gt = gt + load_n(gn + d, k);
+              store_n(gt, g + d, k);
+            }
+            store_n(gt * wr_keep(a, e, W, D, d, k, -1), dm + d, k);
           }
           for (int64_t w = 0; w < W; ++w) {
             const Vec aw(a[w]);
