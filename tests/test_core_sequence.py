@@ -199,3 +199,34 @@ def test_strided_inputs_and_batch_of_one():
         out_b, grads_b, _ = _run(core, x, st, False)
         _close(out_a, out_b, 1e-10, 1e-12)
         _close(grads_a, grads_b, 1e-9, 1e-11)
+
+
+_ISA_SCRIPT = """
+import torch
+from tests.test_core_sequence import _close, _core, _run, _state
+from neuralmem_fast.nn import core_sequence as cs
+assert torch.ops.neuralmem.cpu_capability() == "{isa}", torch.ops.neuralmem.cpu_capability()
+# Width 64 and 70 slots: write_read's blocks of 64 slots (one whole, one partial); hidden 10 and 3 + 2
+# oneplus columns: the lane tails of the LSTM and interface kernels.
+for big in (False, True):
+    core = _core(I=3, O=2, N=70, D=64, R=3, W=2, H=10)
+    if big:  # oneplus inputs above softplus's threshold 20: its linear branch and derivative 1
+        n_lin, n_one, _ = cs._layout(core.access)
+        with torch.no_grad():
+            core.interface.bias[n_lin:n_lin + n_one] += 25.0
+    x = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out_a, grads_a, _ = _run(core, x, _state(core, 2, True), True)
+    out_b, grads_b, _ = _run(core, x, _state(core, 2, True), False)
+    _close(out_a, out_b, 1e-10, 1e-12)
+    _close(grads_a, grads_b, 1e-9, 1e-11)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_one_node_on_every_instruction_set(isa):
+    """The node's kernels as built for each instruction set (a fresh process each; skipped where this
+    processor lacks it) against the step path in float64."""
+    from tests.helpers import run_on_instruction_set
+
+    run_on_instruction_set(isa, _ISA_SCRIPT.format(isa=isa))
