@@ -257,6 +257,47 @@ def test_least_used_slot_of_a_fresh_memory_is_slot_zero(N, D, W):
             assert least.tolist() == [0] * B, f"write {step} ({'read_write' if fused else 'write'}): {least}"
 
 
+_IDENTICAL_ROWS_SCRIPT = """
+import itertools, torch, neuralmem_fast as nm
+from neuralmem_fast.ops import dnc
+g, bad = torch.Generator().manual_seed(0), []
+for dtype, N, H, D in itertools.product((torch.float32, torch.float64), (1, 5, 7, 13, 65, 4099), (1, 2, 3, 4, 5),
+                                        (3, 64, 67)):
+    B, one = 2, lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    mem = one(B, 1, D).expand(B, N, D).contiguous()
+    keys, st = one(B, H, D), torch.rand(B, H, generator=g, dtype=dtype) * 30
+    erase, add = torch.rand(B, 1, D, generator=g, dtype=dtype), one(B, 1, D)
+    w = nm.content_addressing(mem, keys, st, backend="cpu")
+    if not (w == w[..., :1]).all():
+        bad.append(("content_addressing", dtype, N, H, D))
+    if N >= H:
+        new, rw, _ = dnc.write_read(mem, torch.full((B, 1, N), 1.0 / N, dtype=dtype), erase, add, keys, st)
+        if not ((rw == rw[..., :1]).all() and (new == new[:, :1]).all()):
+            bad.append(("write_read", dtype, N, H, D))
+    m, u = mem.clone(), torch.zeros(B, N, dtype=dtype)
+    least = nm.content_write_(m, keys[:, :1], st[:, :1], erase, add, usage=u, backend="cpu")
+    if not ((u == u[:, :1]).all() and (m == m[:, :1]).all() and least.tolist() == [0] * B):
+        bad.append(("content_write_", dtype, N, H, D))
+    m, u = mem.clone(), torch.zeros(B, N, dtype=dtype)
+    _, least = nm.content_read_write_(m, keys, st, keys[:, :1], st[:, :1], erase, add, usage=u, backend="cpu")
+    if not ((u == u[:, :1]).all() and (m == m[:, :1]).all() and least.tolist() == [0] * B):
+        bad.append(("content_read_write_", dtype, N, H, D))
+assert not bad, bad[:20]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_identical_rows_get_identical_weights_on_every_instruction_set(isa):
+    """Identical rows must get bit-identical weights, usage and writes wherever they sit: the dots of a
+    block's rows are summed four rows at a time, and the last (N mod 4) rows once went through another
+    horizontal sum (AVX2: another order of the additions), so slot 4 of N = 7 scored apart from slot 0 and
+    the least-used slot of a fresh memory moved off 0. A fresh process per instruction set."""
+    from tests.helpers import run_on_instruction_set
+
+    run_on_instruction_set(isa, _IDENTICAL_ROWS_SCRIPT)
+
+
 @pytest.mark.parametrize("N,D", [(16, 3), (4096, 64)], ids=["B2-N16-D3-W1-fp32", "B2-N4096-D64-W1-fp32"])
 def test_least_used_slot_ties_go_to_the_lowest_index(N, D):
     """Zero strengths address every slot alike (w = 1/N exactly), so slots of

@@ -369,11 +369,24 @@ inline void dots_rows_impl(const A* const* vecs, const A* rows, int64_t nj, int6
       }
     }
   }
-  for (int64_t j = nj & ~int64_t(3); j < nj; ++j) {
+  // The last (nj mod 4) rows go through hsum4 as well, beside zero vectors: its order of the additions
+  // is not hsum's (AVX2: hadd pairs against halves first), and a slot's score must not depend on its
+  // place in a group of four, or identical rows would get different weights.
+  const int64_t j0 = nj & ~int64_t(3), rem = nj - j0;
+  if (rem > 0) {
+    A t[4];
     if constexpr (K != 4) {
-      for (int k = 0; k < K; ++k) out[k * ldo + j] = hsum(pend[k][j & 3]);
+      for (int k = 0; k < K; ++k) {
+        for (int64_t i = rem; i < 4; ++i) pend[k][i] = Vec(A(0));
+        hsum4(pend[k][0], pend[k][1], pend[k][2], pend[k][3], t);
+        for (int64_t i = 0; i < rem; ++i) out[k * ldo + j0 + i] = t[i];
+      }
     }
-    if constexpr (NORM) nrm2[j] = hsum(accn[j & 3]);
+    if constexpr (NORM) {
+      for (int64_t i = rem; i < 4; ++i) accn[i] = Vec(A(0));
+      hsum4(accn[0], accn[1], accn[2], accn[3], t);
+      for (int64_t i = 0; i < rem; ++i) nrm2[j0 + i] = t[i];
+    }
   }
 }
 
