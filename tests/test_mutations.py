@@ -259,7 +259,7 @@ def test_least_used_slot_of_a_fresh_memory_is_slot_zero(N, D, W):
 
 _IDENTICAL_ROWS_SCRIPT = """
 import itertools, torch, neuralmem_fast as nm
-from neuralmem_fast.ops import dnc
+from neuralmem_fast.ops import dnc, sparse
 g, bad = torch.Generator().manual_seed(0), []
 for dtype, N, H, D in itertools.product((torch.float32, torch.float64), (1, 5, 7, 13, 65, 4099), (1, 2, 3, 4, 5),
                                         (3, 64, 67)):
@@ -274,6 +274,10 @@ for dtype, N, H, D in itertools.product((torch.float32, torch.float64), (1, 5, 7
         new, rw, _ = dnc.write_read(mem, torch.full((B, 1, N), 1.0 / N, dtype=dtype), erase, add, keys, st)
         if not ((rw == rw[..., :1]).all() and (new == new[:, :1]).all()):
             bad.append(("write_read", dtype, N, H, D))
+    k = min(N, 6)
+    sc, idx = sparse.cosine_topk(mem, keys, k, backend="cpu")
+    if not (torch.equal(idx, torch.arange(k).expand(B, H, k)) and (sc == sc[..., :1]).all()):
+        bad.append(("cosine_topk", dtype, N, H, D))
     m, u = mem.clone(), torch.zeros(B, N, dtype=dtype)
     least = nm.content_write_(m, keys[:, :1], st[:, :1], erase, add, usage=u, backend="cpu")
     if not ((u == u[:, :1]).all() and (m == m[:, :1]).all() and least.tolist() == [0] * B):
@@ -292,7 +296,8 @@ def test_identical_rows_get_identical_weights_on_every_instruction_set(isa):
     """Identical rows must get bit-identical weights, usage and writes wherever they sit: the dots of a
     block's rows are summed four rows at a time, and the last (N mod 4) rows once went through another
     horizontal sum (AVX2: another order of the additions), so slot 4 of N = 7 scored apart from slot 0 and
-    the least-used slot of a fresh memory moved off 0. A fresh process per instruction set."""
+    the least-used slot of a fresh memory moved off 0. The exact top-K must list identical rows in slot
+    order. A fresh process per instruction set."""
     from tests.helpers import run_on_instruction_set
 
     run_on_instruction_set(isa, _IDENTICAL_ROWS_SCRIPT)
