@@ -73,6 +73,20 @@ def test_one_node_equals_step_by_step_float64(shape, T, random):
     assert grads_a[7] is None  # the initial write weights enter only the usage, detached, as step by step
 
 
+@pytest.mark.parametrize("W", [1, 2])
+def test_write_addressing_gradient_carried_into_the_previous_steps_backward(W):
+    """The node's backward adds the write addressing's memory gradient of every step but the first inside
+    the previous step's write_read backward (csrc/dnc/write_read.h). At N = 1,700 and width 64 the addressing
+    kernel that leaves it as coefficients runs over several chunks of slots and a partial block; two write
+    heads leave two heads of coefficients."""
+    core = _core(N=1700, D=64, R=2, W=W, H=6)
+    x = torch.randn(2, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(5))
+    out_a, grads_a, _ = _run(core, x, _state(core, 2, True), True)
+    out_b, grads_b, _ = _run(core, x, _state(core, 2, True), False)
+    _close(out_a, out_b, 1e-10, 1e-12)
+    _close(grads_a, grads_b, 1e-9, 1e-11)
+
+
 def test_float32_matches_float64():
     c64, c32 = _core(), _core(dtype=torch.float32)
     x = torch.randn(2, 5, 3, dtype=F64, generator=torch.Generator().manual_seed(4))

@@ -131,10 +131,17 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
                                    const at::Tensor& a_t, const at::Tensor& k_t, const at::Tensor& s_t,
                                    const at::Tensor& mo_t, const at::Tensor& rw_t, double eps_d, int64_t B,
                                    int64_t N_, int64_t D_, int64_t W_, int64_t R_, at::Tensor& dm_t, at::Tensor& dww_t,
-                                   at::Tensor& de_t, at::Tensor& da_t, at::Tensor& dk_t, at::Tensor& ds_t) {
+                                   at::Tensor& de_t, at::Tensor& da_t, at::Tensor& dk_t, at::Tensor& ds_t,
+                                   const at::Tensor* pg_t = nullptr, const at::Tensor* pc_t = nullptr,
+                                   const at::Tensor* pq_t = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const T eps_ = static_cast<T>(eps_d);
+  // A pending addressing gradient of the new memory (kernel_table.h): P heads of coefficients.
+  const T* PG_ = pg_t ? pg_t->const_data_ptr<T>() : nullptr;
+  const T* PC_ = pg_t ? pc_t->const_data_ptr<T>() : nullptr;
+  const T* PQ_ = pg_t ? pq_t->const_data_ptr<T>() : nullptr;
+  const int64_t P_ = pg_t ? pc_t->size(1) : 0;
   const T* GMO_ = g_mo_t ? g_mo_t->const_data_ptr<T>() : nullptr;
   const T* GRW_ = g_rw_t ? g_rw_t->const_data_ptr<T>() : nullptr;
   const T* GRD_ = g_rd_t ? g_rd_t->const_data_ptr<T>() : nullptr;
@@ -155,6 +162,10 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     const T* GMO = GMO_;
     const T* GRW = GRW_;
     const T* GRD = GRD_;
+    const T* PG = PG_;
+    const T* PC = PC_;
+    const T* PQ = PQ_;
+    const int64_t P = P_;
     const WRInputs<T> in = in_;
     const T* MO = MO_;
     const T* RWS = RWS_;
@@ -249,6 +260,11 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
         } else {
           combine_block<false, true>(gs, ob, nj, D, R, cob, static_cast<const T*>(nullptr),
                                      static_cast<const T*>(nullptr), dr + n0, kh, N);
+        }
+        if (PG) {
+          // The pending addressing gradient of these new rows (read by the read heads' terms just above).
+          combine_block<false, true>(gs, ob, nj, D, P, PG + b * N + n0, static_cast<const T*>(nullptr),
+                                     static_cast<const T*>(nullptr), PC + b * P * N + n0, PQ + b * P * D, N, true);
         }
         accumulate_block(dkh, R, dr + n0, N, ob, nj, D);
         for (int64_t j = 0; j < nj; ++j) {

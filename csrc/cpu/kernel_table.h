@@ -83,14 +83,19 @@ struct KernelTable {
   void (*dnc_write_read)(const at::Tensor& memory, const at::Tensor& write_weights, const at::Tensor& erase,
                          const at::Tensor& add, const at::Tensor& read_keys, const at::Tensor& read_strengths,
                          double eps, at::Tensor& new_memory, at::Tensor& read_weights, at::Tensor& reads);
-  // Its backward; an undefined incoming gradient counts as zeros.
+  // Its backward; an undefined incoming gradient counts as zeros. With pend_gamma defined (float and double,
+  // MemoryCore's sequence node), grad_new_memory is taken as grad_new_memory + a content addressing's memory
+  // gradient over new_memory that content_addressing_backward_coefs left pending: row n gets
+  // - pend_gamma[b, n] new_memory[b, n] + sum_h pend_coef[b, h, n] pend_q[b, h].
   void (*dnc_write_read_backward)(const at::Tensor& grad_new_memory, const at::Tensor& grad_read_weights,
                                   const at::Tensor& grad_reads, const at::Tensor& memory,
                                   const at::Tensor& write_weights, const at::Tensor& erase, const at::Tensor& add,
                                   const at::Tensor& read_keys, const at::Tensor& read_strengths,
                                   const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
-                                  at::Tensor& grad_memory, at::Tensor& grad_write_weights, at::Tensor& grad_erase,
-                                  at::Tensor& grad_add, at::Tensor& grad_read_keys, at::Tensor& grad_read_strengths);
+                                  const at::Tensor& pend_gamma, const at::Tensor& pend_coef,
+                                  const at::Tensor& pend_q, at::Tensor& grad_memory,
+                                  at::Tensor& grad_write_weights, at::Tensor& grad_erase, at::Tensor& grad_add,
+                                  at::Tensor& grad_read_keys, at::Tensor& grad_read_strengths);
   // content_addressing_backward whose memory gradient is added to grad_memory
   // (grad_memory_out = grad_memory + that gradient): float and double only.
   void (*content_addressing_backward_add)(const at::Tensor& grad_memory, const at::Tensor& grad_weights,
@@ -98,6 +103,16 @@ struct KernelTable {
                                           const at::Tensor& keys, const at::Tensor& strengths, double eps,
                                           at::Tensor& grad_memory_out, at::Tensor& grad_keys,
                                           at::Tensor& grad_strengths);
+  // content_addressing_backward without the memory's gradient, which it leaves as per-slot coefficients
+  // (float and double): d/dmemory[b, n] = - gamma[b, n] memory[b, n] + sum_h coef[b, h, n] q[b, h], with
+  // gamma (B, N), coef (B, H, N) and q (B, H, D) the unit keys. One read of the memory where the gradient
+  // would take a read and a write of (B, N, D) more; dnc_write_read_backward adds it where it reads the
+  // gradient of its new memory anyway.
+  void (*content_addressing_backward_coefs)(const at::Tensor& grad_weights, const at::Tensor& weights,
+                                            const at::Tensor& memory, const at::Tensor& keys,
+                                            const at::Tensor& strengths, double eps, at::Tensor& grad_keys,
+                                            at::Tensor& grad_strengths, at::Tensor& gamma, at::Tensor& coef,
+                                            at::Tensor& q);
   // MemoryCore's sequence node (csrc/dnc/core_sequence.cpp), float and double, contiguous (B, .) inputs: one
   // step's LSTM cell from its pre-activations gates (B, 4H) and c_prev (B, H): s (B, 4H) the sigmoids of
   // all four blocks, g = tanh of the cell block, the new cell c, tc = tanh(c) and h.

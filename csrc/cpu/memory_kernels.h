@@ -76,6 +76,19 @@ inline void content_addressing_backward_add_k(const at::Tensor& gm, const at::Te
   });
 }
 
+// content_addressing_backward's key and strength gradients, its memory gradient left as coefficients.
+inline void content_addressing_backward_coefs_k(const at::Tensor& gw, const at::Tensor& w, const at::Tensor& memory,
+                                                const at::Tensor& keys, const at::Tensor& strengths, double eps,
+                                                at::Tensor& dk, at::Tensor& ds, at::Tensor& gamma, at::Tensor& coef,
+                                                at::Tensor& q) {
+  AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "addressing_backward_coefs", [&] {
+    at::Tensor none;  // undefined: no memory gradient
+    addressing_backward_typed<scalar_t, false>(nullptr, nullptr, nullptr, &gw, &w, memory, keys, strengths, eps,
+                                               none, dk, ds, nullptr, gamma.data_ptr<scalar_t>(),
+                                               coef.data_ptr<scalar_t>(), q.data_ptr<scalar_t>());
+  });
+}
+
 inline void memory_read_k(const at::Tensor& memory, const at::Tensor& weights, at::Tensor& reads) {
   NEURALMEM_DISPATCH(memory.scalar_type(), "memory_read", [&] { memory_read_typed<scalar_t>(memory, weights, reads); });
 }
@@ -192,14 +205,16 @@ inline void dnc_write_read_k(const at::Tensor& memory, const at::Tensor& ww, con
 inline void dnc_write_read_backward_k(const at::Tensor& gmo, const at::Tensor& grw, const at::Tensor& grd,
                                       const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
                                       const at::Tensor& add, const at::Tensor& rk, const at::Tensor& rs,
-                                      const at::Tensor& out, const at::Tensor& rw, double eps, at::Tensor& dm,
-                                      at::Tensor& dww, at::Tensor& de, at::Tensor& da, at::Tensor& dk,
-                                      at::Tensor& ds) {
+                                      const at::Tensor& out, const at::Tensor& rw, double eps,
+                                      const at::Tensor& pend_gamma, const at::Tensor& pend_coef,
+                                      const at::Tensor& pend_q, at::Tensor& dm, at::Tensor& dww, at::Tensor& de,
+                                      at::Tensor& da, at::Tensor& dk, at::Tensor& ds) {
   const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), W = ww.size(1), R = rk.size(1);
   AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "write_read_backward", [&] {
     dnc_write_read_backward_typed<scalar_t>(gmo.defined() ? &gmo : nullptr, grw.defined() ? &grw : nullptr,
                                             grd.defined() ? &grd : nullptr, memory, ww, erase, add, rk, rs, out,
-                                            rw, eps, B, N, D, W, R, dm, dww, de, da, dk, ds);
+                                            rw, eps, B, N, D, W, R, dm, dww, de, da, dk, ds,
+                                            pend_gamma.defined() ? &pend_gamma : nullptr, &pend_coef, &pend_q);
   });
 }
 
@@ -241,6 +256,7 @@ constexpr KernelTable make_table(const char* name) {
                      &dnc_write_read_k,
                      &dnc_write_read_backward_k,
                      &content_addressing_backward_add_k,
+                     &content_addressing_backward_coefs_k,
                      &lstm_cell_k,
                      &dnc_interface_k};
 }

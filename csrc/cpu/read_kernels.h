@@ -129,7 +129,8 @@ template <typename T, bool FUSED>
 void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor* reads_t, const at::Tensor* lse_t,
                                const at::Tensor* grad_w_t, const at::Tensor* w_t, const at::Tensor& memory_t,
                                const at::Tensor& keys_t, const at::Tensor& str_t, double eps_d, at::Tensor& dm_t,
-                               at::Tensor& dk_t, at::Tensor& ds_t, const at::Tensor* dm_in_t = nullptr) {
+                               at::Tensor& dk_t, at::Tensor& ds_t, const at::Tensor* dm_in_t = nullptr,
+                               T* coef_gamma = nullptr, T* coef_b = nullptr, T* coef_q = nullptr) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
   const T* mem = memory_t.const_data_ptr<T>();
@@ -139,12 +140,16 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   // with grad_memory=false). The pass then only reads the memory, for dk and
   // dstrengths; the chunks and every sum stay the same, so dk and dstrengths
   // are bitwise those of the full backward.
-  T* dm = dm_t.numel() > 0 ? dm_t.data_ptr<T>() : nullptr;
+  T* dm = dm_t.defined() && dm_t.numel() > 0 ? dm_t.data_ptr<T>() : nullptr;
   // dm_in (float and double, not fused): dm = dm_in + this gradient, each
   // block of dm_in copied into dm while in cache, then added to (one pass
   // where a separate gradient and an add would take two).
   const T* dm_in = dm_in_t != nullptr ? dm_in_t->const_data_ptr<T>() : nullptr;
   TORCH_INTERNAL_ASSERT(dm_in == nullptr || (!FUSED && std::is_same_v<T, acc_t<T>> && dm != nullptr));
+  // coef_*: the memory's gradient as per-slot coefficients (float and double, not fused, no dm):
+  // d/dm_n = -coef_gamma[b, n] m_n + sum_h coef_b[b, h, n] q_h, with q the unit keys (coef_q, (B, H, D)).
+  TORCH_INTERNAL_ASSERT(coef_gamma == nullptr || (!FUSED && std::is_same_v<T, acc_t<T>> && dm == nullptr &&
+                                                  coef_b != nullptr && coef_q != nullptr));
   T* dk = dk_t.data_ptr<T>();
   T* dstr = ds_t.data_ptr<T>();
   const A eps = static_cast<A>(eps_d);
@@ -297,6 +302,7 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
       const int64_t n0 = c * ch.size, n1 = std::min(N, n0 + ch.size);
       A* q = vecs.data();
       load_vecs(b, vecs.data(), beta.data());
+      if (coef_q != nullptr && c == 0) std::copy(q, q + H * D, reinterpret_cast<A*>(coef_q) + b * H * D);
       A* r = C > 1 ? &part[t * rec] : &finals[b * rec];
       A* dq = r;
       A* dbeta = r + H * D;
@@ -358,6 +364,13 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
             gam[j] += dc * cj;
           }
           dbeta[h] += db;
+        }
+        if (coef_gamma != nullptr) {
+          A* cg = reinterpret_cast<A*>(coef_gamma) + b * N + nb;
+          for (int64_t j = 0; j < nj; ++j) cg[j] = gam[j] * gate[j];
+          for (int64_t h = 0; h < H; ++h) {
+            std::copy(bq.data() + h * BS, bq.data() + h * BS + nj, reinterpret_cast<A*>(coef_b) + (b * H + h) * N + nb);
+          }
         }
         if (dm != nullptr) {
           for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];

@@ -12,6 +12,10 @@
 // each (cpu/dnc_controller_kernels.h, in the per-instruction-set kernel table),
 // their backwards and the interface's fields plain loops here: about 50 ATen
 // calls per step fewer than with ATen's pointwise ops.
+// In the backward, the write addressing's gradient of each memory but the
+// first is not a pass of its own: it is left as per-slot coefficients and
+// added inside the next write_read backward, which reads and writes that
+// memory's gradient anyway (dnc/write_read.h).
 // Not ops of their own (no schema, no autograd): two functions of the _C
 // module, called only by that Function, which owns saving, version checks and
 // create_graph.
@@ -24,6 +28,7 @@
 
 #include "cpu/kernel_table.h"
 #include "dnc/core_sequence.h"
+#include "dnc/write_read.h"
 
 namespace neuralmem {
 namespace dnc {
@@ -250,18 +255,32 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   T d_rh = at::cat({grads[3].reshape({B, RD}), g_h}, 1);  // d [reads_t, h_t]
   const Fields fields = fields_of(R, W, D);
   T dc = grads[2].contiguous(), d_mem = grads[4].contiguous(), d_usage = grads[5].contiguous(), d_rw = grads[6].contiguous();
+  // The write addressing's memory gradient of step t + 1, over the memory that step t wrote, left as per-slot
+  // coefficients (write_read.h): step t's write_read backward adds it where it reads the gradient of that
+  // memory anyway, so that it costs no pass of its own over (B, N, D). Step 0's is added to the initial
+  // memory's gradient at once.
+  T pend_gamma, pend_coef, pend_q;
   for (int64_t t = Tn - 1; t >= 0; --t) {
     const T* st = saved.data() + 3 + kPerStep * t;
     d_rh = d_rh + d_rh_out[t];
     T d_reads = d_rh.narrow(1, 0, RD).reshape({B, R, D}).contiguous();
     auto [dm, dww, de, da, drk, drs] =
-        op.write_read_backward.call(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
-                                    st[kRs], st[kNewMemory], st[kNewRw], eps);
+        pend_gamma.defined()
+            ? write_read_backward_pending(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
+                                          st[kRs], st[kNewMemory], st[kNewRw], eps, pend_gamma, pend_coef, pend_q)
+            : op.write_read_backward.call(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
+                                          st[kRs], st[kNewMemory], st[kNewRw], eps);
     if (t == Tn - 1) dww = dww + g_ww;  // the write weights reach later steps only detached (the usage)
     auto [du, dfg, dprw, dcw, dgw, dga] =
         op.write_weights_backward.call(d_usage, dww, st[kUsage], st[kWw], st[kFg], st[kRw], st[kContent], st[kWg],
                                        st[kAg], st[kHu], st[kOrder], alloc_eps);
-    auto [dwk, dws] = op.addressing_backward_add_.call(dm, dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps);
+    T dwk, dws;
+    if (t > 0) {
+      std::tie(dwk, dws, pend_gamma, pend_coef, pend_q) =
+          addressing_backward_coefs(dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps);
+    } else {
+      std::tie(dwk, dws) = op.addressing_backward_add_.call(dm, dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps);
+    }
     d_mem = dm, d_usage = du, d_rw = dprw;
     T dr = d_raw[t];
     join_fields_mul({drk, dwk, da, drs, dws, de, dfg, dga, dgw}, st[kFac], fields, dr);

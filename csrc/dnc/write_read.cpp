@@ -30,6 +30,7 @@
 #include "inplace_checks.h"
 #include "cpu/kernel_table.h"
 #include "dnc/checks.h"
+#include "dnc/write_read.h"
 
 TORCH_LIBRARY_FRAGMENT(neuralmem_dnc, m) {
   m.def("write_read(Tensor memory, Tensor write_weights, Tensor erase, Tensor add, Tensor read_keys, "
@@ -107,11 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> write_read_cpu(const at::Tensor& 
   return {out, rw, rd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_backward_impl(
     const std::optional<at::Tensor>& g_mo, const std::optional<at::Tensor>& g_rw,
     const std::optional<at::Tensor>& g_rd, const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
     const at::Tensor& add, const at::Tensor& keys, const at::Tensor& str, const at::Tensor& new_memory,
-    const at::Tensor& read_weights, double eps) {
+    const at::Tensor& read_weights, double eps, const at::Tensor& pend_gamma = at::Tensor(),
+    const at::Tensor& pend_coef = at::Tensor(), const at::Tensor& pend_q = at::Tensor()) {
   const WRDims d = check_inputs(memory, ww, erase, add, keys, str, eps);
   check_shape(new_memory, "new_memory", {d.B, d.N, d.D}, memory, "(B, N, D)");
   check_shape(read_weights, "read_weights", {d.B, d.R, d.N}, memory, "(B, R, N)");
@@ -136,8 +138,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ds = at::empty({d.B, d.R}, memory.options());
   cpu::kernels().dnc_write_read_backward(gmo, grw, grd, memory.contiguous(), ww.contiguous(), erase.contiguous(),
                                     add.contiguous(), keys.contiguous(), str.contiguous(), new_memory.contiguous(),
-                                    read_weights.contiguous(), eps, dm, dww, de, da, dk, ds);
+                                    read_weights.contiguous(), eps, pend_gamma, pend_coef, pend_q, dm, dww, de,
+                                    da, dk, ds);
   return {dm, dww, de, da, dk, ds};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_backward_cpu(
+    const std::optional<at::Tensor>& g_mo, const std::optional<at::Tensor>& g_rw,
+    const std::optional<at::Tensor>& g_rd, const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
+    const at::Tensor& add, const at::Tensor& keys, const at::Tensor& str, const at::Tensor& new_memory,
+    const at::Tensor& read_weights, double eps) {
+  return write_read_backward_impl(g_mo, g_rw, g_rd, memory, ww, erase, add, keys, str, new_memory, read_weights,
+                                  eps);
 }
 
 // The checks of both addressing_backward_add ops; returns H.
@@ -220,6 +232,37 @@ std::tuple<at::Tensor, at::Tensor> addressing_backward_add_inplace_autograd(
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_backward_pending(
+    const at::Tensor& g_mo, const at::Tensor& g_rw, const at::Tensor& g_rd, const at::Tensor& memory,
+    const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add, const at::Tensor& keys,
+    const at::Tensor& str, const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
+    const at::Tensor& pend_gamma, const at::Tensor& pend_coef, const at::Tensor& pend_q) {
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2);
+  TORCH_CHECK(pend_coef.dim() == 3 && pend_coef.size(0) == B && pend_coef.size(2) == N,
+              "write_read_backward_pending: pend_coef must be (B, P, N), got ", pend_coef.sizes());
+  check_shape(pend_gamma, "pend_gamma", {B, N}, memory, "(B, N)");
+  check_shape(pend_q, "pend_q", {B, pend_coef.size(1), D}, memory, "(B, P, D)");
+  return write_read_backward_impl(g_mo, g_rw, g_rd, memory, ww, erase, add, keys, str, new_memory, read_weights,
+                                  eps, pend_gamma.contiguous(), pend_coef.contiguous(), pend_q.contiguous());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressing_backward_coefs(
+    const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory, const at::Tensor& keys,
+    const at::Tensor& str, double eps) {
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), H = keys.size(1);
+  check_addressing_add(memory, grad_weights, weights, memory, keys, str, eps);
+  at::Tensor dk = at::empty({B, H, D}, memory.options());
+  at::Tensor ds = at::empty({B, H}, memory.options());
+  at::Tensor gamma = at::empty({B, N}, memory.options());
+  at::Tensor coef = at::empty({B, H, N}, memory.options());
+  at::Tensor q = at::empty({B, H, D}, memory.options());
+  cpu::kernels().content_addressing_backward_coefs(grad_weights.contiguous(), weights.contiguous(),
+                                                   memory.contiguous(), keys.contiguous(), str.contiguous(), eps,
+                                                   dk, ds, gamma, coef, q);
+  return {dk, ds, gamma, coef, q};
+}
+
 }  // namespace dnc
 }  // namespace neuralmem
 
