@@ -152,9 +152,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   eps);
 }
 
-// The checks of both addressing_backward_add ops; returns H.
-int64_t check_addressing_add(const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
-                             const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
+// The checks of an addressing backward's inputs; returns H.
+int64_t check_addressing(const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory,
+                         const at::Tensor& keys, const at::Tensor& str, double eps) {
   check_memory_eps(memory, eps);
   TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
                     keys.defined() ? keys.sizes() : c10::IntArrayRef{});
@@ -164,7 +164,14 @@ int64_t check_addressing_add(const at::Tensor& grad_memory, const at::Tensor& gr
   check_shape(str, "strengths", {B, H}, memory, "(B, H)");
   check_shape(weights, "weights", {B, H, N}, memory, "(B, H, N)");
   check_shape(grad_weights, "grad_weights", {B, H, N}, memory, "(B, H, N)");
-  check_shape(grad_memory, "grad_memory", {B, N, D}, memory, "(B, N, D)");
+  return H;
+}
+
+// The checks of both addressing_backward_add ops; returns H.
+int64_t check_addressing_add(const at::Tensor& grad_memory, const at::Tensor& grad_weights, const at::Tensor& weights,
+                             const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
+  const int64_t H = check_addressing(grad_weights, weights, memory, keys, str, eps);
+  check_shape(grad_memory, "grad_memory", {memory.size(0), memory.size(1), memory.size(2)}, memory, "(B, N, D)");
   return H;
 }
 
@@ -250,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressing_backward_coefs(
     const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory, const at::Tensor& keys,
     const at::Tensor& str, double eps) {
-  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), H = keys.size(1);
-  check_addressing_add(memory, grad_weights, weights, memory, keys, str, eps);
+  const int64_t H = check_addressing(grad_weights, weights, memory, keys, str, eps);
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2);
   at::Tensor dk = at::empty({B, H, D}, memory.options());
   at::Tensor ds = at::empty({B, H}, memory.options());
   at::Tensor gamma = at::empty({B, N}, memory.options());
