@@ -365,15 +365,16 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
           }
           dbeta[h] += db;
         }
+        if (dm != nullptr || coef_gamma != nullptr) {
+          for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
+        }
         if (coef_gamma != nullptr) {
-          A* cg = reinterpret_cast<A*>(coef_gamma) + b * N + nb;
-          for (int64_t j = 0; j < nj; ++j) cg[j] = gam[j] * gate[j];
+          std::copy(gam.data(), gam.data() + nj, reinterpret_cast<A*>(coef_gamma) + b * N + nb);
           for (int64_t h = 0; h < H; ++h) {
             std::copy(bq.data() + h * BS, bq.data() + h * BS + nj, reinterpret_cast<A*>(coef_b) + (b * H + h) * N + nb);
           }
         }
         if (dm != nullptr) {
-          for (int64_t j = 0; j < nj; ++j) gam[j] *= gate[j];
           A* dmrow = kHalf ? dmbuf.data() : reinterpret_cast<A*>(dm + (b * N + nb) * D);
           if constexpr (FUSED) {
             combine_block<true, true>(dmrow, rows, nj, D, H, gam.data(), wp, vecs.data() + H * D, bq.data(), q,
