@@ -46,6 +46,49 @@ C10_ALWAYS_INLINE Vectorized<T> wr_keep(const T* a, const T* e, int64_t W, int64
   return keep;
 }
 
+// One write head and rows of whole vectors (the classic tasks' W = 1, D = 64), the per-slot part of the
+// backward in one sweep of the lanes per slot: the general loop of dnc_write_read_backward_typed takes two
+// and reloads the slot's gradient between them, each lane through a masked load, with its keep factor
+// rebuilt per head. The same formulas in the same order (the compiler may fuse other multiply-adds: last-bit
+// differences). g: the slots'
+// gradients without the given one (gs), gn: the given gradient of the new rows (GN), a: their write weights,
+// e, v: the write's erase and add vectors, dm: the memory's gradient, de, da: accumulated, dww: per slot.
+template <bool GN, typename T>
+C10_ALWAYS_INLINE void wr_backward_slots_w1(const T* __restrict g, const T* __restrict gn, const T* __restrict row,
+                                            const T* __restrict a, const T* __restrict e, const T* __restrict v,
+                                            T* __restrict dm, T* __restrict de, T* __restrict da,
+                                            T* __restrict dww, int64_t nj, int64_t D) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t j = 0; j < nj; ++j) {
+    const Vec aw(a[j]);
+    const T* gj = g + j * D;
+    const T* gnj = GN ? gn + j * D : nullptr;
+    const T* rj = row + j * D;
+    T* dmj = dm + j * D;
+    // new = row (1 - a e) + a v: d row = g (1 - a e), d v = a g, d e = -a g row, d a = g . (v - row e).
+    auto lane = [&](int64_t d, Vec& s) {
+      Vec gt = Vec::loadu(gj + d);
+      if constexpr (GN) gt = gt + Vec::loadu(gnj + d);
+      const Vec ev = Vec::loadu(e + d);
+      (gt * (Vec(T(1)) - aw * ev)).store(dmj + d);
+      const Vec re = Vec::loadu(rj + d);
+      const Vec t = Vec::loadu(v + d) - re * ev;
+      s = at::vec::fmadd(gt, t, s);
+      (Vec::loadu(de + d) - gt * re * aw).store(de + d);
+      at::vec::fmadd(gt, aw, Vec::loadu(da + d)).store(da + d);
+    };
+    Vec s0(T(0)), s1(T(0));  // even and odd lane blocks, as the general loop
+    int64_t d = 0;
+    for (; d + 2 * VL <= D; d += 2 * VL) {
+      lane(d, s0);
+      lane(d + VL, s1);
+    }
+    if (d < D) lane(d, s0);
+    dww[j] = hsum(s0 + s1);
+  }
+}
+
 // Forward, per memory: (1) by blocks of slots, each slot's new row, then the block's norms and R read
 // logits (dots_block) from the rows still in L1; (2) the softmax of each head over the slots; (3) the reads from the
 // new rows, still in cache.
@@ -87,15 +130,29 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
       normalize_keys(in.k + b * R * D, R, D, eps, kh, static_cast<T*>(nullptr));
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
-        for (int64_t n = n0; n < n0 + nj; ++n) {
-          for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
-          const T* row = m + n * D;
-          T* o = mo + n * D;
-          for (int64_t d = 0; d < D; d += VL) {
-            const int64_t k = std::min<int64_t>(VL, D - d);
-            Vec x = load_n(row + d, k) * wr_keep(a, e, W, D, d, k, -1);
-            for (int64_t w = 0; w < W; ++w) x = at::vec::fmadd(Vec(a[w]), load_n(v + w * D + d, k), x);
-            store_n(x, o + d, k);
+        if (W == 1 && D % VL == 0) {
+          // One write head, whole vectors: new = row (1 - a e) + a v with no masked loads and no loop over
+          // heads; the formula of the general loop below.
+          for (int64_t n = n0; n < n0 + nj; ++n) {
+            const Vec aw(ww[n]);
+            const T* row = m + n * D;
+            T* o = mo + n * D;
+            for (int64_t d = 0; d < D; d += VL) {
+              const Vec x = Vec::loadu(row + d) * (Vec(T(1)) - aw * Vec::loadu(e + d));
+              at::vec::fmadd(aw, Vec::loadu(v + d), x).store(o + d);
+            }
+          }
+        } else {
+          for (int64_t n = n0; n < n0 + nj; ++n) {
+            for (int64_t w = 0; w < W; ++w) a[w] = ww[w * N + n];
+            const T* row = m + n * D;
+            T* o = mo + n * D;
+            for (int64_t d = 0; d < D; d += VL) {
+              const int64_t k = std::min<int64_t>(VL, D - d);
+              Vec x = load_n(row + d, k) * wr_keep(a, e, W, D, d, k, -1);
+              for (int64_t w = 0; w < W; ++w) x = at::vec::fmadd(Vec(a[w]), load_n(v + w * D + d, k), x);
+              store_n(x, o + d, k);
+            }
           }
         }
         // The block's rows, just written, are in L1: their norms and read logits.
@@ -267,6 +324,17 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
                                      static_cast<const T*>(nullptr), PC + b * P * N + n0, PQ + b * P * D, N, true);
         }
         accumulate_block(dkh, R, dr + n0, N, ob, nj, D);
+        if (W == 1 && D % VL == 0) {
+          const T* rows = m + n0 * D;
+          T* dmb = DM + (b * N + n0) * D;
+          if (gmo) {
+            wr_backward_slots_w1<true>(gs, gmo + n0 * D, rows, ww + n0, e, v, dmb, de, da, DWW + b * N + n0, nj, D);
+          } else {
+            wr_backward_slots_w1<false>(gs, static_cast<const T*>(nullptr), rows, ww + n0, e, v, dmb, de, da,
+                                        DWW + b * N + n0, nj, D);
+          }
+          continue;
+        }
         for (int64_t j = 0; j < nj; ++j) {
           const int64_t n = n0 + j;
           T* g = gs + j * D;
