@@ -234,9 +234,9 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     T* DS = DS_;
     // vecs: the unit keys, then the reads' gradient (R x D each); cs: each head's cosine numerator
     // k . new row, then the cosine, and after it dr: the read weights' gradient (R x N each); gs: a block
-    // of slots' gradients (BS x D), cob their coefficients of the new row.
+    // of slots' gradients (BS x D); cob: every slot's coefficient of its new row (N).
     const int64_t BS = block_slots(D);
-    std::vector<T> buf(3 * R * D + 2 * R * N + N + 2 * R + W + BS * D + BS);
+    std::vector<T> buf(3 * R * D + 2 * R * N + N + 2 * R + W + BS * D + N);
     T* const kh = buf.data();
     T* const gv = kh + R * D;
     T* const dkh = gv + R * D;
@@ -267,55 +267,67 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       if (grd) std::copy(grd, grd + R * D, gv);
       dots_block(kh, grd ? 2 * R : R, mo, N, D, cs, N, nr);
       if (!grd) std::fill(dr, dr + R * N, T(0));
-      for (int64_t n = 0; n < N; ++n) nr[n] = std::sqrt(nr[n]);
+      // Eight (or four) slots at a time from here to the blocks below: scalar, these per-slot loops took a
+      // fifth of the kernel at N = 1,024 (divisions, and sums whose every addition waited on the last).
+      const Vec veps(eps);
+      for (int64_t n = 0; n < N; n += VL) {
+        const int64_t k = std::min<int64_t>(VL, N - n);
+        store_n(load_n(nr + n, k).sqrt(), nr + n, k);
+      }
       for (int64_t r = 0; r < R; ++r) {
         const T* p = rw + r * N;
         T* x = dr + r * N;
         T* c = cs + r * N;
-        if (GRW) {
-          const T* gw = GRW + (b * R + r) * N;
-          for (int64_t n = 0; n < N; ++n) x[n] += gw[n];
+        const T* gw = GRW ? GRW + (b * R + r) * N : nullptr;
+        Vec sum(T(0));
+        for (int64_t n = 0; n < N; n += VL) {
+          const int64_t k = std::min<int64_t>(VL, N - n);
+          Vec xv = load_n(x + n, k);
+          if (gw) {
+            xv = xv + load_n(gw + n, k);
+            store_n(xv, x + n, k);
+          }
+          sum = at::vec::fmadd(load_n(p + n, k), xv, sum);  // the padding lanes are zeros
+          store_n(load_n(c + n, k) / at::vec::maximum(load_n(nr + n, k), veps), c + n, k);
         }
-        T sum = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          sum += p[n] * x[n];
-          c[n] /= std::max(nr[n], eps);
-        }
-        delta[r] = sum;
+        delta[r] = hsum(sum);
       }
+      // Per slot the scalars of the addressing's gradient: dr[r, n] becomes dc_r inv, the coefficient of the
+      // unit key in the slot's gradient, with dc_r = beta_r * (gradient of the logit); cob[n] =
+      // sum_r dc_r cos_r inv^2 where the norm is at least eps (F.normalize's clamp_min passes the gradient
+      // at equality), else 0; ds the strengths' gradient.
+      for (int64_t r = 0; r < R; ++r) {
+        const Vec dlt(delta[r]), br(beta[r]);
+        Vec dsum(T(0));
+        for (int64_t n = 0; n < N; n += VL) {
+          const int64_t k = std::min<int64_t>(VL, N - n);
+          const Vec nrv = load_n(nr + n, k);
+          const Vec inv = Vec(T(1)) / at::vec::maximum(nrv, veps);
+          const Vec dl = load_n(rw + r * N + n, k) * (load_n(dr + r * N + n, k) - dlt);
+          const Vec c = load_n(cs + r * N + n, k);
+          dsum = at::vec::fmadd(dl, c, dsum);  // zero in the padding lanes: rw is padded with zeros
+          const Vec dc = dl * br;
+          store_n(dc * inv, dr + r * N + n, k);
+          const Vec co = Vec::blendv(Vec(T(0)), dc * c * inv * inv, nrv >= veps);
+          store_n(r == 0 ? co : load_n(cob + n, k) + co, cob + n, k);
+        }
+        ds[r] = hsum(dsum);
+      }
+      if (R == 0) std::fill(cob, cob + N, T(0));
       std::fill(dkh, dkh + R * D, T(0));
-      std::fill(ds, ds + R, T(0));
       std::fill(de, de + W * D, T(0));
       std::fill(da, da + W * D, T(0));
-      // (2) by blocks of slots, the block's rows in L1: per slot the scalars of the addressing's gradient
-      // (dr[r, n] becomes dc_r inv, the coefficient of the unit key in the slot's gradient); the slots'
+      // (2) by blocks of slots, the block's rows in L1: the slots'
       // gradients g_n = given - co_n o_n + sum_r (p_r g_reads_r + dc_r inv k_r), all but the given term as one
       // blocked product (combine_block); the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the
       // memory's gradient through the keep factor and the write's gradients.
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
-        for (int64_t j = 0; j < nj; ++j) {
-          const int64_t n = n0 + j;
-          const T inv = T(1) / std::max(nr[n], eps);
-          const bool above = nr[n] >= eps;  // clamp_min passes the gradient at equality
-          // dc_r = beta_r * (gradient of the logit) and, above eps (F.normalize), co = sum_r dc_r cos_r inv^2.
-          T co = 0;
-          for (int64_t r = 0; r < R; ++r) {
-            const T p = rw[r * N + n];
-            const T dl = p * (dr[r * N + n] - delta[r]);
-            const T c = cs[r * N + n];
-            ds[r] += dl * c;
-            const T dc = dl * beta[r];
-            dr[r * N + n] = dc * inv;
-            if (above) co += dc * c * inv * inv;
-          }
-          cob[j] = co;
-        }
         const T* ob = mo + n0 * D;
         if (grd) {
-          combine_block<true, true>(gs, ob, nj, D, R, cob, rw + n0, grd, dr + n0, kh, N);
+          combine_block<true, true>(gs, ob, nj, D, R, cob + n0, rw + n0, grd, dr + n0, kh, N);
         } else {
-          combine_block<false, true>(gs, ob, nj, D, R, cob, static_cast<const T*>(nullptr),
+          combine_block<false, true>(gs, ob, nj, D, R, cob + n0, static_cast<const T*>(nullptr),
                                      static_cast<const T*>(nullptr), dr + n0, kh, N);
         }
         if (PG) {
