@@ -1,0 +1,103 @@
+"""MemoryCore's training step against the `dnc` package's, interleaved round by round (issue 17).
+
+    python benchmarks/memory_core_paired.py [--n 128,1024] [--rounds 31,7] [--json OUT.json]
+
+test_bench_memory_core.py (pytest-benchmark) times each provider in a block of rounds of its own, so on a
+machine shared with other tenants a burst of load can fall on one provider and miss the other: in one such
+run the same-size LSTM took 1.7x its usual time and MemoryCore's median at N = 1,024 1.6x. Here each round
+times one step of every provider in turn: the `dnc` package, MemoryCore and the same-size LSTM, with the
+setting, models and step function of test_bench_memory_core.py (B=16, T=22, R=4, D=64, an LSTM of 64
+units; forward, a mean squared loss, backward, Adam), one torch thread. A round's ratio is the package's
+step over MemoryCore's, both timed within seconds of each other; the report gives every provider's median
+step, the median of the rounds' ratios and their range. Needs the `dnc` package (pytorch-dnc).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_bench_memory_core import SETTING, has_dnc_package, make_model  # noqa: E402
+
+PROVIDERS = ("dnc package", "MemoryCore", "LSTM (same size)")
+
+
+def make_step(provider, N, B):
+    net, fwd = make_model(provider, N)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.rand(B, SETTING["steps"], SETTING["io"], generator=torch.Generator().manual_seed(0))
+
+    def step():
+        loss = fwd(x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def timed(step):
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def run(N, rounds, B=16):
+    steps = {p: make_step(p, N, B) for p in PROVIDERS}
+    for p, step in steps.items():
+        for _ in range(1 if (p == "dnc package" and N >= 1024) else 2):
+            step()
+    times = {p: [] for p in PROVIDERS}
+    for r in range(rounds):
+        for p in PROVIDERS:
+            times[p].append(timed(steps[p]))
+        print(f"N={N} round {r + 1}/{rounds}: " + ", ".join(f"{p} {times[p][-1] * 1e3:.1f} ms" for p in PROVIDERS),
+              file=sys.stderr, flush=True)
+    ratios = [a / b for a, b in zip(times["dnc package"], times["MemoryCore"])]
+    return {
+        "N": N, "B": B, "rounds": rounds,
+        "median_s": {p: statistics.median(t) for p, t in times.items()},
+        "times_s": times,
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_of_medians": statistics.median(times["dnc package"]) / statistics.median(times["MemoryCore"]),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", default="128,1024", help="memory sizes, comma-separated")
+    ap.add_argument("--rounds", default="31,7", help="rounds per memory size, comma-separated")
+    ap.add_argument("--json", default=None, help="write the timings and ratios here")
+    a = ap.parse_args(argv)
+    ns = [int(v) for v in a.n.split(",")]
+    rounds = [int(v) for v in a.rounds.split(",")]
+    if len(rounds) == 1:
+        rounds = rounds * len(ns)
+    if len(rounds) != len(ns):
+        ap.error(f"--rounds: give one count or one per memory size ({len(ns)}), got {a.rounds!r}")
+    if not has_dnc_package():
+        sys.exit("memory_core_paired.py: the dnc package (pytorch-dnc) is not installed or does not import")
+    torch.set_num_threads(1)
+    results = [run(n, r) for n, r in zip(ns, rounds)]
+    print("| N | rounds | dnc package | MemoryCore | LSTM (same size) | ratio: median of rounds (range) | ratio of medians |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        m = r["median_s"]
+        print(f"| {r['N']:,} | {r['rounds']} | {m['dnc package'] * 1e3:.1f} ms | {m['MemoryCore'] * 1e3:.1f} ms | "
+              f"{m['LSTM (same size)'] * 1e3:.2f} ms | {r['ratio_median']:.1f}x ({r['ratio_min']:.1f}x-"
+              f"{r['ratio_max']:.1f}x) | {r['ratio_of_medians']:.1f}x |")
+    if a.json:
+        meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        with open(a.json, "w") as f:
+            json.dump({"machine": meta, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
