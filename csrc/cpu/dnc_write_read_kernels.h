@@ -50,9 +50,9 @@ C10_ALWAYS_INLINE Vectorized<T> wr_keep(const T* a, const T* e, int64_t W, int64
 // backward in one sweep of the lanes per slot: the general loop of dnc_write_read_backward_typed takes two
 // and reloads the slot's gradient between them, each lane through a masked load, with its keep factor
 // rebuilt per head. The same formulas in the same order (the compiler may fuse other multiply-adds: last-bit
-// differences). g: the slots'
-// gradients without the given one (gs), gn: the given gradient of the new rows (GN), a: their write weights,
-// e, v: the write's erase and add vectors, dm: the memory's gradient, de, da: accumulated, dww: per slot.
+// differences). g: the slots' gradients without the given one (gs), gn: the given gradient of the new rows
+// (GN), a: their write weights, e, v: the write's erase and add vectors, dm: the memory's gradient, de, da:
+// accumulated, dww: per slot.
 template <bool GN, typename T>
 C10_ALWAYS_INLINE void wr_backward_slots_w1(const T* __restrict g, const T* __restrict gn, const T* __restrict row,
                                             const T* __restrict a, const T* __restrict e, const T* __restrict v,
@@ -317,10 +317,10 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       std::fill(dkh, dkh + R * D, T(0));
       std::fill(de, de + W * D, T(0));
       std::fill(da, da + W * D, T(0));
-      // (2) by blocks of slots, the block's rows in L1: the slots'
-      // gradients g_n = given - co_n o_n + sum_r (p_r g_reads_r + dc_r inv k_r), all but the given term as one
-      // blocked product (combine_block); the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the
-      // memory's gradient through the keep factor and the write's gradients.
+      // (2) by blocks of slots, the block's rows in L1: the slots' gradients g_n = given - co_n o_n +
+      // sum_r (p_r g_reads_r + dc_r inv k_r), all but the given term as one blocked product (combine_block);
+      // the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the memory's gradient through
+      // the keep factor and the write's gradients.
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
         const T* ob = mo + n0 * D;
