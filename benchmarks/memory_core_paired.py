@@ -23,23 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_bench_memory_core import SETTING, has_dnc_package, make_model  # noqa: E402
+from test_bench_memory_core import has_dnc_package, make_train_step  # noqa: E402
 
 PROVIDERS = ("dnc package", "MemoryCore", "LSTM (same size)")
-
-
-def make_step(provider, N, B):
-    net, fwd = make_model(provider, N)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = torch.rand(B, SETTING["steps"], SETTING["io"], generator=torch.Generator().manual_seed(0))
-
-    def step():
-        loss = fwd(x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def timed(step):
@@ -49,7 +35,7 @@ def timed(step):
 
 
 def run(N, rounds, B=16):
-    steps = {p: make_step(p, N, B) for p in PROVIDERS}
+    steps = {p: make_train_step(p, N, B) for p in PROVIDERS}
     for p, step in steps.items():
         for _ in range(1 if (p == "dnc package" and N >= 1024) else 2):
             step()

@@ -85,15 +85,9 @@ def make_model(provider, N):
     return net, lambda x: net(x)[0]
 
 
-@pytest.mark.parametrize("N,B", CASES, ids=[f"N{n}-B{b}" for n, b in CASES])
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_memory_core_train_step(benchmark, provider, N, B, bench_device, quick):
-    from conftest import measure
-
-    if bench_device.type != "cpu":
-        pytest.skip("measured on the CPU, where the dnc package runs")
-    if quick and N > 1024:
-        pytest.skip("quick subset: N <= 1024")
+def make_train_step(provider, N, B):
+    """One training step of the provider's model on a fixed batch: forward over the sequence, a mean squared
+    loss, backward and an Adam step (also used by memory_core_paired.py)."""
     net, fwd = make_model(provider, N)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     x = torch.rand(B, SETTING["steps"], SETTING["io"], generator=torch.Generator().manual_seed(0))
@@ -105,6 +99,19 @@ def test_memory_core_train_step(benchmark, provider, N, B, bench_device, quick):
         opt.step()
         return loss
 
+    return step
+
+
+@pytest.mark.parametrize("N,B", CASES, ids=[f"N{n}-B{b}" for n, b in CASES])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_memory_core_train_step(benchmark, provider, N, B, bench_device, quick):
+    from conftest import measure
+
+    if bench_device.type != "cpu":
+        pytest.skip("measured on the CPU, where the dnc package runs")
+    if quick and N > 1024:
+        pytest.skip("quick subset: N <= 1024")
+    step = make_train_step(provider, N, B)
     base = provider == "dnc package" or (provider == "LSTM (same size)" and not has_dnc_package())
     group = f"memory core train step B{B} T22 R4 D64 hidden64 N{N}"
     slow = provider == "dnc package" and N >= 1024
