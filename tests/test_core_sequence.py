@@ -73,13 +73,15 @@ def test_one_node_equals_step_by_step_float64(shape, T, random):
     assert grads_a[7] is None  # the initial write weights enter only the usage, detached, as step by step
 
 
-@pytest.mark.parametrize("W", [1, 2])
-def test_write_addressing_gradient_carried_into_the_previous_steps_backward(W):
+@pytest.mark.parametrize("R,W", [(2, 1), (4, 1), (5, 1), (2, 2)])
+def test_write_addressing_gradient_carried_into_the_previous_steps_backward(R, W):
     """The node's backward adds the write addressing's memory gradient of every step but the first inside
     the previous step's write_read backward (csrc/dnc/write_read.h). At N = 1,700 and width 64 the addressing
     kernel that leaves it as coefficients runs over several chunks of slots and a partial block; two write
-    heads leave two heads of coefficients."""
-    core = _core(N=1700, D=64, R=2, W=W, H=6)
+    heads leave two heads of coefficients. One write head beside at most four read heads joins the read
+    heads' sweep of each block (combine_rows' extra head: R = 2, 4); five read heads, or two write heads,
+    keep a sweep of their own."""
+    core = _core(N=1700, D=64, R=R, W=W, H=6)
     x = torch.randn(2, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(5))
     out_a, grads_a, _ = _run(core, x, _state(core, 2, True), True)
     out_b, grads_b, _ = _run(core, x, _state(core, 2, True), False)

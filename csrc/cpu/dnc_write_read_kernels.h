@@ -324,13 +324,19 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
         const T* ob = mo + n0 * D;
+        // One pending write head beside at most four read heads (the classic tasks' W = 1, R = 4): its terms
+        // in the same sweep of the block as the read heads', not a sweep of their own.
+        const bool fold = PG && P == 1 && R >= 1 && R <= 4;
+        const T* fgx = fold ? PG + b * N + n0 : nullptr;
+        const T* fcx = fold ? PC + b * N + n0 : nullptr;
+        const T* fqx = fold ? PQ + b * D : nullptr;
         if (grd) {
-          combine_block<true, true>(gs, ob, nj, D, R, cob + n0, rw + n0, grd, dr + n0, kh, N);
+          combine_block<true, true>(gs, ob, nj, D, R, cob + n0, rw + n0, grd, dr + n0, kh, N, false, fgx, fcx, fqx);
         } else {
           combine_block<false, true>(gs, ob, nj, D, R, cob + n0, static_cast<const T*>(nullptr),
-                                     static_cast<const T*>(nullptr), dr + n0, kh, N);
+                                     static_cast<const T*>(nullptr), dr + n0, kh, N, false, fgx, fcx, fqx);
         }
-        if (PG) {
+        if (PG && !fold) {
           // The pending addressing gradient of these new rows (read by the read heads' terms just above).
           combine_block<false, true>(gs, ob, nj, D, P, PG + b * N + n0, static_cast<const T*>(nullptr),
                                      static_cast<const T*>(nullptr), PC + b * P * N + n0, PQ + b * P * D, N, true);

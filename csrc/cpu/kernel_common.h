@@ -480,9 +480,13 @@ inline void accumulate_block(A* acc, int64_t H, const A* p, int64_t ldp, const A
 // out_j = init_j + sum_k ca[k*ld + j] U[k] + cb[k*ld + j] Q[k] for j < nj,
 // where init_j = -gamma[j] row_j (first group; 0 without gamma) or out_j;
 // with `accum` the first group starts from out_j too (out_j - gamma[j] row_j).
-template <int K, bool HAS_A, bool HAS_B, typename A>
+// With X (first group, gamma given, no accum): one more head of the second
+// kind and its own row coefficient, out_j += -gx[j] row_j + cx[j] qx, in the
+// same sweep (a pending addressing gradient, dnc_write_read_kernels.h).
+template <int K, bool HAS_A, bool HAS_B, bool X = false, typename A>
 inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool first, const A* gamma, const A* ca,
-                         const A* const* U, const A* cb, const A* const* Q, int64_t ld, bool accum = false) {
+                         const A* const* U, const A* cb, const A* const* Q, int64_t ld, bool accum = false,
+                         const A* gx = nullptr, const A* cx = nullptr, const A* qx = nullptr) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   for (int64_t d = 0; d < D; d += V) {
@@ -491,6 +495,19 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
     for (int k = 0; k < K; ++k) {
       if constexpr (HAS_A) u[k] = load_n(U[k] + d, m);
       if constexpr (HAS_B) q[k] = load_n(Q[k] + d, m);
+    }
+    if constexpr (X) {
+      const Vec qxv = load_n(qx + d, m);
+      for (int64_t j = 0; j < nj; ++j) {
+        const Vec r = load_n(rows + j * D + d, m);
+        Vec o = at::vec::fmadd(Vec(-gx[j]), r, Vec(-gamma[j]) * r);
+        for (int k = 0; k < K; ++k) {
+          if constexpr (HAS_A) o = at::vec::fmadd(Vec(ca[k * ld + j]), u[k], o);
+          if constexpr (HAS_B) o = at::vec::fmadd(Vec(cb[k * ld + j]), q[k], o);
+        }
+        store_n(at::vec::fmadd(Vec(cx[j]), qxv, o), out + j * D + d, m);
+      }
+      continue;
     }
     for (int64_t j = 0; j < nj; ++j) {
       Vec o;
@@ -513,10 +530,13 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
   }
 }
 
-// combine_rows over H heads in groups; `accum` adds to what out holds.
+// combine_rows over H heads in groups; `accum` adds to what out holds. With gx (1 <= H <= 4, gamma given,
+// no accum): combine_rows' extra head (X), gx and cx per row of the block, qx its vector.
 template <bool HAS_A, bool HAS_B, typename A>
 inline void combine_block(A* out, const A* rows, int64_t nj, int64_t D, int64_t H, const A* gamma, const A* ca,
-                          const A* Ubase, const A* cb, const A* Qbase, int64_t ld, bool accum = false) {
+                          const A* Ubase, const A* cb, const A* Qbase, int64_t ld, bool accum = false,
+                          const A* gx = nullptr, const A* cx = nullptr, const A* qx = nullptr) {
+  TORCH_INTERNAL_ASSERT(gx == nullptr || (H >= 1 && H <= 4 && gamma != nullptr && !accum));
   for (int64_t j0 = 0; j0 < nj; j0 += kSubRows) {  // see kSubRows
     const int64_t nk = std::min<int64_t>(kSubRows, nj - j0);
     for_head_groups(H, [&](auto G, int64_t h0) {
@@ -526,6 +546,12 @@ inline void combine_block(A* out, const A* rows, int64_t nj, int64_t D, int64_t 
       for (int k = 0; k < K; ++k) {
         u[k] = HAS_A ? Ubase + (h0 + k) * D : nullptr;
         q[k] = HAS_B ? Qbase + (h0 + k) * D : nullptr;
+      }
+      if (gx != nullptr) {
+        combine_rows<K, HAS_A, HAS_B, true>(out + j0 * D, rows + j0 * D, nk, D, true, gamma + j0,
+                                            HAS_A ? ca + j0 : nullptr, u, HAS_B ? cb + j0 : nullptr, q, ld, false,
+                                            gx + j0, cx + j0, qx);
+        return;
       }
       combine_rows<K, HAS_A, HAS_B>(out + j0 * D, rows + j0 * D, nk, D, h0 == 0, gamma ? gamma + j0 : nullptr,
                                     HAS_A ? ca + h0 * ld + j0 : nullptr, u, HAS_B ? cb + h0 * ld + j0 : nullptr, q,
