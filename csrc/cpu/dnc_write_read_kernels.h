@@ -321,15 +321,15 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       // sum_r (p_r g_reads_r + dc_r inv k_r), all but the given term as one blocked product (combine_block);
       // the keys' gradient sum_n dc_r inv o_n (accumulate_block); then per slot the memory's gradient through
       // the keep factor and the write's gradients.
+      // One pending write head beside at most four read heads (the classic tasks' W = 1, R = 4): its terms
+      // in the same sweep of each block as the read heads', not a sweep of their own.
+      const bool fold = PG && P == 1 && R >= 1 && R <= 4;
+      const T* fqx = fold ? PQ + b * D : nullptr;
       for (int64_t n0 = 0; n0 < N; n0 += BS) {
         const int64_t nj = std::min<int64_t>(BS, N - n0);
         const T* ob = mo + n0 * D;
-        // One pending write head beside at most four read heads (the classic tasks' W = 1, R = 4): its terms
-        // in the same sweep of the block as the read heads', not a sweep of their own.
-        const bool fold = PG && P == 1 && R >= 1 && R <= 4;
         const T* fgx = fold ? PG + b * N + n0 : nullptr;
         const T* fcx = fold ? PC + b * N + n0 : nullptr;
-        const T* fqx = fold ? PQ + b * D : nullptr;
         if (grd) {
           combine_block<true, true>(gs, ob, nj, D, R, cob + n0, rw + n0, grd, dr + n0, kh, N, false, fgx, fcx, fqx);
         } else {

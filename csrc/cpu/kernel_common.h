@@ -496,19 +496,8 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
       if constexpr (HAS_A) u[k] = load_n(U[k] + d, m);
       if constexpr (HAS_B) q[k] = load_n(Q[k] + d, m);
     }
-    if constexpr (X) {
-      const Vec qxv = load_n(qx + d, m);
-      for (int64_t j = 0; j < nj; ++j) {
-        const Vec r = load_n(rows + j * D + d, m);
-        Vec o = at::vec::fmadd(Vec(-gx[j]), r, Vec(-gamma[j]) * r);
-        for (int k = 0; k < K; ++k) {
-          if constexpr (HAS_A) o = at::vec::fmadd(Vec(ca[k * ld + j]), u[k], o);
-          if constexpr (HAS_B) o = at::vec::fmadd(Vec(cb[k * ld + j]), q[k], o);
-        }
-        store_n(at::vec::fmadd(Vec(cx[j]), qxv, o), out + j * D + d, m);
-      }
-      continue;
-    }
+    Vec qxv;
+    if constexpr (X) qxv = load_n(qx + d, m);
     for (int64_t j = 0; j < nj; ++j) {
       Vec o;
       if (!first) {
@@ -517,7 +506,9 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
         o = load_n(out + j * D + d, m);
         if (gamma != nullptr) o = at::vec::fmadd(Vec(-gamma[j]), load_n(rows + j * D + d, m), o);
       } else if (gamma != nullptr) {
-        o = Vec(-gamma[j]) * load_n(rows + j * D + d, m);
+        const Vec r = load_n(rows + j * D + d, m);
+        o = Vec(-gamma[j]) * r;
+        if constexpr (X) o = at::vec::fmadd(Vec(-gx[j]), r, o);
       } else {
         o = Vec(A(0));
       }
@@ -525,6 +516,7 @@ inline void combine_rows(A* out, const A* rows, int64_t nj, int64_t D, bool firs
         if constexpr (HAS_A) o = at::vec::fmadd(Vec(ca[k * ld + j]), u[k], o);
         if constexpr (HAS_B) o = at::vec::fmadd(Vec(cb[k * ld + j]), q[k], o);
       }
+      if constexpr (X) o = at::vec::fmadd(Vec(cx[j]), qxv, o);
       store_n(o, out + j * D + d, m);
     }
   }
@@ -547,15 +539,17 @@ inline void combine_block(A* out, const A* rows, int64_t nj, int64_t D, int64_t 
         u[k] = HAS_A ? Ubase + (h0 + k) * D : nullptr;
         q[k] = HAS_B ? Qbase + (h0 + k) * D : nullptr;
       }
+      auto rows_with = [&](auto x) {
+        combine_rows<K, HAS_A, HAS_B, decltype(x)::value>(
+            out + j0 * D, rows + j0 * D, nk, D, h0 == 0, gamma ? gamma + j0 : nullptr,
+            HAS_A ? ca + h0 * ld + j0 : nullptr, u, HAS_B ? cb + h0 * ld + j0 : nullptr, q, ld, accum,
+            gx ? gx + j0 : nullptr, gx ? cx + j0 : nullptr, qx);
+      };
       if (gx != nullptr) {
-        combine_rows<K, HAS_A, HAS_B, true>(out + j0 * D, rows + j0 * D, nk, D, true, gamma + j0,
-                                            HAS_A ? ca + j0 : nullptr, u, HAS_B ? cb + j0 : nullptr, q, ld, false,
-                                            gx + j0, cx + j0, qx);
-        return;
+        rows_with(std::true_type{});  // H <= 4: the only group
+      } else {
+        rows_with(std::false_type{});
       }
-      combine_rows<K, HAS_A, HAS_B>(out + j0 * D, rows + j0 * D, nk, D, h0 == 0, gamma ? gamma + j0 : nullptr,
-                                    HAS_A ? ca + h0 * ld + j0 : nullptr, u, HAS_B ? cb + h0 * ld + j0 : nullptr, q,
-                                    ld, accum);
     });
   }
   if (H == 0) {
