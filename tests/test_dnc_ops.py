@@ -121,6 +121,52 @@ def test_order_is_torch_sorts_stable_order_with_nan_last():
     assert order[0, 0].tolist() == want[0].tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("N", [7, 300, 513, 1500])
+def test_order_is_torch_sorts_stable_order_at_every_size(N, dtype):
+    # Both sorts of the kernel: keys packed with their slot and compared (N <= 512), and the radix sort
+    # (N > 512), on ties, signed zeros, infinities and NaN.
+    g = torch.Generator().manual_seed(N)
+    pool = torch.tensor([0.0, -0.0, 0.5, 0.25, 1.0, float("nan"), float("-inf"), float("inf"), 1e-30, 3e-5],
+                        dtype=F64)
+    u = torch.where(torch.rand(2, N, generator=g) < 0.5, pool[torch.randint(0, len(pool), (2, N), generator=g)],
+                    torch.rand(2, N, generator=g, dtype=F64)).to(dtype)
+    x = _inputs(2, N, 1, 1, dtype=dtype)
+    x[0], x[1], x[2] = u, torch.zeros(2, 1, N, dtype=dtype), torch.zeros(2, 1, dtype=dtype)
+    usage, _, _, order = torch.ops.neuralmem_dnc.write_weights(*x, dnc.ALLOC_EPS)
+    want = torch.sort(dnc.ALLOC_EPS + (1 - dnc.ALLOC_EPS) * usage, dim=-1, stable=True).indices
+    assert torch.equal(order[:, 0], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gradients_past_the_flush_with_free_slots(dtype):
+    # The usual state of a memory with free slots: most usages near 0, so the allocation's product falls
+    # below the smallest normal number after a few sorted slots and the backward's loop over the sorted
+    # slots stops there. Gradients equal the float64 reference's; a NaN gradient of a flushed slot's
+    # weight still reaches every input the reference's reaches.
+    B, N, W, R = 2, 1000, 1, 3
+    g = torch.Generator().manual_seed(7)
+    x = _inputs(B, N, W, R, dtype=dtype, seed=7)
+    x[0] = (torch.rand(B, N, generator=g, dtype=F64) * 1e-3).to(dtype)
+    x[0][:, :30] = 0.9
+    diff = (0, 2, 3, 4, 5, 6)
+    xs = [t.clone().requires_grad_(i in diff) for i, t in enumerate(x)]
+    xr = [t.detach().double().requires_grad_(t.requires_grad) for t in xs]
+    _, w, _, order = torch.ops.neuralmem_dnc.write_weights(*x, dnc.ALLOC_EPS)
+    s = dnc.ALLOC_EPS + (1 - dnc.ALLOC_EPS) * x[0].double().gather(1, order[:, 0])
+    assert bool((s.cumprod(1)[:, N // 2] < torch.finfo(dtype).tiny).all())  # the flush comes early
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for nan in (False, True):
+        gw = torch.randn(B, W, N, generator=g).to(dtype)
+        if nan:
+            gw[0, 0, order[0, 0, -1]] = float("nan")  # the last sorted slot: past the flush
+        got = torch.autograd.grad(dnc.write_weights(*xs)[1], [xs[i] for i in diff], gw)
+        ref = torch.autograd.grad(dnc.write_weights_ref(*xr)[1], [xr[i] for i in diff], gw.double())
+        for a, b in zip(got, ref):
+            assert torch.equal(torch.isnan(a), torch.isnan(b))
+            torch.testing.assert_close(a.double(), b, equal_nan=True, **tol)
+
+
 def test_opcheck():
     x = _inputs(2, 5, 2, 3)
     op = torch.ops.neuralmem_dnc
