@@ -156,7 +156,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
           }
         }
         // The block's rows, just written, are in L1: their norms and read logits.
-        dots_block(kh, R, mo + n0 * D, nj, D, rw + n0, N, nr);
+        dots_block(kh, R, mo + n0 * D, nj, D, rw + n0, N, nr, /*hot=*/true);
         // One square root and division per slot, not per slot and head.
         for (int64_t j = 0; j < nj; ++j) nr[j] = T(1) / std::max(std::sqrt(nr[j]), eps);
         for (int64_t r = 0; r < R; ++r) {

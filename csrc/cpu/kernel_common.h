@@ -287,6 +287,10 @@ C10_ALWAYS_INLINE void for_head_groups(int64_t H, const F& f) {
   }
 }
 
+// Below this many bytes a memory is taken as cache-resident (dots_rows_impl): a quarter of the
+// 32 MiB L3 of the machines this was measured on.
+constexpr int64_t kHotBytes = int64_t(8) << 20;
+
 template <typename A>
 constexpr int64_t kLineElems = 64 / sizeof(A);
 template <typename A>
@@ -304,17 +308,22 @@ constexpr int kVecRegs = 32;
 constexpr int kVecRegs = 16;
 #endif
 
-// DC > 0: rows of exactly DC full vectors (D = 64 in float on AVX-512), the
-// K keys held in registers for the whole block instead of reloaded for every
-// row; with the row's DC loads that halves the loads per multiply-add. The
-// arithmetic, and so every bit of the result, is that of DC = 0.
-template <int K, bool NORM, int DC, typename A>
+// DC > 0: rows of exactly DC full vectors (D = 64), the loop over them unrolled: no lane count
+// to test and no tail per vector. With HOLD (D = 64 in float on AVX-512) the K keys are also held
+// in registers for the whole block instead of reloaded for every row; with the row's DC loads that
+// halves the loads per multiply-add. Without it (every head group on AVX2, whose 16 registers hold
+// no group's keys beside the row) each key vector is an operand from L1: faster on rows in cache
+// (write_read's logits of the rows it has just written: 850 -> 780 us a call at B = 16, N = 1,024;
+// content addressing over a memory in L3: 210 -> 150 us), slower on rows streamed from DRAM
+// (content addressing at N = 10^6: 25 -> 29 ms with four heads), so only where the caller says the
+// rows are hot. The arithmetic, and so every bit of the result, is that of DC = 0.
+template <int K, bool NORM, int DC, bool HOLD, typename A>
 inline void dots_rows_impl(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo,
                            A* nrm2) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  Vec kq[DC > 0 ? K : 1][DC > 0 ? DC : 1];
-  if constexpr (DC > 0) {
+  Vec kq[HOLD ? K : 1][HOLD ? DC : 1];
+  if constexpr (HOLD) {
     for (int k = 0; k < K; ++k)
       for (int c = 0; c < DC; ++c) kq[k][c] = Vec::loadu(vecs[k] + c * V);
   }
@@ -338,7 +347,13 @@ inline void dots_rows_impl(const A* const* vecs, const A* rows, int64_t nj, int6
       for (int c = 0; c < DC; ++c) {
         const Vec x = Vec::loadu(r + c * V);
         if constexpr (NORM) an = at::vec::fmadd(x, x, an);
-        for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(x, kq[k][c], acc[k]);
+        for (int k = 0; k < K; ++k) {
+          if constexpr (HOLD) {
+            acc[k] = at::vec::fmadd(x, kq[k][c], acc[k]);
+          } else {
+            acc[k] = at::vec::fmadd(x, Vec::loadu(vecs[k] + c * V), acc[k]);
+          }
+        }
       }
     } else {
       for (int64_t d = 0; d < D; d += V) {
@@ -391,32 +406,43 @@ inline void dots_rows_impl(const A* const* vecs, const A* rows, int64_t nj, int6
 }
 
 template <int K, bool NORM, typename A>
-inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo, A* nrm2) {
+inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo, A* nrm2,
+                      bool hot) {
   constexpr int64_t V = Vectorized<A>::size();
   constexpr int DC = static_cast<int>(64 / V);
-  // keys K*DC, accumulators K + 1, the row DC
-  if constexpr (64 % V == 0 && K * DC + K + 1 + DC <= kVecRegs) {
-    if (D == 64) return dots_rows_impl<K, NORM, DC>(vecs, rows, nj, D, out, ldo, nrm2);
+  if constexpr (64 % V == 0) {
+    // keys K*DC, accumulators K + 1, the row DC
+    if constexpr (K * DC + K + 1 + DC <= kVecRegs) {
+      if (D == 64) return dots_rows_impl<K, NORM, DC, true>(vecs, rows, nj, D, out, ldo, nrm2);
+    } else {
+      if (D == 64 && hot) return dots_rows_impl<K, NORM, DC, false>(vecs, rows, nj, D, out, ldo, nrm2);
+    }
   }
-  dots_rows_impl<K, NORM, 0>(vecs, rows, nj, D, out, ldo, nrm2);
+  dots_rows_impl<K, NORM, 0, false>(vecs, rows, nj, D, out, ldo, nrm2);
 }
 
 // Dots of every row of the block with n_vecs vectors (vecs[i] at base + i*D),
-// the first group also giving the squared row norms.
+// the first group also giving the squared row norms. `hot`: the rows are in cache (dots_rows_impl).
 template <typename A>
 inline void dots_block(const A* base, int64_t n_vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo,
-                       A* nrm2) {
+                       A* nrm2, bool hot = false) {
   for_head_groups(n_vecs, [&](auto G, int64_t h0) {
     constexpr int K = decltype(G)::value;
     const A* v[K];
     for (int k = 0; k < K; ++k) v[k] = base + (h0 + k) * D;
     if (h0 == 0) {
-      dots_rows<K, true>(v, rows, nj, D, out, ldo, nrm2);
+      dots_rows<K, true>(v, rows, nj, D, out, ldo, nrm2, hot);
     } else {
-      dots_rows<K, false>(v, rows, nj, D, out + h0 * ldo, ldo, static_cast<A*>(nullptr));
+      dots_rows<K, false>(v, rows, nj, D, out + h0 * ldo, ldo, static_cast<A*>(nullptr), hot);
     }
   });
 }
+
+// Vectors of lanes accumulate_rows takes a pass where the branch below that holds the row too does not fit:
+// the whole row (DC) where the K accumulators, a broadcast and one row vector fit in the registers (one
+// head on AVX2), else one. Two vectors a pass for four heads (AVX2) measured no faster on rows in cache
+// and 5-10% slower on rows from DRAM.
+constexpr int accumulate_lanes(int K, int DC) { return K * DC + 2 <= kVecRegs ? DC : 1; }
 
 // acc[k][:] += sum_j p[k * ldp + j] * row_j for k < K, j < nj.
 template <int K, typename A>
@@ -442,6 +468,30 @@ inline void accumulate_rows(A* const* acc, const A* p, int64_t ldp, const A* row
       }
       for (int k = 0; k < K; ++k)
         for (int c = 0; c < DC; ++c) a[k][c].store(acc[k] + c * V);
+      return;
+    }
+  }
+  if constexpr (64 % V == 0) {
+    constexpr int LB = accumulate_lanes(K, DC);
+    if (LB > 1 && D % (LB * V) == 0) {
+      // The whole row a pass, not one vector: each coefficient is broadcast once for the row, where one
+      // vector a pass left the loop bound by those broadcasts' loads (memory_read of one head at
+      // N = 10^6: 26 -> 16 ms). Each lane's sum over the rows is unchanged: bitwise the same results.
+      for (int64_t d = 0; d < D; d += LB * V) {
+        Vec a[K][LB];
+        for (int k = 0; k < K; ++k)
+          for (int l = 0; l < LB; ++l) a[k][l] = Vec::loadu(acc[k] + d + l * V);
+        for (int64_t j = 0; j < nj; ++j) {
+          Vec x[LB];
+          for (int l = 0; l < LB; ++l) x[l] = Vec::loadu(rows + j * D + d + l * V);
+          for (int k = 0; k < K; ++k) {
+            const Vec pk(p[k * ldp + j]);
+            for (int l = 0; l < LB; ++l) a[k][l] = at::vec::fmadd(pk, x[l], a[k][l]);
+          }
+        }
+        for (int k = 0; k < K; ++k)
+          for (int l = 0; l < LB; ++l) a[k][l].store(acc[k] + d + l * V);
+      }
       return;
     }
   }

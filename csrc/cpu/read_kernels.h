@@ -23,6 +23,9 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
   const int64_t BS = block_slots(D);
   const Chunks ch = make_chunks(N, D * (H + 1));
   const int64_t C = ch.count;
+  // A memory of a few MiB is likely in cache (MemoryCore's, just written by the previous step):
+  // dots_block's unrolled rows. Larger ones stream from DRAM, where that is slower.
+  const bool hot = B * N * D * static_cast<int64_t>(sizeof(T)) <= kHotBytes;
 
   // Logits land in the output itself for float/double, else in a float buffer.
   std::vector<A> logit_buf(std::is_same_v<T, A> ? 0 : B * H * N);
@@ -39,7 +42,7 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
-        dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data());
+        dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data(), hot);
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
         scale_logits(lg + nb, H, nj, N, beta.data(), inv.data());
       }
