@@ -438,59 +438,33 @@ inline void dots_block(const A* base, int64_t n_vecs, const A* rows, int64_t nj,
   });
 }
 
-// Vectors of lanes accumulate_rows takes a pass where the branch below that holds the row too does not fit:
-// the whole row (DC) where the K accumulators, a broadcast and one row vector fit in the registers (one
-// head on AVX2), else one. Two vectors a pass for four heads (AVX2) measured no faster on rows in cache
-// and 5-10% slower on rows from DRAM.
-constexpr int accumulate_lanes(int K, int DC) { return K * DC + 2 <= kVecRegs ? DC : 1; }
-
 // acc[k][:] += sum_j p[k * ldp + j] * row_j for k < K, j < nj.
 template <int K, typename A>
 inline void accumulate_rows(A* const* acc, const A* p, int64_t ldp, const A* rows, int64_t nj, int64_t D) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   constexpr int DC = static_cast<int>(64 / V);
-  if constexpr (64 % V == 0 && K * DC + DC + 1 <= kVecRegs) {
-    if (D == 64) {
-      // Rows of DC full vectors: every accumulator in a register for the
-      // whole block, so a row costs its DC loads and K broadcasts, not
-      // K broadcasts per vector of the row. Same sums in the same order.
-      Vec a[K][DC];
-      for (int k = 0; k < K; ++k)
-        for (int c = 0; c < DC; ++c) a[k][c] = Vec::loadu(acc[k] + c * V);
-      for (int64_t j = 0; j < nj; ++j) {
-        Vec x[DC];
-        for (int c = 0; c < DC; ++c) x[c] = Vec::loadu(rows + j * 64 + c * V);
-        for (int k = 0; k < K; ++k) {
-          const Vec pk(p[k * ldp + j]);
-          for (int c = 0; c < DC; ++c) a[k][c] = at::vec::fmadd(pk, x[c], a[k][c]);
-        }
-      }
-      for (int k = 0; k < K; ++k)
-        for (int c = 0; c < DC; ++c) a[k][c].store(acc[k] + c * V);
-      return;
-    }
-  }
-  if constexpr (64 % V == 0) {
-    constexpr int LB = accumulate_lanes(K, DC);
-    if (LB > 1 && D % (LB * V) == 0) {
-      // The whole row a pass, not one vector: each coefficient is broadcast once for the row, where one
-      // vector a pass left the loop bound by those broadcasts' loads (memory_read of one head at
-      // N = 10^6: 26 -> 16 ms). Each lane's sum over the rows is unchanged: bitwise the same results.
-      for (int64_t d = 0; d < D; d += LB * V) {
-        Vec a[K][LB];
+  // Where the K accumulators of a 64-lane stretch of the row fit in the registers beside a broadcast and
+  // one row vector (one head on AVX2, up to four on AVX-512): every accumulator in a register for the whole
+  // block, 64 lanes a pass, so a row costs its loads and K broadcasts a pass, not K broadcasts per vector
+  // (memory_read of one head at N = 10^6: 26 -> 16 ms on AVX2). Same sums in the same order. Two vectors a
+  // pass for four heads on AVX2 measured no faster on rows in cache and 5-10% slower from DRAM.
+  if constexpr (64 % V == 0 && K * DC + 2 <= kVecRegs) {
+    if (D % 64 == 0) {
+      for (int64_t d = 0; d < D; d += 64) {
+        Vec a[K][DC];
         for (int k = 0; k < K; ++k)
-          for (int l = 0; l < LB; ++l) a[k][l] = Vec::loadu(acc[k] + d + l * V);
+          for (int c = 0; c < DC; ++c) a[k][c] = Vec::loadu(acc[k] + d + c * V);
         for (int64_t j = 0; j < nj; ++j) {
-          Vec x[LB];
-          for (int l = 0; l < LB; ++l) x[l] = Vec::loadu(rows + j * D + d + l * V);
+          Vec x[DC];
+          for (int c = 0; c < DC; ++c) x[c] = Vec::loadu(rows + j * D + d + c * V);
           for (int k = 0; k < K; ++k) {
             const Vec pk(p[k * ldp + j]);
-            for (int l = 0; l < LB; ++l) a[k][l] = at::vec::fmadd(pk, x[l], a[k][l]);
+            for (int c = 0; c < DC; ++c) a[k][c] = at::vec::fmadd(pk, x[c], a[k][c]);
           }
         }
         for (int k = 0; k < K; ++k)
-          for (int l = 0; l < LB; ++l) a[k][l].store(acc[k] + d + l * V);
+          for (int c = 0; c < DC; ++c) a[k][c].store(acc[k] + d + c * V);
       }
       return;
     }
