@@ -219,10 +219,11 @@ void shifted_usage(const T* uc, int64_t N, T eps, T* s) {
 // each; 2-3.5x the op at N = 128). The weights so dropped are below 1.2e-38
 // (float32) or 2.3e-308 (float64).
 // Returns J, the number of sorted slots before the flush (N without one):
-// a is zero and P is left unwritten from J on (the caller fills a with zeros
-// first: one contiguous fill, not N - J scattered stores).
+// a is zero from J on (one contiguous fill first, not N - J scattered stores)
+// and P is left unwritten there.
 template <typename T, typename O>
 int64_t allocation(const T* s, int64_t N, const O* order, T* a, T* P = nullptr) {
+  std::fill(a, a + N, T(0));
   T p = 1;
   int64_t j = 0;
   for (; j < N && !(std::abs(p) < std::numeric_limits<T>::min()); ++j) {  // NaN carries on
@@ -270,7 +271,6 @@ void forward_kernel(const at::Tensor& usage, const at::Tensor& ww, const at::Ten
         int64_t* order = OR + (b * W + i) * N;
         shifted_usage(uc, N, eps, s.data());
         stable_order(s.data(), N, order, sc);
-        std::fill(a.begin(), a.end(), T(0));
         allocation(s.data(), N, order, a.data());
         const T g_w = GW[b * W + i], g_a = GA[b * W + i];
         const T* c = C + (b * W + i) * N;
@@ -339,16 +339,14 @@ void backward_kernel(const at::Tensor& gu_t, const at::Tensor& gww_t, const at::
         const int64_t* o = orb + i * N;
         // Head i's allocation again, from the usage it sorted and its order.
         shifted_usage(ui, N, eps, s.data());
-        std::fill(a.begin(), a.end(), T(0));
         const int64_t J = allocation(s.data(), N, o, a.data(), Ps.data());
         const T* ai = a.data();
         T* dc = DC + bi * N;
-        T* dai = da.data();
         const T cw = g_w * (T(1) - g_a), cwa = g_w * g_a;
         for (int64_t n = 0; n < N; ++n) {
           const T g = gwi[n];
           dc[n] = g * cw;
-          dai[n] = g * cwa;
+          da[n] = g * cwa;
         }
         T dgw = lane_sum<T>(N, [&](int64_t n) { return gwi[n] * (g_a * ai[n] + (T(1) - g_a) * c[n]); });
         T dga = lane_sum<T>(N, [&](int64_t n) { return gwi[n] * g_w * (ai[n] - c[n]); });
@@ -374,7 +372,7 @@ void backward_kernel(const at::Tensor& gu_t, const at::Tensor& gww_t, const at::
         // after a few dozen. A non-finite da still carries NaN to the slots the whole loop would reach
         // (0 * inf), through the loop over all N with P_j = 0 from J on.
         int64_t jend = J;
-        if (J < N && !std::isfinite(lane_sum<T>(N, [&](int64_t n) { return dai[n] * T(0); }))) {
+        if (J < N && !std::isfinite(lane_sum<T>(N, [&](int64_t n) { return da[n] * T(0); }))) {
           std::fill(Ps.begin() + J, Ps.end(), T(0));
           jend = N;
         }
