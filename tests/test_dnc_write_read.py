@@ -64,12 +64,14 @@ def test_forward_and_gradients_equal_the_reference(B, N, D, W, R, faint):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("W", [1, 2])
 @pytest.mark.parametrize("faint", [False, True])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_blocks_of_slots_equal_the_reference(dtype, faint):
+def test_blocks_of_slots_equal_the_reference(dtype, faint, W):
     """Width 64: the kernels go by blocks of 64 slots, here two whole blocks and a partial one, with the
-    lanes in whole vectors and the gradients of all three outputs, in both dtypes."""
-    B, N, D, W, R = 2, 150, 64, 2, 3
+    lanes in whole vectors and the gradients of all three outputs, in both dtypes. W = 1: the backward's
+    one-head slot loop (on AVX-512 in float, its erase, add and sums held in registers)."""
+    B, N, D, R = 2, 150, 64, 3
     x = _inputs(B, N, D, W, R, dtype=dtype, faint=faint)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
     for a, b in zip(dnc.write_read(*x), _ref(*x)):
@@ -125,6 +127,44 @@ def test_peaked_softmax(strength):
     up = _upstream(2, 40, 8, 2)
     for a, b in zip(_grads(dnc.write_read, x, up), _grads(_ref, x, up)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("B,N,D,W,R", [(2, 150, 64, 1, 4), (3, 70, 24, 2, 3), (2, 5, 3, 1, 0)])
+def test_kept_dots_give_the_same_bits(B, N, D, W, R, dtype):
+    """MemoryCore's sequence node runs write_read keeping the read heads' cosine numerators and the rows'
+    squared norms, and its backward takes them instead of computing them again: the same outputs and
+    gradients as the registered ops, bit for bit, with and without a pending addressing gradient."""
+    from neuralmem_fast import _ext
+
+    C = _ext._C
+    x = _inputs(B, N, D, W, R, dtype=dtype, faint=R > 0)
+    up = _upstream(B, N, D, R, dtype=dtype)
+    op = torch.ops.neuralmem_dnc
+    new, rw, rd = op.write_read(*x, EPS)
+    new_k, rw_k, rd_k, dots = C.write_read_keep(*x, EPS)
+    for a, b in zip((new, rw, rd), (new_k, rw_k, rd_k)):
+        assert torch.equal(a, b)
+    assert dots.shape == (B, R + 1, N)
+    # no read heads: nothing to keep, the row of norms is zeros
+    norms = new.pow(2).sum(-1) if R else torch.zeros(B, N, dtype=dtype)
+    torch.testing.assert_close(dots[:, R], norms, rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    pend = (torch.randn(B, N, generator=g, dtype=dtype), torch.randn(B, 1, N, generator=g, dtype=dtype),
+            torch.randn(B, 1, D, generator=g, dtype=dtype))
+    for which in ((0, 1, 2), (1, 2), (0,)):
+        gs = [up[i] if i in which else None for i in range(3)]
+        for p in (None, pend):
+            pp = p if p is not None else (None, None, None)
+            want = C.write_read_backward_pending(*gs, *x, new, rw, EPS, *pp, None)
+            got = C.write_read_backward_pending(*gs, *x, new, rw, EPS, *pp, dots)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            if p is None:
+                for a, b in zip(want, op.write_read_backward(*gs, *x, new, rw, EPS)):
+                    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="dots"):
+        C.write_read_backward_pending(*up, *x, new, rw, EPS, None, None, None, dots[:, :R])
 
 
 def test_float32_matches_float64():

@@ -66,6 +66,12 @@ C10_ALWAYS_INLINE void wr_backward_slots_w1(const T* __restrict g, const T* __re
     const T* gnj = GN ? gn + j * D : nullptr;
     const T* rj = row + j * D;
     T* dmj = dm + j * D;
+    // The old rows and the given gradient are first touched here (the old memory from DRAM at large
+    // B N D): ask for them kPrefetchAhead elements ahead, as dots_rows_impl does.
+    for (int64_t d = 0; d < D; d += kLineElems<T>) {
+      __builtin_prefetch(rj + kPrefetchAhead<T> + d);
+      if constexpr (GN) __builtin_prefetch(gnj + kPrefetchAhead<T> + d);
+    }
     // new = row (1 - a e) + a v: d row = g (1 - a e), d v = a g, d e = -a g row, d a = g . (v - row e).
     auto lane = [&](int64_t d, Vec& s) {
       Vec gt = Vec::loadu(gj + d);
@@ -89,14 +95,64 @@ C10_ALWAYS_INLINE void wr_backward_slots_w1(const T* __restrict g, const T* __re
   }
 }
 
+// wr_backward_slots_w1 for rows of exactly DC vectors where the vector registers hold the erase and add
+// vectors and the de, da sums of all DC lane blocks (4 DC of them: AVX-512's 32 at D = 64 in float): no load
+// and store of de and da per slot, whose store-to-load latency chained every slot to the one before, and no
+// reload of e and v. The same operations in the same order as wr_backward_slots_w1.
+template <bool GN, int DC, typename T>
+C10_ALWAYS_INLINE void wr_backward_slots_w1_regs(const T* __restrict g, const T* __restrict gn,
+                                                 const T* __restrict row, const T* __restrict a,
+                                                 const T* __restrict e, const T* __restrict v, T* __restrict dm,
+                                                 T* __restrict de, T* __restrict da, T* __restrict dww, int64_t nj) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  constexpr int64_t D = DC * VL;
+  Vec ev[DC], vv[DC], sde[DC], sda[DC];
+  for (int c = 0; c < DC; ++c) {
+    ev[c] = Vec::loadu(e + c * VL);
+    vv[c] = Vec::loadu(v + c * VL);
+    sde[c] = Vec::loadu(de + c * VL);
+    sda[c] = Vec::loadu(da + c * VL);
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const Vec aw(a[j]);
+    const T* gj = g + j * D;
+    const T* gnj = GN ? gn + j * D : nullptr;
+    const T* rj = row + j * D;
+    T* dmj = dm + j * D;
+    for (int64_t d = 0; d < D; d += kLineElems<T>) {
+      __builtin_prefetch(rj + kPrefetchAhead<T> + d);
+      if constexpr (GN) __builtin_prefetch(gnj + kPrefetchAhead<T> + d);
+    }
+    Vec s[2] = {Vec(T(0)), Vec(T(0))};  // even and odd lane blocks, as wr_backward_slots_w1
+    for (int c = 0; c < DC; ++c) {
+      Vec gt = Vec::loadu(gj + c * VL);
+      if constexpr (GN) gt = gt + Vec::loadu(gnj + c * VL);
+      (gt * (Vec(T(1)) - aw * ev[c])).store(dmj + c * VL);
+      const Vec re = Vec::loadu(rj + c * VL);
+      const Vec t = vv[c] - re * ev[c];
+      s[c & 1] = at::vec::fmadd(gt, t, s[c & 1]);
+      sde[c] = sde[c] - gt * re * aw;
+      sda[c] = at::vec::fmadd(gt, aw, sda[c]);
+    }
+    dww[j] = hsum(s[0] + s[1]);
+  }
+  for (int c = 0; c < DC; ++c) {
+    sde[c].store(de + c * VL);
+    sda[c].store(da + c * VL);
+  }
+}
+
 // Forward, per memory: (1) by blocks of slots, each slot's new row, then the block's norms and R read
 // logits (dots_block) from the rows still in L1; (2) the softmax of each head over the slots; (3) the reads from the
-// new rows, still in cache.
+// new rows, still in cache. With dots_t defined ((B, R + 1, N)), the R cosine numerators k_r . new_n and the
+// squared norms |new_n|^2 are kept there for the backward, which then need not compute them again (with no
+// read heads, R = 0, the norms are not computed and their row is zeros).
 template <typename T>
 void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const at::Tensor& e_t,
                           const at::Tensor& a_t, const at::Tensor& k_t, const at::Tensor& s_t, double eps_d,
                           int64_t B, int64_t N_, int64_t D_, int64_t W_, int64_t R_, at::Tensor& out_t,
-                          at::Tensor& rw_t, at::Tensor& rd_t) {
+                          at::Tensor& rw_t, at::Tensor& rd_t, at::Tensor& dots_t) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const T eps_ = static_cast<T>(eps_d);
@@ -104,6 +160,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
   T* MO_ = out_t.data_ptr<T>();
   T* RW_ = rw_t.data_ptr<T>();
   T* RD_ = rd_t.data_ptr<T>();
+  T* SV_ = dots_t.defined() ? dots_t.data_ptr<T>() : nullptr;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not captures: the build has no strict aliasing, so captured values are reloaded after
     // every store of the loops below.
@@ -113,6 +170,7 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
     T* MO = MO_;
     T* RW = RW_;
     T* RD = RD_;
+    T* SV = SV_;
     const int64_t BS = block_slots(D);
     std::vector<T> buf(R * D + W + BS);
     T* const kh = buf.data();
@@ -157,6 +215,16 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
         }
         // The block's rows, just written, are in L1: their norms and read logits.
         dots_block(kh, R, mo + n0 * D, nj, D, rw + n0, N, nr, /*hot=*/true);
+        if (SV) {
+          T* sv = SV + b * (R + 1) * N + n0;
+          for (int64_t r = 0; r < R; ++r) std::copy(rw + r * N + n0, rw + r * N + n0 + nj, sv + r * N);
+          // No read heads: dots_block computed nothing, and the backward needs no norms.
+          if (R > 0) {
+            std::copy(nr, nr + nj, sv + R * N);
+          } else {
+            std::fill(sv, sv + nj, T(0));
+          }
+        }
         // One square root and division per slot, not per slot and head.
         for (int64_t j = 0; j < nj; ++j) nr[j] = T(1) / std::max(std::sqrt(nr[j]), eps);
         for (int64_t r = 0; r < R; ++r) {
@@ -190,7 +258,7 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
                                    int64_t N_, int64_t D_, int64_t W_, int64_t R_, at::Tensor& dm_t, at::Tensor& dww_t,
                                    at::Tensor& de_t, at::Tensor& da_t, at::Tensor& dk_t, at::Tensor& ds_t,
                                    const at::Tensor* pg_t = nullptr, const at::Tensor* pc_t = nullptr,
-                                   const at::Tensor* pq_t = nullptr) {
+                                   const at::Tensor* pq_t = nullptr, const at::Tensor* dots_t = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const T eps_ = static_cast<T>(eps_d);
@@ -205,6 +273,8 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
   const WRInputs<T> in_ = wr_inputs<T>(mem_t, ww_t, e_t, a_t, k_t, s_t);
   const T* MO_ = mo_t.const_data_ptr<T>();
   const T* RWS_ = rw_t.const_data_ptr<T>();
+  // The forward's cosine numerators and squared norms ((B, R + 1, N)), or null: computed here.
+  const T* SV_ = dots_t ? dots_t->const_data_ptr<T>() : nullptr;
   T* DM_ = dm_t.data_ptr<T>();
   T* DWW_ = dww_t.data_ptr<T>();
   T* DE_ = de_t.data_ptr<T>();
@@ -226,6 +296,7 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
     const WRInputs<T> in = in_;
     const T* MO = MO_;
     const T* RWS = RWS_;
+    const T* SV = SV_;
     T* DM = DM_;
     T* DWW = DWW_;
     T* DE = DE_;
@@ -263,9 +334,17 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
       T* ds = DS + b * R;
       normalize_keys(in.k + b * R * D, R, D, eps, kh, kn);
       // (1) one sweep of the new rows (dots_block, blocked over rows): their squared norms, the R cosine
-      // numerators and the R dots with the reads' gradient.
+      // numerators and the R dots with the reads' gradient; the first R + 1 from the forward where it kept
+      // them (the same values: dots_block's dots do not depend on the group they are computed in).
       if (grd) std::copy(grd, grd + R * D, gv);
-      dots_block(kh, grd ? 2 * R : R, mo, N, D, cs, N, nr);
+      if (SV) {
+        const T* sv = SV + b * (R + 1) * N;
+        std::copy(sv, sv + R * N, cs);
+        std::copy(sv + R * N, sv + (R + 1) * N, nr);
+        if (grd) dots_block(gv, R, mo, N, D, dr, N, static_cast<T*>(nullptr));
+      } else {
+        dots_block(kh, grd ? 2 * R : R, mo, N, D, cs, N, nr);
+      }
       if (!grd) std::fill(dr, dr + R * N, T(0));
       // Eight (or four) slots at a time from here to the blocks below: scalar, these per-slot loops took a
       // fifth of the kernel at N = 1,024 (divisions, and sums whose every addition waited on the last).
@@ -345,7 +424,15 @@ void dnc_write_read_backward_typed(const at::Tensor* g_mo_t, const at::Tensor* g
         if (W == 1 && D % VL == 0) {
           const T* rows = m + n0 * D;
           T* dmb = DM + (b * N + n0) * D;
-          if (gmo) {
+          if (kVecRegs >= 32 && D == 4 * VL) {
+            if (gmo) {
+              wr_backward_slots_w1_regs<true, 4>(gs, gmo + n0 * D, rows, ww + n0, e, v, dmb, de, da,
+                                                 DWW + b * N + n0, nj);
+            } else {
+              wr_backward_slots_w1_regs<false, 4>(gs, static_cast<const T*>(nullptr), rows, ww + n0, e, v, dmb, de,
+                                                  da, DWW + b * N + n0, nj);
+            }
+          } else if (gmo) {
             wr_backward_slots_w1<true>(gs, gmo + n0 * D, rows, ww + n0, e, v, dmb, de, da, DWW + b * N + n0, nj, D);
           } else {
             wr_backward_slots_w1<false>(gs, static_cast<const T*>(nullptr), rows, ww + n0, e, v, dmb, de, da,

@@ -422,7 +422,8 @@ inline void dots_rows(const A* const* vecs, const A* rows, int64_t nj, int64_t D
 }
 
 // Dots of every row of the block with n_vecs vectors (vecs[i] at base + i*D),
-// the first group also giving the squared row norms. `hot`: the rows are in cache (dots_rows_impl).
+// the first group also giving the squared row norms unless nrm2 is null. `hot`: the rows are in cache
+// (dots_rows_impl). Each dot's value does not depend on the group it falls in, nor on the norms.
 template <typename A>
 inline void dots_block(const A* base, int64_t n_vecs, const A* rows, int64_t nj, int64_t D, A* out, int64_t ldo,
                        A* nrm2, bool hot = false) {
@@ -430,7 +431,7 @@ inline void dots_block(const A* base, int64_t n_vecs, const A* rows, int64_t nj,
     constexpr int K = decltype(G)::value;
     const A* v[K];
     for (int k = 0; k < K; ++k) v[k] = base + (h0 + k) * D;
-    if (h0 == 0) {
+    if (h0 == 0 && nrm2 != nullptr) {
       dots_rows<K, true>(v, rows, nj, D, out, ldo, nrm2, hot);
     } else {
       dots_rows<K, false>(v, rows, nj, D, out + h0 * ldo, ldo, static_cast<A*>(nullptr), hot);

@@ -79,10 +79,13 @@ struct KernelTable {
                              const at::Tensor& write_strengths, const at::Tensor& erase, const at::Tensor& add,
                              double eps, double decay, at::Tensor& reads, at::Tensor& lse, at::Tensor& least);
   // neuralmem_dnc::write_read (csrc/dnc/write_read.cpp), float32/float64: the
-  // erase-add write, then content read weights over the new memory and reads.
+  // erase-add write, then content read weights over the new memory and reads. A defined `dots`
+  // ((B, R + 1, N), MemoryCore's sequence node) receives the read heads' cosine numerators and the new
+  // rows' squared norms, which dnc_write_read_backward then takes instead of computing them again.
   void (*dnc_write_read)(const at::Tensor& memory, const at::Tensor& write_weights, const at::Tensor& erase,
                          const at::Tensor& add, const at::Tensor& read_keys, const at::Tensor& read_strengths,
-                         double eps, at::Tensor& new_memory, at::Tensor& read_weights, at::Tensor& reads);
+                         double eps, at::Tensor& new_memory, at::Tensor& read_weights, at::Tensor& reads,
+                         at::Tensor& dots);
   // Its backward; an undefined incoming gradient counts as zeros. With pend_gamma defined (float and double,
   // MemoryCore's sequence node), grad_new_memory is taken as grad_new_memory + a content addressing's memory
   // gradient over new_memory that content_addressing_backward_coefs left pending: row n gets
@@ -93,7 +96,7 @@ struct KernelTable {
                                   const at::Tensor& read_keys, const at::Tensor& read_strengths,
                                   const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
                                   const at::Tensor& pend_gamma, const at::Tensor& pend_coef,
-                                  const at::Tensor& pend_q, at::Tensor& grad_memory,
+                                  const at::Tensor& pend_q, const at::Tensor& dots, at::Tensor& grad_memory,
                                   at::Tensor& grad_write_weights, at::Tensor& grad_erase, at::Tensor& grad_add,
                                   at::Tensor& grad_read_keys, at::Tensor& grad_read_strengths);
   // content_addressing_backward whose memory gradient is added to grad_memory

@@ -195,10 +195,10 @@ inline void content_read_write_k(at::Tensor& memory, at::Tensor& usage, const at
 
 inline void dnc_write_read_k(const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
                              const at::Tensor& add, const at::Tensor& rk, const at::Tensor& rs, double eps,
-                             at::Tensor& out, at::Tensor& rw, at::Tensor& reads) {
+                             at::Tensor& out, at::Tensor& rw, at::Tensor& reads, at::Tensor& dots) {
   const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), W = ww.size(1), R = rk.size(1);
   AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "write_read", [&] {
-    dnc_write_read_typed<scalar_t>(memory, ww, erase, add, rk, rs, eps, B, N, D, W, R, out, rw, reads);
+    dnc_write_read_typed<scalar_t>(memory, ww, erase, add, rk, rs, eps, B, N, D, W, R, out, rw, reads, dots);
   });
 }
 
@@ -207,14 +207,16 @@ inline void dnc_write_read_backward_k(const at::Tensor& gmo, const at::Tensor& g
                                       const at::Tensor& add, const at::Tensor& rk, const at::Tensor& rs,
                                       const at::Tensor& out, const at::Tensor& rw, double eps,
                                       const at::Tensor& pend_gamma, const at::Tensor& pend_coef,
-                                      const at::Tensor& pend_q, at::Tensor& dm, at::Tensor& dww, at::Tensor& de,
-                                      at::Tensor& da, at::Tensor& dk, at::Tensor& ds) {
+                                      const at::Tensor& pend_q, const at::Tensor& dots, at::Tensor& dm,
+                                      at::Tensor& dww, at::Tensor& de, at::Tensor& da, at::Tensor& dk,
+                                      at::Tensor& ds) {
   const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), W = ww.size(1), R = rk.size(1);
   AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "write_read_backward", [&] {
     dnc_write_read_backward_typed<scalar_t>(gmo.defined() ? &gmo : nullptr, grw.defined() ? &grw : nullptr,
                                             grd.defined() ? &grd : nullptr, memory, ww, erase, add, rk, rs, out,
                                             rw, eps, B, N, D, W, R, dm, dww, de, da, dk, ds,
-                                            pend_gamma.defined() ? &pend_gamma : nullptr, &pend_coef, &pend_q);
+                                            pend_gamma.defined() ? &pend_gamma : nullptr, &pend_coef, &pend_q,
+                                            dots.defined() ? &dots : nullptr);
   });
 }
 

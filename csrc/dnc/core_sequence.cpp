@@ -4,10 +4,13 @@
 // the formulas, the layout of what is saved and the tests are there. Per time
 // step the loops run the LSTM cell, the interface layer and its
 // nonlinearities, and the DNC access through the registered native ops
-// (content_addressing, write_weights, write_read and their backwards, looked up
-// once), so that the Python interpreter and autograd are out of the loop: at
-// the dnc package's setting (B = 16, N = 128, T = 22) each of the ~70 small
-// ops per step costs a few microseconds more from Python than from here.
+// (content_addressing, write_weights and their backwards, looked up once) and
+// write_read's host functions (dnc/write_read.h), so that the Python
+// interpreter and autograd are out of the loop: at the dnc package's setting
+// (B = 16, N = 128, T = 22) each of the ~70 small ops per step costs a few
+// microseconds more from Python than from here. The forward keeps write_read's
+// read-head cosine numerators and row norms (kDots), which its backward would
+// otherwise compute again in a sweep of the new memory.
 // The LSTM cell's and the interface's nonlinearities are one vectorised kernel
 // each (cpu/dnc_controller_kernels.h, in the per-instruction-set kernel table),
 // their backwards and the interface's fields plain loops here: about 50 ATen
@@ -18,7 +21,7 @@
 // memory's gradient anyway (dnc/write_read.h).
 // Not ops of their own (no schema, no autograd): two functions of the _C
 // module, called only by that Function, which owns saving, version checks and
-// create_graph.
+// create_graph (and two of write_read's, bound for the tests).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
@@ -35,7 +38,6 @@ namespace dnc {
 namespace {
 
 using T = at::Tensor;
-using OptT = std::optional<at::Tensor>;
 
 struct Ops {
   c10::TypedOperatorHandle<T(const T&, const T&, const T&, double)> content_addressing;
@@ -45,12 +47,6 @@ struct Ops {
   c10::TypedOperatorHandle<std::tuple<T, T, T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&,
                                                         const T&, const T&, const T&, const T&, const T&, double)>
       write_weights_backward;
-  c10::TypedOperatorHandle<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, double)>
-      write_read;
-  c10::TypedOperatorHandle<std::tuple<T, T, T, T, T, T>(const OptT&, const OptT&, const OptT&, const T&, const T&,
-                                                        const T&, const T&, const T&, const T&, const T&, const T&,
-                                                        double)>
-      write_read_backward;
   c10::TypedOperatorHandle<std::tuple<T, T>(T&, const T&, const T&, const T&, const T&, const T&, double)>
       addressing_backward_add_;
 };
@@ -67,11 +63,6 @@ const Ops& ops() {
         d.findSchemaOrThrow("neuralmem_dnc::write_weights_backward", "")
             .typed<std::tuple<T, T, T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, const T&,
                                                 const T&, const T&, const T&, const T&, double)>(),
-        d.findSchemaOrThrow("neuralmem_dnc::write_read", "")
-            .typed<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, double)>(),
-        d.findSchemaOrThrow("neuralmem_dnc::write_read_backward", "")
-            .typed<std::tuple<T, T, T, T, T, T>(const OptT&, const OptT&, const OptT&, const T&, const T&, const T&,
-                                                const T&, const T&, const T&, const T&, const T&, double)>(),
         d.findSchemaOrThrow("neuralmem_dnc::addressing_backward_add_", "")
             .typed<std::tuple<T, T>(T&, const T&, const T&, const T&, const T&, const T&, double)>(),
     };
@@ -83,7 +74,7 @@ const Ops& ops() {
 // Saved per time step, in this order (kPerStep tensors).
 enum Slot {
   kSig, kTanhG, kTanhC, kCPrev, kFac, kMemory, kUsage, kRw, kWw, kWk, kWs, kFg, kWg, kAg, kEr, kWv, kRk, kRs,
-  kContent, kHu, kOrder, kNewWw, kNewMemory, kNewRw, kPerStep
+  kContent, kHu, kOrder, kNewWw, kNewMemory, kNewRw, kDots, kPerStep
 };
 
 // The interface's fields in the order of its columns: rk, wk, wv (linear), rs, ws (oneplus), er, fg, ag, wg
@@ -214,9 +205,11 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
             &wg = fl[8];
     T content = op.content_addressing.call(memory, wk, ws, eps);
     auto [new_usage, new_ww, hu, order] = op.write_weights.call(usage, ww, fg, rw, content, wg, ag, alloc_eps);
-    auto [new_memory, new_rw, new_reads] = op.write_read.call(memory, new_ww, er, wv, rk, rs, eps);
+    // write_read as the registered op, keeping its read heads' cosine numerators and the new rows' norms: the
+    // backward takes them instead of a sweep of the new memory that would compute them again.
+    auto [new_memory, new_rw, new_reads, dots] = write_read_keep(memory, new_ww, er, wv, rk, rs, eps);
     for (const T& v : {s, g, tc, c_prev, fac, memory, usage, rw, ww, wk, ws, fg, wg, ag, er, wv, rk, rs, content, hu,
-                       order, new_ww, new_memory, new_rw})
+                       order, new_ww, new_memory, new_rw, dots})
       out.push_back(v);
     memory = new_memory, usage = new_usage, rw = new_rw, ww = new_ww, reads = new_reads;
     rh[t + 1].narrow(1, 0, RD).copy_(reads.reshape({B, RD}));
@@ -265,11 +258,9 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
     d_rh = d_rh + d_rh_out[t];
     T d_reads = d_rh.narrow(1, 0, RD).reshape({B, R, D}).contiguous();
     auto [dm, dww, de, da, drk, drs] =
-        pend_gamma.defined()
-            ? write_read_backward_pending(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
-                                          st[kRs], st[kNewMemory], st[kNewRw], eps, pend_gamma, pend_coef, pend_q)
-            : op.write_read_backward.call(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
-                                          st[kRs], st[kNewMemory], st[kNewRw], eps);
+        write_read_backward_pending(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
+                                    st[kRs], st[kNewMemory], st[kNewRw], eps, pend_gamma, pend_coef, pend_q,
+                                    st[kDots]);
     if (t == Tn - 1) dww = dww + g_ww;  // the write weights reach later steps only detached (the usage)
     auto [du, dfg, dprw, dcw, dgw, dga] =
         op.write_weights_backward.call(d_usage, dww, st[kUsage], st[kWw], st[kFg], st[kRw], st[kContent], st[kWg],
@@ -307,6 +298,25 @@ void bind_core_sequence(pybind11::module_& m) {
         "MemoryCore's sequence forward (nn/core_sequence.py): outputs, final state and what the backward needs");
   m.def("core_sequence_backward", &core_sequence_backward,
         "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters");
+  // What the sequence node calls of write_read besides the registered ops, for the tests: the forward that
+  // keeps its dots, and the backward that takes them (and a pending addressing gradient, None for none).
+  m.def("write_read_keep", &write_read_keep,
+        "neuralmem_dnc::write_read plus (B, R + 1, N): the read heads' cosine numerators and the rows' squared norms");
+  m.def(
+      "write_read_backward_pending",
+      [](const std::optional<at::Tensor>& g_mo, const std::optional<at::Tensor>& g_rw,
+         const std::optional<at::Tensor>& g_rd, const at::Tensor& memory, const at::Tensor& ww,
+         const at::Tensor& erase, const at::Tensor& add, const at::Tensor& keys, const at::Tensor& str,
+         const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
+         const std::optional<at::Tensor>& pend_gamma, const std::optional<at::Tensor>& pend_coef,
+         const std::optional<at::Tensor>& pend_q, const std::optional<at::Tensor>& dots) {
+        at::NoGradGuard no_grad;
+        auto t = [](const std::optional<at::Tensor>& o) { return o.has_value() ? *o : at::Tensor(); };
+        return write_read_backward_pending(t(g_mo), t(g_rw), t(g_rd), memory, ww, erase, add, keys, str,
+                                           new_memory, read_weights, eps, t(pend_gamma), t(pend_coef), t(pend_q),
+                                           t(dots));
+      },
+      "neuralmem_dnc::write_read_backward with a pending addressing gradient and write_read_keep's dots");
 }
 
 }  // namespace dnc

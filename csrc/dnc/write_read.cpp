@@ -93,18 +93,32 @@ WRDims check_inputs(const at::Tensor& memory, const at::Tensor& ww, const at::Te
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> write_read_cpu(const at::Tensor& memory, const at::Tensor& ww,
-                                                              const at::Tensor& erase, const at::Tensor& add,
-                                                              const at::Tensor& keys, const at::Tensor& str,
-                                                              double eps) {
+// write_read, and with keep_dots also the read heads' cosine numerators and the new rows' squared norms
+// ((B, R + 1, N)) for the backward; undefined without.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_impl(const at::Tensor& memory,
+                                                                          const at::Tensor& ww,
+                                                                          const at::Tensor& erase,
+                                                                          const at::Tensor& add,
+                                                                          const at::Tensor& keys,
+                                                                          const at::Tensor& str, double eps,
+                                                                          bool keep_dots) {
   const WRDims d = check_inputs(memory, ww, erase, add, keys, str, eps);
   // Memory-sized outputs from the pool (cpu/buffer_pool.h): a recurrent step keeps one per time step and
   // frees them together; fresh pages would fault in at every step.
   at::Tensor out = cpu::empty_like_c(memory);
   at::Tensor rw = at::empty({d.B, d.R, d.N}, memory.options());
   at::Tensor rd = at::empty({d.B, d.R, d.D}, memory.options());
+  at::Tensor dots = keep_dots ? at::empty({d.B, d.R + 1, d.N}, memory.options()) : at::Tensor();
   cpu::kernels().dnc_write_read(memory.contiguous(), ww.contiguous(), erase.contiguous(), add.contiguous(),
-                           keys.contiguous(), str.contiguous(), eps, out, rw, rd);
+                                keys.contiguous(), str.contiguous(), eps, out, rw, rd, dots);
+  return {out, rw, rd, dots};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> write_read_cpu(const at::Tensor& memory, const at::Tensor& ww,
+                                                              const at::Tensor& erase, const at::Tensor& add,
+                                                              const at::Tensor& keys, const at::Tensor& str,
+                                                              double eps) {
+  auto [out, rw, rd, dots] = write_read_impl(memory, ww, erase, add, keys, str, eps, /*keep_dots=*/false);
   return {out, rw, rd};
 }
 
@@ -113,10 +127,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& g_rd, const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase,
     const at::Tensor& add, const at::Tensor& keys, const at::Tensor& str, const at::Tensor& new_memory,
     const at::Tensor& read_weights, double eps, const at::Tensor& pend_gamma = at::Tensor(),
-    const at::Tensor& pend_coef = at::Tensor(), const at::Tensor& pend_q = at::Tensor()) {
+    const at::Tensor& pend_coef = at::Tensor(), const at::Tensor& pend_q = at::Tensor(),
+    const at::Tensor& dots = at::Tensor()) {
   const WRDims d = check_inputs(memory, ww, erase, add, keys, str, eps);
   check_shape(new_memory, "new_memory", {d.B, d.N, d.D}, memory, "(B, N, D)");
   check_shape(read_weights, "read_weights", {d.B, d.R, d.N}, memory, "(B, R, N)");
+  if (dots.defined()) check_shape(dots, "dots", {d.B, d.R + 1, d.N}, memory, "(B, R + 1, N)");
   at::Tensor gmo, grw, grd;
   if (g_mo.has_value() && g_mo->defined()) {
     check_shape(*g_mo, "grad_new_memory", {d.B, d.N, d.D}, memory, "(B, N, D)");
@@ -138,8 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ds = at::empty({d.B, d.R}, memory.options());
   cpu::kernels().dnc_write_read_backward(gmo, grw, grd, memory.contiguous(), ww.contiguous(), erase.contiguous(),
                                     add.contiguous(), keys.contiguous(), str.contiguous(), new_memory.contiguous(),
-                                    read_weights.contiguous(), eps, pend_gamma, pend_coef, pend_q, dm, dww, de,
-                                    da, dk, ds);
+                                    read_weights.contiguous(), eps, pend_gamma, pend_coef, pend_q,
+                                    dots.defined() ? dots.contiguous() : dots, dm, dww, de, da, dk, ds);
   return {dm, dww, de, da, dk, ds};
 }
 
@@ -244,14 +260,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& g_mo, const at::Tensor& g_rw, const at::Tensor& g_rd, const at::Tensor& memory,
     const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add, const at::Tensor& keys,
     const at::Tensor& str, const at::Tensor& new_memory, const at::Tensor& read_weights, double eps,
-    const at::Tensor& pend_gamma, const at::Tensor& pend_coef, const at::Tensor& pend_q) {
+    const at::Tensor& pend_gamma, const at::Tensor& pend_coef, const at::Tensor& pend_q, const at::Tensor& dots) {
+  if (!pend_gamma.defined()) {
+    return write_read_backward_impl(g_mo, g_rw, g_rd, memory, ww, erase, add, keys, str, new_memory, read_weights,
+                                    eps, at::Tensor(), at::Tensor(), at::Tensor(), dots);
+  }
   const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2);
   TORCH_CHECK(pend_coef.dim() == 3 && pend_coef.size(0) == B && pend_coef.size(2) == N,
               "write_read_backward_pending: pend_coef must be (B, P, N), got ", pend_coef.sizes());
   check_shape(pend_gamma, "pend_gamma", {B, N}, memory, "(B, N)");
   check_shape(pend_q, "pend_q", {B, pend_coef.size(1), D}, memory, "(B, P, D)");
   return write_read_backward_impl(g_mo, g_rw, g_rd, memory, ww, erase, add, keys, str, new_memory, read_weights,
-                                  eps, pend_gamma.contiguous(), pend_coef.contiguous(), pend_q.contiguous());
+                                  eps, pend_gamma.contiguous(), pend_coef.contiguous(), pend_q.contiguous(), dots);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_keep(
+    const at::Tensor& memory, const at::Tensor& ww, const at::Tensor& erase, const at::Tensor& add,
+    const at::Tensor& keys, const at::Tensor& str, double eps) {
+  return write_read_impl(memory, ww, erase, add, keys, str, eps, /*keep_dots=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressing_backward_coefs(

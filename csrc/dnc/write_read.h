@@ -16,14 +16,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressin
     const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory, const at::Tensor& keys,
     const at::Tensor& strengths, double eps);
 
+// neuralmem_dnc::write_read, plus dots (B, R + 1, N): the read heads' cosine numerators k_r . new_n and the
+// new rows' squared norms, for write_read_backward_pending.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_keep(
+    const at::Tensor& memory, const at::Tensor& write_weights, const at::Tensor& erase, const at::Tensor& add,
+    const at::Tensor& read_keys, const at::Tensor& read_strengths, double eps);
+
 // neuralmem_dnc::write_read_backward with grad_new_memory + the pending gradient (gamma, coef, q) of an
-// addressing over new_memory; the same six gradients.
+// addressing over new_memory (none where pend_gamma is undefined), and with dots (write_read_keep's, or
+// undefined) in place of the sweep that would compute them again; the same six gradients, bit for bit.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_backward_pending(
     const at::Tensor& grad_new_memory, const at::Tensor& grad_read_weights, const at::Tensor& grad_reads,
     const at::Tensor& memory, const at::Tensor& write_weights, const at::Tensor& erase, const at::Tensor& add,
     const at::Tensor& read_keys, const at::Tensor& read_strengths, const at::Tensor& new_memory,
     const at::Tensor& read_weights, double eps, const at::Tensor& pend_gamma, const at::Tensor& pend_coef,
-    const at::Tensor& pend_q);
+    const at::Tensor& pend_q, const at::Tensor& dots);
 
 }  // namespace dnc
 }  // namespace neuralmem

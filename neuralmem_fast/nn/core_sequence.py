@@ -97,7 +97,7 @@ class CoreSequence(torch.autograd.Function):
         final = out[1:8]
         # Everything through save_for_backward: the version counters of the inputs, the parameters and the
         # returned final state are checked, and autograd frees the lot after a backward without retain_graph.
-        # out[8:]: rh, the weights rearranged, and 24 tensors per step (csrc/dnc/core_sequence.cpp).
+        # out[8:]: rh, the weights rearranged, and 25 tensors per step (csrc/dnc/core_sequence.cpp).
         ctx.save_for_backward(*inputs, *final, *out[8:])
         ctx.sizes, ctx.eps = sizes, eps
         return (out[0], *final)
