@@ -167,6 +167,40 @@ def test_kept_dots_give_the_same_bits(B, N, D, W, R, dtype):
         C.write_read_backward_pending(*up, *x, new, rw, EPS, None, None, None, dots[:, :R])
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("B,N,D,H", [(2, 150, 64, 1), (3, 70, 24, 2), (2, 5, 3, 1)])
+def test_write_addressing_with_kept_norms_and_dots_gives_the_same_bits(B, N, D, H, dtype):
+    """The sequence node's write addressing of step t takes the squared norms of the rows that step t - 1's
+    write_read kept, and keeps its raw dots for the backward's coefficients: the same weights as
+    content_addressing and the same coefficients and gradients as computing both again, bit for bit."""
+    from neuralmem_fast import _ext
+
+    C = _ext._C
+    R = 3
+    x = _inputs(B, N, D, 1, R, dtype=dtype, faint=True)
+    new, _, _, dots = C.write_read_keep(*x, EPS)
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(B, H, D, generator=g, dtype=dtype)
+    keys[0, 0] = 0  # the key's norm floor
+    strengths = 1 + 5 * torch.rand(B, H, generator=g, dtype=dtype)
+    want = torch.ops.neuralmem.content_addressing(new, keys, strengths, EPS)
+    norms2 = dots[:, R]  # strided: a column of (B, R + 1, N)
+    for given in (None, norms2):
+        w, ca = C.content_addressing_keep(new, keys, strengths, EPS, given)
+        assert torch.equal(w, want)
+    q = keys / keys.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    torch.testing.assert_close(ca, q @ new.transpose(1, 2), rtol=1e-4, atol=1e-4)
+    gw = torch.randn(B, H, N, generator=g, dtype=dtype)
+    a = C.addressing_backward_coefs(gw, w, new, keys, strengths, EPS, None, None)
+    b = C.addressing_backward_coefs(gw, w, new, keys, strengths, EPS, ca, norms2)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="together"):
+        C.addressing_backward_coefs(gw, w, new, keys, strengths, EPS, ca, None)
+    with pytest.raises(ValueError, match="norms2"):
+        C.content_addressing_keep(new, keys, strengths, EPS, norms2[:, :-1])
+
+
 def test_float32_matches_float64():
     x = _inputs(3, 50, 16, 2, 4)
     up = _upstream(3, 50, 16, 4)

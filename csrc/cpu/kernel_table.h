@@ -111,11 +111,18 @@ struct KernelTable {
   // gamma (B, N), coef (B, H, N) and q (B, H, D) the unit keys. One read of the memory where the gradient
   // would take a read and a write of (B, N, D) more; dnc_write_read_backward adds it where it reads the
   // gradient of its new memory anyway.
+  // With dots and norms2 defined (MemoryCore's sequence node): the forward's raw dots q_h . m_n (B, H, N) and
+  // the rows' squared norms (B, N), taken instead of the sweep of the memory that computes them.
   void (*content_addressing_backward_coefs)(const at::Tensor& grad_weights, const at::Tensor& weights,
                                             const at::Tensor& memory, const at::Tensor& keys,
-                                            const at::Tensor& strengths, double eps, at::Tensor& grad_keys,
+                                            const at::Tensor& strengths, double eps, const at::Tensor& dots,
+                                            const at::Tensor& norms2, at::Tensor& grad_keys,
                                             at::Tensor& grad_strengths, at::Tensor& gamma, at::Tensor& coef,
                                             at::Tensor& q);
+  // content_addressing (float and double) for MemoryCore's sequence node: the rows' squared norms taken
+  // from norms2 ((B, N), rows contiguous) where it is defined, the raw dots kept in dots (B, H, N).
+  void (*content_addressing_keep)(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                                  double eps, const at::Tensor& norms2, at::Tensor& weights, at::Tensor& dots);
   // MemoryCore's sequence node (csrc/dnc/core_sequence.cpp), float and double, contiguous (B, .) inputs: one
   // step's LSTM cell from its pre-activations gates (B, 4H) and c_prev (B, H): s (B, 4H) the sigmoids of
   // all four blocks, g = tanh of the cell block, the new cell c, tc = tanh(c) and h.

@@ -76,16 +76,33 @@ inline void content_addressing_backward_add_k(const at::Tensor& gm, const at::Te
   });
 }
 
-// content_addressing_backward's key and strength gradients, its memory gradient left as coefficients.
+// content_addressing_backward's key and strength gradients, its memory gradient left as coefficients; with
+// dots and norms2 defined, the forward's raw dots and the rows' squared norms instead of a sweep for them.
 inline void content_addressing_backward_coefs_k(const at::Tensor& gw, const at::Tensor& w, const at::Tensor& memory,
                                                 const at::Tensor& keys, const at::Tensor& strengths, double eps,
-                                                at::Tensor& dk, at::Tensor& ds, at::Tensor& gamma, at::Tensor& coef,
-                                                at::Tensor& q) {
+                                                const at::Tensor& dots, const at::Tensor& norms2, at::Tensor& dk,
+                                                at::Tensor& ds, at::Tensor& gamma, at::Tensor& coef, at::Tensor& q) {
   AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "addressing_backward_coefs", [&] {
     at::Tensor none;  // undefined: no memory gradient
+    const bool given = dots.defined();
     addressing_backward_typed<scalar_t, false>(nullptr, nullptr, nullptr, &gw, &w, memory, keys, strengths, eps,
                                                none, dk, ds, nullptr, gamma.data_ptr<scalar_t>(),
-                                               coef.data_ptr<scalar_t>(), q.data_ptr<scalar_t>());
+                                               coef.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                                               given ? dots.const_data_ptr<scalar_t>() : nullptr,
+                                               given ? norms2.const_data_ptr<scalar_t>() : nullptr,
+                                               given ? norms2.stride(0) : 0);
+  });
+}
+
+// content_addressing (float and double) taking the rows' squared norms where norms2 is defined ((B, N), rows
+// contiguous) and keeping the raw dots in dots ((B, H, N)) for content_addressing_backward_coefs.
+inline void content_addressing_keep_k(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths,
+                                      double eps, const at::Tensor& norms2, at::Tensor& weights, at::Tensor& dots) {
+  AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "content_addressing_keep", [&] {
+    const bool given = norms2.defined();
+    content_addressing_typed<scalar_t>(memory, keys, strengths, eps, weights,
+                                       given ? norms2.const_data_ptr<scalar_t>() : nullptr,
+                                       given ? norms2.stride(0) : 0, dots.data_ptr<scalar_t>());
   });
 }
 
@@ -259,6 +276,7 @@ constexpr KernelTable make_table(const char* name) {
                      &dnc_write_read_backward_k,
                      &content_addressing_backward_add_k,
                      &content_addressing_backward_coefs_k,
+                     &content_addressing_keep_k,
                      &lstm_cell_k,
                      &dnc_interface_k};
 }

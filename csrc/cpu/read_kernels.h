@@ -10,9 +10,13 @@ namespace CPU_CAPABILITY {
 // ---------------------------------------------------------------------------
 // content_addressing
 // ---------------------------------------------------------------------------
+// n2_in (float and double): the rows' squared norms, given ((B, N) with rows n2_ld apart), taken instead of
+// computed; dots_out: the raw dots q_h . m_n kept ((B, H, N)), for addressing_backward_typed's dots_in.
+// dots_block's dots do not depend on whether it computes the norms beside them: the same weights, bit for bit.
 template <typename T>
 void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys_t, const at::Tensor& str_t,
-                              double eps_d, at::Tensor& out_t) {
+                              double eps_d, at::Tensor& out_t, const T* n2_in = nullptr, int64_t n2_ld = 0,
+                              T* dots_out = nullptr) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
   const T* mem = memory_t.const_data_ptr<T>();
@@ -42,7 +46,20 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
-        dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data(), hot);
+        if constexpr (std::is_same_v<T, A>) {
+          if (n2_in != nullptr) {
+            dots_block(q.data(), H, rows, nj, D, lg + nb, N, static_cast<A*>(nullptr), hot);
+            std::copy(n2_in + b * n2_ld + nb, n2_in + b * n2_ld + nb + nj, nrm2.data());
+          } else {
+            dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data(), hot);
+          }
+          if (dots_out != nullptr) {
+            for (int64_t h = 0; h < H; ++h)
+              std::copy(lg + h * N + nb, lg + h * N + nb + nj, dots_out + (b * H + h) * N + nb);
+          }
+        } else {
+          dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data(), hot);
+        }
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
         scale_logits(lg + nb, H, nj, N, beta.data(), inv.data());
       }
@@ -133,7 +150,8 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
                                const at::Tensor* grad_w_t, const at::Tensor* w_t, const at::Tensor& memory_t,
                                const at::Tensor& keys_t, const at::Tensor& str_t, double eps_d, at::Tensor& dm_t,
                                at::Tensor& dk_t, at::Tensor& ds_t, const at::Tensor* dm_in_t = nullptr,
-                               T* coef_gamma = nullptr, T* coef_b = nullptr, T* coef_q = nullptr) {
+                               T* coef_gamma = nullptr, T* coef_b = nullptr, T* coef_q = nullptr,
+                               const T* dots_in = nullptr, const T* n2_in = nullptr, int64_t n2_ld = 0) {
   using A = acc_t<T>;
   const int64_t B = memory_t.size(0), N = memory_t.size(1), D = memory_t.size(2), H = keys_t.size(1);
   const T* mem = memory_t.const_data_ptr<T>();
@@ -153,6 +171,10 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
   // d/dm_n = -coef_gamma[b, n] m_n + sum_h coef_b[b, h, n] q_h, with q the unit keys (coef_q, (B, H, D)).
   TORCH_INTERNAL_ASSERT(coef_gamma == nullptr || (!FUSED && std::is_same_v<T, acc_t<T>> && dm == nullptr &&
                                                   coef_b != nullptr && coef_q != nullptr));
+  // dots_in, n2_in (float and double, not fused): the forward's raw dots q_h . m_n ((B, H, N), content_addressing
+  // _typed's dots_out) and the rows' squared norms, taken instead of the sweep that computes them; the rows are
+  // still read for the keys' gradient.
+  TORCH_INTERNAL_ASSERT(dots_in == nullptr || (!FUSED && std::is_same_v<T, acc_t<T>> && n2_in != nullptr));
   T* dk = dk_t.data_ptr<T>();
   T* dstr = ds_t.data_ptr<T>();
   const A eps = static_cast<A>(eps_d);
@@ -315,7 +337,15 @@ void addressing_backward_typed(const at::Tensor* grad_reads_t, const at::Tensor*
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
-        dots_block(vecs.data(), nvec, rows, nj, D, dots.data(), BS, nrm2.data());
+        if (dots_in != nullptr) {
+          for (int64_t h = 0; h < H; ++h) {
+            const T* src = dots_in + (b * H + h) * N + nb;
+            std::copy(src, src + nj, dots.data() + h * BS);
+          }
+          std::copy(n2_in + b * n2_ld + nb, n2_in + b * n2_ld + nb + nj, nrm2.data());
+        } else {
+          dots_block(vecs.data(), nvec, rows, nj, D, dots.data(), BS, nrm2.data());
+        }
         row_scales(nrm2.data(), nj, eps, inv.data(), gate.data());
         const A* wp = nullptr;  // weights of the block, ld BS (recomputed) or N (given)
         const A* gwp = nullptr;

@@ -4,13 +4,14 @@
 // the formulas, the layout of what is saved and the tests are there. Per time
 // step the loops run the LSTM cell, the interface layer and its
 // nonlinearities, and the DNC access through the registered native ops
-// (content_addressing, write_weights and their backwards, looked up once) and
-// write_read's host functions (dnc/write_read.h), so that the Python
+// (write_weights and its backward, looked up once) and the host functions of
+// write_read and content addressing (dnc/write_read.h), so that the Python
 // interpreter and autograd are out of the loop: at the dnc package's setting
 // (B = 16, N = 128, T = 22) each of the ~70 small ops per step costs a few
 // microseconds more from Python than from here. The forward keeps write_read's
-// read-head cosine numerators and row norms (kDots), which its backward would
-// otherwise compute again in a sweep of the new memory.
+// read-head cosine numerators and row norms (kDots) and the write head's raw
+// dots (kCaDots), which the backward would otherwise compute again in sweeps of
+// the memories; the next step's write addressing takes those norms too.
 // The LSTM cell's and the interface's nonlinearities are one vectorised kernel
 // each (cpu/dnc_controller_kernels.h, in the per-instruction-set kernel table),
 // their backwards and the interface's fields plain loops here: about 50 ATen
@@ -21,7 +22,7 @@
 // memory's gradient anyway (dnc/write_read.h).
 // Not ops of their own (no schema, no autograd): two functions of the _C
 // module, called only by that Function, which owns saving, version checks and
-// create_graph (and two of write_read's, bound for the tests).
+// create_graph (and four of dnc/write_read.h's, bound for the tests).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
@@ -40,7 +41,6 @@ namespace {
 using T = at::Tensor;
 
 struct Ops {
-  c10::TypedOperatorHandle<T(const T&, const T&, const T&, double)> content_addressing;
   c10::TypedOperatorHandle<std::tuple<T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&,
                                                   const T&, double)>
       write_weights;
@@ -55,8 +55,6 @@ const Ops& ops() {
   static const Ops o = [] {
     auto& d = c10::Dispatcher::singleton();
     Ops r{
-        d.findSchemaOrThrow("neuralmem::content_addressing", "")
-            .typed<T(const T&, const T&, const T&, double)>(),
         d.findSchemaOrThrow("neuralmem_dnc::write_weights", "")
             .typed<std::tuple<T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, const T&,
                                           double)>(),
@@ -74,7 +72,7 @@ const Ops& ops() {
 // Saved per time step, in this order (kPerStep tensors).
 enum Slot {
   kSig, kTanhG, kTanhC, kCPrev, kFac, kMemory, kUsage, kRw, kWw, kWk, kWs, kFg, kWg, kAg, kEr, kWv, kRk, kRs,
-  kContent, kHu, kOrder, kNewWw, kNewMemory, kNewRw, kDots, kPerStep
+  kContent, kHu, kOrder, kNewWw, kNewMemory, kNewRw, kDots, kCaDots, kPerStep
 };
 
 // The interface's fields in the order of its columns: rk, wk, wv (linear), rs, ws (oneplus), er, fg, ag, wg
@@ -190,6 +188,7 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
   std::vector<T> out(11);
   out.reserve(11 + kPerStep * Tn);
   T h = h0, c = c0.contiguous(), memory = in[4], usage = in[5], rw = in[6], ww = in[7], reads = reads0;
+  T prev_dots;  // write_read's dots of the previous step
   for (int64_t t = 0; t < Tn; ++t) {
     T gates = at::addmm(xg[t], rh[t], w_rh_t);
     T s = at::empty({B, 4 * H}, x.options()), g = at::empty({B, H}, x.options());
@@ -203,14 +202,18 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
     const std::vector<T> fl = split_fields(act, fields);
     const T &rk = fl[0], &wk = fl[1], &wv = fl[2], &rs = fl[3], &ws = fl[4], &er = fl[5], &fg = fl[6], &ag = fl[7],
             &wg = fl[8];
-    T content = op.content_addressing.call(memory, wk, ws, eps);
+    // The write head's content addressing: from step 1 on, the rows' norms are those write_read kept for the
+    // memory it wrote; its raw dots are kept for the backward.
+    auto [content, ca_dots] =
+        content_addressing_keep(memory, wk, ws, eps, t > 0 && R > 0 ? prev_dots.select(1, R) : T());
     auto [new_usage, new_ww, hu, order] = op.write_weights.call(usage, ww, fg, rw, content, wg, ag, alloc_eps);
     // write_read as the registered op, keeping its read heads' cosine numerators and the new rows' norms: the
     // backward takes them instead of a sweep of the new memory that would compute them again.
     auto [new_memory, new_rw, new_reads, dots] = write_read_keep(memory, new_ww, er, wv, rk, rs, eps);
     for (const T& v : {s, g, tc, c_prev, fac, memory, usage, rw, ww, wk, ws, fg, wg, ag, er, wv, rk, rs, content, hu,
-                       order, new_ww, new_memory, new_rw, dots})
+                       order, new_ww, new_memory, new_rw, dots, ca_dots})
       out.push_back(v);
+    prev_dots = dots;
     memory = new_memory, usage = new_usage, rw = new_rw, ww = new_ww, reads = new_reads;
     rh[t + 1].narrow(1, 0, RD).copy_(reads.reshape({B, RD}));
     rh[t + 1].narrow(1, RD, H).copy_(h);
@@ -267,8 +270,11 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
                                        st[kAg], st[kHu], st[kOrder], alloc_eps);
     T dwk, dws;
     if (t > 0) {
-      std::tie(dwk, dws, pend_gamma, pend_coef, pend_q) =
-          addressing_backward_coefs(dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps);
+      // The forward's dots and the norms it took from step t - 1's write_read (none without read heads).
+      const T* prev = st - kPerStep;
+      std::tie(dwk, dws, pend_gamma, pend_coef, pend_q) = addressing_backward_coefs(
+          dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps, R > 0 ? st[kCaDots] : T(),
+          R > 0 ? prev[kDots].select(1, R) : T());
     } else {
       std::tie(dwk, dws) = op.addressing_backward_add_.call(dm, dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps);
     }
@@ -317,6 +323,24 @@ void bind_core_sequence(pybind11::module_& m) {
                                            t(dots));
       },
       "neuralmem_dnc::write_read_backward with a pending addressing gradient and write_read_keep's dots");
+  m.def(
+      "content_addressing_keep",
+      [](const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps,
+         const std::optional<at::Tensor>& norms2) {
+        at::NoGradGuard no_grad;
+        return content_addressing_keep(memory, keys, str, eps, norms2.has_value() ? *norms2 : at::Tensor());
+      },
+      "neuralmem::content_addressing as (weights, raw dots), taking the rows' squared norms where given");
+  m.def(
+      "addressing_backward_coefs",
+      [](const at::Tensor& gw, const at::Tensor& w, const at::Tensor& memory, const at::Tensor& keys,
+         const at::Tensor& str, double eps, const std::optional<at::Tensor>& dots,
+         const std::optional<at::Tensor>& norms2) {
+        at::NoGradGuard no_grad;
+        auto t = [](const std::optional<at::Tensor>& o) { return o.has_value() ? *o : at::Tensor(); };
+        return addressing_backward_coefs(gw, w, memory, keys, str, eps, t(dots), t(norms2));
+      },
+      "content addressing's backward with its memory gradient as coefficients (gamma, coef, q)");
 }
 
 }  // namespace dnc

@@ -280,11 +280,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> write_read_keep(
   return write_read_impl(memory, ww, erase, add, keys, str, eps, /*keep_dots=*/true);
 }
 
+namespace {
+
+// norms2: (B, N), the memory's dtype, rows contiguous (a column of write_read_keep's dots).
+void check_norms2(const at::Tensor& norms2, const at::Tensor& memory) {
+  check_shape(norms2, "norms2", {memory.size(0), memory.size(1)}, memory, "(B, N)");
+  TORCH_CHECK_VALUE(norms2.stride(1) == 1 || memory.size(1) == 1, "norms2 must have contiguous rows, got strides ",
+                    norms2.strides());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> content_addressing_keep(const at::Tensor& memory, const at::Tensor& keys,
+                                                           const at::Tensor& str, double eps,
+                                                           const at::Tensor& norms2) {
+  check_memory_eps(memory, eps);
+  TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
+                    keys.defined() ? keys.sizes() : c10::IntArrayRef{});
+  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), H = keys.size(1);
+  TORCH_CHECK_VALUE(N >= 1 && D >= 1, "memory must have at least one slot and one dimension, got ", memory.sizes());
+  check_shape(keys, "keys", {B, H, D}, memory, "(B, H, D)");
+  check_shape(str, "strengths", {B, H}, memory, "(B, H)");
+  if (norms2.defined()) check_norms2(norms2, memory);
+  at::Tensor w = at::empty({B, H, N}, memory.options());
+  at::Tensor dots = at::empty({B, H, N}, memory.options());
+  cpu::kernels().content_addressing_keep(memory.contiguous(), keys.contiguous(), str.contiguous(), eps, norms2, w,
+                                         dots);
+  return {w, dots};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressing_backward_coefs(
     const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory, const at::Tensor& keys,
-    const at::Tensor& str, double eps) {
+    const at::Tensor& str, double eps, const at::Tensor& dots, const at::Tensor& norms2) {
   const int64_t H = check_addressing(grad_weights, weights, memory, keys, str, eps);
   const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2);
+  TORCH_CHECK_VALUE(dots.defined() == norms2.defined(), "dots and norms2 must be given together");
+  if (dots.defined()) {
+    check_shape(dots, "dots", {B, H, N}, memory, "(B, H, N)");
+    check_norms2(norms2, memory);
+  }
   at::Tensor dk = at::empty({B, H, D}, memory.options());
   at::Tensor ds = at::empty({B, H}, memory.options());
   at::Tensor gamma = at::empty({B, N}, memory.options());
@@ -292,7 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressin
   at::Tensor q = at::empty({B, H, D}, memory.options());
   cpu::kernels().content_addressing_backward_coefs(grad_weights.contiguous(), weights.contiguous(),
                                                    memory.contiguous(), keys.contiguous(), str.contiguous(), eps,
-                                                   dk, ds, gamma, coef, q);
+                                                   dots.defined() ? dots.contiguous() : dots, norms2, dk, ds, gamma,
+                                                   coef, q);
   return {dk, ds, gamma, coef, q};
 }
 

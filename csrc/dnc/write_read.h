@@ -11,10 +11,20 @@ namespace neuralmem {
 namespace dnc {
 
 // (grad_keys (B,H,D), grad_strengths (B,H), gamma (B,N), coef (B,H,N), q (B,H,D)): content addressing's
-// backward with d/dmemory[b, n] = -gamma[b, n] memory[b, n] + sum_h coef[b, h, n] q[b, h] not formed.
+// backward with d/dmemory[b, n] = -gamma[b, n] memory[b, n] + sum_h coef[b, h, n] q[b, h] not formed. With
+// dots and norms2 (content_addressing_keep's dots and the norms it took), no sweep computes them again: the
+// same bits.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> addressing_backward_coefs(
     const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory, const at::Tensor& keys,
-    const at::Tensor& strengths, double eps);
+    const at::Tensor& strengths, double eps, const at::Tensor& dots = at::Tensor(),
+    const at::Tensor& norms2 = at::Tensor());
+
+// neuralmem::content_addressing (float and double) as (weights, dots): dots (B, H, N) the raw q_h . m_n for
+// addressing_backward_coefs. norms2 ((B, N), rows contiguous; undefined: computed): the rows' squared norms,
+// as write_read_keep's dots give them for the memory it wrote. The same weights, bit for bit.
+std::tuple<at::Tensor, at::Tensor> content_addressing_keep(const at::Tensor& memory, const at::Tensor& keys,
+                                                           const at::Tensor& strengths, double eps,
+                                                           const at::Tensor& norms2);
 
 // neuralmem_dnc::write_read, plus dots (B, R + 1, N): the read heads' cosine numerators k_r . new_n and the
 // new rows' squared norms, for write_read_backward_pending.
