@@ -46,6 +46,30 @@ C10_ALWAYS_INLINE Vectorized<T> wr_keep(const T* a, const T* e, int64_t W, int64
   return keep;
 }
 
+// The old row and the given gradient of a slot are first touched by the backward's slot loops (the old
+// memory from DRAM at large B N D): ask for the rows kPrefetchAhead elements ahead, as dots_rows_impl does.
+template <bool GN, typename T>
+C10_ALWAYS_INLINE void wr_prefetch_slot(const T* rj, const T* gnj, int64_t D) {
+  for (int64_t d = 0; d < D; d += kLineElems<T>) {
+    __builtin_prefetch(rj + kPrefetchAhead<T> + d);
+    if constexpr (GN) __builtin_prefetch(gnj + kPrefetchAhead<T> + d);
+  }
+}
+
+// One lane block of one slot of the one-head write's backward, new = row (1 - a e) + a v: stores
+// d row = g (1 - a e), and adds g . (v - row e) to s (d a, per slot), -a g row to sde (d e) and a g to sda
+// (d v). gt: the slot's gradient, re: its old row, ev, vv: the erase and add vectors, aw: its write weight.
+template <typename T>
+C10_ALWAYS_INLINE void wr_backward_lane(const Vectorized<T>& gt, const Vectorized<T>& re, const Vectorized<T>& ev,
+                                        const Vectorized<T>& vv, const Vectorized<T>& aw, T* dmd,
+                                        Vectorized<T>& s, Vectorized<T>& sde, Vectorized<T>& sda) {
+  using Vec = Vectorized<T>;
+  (gt * (Vec(T(1)) - aw * ev)).store(dmd);
+  s = at::vec::fmadd(gt, vv - re * ev, s);
+  sde = sde - gt * re * aw;
+  sda = at::vec::fmadd(gt, aw, sda);
+}
+
 // One write head and rows of whole vectors (the classic tasks' W = 1, D = 64), the per-slot part of the
 // backward in one sweep of the lanes per slot: the general loop of dnc_write_read_backward_typed takes two
 // and reloads the slot's gradient between them, each lane through a masked load, with its keep factor
@@ -66,23 +90,15 @@ C10_ALWAYS_INLINE void wr_backward_slots_w1(const T* __restrict g, const T* __re
     const T* gnj = GN ? gn + j * D : nullptr;
     const T* rj = row + j * D;
     T* dmj = dm + j * D;
-    // The old rows and the given gradient are first touched here (the old memory from DRAM at large
-    // B N D): ask for them kPrefetchAhead elements ahead, as dots_rows_impl does.
-    for (int64_t d = 0; d < D; d += kLineElems<T>) {
-      __builtin_prefetch(rj + kPrefetchAhead<T> + d);
-      if constexpr (GN) __builtin_prefetch(gnj + kPrefetchAhead<T> + d);
-    }
-    // new = row (1 - a e) + a v: d row = g (1 - a e), d v = a g, d e = -a g row, d a = g . (v - row e).
+    wr_prefetch_slot<GN>(rj, gnj, D);
+    // de and da through memory, one lane block at a time.
     auto lane = [&](int64_t d, Vec& s) {
       Vec gt = Vec::loadu(gj + d);
       if constexpr (GN) gt = gt + Vec::loadu(gnj + d);
-      const Vec ev = Vec::loadu(e + d);
-      (gt * (Vec(T(1)) - aw * ev)).store(dmj + d);
-      const Vec re = Vec::loadu(rj + d);
-      const Vec t = Vec::loadu(v + d) - re * ev;
-      s = at::vec::fmadd(gt, t, s);
-      (Vec::loadu(de + d) - gt * re * aw).store(de + d);
-      at::vec::fmadd(gt, aw, Vec::loadu(da + d)).store(da + d);
+      Vec sde = Vec::loadu(de + d), sda = Vec::loadu(da + d);
+      wr_backward_lane(gt, Vec::loadu(rj + d), Vec::loadu(e + d), Vec::loadu(v + d), aw, dmj + d, s, sde, sda);
+      sde.store(de + d);
+      sda.store(da + d);
     };
     Vec s0(T(0)), s1(T(0));  // even and odd lane blocks, as the general loop
     int64_t d = 0;
@@ -120,20 +136,12 @@ C10_ALWAYS_INLINE void wr_backward_slots_w1_regs(const T* __restrict g, const T*
     const T* gnj = GN ? gn + j * D : nullptr;
     const T* rj = row + j * D;
     T* dmj = dm + j * D;
-    for (int64_t d = 0; d < D; d += kLineElems<T>) {
-      __builtin_prefetch(rj + kPrefetchAhead<T> + d);
-      if constexpr (GN) __builtin_prefetch(gnj + kPrefetchAhead<T> + d);
-    }
+    wr_prefetch_slot<GN>(rj, gnj, D);
     Vec s[2] = {Vec(T(0)), Vec(T(0))};  // even and odd lane blocks, as wr_backward_slots_w1
     for (int c = 0; c < DC; ++c) {
       Vec gt = Vec::loadu(gj + c * VL);
       if constexpr (GN) gt = gt + Vec::loadu(gnj + c * VL);
-      (gt * (Vec(T(1)) - aw * ev[c])).store(dmj + c * VL);
-      const Vec re = Vec::loadu(rj + c * VL);
-      const Vec t = vv[c] - re * ev[c];
-      s[c & 1] = at::vec::fmadd(gt, t, s[c & 1]);
-      sde[c] = sde[c] - gt * re * aw;
-      sda[c] = at::vec::fmadd(gt, aw, sda[c]);
+      wr_backward_lane(gt, Vec::loadu(rj + c * VL), ev[c], vv[c], aw, dmj + c * VL, s[c & 1], sde[c], sda[c]);
     }
     dww[j] = hsum(s[0] + s[1]);
   }
