@@ -168,9 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   eps);
 }
 
-// The checks of an addressing backward's inputs; returns H.
-int64_t check_addressing(const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory,
-                         const at::Tensor& keys, const at::Tensor& str, double eps) {
+// The checks of a content addressing's memory, keys and strengths; returns H.
+int64_t check_addressing_keys(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& str, double eps) {
   check_memory_eps(memory, eps);
   TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
                     keys.defined() ? keys.sizes() : c10::IntArrayRef{});
@@ -178,6 +177,14 @@ int64_t check_addressing(const at::Tensor& grad_weights, const at::Tensor& weigh
   TORCH_CHECK_VALUE(N >= 1 && D >= 1, "memory must have at least one slot and one dimension, got ", memory.sizes());
   check_shape(keys, "keys", {B, H, D}, memory, "(B, H, D)");
   check_shape(str, "strengths", {B, H}, memory, "(B, H)");
+  return H;
+}
+
+// The checks of an addressing backward's inputs; returns H.
+int64_t check_addressing(const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& memory,
+                         const at::Tensor& keys, const at::Tensor& str, double eps) {
+  const int64_t H = check_addressing_keys(memory, keys, str, eps);
+  const int64_t B = memory.size(0), N = memory.size(1);
   check_shape(weights, "weights", {B, H, N}, memory, "(B, H, N)");
   check_shape(grad_weights, "grad_weights", {B, H, N}, memory, "(B, H, N)");
   return H;
@@ -294,13 +301,8 @@ void check_norms2(const at::Tensor& norms2, const at::Tensor& memory) {
 std::tuple<at::Tensor, at::Tensor> content_addressing_keep(const at::Tensor& memory, const at::Tensor& keys,
                                                            const at::Tensor& str, double eps,
                                                            const at::Tensor& norms2) {
-  check_memory_eps(memory, eps);
-  TORCH_CHECK_VALUE(keys.defined() && keys.dim() == 3, "keys must have shape (B, H, D), got ",
-                    keys.defined() ? keys.sizes() : c10::IntArrayRef{});
-  const int64_t B = memory.size(0), N = memory.size(1), D = memory.size(2), H = keys.size(1);
-  TORCH_CHECK_VALUE(N >= 1 && D >= 1, "memory must have at least one slot and one dimension, got ", memory.sizes());
-  check_shape(keys, "keys", {B, H, D}, memory, "(B, H, D)");
-  check_shape(str, "strengths", {B, H}, memory, "(B, H)");
+  const int64_t H = check_addressing_keys(memory, keys, str, eps);
+  const int64_t B = memory.size(0), N = memory.size(1);
   if (norms2.defined()) check_norms2(norms2, memory);
   at::Tensor w = at::empty({B, H, N}, memory.options());
   at::Tensor dots = at::empty({B, H, N}, memory.options());
