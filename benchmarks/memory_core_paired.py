@@ -1,6 +1,6 @@
 """MemoryCore's training step against the `dnc` package's, interleaved round by round (issue 17).
 
-    python benchmarks/memory_core_paired.py [--n 128,1024] [--rounds 31,7] [--json OUT.json]
+    python benchmarks/memory_core_paired.py [--n 128,1024] [--rounds 31,7] [--threads 1] [--json OUT.json]
 
 test_bench_memory_core.py (pytest-benchmark) times each provider in a block of rounds of its own, so on a
 machine shared with other tenants a burst of load can fall on one provider and miss the other: in one such
@@ -10,6 +10,9 @@ setting, models and step function of test_bench_memory_core.py (B=16, T=22, R=4,
 units; forward, a mean squared loss, backward, Adam), one torch thread. A round's ratio is the package's
 step over MemoryCore's, both timed within seconds of each other; the report gives every provider's median
 step, the median of the rounds' ratios and their range. Needs the `dnc` package (pytorch-dnc).
+
+--threads sets torch's intra-op threads for every provider alike (1 by default, as in every run in
+benchmarks/REPORT.md until the report says otherwise; 0 keeps torch's own default, one a core).
 """
 import argparse
 import json
@@ -59,6 +62,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", default="128,1024", help="memory sizes, comma-separated")
     ap.add_argument("--rounds", default="31,7", help="rounds per memory size, comma-separated")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for every provider (default 1; 0: torch's default)")
     ap.add_argument("--json", default=None, help="write the timings and ratios here")
     a = ap.parse_args(argv)
     ns = [int(v) for v in a.n.split(",")]
@@ -67,9 +72,12 @@ def main(argv=None):
         rounds = rounds * len(ns)
     if len(rounds) != len(ns):
         ap.error(f"--rounds: give one count or one per memory size ({len(ns)}), got {a.rounds!r}")
+    if a.threads < 0:
+        ap.error(f"--threads: expected 0 (torch's default) or a positive count, got {a.threads}")
     if not has_dnc_package():
         sys.exit("memory_core_paired.py: the dnc package (pytorch-dnc) is not installed or does not import")
-    torch.set_num_threads(1)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     results = [run(n, r) for n, r in zip(ns, rounds)]
     print("| N | rounds | dnc package | MemoryCore | LSTM (same size) | ratio: median of rounds (range) | ratio of medians |")
     print("|---|---|---|---|---|---|---|")
@@ -79,7 +87,7 @@ def main(argv=None):
               f"{m['LSTM (same size)'] * 1e3:.2f} ms | {r['ratio_median']:.1f}x ({r['ratio_min']:.1f}x-"
               f"{r['ratio_max']:.1f}x) | {r['ratio_of_medians']:.1f}x |")
     if a.json:
-        meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+        meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         with open(a.json, "w") as f:
             json.dump({"machine": meta, "results": results}, f, indent=1)
