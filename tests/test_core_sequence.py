@@ -246,3 +246,78 @@ def test_one_node_on_every_instruction_set(isa):
     from tests.helpers import run_on_instruction_set
 
     run_on_instruction_set(isa, _ISA_SCRIPT.format(isa=isa))
+
+
+def _raw_inputs(core, x, st):
+    a, lstm = core.access, core.controller
+    n_lin, n_one, _ = cs._layout(a)
+    t = [x, *st, lstm.weight_ih, lstm.bias_ih, lstm.weight_hh, lstm.bias_hh, core.interface.weight,
+         core.interface.bias, core.output.weight, core.output.bias]
+    return [v.detach() for v in t], (a.num_reads, a.num_writes, a.word_size, n_lin, n_one)
+
+
+@pytest.mark.parametrize("B,splits", [(5, 2), (5, 3), (4, 4), (3, 1)])
+def test_batch_chunks_equal_each_chunk_run_alone(B, splits):
+    """splits > 1 runs the sequence as that many chunks of the batch, one task each on torch's threads:
+    every chunk's outputs, final state, saved tensors and input gradients are bitwise those of the chunk run
+    alone, and the weights' gradients are the chunks' summed in chunk order."""
+    from neuralmem_fast import _ext
+    from neuralmem_fast.config import DEFAULT_EPS
+    from neuralmem_fast.ops.dnc import ALLOC_EPS
+
+    core = _core(N=11, D=4, R=2, W=1, H=6)
+    x = torch.randn(B, 4, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(8))
+    inputs, (R, W, D, n_lin, n_one) = _raw_inputs(core, x, _state(core, B, True))
+    fwd, bwd = _ext._C.core_sequence_forward, _ext._C.core_sequence_backward
+    out = fwd(inputs, R, W, D, n_lin, n_one, DEFAULT_EPS, ALLOC_EPS, splits)
+    g = torch.Generator().manual_seed(9)
+    grads = [torch.randn(t.shape, generator=g, dtype=F64) for t in out[:8]]
+    got = bwd(grads, inputs[0], inputs[8], inputs[12], out[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)
+    per = (len(out) - 8) // splits
+    assert per * splits == len(out) - 8
+    bounds = [s * B // splits for s in range(splits + 1)]
+    weight_sum = None
+    for s in range(splits):
+        b0, b1 = bounds[s], bounds[s + 1]
+        part = [t[b0:b1] for t in inputs[:8]] + inputs[8:]
+        alone = fwd(part, R, W, D, n_lin, n_one, DEFAULT_EPS, ALLOC_EPS)
+        for u, v in zip(alone[:8], out[:8]):
+            assert torch.equal(u, v[b0:b1])
+        for u, v in zip(alone[8:], out[8 + s * per:8 + (s + 1) * per]):
+            assert torch.equal(u, v)
+        g_alone = bwd([t[b0:b1] for t in grads], part[0], inputs[8], inputs[12], alone[8:], R, W, D,
+                      DEFAULT_EPS, ALLOC_EPS)
+        for u, v in zip(g_alone[:7], got[:7]):
+            assert torch.equal(u, v[b0:b1])
+        weight_sum = [t.clone() for t in g_alone[7:]] if weight_sum is None else [
+            a.add_(b) for a, b in zip(weight_sum, g_alone[7:])]
+    for u, v in zip(weight_sum, got[7:]):
+        assert torch.equal(u, v)
+    with pytest.raises(RuntimeError, match="splits"):
+        fwd(inputs, R, W, D, n_lin, n_one, DEFAULT_EPS, ALLOC_EPS, B + 1)
+    with pytest.raises(RuntimeError, match="splits"):
+        bwd(grads, inputs[0], inputs[8], inputs[12], out[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_node_at_every_thread_count_equals_step_by_step(threads):
+    """MemoryCore's node splits the batch over torch's threads (a chunk each where every thread gets a
+    memory): against the step path in float64 at one, two and three threads, five memories."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # a chunk per thread where every thread gets a memory and the memory copies are small, else one
+        mem = lambda b, n: torch.empty(b, n, 4, dtype=F64)  # noqa: E731
+        x4 = lambda b: torch.empty(b, 4, 3, dtype=F64)  # noqa: E731
+        assert [cs._splits(x4(b), mem(b, 9)) for b in (1, 2, 5)] == {1: [1, 1, 1], 2: [1, 2, 2],
+                                                                     3: [1, 1, 3]}[threads]
+        big = cs._CHUNK_BYTES // (4 * 5 * 4 * 8) + 1  # slots that take the 4 copies of 5 memories past it
+        assert cs._splits(x4(5), mem(5, big)) == 1 and cs._splits(x4(5), mem(5, big - 1)) == threads
+        core = _core()
+        x = torch.randn(5, 4, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(10))
+        out_a, grads_a, _ = _run(core, x, _state(core, 5, True), True)
+        out_b, grads_b, _ = _run(core, x, _state(core, 5, True), False)
+    finally:
+        torch.set_num_threads(old)
+    _close(out_a, out_b, 1e-10, 1e-12)
+    _close(grads_a, grads_b, 1e-9, 1e-11)

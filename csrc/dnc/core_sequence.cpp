@@ -24,6 +24,7 @@
 // module, called only by that Function, which owns saving, version checks and
 // create_graph (and four of dnc/write_read.h's, bound for the tests).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
@@ -299,11 +300,111 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
           d_w_ih, d_b, d_w_rh.narrow(1, RD, H), d_b, d_w_if, dr2.sum(0), d_w_o, g_y_tb.sum(0)};
 }
 
+namespace {
+
+// The batch's memories are independent sequences that share only the weights: with `splits` > 1 the
+// sequence runs as that many chunks of the batch, one task each on torch's intra-op threads (each chunk's
+// own ops then run on its task's thread alone), instead of every op splitting the batch over the threads
+// itself, which at the dnc package's setting (B = 16, N = 128, two threads) costs about as much in per-op
+// synchronisation as it gains. The caller chooses `splits` (nn/core_sequence.py: small memories only). Each
+// chunk's results are bitwise those of the chunk run alone; the weights' gradients are summed over the
+// chunks, so they differ from one chunk's in rounding.
+int64_t chunk_start(int64_t B, int64_t splits, int64_t s) { return s * B / splits; }
+
+// Runs fn(s) for s < splits, one task each; the first exception is rethrown on the caller's thread.
+template <typename F>
+void each_chunk(int64_t splits, const F& fn) {
+  at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) fn(s);
+  });
+}
+
+}  // namespace
+
+// core_sequence_forward over `splits` chunks of the batch: y and the final state concatenated over the
+// chunks, then each chunk's saved tensors (3 + kPerStep T of them) in chunk order.
+std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor>& in, int64_t R, int64_t W,
+                                                    int64_t D, int64_t n_lin, int64_t n_one, double eps,
+                                                    double alloc_eps, int64_t splits) {
+  TORCH_CHECK(in.size() == 16, "core_sequence_forward: expected 16 tensors, got ", in.size());
+  const int64_t B = in[0].size(0);
+  TORCH_CHECK(splits >= 1 && splits <= B, "core_sequence_forward: splits must be in [1, B = ", B, "], got ",
+              splits);
+  if (splits == 1) return core_sequence_forward(in, R, W, D, n_lin, n_one, eps, alloc_eps);
+  std::vector<std::vector<at::Tensor>> outs(splits);
+  each_chunk(splits, [&](int64_t s) {
+    at::NoGradGuard no_grad;  // grad mode is per thread
+    const int64_t b0 = chunk_start(B, splits, s), nb = chunk_start(B, splits, s + 1) - b0;
+    std::vector<at::Tensor> part(in);
+    for (int i = 0; i < 8; ++i) part[i] = in[i].narrow(0, b0, nb);  // x and the state: batch first
+    outs[s] = core_sequence_forward(part, R, W, D, n_lin, n_one, eps, alloc_eps);
+  });
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> out;
+  out.reserve(8 + (outs[0].size() - 8) * splits);
+  for (int i = 0; i < 8; ++i) {
+    std::vector<at::Tensor> pieces;
+    pieces.reserve(splits);
+    for (const auto& o : outs) pieces.push_back(o[i]);
+    out.push_back(at::cat(pieces, 0));
+  }
+  for (const auto& o : outs) out.insert(out.end(), o.begin() + 8, o.end());
+  return out;
+}
+
+// core_sequence_backward of core_sequence_forward_split: the inputs' gradients concatenated over the
+// chunks, the weights' summed.
+std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tensor>& grads, const at::Tensor& x,
+                                                     const at::Tensor& w_ih, const at::Tensor& w_if,
+                                                     const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
+                                                     int64_t D, double eps, double alloc_eps, int64_t splits) {
+  TORCH_CHECK(grads.size() == 8, "core_sequence_backward: expected 8 gradients, got ", grads.size());
+  const int64_t B = x.size(0);
+  TORCH_CHECK(splits >= 1 && splits <= B, "core_sequence_backward: splits must be in [1, B = ", B, "], got ",
+              splits);
+  if (splits == 1) return core_sequence_backward(grads, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps);
+  const int64_t per = static_cast<int64_t>(saved.size()) / splits;
+  TORCH_CHECK(per * splits == static_cast<int64_t>(saved.size()), "core_sequence_backward: ", saved.size(),
+              " saved tensors do not split into ", splits, " chunks");
+  std::vector<std::vector<at::Tensor>> outs(splits);
+  each_chunk(splits, [&](int64_t s) {
+    at::NoGradGuard no_grad;
+    const int64_t b0 = chunk_start(B, splits, s), nb = chunk_start(B, splits, s + 1) - b0;
+    std::vector<at::Tensor> g(grads.size());
+    for (size_t i = 0; i < grads.size(); ++i) g[i] = grads[i].narrow(0, b0, nb);
+    const std::vector<at::Tensor> sv(saved.begin() + s * per, saved.begin() + (s + 1) * per);
+    outs[s] = core_sequence_backward(g, x.narrow(0, b0, nb), w_ih, w_if, sv, R, W, D, eps, alloc_eps);
+  });
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> out;
+  out.reserve(outs[0].size());
+  for (size_t i = 0; i < outs[0].size(); ++i) {
+    if (i < 7) {  // x and the initial state: per memory
+      std::vector<at::Tensor> pieces;
+      pieces.reserve(splits);
+      for (const auto& o : outs) pieces.push_back(o[i]);
+      out.push_back(at::cat(pieces, 0));
+    } else {  // the weights: summed over the chunks
+      at::Tensor sum = outs[0][i].clone();
+      for (int64_t s = 1; s < splits; ++s) sum.add_(outs[s][i]);
+      out.push_back(sum);
+    }
+  }
+  return out;
+}
+
 void bind_core_sequence(pybind11::module_& m) {
-  m.def("core_sequence_forward", &core_sequence_forward,
-        "MemoryCore's sequence forward (nn/core_sequence.py): outputs, final state and what the backward needs");
-  m.def("core_sequence_backward", &core_sequence_backward,
-        "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters");
+  namespace py = pybind11;
+  m.def("core_sequence_forward", &core_sequence_forward_split,
+        "MemoryCore's sequence forward (nn/core_sequence.py): outputs, final state and what the backward needs; "
+        "splits > 1: that many chunks of the batch on torch's threads",
+        py::arg("inputs"), py::arg("R"), py::arg("W"), py::arg("D"), py::arg("n_lin"), py::arg("n_one"),
+        py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1);
+  m.def("core_sequence_backward", &core_sequence_backward_split,
+        "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters, over "
+        "the forward's chunks",
+        py::arg("grads"), py::arg("x"), py::arg("w_ih"), py::arg("w_if"), py::arg("saved"), py::arg("R"),
+        py::arg("W"), py::arg("D"), py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1);
   // What the sequence node calls of write_read besides the registered ops, for the tests: the forward that
   // keeps its dots, and the backward that takes them (and a pending addressing gradient, None for none).
   m.def("write_read_keep", &write_read_keep,

@@ -39,6 +39,14 @@ says when MemoryCore takes this path: the access runs as `access_step` would
 the core's layers and no overridden `step` or access `forward`.
 `CoreSequence.enabled = False` turns it off (the step-by-step path, for
 comparisons: benchmarks/dnc_write_read.py).
+
+With several torch threads, at least as many memories and small memories
+(`_splits`), the node runs the batch as one chunk per thread, each chunk's
+loops on a thread of its own: the memories are independent sequences that
+share only the weights, whose gradients are summed over the chunks. Each
+chunk's outputs, state and input gradients are bitwise those of the chunk run
+alone (tests/test_core_sequence.py); against one chunk the weights' gradients
+differ in rounding.
 """
 import torch
 import torch.nn.functional as F
@@ -89,6 +97,23 @@ def _eager(x, h, c, reads, memory, usage, rw, ww, w_ih, b_ih, w_hh, b_hh, w_if, 
     return torch.stack(ys, 1), h, c, reads, memory, usage, rw, ww
 
 
+# The most memory copies (T B N D elements, in bytes) that the sequence runs as chunks of the batch for.
+_CHUNK_BYTES = 16 << 20
+
+
+def _splits(x, memory):
+    """How many chunks of the batch the sequence runs as (csrc/dnc/core_sequence.cpp): one per torch
+    intra-op thread, each chunk's loop on a thread of its own, where every thread gets a memory and the T
+    memory copies the node keeps take at most _CHUNK_BYTES. There, at the dnc package's setting (B = 16,
+    N = 128, T = 22, two threads), one loop over the whole batch splits every small op over the threads and
+    waits for them, and the chunks took 0.71x to 0.88x its time. With larger memories the ops' own threads
+    do as well, and a chunk's tensors, allocated on its worker thread, came from fresh pages every step
+    (N = 512: 2.9x the time). Otherwise one chunk, whose ops use the threads as they can."""
+    threads, (B, T) = torch.get_num_threads(), x.shape[:2]
+    small = T * memory.numel() * memory.element_size() <= _CHUNK_BYTES
+    return threads if small and 1 < threads <= B else 1
+
+
 class CoreSequence(torch.autograd.Function):
     enabled = True  # MemoryCore takes this path where `runs_as_one_node` holds; False: step by step
 
@@ -97,13 +122,15 @@ class CoreSequence(torch.autograd.Function):
                 eps):
         R, W, D, n_lin, n_one = sizes
         inputs = (x, h, c, reads, memory, usage, rw, ww, w_ih, b_ih, w_hh, b_hh, w_if, b_if, w_o, b_o)
-        out = _ext._C.core_sequence_forward(list(inputs), R, W, D, n_lin, n_one, eps, ALLOC_EPS)
+        splits = _splits(x, memory)
+        out = _ext._C.core_sequence_forward(list(inputs), R, W, D, n_lin, n_one, eps, ALLOC_EPS, splits)
         final = out[1:8]
         # Everything through save_for_backward: the version counters of the inputs, the parameters and the
         # returned final state are checked, and autograd frees the lot after a backward without retain_graph.
-        # out[8:]: rh, the weights rearranged, and 25 tensors per step (csrc/dnc/core_sequence.cpp).
+        # out[8:]: per chunk of the batch, rh, the weights rearranged, and 26 tensors per step
+        # (csrc/dnc/core_sequence.cpp).
         ctx.save_for_backward(*inputs, *final, *out[8:])
-        ctx.sizes, ctx.eps = sizes, eps
+        ctx.sizes, ctx.eps, ctx.splits = sizes, eps, splits
         return (out[0], *final)
 
     @staticmethod
@@ -113,7 +140,8 @@ class CoreSequence(torch.autograd.Function):
             return _eager_grads(ctx, (g_y, g_h, g_c, g_reads, g_memory, g_usage, g_rw, g_ww))
         R, W, D, _, _ = ctx.sizes
         grads = _ext._C.core_sequence_backward([g_y, g_h, g_c, g_reads, g_memory, g_usage, g_rw, g_ww], saved[0],
-                                               saved[8], saved[12], list(saved[23:]), R, W, D, ctx.eps, ALLOC_EPS)
+                                               saved[8], saved[12], list(saved[23:]), R, W, D, ctx.eps, ALLOC_EPS,
+                                               ctx.splits)
         # the initial write weights enter only the usage, detached: no gradient, as step by step
         return (*grads[:7], None, *grads[7:], None, None)
 
