@@ -307,8 +307,8 @@ namespace {
 // own ops then run on its task's thread alone), instead of every op splitting the batch over the threads
 // itself, which at the dnc package's setting (B = 16, N = 128, two threads) costs about as much in per-op
 // synchronisation as it gains. The caller chooses `splits` (nn/core_sequence.py: small memories only). Each
-// chunk's results are bitwise those of the chunk run alone; the weights' gradients are summed over the
-// chunks, so they differ from one chunk's in rounding.
+// chunk's results are bitwise those of the chunk run alone; against the whole batch as one chunk they differ
+// in rounding (matmuls over fewer rows, the weights' gradients summed over the chunks).
 int64_t chunk_start(int64_t B, int64_t splits, int64_t s) { return s * B / splits; }
 
 // Runs fn(s) for s < splits, one task each; the first exception is rethrown on the caller's thread.
