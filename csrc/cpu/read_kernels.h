@@ -46,19 +46,12 @@ void content_addressing_typed(const at::Tensor& memory_t, const at::Tensor& keys
       for (int64_t nb = n0; nb < n1; nb += BS) {
         const int64_t nj = std::min(BS, n1 - nb);
         const A* rows = widen(mem + (b * N + nb) * D, rowbuf.data(), nj * D);
-        if constexpr (std::is_same_v<T, A>) {
-          if (n2_in != nullptr) {
-            dots_block(q.data(), H, rows, nj, D, lg + nb, N, static_cast<A*>(nullptr), hot);
-            std::copy(n2_in + b * n2_ld + nb, n2_in + b * n2_ld + nb + nj, nrm2.data());
-          } else {
-            dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data(), hot);
-          }
-          if (dots_out != nullptr) {
-            for (int64_t h = 0; h < H; ++h)
-              std::copy(lg + h * N + nb, lg + h * N + nb + nj, dots_out + (b * H + h) * N + nb);
-          }
-        } else {
-          dots_block(q.data(), H, rows, nj, D, lg + nb, N, nrm2.data(), hot);
+        dots_block(q.data(), H, rows, nj, D, lg + nb, N, n2_in != nullptr ? static_cast<A*>(nullptr) : nrm2.data(),
+                   hot);
+        if (n2_in != nullptr) std::copy(n2_in + b * n2_ld + nb, n2_in + b * n2_ld + nb + nj, nrm2.data());
+        if (dots_out != nullptr) {
+          for (int64_t h = 0; h < H; ++h)
+            std::copy(lg + h * N + nb, lg + h * N + nb + nj, dots_out + (b * H + h) * N + nb);
         }
         row_scales(nrm2.data(), nj, eps, inv.data(), static_cast<A*>(nullptr));
         scale_logits(lg + nb, H, nj, N, beta.data(), inv.data());
