@@ -196,6 +196,8 @@ def test_bad_input_names_the_argument():
     _, _, hu, order = op.write_weights(*x, dnc.ALLOC_EPS)
     with pytest.raises((ValueError, RuntimeError), match="order"):
         op.write_weights_backward(x[0], x[4], *x, hu, order + 5, dnc.ALLOC_EPS)
+    with pytest.raises((ValueError, RuntimeError), match="order"):
+        op.write_weights_backward(x[0], x[4], *x, hu, order - 5, dnc.ALLOC_EPS)
     with pytest.raises(ValueError, match="backend"):
         dnc.write_weights(*x, backend="cuda")
 

@@ -451,9 +451,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     "order must have shape (B, W, N) = (", d.B, ", ", d.W, ", ", d.N, "), got ", ord.sizes());
   TORCH_CHECK_TYPE(ord.scalar_type() == at::kLong, "order must be int64, got ", ord.scalar_type());
   const at::Tensor o = ord.contiguous();
-  // A permutation of the slots per (b, head), else the kernel would read out of bounds.
-  TORCH_CHECK_VALUE(o.numel() == 0 || (o.min().item<int64_t>() >= 0 && o.max().item<int64_t>() < d.N),
-                    "order must hold slot indices in [0, N) (the forward's output)");
+  // Slot indices in [0, N) (the forward's permutations), else the kernel would read out of bounds. One plain
+  // loop, not two ATen reductions and their item() calls: the sequence node calls this every step.
+  const int64_t* op = o.const_data_ptr<int64_t>();
+  const uint64_t slots = static_cast<uint64_t>(d.N);
+  bool in_range = true;
+  for (int64_t i = 0, n = o.numel(); i < n; ++i) in_range &= static_cast<uint64_t>(op[i]) < slots;
+  TORCH_CHECK_VALUE(in_range, "order must hold slot indices in [0, N) (the forward's output)");
   at::Tensor du0 = at::empty({d.B, d.N}, usage.options());
   at::Tensor dfg = at::empty({d.B, d.R}, usage.options());
   at::Tensor drw = at::empty({d.B, d.R, d.N}, usage.options());
