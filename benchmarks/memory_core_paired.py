@@ -1,6 +1,7 @@
 """MemoryCore's training step against the `dnc` package's, interleaved round by round (issue 17).
 
-    python benchmarks/memory_core_paired.py [--n 128,1024] [--rounds 31,7] [--threads 1] [--json OUT.json]
+    python benchmarks/memory_core_paired.py [--n 128,1024] [--rounds 31,7] [--threads 1] [--warm 0]
+                                            [--json OUT.json]
 
 test_bench_memory_core.py (pytest-benchmark) times each provider in a block of rounds of its own, so on a
 machine shared with other tenants a burst of load can fall on one provider and miss the other: in one such
@@ -13,6 +14,11 @@ step, the median of the rounds' ratios and their range. Needs the `dnc` package 
 
 --threads sets torch's intra-op threads for every provider alike (1 by default, as in every run in
 benchmarks/REPORT.md until the report says otherwise; 0 keeps torch's own default, one a core).
+
+--warm K runs K untimed steps of a provider right before its timed step, in every round (0 by default, as
+in every run until the report says otherwise). The timed step then follows one of its own, not the previous
+provider's: at N = 1,024 MemoryCore's step right after the package's took up to 2x its usual time in some
+rounds, with tens of ms of system time and no page faults of its own, while its next step took the usual time.
 """
 import argparse
 import json
@@ -37,7 +43,7 @@ def timed(step):
     return time.perf_counter() - t0
 
 
-def run(N, rounds, B=16):
+def run(N, rounds, B=16, warm=0):
     steps = {p: make_train_step(p, N, B) for p in PROVIDERS}
     for p, step in steps.items():
         for _ in range(1 if (p == "dnc package" and N >= 1024) else 2):
@@ -45,12 +51,14 @@ def run(N, rounds, B=16):
     times = {p: [] for p in PROVIDERS}
     for r in range(rounds):
         for p in PROVIDERS:
+            for _ in range(warm):
+                steps[p]()
             times[p].append(timed(steps[p]))
         print(f"N={N} round {r + 1}/{rounds}: " + ", ".join(f"{p} {times[p][-1] * 1e3:.1f} ms" for p in PROVIDERS),
               file=sys.stderr, flush=True)
     ratios = [a / b for a, b in zip(times["dnc package"], times["MemoryCore"])]
     return {
-        "N": N, "B": B, "rounds": rounds,
+        "N": N, "B": B, "rounds": rounds, "warm": warm,
         "median_s": {p: statistics.median(t) for p, t in times.items()},
         "times_s": times,
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
@@ -64,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--rounds", default="31,7", help="rounds per memory size, comma-separated")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for every provider (default 1; 0: torch's default)")
+    ap.add_argument("--warm", type=int, default=0,
+                    help="untimed steps of each provider right before its timed step, every round (default 0)")
     ap.add_argument("--json", default=None, help="write the timings and ratios here")
     a = ap.parse_args(argv)
     ns = [int(v) for v in a.n.split(",")]
@@ -74,11 +84,13 @@ def main(argv=None):
         ap.error(f"--rounds: give one count or one per memory size ({len(ns)}), got {a.rounds!r}")
     if a.threads < 0:
         ap.error(f"--threads: expected 0 (torch's default) or a positive count, got {a.threads}")
+    if a.warm < 0:
+        ap.error(f"--warm: expected 0 or a positive count of untimed steps, got {a.warm}")
     if not has_dnc_package():
         sys.exit("memory_core_paired.py: the dnc package (pytorch-dnc) is not installed or does not import")
     if a.threads:
         torch.set_num_threads(a.threads)
-    results = [run(n, r) for n, r in zip(ns, rounds)]
+    results = [run(n, r, warm=a.warm) for n, r in zip(ns, rounds)]
     print("| N | rounds | dnc package | MemoryCore | LSTM (same size) | ratio: median of rounds (range) | ratio of medians |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

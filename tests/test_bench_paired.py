@@ -21,7 +21,7 @@ def paired():
     return mod
 
 
-@pytest.mark.parametrize("argv,flag", [(["--threads", "-1"], "--threads"),
+@pytest.mark.parametrize("argv,flag", [(["--threads", "-1"], "--threads"), (["--warm", "-1"], "--warm"),
                                        (["--n", "128,1024", "--rounds", "3,4,5"], "--rounds")])
 def test_bad_arguments_name_the_flag(paired, capsys, argv, flag):
     import torch
