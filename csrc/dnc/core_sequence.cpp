@@ -311,6 +311,14 @@ namespace {
 // in rounding (matmuls over fewer rows, the weights' gradients summed over the chunks).
 int64_t chunk_start(int64_t B, int64_t splits, int64_t s) { return s * B / splits; }
 
+// Output i of every chunk, concatenated along the batch.
+at::Tensor cat_chunks(const std::vector<std::vector<at::Tensor>>& outs, size_t i) {
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(outs.size());
+  for (const auto& o : outs) pieces.push_back(o[i]);
+  return at::cat(pieces, 0);
+}
+
 // Runs fn(s) for s < splits, one task each; the first exception is rethrown on the caller's thread.
 template <typename F>
 void each_chunk(int64_t splits, const F& fn) {
@@ -342,12 +350,7 @@ std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out;
   out.reserve(8 + (outs[0].size() - 8) * splits);
-  for (int i = 0; i < 8; ++i) {
-    std::vector<at::Tensor> pieces;
-    pieces.reserve(splits);
-    for (const auto& o : outs) pieces.push_back(o[i]);
-    out.push_back(at::cat(pieces, 0));
-  }
+  for (size_t i = 0; i < 8; ++i) out.push_back(cat_chunks(outs, i));
   for (const auto& o : outs) out.insert(out.end(), o.begin() + 8, o.end());
   return out;
 }
@@ -380,10 +383,7 @@ std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tenso
   out.reserve(outs[0].size());
   for (size_t i = 0; i < outs[0].size(); ++i) {
     if (i < 7) {  // x and the initial state: per memory
-      std::vector<at::Tensor> pieces;
-      pieces.reserve(splits);
-      for (const auto& o : outs) pieces.push_back(o[i]);
-      out.push_back(at::cat(pieces, 0));
+      out.push_back(cat_chunks(outs, i));
     } else {  // the weights: summed over the chunks
       at::Tensor sum = outs[0][i].clone();
       for (int64_t s = 1; s < splits; ++s) sum.add_(outs[s][i]);
