@@ -321,3 +321,81 @@ def test_one_node_at_every_thread_count_equals_step_by_step(threads):
         torch.set_num_threads(old)
     _close(out_a, out_b, 1e-10, 1e-12)
     _close(grads_a, grads_b, 1e-9, 1e-11)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_saved_token_gives_the_same_bits_and_is_refused_when_copied(splits):
+    """pack=True hands the per-step tensors back as one token that owns them: the backward from the token
+    is bitwise the backward from the tensors; a copy of the token owns nothing and is refused by name."""
+    from neuralmem_fast import _ext
+    from neuralmem_fast.config import DEFAULT_EPS
+    from neuralmem_fast.ops.dnc import ALLOC_EPS
+
+    core = _core(N=11, D=4, R=2, W=1, H=6)
+    x = torch.randn(4, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(8))
+    inputs, (R, W, D, n_lin, n_one) = _raw_inputs(core, x, _state(core, 4, True))
+    fwd, bwd = _ext._C.core_sequence_forward, _ext._C.core_sequence_backward
+    plain = fwd(inputs, R, W, D, n_lin, n_one, DEFAULT_EPS, ALLOC_EPS, splits, False)
+    packed = fwd(inputs, R, W, D, n_lin, n_one, DEFAULT_EPS, ALLOC_EPS, splits, True)
+    assert len(plain) == 8 + splits * (3 + 26 * 3) and len(packed) == 9
+    assert packed[8].dtype == torch.uint8 and packed[8].numel() == 0
+    for u, v in zip(plain[:8], packed[:8]):
+        assert torch.equal(u, v)
+    g = torch.Generator().manual_seed(9)
+    grads = [torch.randn(t.shape, generator=g, dtype=F64) for t in plain[:8]]
+    a = bwd(grads, inputs[0], inputs[8], inputs[12], plain[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)
+    b = bwd(grads, inputs[0], inputs[8], inputs[12], packed[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    for copy in (packed[8].clone(), torch.empty(0, dtype=torch.uint8)):
+        with pytest.raises(RuntimeError, match="not the token of a forward's saved tensors"):
+            bwd(grads, inputs[0], inputs[8], inputs[12], [copy], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)
+
+
+def test_saved_token_freed_after_backward_and_kept_by_retain_graph():
+    """The token's tensors live exactly as long as autograd keeps the token: freed by a backward without
+    retain_graph, kept by one with it (a second backward gives the same gradients), freed with the graph."""
+    from neuralmem_fast import _ext
+
+    live = _ext._C.core_sequence_live_saved_sets
+    base = live()
+    core = _core()
+    st = _state(core, 2, True)
+    x = torch.randn(2, 4, 3, dtype=F64)
+    y, fin = core(x, st)
+    assert live() == base + 1
+    y.sum().backward()
+    assert live() == base
+    y, fin = core(x, st)
+    first = torch.autograd.grad(y.sum(), st.memory, retain_graph=True)[0]
+    assert live() == base + 1
+    second = torch.autograd.grad(y.sum(), st.memory)[0]
+    assert torch.equal(first, second) and live() == base
+    y, fin = core(x, st)
+    assert live() == base + 1
+    del y, fin
+    assert live() == base
+    with torch.no_grad():
+        core(x, st)
+    assert live() == base
+
+
+def test_saved_tensor_hooks_see_every_tensor_the_node_keeps():
+    """Under saved-tensor hooks (save_on_cpu, the non-reentrant checkpoint, a user's) the node saves its
+    per-step tensors one by one, as without the token: a hook that copies each of them gives the same
+    gradients, and it sees every tensor (rh, the weights rearranged, 26 per step)."""
+    from neuralmem_fast import _ext
+
+    core = _core()
+    x = torch.randn(2, 4, 3, dtype=F64)
+    ref, packed = [], []
+    base = _ext._C.core_sequence_live_saved_sets()
+    y, fin = core(x, _state(core, 2, True))
+    ref = torch.autograd.grad(y.sum() + fin.memory.sum(), list(core.parameters()))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        y, fin = core(x, _state(core, 2, True))
+        assert _ext._C.core_sequence_live_saved_sets() == base
+    got = torch.autograd.grad(y.sum() + fin.memory.sum(), list(core.parameters()))
+    assert len(packed) >= 16 + 7 + 3 + 26 * 4
+    for u, v in zip(ref, got):
+        assert torch.equal(u, v)

@@ -28,6 +28,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -319,6 +320,39 @@ at::Tensor cat_chunks(const std::vector<std::vector<at::Tensor>>& outs, size_t i
   return at::cat(pieces, 0);
 }
 
+// What the backward needs of a sequence (3 + kPerStep T tensors per chunk) as one tensor: a token of no
+// elements whose storage owns them and frees them with itself. The Function saves the token in their place
+// (nn/core_sequence.py), so that autograd keeps, and frees after a backward without retain_graph, one saved
+// tensor instead of ~600 per chunk, each of which costs a Python object from pybind11, a SavedVariable and
+// an unpacking. None of them is ever seen by the caller: the caller's tensors among them (the inputs, the
+// parameters, the final state) are saved one by one beside the token, where their version counters are
+// checked.
+struct SavedSet {
+  std::vector<at::Tensor> tensors;
+};
+std::atomic<int64_t> live_saved_sets{0};
+
+void delete_saved_set(void* p) {
+  delete static_cast<SavedSet*>(p);
+  live_saved_sets.fetch_sub(1);
+}
+
+at::Tensor pack_saved(std::vector<at::Tensor> tensors) {
+  auto* set = new SavedSet{std::move(tensors)};
+  live_saved_sets.fetch_add(1);
+  c10::DataPtr ptr(set, set, &delete_saved_set, c10::Device(c10::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), 0, std::move(ptr), nullptr, /*resizable=*/false);
+  return at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                  caffe2::TypeMeta::Make<uint8_t>());
+}
+
+// The set a token owns, or nullptr for any other tensor (a copy of a token included).
+const SavedSet* saved_set_of(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage()) return nullptr;
+  const c10::DataPtr& ptr = t.storage().data_ptr();
+  return ptr.get_deleter() == &delete_saved_set ? static_cast<const SavedSet*>(ptr.get_context()) : nullptr;
+}
+
 // Runs fn(s) for s < splits, one task each; the first exception is rethrown on the caller's thread.
 template <typename F>
 void each_chunk(int64_t splits, const F& fn) {
@@ -330,10 +364,11 @@ void each_chunk(int64_t splits, const F& fn) {
 }  // namespace
 
 // core_sequence_forward over `splits` chunks of the batch: y and the final state concatenated over the
-// chunks, then each chunk's saved tensors (3 + kPerStep T of them) in chunk order.
-std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor>& in, int64_t R, int64_t W,
-                                                    int64_t D, int64_t n_lin, int64_t n_one, double eps,
-                                                    double alloc_eps, int64_t splits) {
+// chunks, then each chunk's saved tensors (3 + kPerStep T of them) in chunk order, or with `pack` one token
+// that owns them (pack_saved).
+std::vector<at::Tensor> core_sequence_forward_chunks(const std::vector<at::Tensor>& in, int64_t R, int64_t W,
+                                                     int64_t D, int64_t n_lin, int64_t n_one, double eps,
+                                                     double alloc_eps, int64_t splits) {
   TORCH_CHECK(in.size() == 16, "core_sequence_forward: expected 16 tensors, got ", in.size());
   const int64_t B = in[0].size(0);
   TORCH_CHECK(splits >= 1 && splits <= B, "core_sequence_forward: splits must be in [1, B = ", B, "], got ",
@@ -355,12 +390,23 @@ std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor
   return out;
 }
 
+std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor>& in, int64_t R, int64_t W,
+                                                    int64_t D, int64_t n_lin, int64_t n_one, double eps,
+                                                    double alloc_eps, int64_t splits, bool pack) {
+  std::vector<at::Tensor> out = core_sequence_forward_chunks(in, R, W, D, n_lin, n_one, eps, alloc_eps, splits);
+  if (!pack) return out;
+  std::vector<at::Tensor> saved(std::make_move_iterator(out.begin() + 8), std::make_move_iterator(out.end()));
+  out.resize(8);
+  out.push_back(pack_saved(std::move(saved)));
+  return out;
+}
+
 // core_sequence_backward of core_sequence_forward_split: the inputs' gradients concatenated over the
-// chunks, the weights' summed.
-std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tensor>& grads, const at::Tensor& x,
-                                                     const at::Tensor& w_ih, const at::Tensor& w_if,
-                                                     const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
-                                                     int64_t D, double eps, double alloc_eps, int64_t splits) {
+// chunks, the weights' summed. `saved`: the forward's saved tensors, or the one token that owns them.
+std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tensor>& grads, const at::Tensor& x,
+                                                      const at::Tensor& w_ih, const at::Tensor& w_if,
+                                                      const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
+                                                      int64_t D, double eps, double alloc_eps, int64_t splits) {
   TORCH_CHECK(grads.size() == 8, "core_sequence_backward: expected 8 gradients, got ", grads.size());
   const int64_t B = x.size(0);
   TORCH_CHECK(splits >= 1 && splits <= B, "core_sequence_backward: splits must be in [1, B = ", B, "], got ",
@@ -393,13 +439,29 @@ std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tenso
   return out;
 }
 
+std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tensor>& grads, const at::Tensor& x,
+                                                     const at::Tensor& w_ih, const at::Tensor& w_if,
+                                                     const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
+                                                     int64_t D, double eps, double alloc_eps, int64_t splits) {
+  if (saved.size() == 1) {
+    const SavedSet* set = saved_set_of(saved[0]);
+    TORCH_CHECK(set != nullptr, "core_sequence_backward: the saved tensor is not the token of a forward's saved "
+                "tensors (a copy of it, made by a saved-tensor hook, owns none)");
+    return core_sequence_backward_chunks(grads, x, w_ih, w_if, set->tensors, R, W, D, eps, alloc_eps, splits);
+  }
+  return core_sequence_backward_chunks(grads, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps, splits);
+}
+
 void bind_core_sequence(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("core_sequence_forward", &core_sequence_forward_split,
         "MemoryCore's sequence forward (nn/core_sequence.py): outputs, final state and what the backward needs; "
-        "splits > 1: that many chunks of the batch on torch's threads",
+        "splits > 1: that many chunks of the batch on torch's threads; pack: what the backward needs as one token",
         py::arg("inputs"), py::arg("R"), py::arg("W"), py::arg("D"), py::arg("n_lin"), py::arg("n_one"),
-        py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1);
+        py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1, py::arg("pack") = false);
+  m.def(
+      "core_sequence_live_saved_sets", [] { return live_saved_sets.load(); },
+      "How many tokens of core_sequence_forward(pack=True) own their saved tensors now (for the tests)");
   m.def("core_sequence_backward", &core_sequence_backward_split,
         "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters, over "
         "the forward's chunks",

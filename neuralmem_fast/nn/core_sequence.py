@@ -30,8 +30,15 @@ heads' cosine numerators, the new rows' squared norms and the write heads' dots
 ((R + 1 + W) N values a memory, (R + 1 + W) / D of a copy: 6 / 64 at the
 classic setting), which its backward takes instead of sweeping the memories
 again for them (bitwise the same). Everything it keeps goes through
-save_for_backward: writing in place to an input, a parameter or the returned
-final state before the backward raises, and the lot is freed by the backward.
+save_for_backward, and the lot is freed by a backward without retain_graph:
+the inputs, the parameters and the returned final state one by one (writing
+in place to any of them before the backward raises), and the per-step
+tensors, none of them the caller's, as one token tensor that owns them
+(csrc/dnc/core_sequence.cpp, pack_saved): one saved tensor instead of
+3 + 26 T per chunk of the batch, each a Python object, a SavedVariable and an
+unpacking. Under saved-tensor hooks (save_on_cpu, the non-reentrant
+checkpoint, a user's) they go one by one, so that the hooks see, and may move
+or copy, every one of them.
 Under create_graph=True the backward differentiates `_eager`, the same
 formulas through differentiable ops. `MemoryCore.runs_as_one_node(x, state)`
 says when MemoryCore takes this path: the access runs as `access_step` would
@@ -116,6 +123,18 @@ def _splits(x, memory):
     return threads if small and 1 < threads <= B else 1
 
 
+# The innermost default saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks, save_on_cpu, the
+# non-reentrant checkpoint), or None; a torch without this query counts as having hooks.
+_top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _pack_saved():
+    """Whether the forward hands its per-step tensors to autograd as one token (csrc/dnc/core_sequence.cpp,
+    pack_saved) rather than one by one: only where no saved-tensor hooks are active, so that hooks still see,
+    and may move or copy, every tensor the node keeps."""
+    return _top_saved_hooks is not None and _top_saved_hooks(False) is None
+
+
 class CoreSequence(torch.autograd.Function):
     enabled = True  # MemoryCore takes this path where `runs_as_one_node` holds; False: step by step
 
@@ -125,12 +144,14 @@ class CoreSequence(torch.autograd.Function):
         R, W, D, n_lin, n_one = sizes
         inputs = (x, h, c, reads, memory, usage, rw, ww, w_ih, b_ih, w_hh, b_hh, w_if, b_if, w_o, b_o)
         splits = _splits(x, memory)
-        out = _ext._C.core_sequence_forward(list(inputs), R, W, D, n_lin, n_one, eps, ALLOC_EPS, splits)
+        out = _ext._C.core_sequence_forward(list(inputs), R, W, D, n_lin, n_one, eps, ALLOC_EPS, splits,
+                                            _pack_saved())
         final = out[1:8]
         # Everything through save_for_backward: the version counters of the inputs, the parameters and the
         # returned final state are checked, and autograd frees the lot after a backward without retain_graph.
         # out[8:]: per chunk of the batch, rh, the weights rearranged, and 26 tensors per step
-        # (csrc/dnc/core_sequence.cpp).
+        # (csrc/dnc/core_sequence.cpp), or, without saved-tensor hooks, one token that owns them: none of
+        # them is the caller's (the caller's are the inputs and the final state, saved one by one).
         ctx.save_for_backward(*inputs, *final, *out[8:])
         ctx.sizes, ctx.eps, ctx.splits = sizes, eps, splits
         return (out[0], *final)
