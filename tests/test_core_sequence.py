@@ -352,32 +352,51 @@ def test_saved_token_gives_the_same_bits_and_is_refused_when_copied(splits):
             bwd(grads, inputs[0], inputs[8], inputs[12], [copy], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)
 
 
-def test_saved_token_freed_after_backward_and_kept_by_retain_graph():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_saved_token_freed_after_backward_and_kept_by_retain_graph(threads):
     """The token's tensors live exactly as long as autograd keeps the token: freed by a backward without
-    retain_graph, kept by one with it (a second backward gives the same gradients), freed with the graph."""
+    retain_graph, kept by one with it (a second backward gives the same gradients), freed with the graph
+    when it is dropped unused. With one chunk (one thread) the final state's tensors are the last step's
+    saved ones: the token must not hold the node's outputs, or node and token would hold each other."""
+    import gc
+
     from neuralmem_fast import _ext
 
     live = _ext._C.core_sequence_live_saved_sets
-    base = live()
-    core = _core()
-    st = _state(core, 2, True)
-    x = torch.randn(2, 4, 3, dtype=F64)
-    y, fin = core(x, st)
-    assert live() == base + 1
-    y.sum().backward()
-    assert live() == base
-    y, fin = core(x, st)
-    first = torch.autograd.grad(y.sum(), st.memory, retain_graph=True)[0]
-    assert live() == base + 1
-    second = torch.autograd.grad(y.sum(), st.memory)[0]
-    assert torch.equal(first, second) and live() == base
-    y, fin = core(x, st)
-    assert live() == base + 1
-    del y, fin
-    assert live() == base
-    with torch.no_grad():
-        core(x, st)
-    assert live() == base
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gc.collect()
+    gc.disable()  # only references, no collector, may free the tokens below
+    try:
+        base = live()
+        core = _core()
+        st = _state(core, 2, True)
+        x = torch.randn(2, 4, 3, dtype=F64)
+        assert cs._splits(x, st.memory) == threads
+        y, fin = core(x, st)
+        assert live() == base + 1
+        (y.sum() + fin.memory.sum()).backward()
+        assert live() == base
+        y, fin = core(x, st)
+        first = torch.autograd.grad(y.sum(), st.memory, retain_graph=True)[0]
+        assert live() == base + 1
+        second = torch.autograd.grad(y.sum(), st.memory)[0]
+        assert torch.equal(first, second) and live() == base
+        y, fin = core(x, st)
+        assert live() == base + 1
+        del y, fin
+        assert live() == base
+        for _ in range(3):  # a training loop: nothing left behind per step
+            y, fin = core(x, st)
+            (y.pow(2).mean() + fin.memory.sum() + fin.read_weights.sum() + fin.write_weights.sum()).backward()
+        del y, fin
+        assert live() == base
+        with torch.no_grad():
+            core(x, st)
+        assert live() == base
+    finally:
+        gc.enable()
+        torch.set_num_threads(old)
 
 
 def test_saved_tensor_hooks_see_every_tensor_the_node_keeps():
@@ -389,7 +408,7 @@ def test_saved_tensor_hooks_see_every_tensor_the_node_keeps():
     core = _core()
     x = torch.randn(2, 4, 3, dtype=F64)
     ref, packed = [], []
-    base = _ext._C.core_sequence_live_saved_sets()
+    base = _ext._C.core_sequence_live_saved_sets()  # this test holds no graph: only a new token would count
     y, fin = core(x, _state(core, 2, True))
     ref = torch.autograd.grad(y.sum() + fin.memory.sum(), list(core.parameters()))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):

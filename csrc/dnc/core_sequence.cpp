@@ -397,6 +397,19 @@ std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor
   if (!pack) return out;
   std::vector<at::Tensor> saved(std::make_move_iterator(out.begin() + 8), std::make_move_iterator(out.end()));
   out.resize(8);
+  // With one chunk the final memory, read weights and write weights are the last step's saved tensors
+  // themselves. Returned, they become outputs of the autograd node, whose grad_fn is that node: the token,
+  // held by the node, would hold them, and they the node, a cycle of C++ references that nothing frees
+  // (save_for_backward stores its outputs without their grad_fn for this reason). The token keeps a shallow
+  // copy of each such tensor instead (the same storage and version counter, no autograd history).
+  for (at::Tensor& t : saved) {
+    for (size_t i = 0; i < 8; ++i) {
+      if (t.defined() && t.unsafeGetTensorImpl() == out[i].unsafeGetTensorImpl()) {
+        t = t.tensor_data();
+        break;
+      }
+    }
+  }
   out.push_back(pack_saved(std::move(saved)));
   return out;
 }
