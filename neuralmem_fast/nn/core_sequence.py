@@ -33,10 +33,12 @@ again for them (bitwise the same). Everything it keeps goes through
 save_for_backward, and the lot is freed by a backward without retain_graph:
 the inputs, the parameters and the returned final state one by one (writing
 in place to any of them before the backward raises), and the per-step
-tensors, none of them the caller's, as one token tensor that owns them
-(csrc/dnc/core_sequence.cpp, pack_saved): one saved tensor instead of
-3 + 26 T per chunk of the batch, each a Python object, a SavedVariable and an
-unpacking. Under saved-tensor hooks (save_on_cpu, the non-reentrant
+tensors as one token tensor that owns them (csrc/dnc/core_sequence.cpp,
+pack_saved): one saved tensor instead of 3 + 26 T per chunk of the batch,
+each a Python object, a SavedVariable and an unpacking. With one chunk the
+last step's memory and weights are also the returned final state: the token
+keeps shallow copies of those (the same storage and version counter), so that
+it holds no output of the node, which holds it. Under saved-tensor hooks (save_on_cpu, the non-reentrant
 checkpoint, a user's) they go one by one, so that the hooks see, and may move
 or copy, every one of them.
 Under create_graph=True the backward differentiates `_eager`, the same
