@@ -145,20 +145,30 @@ def test_no_grad_and_default_state():
     _close([a[0], *a[1]], [b[0], *b[1]], 1e-12, 1e-13)
 
 
-def test_inputs_left_unchanged_and_in_place_writes_to_outputs_refused():
-    core = _core()
-    st = _state(core, 2, True)
-    before = [t.detach().clone() for t in st]
-    x = torch.randn(2, 4, 3, dtype=F64)
-    y, fin = core(x, st)
-    assert fin.memory.grad_fn is not None and type(fin.memory.grad_fn).__name__ == "CoreSequenceBackward"
-    (y.sum() + fin.memory.sum()).backward(retain_graph=True)
-    for a, b in zip(st, before):
-        assert torch.equal(a.detach(), b)
-    with torch.no_grad():
-        fin.memory.mul_(2)  # the final memory is saved for the backward: autograd must refuse it now
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        (y.sum() + fin.memory.sum()).backward()
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inputs_left_unchanged_and_in_place_writes_to_outputs_refused(threads):
+    """At one thread (one chunk: the final state's tensors are the last step's saved ones) and at two."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        core = _core()
+        st = _state(core, 2, True)
+        before = [t.detach().clone() for t in st]
+        x = torch.randn(2, 4, 3, dtype=F64)
+        assert cs._splits(x, st.memory) == threads
+        y, fin = core(x, st)
+        assert fin.memory.grad_fn is not None and type(fin.memory.grad_fn).__name__ == "CoreSequenceBackward"
+        (y.sum() + fin.memory.sum()).backward(retain_graph=True)
+        for a, b in zip(st, before):
+            assert torch.equal(a.detach(), b)
+        for name in ("memory", "read_weights", "write_weights"):
+            y, fin = core(x, st)
+            with torch.no_grad():
+                getattr(fin, name).mul_(2)  # saved for the backward: autograd must refuse it now
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                (y.sum() + getattr(fin, name).sum()).backward()
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_parameters_changed_before_backward_are_refused():
