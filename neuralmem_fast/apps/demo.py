@@ -353,9 +353,19 @@ def _train_time(runs):
 
 
 def run_demo(args):
-    """Both runs (and the reference's with --compare-reference), the figure and metrics.json."""
+    """Both runs (and the reference's with --compare-reference), the figure and metrics.json. --threads
+    holds for the run only: called in a process of the caller's (a test, a notebook), the caller's torch
+    thread count is restored afterwards."""
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(args):
     os.makedirs(args.out, exist_ok=True)
     if args.dataset == "digits":
         return run_digits(args)
