@@ -417,7 +417,7 @@ def test_saved_tensor_hooks_see_every_tensor_the_node_keeps():
 
     core = _core()
     x = torch.randn(2, 4, 3, dtype=F64)
-    ref, packed = [], []
+    packed = []
     base = _ext._C.core_sequence_live_saved_sets()  # this test holds no graph: only a new token would count
     y, fin = core(x, _state(core, 2, True))
     ref = torch.autograd.grad(y.sum() + fin.memory.sum(), list(core.parameters()))

@@ -324,9 +324,9 @@ at::Tensor cat_chunks(const std::vector<std::vector<at::Tensor>>& outs, size_t i
 // elements whose storage owns them and frees them with itself. The Function saves the token in their place
 // (nn/core_sequence.py), so that autograd keeps, and frees after a backward without retain_graph, one saved
 // tensor instead of ~600 per chunk, each of which costs a Python object from pybind11, a SavedVariable and
-// an unpacking. None of them is ever seen by the caller: the caller's tensors among them (the inputs, the
-// parameters, the final state) are saved one by one beside the token, where their version counters are
-// checked.
+// an unpacking. The caller's tensors that the set shares (the initial state, and with one chunk the final
+// state: see core_sequence_forward_split) are also saved one by one beside the token, where their version
+// counters are checked.
 struct SavedSet {
   std::vector<at::Tensor> tensors;
 };

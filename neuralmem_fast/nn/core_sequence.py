@@ -38,9 +38,9 @@ pack_saved): one saved tensor instead of 3 + 26 T per chunk of the batch,
 each a Python object, a SavedVariable and an unpacking. With one chunk the
 last step's memory and weights are also the returned final state: the token
 keeps shallow copies of those (the same storage and version counter), so that
-it holds no output of the node, which holds it. Under saved-tensor hooks (save_on_cpu, the non-reentrant
-checkpoint, a user's) they go one by one, so that the hooks see, and may move
-or copy, every one of them.
+it holds no output of the node, which holds it. Under saved-tensor hooks
+(save_on_cpu, the non-reentrant checkpoint, a user's) they go one by one, so
+that the hooks see, and may move or copy, every one of them.
 Under create_graph=True the backward differentiates `_eager`, the same
 formulas through differentiable ops. `MemoryCore.runs_as_one_node(x, state)`
 says when MemoryCore takes this path: the access runs as `access_step` would
@@ -152,8 +152,8 @@ class CoreSequence(torch.autograd.Function):
         # Everything through save_for_backward: the version counters of the inputs, the parameters and the
         # returned final state are checked, and autograd frees the lot after a backward without retain_graph.
         # out[8:]: per chunk of the batch, rh, the weights rearranged, and 26 tensors per step
-        # (csrc/dnc/core_sequence.cpp), or, without saved-tensor hooks, one token that owns them: none of
-        # them is the caller's (the caller's are the inputs and the final state, saved one by one).
+        # (csrc/dnc/core_sequence.cpp), or, without saved-tensor hooks, one token that owns them; the
+        # caller's tensors among them (the initial and final state) are in `inputs` and `final` as well.
         ctx.save_for_backward(*inputs, *final, *out[8:])
         ctx.sizes, ctx.eps, ctx.splits = sizes, eps, splits
         return (out[0], *final)
