@@ -336,7 +336,8 @@ def test_one_node_at_every_thread_count_equals_step_by_step(threads):
 @pytest.mark.parametrize("splits", [1, 2])
 def test_saved_token_gives_the_same_bits_and_is_refused_when_copied(splits):
     """pack=True hands the per-step tensors back as one token that owns them: the backward from the token
-    is bitwise the backward from the tensors; a copy of the token owns nothing and is refused by name."""
+    is bitwise the backward from the tensors, also where it frees them as it goes (release=True); a token so
+    emptied, and a copy of the token, which owns nothing, are refused by name."""
     from neuralmem_fast import _ext
     from neuralmem_fast.config import DEFAULT_EPS
     from neuralmem_fast.ops.dnc import ALLOC_EPS
@@ -357,6 +358,15 @@ def test_saved_token_gives_the_same_bits_and_is_refused_when_copied(splits):
     b = bwd(grads, inputs[0], inputs[8], inputs[12], packed[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+    # release=True (no backward to follow): the same bits, each step's tensors freed as the loop passes
+    # them; the emptied token then refuses by name, where it would otherwise give wrong gradients.
+    c = bwd(grads, inputs[0], inputs[8], inputs[12], packed[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits, True)
+    for u, v in zip(a, c):
+        assert torch.equal(u, v)
+    for release in (False, True):
+        with pytest.raises(RuntimeError, match="freed by an earlier backward without retain_graph"):
+            bwd(grads, inputs[0], inputs[8], inputs[12], packed[8:], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits,
+                release)
     for copy in (packed[8].clone(), torch.empty(0, dtype=torch.uint8)):
         with pytest.raises(RuntimeError, match="not the token of a forward's saved tensors"):
             bwd(grads, inputs[0], inputs[8], inputs[12], [copy], R, W, D, DEFAULT_EPS, ALLOC_EPS, splits)

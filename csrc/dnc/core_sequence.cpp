@@ -233,8 +233,8 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
 
 std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& grads, const at::Tensor& x,
                                                const at::Tensor& w_ih, const at::Tensor& w_if,
-                                               const std::vector<at::Tensor>& saved, int64_t R, int64_t W, int64_t D,
-                                               double eps, double alloc_eps) {
+                                               std::vector<at::Tensor> saved, int64_t R, int64_t W, int64_t D,
+                                               double eps, double alloc_eps, bool release) {
   TORCH_CHECK(grads.size() == 8, "core_sequence_backward: expected 8 gradients, got ", grads.size());
   const int64_t B = x.size(0), Tn = x.size(1), I = x.size(2), RD = R * D;
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 + kPerStep * Tn,
@@ -259,7 +259,7 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   // memory's gradient at once.
   T pend_gamma, pend_coef, pend_q;
   for (int64_t t = Tn - 1; t >= 0; --t) {
-    const T* st = saved.data() + 3 + kPerStep * t;
+    T* st = saved.data() + 3 + kPerStep * t;
     d_rh = d_rh + d_rh_out[t];
     T d_reads = d_rh.narrow(1, 0, RD).reshape({B, R, D}).contiguous();
     auto [dm, dww, de, da, drk, drs] =
@@ -287,6 +287,9 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
     T dg = d_gates[t];
     dc = lstm_cell_backward(dh, dc, st[kSig], st[kTanhG], st[kTanhC], st[kCPrev], dg);
     d_rh = dg.mm(w_rh);  // d [reads_{t-1}, h_{t-1}]
+    // Step t's tensors are not needed by the steps still to come (t - 1 reads step t - 2's dots, not t's).
+    if (release)
+      for (int64_t k = 0; k < kPerStep; ++k) st[k].reset();
   }
   T dg2 = d_gates.view({Tn * B, 4 * H});
   T d_w_rh = dg2.t().mm(rh.narrow(0, 0, Tn).reshape({Tn * B, RD + H}));
@@ -329,6 +332,7 @@ at::Tensor cat_chunks(const std::vector<std::vector<at::Tensor>>& outs, size_t i
 // counters are checked.
 struct SavedSet {
   std::vector<at::Tensor> tensors;
+  bool released = false;  // freed by a backward that was told no other will follow
 };
 std::atomic<int64_t> live_saved_sets{0};
 
@@ -347,10 +351,10 @@ at::Tensor pack_saved(std::vector<at::Tensor> tensors) {
 }
 
 // The set a token owns, or nullptr for any other tensor (a copy of a token included).
-const SavedSet* saved_set_of(const at::Tensor& t) {
+SavedSet* saved_set_of(const at::Tensor& t) {
   if (!t.defined() || !t.has_storage()) return nullptr;
   const c10::DataPtr& ptr = t.storage().data_ptr();
-  return ptr.get_deleter() == &delete_saved_set ? static_cast<const SavedSet*>(ptr.get_context()) : nullptr;
+  return ptr.get_deleter() == &delete_saved_set ? static_cast<SavedSet*>(ptr.get_context()) : nullptr;
 }
 
 // Runs fn(s) for s < splits, one task each; the first exception is rethrown on the caller's thread.
@@ -418,13 +422,16 @@ std::vector<at::Tensor> core_sequence_forward_split(const std::vector<at::Tensor
 // chunks, the weights' summed. `saved`: the forward's saved tensors, or the one token that owns them.
 std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tensor>& grads, const at::Tensor& x,
                                                       const at::Tensor& w_ih, const at::Tensor& w_if,
-                                                      const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
-                                                      int64_t D, double eps, double alloc_eps, int64_t splits) {
+                                                      std::vector<at::Tensor>& saved, int64_t R, int64_t W,
+                                                      int64_t D, double eps, double alloc_eps, int64_t splits,
+                                                      bool release) {
   TORCH_CHECK(grads.size() == 8, "core_sequence_backward: expected 8 gradients, got ", grads.size());
   const int64_t B = x.size(0);
   TORCH_CHECK(splits >= 1 && splits <= B, "core_sequence_backward: splits must be in [1, B = ", B, "], got ",
               splits);
-  if (splits == 1) return core_sequence_backward(grads, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps);
+  if (splits == 1)
+    return core_sequence_backward(grads, x, w_ih, w_if, release ? std::move(saved) : saved, R, W, D, eps,
+                                  alloc_eps, release);
   const int64_t per = static_cast<int64_t>(saved.size()) / splits;
   TORCH_CHECK(per * splits == static_cast<int64_t>(saved.size()), "core_sequence_backward: ", saved.size(),
               " saved tensors do not split into ", splits, " chunks");
@@ -434,8 +441,13 @@ std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tens
     const int64_t b0 = chunk_start(B, splits, s), nb = chunk_start(B, splits, s + 1) - b0;
     std::vector<at::Tensor> g(grads.size());
     for (size_t i = 0; i < grads.size(); ++i) g[i] = grads[i].narrow(0, b0, nb);
-    const std::vector<at::Tensor> sv(saved.begin() + s * per, saved.begin() + (s + 1) * per);
-    outs[s] = core_sequence_backward(g, x.narrow(0, b0, nb), w_ih, w_if, sv, R, W, D, eps, alloc_eps);
+    // With `release` the chunk's tensors move to its task, which frees them step by step.
+    auto first = saved.begin() + s * per, last = saved.begin() + (s + 1) * per;
+    std::vector<at::Tensor> sv = release ? std::vector<at::Tensor>(std::make_move_iterator(first),
+                                                                   std::make_move_iterator(last))
+                                         : std::vector<at::Tensor>(first, last);
+    outs[s] = core_sequence_backward(g, x.narrow(0, b0, nb), w_ih, w_if, std::move(sv), R, W, D, eps, alloc_eps,
+                                     release);
   });
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out;
@@ -455,14 +467,28 @@ std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tens
 std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tensor>& grads, const at::Tensor& x,
                                                      const at::Tensor& w_ih, const at::Tensor& w_if,
                                                      const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
-                                                     int64_t D, double eps, double alloc_eps, int64_t splits) {
+                                                     int64_t D, double eps, double alloc_eps, int64_t splits,
+                                                     bool release) {
   if (saved.size() == 1) {
-    const SavedSet* set = saved_set_of(saved[0]);
+    SavedSet* set = saved_set_of(saved[0]);
     TORCH_CHECK(set != nullptr, "core_sequence_backward: the saved tensor is not the token of a forward's saved "
                 "tensors (a copy of it, made by a saved-tensor hook, owns none)");
-    return core_sequence_backward_chunks(grads, x, w_ih, w_if, set->tensors, R, W, D, eps, alloc_eps, splits);
+    TORCH_CHECK(!set->released, "core_sequence_backward: the forward's saved tensors were freed by an earlier "
+                "backward without retain_graph=True; run the forward again, or pass retain_graph=True to the first "
+                "backward");
+    if (!release) {
+      std::vector<at::Tensor> sv = set->tensors;
+      return core_sequence_backward_chunks(grads, x, w_ih, w_if, sv, R, W, D, eps, alloc_eps, splits, false);
+    }
+    // No backward will follow (autograd frees the node's saved tensors after this one): each step's tensors are
+    // freed as soon as the loop has passed them, on the thread of their chunk, which keeps the backward's peak
+    // memory falling with every step and the freeing off the caller's thread. The set is marked first, so that
+    // a backward that raises midway leaves a token that refuses, not one with holes.
+    set->released = true;
+    return core_sequence_backward_chunks(grads, x, w_ih, w_if, set->tensors, R, W, D, eps, alloc_eps, splits, true);
   }
-  return core_sequence_backward_chunks(grads, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps, splits);
+  std::vector<at::Tensor> sv = saved;  // saved one by one: autograd owns them
+  return core_sequence_backward_chunks(grads, x, w_ih, w_if, sv, R, W, D, eps, alloc_eps, splits, false);
 }
 
 void bind_core_sequence(pybind11::module_& m) {
@@ -479,7 +505,8 @@ void bind_core_sequence(pybind11::module_& m) {
         "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters, over "
         "the forward's chunks",
         py::arg("grads"), py::arg("x"), py::arg("w_ih"), py::arg("w_if"), py::arg("saved"), py::arg("R"),
-        py::arg("W"), py::arg("D"), py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1);
+        py::arg("W"), py::arg("D"), py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1,
+        py::arg("release") = false);
   // What the sequence node calls of write_read besides the registered ops, for the tests: the forward that
   // keeps its dots, and the backward that takes them (and a pending addressing gradient, None for none).
   m.def("write_read_keep", &write_read_keep,
