@@ -85,11 +85,18 @@ def make_model(provider, N):
     return net, lambda x: net(x)[0]
 
 
-def make_train_step(provider, N, B):
+OPTIMIZERS = ("adam", "adam-fused")
+
+
+def make_train_step(provider, N, B, optimizer="adam"):
     """One training step of the provider's model on a fixed batch: forward over the sequence, a mean squared
-    loss, backward and an Adam step (also used by memory_core_paired.py)."""
+    loss, backward and an Adam step (also used by memory_core_paired.py). `optimizer`: "adam", torch's Adam
+    as constructed by default (on the CPU its loop over the parameters, several ops each), or "adam-fused",
+    torch's Adam with fused=True (one kernel for all parameters), the same for every provider."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     net, fwd = make_model(provider, N)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=optimizer == "adam-fused" or None)
     x = torch.rand(B, SETTING["steps"], SETTING["io"], generator=torch.Generator().manual_seed(0))
 
     def step():

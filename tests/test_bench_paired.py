@@ -22,7 +22,8 @@ def paired():
 
 
 @pytest.mark.parametrize("argv,flag", [(["--threads", "-1"], "--threads"), (["--warm", "-1"], "--warm"),
-                                       (["--n", "128,1024", "--rounds", "3,4,5"], "--rounds")])
+                                       (["--n", "128,1024", "--rounds", "3,4,5"], "--rounds"),
+                                       (["--optimizer", "sgd"], "--optimizer")])
 def test_bad_arguments_name_the_flag(paired, capsys, argv, flag):
     import torch
 
