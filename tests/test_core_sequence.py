@@ -240,13 +240,41 @@ for big in (False, True):
         n_lin, n_one, _ = cs._layout(core.access)
         with torch.no_grad():
             core.interface.bias[n_lin:n_lin + n_one] += 25.0
-    x = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    out_a, grads_a, _ = _run(core, x, _state(core, 2, True), True)
-    out_b, grads_b, _ = _run(core, x, _state(core, 2, True), False)
+    # B = 11: the per-step matmuls' row blocks (8 rows with AVX-512, 4 with AVX2) and a partial one
+    B = 11 if big else 2
+    x = torch.randn(B, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out_a, grads_a, _ = _run(core, x, _state(core, B, True), True)
+    out_b, grads_b, _ = _run(core, x, _state(core, B, True), False)
     _close(out_a, out_b, 1e-10, 1e-12)
     _close(grads_a, grads_b, 1e-9, 1e-11)
 print("ok")
 """
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_small_matmul_against_atens_addmm(dtype):
+    """The node's per-step matmuls (the kernel table's small_matmul where the batch has at most 32 rows) against
+    ATen's addmm for all of them, the rest alike: the same outputs and gradients to rounding, at widths with
+    vector tails (4H = 100, the interface's 3 D + 5 W D + ... columns) and 8-row blocks with a partial one
+    (B = 13). In float32 the two must differ somewhere, or the kernel did not run (where the instruction set
+    has one: not in the baseline table)."""
+    from neuralmem_fast import _ext
+
+    core = _core(I=5, O=3, N=20, D=12, R=3, W=1, H=25, dtype=dtype)
+    x = torch.randn(13, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    st = _state(core, 13, True, dtype=dtype)
+    old = _ext._C.core_sequence_use_small_matmul(False)
+    try:
+        out_b, grads_b, _ = _run(core, x, st, True)
+        _ext._C.core_sequence_use_small_matmul(True)
+        out_a, grads_a, _ = _run(core, x, st, True)
+    finally:
+        _ext._C.core_sequence_use_small_matmul(old)
+    tol = (1e-12, 1e-13) if dtype == F64 else (2e-5, 2e-6)
+    _close(out_a, out_b, *tol)
+    _close(grads_a, grads_b, tol[0] * 10, tol[1] * 10)
+    if dtype == torch.float32 and torch.ops.neuralmem.cpu_capability() != "default":
+        assert any(not torch.equal(u, v) for u, v in zip(out_a + grads_a, out_b + grads_b) if u is not None)
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])

@@ -131,6 +131,10 @@ struct KernelTable {
   // The interface's activations act (B, S) from raw (B, S): n_lin linear columns, n_one oneplus, the rest
   // sigmoid; fac (B, S) their derivatives.
   void (*dnc_interface)(const at::Tensor& raw, int64_t n_lin, int64_t n_one, at::Tensor& act, at::Tensor& fac);
+  // out = c0 + a b for the node's per-step matmuls (float and double; cpu/dnc_controller_kernels.h): a (M, K)
+  // and out (M, N) with rows of unit stride, b (K, N) contiguous, c0 undefined, (N) contiguous or (M, N) with
+  // rows of unit stride. Null in the baseline table (no vector instructions): ATen's addmm there.
+  void (*small_matmul)(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c0, at::Tensor& out);
 };
 
 // Null when the compiler could not build that instruction set.

@@ -253,6 +253,16 @@ inline void dnc_interface_k(const at::Tensor& raw, int64_t n_lin, int64_t n_one,
   });
 }
 
+inline void small_matmul_k(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c0, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "small_matmul", [&] {
+    const bool rows = c0.defined() && c0.dim() == 2;
+    small_matmul_typed<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), a.size(0), a.size(1),
+                                 b.const_data_ptr<scalar_t>(), b.size(1),
+                                 c0.defined() ? c0.const_data_ptr<scalar_t>() : nullptr, rows ? c0.stride(0) : 0,
+                                 out.data_ptr<scalar_t>(), out.stride(0));
+  });
+}
+
 #undef NEURALMEM_DISPATCH
 
 constexpr KernelTable make_table(const char* name) {
@@ -278,7 +288,12 @@ constexpr KernelTable make_table(const char* name) {
                      &content_addressing_backward_coefs_k,
                      &content_addressing_keep_k,
                      &lstm_cell_k,
-                     &dnc_interface_k};
+                     &dnc_interface_k,
+#ifdef CPU_CAPABILITY_DEFAULT
+                     nullptr};  // without vector instructions MKL's sgemm is the faster
+#else
+                     &small_matmul_k};
+#endif
 }
 
 }  // namespace CPU_CAPABILITY

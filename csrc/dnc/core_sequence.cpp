@@ -163,6 +163,26 @@ at::Tensor lstm_cell_backward(const at::Tensor& dh, const at::Tensor& dc, const 
   return dc_prev;
 }
 
+// The per-step matmuls take the kernel table's small_matmul (cpu/dnc_controller_kernels.h) up to this many
+// rows (the batch, or its chunk) and a weight of up to this many bytes, which stays in L2 from one block of
+// rows to the next; ATen's addmm otherwise.
+constexpr int64_t kSmallRows = 32;
+constexpr int64_t kSmallBytes = 1 << 20;
+
+// Off: ATen's addmm for every step (core_sequence_use_small_matmul, for the tests and alternated timings).
+std::atomic<bool> use_small_matmul{true};
+
+// c0 + a b (c0 undefined: a b), b (K, N) contiguous.
+T step_matmul(const cpu::KernelTable& K, const T& a, const T& b, const T& c0) {
+  if (K.small_matmul != nullptr && use_small_matmul.load(std::memory_order_relaxed) && a.size(0) <= kSmallRows && b.numel() * b.element_size() <= kSmallBytes &&
+      a.stride(1) == 1 && b.is_contiguous() && (!c0.defined() || c0.stride(-1) == 1)) {
+    T out = at::empty({a.size(0), b.size(1)}, a.options());
+    K.small_matmul(a, b, c0, out);
+    return out;
+  }
+  return c0.defined() ? at::addmm(c0, a, b) : a.mm(b);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in, int64_t R, int64_t W, int64_t D,
@@ -175,15 +195,15 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
   const Ops& op = ops();
   const int64_t B = x.size(0), Tn = x.size(1), I = x.size(2), H = h0.size(1), RD = R * D;
   const int64_t S = w_if.size(0), n_sig = S - n_lin - n_one;
+  const cpu::KernelTable& K = cpu::kernels();
   // [reads_{t-1}, h_{t-1}] for step t at rh[t]; rh[t + 1] holds [reads_t, h_t], the output layer's input.
   T rh = at::empty({Tn + 1, B, RD + H}, x.options());
   rh[0].narrow(1, 0, RD).copy_(reads0.reshape({B, RD}));
   rh[0].narrow(1, RD, H).copy_(h0);
   T w_rh = at::cat({w_ih.narrow(1, I, RD), w_hh}, 1);
-  T w_rh_t = w_rh.t(), w_if_t = w_if.t();
+  T w_rh_t = w_rh.t().contiguous(), w_if_t = w_if.t().contiguous();
   T xg = at::addmm(b_ih + b_hh, x.transpose(0, 1).reshape({Tn * B, I}), w_ih.narrow(1, 0, I).t())
              .view({Tn, B, 4 * H});
-  const cpu::KernelTable& K = cpu::kernels();
   const Fields fields = fields_of(R, W, D);
   TORCH_CHECK(n_lin == R * D + 2 * W * D && n_one == R + W && n_sig == W * D + R + 2 * W,
               "core_sequence_forward: the interface's layout does not match R, W, D");
@@ -192,12 +212,12 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
   T h = h0, c = c0.contiguous(), memory = in[4], usage = in[5], rw = in[6], ww = in[7], reads = reads0;
   T prev_dots;  // write_read's dots of the previous step
   for (int64_t t = 0; t < Tn; ++t) {
-    T gates = at::addmm(xg[t], rh[t], w_rh_t);
+    T gates = step_matmul(K, rh[t], w_rh_t, xg[t]);
     T s = at::empty({B, 4 * H}, x.options()), g = at::empty({B, H}, x.options());
     T c_prev = c, tc = at::empty({B, H}, x.options());
     c = at::empty({B, H}, x.options()), h = at::empty({B, H}, x.options());
     K.lstm_cell(gates, c_prev, s, g, c, tc, h);
-    T raw = at::addmm(b_if, h, w_if_t);
+    T raw = step_matmul(K, h, w_if_t, b_if);
     T act = at::empty({B, S}, x.options()), fac = at::empty({B, S}, x.options());
     K.dnc_interface(raw, n_lin, n_one, act, fac);
     // Each field contiguous once, for the forward and backward ops alike.
@@ -245,6 +265,8 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   const T &g_y = grads[0], &g_h = grads[1], &g_ww = grads[7];
   const T &rh = saved[0], &w_rh = saved[1], &w_o_rh = saved[2];
   const int64_t H = g_h.size(1), S = w_if.size(0), O = g_y.size(2);
+  const cpu::KernelTable& K = cpu::kernels();
+  const T w_if_c = w_if.contiguous();
   T g_y_tb = g_y.transpose(0, 1).reshape({Tn * B, O});
   T d_w_o_rh = g_y_tb.t().mm(rh.narrow(0, 1, Tn).reshape({Tn * B, RD + H}));
   T d_rh_out = g_y_tb.mm(w_o_rh).view({Tn, B, RD + H});
@@ -283,10 +305,10 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
     d_mem = dm, d_usage = du, d_rw = dprw;
     T dr = d_raw[t];
     join_fields_mul({drk, dwk, da, drs, dws, de, dfg, dga, dgw}, st[kFac], fields, dr);
-    T dh = at::addmm(d_rh.narrow(1, RD, H), dr, w_if);
+    T dh = step_matmul(K, dr, w_if_c, d_rh.narrow(1, RD, H));
     T dg = d_gates[t];
     dc = lstm_cell_backward(dh, dc, st[kSig], st[kTanhG], st[kTanhC], st[kCPrev], dg);
-    d_rh = dg.mm(w_rh);  // d [reads_{t-1}, h_{t-1}]
+    d_rh = step_matmul(K, dg, w_rh, T());  // d [reads_{t-1}, h_{t-1}]
     // Step t's tensors are not needed by the steps still to come (t - 1 reads step t - 2's dots, not t's).
     if (release)
       for (int64_t k = 0; k < kPerStep; ++k) st[k].reset();
@@ -498,6 +520,12 @@ void bind_core_sequence(pybind11::module_& m) {
         "splits > 1: that many chunks of the batch on torch's threads; pack: what the backward needs as one token",
         py::arg("inputs"), py::arg("R"), py::arg("W"), py::arg("D"), py::arg("n_lin"), py::arg("n_one"),
         py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1, py::arg("pack") = false);
+  m.def(
+      "core_sequence_use_small_matmul",
+      [](bool on) { return use_small_matmul.exchange(on); },
+      "Whether the sequence node's per-step matmuls take the kernel table's small_matmul where it applies "
+      "(default) or ATen's addmm; returns the previous setting (for the tests and alternated timings)",
+      py::arg("on"));
   m.def(
       "core_sequence_live_saved_sets", [] { return live_saved_sets.load(); },
       "How many tokens of core_sequence_forward(pack=True) own their saved tensors now (for the tests)");
