@@ -106,10 +106,9 @@ std::vector<at::Tensor> split_fields(const at::Tensor& act, const Fields& f) {
   std::vector<at::Tensor> out;
   out.reserve(9);
   int64_t start = 0;
-  for (int i = 0; i < 9; ++i) {
+  for (int i = 0; i < 9; ++i) {  // one as_strided each (narrow and view took four ATen calls)
     const int64_t w = f.width[i], d = f.shape_last[i];
-    at::Tensor v = buf.narrow(0, start, B * w);
-    out.push_back(d ? v.view({B, w / d, d}) : v.view({B, w}));
+    out.push_back(d ? buf.as_strided({B, w / d, d}, {w, d, 1}, start) : buf.as_strided({B, w}, {w, 1}, start));
     start += B * w;
   }
   return out;
@@ -272,7 +271,8 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   T d_rh_out = g_y_tb.mm(w_o_rh).view({Tn, B, RD + H});
   T d_gates = at::empty({Tn, B, 4 * H}, x.options());
   T d_raw = at::empty({Tn, B, S}, x.options());
-  T d_rh = at::cat({grads[3].reshape({B, RD}), g_h}, 1);  // d [reads_t, h_t]
+  // d [reads_t, h_t], the output layer's share d_rh_out[t] included
+  T d_rh = at::cat({grads[3].reshape({B, RD}), g_h}, 1).add_(d_rh_out[Tn - 1]);
   const Fields fields = fields_of(R, W, D);
   T dc = grads[2].contiguous(), d_mem = grads[4].contiguous(), d_usage = grads[5].contiguous(), d_rw = grads[6].contiguous();
   // The write addressing's memory gradient of step t + 1, over the memory that step t wrote, left as per-slot
@@ -282,7 +282,6 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   T pend_gamma, pend_coef, pend_q;
   for (int64_t t = Tn - 1; t >= 0; --t) {
     T* st = saved.data() + 3 + kPerStep * t;
-    d_rh = d_rh + d_rh_out[t];
     T d_reads = d_rh.narrow(1, 0, RD).reshape({B, R, D}).contiguous();
     auto [dm, dww, de, da, drk, drs] =
         write_read_backward_pending(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
@@ -308,7 +307,8 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
     T dh = step_matmul(K, dr, w_if_c, d_rh.narrow(1, RD, H));
     T dg = d_gates[t];
     dc = lstm_cell_backward(dh, dc, st[kSig], st[kTanhG], st[kTanhC], st[kCPrev], dg);
-    d_rh = step_matmul(K, dg, w_rh, T());  // d [reads_{t-1}, h_{t-1}]
+    // d [reads_{t-1}, h_{t-1}]: through the LSTM, plus the output layer's share (none for the initial state)
+    d_rh = step_matmul(K, dg, w_rh, t > 0 ? d_rh_out[t - 1] : T());
     // Step t's tensors are not needed by the steps still to come (t - 1 reads step t - 2's dots, not t's).
     if (release)
       for (int64_t k = 0; k < kPerStep; ++k) st[k].reset();
