@@ -277,6 +277,28 @@ def test_small_matmul_against_atens_addmm(dtype):
         assert any(not torch.equal(u, v) for u, v in zip(out_a + grads_a, out_b + grads_b) if u is not None)
 
 
+def test_small_matmul_not_taken_past_32_rows():
+    """One chunk of 33 memories (one thread): the per-step matmuls are ATen's either way, to the bit."""
+    from neuralmem_fast import _ext
+
+    core = _core(I=5, O=3, N=10, D=12, R=3, W=1, H=25, dtype=torch.float32)
+    x = torch.randn(33, 3, 5, generator=torch.Generator().manual_seed(5))
+    st = _state(core, 33, True, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = _ext._C.core_sequence_use_small_matmul(False)
+    try:
+        assert cs._splits(x, st.memory) == 1
+        out_b, grads_b, _ = _run(core, x, st, True)
+        _ext._C.core_sequence_use_small_matmul(True)
+        out_a, grads_a, _ = _run(core, x, st, True)
+    finally:
+        _ext._C.core_sequence_use_small_matmul(old)
+        torch.set_num_threads(threads)
+    for u, v in zip(out_a + grads_a, out_b + grads_b):
+        assert (u is None and v is None) or torch.equal(u, v)
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_one_node_on_every_instruction_set(isa):
     """The node's kernels as built for each instruction set (a fresh process each; skipped where this
