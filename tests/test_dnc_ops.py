@@ -122,10 +122,11 @@ def test_order_is_torch_sorts_stable_order_with_nan_last():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("N", [7, 300, 513, 1500])
+@pytest.mark.parametrize("N", [1, 7, 8, 9, 16, 17, 33, 64, 100, 128, 129, 300, 513, 1500])
 def test_order_is_torch_sorts_stable_order_at_every_size(N, dtype):
-    # Both sorts of the kernel: keys packed with their slot and compared (N <= 512), and the radix sort
-    # (N > 512), on ties, signed zeros, infinities and NaN.
+    # Every sort of the kernel: for float32 up to 128 slots a bitonic network in AVX-512 registers where the
+    # processor has them (1, 2, 4, 8 or 16 registers of 8 keys, padded), keys packed with their slot and
+    # compared (N <= 512), and the radix sort (N > 512), on ties, signed zeros, infinities and NaN.
     g = torch.Generator().manual_seed(N)
     pool = torch.tensor([0.0, -0.0, 0.5, 0.25, 1.0, float("nan"), float("-inf"), float("inf"), 1e-30, 3e-5],
                         dtype=F64)
