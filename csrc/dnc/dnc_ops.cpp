@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/isa.h"
 #include "dnc/checks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -166,6 +167,9 @@ struct SortScratch {
 // being built for the baseline) and taken where the processor has it.
 constexpr int64_t kNetworkSortMax = 128;
 #define NEURALMEM_AVX512 __attribute__((target("avx512f")))
+// GCC 12 takes the unmasked intrinsics' undefined pass-through operand for an uninitialized read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // Lanes in `hi` take max(a, b), the others min(a, b): the comparators (i, j) of one network layer, i < j, when
 // b is a with lane i and lane j swapped.
@@ -231,8 +235,10 @@ NEURALMEM_AVX512 void sort_network(uint64_t* keys) {
   for (int i = 0; i < R; ++i) _mm512_storeu_si512(keys + 8 * i, r[i]);
 }
 
-bool has_avx512f() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+// AVX-512 when the processor has it, unless NEURALMEM_CPU_CAPABILITY (or ATEN_CPU_CAPABILITY) caps the
+// extension below it (common/isa.h), as for every other per-instruction-set path.
+bool has_avx512() {
+  static const bool yes = isa_level() >= 2;
   return yes;
 }
 
@@ -249,6 +255,7 @@ void network_sort(uint64_t* keys, int64_t N) {
     default: return sort_network<16>(keys);
   }
 }
+#pragma GCC diagnostic pop
 #undef NEURALMEM_AVX512
 #endif
 
@@ -256,23 +263,20 @@ template <typename T, typename O>
 void stable_order(const T* s, int64_t N, O* order, SortScratch<T>& sc) {
   using U = typename SortKey<T>::U;
   using SC = SortScratch<T>;
-#if NEURALMEM_SORT_AVX512
-  if constexpr (sizeof(U) == 4) {
-    if (N <= kNetworkSortMax && has_avx512f()) {
-      sc.packed.resize(kNetworkSortMax);
-      auto* p = sc.packed.data();
-      for (int64_t n = 0; n < N; ++n) p[n] = SC::pack(s[n], n);
-      network_sort(p, N);
-      for (int64_t n = 0; n < N; ++n) order[n] = static_cast<O>(SC::slot(p[n]));
-      return;
-    }
-  }
-#endif
   if (N <= kPackedSortMax) {
-    sc.packed.resize(N);
+    bool network = false;  // float keys (64 bits packed) few enough for the AVX-512 network
+#if NEURALMEM_SORT_AVX512
+    if constexpr (sizeof(U) == 4) network = N <= kNetworkSortMax && has_avx512();
+#endif
+    sc.packed.resize(network ? kNetworkSortMax : N);  // the network pads to whole registers
     auto* p = sc.packed.data();
     for (int64_t n = 0; n < N; ++n) p[n] = SC::pack(s[n], n);
-    std::sort(p, p + N);
+#if NEURALMEM_SORT_AVX512
+    if constexpr (sizeof(U) == 4) {
+      if (network) network_sort(p, N);
+    }
+#endif
+    if (!network) std::sort(p, p + N);
     for (int64_t n = 0; n < N; ++n) order[n] = static_cast<O>(SC::slot(p[n]));
     return;
   }
