@@ -145,7 +145,6 @@ void small_matmul_typed(const T* a, int64_t lda, int64_t M, int64_t K, const T* 
   }
 }
 
-
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace neuralmem

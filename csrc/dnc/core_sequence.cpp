@@ -177,8 +177,9 @@ std::atomic<bool> use_small_matmul{true};
 
 // c0 + a b (c0 undefined: a b), b (K, N) contiguous.
 T step_matmul(const cpu::KernelTable& K, const T& a, const T& b, const T& c0) {
-  if (K.small_matmul != nullptr && use_small_matmul.load(std::memory_order_relaxed) && a.size(0) <= kSmallRows && b.numel() * b.element_size() <= kSmallBytes &&
-      a.stride(1) == 1 && b.is_contiguous() && (!c0.defined() || c0.stride(-1) == 1)) {
+  if (K.small_matmul != nullptr && use_small_matmul.load(std::memory_order_relaxed) && a.size(0) <= kSmallRows &&
+      b.numel() * b.element_size() <= kSmallBytes && a.stride(1) == 1 && b.is_contiguous() &&
+      (!c0.defined() || c0.stride(-1) == 1)) {
     T out = at::empty({a.size(0), b.size(1)}, a.options());
     K.small_matmul(a, b, c0, out);
     return out;
@@ -502,16 +503,14 @@ std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tenso
     TORCH_CHECK(!set->released, "core_sequence_backward: the forward's saved tensors were freed by an earlier "
                 "backward without retain_graph=True; run the forward again, or pass retain_graph=True to the first "
                 "backward");
-    if (!release) {
-      std::vector<at::Tensor> sv = set->tensors;
-      return core_sequence_backward_chunks(grads, x, w_ih, w_if, sv, R, W, D, eps, alloc_eps, splits, false);
-    }
-    // No backward will follow (autograd frees the node's saved tensors after this one): each step's tensors are
-    // freed as soon as the loop has passed them, on the thread of their chunk, which keeps the backward's peak
-    // memory falling with every step and the freeing off the caller's thread. The set is marked first, so that
-    // a backward that raises midway leaves a token that refuses, not one with holes.
-    set->released = true;
-    return core_sequence_backward_chunks(grads, x, w_ih, w_if, set->tensors, R, W, D, eps, alloc_eps, splits, true);
+    // With `release` no backward will follow (autograd frees the node's saved tensors after this one): each
+    // step's tensors are freed as soon as the loop has passed them, on the thread of their chunk, which keeps
+    // the backward's peak memory falling with every step and the freeing off the caller's thread. The set is
+    // marked first, so that a backward that raises midway leaves a token that refuses, not one with holes.
+    // Without it the set is only read (copied from, chunk by chunk).
+    set->released = release;
+    return core_sequence_backward_chunks(grads, x, w_ih, w_if, set->tensors, R, W, D, eps, alloc_eps, splits,
+                                         release);
   }
   std::vector<at::Tensor> sv = saved;  // saved one by one: autograd owns them
   return core_sequence_backward_chunks(grads, x, w_ih, w_if, sv, R, W, D, eps, alloc_eps, splits, false);
