@@ -73,6 +73,37 @@ def test_one_node_equals_step_by_step_float64(shape, T, random):
     assert grads_a[7] is None  # the initial write weights enter only the usage, detached, as step by step
 
 
+@pytest.mark.parametrize("used", [(0,), (4,), (1, 5), (2, 3, 6, 7)],
+                         ids=["y", "memory", "h-usage", "c-reads-rw-ww"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_outputs_the_loss_does_not_use(used, threads):
+    """Outputs the loss leaves out reach the node's backward as None (no zero-filled gradients): the gradients
+    are those of the step path, whichever outputs are used, over one chunk and two."""
+    core = _core()
+    x = torch.randn(4, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(3))
+    old_threads, old = torch.get_num_threads(), CoreSequence.enabled
+    res = []
+    try:
+        torch.set_num_threads(threads)
+        for enabled in (True, False):
+            CoreSequence.enabled = enabled
+            st = _state(core, 4, True)
+            assert core.runs_as_one_node(x, st) == enabled
+            xx = x.clone().requires_grad_()
+            y, fin = core(xx, st)
+            outs = (y, *fin)
+            g = torch.Generator().manual_seed(2)
+            loss = sum((outs[i] * torch.randn(outs[i].shape, generator=g, dtype=F64)).sum() for i in used)
+            leaves = [xx, *st, *core.parameters()]
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # a leaf the used outputs do not depend on: None step by step, zeros from the one node
+            res.append([torch.zeros_like(v) if u is None else u for u, v in zip(grads, leaves)])
+    finally:
+        torch.set_num_threads(old_threads)
+        CoreSequence.enabled = old
+    _close(res[0], res[1], 1e-9, 1e-11)
+
+
 @pytest.mark.parametrize("R,W", [(2, 1), (4, 1), (5, 1), (2, 2)])
 def test_write_addressing_gradient_carried_into_the_previous_steps_backward(R, W):
     """The node's backward adds the write addressing's memory gradient of every step but the first inside

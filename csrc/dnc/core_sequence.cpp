@@ -294,9 +294,13 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   at::NoGradGuard no_grad;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Ops& op = ops();
-  const T &g_y = grads[0], &g_h = grads[1], &g_ww = grads[7];
+  // A gradient autograd did not materialise (an output the loss does not use: undefined) counts as zeros;
+  // the memory's and the read weights' stay undefined, which write_read's backward takes as zeros without a
+  // pass over them, the small ones become zeros here.
   const T &rh = saved[0], &w_rh = saved[1], &w_o_rh = saved[2];
-  const int64_t H = g_h.size(1), S = w_if.size(0), O = g_y.size(2);
+  const int64_t H = w_if.size(1), S = w_if.size(0), O = w_o_rh.size(0), N = saved[3 + kUsage].size(1);
+  auto or_zeros = [&](const T& g, at::IntArrayRef shape) { return g.defined() ? g : at::zeros(shape, x.options()); };
+  const T g_y = or_zeros(grads[0], {B, Tn, O}), g_h = or_zeros(grads[1], {B, H}), &g_ww = grads[7];
   const cpu::KernelTable& K = cpu::kernels();
   const T w_if_c = w_if.contiguous();
   T g_y_tb = g_y.transpose(0, 1).reshape({Tn * B, O});
@@ -305,9 +309,10 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   T d_gates = at::empty({Tn, B, 4 * H}, x.options());
   T d_raw = at::empty({Tn, B, S}, x.options());
   // d [reads_t, h_t], the output layer's share d_rh_out[t] included
-  T d_rh = at::cat({grads[3].reshape({B, RD}), g_h}, 1).add_(d_rh_out[Tn - 1]);
+  T d_rh = at::cat({or_zeros(grads[3], {B, R, D}).reshape({B, RD}), g_h}, 1).add_(d_rh_out[Tn - 1]);
   const Fields fields = fields_of(R, W, D);
-  T dc = grads[2].contiguous(), d_mem = grads[4].contiguous(), d_usage = grads[5].contiguous(), d_rw = grads[6].contiguous();
+  T dc = or_zeros(grads[2], {B, H}).contiguous(), d_usage = or_zeros(grads[5], {B, N}).contiguous();
+  T d_mem = grads[4].defined() ? grads[4].contiguous() : T(), d_rw = grads[6].defined() ? grads[6].contiguous() : T();
   // The write addressing's memory gradient of step t + 1, over the memory that step t wrote, left as per-slot
   // coefficients (write_read.h): step t's write_read backward adds it where it reads the gradient of that
   // memory anyway, so that it costs no pass of its own over (B, N, D). Step 0's is added to the initial
@@ -320,7 +325,7 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
         write_read_backward_pending(d_mem, d_rw, d_reads, st[kMemory], st[kNewWw], st[kEr], st[kWv], st[kRk],
                                     st[kRs], st[kNewMemory], st[kNewRw], eps, pend_gamma, pend_coef, pend_q,
                                     st[kDots]);
-    if (t == Tn - 1) dww = dww + g_ww;  // the write weights reach later steps only detached (the usage)
+    if (t == Tn - 1 && g_ww.defined()) dww = dww + g_ww;  // the write weights reach later steps only detached (the usage)
     auto [du, dfg, dprw, dcw, dgw, dga] =
         op.write_weights_backward.call(d_usage, dww, st[kUsage], st[kWw], st[kFg], st[kRw], st[kContent], st[kWg],
                                        st[kAg], st[kHu], st[kOrder], alloc_eps);
@@ -497,7 +502,7 @@ std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tens
     at::NoGradGuard no_grad;
     const int64_t b0 = chunk_start(B, splits, s), nb = chunk_start(B, splits, s + 1) - b0;
     std::vector<at::Tensor> g(grads.size());
-    for (size_t i = 0; i < grads.size(); ++i) g[i] = grads[i].narrow(0, b0, nb);
+    for (size_t i = 0; i < grads.size(); ++i) g[i] = grads[i].defined() ? grads[i].narrow(0, b0, nb) : T();
     // With `release` the chunk's tensors move to its task, which frees them step by step.
     auto first = saved.begin() + s * per, last = saved.begin() + (s + 1) * per;
     std::vector<at::Tensor> sv = release ? std::vector<at::Tensor>(std::make_move_iterator(first),
@@ -562,9 +567,18 @@ void bind_core_sequence(pybind11::module_& m) {
   m.def(
       "core_sequence_live_saved_sets", [] { return live_saved_sets.load(); },
       "How many tokens of core_sequence_forward(pack=True) own their saved tensors now (for the tests)");
-  m.def("core_sequence_backward", &core_sequence_backward_split,
+  m.def(
+      "core_sequence_backward",
+      [](const std::vector<std::optional<at::Tensor>>& grads, const at::Tensor& x, const at::Tensor& w_ih,
+         const at::Tensor& w_if, const std::vector<at::Tensor>& saved, int64_t R, int64_t W, int64_t D, double eps,
+         double alloc_eps, int64_t splits, bool release) {
+        std::vector<at::Tensor> g;
+        g.reserve(grads.size());
+        for (const auto& o : grads) g.push_back(o.has_value() ? *o : at::Tensor());
+        return core_sequence_backward_split(g, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps, splits, release);
+      },
         "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters, over "
-        "the forward's chunks",
+        "the forward's chunks; a gradient given as None counts as zeros",
         py::arg("grads"), py::arg("x"), py::arg("w_ih"), py::arg("w_if"), py::arg("saved"), py::arg("R"),
         py::arg("W"), py::arg("D"), py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1,
         py::arg("release") = false);

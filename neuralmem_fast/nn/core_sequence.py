@@ -172,6 +172,10 @@ class CoreSequence(torch.autograd.Function):
         # caller's tensors among them (the initial and final state) are in `inputs` and `final` as well.
         ctx.save_for_backward(*inputs, *final, *out[8:])
         ctx.sizes, ctx.eps, ctx.splits = sizes, eps, splits
+        # An output the loss does not use (the final memory, as a rule) gets None, not a zero-filled tensor of
+        # its size: the C++ backward takes None as zeros (csrc/dnc/core_sequence.cpp), and the step saves
+        # autograd's fill of a (B, N, D) gradient.
+        ctx.set_materialize_grads(False)
         return (out[0], *final)
 
     @staticmethod
