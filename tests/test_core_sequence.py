@@ -104,6 +104,36 @@ def test_outputs_the_loss_does_not_use(used, threads):
     _close(res[0], res[1], 1e-9, 1e-11)
 
 
+@pytest.mark.parametrize("state", ["none", "memory-detached"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_initial_memory_without_grad(state, threads):
+    """An initial memory that does not require grad (state=None, or a caller's detached memory): the node's
+    backward skips its gradient (the write addressing's keys and strengths get theirs without it); the
+    gradients of x, the rest of the state and the parameters are the step path's."""
+    core = _core()
+    x = torch.randn(4, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(3))
+    old_threads, old = torch.get_num_threads(), CoreSequence.enabled
+    res = []
+    try:
+        torch.set_num_threads(threads)
+        for enabled in (True, False):
+            CoreSequence.enabled = enabled
+            st = None
+            if state == "memory-detached":
+                st = _state(core, 4, True)
+                st = st._replace(memory=st.memory.detach())
+            xx = x.clone().requires_grad_()
+            y, fin = core(xx, st)
+            g = torch.Generator().manual_seed(2)
+            loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in (y, *fin))
+            leaves = [xx, *core.parameters()] + ([] if st is None else [t for t in st if t.requires_grad])
+            res.append(list(torch.autograd.grad(loss, leaves, allow_unused=True)))
+    finally:
+        torch.set_num_threads(old_threads)
+        CoreSequence.enabled = old
+    _close(res[0], res[1], 1e-9, 1e-11)
+
+
 @pytest.mark.parametrize("R,W", [(2, 1), (4, 1), (5, 1), (2, 2)])
 def test_write_addressing_gradient_carried_into_the_previous_steps_backward(R, W):
     """The node's backward adds the write addressing's memory gradient of every step but the first inside

@@ -286,7 +286,7 @@ std::vector<at::Tensor> core_sequence_forward(const std::vector<at::Tensor>& in,
 std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& grads, const at::Tensor& x,
                                                const at::Tensor& w_ih, const at::Tensor& w_if,
                                                std::vector<at::Tensor> saved, int64_t R, int64_t W, int64_t D,
-                                               double eps, double alloc_eps, bool release) {
+                                               double eps, double alloc_eps, bool release, bool memory_grad) {
   TORCH_CHECK(grads.size() == 8, "core_sequence_backward: expected 8 gradients, got ", grads.size());
   const int64_t B = x.size(0), Tn = x.size(1), I = x.size(2), RD = R * D;
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 + kPerStep * Tn,
@@ -336,8 +336,15 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
       std::tie(dwk, dws, pend_gamma, pend_coef, pend_q) = addressing_backward_coefs(
           dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps, R > 0 ? st[kCaDots] : T(),
           R > 0 ? prev[kDots].select(1, R) : T());
-    } else {
+    } else if (memory_grad) {
       std::tie(dwk, dws) = op.addressing_backward_add_.call(dm, dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps);
+    } else {
+      // The initial memory needs no gradient (a state that does not require grad, as initial_state's): the
+      // keys' and strengths' gradients without the addressing's read and write of a memory-sized gradient
+      // (its dots again, from the memory alone), and none returned.
+      std::tie(dwk, dws, std::ignore, std::ignore, std::ignore) =
+          addressing_backward_coefs(dcw, st[kContent], st[kMemory], st[kWk], st[kWs], eps, T(), T());
+      dm = T();
     }
     d_mem = dm, d_usage = du, d_rw = dprw;
     T dr = d_raw[t];
@@ -486,14 +493,14 @@ std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tens
                                                       const at::Tensor& w_ih, const at::Tensor& w_if,
                                                       std::vector<at::Tensor>& saved, int64_t R, int64_t W,
                                                       int64_t D, double eps, double alloc_eps, int64_t splits,
-                                                      bool release) {
+                                                      bool release, bool memory_grad) {
   TORCH_CHECK(grads.size() == 8, "core_sequence_backward: expected 8 gradients, got ", grads.size());
   const int64_t B = x.size(0);
   TORCH_CHECK(splits >= 1 && splits <= B, "core_sequence_backward: splits must be in [1, B = ", B, "], got ",
               splits);
   if (splits == 1)
     return core_sequence_backward(grads, x, w_ih, w_if, release ? std::move(saved) : saved, R, W, D, eps,
-                                  alloc_eps, release);
+                                  alloc_eps, release, memory_grad);
   const int64_t per = static_cast<int64_t>(saved.size()) / splits;
   TORCH_CHECK(per * splits == static_cast<int64_t>(saved.size()), "core_sequence_backward: ", saved.size(),
               " saved tensors do not split into ", splits, " chunks");
@@ -509,14 +516,14 @@ std::vector<at::Tensor> core_sequence_backward_chunks(const std::vector<at::Tens
                                                                    std::make_move_iterator(last))
                                          : std::vector<at::Tensor>(first, last);
     outs[s] = core_sequence_backward(g, x.narrow(0, b0, nb), w_ih, w_if, std::move(sv), R, W, D, eps, alloc_eps,
-                                     release);
+                                     release, memory_grad);
   });
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out;
   out.reserve(outs[0].size());
   for (size_t i = 0; i < outs[0].size(); ++i) {
-    if (i < 7) {  // x and the initial state: per memory
-      out.push_back(cat_chunks(outs, i));
+    if (i < 7) {  // x and the initial state: per memory (none for the memory without memory_grad)
+      out.push_back(outs[0][i].defined() ? cat_chunks(outs, i) : at::Tensor());
     } else {  // the weights: summed over the chunks
       at::Tensor sum = outs[0][i].clone();
       for (int64_t s = 1; s < splits; ++s) sum.add_(outs[s][i]);
@@ -530,7 +537,7 @@ std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tenso
                                                      const at::Tensor& w_ih, const at::Tensor& w_if,
                                                      const std::vector<at::Tensor>& saved, int64_t R, int64_t W,
                                                      int64_t D, double eps, double alloc_eps, int64_t splits,
-                                                     bool release) {
+                                                     bool release, bool memory_grad) {
   if (saved.size() == 1) {
     SavedSet* set = saved_set_of(saved[0]);
     TORCH_CHECK(set != nullptr, "core_sequence_backward: the saved tensor is not the token of a forward's saved "
@@ -545,10 +552,11 @@ std::vector<at::Tensor> core_sequence_backward_split(const std::vector<at::Tenso
     // Without it the set is only read (copied from, chunk by chunk).
     set->released = release;
     return core_sequence_backward_chunks(grads, x, w_ih, w_if, set->tensors, R, W, D, eps, alloc_eps, splits,
-                                         release);
+                                         release, memory_grad);
   }
   std::vector<at::Tensor> sv = saved;  // saved one by one: autograd owns them
-  return core_sequence_backward_chunks(grads, x, w_ih, w_if, sv, R, W, D, eps, alloc_eps, splits, false);
+  return core_sequence_backward_chunks(grads, x, w_ih, w_if, sv, R, W, D, eps, alloc_eps, splits, false,
+                                       memory_grad);
 }
 
 void bind_core_sequence(pybind11::module_& m) {
@@ -571,17 +579,19 @@ void bind_core_sequence(pybind11::module_& m) {
       "core_sequence_backward",
       [](const std::vector<std::optional<at::Tensor>>& grads, const at::Tensor& x, const at::Tensor& w_ih,
          const at::Tensor& w_if, const std::vector<at::Tensor>& saved, int64_t R, int64_t W, int64_t D, double eps,
-         double alloc_eps, int64_t splits, bool release) {
+         double alloc_eps, int64_t splits, bool release, bool memory_grad) {
         std::vector<at::Tensor> g;
         g.reserve(grads.size());
         for (const auto& o : grads) g.push_back(o.has_value() ? *o : at::Tensor());
-        return core_sequence_backward_split(g, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps, splits, release);
+        return core_sequence_backward_split(g, x, w_ih, w_if, saved, R, W, D, eps, alloc_eps, splits, release,
+                                            memory_grad);
       },
         "MemoryCore's sequence backward (nn/core_sequence.py): the gradients of the inputs and parameters, over "
-        "the forward's chunks; a gradient given as None counts as zeros",
+        "the forward's chunks; a gradient given as None counts as zeros; memory_grad=False: None for the initial "
+        "memory's",
         py::arg("grads"), py::arg("x"), py::arg("w_ih"), py::arg("w_if"), py::arg("saved"), py::arg("R"),
         py::arg("W"), py::arg("D"), py::arg("eps"), py::arg("alloc_eps"), py::arg("splits") = 1,
-        py::arg("release") = false);
+        py::arg("release") = false, py::arg("memory_grad") = true);
   // What the sequence node calls of write_read besides the registered ops, for the tests: the forward that
   // keeps its dots, and the backward that takes them (and a pending addressing gradient, None for none).
   m.def("write_read_keep", &write_read_keep,

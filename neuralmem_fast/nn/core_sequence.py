@@ -186,7 +186,8 @@ class CoreSequence(torch.autograd.Function):
         R, W, D, _, _ = ctx.sizes
         grads = _ext._C.core_sequence_backward([g_y, g_h, g_c, g_reads, g_memory, g_usage, g_rw, g_ww], saved[0],
                                                saved[8], saved[12], list(saved[23:]), R, W, D, ctx.eps, ALLOC_EPS,
-                                               ctx.splits, ctx.splits > 1 and _last_backward())
+                                               ctx.splits, ctx.splits > 1 and _last_backward(),
+                                               ctx.needs_input_grad[4])
         # the initial write weights enter only the usage, detached: no gradient, as step by step
         return (*grads[:7], None, *grads[7:], None, None)
 
