@@ -31,6 +31,27 @@ def _state(core, B, random, dtype=F64):
     return type(st)(*[t.clone().requires_grad_() for t in st])
 
 
+def _weighted_sum(outs):
+    """A loss over `outs` with fixed random weights (float64 draws, cast to each output's dtype)."""
+    g = torch.Generator().manual_seed(2)
+    return sum((t * torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)).sum() for t in outs)
+
+
+def _both_paths(threads, run):
+    """[run() with the one node, run() step by step], at `threads` torch threads; both settings restored."""
+    old_threads, old = torch.get_num_threads(), CoreSequence.enabled
+    try:
+        torch.set_num_threads(threads)
+        res = []
+        for enabled in (True, False):
+            CoreSequence.enabled = enabled
+            res.append(run())
+        return res
+    finally:
+        torch.set_num_threads(old_threads)
+        CoreSequence.enabled = old
+
+
 def _run(core, x, st, enabled, create_graph=False):
     """Outputs, final state, and the gradients of a loss that uses every output."""
     old = CoreSequence.enabled
@@ -40,8 +61,7 @@ def _run(core, x, st, enabled, create_graph=False):
         core.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_()
         y, fin = core(xx, st)
-        g = torch.Generator().manual_seed(2)
-        loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)).sum() for t in (y, *fin))
+        loss = _weighted_sum((y, *fin))
         leaves = [xx, *st, *core.parameters()]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True, create_graph=create_graph)
     finally:
@@ -81,27 +101,19 @@ def test_outputs_the_loss_does_not_use(used, threads):
     are those of the step path, whichever outputs are used, over one chunk and two."""
     core = _core()
     x = torch.randn(4, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(3))
-    old_threads, old = torch.get_num_threads(), CoreSequence.enabled
-    res = []
-    try:
-        torch.set_num_threads(threads)
-        for enabled in (True, False):
-            CoreSequence.enabled = enabled
-            st = _state(core, 4, True)
-            assert core.runs_as_one_node(x, st) == enabled
-            xx = x.clone().requires_grad_()
-            y, fin = core(xx, st)
-            outs = (y, *fin)
-            g = torch.Generator().manual_seed(2)
-            loss = sum((outs[i] * torch.randn(outs[i].shape, generator=g, dtype=F64)).sum() for i in used)
-            leaves = [xx, *st, *core.parameters()]
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            # a leaf the used outputs do not depend on: None step by step, zeros from the one node
-            res.append([torch.zeros_like(v) if u is None else u for u, v in zip(grads, leaves)])
-    finally:
-        torch.set_num_threads(old_threads)
-        CoreSequence.enabled = old
-    _close(res[0], res[1], 1e-9, 1e-11)
+
+    def run():
+        st = _state(core, 4, True)
+        assert core.runs_as_one_node(x, st) == CoreSequence.enabled
+        xx = x.clone().requires_grad_()
+        y, fin = core(xx, st)
+        outs = (y, *fin)
+        leaves = [xx, *st, *core.parameters()]
+        grads = torch.autograd.grad(_weighted_sum([outs[i] for i in used]), leaves, allow_unused=True)
+        # a leaf the used outputs do not depend on: None step by step, zeros from the one node
+        return [torch.zeros_like(v) if u is None else u for u, v in zip(grads, leaves)]
+
+    _close(*_both_paths(threads, run), 1e-9, 1e-11)
 
 
 @pytest.mark.parametrize("state", ["none", "memory-detached"])
@@ -112,26 +124,18 @@ def test_initial_memory_without_grad(state, threads):
     gradients of x, the rest of the state and the parameters are the step path's."""
     core = _core()
     x = torch.randn(4, 3, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(3))
-    old_threads, old = torch.get_num_threads(), CoreSequence.enabled
-    res = []
-    try:
-        torch.set_num_threads(threads)
-        for enabled in (True, False):
-            CoreSequence.enabled = enabled
-            st = None
-            if state == "memory-detached":
-                st = _state(core, 4, True)
-                st = st._replace(memory=st.memory.detach())
-            xx = x.clone().requires_grad_()
-            y, fin = core(xx, st)
-            g = torch.Generator().manual_seed(2)
-            loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in (y, *fin))
-            leaves = [xx, *core.parameters()] + ([] if st is None else [t for t in st if t.requires_grad])
-            res.append(list(torch.autograd.grad(loss, leaves, allow_unused=True)))
-    finally:
-        torch.set_num_threads(old_threads)
-        CoreSequence.enabled = old
-    _close(res[0], res[1], 1e-9, 1e-11)
+
+    def run():
+        st = None
+        if state == "memory-detached":
+            st = _state(core, 4, True)
+            st = st._replace(memory=st.memory.detach())
+        xx = x.clone().requires_grad_()
+        y, fin = core(xx, st)
+        leaves = [xx, *core.parameters()] + ([] if st is None else [t for t in st if t.requires_grad])
+        return list(torch.autograd.grad(_weighted_sum((y, *fin)), leaves, allow_unused=True))
+
+    _close(*_both_paths(threads, run), 1e-9, 1e-11)
 
 
 @pytest.mark.parametrize("R,W", [(2, 1), (4, 1), (5, 1), (2, 2)])
