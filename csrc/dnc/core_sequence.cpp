@@ -316,7 +316,7 @@ std::vector<at::Tensor> core_sequence_backward(const std::vector<at::Tensor>& gr
   // The write addressing's memory gradient of step t + 1, over the memory that step t wrote, left as per-slot
   // coefficients (write_read.h): step t's write_read backward adds it where it reads the gradient of that
   // memory anyway, so that it costs no pass of its own over (B, N, D). Step 0's is added to the initial
-  // memory's gradient at once.
+  // memory's gradient at once, where that gradient is asked for (memory_grad).
   T pend_gamma, pend_coef, pend_q;
   for (int64_t t = Tn - 1; t >= 0; --t) {
     T* st = saved.data() + 3 + kPerStep * t;
