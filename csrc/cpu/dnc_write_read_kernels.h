@@ -233,15 +233,11 @@ void dnc_write_read_typed(const at::Tensor& mem_t, const at::Tensor& ww_t, const
             std::fill(sv, sv + nj, T(0));
           }
         }
-        // One square root and division per slot, not per slot and head, a vector of slots at a time: one slot
-        // at a time, the divisions' latency took a fifth of this loop's time at N = 128 (the backward's
-        // per-slot loops, likewise). The same operations, so the same bits: sqrt and division are correctly
-        // rounded either way, and maximum keeps eps below it and a NaN norm as std::max did.
-        const Vec veps(eps);
-        for (int64_t j = 0; j < nj; j += VL) {
-          const int64_t k = std::min<int64_t>(VL, nj - j);
-          store_n(Vec(T(1)) / at::vec::maximum(load_n(nr + j, k).sqrt(), veps), nr + j, k);
-        }
+        // One square root and division per slot, not per slot and head, a vector of slots at a time (row_scales,
+        // in place): one slot at a time, the divisions' latency took a fifth of this loop's time at N = 128. The
+        // same operations, so the same bits: sqrt and division are correctly rounded either way, and maximum
+        // keeps eps below it and a NaN norm as std::max did.
+        row_scales(nr, nj, eps, nr, static_cast<T*>(nullptr));
         for (int64_t r = 0; r < R; ++r) {
           const Vec br(beta[r]);
           T* x = rw + r * N + n0;
