@@ -163,6 +163,25 @@ def test_float32_matches_float64():
     _close([None if t is None else t.double() for t in grads_b], grads_a, 1e-3, 1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_one_node_equals_step_by_step(threads):
+    """float32, where the vectorised kernels take their vector paths (tails included: 4H = 80, R D = 48 read
+    columns from input column 5 on, the interface's 105 columns), against the step-by-step path's ATen layers
+    at one and two threads (chunks of the batch)."""
+    f32 = torch.float32
+    core = _core(I=5, O=3, N=24, D=16, R=3, W=1, H=20, dtype=f32)
+    x = torch.randn(4, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(5)).to(f32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out_a, grads_a, _ = _run(core, x, _state(core, 4, True, dtype=f32), True)
+        out_b, grads_b, _ = _run(core, x, _state(core, 4, True, dtype=f32), False)
+    finally:
+        torch.set_num_threads(old)
+    _close(out_a, out_b, 2e-5, 2e-6)
+    _close(grads_a, grads_b, 2e-4, 2e-5)
+
+
 def test_gradcheck_one_step():
     """One step: over several, the write weights reach the next step's usage detached (DeepMind's rule, the
     step path's too), so finite differences of the whole sequence differ from its gradient by design; the
@@ -553,3 +572,68 @@ def test_saved_tensor_hooks_see_every_tensor_the_node_keeps():
     assert len(packed) >= 16 + 7 + 3 + 26 * 4
     for u, v in zip(ref, got):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("given_state", [False, True], ids=["state-none", "state-given"])
+def test_node_refuses_non_finite_x_and_leaves_the_state(threads, given_state):
+    """MemoryCore.forward leaves x's finiteness to the node's C++ forward, chunk by chunk: a NaN or an inf
+    in any row (here the last chunk's at two threads) raises the same ValueError as step by step, and the
+    caller's state is unchanged."""
+    core = _core()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = torch.randn(4, 3, core.input_size, dtype=F64)
+            x[3, 2, 1] = bad
+            st = _state(core, 4, True) if given_state else None
+            before = None if st is None else [t.detach().clone() for t in st]
+            for enabled in (True, False):
+                CoreSequence.enabled = enabled
+                try:
+                    assert core.runs_as_one_node(x, st or core.initial_state(4)) == enabled
+                    with pytest.raises(ValueError, match="x contains NaN or inf"):
+                        core(x, st)
+                finally:
+                    CoreSequence.enabled = True
+                if st is not None:
+                    assert all(torch.equal(t, b) for t, b in zip(st, before))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_zero_initial_state_kept_between_calls():
+    """forward(x) without a state keeps its zeros between calls (the one-node path only reads them): the same
+    outputs and gradients as an explicit initial_state, the kept tensors still zero after a backward, and
+    fresh tensors under inference mode, for memories past the bound and for the step-by-step path."""
+    from neuralmem_fast.nn import memory_core
+
+    core = _core()
+    x = torch.randn(3, 4, core.input_size, dtype=F64, generator=torch.Generator().manual_seed(6))
+    res = []
+    for st in (None, None, core.initial_state(3, dtype=F64)):
+        core.zero_grad(set_to_none=True)
+        y, fin = core(x, st)
+        _weighted_sum((y, *fin)).backward()
+        res.append([y.detach(), *[t.detach() for t in fin], *[p.grad for p in core.parameters()]])
+    _close(res[0], res[1], 0, 0)
+    _close(res[0], res[2], 0, 0)
+    key, kept = core._zero_cache
+    assert key == (3, F64, x.device) and all(not t.requires_grad and not t.any() for t in kept)
+    assert core._zero_state(3, F64, x.device) is kept
+    with torch.inference_mode():
+        assert core._zero_state(3, F64, x.device) is not kept
+    old = memory_core._ZERO_STATE_BYTES
+    memory_core._ZERO_STATE_BYTES = 3 * core.access.memory_size * core.access.word_size * 8 - 1
+    try:
+        assert core._zero_state(3, F64, x.device) is not kept
+    finally:
+        memory_core._ZERO_STATE_BYTES = old
+    CoreSequence.enabled = False
+    try:  # step by step: the access gets tensors of its own, and the kept ones stay zero
+        y_b, _ = core(x)
+    finally:
+        CoreSequence.enabled = True
+    torch.testing.assert_close(y_b, res[0][0], rtol=1e-10, atol=1e-12)
+    assert core._zero_cache[1] is kept and all(not t.any() for t in kept)
