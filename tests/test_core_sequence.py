@@ -637,3 +637,25 @@ def test_zero_initial_state_kept_between_calls():
         CoreSequence.enabled = True
     torch.testing.assert_close(y_b, res[0][0], rtol=1e-10, atol=1e-12)
     assert core._zero_cache[1] is kept and all(not t.any() for t in kept)
+
+
+def test_kept_zero_state_left_out_of_pickles_and_copies():
+    """The kept zero state is a cache: torch.save of the whole module and deepcopy leave it out, and a core
+    pickled without the attribute (before it existed) still runs."""
+    import copy
+    import io
+
+    core = _core()
+    x = torch.randn(2, 3, core.input_size, dtype=F64)
+    y0, _ = core(x)
+    assert core._zero_cache is not None
+    buf = io.BytesIO()
+    torch.save(core, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (loaded, copy.deepcopy(core)):
+        assert other._zero_cache is None
+        torch.testing.assert_close(other(x)[0], y0, rtol=0, atol=0)
+    del loaded.__dict__["_zero_cache"]
+    torch.testing.assert_close(loaded(x)[0], y0, rtol=0, atol=0)
+    assert loaded._zero_cache is not None

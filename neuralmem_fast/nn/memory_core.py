@@ -154,9 +154,16 @@ class MemoryCore(nn.Module):
         bytes_ = batch_size * self.access.memory_size * self.access.word_size * torch.finfo(dtype).bits // 8
         if bytes_ > _ZERO_STATE_BYTES or torch.is_inference_mode_enabled():
             return self.initial_state(batch_size, dtype, device)
-        if self._zero_cache is None or self._zero_cache[0] != key:
-            self._zero_cache = (key, self.initial_state(batch_size, dtype, device))
-        return self._zero_cache[1]
+        cache = self.__dict__.get("_zero_cache")  # absent from cores pickled before it existed
+        if cache is None or cache[0] != key:
+            cache = self._zero_cache = (key, self.initial_state(batch_size, dtype, device))
+        return cache[1]
+
+    def __getstate__(self):
+        """Pickling and deepcopy leave out the kept zero state (`_zero_state`), which is made again on use."""
+        state = self.__dict__.copy()
+        state["_zero_cache"] = None
+        return state
 
     def _fresh_sparse_state(self, batch_size, dtype, device):
         """The core's own sparse buffer, reset in O(rows written), or a new one for another shape."""
