@@ -1,0 +1,35 @@
+"""benchmarks/write_read_chain.py: bad arguments are refused naming the flag, and a tiny run gives a median for
+every mode."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from neuralmem_fast.ops.dnc import has_write_read_kernel
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "write_read_chain.py")
+
+
+@pytest.fixture(scope="module")
+def chain():
+    spec = importlib.util.spec_from_file_location("write_read_chain_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("argv,flag", [(["--rounds", "5"], "--rounds"), (["--n", "0"], "--n"),
+                                       (["--b", "0"], "--b"), (["--processes", "3"], "--processes")])
+def test_bad_arguments_name_the_flag(chain, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        chain.main(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not has_write_read_kernel(), reason="the native write_read op is not built")
+def test_tiny_run_times_every_mode(chain):
+    res = chain.measure(N=16, B=2, rounds=6, D=8, R=2, T=3)
+    assert set(res) == set(chain.MODES)
+    assert all(v > 0 for v in res.values())
