@@ -43,6 +43,28 @@ def shape_id(**dims):
     return "-".join(parts)
 
 
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def load_script(relpath, name, on_path=False):
+    """A script of the repository (`relpath` from its root, e.g. "benchmarks/render_report.py") as a module
+    named `name`; with on_path, the script's folder is on sys.path while it runs (for its own imports)."""
+    import importlib.util
+
+    path = os.path.join(REPO, relpath)
+    folder = os.path.dirname(path)
+    if on_path:
+        sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if on_path:
+            sys.path.remove(folder)
+    return mod
+
+
 def load_seed():
     """The seed tutorial's module when its file is present (as in CI), else skip."""
     import importlib.util

@@ -1,24 +1,12 @@
 """benchmarks/memory_core_paired.py's arguments: bad ones are refused, naming the flag, before anything runs."""
-import importlib.util
-import os
-import sys
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "memory_core_paired.py")
+from tests.helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def paired():
-    bench = os.path.dirname(os.path.abspath(SCRIPT))
-    sys.path.insert(0, bench)
-    try:
-        spec = importlib.util.spec_from_file_location("memory_core_paired_under_test", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(bench)
-    return mod
+    return load_script("benchmarks/memory_core_paired.py", "memory_core_paired_under_test", on_path=True)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--threads", "-1"], "--threads"), (["--warm", "-1"], "--warm"),

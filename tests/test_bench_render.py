@@ -1,20 +1,16 @@
 """The report renderer on a small synthetic pytest-benchmark JSON: ratios, floors, goals, plot."""
-import importlib.util
 import json
 import os
 import re
 
 import pytest
 
-RENDERER = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "render_report.py")
+from tests.helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def rr():
-    spec = importlib.util.spec_from_file_location("render_report_under_test", RENDERER)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/render_report.py", "render_report_under_test")
 
 
 def _bench(group, provider, median, source="benchmarks/test_bench_ops.py", baseline=False, **info):
@@ -192,10 +188,7 @@ def test_missing_rows_are_not_measured(rr):
 
 
 def test_round_planning_fills_max_time_and_is_capped():
-    spec = importlib.util.spec_from_file_location(
-        "bench_conftest_under_test", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "conftest.py"))
-    conf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conf)
+    conf = load_script("benchmarks/conftest.py", "bench_conftest_under_test")
     # slow call: the minimum rounds win over max_time
     assert conf.plan_rounds(2.0, min_rounds=3, max_time=0.1) == (3, 1)
     # 10 ms call, 0.5 s budget: 50 rounds of one call

@@ -1,22 +1,14 @@
 """benchmarks/write_read_chain.py: bad arguments are refused naming the flag, and a tiny run gives a median for
 every mode."""
-import importlib.util
-import os
-import sys
-
 import pytest
 
 from neuralmem_fast.ops.dnc import has_write_read_kernel
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "write_read_chain.py")
+from tests.helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def chain():
-    spec = importlib.util.spec_from_file_location("write_read_chain_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/write_read_chain.py", "write_read_chain_under_test")
 
 
 @pytest.mark.parametrize("argv,flag", [(["--rounds", "5"], "--rounds"), (["--n", "0"], "--n"),

@@ -5,7 +5,6 @@ claim (split and multi-tile paths, misaligned views, indices past 2^31, the
 16M-slot bandwidth probe), its op sequence runs on CPU against the
 reference, and both scripts refuse to run without a card.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,15 +13,13 @@ import pytest
 import torch
 
 import neuralmem_fast as nm
+from tests.helpers import load_script
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", os.path.join(REPO, "scripts", "gpu_smoke.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/gpu_smoke.py", "gpu_smoke")
 
 
 @pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_check.sh"])
