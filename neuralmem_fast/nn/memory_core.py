@@ -210,8 +210,8 @@ class MemoryCore(nn.Module):
         p = self.output.weight
         if x.dtype != p.dtype or x.device != p.device:
             raise ValueError(f"x must be {p.dtype} on {p.device} (the parameters'), got {x.dtype} on {x.device}")
-        fresh = state is None
-        if fresh and self.access.sparse is not None:
+        fresh, sparse = state is None, self.access.sparse is not None
+        if fresh and sparse:
             _check_finite(x)  # before the reset of the core's own buffer
             state = self._fresh_sparse_state(x.shape[0], x.dtype, x.device)
         elif fresh:
@@ -222,9 +222,9 @@ class MemoryCore(nn.Module):
             # x's finiteness is checked by the node itself (csrc/dnc/core_sequence.cpp, check_finite)
             y, final = core_sequence(self, x, state)
             return y, CoreState(*final)
-        if not (fresh and self.access.sparse is not None):
+        if not (fresh and sparse):
             _check_finite(x)
-        if fresh and self.access.sparse is None:
+        if fresh and not sparse:
             state = self.initial_state(x.shape[0])  # the other paths get tensors of their own
         if self.uses_checkpoint(x.shape[0], x.shape[1], x.dtype):
             ys, state = checkpointed_scan(self.step, state, x.transpose(0, 1), segment=self.checkpoint_segment)
