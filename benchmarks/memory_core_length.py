@@ -29,7 +29,8 @@ from test_bench_memory_core import SETTING, make_model  # noqa: E402
 
 
 def measure(lengths, N=128, rounds=12, block=25, B=16, skip=5):
-    """{length: median step time in seconds} for MemoryCore's training step at each sequence length."""
+    """{length: median step time in seconds} for MemoryCore's training step at each sequence length. One model
+    and optimizer serve every length (not one make_train_step each), so that only the length changes."""
     net, fwd = make_model("MemoryCore", N)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     xs = {T: torch.rand(B, T, SETTING["io"], generator=torch.Generator().manual_seed(0)) for T in lengths}

@@ -65,6 +65,16 @@ def load_script(relpath, name, on_path=False):
     return mod
 
 
+def assert_refuses_argument(main, argv, flag, capsys):
+    """A script's main(argv) exits as argparse does on a bad argument (code 2), naming `flag` on stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 def load_seed():
     """The seed tutorial's module when its file is present (as in CI), else skip."""
     import importlib.util

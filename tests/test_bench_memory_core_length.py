@@ -2,7 +2,7 @@
 differences of the times over those of the lengths, and a tiny run times every length."""
 import pytest
 
-from tests.helpers import load_script
+from tests.helpers import assert_refuses_argument, load_script
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +15,7 @@ def length():
                                        (["--rounds", "1"], "--rounds"), (["--n", "0"], "--n"),
                                        (["--threads", "0"], "--threads"), (["--block", "0"], "--block")])
 def test_bad_arguments_name_the_flag(length, capsys, argv, flag):
-    with pytest.raises(SystemExit) as e:
-        length.main(argv)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    assert_refuses_argument(length.main, argv, flag, capsys)
 
 
 def test_marginals_are_differences_over_lengths(length):

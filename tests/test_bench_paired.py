@@ -1,7 +1,7 @@
 """benchmarks/memory_core_paired.py's arguments: bad ones are refused, naming the flag, before anything runs."""
 import pytest
 
-from tests.helpers import load_script
+from tests.helpers import assert_refuses_argument, load_script
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,5 @@ def test_bad_arguments_name_the_flag(paired, capsys, argv, flag):
     import torch
 
     threads = torch.get_num_threads()
-    with pytest.raises(SystemExit) as e:
-        paired.main(argv)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    assert_refuses_argument(paired.main, argv, flag, capsys)
     assert torch.get_num_threads() == threads  # nothing was set before the refusal
