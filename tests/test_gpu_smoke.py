@@ -13,9 +13,7 @@ import pytest
 import torch
 
 import neuralmem_fast as nm
-from tests.helpers import load_script
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from tests.helpers import REPO, load_script
 
 
 def _smoke():
